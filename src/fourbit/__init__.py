@@ -1,0 +1,13 @@
+"""fourbit: 4-bit (NF4 / FP4) weight quantization for PyTorch, compatible with bitsandbytes.
+
+``import fourbit as bnb`` runs bitsandbytes' 4-bit code: ``bnb.functional.quantize_4bit``,
+``bnb.matmul_4bit``, and (in ``fourbit.nn``) ``Params4bit`` and ``Linear4bit``.
+"""
+
+from . import functional, ops
+from .autograd import matmul_4bit
+from .formats import get_4bit_type
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "functional", "get_4bit_type", "matmul_4bit", "ops"]

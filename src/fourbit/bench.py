@@ -1,0 +1,189 @@
+"""Kernel benchmark: fourbit next to plain torch and bitsandbytes, timed side by side in one run.
+
+Used by ``benchmarks/bench_kernels.py``. Every row times the same work three ways where
+possible: fourbit; the plain-torch baseline (``x @ W.t()`` in the same dtype for products, a copy
+of the dense weight for quantize/dequantize); and bitsandbytes when it is importable. Times are
+medians; ratios are fourbit's time over the other's (below 1.0 means fourbit is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from . import functional as F4
+from .autograd import matmul_4bit
+
+
+@dataclass
+class Row:
+    """One benchmark line: an operation on a shape, with its times in milliseconds."""
+
+    op: str
+    shape: str
+    dtype: str
+    batch: str
+    fourbit_ms: float
+    torch_ms: float | None
+    bnb_ms: float | None
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
+    """Median time of ``fn`` in milliseconds (triton's do_bench on CUDA, repeated timing on CPU)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median"))
+    fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + min_time
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _load_bitsandbytes():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb_functional
+    except Exception:  # not installed, or no native library for this platform
+        return None, None
+    return bitsandbytes, bnb_functional
+
+
+def _shape_rows(
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    batches: Sequence[int],
+    device: torch.device,
+    options: dict,
+    bnb_modules: tuple,
+    min_time: float,
+) -> list[Row]:
+    """The rows of one weight shape and dtype."""
+    bnb, bnb_functional = bnb_modules
+    name, shape = str(dtype).removeprefix("torch."), f"{n}x{k}"
+    weight = torch.randn(n, k, dtype=dtype, device=device)
+    packed, state = F4.quantize_4bit(weight, **options)
+    theirs = bnb_functional.quantize_4bit(weight, **options) if bnb_functional is not None else None
+
+    def time_it(fn: Callable[[], object] | None) -> float | None:
+        return _median_ms(fn, device, min_time) if fn is not None else None
+
+    copy_ms = time_it(weight.clone)
+    rows = [
+        Row(
+            "quantize", shape, name, "-", time_it(partial(F4.quantize_4bit, weight, **options)), copy_ms,
+            time_it(partial(bnb_functional.quantize_4bit, weight, **options) if theirs else None),
+        ),
+        Row(
+            "dequantize", shape, name, "-", time_it(partial(F4.dequantize_4bit, packed, state)), copy_ms,
+            time_it(partial(bnb_functional.dequantize_4bit, *theirs) if theirs else None),
+        ),
+    ]  # fmt: skip
+    for batch in batches:
+        x = torch.randn(batch, k, dtype=dtype, device=device)
+        with torch.inference_mode():
+            rows.append(
+                Row(
+                    "matmul_4bit", shape, name, str(batch),
+                    time_it(partial(matmul_4bit, x, packed.t(), state)),
+                    time_it(partial(torch.matmul, x, weight.t())),
+                    time_it(partial(bnb.matmul_4bit, x, theirs[0].t(), theirs[1]) if theirs else None),
+                )
+            )  # fmt: skip
+    return rows
+
+
+def run(
+    shapes: Sequence[tuple[int, int]],
+    dtypes: Sequence[torch.dtype],
+    batches: Sequence[int],
+    device: torch.device,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    nested: bool = True,
+    min_time: float = 0.5,
+    with_bnb: bool = True,
+) -> list[Row]:
+    """Time quantize, dequantize and matmul_4bit for each shape (N, K), dtype and batch."""
+    bnb_modules = _load_bitsandbytes() if with_bnb else (None, None)
+    options = dict(blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    rows: list[Row] = []
+    for n, k in shapes:
+        for dtype in dtypes:
+            rows += _shape_rows(n, k, dtype, batches, device, options, bnb_modules, min_time)
+    return rows
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A Markdown table of the rows, with fourbit/torch and fourbit/bitsandbytes ratios."""
+    header = "| op | shape | dtype | batch | fourbit ms | torch ms | bnb ms | fourbit/torch | fourbit/bnb |"
+    lines = [header, "|" + "---|" * 9]
+    for row in rows:
+        bnb_ms = f"{row.bnb_ms:.3f}" if row.bnb_ms is not None else "-"
+        torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
+        lines.append(
+            f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {row.fourbit_ms:.3f} | {torch_ms} | "
+            f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} |"
+        )
+    return "\n".join(lines)
+
+
+def describe_device(device: torch.device) -> str:
+    """A one-line description of the machine the numbers come from."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    import os
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096"], help="N x K weight shapes")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float16", "bfloat16", "float32"]
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--no-nested", action="store_true", help="plain float32 absmax instead of nested statistics")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even when installed")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]
+    rows = run(
+        shapes,
+        [getattr(torch, name) for name in args.dtypes],
+        args.batches,
+        device,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        nested=not args.no_nested,
+        min_time=args.min_time,
+        with_bnb=not args.no_bnb,
+    )
+    settings = f"{args.quant_type}, blocksize {args.blocksize}, nested={not args.no_nested}"
+    print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}\n")
+    print(format_table(rows))

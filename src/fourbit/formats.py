@@ -1,0 +1,146 @@
+"""The numbers of the 4-bit formats: code tables, the 8-bit dynamic map, and the allowed settings.
+
+Everything here is plain data or a small builder of it. Every other module takes its tables
+from here, so each number is defined exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: NormalFloat4 (QLoRA): quantiles of N(0, 1), normalised to [-1, 1]; index = the 4-bit value.
+NF4_VALUES: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+#: FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, before dividing by 12.
+FP4_RAW_VALUES: tuple[float, ...] = (
+    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+    -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+)  # fmt: skip
+
+#: Symmetric 4-bit integers, bitsandbytes' optional "int4" table (before normalisation).
+INT4_RAW_VALUES: tuple[float, ...] = (7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7)
+
+#: AbnormalFloat4 for blocksize 64 (arXiv:2306.06965), bitsandbytes' optional "af4" table.
+AF4_64_VALUES: tuple[float, ...] = (
+    1.0,
+    0.72424863,
+    0.55496234,
+    0.42563882,
+    0.31675666,
+    0.21961274,
+    0.12934483,
+    0.04273164,
+    0.0,
+    -0.04934812,
+    -0.14982478,
+    -0.25607552,
+    -0.3736951,
+    -0.51243739,
+    -0.69441008,
+    -1.0,
+)
+
+#: 4-bit types that quantize_4bit / dequantize_4bit accept.
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+
+#: Block sizes (elements per absmax) accepted for 4-bit quantization.
+BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+#: Block sizes accepted for 8-bit blockwise quantization (bitsandbytes allows the same set).
+BLOCKWISE_BLOCKSIZES: tuple[int, ...] = BLOCKSIZES
+
+#: Floating dtypes that can be quantized (and that dequantization can produce).
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Dtypes the packed 4-bit bytes may be viewed as (``quant_storage``).
+QUANT_STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+
+#: Blocksize of the 8-bit quantization of absmax in nested statistics ("double quantization").
+NESTED_BLOCKSIZE = 256
+
+#: Default 4-bit blocksize.
+DEFAULT_BLOCKSIZE = 64
+
+
+def get_4bit_type(typename: str, device: torch.device | str | None = None, blocksize: int = 64) -> torch.Tensor:
+    """Return the 16-entry float32 code table of ``typename`` ("nf4", "fp4", "int4" or "af4").
+
+    The table is indexed by the 4-bit value and spans [-1, 1]. Unlike bitsandbytes, whose
+    default device is "cuda", the default ``device`` is the CPU, so this works everywhere.
+    """
+    if typename == "nf4":
+        values = NF4_VALUES
+    elif typename == "fp4":
+        values = FP4_RAW_VALUES
+    elif typename == "int4":
+        values = INT4_RAW_VALUES
+    elif typename == "af4":
+        if blocksize != 64:
+            raise ValueError(f"the af4 table exists only for blocksize 64, got blocksize={blocksize}")
+        values = AF4_64_VALUES
+    else:
+        raise ValueError(f"unknown 4-bit type {typename!r}; expected one of 'nf4', 'fp4', 'int4', 'af4'")
+    table = torch.tensor(values, dtype=torch.float32, device=device)
+    return table.div_(table.abs().max())
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """Build the sorted float32 "dynamic" map (Dettmers 2015) used for 8-bit blockwise quantization.
+
+    For each exponent level ``i`` the map holds the midpoints of ``2**(i + b) + 1`` evenly spaced
+    points in [0.1, 1], scaled by ``10**(i - max_exponent_bits + 1)`` (both signs when ``signed``),
+    then 0 and 1; it is padded with zeros to ``2**total_bits`` entries and sorted.
+    """
+    non_sign_bits = total_bits - 1
+    if not 0 < max_exponent_bits <= non_sign_bits:
+        raise ValueError(
+            f"max_exponent_bits must be between 1 and total_bits - 1 = {non_sign_bits}, got {max_exponent_bits}"
+        )
+    values: list[float] = []
+
+    def add_level(level: int, points: int) -> None:
+        edges = torch.linspace(0.1, 1.0, points, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (level - max_exponent_bits + 1)
+        values.extend((scale * means).tolist())
+        if signed:
+            values.extend((-scale * means).tolist())
+
+    for level in range(max_exponent_bits):
+        extra_bit = 0 if signed else 1
+        add_level(level, 2 ** (level + non_sign_bits - max_exponent_bits + extra_bit) + 1)
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    if additional_items > 0:
+        add_level(max_exponent_bits - 1, additional_items + 1)
+    values.extend((0.0, 1.0))
+    size = 2**total_bits
+    values.extend([0.0] * (size - len(values)))
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def packed_nbytes(numel: int) -> int:
+    """Bytes needed to pack ``numel`` 4-bit values, two per byte (an odd count is padded)."""
+    return (numel + 1) // 2
+
+
+def num_blocks(numel: int, blocksize: int) -> int:
+    """Number of absmax blocks for ``numel`` elements (the last block may be short)."""
+    return -(-numel // blocksize)

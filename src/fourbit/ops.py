@@ -1,0 +1,156 @@
+"""The ``fourbit::`` custom ops: schemas, fake (meta) implementations, and the kernel per device.
+
+This is the only module that chooses a kernel. Every op's default implementation is the
+plain-PyTorch reference, which runs on any device; faster kernels register themselves here
+for the devices they serve. Callers use ``torch.ops.fourbit.<name>`` (through
+``fourbit.functional``) and never look at ``device.type`` themselves.
+
+Ops take valid arguments: ``fourbit.functional`` checks them first. Annotations are evaluated at
+import time (no ``from __future__ import annotations``) because torch infers the schemas from them.
+"""
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .formats import num_blocks, packed_nbytes
+from .kernels import reference
+
+__all__ = ["dequantize_4bit", "dequantize_blockwise", "linear_4bit", "quantize_4bit", "quantize_blockwise"]
+
+
+@torch.library.custom_op("fourbit::quantize_4bit", mutates_args=())
+def quantize_4bit(A: Tensor, code: Tensor, blocksize: int, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Blockwise 4-bit quantization of ``A`` against the 16-entry ``code``: (packed, absmax)."""
+    return reference.quantize_4bit(A, code, blocksize, quant_storage)
+
+
+@quantize_4bit.register_fake
+def _(A: Tensor, code: Tensor, blocksize: int, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
+    n = A.numel()
+    packed = A.new_empty((packed_nbytes(n) // quant_storage.itemsize, 1), dtype=quant_storage)
+    return packed, A.new_empty((num_blocks(n, blocksize),), dtype=torch.float32)
+
+
+@torch.library.custom_op("fourbit::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    nested_offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    """Decode packed 4-bit data to ``dtype`` of ``shape``; nested statistics are decoded on the way."""
+    return reference.dequantize_4bit(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )
+
+
+@dequantize_4bit.register_fake
+def _(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    nested_offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.custom_op("fourbit::quantize_blockwise", mutates_args=())
+def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """8-bit blockwise quantization of ``A`` against a sorted ``code``: (uint8 codes, absmax)."""
+    return reference.quantize_blockwise(A, code, blocksize)
+
+
+@quantize_blockwise.register_fake
+def _(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    absmax = A.new_empty((num_blocks(A.numel(), blocksize),), dtype=torch.float32)
+    return torch.empty_like(A, dtype=torch.uint8), absmax
+
+
+@torch.library.custom_op("fourbit::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype) -> Tensor:
+    """Decode 8-bit blockwise codes to ``dtype``."""
+    return reference.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+
+
+@dequantize_blockwise.register_fake
+def _(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(A, dtype=dtype)
+
+
+@torch.library.custom_op("fourbit::linear_4bit", mutates_args=())
+def linear_4bit(
+    A: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    bias: Optional[Tensor] = None,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    nested_offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    """``A @ W.T + bias`` in A's dtype, for the packed 4-bit weight ``W`` of ``shape`` (N, K)."""
+    return reference.linear_4bit(
+        A, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )
+
+
+@linear_4bit.register_fake
+def _(
+    A: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    bias: Optional[Tensor] = None,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    nested_offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    return A.new_empty((*A.shape[:-1], shape[0]))
+
+
+def _linear_4bit_setup_context(ctx, inputs, output) -> None:
+    _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = (
+        inputs
+    )
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
+    ctx.blocksize, ctx.shape, ctx.nested_blocksize = blocksize, shape, nested_blocksize
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _linear_4bit_backward(ctx, grad: Tensor):
+    """Gradients for A (grad @ W, W dequantized in grad's dtype) and bias; none for the packed weight."""
+    packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize_4bit(
+            packed, absmax, code, ctx.blocksize, ctx.shape, grad.dtype,
+            nested_absmax, nested_code, nested_offset, ctx.nested_blocksize,
+        )  # fmt: skip
+        grad_A = grad @ weight
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+linear_4bit.register_autograd(_linear_4bit_backward, setup_context=_linear_4bit_setup_context)

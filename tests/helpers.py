@@ -1,0 +1,54 @@
+"""Small helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
+STORAGES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def describe_dtype(dtype: torch.dtype) -> str:
+    """A short test id for a dtype."""
+    return DTYPE_IDS.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def available_devices() -> list[str]:
+    """'cpu', plus 'cuda' when a GPU is present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def canonical(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes with every NaN made one NaN and every zero +0.0.
+
+    Comparing these is "bit-identical" up to NaN payloads and the sign of zero, the two things
+    bitsandbytes itself does not keep consistent between its code paths.
+    """
+    flat = tensor.detach().contiguous().view(-1).cpu()
+    if flat.is_floating_point():
+        flat = torch.where(flat.isnan(), torch.full_like(flat, float("nan")).abs(), flat)
+        flat = torch.where(flat == 0, torch.zeros_like(flat), flat)
+    return flat.view(torch.uint8)
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same dtype, shape and canonical bytes (see ``canonical``)."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    same = canonical(actual) == canonical(expected)
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} bytes differ"
+
+
+def canonical_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of ``canonical(tensor)`` (the golden files store dequantized output this way)."""
+    return hashlib.sha256(canonical(tensor).numpy().tobytes()).hexdigest()
+
+
+def nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 4-bit values of a packed tensor, high nibble first (an independent unpacker for tests)."""
+    data = packed.reshape(-1).view(torch.uint8).long()
+    return torch.stack([data // 16, data % 16], dim=1).reshape(-1)[:numel]

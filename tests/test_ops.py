@@ -1,0 +1,73 @@
+"""The fourbit:: custom ops: schemas, fake implementations, autograd registration, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fourbit.functional as F4
+from fourbit.formats import create_dynamic_map, get_4bit_type
+
+
+def _weight_args(nested: bool, storage: torch.dtype = torch.uint8):
+    weight = torch.randn(48, 96)
+    packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested, quant_storage=storage)
+    extra = {}
+    if nested:
+        extra = {
+            "nested_absmax": state.state2.absmax,
+            "nested_code": state.state2.code,
+            "nested_offset": state.offset,
+            "nested_blocksize": 256,
+        }
+    return packed, state, extra
+
+
+def _cases():
+    code = get_4bit_type("nf4")
+    dynamic = create_dynamic_map()
+    yield "quantize_4bit", (torch.randn(3, 37), code, 64, torch.uint8), {}
+    yield "quantize_4bit", (torch.randn(64, 8, dtype=torch.bfloat16), code, 128, torch.float32), {}
+    yield "quantize_blockwise", (torch.randn(1000), dynamic, 256), {}
+    yield "dequantize_blockwise", (torch.randint(0, 256, (1000,), dtype=torch.uint8), torch.rand(4), dynamic, 256,
+                                   torch.float16), {}  # fmt: skip
+    for nested in (False, True):
+        packed, state, extra = _weight_args(nested)
+        yield "dequantize_4bit", (packed, state.absmax, state.code, 64, [48, 96], torch.bfloat16), extra
+        x = torch.randn(5, 96, requires_grad=True)
+        yield (
+            "linear_4bit",
+            (x, packed, state.absmax, state.code, 64, [48, 96], torch.randn(48, requires_grad=True)),
+            extra,
+        )
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda case: case[0])
+def test_opcheck(case):
+    name, args, kwargs = case
+    torch.library.opcheck(getattr(torch.ops.fourbit, name).default, args, kwargs)
+
+
+def test_fake_shapes_match_real_shapes():
+    packed, state, extra = _weight_args(nested=True, storage=torch.bfloat16)
+    x = torch.randn(2, 7, 96)
+    real = torch.ops.fourbit.linear_4bit(x, packed, state.absmax, state.code, 64, [48, 96], None, **extra)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_x = mode.from_tensor(x)
+        fake = torch.ops.fourbit.linear_4bit(fake_x, packed, state.absmax, state.code, 64, [48, 96], None, **extra)
+        fake_q, fake_absmax = torch.ops.fourbit.quantize_4bit(mode.from_tensor(torch.randn(3, 37)), state.code, 32,
+                                                              torch.uint8)  # fmt: skip
+    assert fake.shape == real.shape and fake.dtype == real.dtype
+    assert fake_q.shape == (56, 1) and fake_absmax.shape == (4,)
+
+
+def test_linear_op_compiles_without_graph_breaks():
+    packed, state, extra = _weight_args(nested=True)
+
+    def f(x):
+        return torch.ops.fourbit.linear_4bit(x, packed, state.absmax, state.code, 64, [48, 96], None, **extra).relu()
+
+    x = torch.randn(4, 96)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
