@@ -71,8 +71,9 @@ def test_quantize_and_dequantize_match_bitsandbytes(dtype, quant_type, nested):
             for storage in STORAGES:
                 if (data.numel() + 1) // 2 % storage.itemsize:
                     continue
-                options = dict(blocksize=blocksize, quant_type=quant_type, compress_statistics=nested,
-                               quant_storage=storage)  # fmt: skip
+                options = dict(
+                    blocksize=blocksize, quant_type=quant_type, compress_statistics=nested, quant_storage=storage
+                )
                 theirs, their_state = bnb_functional.quantize_4bit(data, **options)
                 ours, our_state = F4.quantize_4bit(data, **options)
                 context = f"{shape} blocksize={blocksize} {name} storage={storage}"
@@ -148,3 +149,57 @@ def test_matmul_matches_bitsandbytes(dtype, rows):
     expected = F.linear(x, _bnb_dequantize(packed, state), bias)
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- Linear4bit interchange
+
+
+def _bnb_layer(quant_type, nested, bias, dtype):
+    """A bitsandbytes Linear4bit quantized on the CPU (256 -> 96: rows its native dequantize handles)."""
+    torch.manual_seed(7)
+    dense = torch.nn.Linear(256, 96, bias=bias, dtype=dtype)
+    layer = bnb.nn.Linear4bit(256, 96, bias=bias, compress_statistics=nested, quant_type=quant_type)
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=describe_dtype)
+def test_bitsandbytes_linear4bit_state_dict_loads_in_fourbit(quant_type, nested, bias, dtype):
+    theirs = _bnb_layer(quant_type, nested, bias, dtype)
+    sd = theirs.state_dict()
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    expected = theirs(x)
+
+    loaded = fourbit.nn.Linear4bit(256, 96, bias=bias, quant_type=quant_type, compress_statistics=nested)
+    loaded.load_state_dict(sd)
+    assert torch.equal(loaded(x), expected)
+    assert list(loaded.state_dict()) == list(sd)
+
+    stats = {key.removeprefix("weight."): value for key, value in sd.items() if key.startswith("weight.")}
+    prequantized = fourbit.nn.Linear4bit(256, 96, bias=bias, quant_type=quant_type, device="meta")
+    prequantized.weight = fourbit.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
+    if bias:
+        prequantized.bias = torch.nn.Parameter(sd["bias"])
+    assert torch.equal(prequantized(x), expected)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_fourbit_linear4bit_state_dict_loads_in_bitsandbytes(quant_type, nested):
+    torch.manual_seed(8)
+    dense = torch.nn.Linear(256, 96, dtype=torch.bfloat16)
+    ours = fourbit.nn.Linear4bit(256, 96, compress_statistics=nested, quant_type=quant_type)
+    ours.load_state_dict(dense.state_dict())
+    ours = ours.to("cpu")
+    sd = ours.state_dict()
+    assert list(sd) == list(_bnb_layer(quant_type, nested, True, torch.bfloat16).state_dict())
+
+    stats = {key.removeprefix("weight."): value for key, value in sd.items() if key.startswith("weight.")}
+    theirs = bnb.nn.Linear4bit(256, 96, quant_type=quant_type, device="meta")
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
+    theirs.bias = torch.nn.Parameter(sd["bias"])
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    assert torch.equal(theirs(x), ours(x))

@@ -176,8 +176,11 @@ def test_blockwise_round_trip(dtype, nested):
     restored = F4.dequantize_blockwise(quantized, state)
     assert restored.dtype == dtype
     assert (restored.float() - data.float()).abs().mean() < 0.01
-    plain = F4.dequantize_blockwise(quantized, absmax=F4.dequantize_blockwise(state.absmax, state.state2) + state.offset
-                                    if nested else state.absmax, blocksize=256)  # fmt: skip
+    plain = F4.dequantize_blockwise(
+        quantized,
+        absmax=F4.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax,
+        blocksize=256,
+    )
     assert plain.dtype == torch.float32
     torch.testing.assert_close(plain.to(dtype), restored, rtol=0, atol=0)
 
@@ -195,8 +198,9 @@ def test_blockwise_with_a_custom_code():
 
 
 def _state(nested: bool, quant_type: str = "nf4") -> tuple[torch.Tensor, QuantState]:
-    return F4.quantize_4bit(torch.randn(40, 50, dtype=torch.bfloat16), quant_type=quant_type,
-                            compress_statistics=nested)  # fmt: skip
+    return F4.quantize_4bit(
+        torch.randn(40, 50, dtype=torch.bfloat16), quant_type=quant_type, compress_statistics=nested
+    )
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])

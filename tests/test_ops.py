@@ -30,8 +30,11 @@ def _cases():
     yield "quantize_4bit", (torch.randn(3, 37), code, 64, torch.uint8), {}
     yield "quantize_4bit", (torch.randn(64, 8, dtype=torch.bfloat16), code, 128, torch.float32), {}
     yield "quantize_blockwise", (torch.randn(1000), dynamic, 256), {}
-    yield "dequantize_blockwise", (torch.randint(0, 256, (1000,), dtype=torch.uint8), torch.rand(4), dynamic, 256,
-                                   torch.float16), {}  # fmt: skip
+    yield (
+        "dequantize_blockwise",
+        (torch.randint(0, 256, (1000,), dtype=torch.uint8), torch.rand(4), dynamic, 256, torch.float16),
+        {},
+    )
     for nested in (False, True):
         packed, state, extra = _weight_args(nested)
         yield "dequantize_4bit", (packed, state.absmax, state.code, 64, [48, 96], torch.bfloat16), extra
@@ -56,8 +59,9 @@ def test_fake_shapes_match_real_shapes():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_x = mode.from_tensor(x)
         fake = torch.ops.fourbit.linear_4bit(fake_x, packed, state.absmax, state.code, 64, [48, 96], None, **extra)
-        fake_q, fake_absmax = torch.ops.fourbit.quantize_4bit(mode.from_tensor(torch.randn(3, 37)), state.code, 32,
-                                                              torch.uint8)  # fmt: skip
+        fake_q, fake_absmax = torch.ops.fourbit.quantize_4bit(
+            mode.from_tensor(torch.randn(3, 37)), state.code, 32, torch.uint8
+        )
     assert fake.shape == real.shape and fake.dtype == real.dtype
     assert fake_q.shape == (56, 1) and fake_absmax.shape == (4,)
 

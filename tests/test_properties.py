@@ -44,8 +44,11 @@ def test_error_is_at_most_half_the_largest_gap_per_block(data, blocksize, quant_
     assert torch.all((restored.reshape(-1) - flat).abs() <= half_gap * absmax + slack)
 
 
-@given(data=tensors(dtypes=(torch.float32,)), blocksize=st.sampled_from(BLOCKSIZES),
-       quant_type=st.sampled_from(["nf4", "fp4"]))  # fmt: skip
+@given(
+    data=tensors(dtypes=(torch.float32,)),
+    blocksize=st.sampled_from(BLOCKSIZES),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+)
 def test_requantizing_the_dequantized_tensor_gives_the_same_codes(data, blocksize, quant_type):
     packed, state = F4.quantize_4bit(data, blocksize=blocksize, quant_type=quant_type)
     again, again_state = F4.quantize_4bit(F4.dequantize_4bit(packed, state), blocksize=blocksize, quant_type=quant_type)

@@ -4,10 +4,10 @@
 ``bnb.matmul_4bit``, and (in ``fourbit.nn``) ``Params4bit`` and ``Linear4bit``.
 """
 
-from . import functional, ops
+from . import functional, nn, ops
 from .autograd import matmul_4bit
 from .formats import get_4bit_type
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "get_4bit_type", "matmul_4bit", "ops"]
+__all__ = ["__version__", "functional", "get_4bit_type", "matmul_4bit", "nn", "ops"]

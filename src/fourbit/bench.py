@@ -82,26 +82,73 @@ def _shape_rows(
     copy_ms = time_it(weight.clone)
     rows = [
         Row(
-            "quantize", shape, name, "-", time_it(partial(F4.quantize_4bit, weight, **options)), copy_ms,
+            "quantize",
+            shape,
+            name,
+            "-",
+            time_it(partial(F4.quantize_4bit, weight, **options)),
+            copy_ms,
             time_it(partial(bnb_functional.quantize_4bit, weight, **options) if theirs else None),
         ),
         Row(
-            "dequantize", shape, name, "-", time_it(partial(F4.dequantize_4bit, packed, state)), copy_ms,
+            "dequantize",
+            shape,
+            name,
+            "-",
+            time_it(partial(F4.dequantize_4bit, packed, state)),
+            copy_ms,
             time_it(partial(bnb_functional.dequantize_4bit, *theirs) if theirs else None),
         ),
-    ]  # fmt: skip
+    ]
+    layers = _layers(weight, options, bnb)
     for batch in batches:
         x = torch.randn(batch, k, dtype=dtype, device=device)
         with torch.inference_mode():
             rows.append(
                 Row(
-                    "matmul_4bit", shape, name, str(batch),
+                    "matmul_4bit",
+                    shape,
+                    name,
+                    str(batch),
                     time_it(partial(matmul_4bit, x, packed.t(), state)),
                     time_it(partial(torch.matmul, x, weight.t())),
                     time_it(partial(bnb.matmul_4bit, x, theirs[0].t(), theirs[1]) if theirs else None),
                 )
-            )  # fmt: skip
+            )
+            rows.append(
+                Row(
+                    "Linear4bit",
+                    shape,
+                    name,
+                    str(batch),
+                    time_it(partial(layers["fourbit"], x)),
+                    time_it(partial(layers["torch"], x)),
+                    time_it(partial(layers["bnb"], x) if "bnb" in layers else None),
+                )
+            )
     return rows
+
+
+def _layers(weight: torch.Tensor, options: dict, bnb) -> dict[str, torch.nn.Module]:
+    """The dense nn.Linear of ``weight`` and its fourbit (and bitsandbytes) Linear4bit versions."""
+    from .nn import Linear4bit
+
+    n, k = weight.shape
+    dense = torch.nn.Linear(k, n, bias=False, dtype=weight.dtype, device=weight.device)
+    dense.weight.data.copy_(weight)
+    layers: dict[str, torch.nn.Module] = {"torch": dense}
+    settings = dict(
+        bias=False,
+        compute_dtype=weight.dtype,
+        compress_statistics=options["compress_statistics"],
+        quant_type=options["quant_type"],
+    )
+    candidates = [("fourbit", Linear4bit)] + ([("bnb", bnb.nn.Linear4bit)] if bnb is not None else [])
+    for name, cls in candidates:
+        layer = cls(k, n, **settings)
+        layer.load_state_dict(dense.state_dict())
+        layers[name] = layer.to(weight.device)
+    return layers
 
 
 def run(

@@ -30,9 +30,23 @@ NF4_VALUES: tuple[float, ...] = (
 
 #: FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, before dividing by 12.
 FP4_RAW_VALUES: tuple[float, ...] = (
-    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-    -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
-)  # fmt: skip
+    0.0,
+    0.0625,
+    8.0,
+    12.0,
+    4.0,
+    6.0,
+    2.0,
+    3.0,
+    -0.0,
+    -0.0625,
+    -8.0,
+    -12.0,
+    -4.0,
+    -6.0,
+    -2.0,
+    -3.0,
+)
 
 #: Symmetric 4-bit integers, bitsandbytes' optional "int4" table (before normalisation).
 INT4_RAW_VALUES: tuple[float, ...] = (7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7)

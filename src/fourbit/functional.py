@@ -86,8 +86,7 @@ def _check_quant_type(quant_type: Any) -> None:
 
 
 def _check_quant_storage(quant_storage: Any, numel: int) -> None:
-    if quant_storage not in QUANT_STORAGE_DTYPES:
-        raise ValueError(f"quant_storage={quant_storage!r} is not supported; allowed: {_names(QUANT_STORAGE_DTYPES)}")
+    check_settings(quant_storage=quant_storage)
     itemsize = quant_storage.itemsize
     nbytes = packed_nbytes(numel)
     if nbytes % itemsize:
@@ -96,6 +95,17 @@ def _check_quant_storage(quant_storage: Any, numel: int) -> None:
             f"{_dtype_name(quant_storage)} items ({itemsize} bytes each); use quant_storage=torch.uint8 "
             f"or a tensor whose element count is a multiple of {2 * itemsize}"
         )
+
+
+def check_settings(blocksize: Any = None, quant_type: Any = None, quant_storage: Any = None) -> None:
+    """Raise ValueError naming the allowed values for a blocksize, quant_type or quant_storage
+    (those given) that fourbit does not support."""
+    if blocksize is not None:
+        _check_blocksize(blocksize)
+    if quant_type is not None:
+        _check_quant_type(quant_type)
+    if quant_storage is not None and quant_storage not in QUANT_STORAGE_DTYPES:
+        raise ValueError(f"quant_storage={quant_storage!r} is not supported; allowed: {_names(QUANT_STORAGE_DTYPES)}")
 
 
 def check_out(out: Any, shape: Sequence[int], dtype: torch.dtype, name: str = "out") -> None:
@@ -500,9 +510,12 @@ def dequantize_blockwise(
         )
     check_out(out, A.shape, quant_state.dtype)
     result = torch.ops.fourbit.dequantize_blockwise(
-        A, scale.float(), quant_state.code.to(device=A.device, dtype=torch.float32), quant_state.blocksize,
+        A,
+        scale.float(),
+        quant_state.code.to(device=A.device, dtype=torch.float32),
+        quant_state.blocksize,
         quant_state.dtype,
-    )  # fmt: skip
+    )
     return out.copy_(result) if out is not None else result
 
 
@@ -674,9 +687,12 @@ def dequantize_4bit(
     check_4bit_state(A, quant_state)
     check_out(out, quant_state.shape, quant_state.dtype)
     result = torch.ops.fourbit.dequantize_4bit(
-        A, blocksize=quant_state.blocksize, shape=list(quant_state.shape), dtype=quant_state.dtype,
+        A,
+        blocksize=quant_state.blocksize,
+        shape=list(quant_state.shape),
+        dtype=quant_state.dtype,
         **_state_tensors(quant_state, A.device),
-    )  # fmt: skip
+    )
     if out is not None:
         result = out.copy_(result)
     if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and result.dim() == 2:

@@ -144,9 +144,17 @@ def _linear_4bit_backward(ctx, grad: Tensor):
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = dequantize_4bit(
-            packed, absmax, code, ctx.blocksize, ctx.shape, grad.dtype,
-            nested_absmax, nested_code, nested_offset, ctx.nested_blocksize,
-        )  # fmt: skip
+            packed,
+            absmax,
+            code,
+            ctx.blocksize,
+            ctx.shape,
+            grad.dtype,
+            nested_absmax,
+            nested_code,
+            nested_offset,
+            ctx.nested_blocksize,
+        )
         grad_A = grad @ weight
     if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)

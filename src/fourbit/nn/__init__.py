@@ -1,0 +1,6 @@
+"""Modules and parameters: ``Params4bit``, ``Linear4bit``, ``LinearNF4``, ``LinearFP4``."""
+
+from .linear import Linear4bit, LinearFP4, LinearNF4
+from .params import Params4bit
+
+__all__ = ["Linear4bit", "LinearFP4", "LinearNF4", "Params4bit"]

@@ -1,0 +1,245 @@
+"""``Linear4bit`` (and ``LinearNF4``, ``LinearFP4``): a linear layer with a 4-bit weight.
+
+The weight is a ``Params4bit``; moving the module to a device quantizes it there. The state dict
+uses bitsandbytes' layout: ``weight`` (packed bytes), ``bias``, and ``weight.<k>`` for every
+entry of ``quant_state.as_dict(packed=True)``. Unlike bitsandbytes, such a dict loads back with
+``load_state_dict`` (into a fresh module, on meta or a real device), and a corrupt one raises a
+clear error leaving the module as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F4
+from ..autograd import matmul_4bit
+from ..formats import DEFAULT_BLOCKSIZE
+from .params import Params4bit
+
+__all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
+
+_SLOW_FP16_WARNING = (
+    "Input type into Linear4bit is torch.float16, but compute_dtype is {compute_dtype}: inference will be slow. "
+    "Pass compute_dtype=torch.float16 (or bfloat16) to compute in half precision."
+)
+
+
+class Linear4bit(nn.Linear):
+    """A linear layer whose weight is stored in 4 bits (QLoRA's NF4 or FP4).
+
+    Build it, load float (or pre-quantized) weights, then ``.to(device)``: the weight is
+    quantized on that device. ``compute_dtype`` is the dtype of the product; when None it is
+    taken from the first input (float32 and bfloat16 inputs set it). The output has the input's
+    dtype. ``blocksize`` is a fourbit extension (bitsandbytes fixes 64).
+    """
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+        blocksize: int = DEFAULT_BLOCKSIZE,
+    ) -> None:
+        F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(
+            self.weight.data,
+            requires_grad=False,
+            blocksize=blocksize,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            module=self,
+        )
+        self.compute_dtype = compute_dtype
+        self.compute_type_is_set = compute_dtype is not None
+        self.quant_state: F4.QuantState | None = None
+        self.quant_storage = quant_storage
+        self._warned_slow_fp16 = False
+
+    def extra_repr(self) -> str:
+        weight = self.weight
+        settings = f"quant_type={weight.quant_type}, blocksize={weight.blocksize}"
+        return f"{super().extra_repr()}, {settings}, compute_dtype={self.compute_dtype}"
+
+    # ------------------------------------------------------------------ forward
+
+    def set_compute_type(self, x: Tensor) -> None:
+        """Take the compute dtype from the first input, as bitsandbytes does."""
+        if x.dtype in (torch.float32, torch.bfloat16):
+            self.compute_dtype = x.dtype
+        elif x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32) and not self._warned_slow_fp16:
+            self._warned_slow_fp16 = True
+            if not torch.compiler.is_compiling():
+                warnings.warn(_SLOW_FP16_WARNING.format(compute_dtype=self.compute_dtype), stacklevel=3)
+
+    def _forward_quant_state(self) -> F4.QuantState:
+        """The weight's QuantState, recovered from the module if a conversion dropped it."""
+        weight = self.weight
+        state = getattr(weight, "quant_state", None)
+        if state is None and isinstance(weight, Params4bit) and not weight.bnb_quantized:
+            raise RuntimeError(
+                f"{type(self).__name__} weight is not quantized yet: move the module to a device first "
+                "(module.to('cpu') or module.cuda()), or load a quantized state dict"
+            )
+        if state is None:
+            state = self.quant_state
+        if state is None:
+            raise RuntimeError(f"{type(self).__name__} weight has lost its quantization state")
+        return state
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._forward_quant_state()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs with last dimension in_features={self.in_features}, "
+                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
+            )
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        input_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return matmul_4bit(x, self.weight, state, bias=bias).to(input_dtype)
+
+    # ------------------------------------------------------------------ state dict
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        state = getattr(self.weight, "quant_state", None)
+        if state is not None:
+            for key, value in state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    def _weight_from_state_dict(self, weight: Tensor, quant_entries: Mapping[str, Any]) -> Params4bit:
+        """The Params4bit a checkpoint's weight (packed with its QuantState, or float) becomes."""
+        current = self.weight
+        device = current.device if current.device.type != "meta" else weight.device
+        expected = (self.out_features, self.in_features)
+        if quant_entries:
+            loaded = Params4bit.from_prequantized(weight, quant_entries, device=device, module=self)
+            if tuple(loaded.quant_state.shape) != expected:
+                raise ValueError(
+                    f"checkpoint weight has shape {tuple(loaded.quant_state.shape)} but this layer is {expected}"
+                )
+            return loaded
+        if tuple(weight.shape) != expected or not weight.is_floating_point():
+            raise ValueError(
+                f"a float weight of shape {expected} or a packed weight with its weight.quant_state entries "
+                f"is needed, got a {weight.dtype} tensor of shape {tuple(weight.shape)} and no quant_state entries"
+            )
+        fresh = Params4bit(
+            weight.detach().clone(),
+            blocksize=current.blocksize,
+            compress_statistics=current.compress_statistics,
+            quant_type=current.quant_type,
+            quant_storage=current.quant_storage,
+            module=self,
+        )
+        return fresh.to(device) if device.type != "meta" else fresh
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        weight_key = f"{prefix}weight"
+        quant_prefix = f"{weight_key}."
+        quant_entries = {
+            key[len(quant_prefix) :]: value for key, value in state_dict.items() if key.startswith(quant_prefix)
+        }
+        replace_weight = weight_key in state_dict and (quant_entries or self.weight.bnb_quantized)
+        if not replace_weight:
+            # an unquantized layer takes a float weight like nn.Linear; .to(device) quantizes it
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            return
+        try:
+            weight = self._weight_from_state_dict(state_dict[weight_key], quant_entries)
+        except (ValueError, TypeError) as error:
+            error_msgs.append(f"While loading {weight_key!r} into {type(self).__name__}: {error}")
+            return
+        others = {
+            key: value for key, value in state_dict.items() if key != weight_key and not key.startswith(quant_prefix)
+        }
+        metadata = dict(local_metadata)
+        if self.weight.is_meta:
+            metadata["assign_to_params_buffers"] = True  # a meta layer takes the checkpoint's tensors
+        super()._load_from_state_dict(others, prefix, metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if weight_key in missing_keys:
+            missing_keys.remove(weight_key)
+        self.weight = weight
+        self.quant_state = weight.quant_state
+        self.quant_storage = weight.quant_storage
+
+
+class LinearFP4(Linear4bit):
+    """``Linear4bit`` with ``quant_type="fp4"``."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+        blocksize: int = DEFAULT_BLOCKSIZE,
+    ) -> None:
+        super().__init__(
+            input_features,
+            output_features,
+            bias,
+            compute_dtype,
+            compress_statistics,
+            "fp4",
+            quant_storage,
+            device,
+            blocksize,
+        )
+
+
+class LinearNF4(Linear4bit):
+    """``Linear4bit`` with ``quant_type="nf4"`` (QLoRA's NormalFloat)."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+        blocksize: int = DEFAULT_BLOCKSIZE,
+    ) -> None:
+        super().__init__(
+            input_features,
+            output_features,
+            bias,
+            compute_dtype,
+            compress_statistics,
+            "nf4",
+            quant_storage,
+            device,
+            blocksize,
+        )

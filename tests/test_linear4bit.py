@@ -1,0 +1,462 @@
+"""Params4bit and Linear4bit: every test of upstream test_linear4bit.py (ported), plus
+state-dict loading, bad input, dtype casts and graph-break checks."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+from tempfile import TemporaryDirectory
+
+import pytest
+import torch
+from helpers import STORAGES, available_devices, describe_dtype
+
+import fourbit as bnb
+
+TRUE_FALSE = [False, True]
+STORAGE_NAMES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def torch_save_to_buffer(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def torch_load_from_buffer(buffer: io.BytesIO, weights_only: bool = False):
+    buffer.seek(0)
+    obj = torch.load(buffer, weights_only=weights_only)
+    buffer.seek(0)
+    return obj
+
+
+def id_formatter(label: str):
+    return lambda value: f"{label}={value}"
+
+
+def make_linear4bit(layer, quant_type, compress_statistics, bias, quant_storage=torch.uint8):
+    """A Linear4bit on meta that takes ``layer``'s weights (quantized by a later .to(device)), built
+    the way upstream's test builds it."""
+    quantized = bnb.nn.Linear4bit(
+        layer.in_features,
+        layer.out_features,
+        bias=bias,
+        compute_dtype=None,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        device="meta",
+    )
+    # as upstream: the assigned Params4bit keeps its default compress_statistics=True
+    quantized.weight = bnb.nn.Params4bit(
+        data=layer.weight, quant_type=quant_type, requires_grad=False, quant_storage=quant_storage
+    )
+    if bias:
+        quantized.bias = torch.nn.Parameter(layer.bias)
+    return quantized
+
+
+# --------------------------------------------------------------------------- ported from upstream
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_storage", list(STORAGE_NAMES))
+@pytest.mark.parametrize("original_dtype", [torch.float16, torch.bfloat16], ids=describe_dtype)
+@pytest.mark.parametrize("bias", TRUE_FALSE, ids=id_formatter("bias"))
+@pytest.mark.parametrize("compress_statistics", TRUE_FALSE, ids=id_formatter("compress_statistics"))
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("save_before_forward", TRUE_FALSE, ids=id_formatter("save_before_forward"))
+def test_linear_serialization(
+    device, quant_type, original_dtype, compress_statistics, bias, quant_storage, save_before_forward
+):
+    layer_shape = (300, 400)
+    linear = torch.nn.Linear(*layer_shape, dtype=original_dtype, device="cpu")
+    linear_q = make_linear4bit(linear, quant_type, compress_statistics, bias).to(device)
+
+    # restore from the state dict through from_prequantized
+    sd = linear_q.state_dict()
+    bias_data2 = sd.pop("bias", None)
+    weight_data2 = sd.pop("weight")
+    weight2 = bnb.nn.Params4bit.from_prequantized(quantized_stats=sd, data=weight_data2, device=device)
+    linear_q2 = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=bias,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        device="meta",
+    )
+    linear_q2.weight = weight2
+    if bias:
+        linear_q2.bias = torch.nn.Parameter(bias_data2)
+    linear_q2 = linear_q2.to(device)
+
+    # the same weights stored as another quant_storage dtype
+    linear_qs = make_linear4bit(linear, quant_type, compress_statistics, bias, STORAGE_NAMES[quant_storage]).to(device)
+
+    a, b = linear_q.weight, linear_q2.weight
+    assert a.device == b.device and a.dtype == b.dtype
+    assert torch.equal(a, b)
+    q0, q1 = a.quant_state, b.quant_state
+    for attr in ("code", "dtype", "blocksize", "absmax"):
+        c, d = getattr(q0, attr), getattr(q1, attr)
+        assert torch.equal(c, d) if isinstance(c, torch.Tensor) else c == d
+    if q0.state2 is not None:
+        for attr in ("code", "dtype", "blocksize", "absmax"):
+            c, d = getattr(q0.state2, attr), getattr(q1.state2, attr)
+            assert torch.equal(c, d) if isinstance(c, torch.Tensor) else c == d
+    if bias:
+        assert linear_q.bias.device == linear_q2.bias.device and torch.equal(linear_q.bias, linear_q2.bias)
+
+    if save_before_forward:
+        bytes_4bit = torch_save_to_buffer(linear_q)
+    x = torch.rand(42, layer_shape[0], device=device)
+    a, b, c = linear_q(x), linear_q2(x), linear_qs(x)
+    assert a.device == b.device == c.device and a.dtype == b.dtype == c.dtype
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+    if not save_before_forward:
+        bytes_4bit = torch_save_to_buffer(linear_q)
+    linear_q3 = torch_load_from_buffer(bytes_4bit)
+
+    if device != "cpu":  # moving back and forth keeps the layer intact
+        linear_q2.to("cpu")
+        linear_q2.to(device)
+    d = linear_qs(x)
+    assert c.dtype == d.dtype and c.device == d.device and torch.equal(c, d)
+    d = linear_q3(x)
+    assert c.dtype == d.dtype and c.device == d.device and torch.equal(c, d)
+
+    with TemporaryDirectory() as tmpdir:
+        state_path_4bit = os.path.join(tmpdir, "state_4bit.pth")
+        state_path = os.path.join(tmpdir, "state.pth")
+        torch.save(linear.state_dict(), state_path)
+        torch.save(linear_q.state_dict(), state_path_4bit)
+        size_orig, size_4 = os.path.getsize(state_path), os.path.getsize(state_path_4bit)
+        target_compression = 0.143 if original_dtype == torch.float32 else 0.29
+        assert size_4 / size_orig < target_compression, (
+            f"{size_4:,} is not below {target_compression:.1%} of {size_orig:,}"
+        )
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("compress_statistics", TRUE_FALSE, ids=id_formatter("compress_statistics"))
+def test_copy_param(device, quant_type, blocksize, compress_statistics):
+    param = bnb.nn.Params4bit(
+        data=torch.randn(300, 400),
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        requires_grad=False,
+    ).to(device)
+    shallow_copy_param = copy.copy(param)
+    assert param.quant_state is shallow_copy_param.quant_state
+    assert param.data.data_ptr() == shallow_copy_param.data.data_ptr()
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_params4bit_torch_chunk_split(device, quant_type):
+    """torch.chunk and torch.split keep the Params4bit subclass and its metadata (FSDP2 shards this way).
+    Upstream skips the CPU here (its CPU quantization crashed); fourbit runs it everywhere."""
+    params4bit = bnb.nn.Params4bit(data=torch.randn(8, 4, dtype=torch.float16), quant_type=quant_type).to(device)
+    chunks = torch.chunk(params4bit, 2, dim=0)
+    assert isinstance(chunks, tuple)
+    splits = torch.split(params4bit, 2, dim=0)
+    assert isinstance(splits, tuple) and len(splits) > 0
+    for piece in (*chunks, *splits, *params4bit.chunk(2), *params4bit.split(3)):
+        assert isinstance(piece, bnb.nn.Params4bit)
+        assert piece.quant_type == params4bit.quant_type and piece.blocksize == params4bit.blocksize
+        assert piece.quant_state is params4bit.quant_state and piece.bnb_quantized
+    assert torch.equal(torch.cat([c.data for c in chunks]), params4bit.data)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_storage", STORAGES, ids=describe_dtype)
+def test_quant_storage_shard_roundtrip(device, quant_type, quant_storage):
+    """Quantized weights survive FSDP's flatten-chunk-reassemble pattern for every quant_storage."""
+    M, K = 256, 128
+    A = torch.randn(1, K, dtype=torch.float16, device=device)
+    B = torch.randn(M, K, dtype=torch.float16, device=device)
+    qB, state = bnb.functional.quantize_4bit(B, quant_type=quant_type, quant_storage=quant_storage)
+    ref = bnb.functional.gemv_4bit(A, qB.t(), state=state)
+    reassembled = torch.cat(qB.flatten().chunk(4)).reshape(qB.shape)
+    assert reassembled.dtype == qB.dtype
+    assert torch.equal(reassembled.view(torch.uint8), qB.view(torch.uint8))
+    torch.testing.assert_close(bnb.functional.gemv_4bit(A, reassembled.t(), state=state), ref)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("compress_statistics", TRUE_FALSE, ids=id_formatter("compress_statistics"))
+def test_deepcopy_param(device, quant_type, blocksize, compress_statistics):
+    param = bnb.nn.Params4bit(
+        data=torch.randn(300, 400),
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        requires_grad=False,
+    ).to(device)
+    dict_keys_before = set(param.__dict__.keys())
+    copy_param = copy.deepcopy(param)
+    assert param.quant_state is not copy_param.quant_state
+    assert param.quant_state == copy_param.quant_state
+    assert param.data.data_ptr() != copy_param.data.data_ptr()
+    assert torch.equal(param.data, copy_param.data)
+    assert dict_keys_before == set(param.__dict__.keys()) == set(copy_param.__dict__.keys())
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("compress_statistics", TRUE_FALSE, ids=id_formatter("compress_statistics"))
+def test_params4bit_real_serialization(device, quant_type, blocksize, compress_statistics):
+    original_param = bnb.nn.Params4bit(
+        data=torch.randn(300, 400),
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+    )
+    dict_keys_before = set(original_param.__dict__.keys())
+    original_param.to(device)  # quantizes in place
+    deserialized_param = pickle.loads(pickle.dumps(original_param))
+    assert type(deserialized_param) is bnb.nn.Params4bit
+    assert torch.equal(original_param.data, deserialized_param.data)
+    assert original_param.requires_grad == deserialized_param.requires_grad == False  # noqa: E712
+    assert original_param.quant_type == deserialized_param.quant_type
+    assert original_param.blocksize == deserialized_param.blocksize
+    assert original_param.compress_statistics == deserialized_param.compress_statistics
+    assert original_param.quant_state == deserialized_param.quant_state
+    assert dict_keys_before == set(original_param.__dict__.keys()) == set(deserialized_param.__dict__.keys())
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32], ids=describe_dtype)
+@pytest.mark.parametrize("compress_statistics", TRUE_FALSE, ids=id_formatter("compress_statistics"))
+@pytest.mark.parametrize("bias", TRUE_FALSE, ids=id_formatter("bias"))
+@pytest.mark.parametrize("fullgraph", TRUE_FALSE, ids=id_formatter("fullgraph"))
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"], ids=id_formatter("mode"))
+def test_linear4bit_torch_compile(device, quant_type, compute_dtype, compress_statistics, bias, fullgraph, mode):
+    dim, batch_size = 256, 16
+    torch.compiler.reset()
+    net = torch.nn.Sequential(
+        *[
+            bnb.nn.Linear4bit(
+                dim,
+                dim,
+                bias=bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=compress_statistics,
+                quant_type=quant_type,
+            )
+            for _ in range(4)
+        ]
+    ).to(device)
+    x = torch.randn(batch_size, dim, dtype=compute_dtype, device=device)
+    with torch.no_grad():
+        ref_output = net(x)
+    compiled_net = torch.compile(net, fullgraph=fullgraph, mode=mode)
+    with torch.no_grad():
+        compiled_output = compiled_net(x)
+    assert compiled_output.shape == ref_output.shape
+    assert compiled_output.device == ref_output.device and compiled_output.dtype == ref_output.dtype
+    torch.testing.assert_close(compiled_output, ref_output)
+
+    x.requires_grad_(True)
+    net(x).sum().backward()
+    grad_ref = x.grad.clone()
+    x.grad = None
+    compiled_net(x).sum().backward()
+    torch.testing.assert_close(x.grad, grad_ref)
+
+
+# --------------------------------------------------------------------------- fourbit's own
+
+
+def _quantized_layer(quant_type="nf4", compress_statistics=True, bias=True, device="cpu"):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=bias)
+    quantized = bnb.nn.Linear4bit(64, 48, bias=bias, quant_type=quant_type, compress_statistics=compress_statistics)
+    quantized.load_state_dict(layer.state_dict())
+    return layer, quantized.to(device)
+
+
+def test_no_graph_break_in_forward_and_backward():
+    _, layer = _quantized_layer()
+    x = torch.randn(4, 64, requires_grad=True)
+
+    def step(inp):
+        return layer(inp).sum()
+
+    explanation = torch._dynamo.explain(step)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(x).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("nested", TRUE_FALSE, ids=id_formatter("nested"))
+def test_state_dict_keys_and_weights_only_load(nested):
+    _, layer = _quantized_layer(compress_statistics=nested)
+    sd = layer.state_dict()
+    expected = ["weight", "bias", "weight.absmax", "weight.quant_map"]
+    if nested:
+        expected += ["weight.nested_absmax", "weight.nested_quant_map"]
+    assert list(sd) == [*expected, "weight.quant_state.bitsandbytes__nf4"]
+    assert all(type(value) is torch.Tensor for value in sd.values())
+    loaded = torch_load_from_buffer(torch_save_to_buffer(sd), weights_only=True)
+    fresh = bnb.nn.Linear4bit(64, 48, quant_type="nf4")
+    fresh.load_state_dict(loaded)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x))
+    assert fresh.weight.quant_state == layer.weight.quant_state
+
+
+def test_load_state_dict_into_a_meta_layer():
+    _, layer = _quantized_layer()
+    fresh = bnb.nn.LinearNF4(64, 48, device="meta")
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.weight.device.type == "cpu" and fresh.bias.device.type == "cpu"
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_float_state_dict_loads_then_quantizes():
+    dense, _ = _quantized_layer()
+    fresh = bnb.nn.Linear4bit(64, 48, quant_type="nf4")
+    fresh.load_state_dict(dense.state_dict())
+    assert not fresh.weight.bnb_quantized
+    fresh = fresh.to("cpu")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fresh(x), dense(x), atol=0.3, rtol=0.1)
+    # a float weight loaded into an already quantized layer is quantized with its settings
+    again = bnb.nn.Linear4bit(64, 48, quant_type="nf4").to("cpu")
+    again.load_state_dict(dense.state_dict())
+    assert torch.equal(again(x), fresh(x))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda sd: sd.pop("weight.quant_state.bitsandbytes__nf4"), "found neither"),
+        (lambda sd: sd.pop("weight.absmax"), "missing \\['absmax'\\]"),
+        (
+            lambda sd: sd.__setitem__("weight.quant_state.bitsandbytes__nf4", torch.tensor([1, 2], dtype=torch.uint8)),
+            "not valid UTF-8 JSON",
+        ),
+        (lambda sd: sd.__setitem__("weight.absmax", sd["weight.absmax"][:-1]), "'absmax' must have 48 elements"),
+        (lambda sd: sd.__setitem__("weight", sd["weight"][:-1]), "packed data holds 1535 bytes"),
+    ],
+)
+def test_corrupt_state_dict_raises_and_leaves_the_layer_unchanged(corrupt, message):
+    _, layer = _quantized_layer()
+    sd = layer.state_dict()
+    corrupt(sd)
+    target = bnb.nn.Linear4bit(64, 48, quant_type="nf4").to("cpu")
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    weight_before = target.weight
+    with pytest.raises(RuntimeError, match=message):
+        target.load_state_dict(sd)
+    assert target.weight is weight_before
+    after = target.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_shape_mismatch_in_checkpoint():
+    _, layer = _quantized_layer()
+    target = bnb.nn.Linear4bit(48, 64, quant_type="nf4")
+    with pytest.raises(RuntimeError, match=r"checkpoint weight has shape \(48, 64\) but this layer is \(64, 48\)"):
+        target.load_state_dict(layer.state_dict())
+
+
+def test_forward_input_of_the_wrong_width():
+    _, layer = _quantized_layer()
+    with pytest.raises(ValueError, match="last dimension in_features=64, got 63"):
+        layer(torch.randn(2, 63))
+
+
+def test_unquantized_weight_in_forward_is_an_error():
+    layer = bnb.nn.Linear4bit(64, 48)
+    with pytest.raises(RuntimeError, match="not quantized yet: move the module to a device first"):
+        layer(torch.randn(2, 64))
+
+
+def test_compute_dtype_from_the_first_input_and_output_in_the_input_dtype():
+    _, layer = _quantized_layer()
+    out = layer(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert layer.compute_dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert layer(torch.randn(2, 64)).dtype == torch.float32  # computed in bf16, returned as fp32
+    assert layer.bias.dtype == torch.float32  # the bias parameter is not modified
+
+
+def test_fp16_input_warns_once():
+    _, layer = _quantized_layer()
+    with pytest.warns(UserWarning, match="inference will be slow"):
+        layer(torch.randn(2, 64, dtype=torch.float16))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 64, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float", "to_bf16"])
+@pytest.mark.parametrize("quant_storage", STORAGES, ids=describe_dtype)
+def test_dtype_casts_of_the_module_keep_the_packed_weight(cast, quant_storage):
+    layer = make_linear4bit(torch.nn.Linear(64, 48), "nf4", True, True, quant_storage).to("cpu")
+    packed = layer.weight.data.view(torch.uint8).clone()
+    x = torch.randn(2, 64)
+    before = layer(x)
+    layer = layer.to(torch.bfloat16) if cast == "to_bf16" else getattr(layer, cast)()
+    assert isinstance(layer.weight, bnb.nn.Params4bit) and layer.weight.dtype == quant_storage
+    assert torch.equal(layer.weight.data.view(torch.uint8), packed)
+    torch.testing.assert_close(layer(x.to(layer.bias.dtype)).float(), before, atol=0.05, rtol=0.02)
+
+
+def test_params4bit_reads_through_to_its_quant_state():
+    param = bnb.nn.Params4bit(torch.randn(32, 64), compress_statistics=True, quant_type="nf4")
+    with pytest.raises(AttributeError, match="absmax"):
+        _ = param.absmax
+    param = param.to("cpu")
+    state = param.quant_state
+    assert param.absmax is state.absmax and param.code is state.code and param.quant_map is state.code
+    assert param.offset is state.offset and param.state2 is state.state2
+    assert param.nested_absmax is state.state2.absmax and param.nested_blocksize == 256
+    assert param.nested_quant_map is state.state2.code and param.nested_dtype == torch.float32
+    assert param.nested_offset is state.offset
+    plain = bnb.nn.Params4bit(torch.randn(32, 64), compress_statistics=False).to("cpu")
+    with pytest.raises(AttributeError, match="nested_absmax"):
+        _ = plain.nested_absmax
+
+
+def test_params4bit_rejects_bad_settings():
+    with pytest.raises(ValueError, match="blocksize=48"):
+        bnb.nn.Params4bit(torch.randn(4), blocksize=48)
+    with pytest.raises(ValueError, match="quant_type='int4'"):
+        bnb.nn.Linear4bit(4, 4, quant_type="int4")
+    with pytest.raises(ValueError, match=r"quant_storage=torch\.int32"):
+        bnb.nn.Linear4bit(4, 4, quant_storage=torch.int32)
+
+
+def test_from_prequantized_rejects_a_mismatched_dict():
+    _, layer = _quantized_layer()
+    sd = layer.state_dict()
+    stats = {key.removeprefix("weight."): value for key, value in sd.items() if key.startswith("weight.")}
+    with pytest.raises(ValueError, match="packed data holds 1000 bytes"):
+        bnb.nn.Params4bit.from_prequantized(torch.zeros(1000, 1, dtype=torch.uint8), stats, device="cpu")
+
+
+def test_nf4_and_fp4_subclasses_fix_the_quant_type():
+    assert bnb.nn.LinearNF4(8, 8).weight.quant_type == "nf4"
+    assert bnb.nn.LinearFP4(8, 8).weight.quant_type == "fp4"
+    assert bnb.nn.Linear4bit(8, 8).weight.quant_type == "fp4"
+    layer = bnb.nn.Linear4bit(8, 8)
+    assert layer.weight.compress_statistics and layer.weight.blocksize == 64 and not layer.weight.requires_grad
