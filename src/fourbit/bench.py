@@ -23,7 +23,8 @@ from .autograd import matmul_4bit
 
 @dataclass
 class Row:
-    """One benchmark line: an operation on a shape, with its times in milliseconds."""
+    """One benchmark line: an operation on a shape, with its times in milliseconds and the fewest
+    bytes fourbit's version must move through memory."""
 
     op: str
     shape: str
@@ -32,13 +33,20 @@ class Row:
     fourbit_ms: float
     torch_ms: float | None
     bnb_ms: float | None
+    fourbit_bytes: int = 0
+
+
+#: Time CUDA work by replaying a CUDA graph (no Python or launch overhead) instead of eager calls.
+CUDA_GRAPHS = False
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
     """Median time of ``fn`` in milliseconds (triton's do_bench on CUDA, repeated timing on CPU)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if CUDA_GRAPHS:
+            return float(do_bench_cudagraph(fn, rep=max(100, int(min_time * 1000)), return_mode="median"))
         return float(do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median"))
     fn()
     samples: list[float] = []
@@ -80,52 +88,39 @@ def _shape_rows(
         return _median_ms(fn, device, min_time) if fn is not None else None
 
     copy_ms = time_it(weight.clone)
+    dense_bytes = weight.numel() * weight.element_size()
+    stored_bytes = sum(t.numel() * t.element_size() for t in (packed, *state.as_dict(packed=True).values()))
     rows = [
         Row(
-            "quantize",
-            shape,
-            name,
-            "-",
-            time_it(partial(F4.quantize_4bit, weight, **options)),
-            copy_ms,
+            "quantize", shape, name, "-", time_it(partial(F4.quantize_4bit, weight, **options)), copy_ms,
             time_it(partial(bnb_functional.quantize_4bit, weight, **options) if theirs else None),
+            dense_bytes + stored_bytes,
         ),
         Row(
-            "dequantize",
-            shape,
-            name,
-            "-",
-            time_it(partial(F4.dequantize_4bit, packed, state)),
-            copy_ms,
+            "dequantize", shape, name, "-", time_it(partial(F4.dequantize_4bit, packed, state)), copy_ms,
             time_it(partial(bnb_functional.dequantize_4bit, *theirs) if theirs else None),
+            dense_bytes + stored_bytes,
         ),
-    ]
+    ]  # fmt: skip
     layers = _layers(weight, options, bnb)
     for batch in batches:
         x = torch.randn(batch, k, dtype=dtype, device=device)
+        moved = stored_bytes + batch * (n + k) * weight.element_size()
         with torch.inference_mode():
             rows.append(
                 Row(
-                    "matmul_4bit",
-                    shape,
-                    name,
-                    str(batch),
-                    time_it(partial(matmul_4bit, x, packed.t(), state)),
+                    "matmul_4bit", shape, name, str(batch), time_it(partial(matmul_4bit, x, packed.t(), state)),
                     time_it(partial(torch.matmul, x, weight.t())),
-                    time_it(partial(bnb.matmul_4bit, x, theirs[0].t(), theirs[1]) if theirs else None),
+                    time_it(partial(bnb.matmul_4bit, x, theirs[0].t(), theirs[1]) if theirs else None), moved,
                 )
-            )
+            )  # fmt: skip
             rows.append(
                 Row(
-                    "Linear4bit",
-                    shape,
-                    name,
-                    str(batch),
-                    time_it(partial(layers["fourbit"], x)),
+                    "Linear4bit", shape, name, str(batch), time_it(partial(layers["fourbit"], x)),
                     time_it(partial(layers["torch"], x)),
-                    time_it(partial(layers["bnb"], x) if "bnb" in layers else None),
+                    time_it(partial(layers["bnb"], x) if "bnb" in layers else None), moved,
                 )
-            )
+            )  # fmt: skip
     return rows
 
 
@@ -176,18 +171,52 @@ def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """A Markdown table of the rows, with fourbit/torch and fourbit/bitsandbytes ratios."""
-    header = "| op | shape | dtype | batch | fourbit ms | torch ms | bnb ms | fourbit/torch | fourbit/bnb |"
-    lines = [header, "|" + "---|" * 9]
+def format_table(rows: Sequence[Row], copy_gbps: float | None = None) -> str:
+    """A Markdown table of the rows, with fourbit/torch and fourbit/bitsandbytes ratios, and
+    fourbit's bandwidth (its fewest bytes over its time) against the measured copy bandwidth."""
+    header = (
+        "| op | shape | dtype | batch | fourbit ms | torch ms | bnb ms | fourbit/torch | fourbit/bnb | fourbit GB/s |"
+    )
+    header += " % of copy |" if copy_gbps else ""
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         bnb_ms = f"{row.bnb_ms:.3f}" if row.bnb_ms is not None else "-"
         torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
-        lines.append(
+        gbps = row.fourbit_bytes / row.fourbit_ms / 1e6 if row.fourbit_bytes else 0.0
+        line = (
             f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {row.fourbit_ms:.3f} | {torch_ms} | "
-            f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} |"
+            f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} | "
         )
+        line += f"{gbps:.0f} |" if gbps else "- |"
+        if copy_gbps:
+            line += f" {gbps / copy_gbps:.0%} |" if gbps else " - |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    milliseconds = _median_ms(source.clone, device, 0.5)
+    return 2 * nbytes / milliseconds / 1e6
+
+
+def peak_extra_memory(n: int, k: int, batch: int, device: torch.device, options: dict) -> tuple[int, int]:
+    """Peak memory a matmul_4bit forward allocates beyond its output, and the dense weight's size."""
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device=device)
+    packed, state = F4.quantize_4bit(weight, **options)
+    dense_bytes = weight.numel() * weight.element_size()
+    del weight
+    x = torch.randn(batch, k, dtype=torch.bfloat16, device=device)
+    with torch.inference_mode():
+        matmul_4bit(x, packed.t(), state)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = matmul_4bit(x, packed.t(), state)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    return peak - before - out.numel() * out.element_size(), dense_bytes
 
 
 def describe_device(device: torch.device) -> str:
@@ -213,12 +242,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-nested", action="store_true", help="plain float32 absmax instead of nested statistics")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even when installed")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="time CUDA work as graph replays (no launch overhead)"
+    )
+    parser.add_argument("--memory", action="store_true", help="report the peak extra memory of a batch-64 forward")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global CUDA_GRAPHS
     args = parse_args(argv)
     device = torch.device(args.device)
+    CUDA_GRAPHS = args.cuda_graphs
     shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]
     rows = run(
         shapes,
@@ -232,5 +267,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         with_bnb=not args.no_bnb,
     )
     settings = f"{args.quant_type}, blocksize {args.blocksize}, nested={not args.no_nested}"
-    print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}\n")
-    print(format_table(rows))
+    timing = "CUDA graph replays" if CUDA_GRAPHS else "eager calls"
+    copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}; {timing}\n")
+    if copy_gbps:
+        print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s (read + write)\n")
+    print(format_table(rows, copy_gbps))
+    if args.memory and device.type == "cuda":
+        n, k = shapes[-1]
+        options = dict(blocksize=args.blocksize, quant_type=args.quant_type, compress_statistics=not args.no_nested)
+        extra, dense = peak_extra_memory(n, k, 64, device, options)
+        print(
+            f"\npeak extra memory of a batch-64 forward, {n}x{k}: {extra / 2**20:.1f} MiB "
+            f"(the dequantized bf16 weight would be {dense / 2**20:.0f} MiB)"
+        )

@@ -644,8 +644,8 @@ def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> N
         )
 
 
-def _state_tensors(state: QuantState, device: torch.device) -> dict[str, Any]:
-    """The op arguments describing a (possibly nested) 4-bit state."""
+def op_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
+    """The ``torch.ops.fourbit`` keyword arguments describing a (possibly nested) 4-bit state on ``device``."""
     code = state.code if state.code is not None else _cached_4bit_code(state.quant_type, device)
     arguments: dict[str, Any] = {"absmax": state.absmax, "code": code.to(device=device, dtype=torch.float32)}
     if state.nested:
@@ -691,7 +691,7 @@ def dequantize_4bit(
         blocksize=quant_state.blocksize,
         shape=list(quant_state.shape),
         dtype=quant_state.dtype,
-        **_state_tensors(quant_state, A.device),
+        **op_arguments(quant_state, A.device),
     )
     if out is not None:
         result = out.copy_(result)
@@ -750,7 +750,7 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
             raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
         bias = bias.to(A.dtype)
     return torch.ops.fourbit.linear_4bit(
-        A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, **_state_tensors(state, A.device)
+        A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, **op_arguments(state, A.device)
     )
 
 

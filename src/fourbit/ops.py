@@ -9,6 +9,8 @@ Ops take valid arguments: ``fourbit.functional`` checks them first. Annotations 
 import time (no ``from __future__ import annotations``) because torch infers the schemas from them.
 """
 
+import importlib.util
+import os
 from collections.abc import Sequence
 from typing import Optional
 
@@ -18,7 +20,20 @@ from torch import Tensor
 from .formats import num_blocks, packed_nbytes
 from .kernels import reference
 
-__all__ = ["dequantize_4bit", "dequantize_blockwise", "linear_4bit", "quantize_4bit", "quantize_blockwise"]
+
+def triton_enabled() -> bool:
+    """Whether CUDA tensors use the Triton kernels: Triton is importable and FOURBIT_DISABLE_TRITON is unset."""
+    return importlib.util.find_spec("triton") is not None and os.environ.get("FOURBIT_DISABLE_TRITON", "") in ("", "0")
+
+
+__all__ = [
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "linear_4bit",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "triton_enabled",
+]
 
 
 @torch.library.custom_op("fourbit::quantize_4bit", mutates_args=())
@@ -162,3 +177,16 @@ def _linear_4bit_backward(ctx, grad: Tensor):
 
 
 linear_4bit.register_autograd(_linear_4bit_backward, setup_context=_linear_4bit_setup_context)
+
+
+def _register_triton_kernels() -> None:
+    """CUDA tensors run the Triton kernels; every other device keeps the reference."""
+    from .kernels import triton as triton_kernels
+
+    quantize_4bit.register_kernel("cuda")(triton_kernels.quantize_4bit)
+    dequantize_4bit.register_kernel("cuda")(triton_kernels.dequantize_4bit)
+    linear_4bit.register_kernel("cuda")(triton_kernels.linear_4bit)
+
+
+if triton_enabled() and torch.cuda.is_available():
+    _register_triton_kernels()

@@ -33,7 +33,7 @@ _BLOCKWISE_GRID_STEPS = 65535
 _ABSMAX_FLOOR = 1e-38
 
 
-def _sorted_code(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_code(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoints between neighbouring sorted code values, and the sort order (index in ``code``).
 
     A stable sort fixes the order of equal entries (FP4's +0 and -0) on every device.
@@ -72,7 +72,7 @@ def quantize_4bit(
         scaled = torch.cat([scaled, torch.clamp(tail / tail_absmax, -1, 1)])
     if n % 2:
         scaled = F.pad(scaled, (0, 1))
-    midpoints, order = _sorted_code(code)
+    midpoints, order = sorted_code(code)
     indices = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
     packed = (indices[0::2] << 4) | indices[1::2]
     return packed.view(quant_storage).unsqueeze(1), absmax

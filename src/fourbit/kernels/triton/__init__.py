@@ -1,0 +1,11 @@
+"""Triton kernels for CUDA: 4-bit quantize, dequantize, and the fused dequantize + matmul.
+
+Importing this package needs Triton; ``fourbit.ops`` imports it only when Triton is present.
+The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (slowly), which is how CI
+checks their logic without a GPU.
+"""
+
+from .linear import linear_4bit
+from .quantize import dequantize_4bit, quantize_4bit
+
+__all__ = ["dequantize_4bit", "linear_4bit", "quantize_4bit"]

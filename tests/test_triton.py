@@ -1,0 +1,201 @@
+"""The Triton kernels against the reference: bit-exact quantize/dequantize, matmul within tolerance.
+
+On a machine with a GPU these run the compiled kernels on CUDA over the large awkward shapes.
+Without one (CI) they run the same kernels through Triton's interpreter (TRITON_INTERPRET=1) on
+CPU tensors over small shapes, which checks the kernels' indexing and arithmetic. The
+interpreter rounds float32 -> bfloat16 by truncation and has a broken half-precision dot, so
+there bf16 outputs are compared within one bf16 step and products are computed in float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+from helpers import DTYPES, STORAGES, assert_same_bits, describe_dtype
+
+ON_GPU = torch.cuda.is_available()  # without a GPU, conftest.py turns on TRITON_INTERPRET
+pytest.importorskip("triton")
+
+from fourbit.formats import create_dynamic_map, get_4bit_type  # noqa: E402
+from fourbit.kernels import reference  # noqa: E402
+from fourbit.kernels import triton as kernels  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not ON_GPU and not INTERPRETED, reason="needs a GPU or TRITON_INTERPRET=1")
+
+QUANT_SHAPES = [(1,), (7,), (3, 37), (130,), (2, 97), (5, 7, 9)]
+if ON_GPU:
+    QUANT_SHAPES += [(4099,), (255, 4097), (11008, 4096), (1, 14337)]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096] if ON_GPU else [32, 64, 256, 4096]
+
+
+def _table(quant_type: str) -> torch.Tensor:
+    return get_4bit_type(quant_type, device=DEVICE)
+
+
+def _data(shape, dtype, special: bool) -> torch.Tensor:
+    data = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    flat = data.view(-1)
+    flat[::7] = 0
+    if special and flat.numel() > 70:
+        flat[:64] = 0  # a whole zero block for small blocksizes
+        flat[65] = float("nan")
+        flat[-2] = float("inf")
+    return data
+
+
+def _close_or_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    if INTERPRETED and expected.dtype == torch.bfloat16:
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=2**-7, atol=0, equal_nan=True)
+    else:
+        assert_same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("special", [False, True], ids=["normal", "special"])
+def test_quantize_is_bit_exact(dtype, quant_type, special):
+    code = _table(quant_type)
+    for shape, blocksize in itertools.product(QUANT_SHAPES, BLOCKSIZES):
+        data = _data(shape, dtype, special)
+        expected_packed, expected_absmax = reference.quantize_4bit(data, code, blocksize, torch.uint8)
+        packed, absmax = kernels.quantize_4bit(data, code, blocksize, torch.uint8)
+        assert torch.equal(packed, expected_packed), (shape, blocksize)
+        assert_same_bits(absmax, expected_absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_dequantize_is_bit_exact(dtype, quant_type, nested):
+    code = _table(quant_type)
+    dynamic = create_dynamic_map().to(DEVICE)
+    for shape, blocksize in itertools.product(QUANT_SHAPES, BLOCKSIZES):
+        data = _data(shape, dtype, special=False)
+        packed, absmax = reference.quantize_4bit(data, code, blocksize, torch.uint8)
+        extra = {}
+        if nested:
+            offset = absmax.mean()
+            codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
+            extra = dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
+            absmax = codes
+        expected = reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, **extra)
+        _close_or_exact(kernels.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, **extra), expected)
+
+
+@pytest.mark.parametrize("storage", STORAGES, ids=describe_dtype)
+def test_every_quant_storage(storage):
+    code = _table("nf4")
+    data = _data((4, 64), torch.float32, special=False)
+    packed, absmax = kernels.quantize_4bit(data, code, 64, storage)
+    expected, _ = reference.quantize_4bit(data, code, 64, storage)
+    assert packed.dtype == storage and packed.shape == expected.shape
+    assert torch.equal(packed.view(torch.uint8), expected.view(torch.uint8))
+    assert_same_bits(
+        kernels.dequantize_4bit(packed, absmax, code, 64, (4, 64), torch.float32),
+        reference.dequantize_4bit(packed, absmax, code, 64, (4, 64), torch.float32),
+    )
+
+
+if ON_GPU:
+    ROWS = [1, 3, 17, 64, 255, 2048]
+    WEIGHTS = [(64, 64), (100, 100), (4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336),
+               (100, 4096), (4096, 100)]  # fmt: skip
+else:
+    ROWS = [1, 3, 17]
+    WEIGHTS = [(64, 64), (33, 100), (40, 96), (17, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear_matches_a_float64_reference(dtype, nested, rows):
+    code = _table("nf4")
+    dynamic = create_dynamic_map().to(DEVICE)
+    for (n, k), blocksize in itertools.product(WEIGHTS, [64, 128] if ON_GPU else [32, 64]):
+        weight = torch.randn(n, k, device=DEVICE)
+        packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
+        extra = {}
+        if nested:
+            offset = absmax.mean()
+            codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
+            extra = dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
+            absmax = codes
+        x = torch.randn(rows, k, device=DEVICE).to(dtype)
+        bias = torch.randn(n, device=DEVICE).to(dtype)
+        out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra)
+        dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+        expected = x.double() @ dense.t() + bias.double()
+        assert out.shape == (rows, n) and out.dtype == dtype
+        assert not out.isnan().any()
+        error = ((out.double() - expected).norm() / expected.norm()).item()
+        assert error < (1e-3 if dtype == torch.float32 else 1e-2), (rows, n, k, blocksize, error)
+
+
+def test_linear_handles_leading_dimensions_and_empty_inputs():
+    code = _table("fp4")
+    packed, absmax = reference.quantize_4bit(torch.randn(24, 64, device=DEVICE), code, 64, torch.uint8)
+    x = torch.randn(2, 3, 64, device=DEVICE)
+    out = kernels.linear_4bit(x, packed, absmax, code, 64, (24, 64))
+    torch.testing.assert_close(out, reference.linear_4bit(x, packed, absmax, code, 64, (24, 64)), rtol=1e-4, atol=1e-4)
+    assert kernels.linear_4bit(x[:0], packed, absmax, code, 64, (24, 64)).shape == (0, 3, 24)
+    strided = torch.randn(64, 4, device=DEVICE).t()  # last dimension not contiguous
+    torch.testing.assert_close(
+        kernels.linear_4bit(strided, packed, absmax, code, 64, (24, 64)),
+        reference.linear_4bit(strided, packed, absmax, code, 64, (24, 64)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_ops_dispatch_to_triton(monkeypatch):
+    import fourbit
+    import fourbit.functional as F4
+
+    weight = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    cpu_packed, cpu_state = F4.quantize_4bit(weight.cpu(), quant_type="nf4", compress_statistics=True)
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the reference kernel ran for a CUDA tensor")
+
+    for name in ("quantize_4bit", "dequantize_4bit", "linear_4bit"):
+        monkeypatch.setattr(reference, name, reached)
+    packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(packed.cpu(), cpu_packed)  # CUDA and CPU give the same bytes
+    assert_same_bits(F4.dequantize_4bit(packed, state).cpu(), F4.dequantize_4bit(cpu_packed, cpu_state))
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    assert fourbit.matmul_4bit(x, packed.t(), state).shape == (3, 256)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [(1, 32, 64, 1, 4), (4, 16, 64, 3, 4), (2, 64, 128, 0, 4), ("dot", 16, 32, 64, 4, 2), ("dot", 32, 64, 32, 4, 2)],
+    ids=str,
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_every_kernel_configuration_is_correct(config, nested):
+    """Both kernels (multiply-accumulate with and without split-K, tensor-core) on the same inputs."""
+    code = _table("nf4")
+    dynamic = create_dynamic_map().to(DEVICE)
+    rows = 1 if config[0] == 1 else 2 if config[0] == 2 else 3
+    for n, k, blocksize in [(40, 96, 32), (33, 100, 64), (64, 256, 64)]:
+        weight = torch.randn(n, k, device=DEVICE)
+        packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
+        extra = {}
+        if nested:
+            offset = absmax.mean()
+            codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
+            extra = dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
+            absmax = codes
+        x = torch.randn(rows, k, device=DEVICE)
+        bias = torch.randn(n, device=DEVICE)
+        out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
+        expected = reference.linear_4bit(x.double(), packed, absmax, code, blocksize, (n, k), bias.double(), **extra)
+        error = ((out.double() - expected).norm() / expected.norm()).item()
+        assert error < 1e-5, (config, n, k, error)
