@@ -18,14 +18,18 @@ from triton.testing import do_bench_cudagraph
 import fourbit.functional as F4
 from fourbit.kernels.triton import linear as triton_linear
 
+# (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT); K tiles are capped at the blocksize (64)
 GEMV_CANDIDATES = [
-    (1, 16, 256, 0, 4), (1, 32, 256, 0, 4), (1, 64, 128, 0, 4), (1, 32, 512, 0, 8), (1, 64, 256, 1, 8),
-    (1, 128, 128, 1, 8), (1, 16, 512, 0, 4), (2, 32, 256, 0, 4), (4, 16, 256, 0, 4), (4, 32, 256, 0, 8),
+    (1, 64, 64, 0, 4, False), (1, 128, 64, 0, 4, False), (1, 256, 64, 0, 8, False), (1, 128, 64, 1, 4, False),
+    (1, 256, 64, 1, 8, False), (1, 64, 64, 0, 4, True), (1, 128, 64, 0, 4, True), (1, 256, 64, 1, 8, True),
+    (2, 64, 64, 0, 4, False), (4, 32, 64, 0, 4, False), (4, 64, 64, 0, 4, True),
 ]  # fmt: skip
+# ("dot", BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SELECT)
 DOT_CANDIDATES = [
-    ("dot", 16, 64, 128, 4, 4), ("dot", 16, 128, 128, 4, 4), ("dot", 16, 32, 256, 4, 3), ("dot", 32, 64, 128, 4, 4),
-    ("dot", 64, 64, 128, 4, 4), ("dot", 64, 128, 64, 4, 4), ("dot", 64, 128, 128, 8, 3), ("dot", 128, 128, 64, 8, 3),
-    ("dot", 128, 256, 64, 8, 3), ("dot", 128, 128, 128, 8, 3), ("dot", 256, 128, 64, 8, 3),
+    ("dot", 16, 64, 64, 4, 4, False), ("dot", 16, 128, 64, 4, 4, False), ("dot", 16, 128, 64, 4, 4, True),
+    ("dot", 16, 256, 64, 8, 3, False), ("dot", 32, 128, 64, 4, 4, False), ("dot", 64, 128, 64, 4, 4, False),
+    ("dot", 64, 128, 64, 4, 4, True), ("dot", 64, 256, 64, 8, 3, False), ("dot", 128, 128, 64, 8, 3, False),
+    ("dot", 128, 256, 64, 8, 3, False), ("dot", 128, 256, 64, 8, 3, True), ("dot", 256, 128, 64, 8, 3, False),
 ]  # fmt: skip
 
 
@@ -58,6 +62,19 @@ def main() -> None:
             print(f"{n}x{k} rows={rows}: cuBLAS bf16 {cublas * 1e3:.1f} us")
             for milliseconds, config in results[:4]:
                 print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / cublas:5.2f}x cuBLAS  {config}")
+    report_registers()
+
+
+def report_registers() -> None:
+    """Registers and spills of every compiled variant (spills mean local-memory traffic)."""
+    for kernel in (triton_linear._gemv_4bit_kernel, triton_linear._linear_4bit_kernel):
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                constants = {k: v for k, v in compiled.src.constants.items() if isinstance(v, (int, bool))}
+                print(
+                    f"{kernel.fn.__name__} regs={compiled.n_regs} spills={compiled.n_spills} "
+                    f"warps={compiled.metadata.num_warps} {constants}"
+                )
 
 
 if __name__ == "__main__":

@@ -175,7 +175,13 @@ def test_cuda_ops_dispatch_to_triton(monkeypatch):
 
 @pytest.mark.parametrize(
     "config",
-    [(1, 32, 64, 1, 4), (4, 16, 64, 3, 4), (2, 64, 128, 0, 4), ("dot", 16, 32, 64, 4, 2), ("dot", 32, 64, 32, 4, 2)],
+    [
+        (1, 32, 64, 1, 4),
+        (4, 16, 64, 3, 4),
+        (2, 64, 128, 0, 4, True),
+        ("dot", 16, 32, 64, 4, 2),
+        ("dot", 32, 64, 32, 4, 2, True),
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])

@@ -1,5 +1,8 @@
 """Triton building blocks shared by the 4-bit kernels: block scales and weight-tile decoding.
 
+A packed byte holds an even element (high nibble) and the next odd one (low nibble). Decoding a
+tile yields the two halves separately, ``[BLOCK_N, BLOCK_K // 2]`` each, which the products
+multiply against the even and the odd input columns: no interleaving shuffle is needed.
 Index arithmetic is done in int64 so that tensors of more than 2**31 elements work.
 """
 
@@ -23,12 +26,49 @@ def block_scale(
     """Float32 absmax of 4-bit block ``block``; nested: ``code[q] * scale + offset`` (two roundings)."""
     if NESTED:
         codes = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        decoded = tl.load(nested_code_ptr + codes) * tl.load(
-            nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0
-        )
-        return decoded + tl.load(nested_offset_ptr)
+        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + codes) * scale + tl.load(nested_offset_ptr)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def lookup(code_ptr, index, SELECT: tl.constexpr):
+    """``code[index]`` for 4-bit indices: a cached gather, or (SELECT) a tree of selects over the
+    16 table entries held in registers."""
+    if SELECT:
+        c0 = tl.load(code_ptr + 0)
+        c1 = tl.load(code_ptr + 1)
+        c2 = tl.load(code_ptr + 2)
+        c3 = tl.load(code_ptr + 3)
+        c4 = tl.load(code_ptr + 4)
+        c5 = tl.load(code_ptr + 5)
+        c6 = tl.load(code_ptr + 6)
+        c7 = tl.load(code_ptr + 7)
+        c8 = tl.load(code_ptr + 8)
+        c9 = tl.load(code_ptr + 9)
+        c10 = tl.load(code_ptr + 10)
+        c11 = tl.load(code_ptr + 11)
+        c12 = tl.load(code_ptr + 12)
+        c13 = tl.load(code_ptr + 13)
+        c14 = tl.load(code_ptr + 14)
+        c15 = tl.load(code_ptr + 15)
+        bit0 = (index & 1) != 0
+        bit1 = (index & 2) != 0
+        bit2 = (index & 4) != 0
+        low = tl.where(
+            bit2,
+            tl.where(bit1, tl.where(bit0, c7, c6), tl.where(bit0, c5, c4)),
+            tl.where(bit1, tl.where(bit0, c3, c2), tl.where(bit0, c1, c0)),
+        )
+        high = tl.where(
+            bit2,
+            tl.where(bit1, tl.where(bit0, c15, c14), tl.where(bit0, c13, c12)),
+            tl.where(bit1, tl.where(bit0, c11, c10), tl.where(bit0, c9, c8)),
+        )
+        return tl.where((index & 8) != 0, high, low)
+    else:
+        return tl.load(code_ptr + index)
 
 
 @triton.jit
@@ -49,53 +89,43 @@ def decode_weight_tile(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ALIGNED: tl.constexpr,
-    K_TAIL: tl.constexpr,
+    SELECT: tl.constexpr,
 ):
-    """Float32 values of the weight tile rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``.
+    """Float32 values of the weight tile rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, as the
+    even columns and the odd columns, ``[BLOCK_N, BLOCK_K // 2]`` each; outside the matrix, 0.
 
-    ``ALIGNED`` (K a multiple of the blocksize, so rows start on byte and block boundaries) reads
-    the tile as bytes and one scale per (row, block); otherwise every element finds its own byte,
-    nibble and block. Out-of-range elements are 0 (``K_TAIL``: K is not a multiple of BLOCK_K).
+    ``ALIGNED`` (K a multiple of the blocksize and BLOCK_K <= blocksize: rows start on byte and
+    block boundaries, one scale per row and tile) reads the tile as bytes; otherwise every
+    element finds its own byte, nibble and block.
     """
     n_mask = offs_n < N
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    even_k = k0 + 2 * offs_j
+    mask = n_mask[:, None] & (even_k[None, :] < K)
     if ALIGNED:
-        offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         row_bytes = offs_n.to(tl.int64)[:, None] * (K // 2)
-        mask = n_mask[:, None] & (offs_j[None, :] < K // 2)
-        packed = tl.load(w_ptr + row_bytes + offs_j[None, :], mask=mask, other=0).to(tl.int32)
-        high = tl.load(code_ptr + (packed >> 4))
-        low = tl.load(code_ptr + (packed & 15))
-        values = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K))
-        blocks_per_row = K // BLOCKSIZE
-        if BLOCK_K <= BLOCKSIZE:
-            block = offs_n.to(tl.int64) * blocks_per_row + k0 // BLOCKSIZE
-            scale = block_scale(
-                absmax_ptr, block, n_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                NESTED, NESTED_BLOCKSIZE,
-            )  # fmt: skip
-            values = values * scale[:, None]
-        else:
-            SUB: tl.constexpr = BLOCK_K // BLOCKSIZE
-            offs_b = k0 // BLOCKSIZE + tl.arange(0, SUB)
-            block = offs_n.to(tl.int64)[:, None] * blocks_per_row + offs_b[None, :]
-            b_mask = n_mask[:, None] & (offs_b[None, :] < blocks_per_row)
-            scale = block_scale(
-                absmax_ptr, block, b_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                NESTED, NESTED_BLOCKSIZE,
-            )  # fmt: skip
-            values = tl.reshape(tl.reshape(values, (BLOCK_N, SUB, BLOCKSIZE)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-        if K_TAIL:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            values = tl.where(n_mask[:, None] & (offs_k[None, :] < K), values, 0.0)
-        return values
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = n_mask[:, None] & (offs_k[None, :] < K)
-        element = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-        packed = tl.load(w_ptr + element // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(element % 2 == 0, packed >> 4, packed & 15)
+        packed = tl.load(w_ptr + row_bytes + (k0 // 2 + offs_j)[None, :], mask=mask, other=0).to(tl.int32)
+        block = offs_n.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
         scale = block_scale(
+            absmax_ptr, block, n_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED, NESTED_BLOCKSIZE
+        )[:, None]
+        even = tl.where(mask, lookup(code_ptr, packed >> 4, SELECT) * scale, 0.0)
+        odd = tl.where(mask, lookup(code_ptr, packed & 15, SELECT) * scale, 0.0)
+    else:
+        odd_mask = n_mask[:, None] & (even_k[None, :] + 1 < K)
+        element = offs_n.to(tl.int64)[:, None] * K + even_k[None, :]
+        byte_even = tl.load(w_ptr + element // 2, mask=mask, other=0).to(tl.int32)
+        byte_odd = tl.load(w_ptr + (element + 1) // 2, mask=odd_mask, other=0).to(tl.int32)
+        nibble_even = tl.where(element % 2 == 0, byte_even >> 4, byte_even & 15)
+        nibble_odd = tl.where(element % 2 == 0, byte_odd & 15, byte_odd >> 4)
+        scale_even = block_scale(
             absmax_ptr, element // BLOCKSIZE, mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
             NESTED, NESTED_BLOCKSIZE,
         )  # fmt: skip
-        return tl.where(mask, tl.load(code_ptr + nibble) * scale, 0.0)
+        scale_odd = block_scale(
+            absmax_ptr, (element + 1) // BLOCKSIZE, odd_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+            NESTED, NESTED_BLOCKSIZE,
+        )  # fmt: skip
+        even = tl.where(mask, lookup(code_ptr, nibble_even, SELECT) * scale_even, 0.0)
+        odd = tl.where(odd_mask, lookup(code_ptr, nibble_odd, SELECT) * scale_odd, 0.0)
+    return even, odd

@@ -44,7 +44,7 @@ def _linear_4bit_kernel(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ALIGNED: tl.constexpr,
-    K_TAIL: tl.constexpr,
+    SELECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -62,21 +62,21 @@ def _linear_4bit_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-            other=0.0,
-        )
-        w = decode_weight_tile(
+        even_k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        x_even = tl.load(rows + even_k[None, :], mask=(offs_m[:, None] < M) & (even_k[None, :] < K), other=0.0)
+        x_odd = tl.load(rows + even_k[None, :] + 1, mask=(offs_m[:, None] < M) & (even_k[None, :] + 1 < K), other=0.0)
+        w_even, w_odd = decode_weight_tile(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
-            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, K_TAIL,
+            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SELECT,
         )  # fmt: skip
         if UPCAST:  # the interpreter's half-precision dot is wrong; compute it in float32 there
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_even.to(tl.float32), tl.trans(w_even), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_odd.to(tl.float32), tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -107,7 +107,7 @@ def _gemv_4bit_kernel(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ALIGNED: tl.constexpr,
-    K_TAIL: tl.constexpr,
+    SELECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     """Few input rows: multiply-accumulate on the CUDA cores, each weight byte read once.
@@ -124,17 +124,18 @@ def _gemv_4bit_kernel(
     k_start = pid_k * k_chunk
     k_stop = tl.minimum(K, k_start + k_chunk)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
-            mask=(offs_r[:, None] < M) & (offs_k[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        w = decode_weight_tile(
+        even_k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        rows = x_ptr + offs_r[:, None] * stride_xm + even_k[None, :]
+        x_even = tl.load(rows, mask=(offs_r[:, None] < M) & (even_k[None, :] < K), other=0.0).to(tl.float32)
+        x_odd = tl.load(rows + 1, mask=(offs_r[:, None] < M) & (even_k[None, :] + 1 < K), other=0.0).to(tl.float32)
+        w_even, w_odd = decode_weight_tile(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
-            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, K_TAIL,
+            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SELECT,
         )  # fmt: skip
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        if ROWS == 1:
+            acc += tl.sum(x_even * w_even + x_odd * w_odd, axis=1)[None, :]
+        else:
+            acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
     out = out_ptr + offs_r[:, None] * stride_om + offs_n[None, :]
     mask = (offs_r[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -176,9 +177,13 @@ def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.devic
     return max(1, min(triton.cdiv(2 * processors, programs), triton.cdiv(k, block_k)))
 
 
-def _is_aligned(k: int, blocksize: int, block_k: int) -> bool:
-    """Rows start on byte and block boundaries, and a K tile covers whole blocks or lies inside one."""
-    return k % blocksize == 0 and (block_k <= blocksize or block_k % blocksize == 0)
+def _k_tile(k: int, blocksize: int, block_k: int) -> tuple[int, bool]:
+    """The K tile to use and whether the fast aligned path applies: when K is a multiple of the
+    blocksize, tiles are capped at the blocksize so that each lies inside one block per row."""
+    block_k = max(32, min(block_k, triton.next_power_of_2(k)))
+    if k % blocksize == 0:
+        return min(block_k, blocksize), True
+    return block_k, False
 
 
 def linear_4bit(
@@ -224,8 +229,8 @@ def linear_4bit(
 
 def _gemv(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, bias, config) -> torch.Tensor:
     m = x.shape[0]
-    rows, block_n, block_k, split_k, num_warps = config
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    rows, block_n, block_k, split_k, num_warps, *select = config
+    block_k, aligned = _k_tile(k, blocksize, block_k)
     split_k = split_k or _split_k(n_out, k, block_n, block_k, x.device)
     if split_k > 1:
         out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
@@ -234,8 +239,8 @@ def _gemv(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, 
     grid = (triton.cdiv(n_out, block_n), split_k)
     _gemv_4bit_kernel[grid](
         x, *weight, *statistics, bias if bias is not None else out, out, m, n_out, k, x.stride(0), out.stride(0),
-        rows, block_n, block_k, split_k, blocksize, nested, nested_blocksize, _is_aligned(k, blocksize, block_k),
-        k % block_k != 0, bias is not None, num_warps=num_warps,
+        rows, block_n, block_k, split_k, blocksize, nested, nested_blocksize, aligned, bool(select and select[0]),
+        bias is not None, num_warps=num_warps,
     )  # fmt: skip
     if split_k == 1:
         return out
@@ -246,14 +251,14 @@ def _gemv(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, 
 
 def _dot(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, bias, config) -> torch.Tensor:
     m = x.shape[0]
-    block_m, block_n, block_k, num_warps, num_stages = config
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    block_m, block_n, block_k, num_warps, num_stages, *select = config
+    block_k, aligned = _k_tile(k, blocksize, block_k)
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n),)
     _linear_4bit_kernel[grid](
         x, *weight, *statistics, bias if bias is not None else out, out, m, n_out, k, x.stride(0), out.stride(0),
-        block_m, block_n, block_k, 8, blocksize, nested, nested_blocksize, _is_aligned(k, blocksize, block_k),
-        k % block_k != 0, bias is not None, "ieee" if x.dtype == torch.float32 else "tf32", INTERPRETING,
+        block_m, block_n, block_k, 8, blocksize, nested, nested_blocksize, aligned, bool(select and select[0]),
+        bias is not None, "ieee" if x.dtype == torch.float32 else "tf32", INTERPRETING,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
