@@ -68,8 +68,10 @@ def main() -> None:
 def report_registers() -> None:
     """Registers and spills of every compiled variant (spills mean local-memory traffic)."""
     for kernel in (triton_linear._gemv_4bit_kernel, triton_linear._linear_4bit_kernel):
-        for cache in kernel.device_caches.values():
-            for compiled in cache[0].values():
+        caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})
+        for cache in caches.values():
+            entries = cache[0] if isinstance(cache, tuple) else cache
+            for compiled in entries.values():
                 constants = {k: v for k, v in compiled.src.constants.items() if isinstance(v, (int, bool))}
                 print(
                     f"{kernel.fn.__name__} regs={compiled.n_regs} spills={compiled.n_spills} "
