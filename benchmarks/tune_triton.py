@@ -4,7 +4,7 @@
 
 Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
 replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
-The winners go into GEMV_TABLE / TILE_TABLE in fourbit/kernels/triton/linear.py.
+The winners go into GEMV_TABLE in fourbit/kernels/triton/linear.py ("chunked": decode + cuBLAS).
 """
 
 from __future__ import annotations
@@ -18,25 +18,20 @@ from triton.testing import do_bench_cudagraph
 import fourbit.functional as F4
 from fourbit.kernels.triton import linear as triton_linear
 
-# (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT); K tiles are capped at the blocksize (64)
+# (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT); SPLIT_K 0 = automatic
 GEMV_CANDIDATES = [
-    (1, 64, 64, 0, 4, False), (1, 128, 64, 0, 4, False), (1, 256, 64, 0, 8, False), (1, 128, 64, 1, 4, False),
-    (1, 256, 64, 1, 8, False), (1, 64, 64, 0, 4, True), (1, 128, 64, 0, 4, True), (1, 256, 64, 1, 8, True),
-    (2, 64, 64, 0, 4, False), (4, 32, 64, 0, 4, False), (4, 64, 64, 0, 4, True),
-]  # fmt: skip
-# ("dot", BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SELECT)
-DOT_CANDIDATES = [
-    ("dot", 16, 64, 64, 4, 4, False), ("dot", 16, 128, 64, 4, 4, False), ("dot", 16, 128, 64, 4, 4, True),
-    ("dot", 16, 256, 64, 8, 3, False), ("dot", 32, 128, 64, 4, 4, False), ("dot", 64, 128, 64, 4, 4, False),
-    ("dot", 64, 128, 64, 4, 4, True), ("dot", 64, 256, 64, 8, 3, False), ("dot", 128, 128, 64, 8, 3, False),
-    ("dot", 128, 256, 64, 8, 3, False), ("dot", 128, 256, 64, 8, 3, True), ("dot", 256, 128, 64, 8, 3, False),
+    (1, 16, 256, 0, 4, False), (1, 32, 256, 0, 4, False), (1, 64, 256, 0, 4, False), (1, 32, 512, 0, 4, False),
+    (1, 64, 512, 0, 8, False), (1, 128, 256, 0, 8, False), (1, 32, 256, 0, 4, True), (1, 64, 512, 0, 8, True),
+    (2, 32, 256, 0, 4, False), (4, 16, 256, 0, 4, False), (4, 32, 256, 0, 8, False), (4, 32, 256, 0, 4, True),
+    (8, 16, 128, 0, 4, False), (8, 32, 128, 0, 8, False), (8, 16, 256, 0, 8, True),
+    (16, 16, 64, 0, 4, False), (16, 16, 128, 0, 8, False), (16, 32, 64, 0, 8, True), (16, 8, 128, 0, 4, False),
 ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "28672x8192"])
-    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 16, 64, 256, 2048])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--rep", type=int, default=200, help="milliseconds of timing per candidate")
     args = parser.parse_args()
     for text in args.shapes:
@@ -47,8 +42,7 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cublas = do_bench_cudagraph(partial(torch.matmul, x, weight.t()), rep=args.rep, return_mode="median")
-            candidates = [c for c in GEMV_CANDIDATES if c[0] >= rows] if rows <= 4 else []
-            candidates += [c for c in DOT_CANDIDATES if c[1] <= max(16, 4 * rows)]
+            candidates = [c for c in GEMV_CANDIDATES if rows <= c[0] <= max(1, 2 * rows)] + ["chunked"]
             results = []
             for config in candidates:
                 run = partial(
@@ -67,7 +61,7 @@ def main() -> None:
 
 def report_registers() -> None:
     """Registers and spills of every compiled variant (spills mean local-memory traffic)."""
-    for kernel in (triton_linear._gemv_4bit_kernel, triton_linear._linear_4bit_kernel):
+    for kernel in (triton_linear._gemv_words_kernel, triton_linear._gemv_any_kernel):
         caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})
         for cache in caches.values():
             entries = cache[0] if isinstance(cache, tuple) else cache

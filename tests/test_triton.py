@@ -176,21 +176,23 @@ def test_cuda_ops_dispatch_to_triton(monkeypatch):
 @pytest.mark.parametrize(
     "config",
     [
-        (1, 32, 64, 1, 4),
-        (4, 16, 64, 3, 4),
-        (2, 64, 128, 0, 4, True),
-        ("dot", 16, 32, 64, 4, 2),
-        ("dot", 32, 64, 32, 4, 2, True),
+        (1, 32, 64, 1, 4, False),
+        (4, 16, 128, 3, 4, False),
+        (2, 64, 256, 0, 4, True),
+        (16, 16, 64, 1, 4, True),
+        "chunked",
     ],
     ids=str,
 )
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_every_kernel_configuration_is_correct(config, nested):
-    """Both kernels (multiply-accumulate with and without split-K, tensor-core) on the same inputs."""
+def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
+    """The multiply-accumulate kernels (word and any-K, with and without split-K, gather and select
+    lookups) and the chunked decode + matmul path (chunks forced small) on the same inputs."""
+    monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 2048)
     code = _table("nf4")
     dynamic = create_dynamic_map().to(DEVICE)
-    rows = 1 if config[0] == 1 else 2 if config[0] == 2 else 3
-    for n, k, blocksize in [(40, 96, 32), (33, 100, 64), (64, 256, 64)]:
+    rows = 3 if config == "chunked" else min(config[0], 3)
+    for n, k, blocksize in [(40, 96, 32), (33, 100, 64), (64, 256, 64), (300, 64, 32)]:
         weight = torch.randn(n, k, device=DEVICE)
         packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
         extra = {}

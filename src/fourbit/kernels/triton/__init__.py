@@ -5,7 +5,8 @@ The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (slowly), which
 checks their logic without a GPU.
 """
 
+from . import linear
 from .linear import linear_4bit
 from .quantize import dequantize_4bit, quantize_4bit
 
-__all__ = ["dequantize_4bit", "linear_4bit", "quantize_4bit"]
+__all__ = ["dequantize_4bit", "linear", "linear_4bit", "quantize_4bit"]

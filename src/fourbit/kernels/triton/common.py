@@ -1,9 +1,9 @@
-"""Triton building blocks shared by the 4-bit kernels: block scales and weight-tile decoding.
+"""Triton building blocks shared by the 4-bit kernels: block scales, code lookup, unpacking.
 
-A packed byte holds an even element (high nibble) and the next odd one (low nibble). Decoding a
-tile yields the two halves separately, ``[BLOCK_N, BLOCK_K // 2]`` each, which the products
-multiply against the even and the odd input columns: no interleaving shuffle is needed.
-Index arithmetic is done in int64 so that tensors of more than 2**31 elements work.
+A packed byte holds an even element (high nibble) and the next odd one (low nibble). The fast
+kernels read packed data as little-endian int32 words (8 elements) and unpack a word with the
+shift vector of ``word_shifts`` into 8 consecutive elements. Index arithmetic is done in int64
+so that tensors of more than 2**31 elements work.
 """
 
 from __future__ import annotations
@@ -88,44 +88,26 @@ def decode_weight_tile(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
     SELECT: tl.constexpr,
 ):
-    """Float32 values of the weight tile rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, as the
-    even columns and the odd columns, ``[BLOCK_N, BLOCK_K // 2]`` each; outside the matrix, 0.
+    """Float32 values of the weight tile rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, for any
+    K (rows need not start on a byte or block boundary): every element finds its own byte,
+    nibble and block. Outside the matrix, 0."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k[None, :] < K)
+    element = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    packed = tl.load(w_ptr + element // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where(element % 2 == 0, packed >> 4, packed & 15)
+    scale = block_scale(
+        absmax_ptr, element // BLOCKSIZE, mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+        NESTED, NESTED_BLOCKSIZE,
+    )  # fmt: skip
+    return tl.where(mask, lookup(code_ptr, nibble, SELECT) * scale, 0.0)
 
-    ``ALIGNED`` (K a multiple of the blocksize and BLOCK_K <= blocksize: rows start on byte and
-    block boundaries, one scale per row and tile) reads the tile as bytes; otherwise every
-    element finds its own byte, nibble and block.
-    """
-    n_mask = offs_n < N
-    offs_j = tl.arange(0, BLOCK_K // 2)
-    even_k = k0 + 2 * offs_j
-    mask = n_mask[:, None] & (even_k[None, :] < K)
-    if ALIGNED:
-        row_bytes = offs_n.to(tl.int64)[:, None] * (K // 2)
-        packed = tl.load(w_ptr + row_bytes + (k0 // 2 + offs_j)[None, :], mask=mask, other=0).to(tl.int32)
-        block = offs_n.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-        scale = block_scale(
-            absmax_ptr, block, n_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED, NESTED_BLOCKSIZE
-        )[:, None]
-        even = tl.where(mask, lookup(code_ptr, packed >> 4, SELECT) * scale, 0.0)
-        odd = tl.where(mask, lookup(code_ptr, packed & 15, SELECT) * scale, 0.0)
-    else:
-        odd_mask = n_mask[:, None] & (even_k[None, :] + 1 < K)
-        element = offs_n.to(tl.int64)[:, None] * K + even_k[None, :]
-        byte_even = tl.load(w_ptr + element // 2, mask=mask, other=0).to(tl.int32)
-        byte_odd = tl.load(w_ptr + (element + 1) // 2, mask=odd_mask, other=0).to(tl.int32)
-        nibble_even = tl.where(element % 2 == 0, byte_even >> 4, byte_even & 15)
-        nibble_odd = tl.where(element % 2 == 0, byte_odd & 15, byte_odd >> 4)
-        scale_even = block_scale(
-            absmax_ptr, element // BLOCKSIZE, mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-            NESTED, NESTED_BLOCKSIZE,
-        )  # fmt: skip
-        scale_odd = block_scale(
-            absmax_ptr, (element + 1) // BLOCKSIZE, odd_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-            NESTED, NESTED_BLOCKSIZE,
-        )  # fmt: skip
-        even = tl.where(mask, lookup(code_ptr, nibble_even, SELECT) * scale_even, 0.0)
-        odd = tl.where(odd_mask, lookup(code_ptr, nibble_odd, SELECT) * scale_odd, 0.0)
-    return even, odd
+
+@triton.jit
+def word_shifts():
+    """Shift of each of the 8 nibbles of a little-endian int32 word, in element order: element
+    2b is the high nibble of byte b (shift 8b + 4), element 2b + 1 its low nibble (shift 8b)."""
+    lane = tl.arange(0, 8)
+    return (lane // 2) * 8 + 4 * (1 - lane % 2)

@@ -1,90 +1,26 @@
-"""Triton ``A @ W.T + bias`` for a packed 4-bit weight W: decoding fused into the product.
+"""Triton ``A @ W.T + bias`` for a packed 4-bit weight W.
 
-The weight is decoded tile by tile in registers and never written out. A decoded tile is used
-by a tensor-core ``tl.dot`` against BLOCK_M input rows; the tile configuration comes from a
-small table keyed by the number of input rows (few rows: narrow tiles over many programs, since
-reading the weight is the cost; many rows: GEMM-shaped tiles).
+Few input rows (decoding: reading the weight is the cost) run a multiply-accumulate kernel that
+reads every packed byte once and never writes the decoded weight out. Many rows (prefill,
+training) decode the weight in chunks of rows with the dequantize kernel and hand each chunk to
+cuBLAS: the extra memory is one chunk, never the whole decoded weight.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import decode_weight_tile
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _linear_4bit_kernel(
-    x_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    SELECT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    programs_m = tl.cdiv(M, BLOCK_M)
-    programs_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: consecutive programs share weight tiles in L2
-    group = pid // (GROUP_M * programs_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(programs_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * programs_n)) % group_size
-    pid_n = (pid % (GROUP_M * programs_n)) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    for k0 in range(0, K, BLOCK_K):
-        even_k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        x_even = tl.load(rows + even_k[None, :], mask=(offs_m[:, None] < M) & (even_k[None, :] < K), other=0.0)
-        x_odd = tl.load(rows + even_k[None, :] + 1, mask=(offs_m[:, None] < M) & (even_k[None, :] + 1 < K), other=0.0)
-        w_even, w_odd = decode_weight_tile(
-            w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
-            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SELECT,
-        )  # fmt: skip
-        if UPCAST:  # the interpreter's half-precision dot is wrong; compute it in float32 there
-            acc = tl.dot(x_even.to(tl.float32), tl.trans(w_even), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(x_odd.to(tl.float32), tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+from .common import block_scale, decode_weight_tile, lookup, word_shifts
+from .quantize import dequantize_4bit
 
 
 @triton.jit
-def _gemv_4bit_kernel(
+def _gemv_words_kernel(
     x_ptr,
     w_ptr,
     absmax_ptr,
@@ -106,15 +42,81 @@ def _gemv_4bit_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
     SELECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    """Few input rows: multiply-accumulate on the CUDA cores, each weight byte read once.
+    """Rows of W start on word and block boundaries (K % 8 == 0, K % BLOCKSIZE == 0): a tile is
+    ``[BLOCK_N, BLOCK_K // 8]`` int32 words; each block's partial sum is scaled once.
 
     With SPLIT_K > 1 the K range is shared by several programs that add float32 partial sums
     into ``out_ptr`` (a zeroed float32 buffer; the caller adds the bias and casts).
     """
+    SUB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
+    SPAN: tl.constexpr = BLOCK_K // SUB
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, ROWS)
+    shifts = word_shifts()
+    row_words = offs_n.to(tl.int64)[:, None] * (K // 8)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_chunk
+    k_stop = tl.minimum(K, k_start + k_chunk)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
+        words = tl.load(w_ptr + row_words + offs_w[None, :], mask=w_mask, other=0)
+        nibbles = (words[:, :, None] >> shifts[None, None, :]) & 15
+        values = tl.reshape(lookup(code_ptr, nibbles, SELECT), (BLOCK_N, SUB, SPAN))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
+            mask=(offs_r[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        block = offs_n.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (k0 // BLOCKSIZE + tl.arange(0, SUB))[None, :]
+        b_mask = n_mask[:, None] & ((k0 + tl.arange(0, SUB) * SPAN) < K)[None, :]
+        scale = block_scale(
+            absmax_ptr, block, b_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED, NESTED_BLOCKSIZE
+        )
+        if ROWS == 1:
+            partial = tl.sum(values * tl.reshape(x, (1, SUB, SPAN)), axis=2)
+            acc += tl.sum(partial * scale, axis=1)[None, :]
+        else:
+            partial = tl.sum(values[None, :, :, :] * tl.reshape(x, (ROWS, 1, SUB, SPAN)), axis=3)
+            acc += tl.sum(partial * scale[None, :, :], axis=2)
+    _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_any_kernel(
+    x_ptr,
+    w_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    SELECT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Any K (odd, not a multiple of the blocksize): every element finds its own byte and block."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,18 +126,22 @@ def _gemv_4bit_kernel(
     k_start = pid_k * k_chunk
     k_stop = tl.minimum(K, k_start + k_chunk)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        even_k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        rows = x_ptr + offs_r[:, None] * stride_xm + even_k[None, :]
-        x_even = tl.load(rows, mask=(offs_r[:, None] < M) & (even_k[None, :] < K), other=0.0).to(tl.float32)
-        x_odd = tl.load(rows + 1, mask=(offs_r[:, None] < M) & (even_k[None, :] + 1 < K), other=0.0).to(tl.float32)
-        w_even, w_odd = decode_weight_tile(
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
+            mask=(offs_r[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        w = decode_weight_tile(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
-            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SELECT,
+            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SELECT,
         )  # fmt: skip
-        if ROWS == 1:
-            acc += tl.sum(x_even * w_even + x_odd * w_odd, axis=1)[None, :]
-        else:
-            acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     out = out_ptr + offs_r[:, None] * stride_om + offs_n[None, :]
     mask = (offs_r[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -146,28 +152,26 @@ def _gemv_4bit_kernel(
         tl.atomic_add(out, acc, mask=mask)
 
 
-#: Few-row configurations: (max rows, ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps); SPLIT_K 0 means
-#: "enough K splits to give every multiprocessor work". Measured with benchmarks/tune_triton.py.
-GEMV_TABLE: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 1, 32, 256, 0, 4),
-    (2, 2, 32, 256, 0, 4),
-    (4, 4, 16, 256, 0, 4),
+#: Few-row configurations: (max rows, ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT); the first
+#: entry whose max rows covers M is used; SPLIT_K 0 means "enough K splits to give every
+#: multiprocessor work". Rows beyond the last entry decode in chunks and use cuBLAS.
+#: Measured with benchmarks/tune_triton.py.
+GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, bool], ...] = (
+    (1, 1, 32, 256, 0, 4, False),
+    (2, 2, 32, 256, 0, 4, False),
+    (4, 4, 16, 256, 0, 4, False),
+    (8, 8, 16, 128, 0, 4, False),
+    (16, 16, 16, 64, 0, 4, False),
 )
 
-
-#: Tensor-core configurations: (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the
-#: first entry whose max rows covers M is used. Measured with benchmarks/tune_triton.py.
-TILE_TABLE: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (16, 16, 64, 128, 4, 4),
-    (64, 64, 64, 128, 4, 4),
-    (256, 128, 128, 64, 8, 3),
-    (1 << 62, 128, 256, 64, 8, 3),
-)
+#: Bytes of decoded weight per chunk on the many-rows path.
+CHUNK_BYTES = 64 << 20
 
 
-def tile_config(rows: int) -> tuple:
-    """The tensor-core kernel's ("dot", BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for ``rows`` rows."""
-    return ("dot", *next(row[1:] for row in TILE_TABLE if rows <= row[0]))
+def gemv_config(rows: int) -> tuple | None:
+    """The (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT) for ``rows`` input rows, or None
+    when there are too many rows for the multiply-accumulate kernel."""
+    return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), None)
 
 
 def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
@@ -175,15 +179,6 @@ def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.devic
     programs = triton.cdiv(n_out, block_n)
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(2 * processors, programs), triton.cdiv(k, block_k)))
-
-
-def _k_tile(k: int, blocksize: int, block_k: int) -> tuple[int, bool]:
-    """The K tile to use and whether the fast aligned path applies: when K is a multiple of the
-    blocksize, tiles are capped at the blocksize so that each lies inside one block per row."""
-    block_k = max(32, min(block_k, triton.next_power_of_2(k)))
-    if k % blocksize == 0:
-        return min(block_k, blocksize), True
-    return block_k, False
 
 
 def linear_4bit(
@@ -198,14 +193,12 @@ def linear_4bit(
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
     nested_blocksize: int = 256,
-    config: Sequence[int] | None = None,
+    config: Sequence | None = None,
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``.
 
-    Few rows go to the multiply-accumulate kernel, more to the tensor-core one. ``config``
-    overrides the table: a 5-tuple ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)`` selects the
-    former, ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` with a leading "dot" the latter
-    (used by benchmarks/tune_triton.py).
+    ``config`` overrides the table (tuning): a (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT)
+    tuple forces the multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
     n_out, k = shape
     x = A.reshape(-1, k)
@@ -214,33 +207,43 @@ def linear_4bit(
     m = x.shape[0]
     if not (m and n_out):
         return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
-    nested = nested_absmax is not None
-    weight = (packed.reshape(-1).view(torch.uint8), absmax, code.float())
-    # unused pointer arguments get a tensor that is never read
-    statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
+    nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset)
     if config is None:
-        config = tile_config(m) if m > GEMV_TABLE[-1][0] else next(row[1:] for row in GEMV_TABLE if m <= row[0])
-    if config[0] == "dot":
-        out = _dot(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, bias, config[1:])
+        config = gemv_config(m) or "chunked"
+    if config == "chunked":
+        out = _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize)
     else:
-        out = _gemv(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, bias, config)
+        out = _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config)
     return out.view(*A.shape[:-1], n_out)
 
 
-def _gemv(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, bias, config) -> torch.Tensor:
+def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config) -> torch.Tensor:
     m = x.shape[0]
-    rows, block_n, block_k, split_k, num_warps, *select = config
-    block_k, aligned = _k_tile(k, blocksize, block_k)
+    rows, block_n, block_k, split_k, num_warps, select = config
+    words = k % 8 == 0 and k % blocksize == 0
+    block_k = max(16, min(block_k, triton.next_power_of_2(k)))
+    if words:
+        block_k = max(block_k, 8)
+        weight = packed.reshape(-1).view(torch.uint8).view(torch.int32)
+        kernel = _gemv_words_kernel
+    else:
+        weight = packed.reshape(-1).view(torch.uint8)
+        kernel = _gemv_any_kernel
     split_k = split_k or _split_k(n_out, k, block_n, block_k, x.device)
     if split_k > 1:
         out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    statistics = (
+        (nested["nested_absmax"], nested["nested_code"], nested["nested_offset"])
+        if nested["nested_absmax"] is not None
+        else (absmax, absmax, absmax)  # never read
+    )
     grid = (triton.cdiv(n_out, block_n), split_k)
-    _gemv_4bit_kernel[grid](
-        x, *weight, *statistics, bias if bias is not None else out, out, m, n_out, k, x.stride(0), out.stride(0),
-        rows, block_n, block_k, split_k, blocksize, nested, nested_blocksize, aligned, bool(select and select[0]),
-        bias is not None, num_warps=num_warps,
+    kernel[grid](
+        x, weight, absmax, code.float(), *statistics, bias if bias is not None else out, out, m, n_out, k,
+        x.stride(0), out.stride(0), rows, block_n, block_k, split_k, blocksize, nested["nested_absmax"] is not None,
+        nested_blocksize, select, bias is not None, num_warps=num_warps,
     )  # fmt: skip
     if split_k == 1:
         return out
@@ -249,16 +252,28 @@ def _gemv(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, 
     return out.to(x.dtype)
 
 
-def _dot(x, weight, statistics, nested, nested_blocksize, blocksize, n_out, k, bias, config) -> torch.Tensor:
-    m = x.shape[0]
-    block_m, block_n, block_k, num_warps, num_stages, *select = config
-    block_k, aligned = _k_tile(k, blocksize, block_k)
-    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n),)
-    _linear_4bit_kernel[grid](
-        x, *weight, *statistics, bias if bias is not None else out, out, m, n_out, k, x.stride(0), out.stride(0),
-        block_m, block_n, block_k, 8, blocksize, nested, nested_blocksize, aligned, bool(select and select[0]),
-        bias is not None, "ieee" if x.dtype == torch.float32 else "tf32", INTERPRETING,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+def _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize) -> torch.Tensor:
+    """Decode CHUNK_BYTES of weight rows at a time; cuBLAS writes each product into its columns."""
+    is_nested = nested["nested_absmax"] is not None
+    # a chunk must start on a packed byte, an absmax block and (nested) a group of absmax codes
+    unit = blocksize * (nested_blocksize if is_nested else 1)
+    step = unit // math.gcd(k, unit)
+    rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
+    out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    data = packed.reshape(-1).view(torch.uint8)
+    for start in range(0, n_out, rows_per_chunk):
+        stop = min(n_out, start + rows_per_chunk)
+        first, last = start * k, stop * k  # element range of the chunk
+        chunk_nested = dict(nested)
+        if is_nested:
+            chunk_nested["nested_absmax"] = nested["nested_absmax"][first // unit :]
+        weight = dequantize_4bit(
+            data[first // 2 : -(-last // 2)], absmax[first // blocksize : -(-last // blocksize)], code, blocksize,
+            (stop - start, k), x.dtype, **chunk_nested, nested_blocksize=nested_blocksize,
+        )  # fmt: skip
+        columns = out[:, start:stop]
+        if bias is not None:
+            torch.addmm(bias[start:stop], x, weight.t(), out=columns)
+        else:
+            torch.mm(x, weight.t(), out=columns)
     return out

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ...formats import num_blocks, packed_nbytes
 from ..reference import sorted_code
-from .common import block_scale
+from .common import block_scale, word_shifts
 
 _ABSMAX_FLOOR = 1e-38
 
@@ -122,6 +122,36 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + element, values, mask=element < n)
 
 
+@triton.jit
+def _dequantize_words_kernel(
+    words_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    out_ptr,
+    n_words,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    WORDS_PER_PROGRAM: tl.constexpr,
+):
+    """8 elements per int32 word, written as 8 consecutive outputs (element count a multiple of 8)."""
+    pid = tl.program_id(0)
+    word = pid.to(tl.int64) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
+    in_range = word < n_words
+    words = tl.load(words_ptr + word, mask=in_range, other=0)
+    values = tl.load(code_ptr + ((words[:, None] >> word_shifts()[None, :]) & 15))
+    values = tl.where(values == 0, 0.0, values)  # a zero code decodes to +0.0
+    scale = block_scale(
+        absmax_ptr, (8 * word) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+        NESTED, NESTED_BLOCKSIZE,
+    )  # fmt: skip
+    out = (values * scale[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + 8 * word[:, None] + tl.arange(0, 8)[None, :], out, mask=in_range[:, None])
+
+
 def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -140,11 +170,19 @@ def dequantize_4bit(
     if n:
         nested = nested_absmax is not None
         data = packed.reshape(-1).view(torch.uint8)
-        bytes_per_program = 1024
-        grid = (triton.cdiv(packed_nbytes(n), bytes_per_program),)
-        _dequantize_4bit_kernel[grid](
-            data, absmax, code.float(), nested_absmax if nested else absmax, nested_code if nested else code,
-            nested_offset if nested else absmax, out, n, blocksize, nested, nested_blocksize, bytes_per_program,
-            enable_fp_fusion=False,
-        )  # fmt: skip
+        statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
+        if n % 8 == 0 and data.storage_offset() % 4 == 0:
+            words_per_program = 256
+            grid = (triton.cdiv(n // 8, words_per_program),)
+            _dequantize_words_kernel[grid](
+                data.view(torch.int32), absmax, code.float(), *statistics, out, n // 8, blocksize, nested,
+                nested_blocksize, words_per_program, enable_fp_fusion=False,
+            )  # fmt: skip
+        else:
+            bytes_per_program = 1024
+            grid = (triton.cdiv(packed_nbytes(n), bytes_per_program),)
+            _dequantize_4bit_kernel[grid](
+                data, absmax, code.float(), *statistics, out, n, blocksize, nested, nested_blocksize,
+                bytes_per_program, enable_fp_fusion=False,
+            )  # fmt: skip
     return out
