@@ -160,6 +160,7 @@ def test_cuda_ops_dispatch_to_triton(monkeypatch):
 
     weight = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     cpu_packed, cpu_state = F4.quantize_4bit(weight.cpu(), quant_type="nf4", compress_statistics=True)
+    cpu_restored = F4.dequantize_4bit(cpu_packed, cpu_state)
 
     def reached(*args, **kwargs):
         raise AssertionError("the reference kernel ran for a CUDA tensor")
@@ -168,7 +169,7 @@ def test_cuda_ops_dispatch_to_triton(monkeypatch):
         monkeypatch.setattr(reference, name, reached)
     packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
     assert torch.equal(packed.cpu(), cpu_packed)  # CUDA and CPU give the same bytes
-    assert_same_bits(F4.dequantize_4bit(packed, state).cpu(), F4.dequantize_4bit(cpu_packed, cpu_state))
+    assert_same_bits(F4.dequantize_4bit(packed, state).cpu(), cpu_restored)
     x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
     assert fourbit.matmul_4bit(x, packed.t(), state).shape == (3, 256)
 
@@ -176,10 +177,10 @@ def test_cuda_ops_dispatch_to_triton(monkeypatch):
 @pytest.mark.parametrize(
     "config",
     [
-        (1, 32, 64, 1, 4, False),
-        (4, 16, 128, 3, 4, False),
-        (2, 64, 256, 0, 4, True),
-        (16, 16, 64, 1, 4, True),
+        (1, 32, 64, 1, 4, "gather"),
+        (4, 16, 128, 3, 4, "gather"),
+        (2, 64, 256, 0, 4, "select"),
+        (16, 16, 64, 1, 4, "half"),
         "chunked",
     ],
     ids=str,
@@ -206,4 +207,4 @@ def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
         out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
         expected = reference.linear_4bit(x.double(), packed, absmax, code, blocksize, (n, k), bias.double(), **extra)
         error = ((out.double() - expected).norm() / expected.norm()).item()
-        assert error < 1e-5, (config, n, k, error)
+        assert error < (2e-3 if "half" in config else 1e-5), (config, n, k, error)

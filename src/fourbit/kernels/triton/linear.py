@@ -69,7 +69,7 @@ def _gemv_words_kernel(
         w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
         words = tl.load(w_ptr + row_words + offs_w[None, :], mask=w_mask, other=0)
         nibbles = (words[:, :, None] >> shifts[None, None, :]) & 15
-        values = tl.reshape(lookup(code_ptr, nibbles, SELECT), (BLOCK_N, SUB, SPAN))
+        values = tl.reshape(lookup(code_ptr, nibbles, SELECT).to(tl.float32), (BLOCK_N, SUB, SPAN))
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
@@ -152,16 +152,16 @@ def _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K: tl.
         tl.atomic_add(out, acc, mask=mask)
 
 
-#: Few-row configurations: (max rows, ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT); the first
+#: Few-row configurations: (max rows, ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup); the first
 #: entry whose max rows covers M is used; SPLIT_K 0 means "enough K splits to give every
-#: multiprocessor work". Rows beyond the last entry decode in chunks and use cuBLAS.
+#: multiprocessor work"; lookup is "gather" (float32 table), "half" (float16 table: one memory
+#: sector, codes rounded to 11 bits) or "select" (no memory access). Rows beyond the last entry
+#: decode in chunks and use cuBLAS.
 #: Measured with benchmarks/tune_triton.py.
-GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, bool], ...] = (
-    (1, 1, 32, 256, 0, 4, False),
-    (2, 2, 32, 256, 0, 4, False),
-    (4, 4, 16, 256, 0, 4, False),
-    (8, 8, 16, 128, 0, 4, False),
-    (16, 16, 16, 64, 0, 4, False),
+GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
+    (1, 1, 32, 512, 0, 4, "gather"),
+    (2, 2, 32, 256, 0, 4, "gather"),
+    (4, 4, 16, 256, 0, 4, "gather"),
 )
 
 #: Bytes of decoded weight per chunk on the many-rows path.
@@ -169,7 +169,7 @@ CHUNK_BYTES = 64 << 20
 
 
 def gemv_config(rows: int) -> tuple | None:
-    """The (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT) for ``rows`` input rows, or None
+    """The (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup) for ``rows`` input rows, or None
     when there are too many rows for the multiply-accumulate kernel."""
     return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), None)
 
@@ -197,7 +197,7 @@ def linear_4bit(
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``.
 
-    ``config`` overrides the table (tuning): a (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, SELECT)
+    ``config`` overrides the table (tuning): a (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)
     tuple forces the multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
     n_out, k = shape
@@ -219,7 +219,7 @@ def linear_4bit(
 
 def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config) -> torch.Tensor:
     m = x.shape[0]
-    rows, block_n, block_k, split_k, num_warps, select = config
+    rows, block_n, block_k, split_k, num_warps, lookup_mode = config
     words = k % 8 == 0 and k % blocksize == 0
     block_k = max(16, min(block_k, triton.next_power_of_2(k)))
     if words:
@@ -239,11 +239,12 @@ def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blo
         if nested["nested_absmax"] is not None
         else (absmax, absmax, absmax)  # never read
     )
+    table = code.half() if lookup_mode == "half" else code.float()
     grid = (triton.cdiv(n_out, block_n), split_k)
     kernel[grid](
-        x, weight, absmax, code.float(), *statistics, bias if bias is not None else out, out, m, n_out, k,
+        x, weight, absmax, table, *statistics, bias if bias is not None else out, out, m, n_out, k,
         x.stride(0), out.stride(0), rows, block_n, block_k, split_k, blocksize, nested["nested_absmax"] is not None,
-        nested_blocksize, select, bias is not None, num_warps=num_warps,
+        nested_blocksize, lookup_mode == "select", bias is not None, num_warps=num_warps,
     )  # fmt: skip
     if split_k == 1:
         return out
