@@ -157,11 +157,11 @@ def _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K: tl.
 #: multiprocessor work"; lookup is "gather" (float32 table), "half" (float16 table: one memory
 #: sector, codes rounded to 11 bits) or "select" (no memory access). Rows beyond the last entry
 #: decode in chunks and use cuBLAS.
-#: Measured with benchmarks/tune_triton.py.
+#: Measured with benchmarks/tune_triton.py on an H100 (2026-11-22).
 GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
-    (1, 1, 32, 512, 0, 4, "gather"),
-    (2, 2, 32, 256, 0, 4, "gather"),
-    (4, 4, 16, 256, 0, 4, "gather"),
+    (1, 1, 16, 1024, 0, 4, "half"),
+    (2, 2, 16, 512, 0, 4, "half"),
+    (4, 4, 16, 512, 0, 4, "half"),
 )
 
 #: Bytes of decoded weight per chunk on the many-rows path.
