@@ -239,7 +239,8 @@ def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blo
         if nested["nested_absmax"] is not None
         else (absmax, absmax, absmax)  # never read
     )
-    table = code.half() if lookup_mode == "half" else code.float()
+    # float32 inputs keep float32 codes: their products promise float32 accuracy
+    table = code.half() if lookup_mode == "half" and x.dtype != torch.float32 else code.float()
     grid = (triton.cdiv(n_out, block_n), split_k)
     kernel[grid](
         x, weight, absmax, table, *statistics, bias if bias is not None else out, out, m, n_out, k,
