@@ -30,8 +30,7 @@ def errors(original: torch.Tensor, restored: torch.Tensor) -> tuple[float, float
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 def test_spec_error_bounds(device, quant_type, blocksize):
-    torch.manual_seed(0)
-    data = torch.randn(1024, 1024, device=device)
+    data = torch.randn(1024, 1024).to(device)  # drawn on the CPU: the same numbers on every device
     packed, state = F4.quantize_4bit(data, blocksize=blocksize, quant_type=quant_type)
     abs_err, rel_err = errors(data, F4.dequantize_4bit(packed, state))
     abs_bound, rel_bound = ERROR_BOUNDS[quant_type][blocksize]

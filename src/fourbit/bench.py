@@ -30,7 +30,7 @@ class Row:
     shape: str
     dtype: str
     batch: str
-    fourbit_ms: float
+    fourbit_ms: float | None
     torch_ms: float | None
     bnb_ms: float | None
     fourbit_bytes: int = 0
@@ -85,7 +85,13 @@ def _shape_rows(
     theirs = bnb_functional.quantize_4bit(weight, **options) if bnb_functional is not None else None
 
     def time_it(fn: Callable[[], object] | None) -> float | None:
-        return _median_ms(fn, device, min_time) if fn is not None else None
+        if fn is None:
+            return None
+        try:
+            return _median_ms(fn, device, min_time)
+        except RuntimeError as error:  # e.g. a library call that cannot be captured in a CUDA graph
+            print(f"not timed: {getattr(fn, 'func', fn)}: {str(error).splitlines()[0][:100]}")
+            return None
 
     copy_ms = time_it(weight.clone)
     dense_bytes = weight.numel() * weight.element_size()
@@ -167,8 +173,8 @@ def run(
     return rows
 
 
-def _ratio(a: float, b: float | None) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
 
 
 def format_table(rows: Sequence[Row], copy_gbps: float | None = None) -> str:
@@ -182,9 +188,10 @@ def format_table(rows: Sequence[Row], copy_gbps: float | None = None) -> str:
     for row in rows:
         bnb_ms = f"{row.bnb_ms:.3f}" if row.bnb_ms is not None else "-"
         torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
-        gbps = row.fourbit_bytes / row.fourbit_ms / 1e6 if row.fourbit_bytes else 0.0
+        gbps = row.fourbit_bytes / row.fourbit_ms / 1e6 if row.fourbit_bytes and row.fourbit_ms else 0.0
+        fourbit_ms = f"{row.fourbit_ms:.3f}" if row.fourbit_ms is not None else "-"
         line = (
-            f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {row.fourbit_ms:.3f} | {torch_ms} | "
+            f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {fourbit_ms} | {torch_ms} | "
             f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} | "
         )
         line += f"{gbps:.0f} |" if gbps else "- |"

@@ -8,6 +8,7 @@ cuBLAS: the extra memory is one chunk, never the whole decoded weight.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -174,11 +175,29 @@ def gemv_config(rows: int) -> tuple | None:
     return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), None)
 
 
+@functools.cache
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
     """K splits so that the programs cover the multiprocessors at least twice."""
     programs = triton.cdiv(n_out, block_n)
-    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(2 * processors, programs), triton.cdiv(k, block_k)))
+    return max(1, min(triton.cdiv(2 * _processors(device), programs), triton.cdiv(k, block_k)))
+
+
+_half_tables: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _half_table(code: torch.Tensor) -> torch.Tensor:
+    """The code table as float16, converted once per table (keyed by storage and version)."""
+    key = (code.data_ptr(), code._version, code.device)
+    table = _half_tables.get(key)
+    if table is None:
+        if len(_half_tables) > 256:
+            _half_tables.clear()
+        table = _half_tables[key] = code.half()
+    return table
 
 
 def linear_4bit(
@@ -240,7 +259,7 @@ def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blo
         else (absmax, absmax, absmax)  # never read
     )
     # float32 inputs keep float32 codes: their products promise float32 accuracy
-    table = code.half() if lookup_mode == "half" and x.dtype != torch.float32 else code.float()
+    table = _half_table(code) if lookup_mode == "half" and x.dtype != torch.float32 else code.float()
     grid = (triton.cdiv(n_out, block_n), split_k)
     kernel[grid](
         x, weight, absmax, table, *statistics, bias if bias is not None else out, out, m, n_out, k,
