@@ -48,6 +48,16 @@ def _data(shape, dtype, special: bool) -> torch.Tensor:
     return data
 
 
+def _statistics(absmax: torch.Tensor, nested: bool) -> tuple[torch.Tensor, dict]:
+    """The absmax argument and nested-statistics keyword arguments of a (nested) 4-bit state."""
+    if not nested:
+        return absmax, {}
+    dynamic = create_dynamic_map().to(DEVICE)
+    offset = absmax.mean()
+    codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
+    return codes, dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
+
+
 def _close_or_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     if INTERPRETED and expected.dtype == torch.bfloat16:
         assert actual.shape == expected.shape
@@ -74,16 +84,10 @@ def test_quantize_is_bit_exact(dtype, quant_type, special):
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_dequantize_is_bit_exact(dtype, quant_type, nested):
     code = _table(quant_type)
-    dynamic = create_dynamic_map().to(DEVICE)
     for shape, blocksize in itertools.product(QUANT_SHAPES, BLOCKSIZES):
         data = _data(shape, dtype, special=False)
         packed, absmax = reference.quantize_4bit(data, code, blocksize, torch.uint8)
-        extra = {}
-        if nested:
-            offset = absmax.mean()
-            codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
-            extra = dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
-            absmax = codes
+        absmax, extra = _statistics(absmax, nested)
         expected = reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, **extra)
         _close_or_exact(kernels.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, **extra), expected)
 
@@ -116,16 +120,10 @@ else:
 @pytest.mark.parametrize("rows", ROWS)
 def test_linear_matches_a_float64_reference(dtype, nested, rows):
     code = _table("nf4")
-    dynamic = create_dynamic_map().to(DEVICE)
     for (n, k), blocksize in itertools.product(WEIGHTS, [64, 128] if ON_GPU else [32, 64]):
         weight = torch.randn(n, k, device=DEVICE)
         packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
-        extra = {}
-        if nested:
-            offset = absmax.mean()
-            codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
-            extra = dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
-            absmax = codes
+        absmax, extra = _statistics(absmax, nested)
         x = torch.randn(rows, k, device=DEVICE).to(dtype)
         bias = torch.randn(n, device=DEVICE).to(dtype)
         out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra)
@@ -191,17 +189,11 @@ def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
     lookups) and the chunked decode + matmul path (chunks forced small) on the same inputs."""
     monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 2048)
     code = _table("nf4")
-    dynamic = create_dynamic_map().to(DEVICE)
     rows = 3 if config == "chunked" else min(config[0], 3)
     for n, k, blocksize in [(40, 96, 32), (33, 100, 64), (64, 256, 64), (300, 64, 32)]:
         weight = torch.randn(n, k, device=DEVICE)
         packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
-        extra = {}
-        if nested:
-            offset = absmax.mean()
-            codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
-            extra = dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
-            absmax = codes
+        absmax, extra = _statistics(absmax, nested)
         x = torch.randn(rows, k, device=DEVICE)
         bias = torch.randn(n, device=DEVICE)
         out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
