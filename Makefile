@@ -1,6 +1,6 @@
 # fourbit developer commands.
 #   make test   create .venv if needed, install fourbit with its dev extra, run ruff and pytest
-#   make demo   the demo (a random 4096x4096 matrix quantized: error, size, time)
+#   make demo   the demo: all-MiniLM-L6-v2 in NF4/FP4 against fp32 (its own venv, .venv-demo)
 #   make bench  the kernel benchmark table for this machine
 # TORCH_SPEC pins the torch wheel installed before the package; override it for another build,
 # e.g. make test TORCH_SPEC="torch==2.5.1".
@@ -10,6 +10,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+DEMO_VENV ?= .venv-demo
+DEMO_PY := $(DEMO_VENV)/bin/python
 
 .PHONY: test demo bench lint clean
 
@@ -26,11 +28,17 @@ lint: $(VENV)/.installed
 test: lint
 	$(PY) -m pytest -q
 
-demo: $(VENV)/.installed
-	$(PY) examples/quantize_random.py
+$(DEMO_VENV)/.installed: pyproject.toml
+	test -x $(DEMO_PY) || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_PY) -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)"
+	$(DEMO_PY) -m pip --disable-pip-version-check -q install -e ".[demo]"
+	touch $@
+
+demo: $(DEMO_VENV)/.installed
+	$(DEMO_PY) -m fourbit demo
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_kernels.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build src/*.egg-info
+	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .ruff_cache .hypothesis build src/*.egg-info

@@ -236,8 +236,8 @@ def describe_device(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``benchmarks/bench_kernels.py`` and ``fourbit bench``)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096"], help="N x K weight shapes")
     parser.add_argument(
@@ -253,12 +253,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cuda-graphs", action="store_true", help="time CUDA work as graph replays (no launch overhead)"
     )
     parser.add_argument("--memory", action="store_true", help="report the peak extra memory of a batch-64 forward")
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Run the benchmark described by parsed options and print its table."""
     global CUDA_GRAPHS
-    args = parse_args(argv)
     device = torch.device(args.device)
     CUDA_GRAPHS = args.cuda_graphs
     shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]

@@ -165,9 +165,12 @@ class Linear4bit(nn.Linear):
         quant_entries = {
             key[len(quant_prefix) :]: value for key, value in state_dict.items() if key.startswith(quant_prefix)
         }
-        replace_weight = weight_key in state_dict and (quant_entries or self.weight.bnb_quantized)
+        replace_weight = weight_key in state_dict and (
+            quant_entries or self.weight.bnb_quantized or self.weight.is_meta
+        )
         if not replace_weight:
             # an unquantized layer takes a float weight like nn.Linear; .to(device) quantizes it
+            # (a meta layer instead takes the checkpoint's weight and quantizes it where it lies)
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )

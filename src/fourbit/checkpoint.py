@@ -1,0 +1,312 @@
+"""Quantized state dicts to and from safetensors files, in bitsandbytes' key layout.
+
+A 4-bit weight ``W`` is stored as the packed tensor ``W`` plus ``W.absmax``, ``W.quant_map``
+(``W.nested_absmax``, ``W.nested_quant_map`` with nested statistics) and
+``W.quant_state.bitsandbytes__<nf4|fp4>``, the rest of its QuantState as JSON bytes: exactly what
+``Linear4bit.state_dict()`` holds and what bitsandbytes and transformers write. So a checkpoint
+saved here loads in bitsandbytes, and one saved by bitsandbytes loads here.
+
+Files are written one tensor at a time (``SafetensorsWriter``) and read one tensor at a time from a
+memory map (``iter_tensors``), so neither direction needs the checkpoint twice in memory. The
+safetensors package reads; fourbit writes the (simple, documented) format itself because the
+package can only write a whole in-memory dict at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .functional import QuantState
+
+__all__ = [
+    "FORMAT_NAME",
+    "CheckpointDescription",
+    "CheckpointError",
+    "QuantizedTensorInfo",
+    "SafetensorsWriter",
+    "describe",
+    "fourbit_metadata",
+    "iter_tensors",
+    "load_state_dict",
+    "open_file",
+    "quantized_groups",
+    "read_metadata",
+    "save_state_dict",
+]
+
+#: ``__metadata__`` value of "fourbit_format" in files written by fourbit.
+FORMAT_NAME = "bitsandbytes-4bit"
+#: The key suffix that marks a packed 4-bit weight: ``<weight>.quant_state.bitsandbytes__<type>``.
+PACKED_STATE_MARKER = ".quant_state.bitsandbytes__"
+#: Suffixes of the other tensors belonging to a packed weight.
+STATISTICS_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+#: Tensor dtypes a checkpoint may hold.
+SUPPORTED_DTYPES = frozenset(_SAFETENSORS_DTYPES)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, not safetensors, corrupt, or holds something unsupported."""
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file one tensor at a time, never holding more than one in memory.
+
+    The header (names, dtypes, shapes, offsets) precedes the data in the format, so tensor bytes
+    are spooled to a temporary file next to ``path`` and the final file is assembled on
+    ``close()``, then renamed into place: a failure (or leaving the ``with`` block by an
+    exception) leaves no partial file at ``path``.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise TypeError("safetensors metadata must map str to str")
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._offset = 0
+        self._spool = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in close/abort)
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Append one tensor (copied to the CPU if needed; the caller's tensor is not modified)."""
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name!r}: safetensors cannot store {tensor.dtype}")
+        data = tensor.detach().to("cpu").contiguous()
+        nbytes = data.numel() * data.element_size()
+        if nbytes:
+            self._spool.write((ctypes.c_ubyte * nbytes).from_address(data.data_ptr()))
+        self._entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[data.dtype],
+            "shape": list(data.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
+
+    def close(self) -> None:
+        """Write the header and the spooled data to ``path`` (atomically)."""
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+        self._spool.seek(0)
+        handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(len(header).to_bytes(8, "little"))
+                out.write(header)
+                while chunk := self._spool.read(1 << 24):
+                    out.write(chunk)
+            os.replace(partial, self.path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        finally:
+            self._spool.close()
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``path`` is not touched."""
+        self._spool.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def fourbit_metadata(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """``__metadata__`` entries naming fourbit's version and format, plus ``extra``."""
+    return {"fourbit_version": __version__, "fourbit_format": FORMAT_NAME, **(extra or {})}
+
+
+def save_state_dict(
+    source: nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Save a (quantized) model or state dict as safetensors in bitsandbytes' key layout.
+
+    ``source`` is a module (its ``state_dict()``), a mapping, or an iterable of (name, tensor)
+    pairs (a generator streams: each tensor may be freed once written). ``metadata`` adds string
+    entries to the file's ``__metadata__`` next to fourbit's version and format. Tied tensors are
+    written once per name.
+    """
+    items = source.state_dict().items() if isinstance(source, nn.Module) else source
+    if isinstance(items, Mapping):
+        items = items.items()
+    with SafetensorsWriter(path, fourbit_metadata(metadata)) as writer:
+        for name, tensor in items:
+            writer.add(name, tensor)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
+    """``safetensors.safe_open`` with a CheckpointError for a missing or unreadable file."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as error:
+        raise ImportError("reading checkpoints needs safetensors: pip install 'fourbit[safetensors]'") from error
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    device = torch.device(device)
+    target = device.type if device.index is None else f"{device.type}:{device.index}"
+    try:
+        return safe_open(str(path), framework="pt", device=target)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from error
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's ``__metadata__`` (empty when it has none)."""
+    with open_file(path) as handle:
+        return dict(handle.metadata() or {})
+
+
+def iter_tensors(path: str | os.PathLike, device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, tensor) one at a time, in file order, memory-mapped when on the CPU."""
+    with open_file(path, device) as handle:
+        for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as error:  # the Rust reader raises a bare SafetensorError
+                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({error})") from error
+            yield name, tensor
+
+
+def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Load a whole safetensors checkpoint as a state dict (tensors memory-mapped on the CPU).
+
+    The result loads with ``Linear4bit.load_state_dict`` / ``fourbit.convert.load_quantized``,
+    and (for a file from bitsandbytes or transformers) holds bitsandbytes' keys unchanged.
+    """
+    return dict(iter_tensors(path, device))
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def quantized_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Map each packed 4-bit weight name to the names of its statistics (packed state last).
+
+    Works from names alone, so a file can be described without reading its tensors.
+    """
+    names = list(names)
+    present = set(names)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        weight, marker, _ = name.partition(PACKED_STATE_MARKER)
+        if marker and weight in present:
+            stats = [f"{weight}.{suffix}" for suffix in STATISTICS_SUFFIXES if f"{weight}.{suffix}" in present]
+            groups[weight] = [*stats, name]
+    return groups
+
+
+@dataclass(frozen=True)
+class QuantizedTensorInfo:
+    """One 4-bit weight of a checkpoint, as ``fourbit inspect`` lists it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quant_type: str
+    blocksize: int
+    nested: bool
+    storage: torch.dtype
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointDescription:
+    """What a checkpoint holds: its 4-bit weights, its other tensors, and who wrote it."""
+
+    quantized: list[QuantizedTensorInfo]
+    other: list[tuple[str, tuple[int, ...], torch.dtype, int]]
+    metadata: dict[str, str]
+
+    @property
+    def writer(self) -> str:
+        """ "fourbit <version>", "bitsandbytes layout" (another writer), or "plain" (no 4-bit weights)."""
+        if self.metadata.get("fourbit_format") == FORMAT_NAME:
+            return f"fourbit {self.metadata.get('fourbit_version', '?')}"
+        return "bitsandbytes layout" if self.quantized else "plain"
+
+
+def describe(path: str | os.PathLike) -> CheckpointDescription:
+    """Read a checkpoint's structure: every 4-bit weight's QuantState (validated) and the rest.
+
+    Raises CheckpointError when a 4-bit weight's statistics are corrupt.
+    """
+    with open_file(path) as handle:
+        names = list(handle.keys())
+        metadata = dict(handle.metadata() or {})
+        groups = quantized_groups(names)
+        grouped = {name for stats in groups.values() for name in stats} | set(groups)
+        quantized = []
+        for weight, stats in groups.items():
+            packed = handle.get_tensor(weight)
+            entries = {name[len(weight) + 1 :]: handle.get_tensor(name) for name in stats}
+            try:
+                state = QuantState.from_dict(entries, device="cpu")
+            except (ValueError, TypeError) as error:
+                raise CheckpointError(f"{path}: corrupt 4-bit statistics for {weight!r}: {error}") from error
+            nbytes = sum(t.numel() * t.element_size() for t in (packed, *entries.values()))
+            quantized.append(
+                QuantizedTensorInfo(
+                    weight,
+                    tuple(state.shape),
+                    state.dtype,
+                    state.quant_type,
+                    state.blocksize,
+                    state.nested,
+                    packed.dtype,
+                    nbytes,
+                )
+            )
+        other = []
+        for name in names:
+            if name not in grouped:
+                tensor = handle.get_tensor(name)  # memory-mapped: nothing is read
+                other.append((name, tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size()))
+    return CheckpointDescription(quantized, other, metadata)

@@ -1,0 +1,473 @@
+"""Whole-model conversion: turn ``nn.Linear`` layers into ``Linear4bit``, and load 4-bit
+checkpoints into a model without materialising its full-precision weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from . import functional as F4
+from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
+from .nn import Linear4bit, Params4bit
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_SKIP",
+    "ConversionReport",
+    "LoadReport",
+    "TensorReport",
+    "load_quantized",
+    "matches",
+    "quantize_checkpoint",
+    "quantize_model",
+    "state_dict_nbytes",
+]
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a module or tensor name matches any pattern.
+
+    A pattern is a shell-style glob (``*``, ``?``, ``[...]``) matched against the whole dotted name
+    or against any trailing part of it, so ``"lm_head"`` matches ``"model.lm_head"`` and
+    ``"*attention*"`` matches ``"encoder.layer.0.attention.self.query"``.
+    """
+    parts = name.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatchcase(suffix, pattern) for pattern in patterns for suffix in suffixes)
+
+
+def state_dict_nbytes(module: nn.Module) -> int:
+    """Bytes of everything ``module.state_dict()`` holds (4-bit statistics included, shared tensors once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in module.state_dict().values():
+        nbytes = tensor.numel() * tensor.element_size()
+        key = (tensor.data_ptr(), nbytes) if not tensor.is_meta else (id(tensor), nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+@dataclass
+class ConversionReport:
+    """What ``quantize_model`` did: converted layer names, skipped ones with the reason, bytes."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        skipped = "".join(f"\n  kept {name}: {reason}" for name, reason in self.skipped.items())
+        return (
+            f"converted {len(self.converted)} Linear layers to 4 bits; model state "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x smaller)"
+            f"{skipped}"
+        )
+
+
+@contextmanager
+def _progress(total: int, description: str, enabled: bool | None, unit: str = "layer") -> Iterator[Callable[[], None]]:
+    """A tqdm bar when tqdm is installed and ``enabled`` (None: only when stderr is a terminal)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    bar = None
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=total, desc=description, unit=unit)
+    try:
+        yield (bar.update if bar is not None else lambda: None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, child = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), child
+
+
+def _skip_reason(
+    model: nn.Module, name: str, module: nn.Linear, skip: Sequence[str], owners: Mapping[int, list[str]]
+) -> str | None:
+    """Why a Linear layer must stay as it is, or None to convert it."""
+    if matches(name, skip):
+        return "matches a skip pattern"
+    parent, _ = _parent(model, name)
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its projection weights directly"
+    sharing = [other for other in owners.get(id(module.weight), []) if other != f"{name}.weight"]
+    if sharing:
+        return f"weight is tied to {', '.join(sharing)}"
+    return None
+
+
+def quantize_model(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype | None = None,
+    compress_statistics: bool = True,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    skip: Sequence[str] = ("lm_head",),
+    device: torch.device | str | None = None,
+    quant_storage: torch.dtype = torch.uint8,
+    progress: bool | None = None,
+) -> ConversionReport:
+    """Replace every ``nn.Linear`` of ``model`` by a ``Linear4bit``, in place.
+
+    Layers matching a ``skip`` pattern (see ``matches``), projections owned by
+    ``nn.MultiheadAttention`` and layers whose weight is tied to another parameter are kept (the
+    report says why). Each weight is quantized on ``device`` (default: where it is) and its float
+    copy is released; biases move with it. Weights on the meta device become not-yet-quantized
+    Params4bit (load float weights, then ``.to(device)``). Forward hooks on replaced layers are not
+    carried over. ``progress`` shows a tqdm bar (None: when stderr is a terminal).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    report = ConversionReport(bytes_before=state_dict_nbytes(model))
+    owners: dict[int, list[str]] = {}
+    for pname, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(pname)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not isinstance(module, Linear4bit) and name:
+            reason = _skip_reason(model, name, module, skip, owners)
+            if reason is None:
+                candidates.append((name, module))
+            else:
+                report.skipped[name] = reason
+    if isinstance(model, nn.Linear) and not isinstance(model, Linear4bit):
+        raise TypeError("quantize_model converts the Linear layers inside a model; build a Linear4bit directly")
+    with _progress(len(candidates), "quantizing", progress) as advance:
+        for name, module in candidates:
+            parent, child = _parent(model, name)
+            layer = _to_linear4bit(
+                module, quant_type, compute_dtype, compress_statistics, blocksize, quant_storage, device
+            )
+            setattr(parent, child, layer)
+            report.converted.append(name)
+            advance()
+    report.bytes_after = state_dict_nbytes(model)
+    return report
+
+
+def _to_linear4bit(
+    module: nn.Linear,
+    quant_type: str,
+    compute_dtype: torch.dtype | None,
+    compress_statistics: bool,
+    blocksize: int,
+    quant_storage: torch.dtype,
+    device: torch.device | str | None,
+) -> Linear4bit:
+    """A Linear4bit holding ``module``'s weight (quantized unless on meta) and bias."""
+    target = torch.device(device) if device is not None else module.weight.device
+    layer = Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        device="meta",
+        blocksize=blocksize,
+    )
+    weight = Params4bit(
+        module.weight.detach(),
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        module=layer,
+    )
+    layer.weight = weight.to(target) if target.type != "meta" else weight
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=module.bias.requires_grad)
+    layer.train(module.training)
+    return layer
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadReport:
+    """What ``load_quantized`` did: converted layers, and keys that did not fit the model."""
+
+    converted: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    left_on_meta: list[str] = field(default_factory=list)
+
+
+class _Source:
+    """Random access to a checkpoint's tensors: a safetensors file (memory-mapped) or a mapping."""
+
+    def __init__(self, source: str | os.PathLike | Mapping[str, Tensor], device: torch.device) -> None:
+        self.device = device
+        self.label = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+        if isinstance(source, Mapping):
+            self._mapping, self._handle = source, None
+            self.names = list(source)
+        elif isinstance(source, (str, os.PathLike)):
+            self._mapping, self._handle = None, checkpoint.open_file(source, device)
+            self.names = list(self._handle.keys())
+        else:
+            raise TypeError(f"checkpoint must be a path or a mapping of tensors, got {type(source).__name__}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        if self._handle is not None:
+            try:
+                return self._handle.get_tensor(name)
+            except Exception as error:  # the Rust reader raises a bare SafetensorError
+                raise checkpoint.CheckpointError(f"{self.label}: cannot read tensor {name!r} ({error})") from error
+        value = self._mapping[name]
+        if not isinstance(value, Tensor):
+            raise checkpoint.CheckpointError(f"{self.label}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        return value.to(self.device)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+
+
+def _own_tensor_names(module: nn.Module) -> set[str]:
+    """Names of the parameters and persistent buffers a module stores itself (not its children's)."""
+    names = {name for name, value in module.named_parameters(recurse=False) if value is not None}
+    names |= {
+        name
+        for name, value in module.named_buffers(recurse=False)
+        if value is not None and name not in module._non_persistent_buffers_set
+    }
+    return names
+
+
+def _packed_settings(source: _Source, stats: Sequence[str]) -> dict[str, object]:
+    """Linear4bit settings read from a group's packed QuantState entry (small: only its JSON is read)."""
+    packed_name = stats[-1]
+    entries = F4.unpack_tensor_to_dict(source[packed_name].cpu())
+    return {
+        "quant_type": entries.get("quant_type", packed_name.rpartition("__")[2]),
+        "blocksize": entries.get("blocksize", DEFAULT_BLOCKSIZE),
+        "compress_statistics": "nested_blocksize" in entries,
+    }
+
+
+def load_quantized(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    strict: bool = True,
+) -> LoadReport:
+    """Load a 4-bit checkpoint (a safetensors path or a state dict) into ``model``, in place.
+
+    Every ``nn.Linear`` whose weight the checkpoint holds in 4 bits becomes a ``Linear4bit`` with
+    the checkpoint's settings; all tensors are assigned (not copied) module by module, so a model
+    built on the meta device never materialises full-precision weights: peak memory is the
+    quantized model plus one module's tensors. ``strict`` raises CheckpointError when keys are
+    missing or unexpected, or when a parameter or persistent buffer is left on the meta device;
+    otherwise the returned report lists them. On an error the model may be partly loaded.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    device = torch.device(device)
+    src = _Source(source, device)
+    try:
+        return _load_into(model, src, compute_dtype, strict)
+    finally:
+        src.close()
+
+
+def _load_into(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None, strict: bool) -> LoadReport:
+    report = LoadReport()
+    modules = dict(model.named_modules())
+    groups = checkpoint.quantized_groups(src.names)
+    owner_of: dict[str, tuple[str, str]] = {}
+    for weight, stats in groups.items():
+        path, _, attr = weight.rpartition(".")
+        module = modules.get(path)
+        if attr != "weight" or not isinstance(module, nn.Linear):
+            raise checkpoint.CheckpointError(
+                f"{src.label}: holds a 4-bit weight {weight!r} but the model has no Linear layer {path!r}"
+            )
+        if not isinstance(module, Linear4bit):
+            layer = Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=compute_dtype,
+                device="meta",
+                **_packed_settings(src, stats),
+            )
+            parent, child = _parent(model, path)
+            setattr(parent, child, layer)
+            modules[path] = layer
+            report.converted.append(path)
+        for name in (weight, *stats):
+            owner_of[name] = (path, name[len(path) + 1 :] if path else name)
+    local: dict[str, dict[str, str]] = {}
+    for name in src.names:
+        path, local_name = owner_of.get(name, (*name.rpartition(".")[::2],))
+        module = modules.get(path)
+        if module is None or (name not in owner_of and local_name not in _own_tensor_names(module)):
+            report.unexpected_keys.append(name)
+        else:
+            local.setdefault(path, {})[local_name] = name
+    for path, module in modules.items():
+        names = local.get(path, {})
+        report.missing_keys += [f"{path}.{n}" if path else n for n in sorted(_own_tensor_names(module) - set(names))]
+        if names:
+            tensors = {local_name: src[name] for local_name, name in names.items()}
+            try:
+                module.load_state_dict(tensors, strict=False, assign=True)
+            except RuntimeError as error:
+                raise checkpoint.CheckpointError(f"{src.label}: cannot load module {path!r}: {error}") from error
+    report.left_on_meta = [
+        name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta
+    ]
+    problems = {
+        "missing": report.missing_keys,
+        "unexpected": report.unexpected_keys,
+        "left on the meta device": report.left_on_meta,
+    }
+    if strict and any(problems.values()):
+        detail = "; ".join(f"{kind}: {_preview(names)}" for kind, names in problems.items() if names)
+        raise checkpoint.CheckpointError(f"{src.label} does not fit the model ({detail})")
+    return report
+
+
+def _preview(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+#: Tensor-name patterns ``quantize_checkpoint`` keeps in full precision unless told otherwise.
+DEFAULT_CHECKPOINT_SKIP = ("*embed*", "lm_head")
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """One tensor of a quantized checkpoint: what happened to it and what it cost."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quantized: bool
+    bytes_before: int
+    bytes_after: int
+    mean_abs_error: float = 0.0
+    relative_error: float = 0.0
+
+
+def _nbytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _plan(name: str, tensor: Tensor, skip: Sequence[str], grouped: set[str]) -> bool:
+    """Whether ``quantize_checkpoint`` quantizes this tensor; raises for a dtype it cannot handle."""
+    if tensor.dtype not in checkpoint.SUPPORTED_DTYPES:
+        raise checkpoint.CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
+    module_name = name.rpartition(".")[0]
+    if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped:
+        return False
+    if matches(name, skip) or (module_name and matches(module_name, skip)):
+        return False
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise checkpoint.CheckpointError(
+            f"tensor {name!r} has dtype {tensor.dtype}; 4-bit quantization supports float16, bfloat16 and "
+            "float32 (keep it with --skip)"
+        )
+    return True
+
+
+def quantize_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    compress_statistics: bool = True,
+    skip: Sequence[str] = DEFAULT_CHECKPOINT_SKIP,
+    quant_storage: torch.dtype = torch.uint8,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> list[TensorReport]:
+    """Quantize every 2-D floating tensor of a safetensors checkpoint into a new one.
+
+    Tensors that are not 2-D floating point (biases, norms), tensors or modules matching ``skip``
+    (see ``matches``) and weights already in 4 bits are copied unchanged. Tensors are read and
+    written one at a time; the output appears only when complete. Every tensor is checked before
+    anything is written. Raises CheckpointError for a missing or corrupt input, an existing output
+    (unless ``overwrite``), or a 2-D floating tensor of a dtype 4-bit quantization does not support.
+    """
+    F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise checkpoint.CheckpointError(f"{destination} exists (pass --force / overwrite=True to replace it)")
+    if not destination.parent.is_dir():
+        raise checkpoint.CheckpointError(f"{destination.parent}: no such directory")
+    with checkpoint.open_file(source) as handle:
+        names = list(handle.keys())
+        groups = checkpoint.quantized_groups(names)
+        grouped = {n for stats in groups.values() for n in stats} | set(groups)
+        plan = {name: _plan(name, handle.get_tensor(name), skip, grouped) for name in names}
+        metadata = {**(handle.metadata() or {}), **checkpoint.fourbit_metadata(None)}
+    reports = []
+    with (
+        checkpoint.SafetensorsWriter(destination, metadata) as writer,
+        _progress(len(names), "quantizing", progress, unit="tensor") as advance,
+    ):
+        for name, tensor in checkpoint.iter_tensors(source):
+            if plan[name]:
+                packed, state = F4.quantize_4bit(
+                    tensor.to(device),
+                    blocksize=blocksize,
+                    compress_statistics=compress_statistics,
+                    quant_type=quant_type,
+                    quant_storage=quant_storage,
+                )
+                entries = state.as_dict(packed=True)
+                writer.add(name, packed)
+                for key, value in entries.items():
+                    writer.add(f"{name}.{key}", value)
+                error = (F4.dequantize_4bit(packed, state).float() - tensor.to(device).float()).cpu()
+                reports.append(
+                    TensorReport(
+                        name,
+                        tuple(tensor.shape),
+                        tensor.dtype,
+                        True,
+                        _nbytes([tensor]),
+                        _nbytes([packed, *entries.values()]),
+                        error.abs().mean().item(),
+                        (error.norm() / tensor.float().norm().clamp_min(1e-30)).item(),
+                    )
+                )
+            else:
+                writer.add(name, tensor)
+                nbytes = _nbytes([tensor])
+                reports.append(TensorReport(name, tuple(tensor.shape), tensor.dtype, False, nbytes, nbytes))
+            advance()
+    return reports

@@ -1,0 +1,193 @@
+"""fourbit.checkpoint: the streaming safetensors writer, readers, and bitsandbytes' key layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fourbit.functional as F4
+from fourbit import checkpoint
+from fourbit.nn import Linear4bit
+
+
+def quantized_model(quant_type: str = "nf4", nested: bool = True, storage: torch.dtype = torch.uint8) -> nn.Module:
+    dense = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32, bias=False), nn.LayerNorm(32))
+    model = nn.Sequential(
+        Linear4bit(64, 48, quant_type=quant_type, compress_statistics=nested, quant_storage=storage),
+        nn.ReLU(),
+        Linear4bit(48, 32, bias=False, quant_type=quant_type, compress_statistics=nested, quant_storage=storage),
+        nn.LayerNorm(32),
+    )
+    model.load_state_dict(dense.state_dict())
+    return model.to("cpu")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool],
+)
+def test_writer_output_reads_back_with_safetensors(tmp_path, dtype):
+    tensors = {
+        "a": (torch.randn(3, 5) * 10).to(dtype),
+        "b.empty": torch.zeros(0, 4, dtype=dtype),
+        "c.scalar": torch.tensor(3).to(dtype),
+        "d.strided": (torch.randn(6, 4) * 10).to(dtype).t(),
+    }
+    path = tmp_path / "out.safetensors"
+    with checkpoint.SafetensorsWriter(path, {"note": "x"}) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == dtype
+        assert torch.equal(loaded[name], tensor), name
+    assert checkpoint.read_metadata(path) == {"format": "pt", "note": "x"}
+
+
+def test_writer_leaves_nothing_behind_on_error(tmp_path):
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(RuntimeError, match="boom"), checkpoint.SafetensorsWriter(path) as writer:
+        writer.add("a", torch.ones(3))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_bad_tensors(tmp_path):
+    writer = checkpoint.SafetensorsWriter(tmp_path / "out.safetensors")
+    writer.add("a", torch.ones(2))
+    with pytest.raises(ValueError, match="duplicate tensor name 'a'"):
+        writer.add("a", torch.ones(2))
+    with pytest.raises(TypeError, match=r"cannot store torch\.complex64"):
+        writer.add("c", torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="expected a tensor"):
+        writer.add("d", [1, 2])
+    writer.abort()
+    with pytest.raises(TypeError, match="metadata"):
+        checkpoint.SafetensorsWriter(tmp_path / "x.safetensors", {"n": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_does_not_modify_its_input(tmp_path):
+    tensor = torch.randn(4, 4)
+    before = tensor.clone()
+    checkpoint.save_state_dict({"t": tensor}, tmp_path / "a.safetensors")
+    assert torch.equal(tensor, before)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("quant_type", "nested"), [("nf4", True), ("fp4", False)])
+def test_saved_model_reloads_identically(tmp_path, quant_type, nested, storage):
+    model = quantized_model(quant_type, nested, storage)
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_state_dict(model, path, metadata={"origin": "test"})
+    metadata = checkpoint.read_metadata(path)
+    assert metadata["fourbit_format"] == checkpoint.FORMAT_NAME
+    assert metadata["origin"] == "test"
+    state = checkpoint.load_state_dict(path)
+    assert state.keys() == model.state_dict().keys()
+    fresh = nn.Sequential(
+        Linear4bit(64, 48, quant_type=quant_type, device="meta"),
+        nn.ReLU(),
+        Linear4bit(48, 32, bias=False, quant_type=quant_type, device="meta"),
+        nn.LayerNorm(32, device="meta"),
+    )
+    fresh.load_state_dict(state, assign=True)
+    x = torch.randn(5, 64)
+    assert torch.equal(fresh(x), model(x))
+    assert fresh[0].weight.quant_storage == storage
+
+
+def test_generator_source_streams(tmp_path):
+    path = tmp_path / "g.safetensors"
+    checkpoint.save_state_dict(((f"t{i}", torch.full((2,), float(i))) for i in range(3)), path)
+    assert [name for name, _ in checkpoint.iter_tensors(path)] == ["t0", "t1", "t2"]
+
+
+def test_quantized_groups_from_names():
+    names = [
+        "a.weight",
+        "a.weight.absmax",
+        "a.weight.quant_map",
+        "a.weight.nested_absmax",
+        "a.weight.nested_quant_map",
+        "a.weight.quant_state.bitsandbytes__nf4",
+        "a.bias",
+        "b.weight",
+        "orphan.weight.quant_state.bitsandbytes__fp4",
+    ]
+    groups = checkpoint.quantized_groups(names)
+    assert groups == {"a.weight": [*names[1:5], names[5]]}
+
+
+def test_describe_reports_each_writer(tmp_path):
+    model = quantized_model()
+    ours = tmp_path / "ours.safetensors"
+    checkpoint.save_state_dict(model, ours)
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, theirs)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2, 2)}, plain)
+
+    described = checkpoint.describe(ours)
+    assert described.writer == "fourbit 0.1.0"
+    assert [info.name for info in described.quantized] == ["0.weight", "2.weight"]
+    first = described.quantized[0]
+    assert (first.shape, first.quant_type, first.blocksize, first.nested, first.dtype) == (
+        (48, 64),
+        "nf4",
+        64,
+        True,
+        torch.float32,
+    )
+    expected = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k.startswith("0.weight"))
+    assert first.nbytes == expected
+    assert sorted(name for name, *_ in described.other) == ["0.bias", "3.bias", "3.weight"]
+    assert checkpoint.describe(theirs).writer == "bitsandbytes layout"
+    assert checkpoint.describe(plain).writer == "plain"
+
+
+def test_describe_rejects_corrupt_statistics(tmp_path):
+    state = {k: v.contiguous() for k, v in quantized_model().state_dict().items()}
+    packed = F4.unpack_tensor_to_dict(state["0.weight.quant_state.bitsandbytes__nf4"])
+    packed["blocksize"] = 48
+    state["0.weight.quant_state.bitsandbytes__nf4"] = F4.pack_dict_to_tensor(packed)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"corrupt 4-bit statistics for '0\.weight'.*blocksize"):
+        checkpoint.describe(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such file"), (b"not a checkpoint at all", "not a valid safetensors file")],
+)
+def test_bad_files_raise_checkpoint_error(tmp_path, content, message):
+    path = tmp_path / "x.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_state_dict(path)
+
+
+def test_truncated_file_raises_checkpoint_error(tmp_path):
+    path = tmp_path / "x.safetensors"
+    checkpoint.save_state_dict({"a": torch.randn(100, 100)}, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid safetensors file"):
+        checkpoint.load_state_dict(path)
+
+
+def test_header_is_json_with_metadata_first(tmp_path):
+    path = tmp_path / "x.safetensors"
+    checkpoint.save_state_dict({"a": torch.ones(3)}, path)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    assert size % 8 == 0
+    header = json.loads(raw[8 : 8 + size])
+    assert header["a"] == {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}
+    assert len(raw) == 8 + size + 12

@@ -1,0 +1,185 @@
+"""The fourbit command, run as a user runs it: ``python -m fourbit`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fourbit import checkpoint
+
+SUBCOMMANDS = ["quantize", "inspect", "bench", "demo"]
+
+
+def fourbit(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FOURBIT_DISABLE_TRITON": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fourbit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fourbit: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_file(
+        {
+            "embed_tokens.weight": torch.randn(100, 64),
+            "layers.0.proj.weight": torch.randn(128, 64, dtype=torch.bfloat16),
+            "layers.0.proj.bias": torch.randn(128),
+            "layers.0.out.weight": torch.randn(64, 128, dtype=torch.float16),
+            "layers.0.norm.weight": torch.ones(64),
+            "step": torch.tensor([3], dtype=torch.int64),
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(command):
+    result = fourbit(*([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fourbit")
+    if command is None:
+        assert all(name in result.stdout for name in SUBCOMMANDS)
+
+
+def test_no_command_is_a_usage_error():
+    result = fourbit()
+    assert result.returncode == 2 and "usage: fourbit" in result.stderr
+
+
+def test_quantize_and_inspect(float_checkpoint, tmp_path):
+    out = tmp_path / "q.safetensors"
+    result = fourbit("quantize", float_checkpoint, "-o", out, "--quant-type", "fp4", "--blocksize", "128")
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout
+    assert "fp4, blocksize 128, nested statistics" in summary
+    assert summary.splitlines()[-3].split()[:2] == ["quantized", "2"]
+    assert summary.splitlines()[-2].split()[:2] == ["kept", "4"]
+    state = load_file(out)
+    assert state["layers.0.proj.weight"].dtype == torch.uint8
+    assert "layers.0.proj.weight.quant_state.bitsandbytes__fp4" in state
+    assert torch.equal(state["embed_tokens.weight"], load_file(float_checkpoint)["embed_tokens.weight"])
+
+    inspected = fourbit("inspect", out)
+    assert inspected.returncode == 0, inspected.stderr
+    assert f"{out}: fourbit" in inspected.stdout
+    assert "| layers.0.proj.weight | 128x64 | bfloat16 | fp4 | 128 | yes | uint8 |" in inspected.stdout
+    assert "| layers.0.out.weight | 64x128 | float16 | fp4 | 128 | yes | uint8 |" in inspected.stdout
+    assert "4-bit tensors: 2" in inspected.stdout and "other tensors: 4" in inspected.stdout
+    listed = fourbit("inspect", out, "--all")
+    assert "| embed_tokens.weight | 100x64 | float32 |" in listed.stdout
+
+
+def test_quantize_options(float_checkpoint, tmp_path):
+    out = tmp_path / "q.safetensors"
+    result = fourbit("quantize", float_checkpoint, "-o", out, "--no-double-quant", "--skip", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    description = checkpoint.describe(out)
+    assert {info.name for info in description.quantized} == {
+        "embed_tokens.weight",
+        "layers.0.proj.weight",
+        "layers.0.out.weight",
+    }
+    assert not any(info.nested for info in description.quantized)
+
+
+def test_inspect_plain_and_bitsandbytes_layout(float_checkpoint, tmp_path):
+    assert "model.safetensors: plain" in fourbit("inspect", float_checkpoint).stdout
+    ours = tmp_path / "q.safetensors"
+    fourbit("quantize", float_checkpoint, "-o", ours, "-q")
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(load_file(ours), theirs)  # same tensors, written without fourbit's metadata
+    assert f"{theirs}: bitsandbytes layout" in fourbit("inspect", theirs).stdout
+
+
+def test_bench_runs(tmp_path):
+    result = fourbit("bench", "--device", "cpu", "--shapes", "64x128", "--dtypes", "float32", "--batches", "1")
+    assert result.returncode == 0, result.stderr
+    assert "fourbit kernel benchmark" in result.stdout and "64x128" in result.stdout
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "q.safetensors"
+    assert_one_line_error(fourbit("quantize", tmp_path / "absent.safetensors", "-o", out), "no such file")
+    assert not out.exists()
+    assert_one_line_error(fourbit("inspect", tmp_path / "absent.safetensors"), "no such file")
+
+
+def test_not_a_safetensors_file(tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_text("this is not a checkpoint")
+    out = tmp_path / "q.safetensors"
+    assert_one_line_error(fourbit("quantize", bogus, "-o", out), "not a valid safetensors file")
+    assert_one_line_error(fourbit("inspect", bogus), "not a valid safetensors file")
+    assert list(tmp_path.iterdir()) == [bogus]
+
+
+def test_unsupported_dtype(tmp_path):
+    source = tmp_path / "f64.safetensors"
+    save_file({"layer.weight": torch.randn(8, 8, dtype=torch.float64)}, source)
+    out = tmp_path / "q.safetensors"
+    assert_one_line_error(fourbit("quantize", source, "-o", out), "'layer.weight' has dtype torch.float64", "--skip")
+    assert sorted(tmp_path.iterdir()) == [source]
+
+
+def test_existing_output_needs_force(float_checkpoint, tmp_path):
+    out = tmp_path / "q.safetensors"
+    out.write_bytes(b"keep me")
+    assert_one_line_error(fourbit("quantize", float_checkpoint, "-o", out), "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    assert fourbit("quantize", float_checkpoint, "-o", out, "--force", "-q").returncode == 0
+    assert "layers.0.proj.weight.absmax" in load_file(out)
+    assert_one_line_error(fourbit("quantize", out, "-o", out), "replace the input")
+
+
+def test_corrupt_checkpoint(float_checkpoint, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(float_checkpoint.read_bytes()[:-100])
+    out = tmp_path / "q.safetensors"
+    assert_one_line_error(fourbit("quantize", truncated, "-o", out), "not a valid safetensors file")
+    assert_one_line_error(fourbit("inspect", truncated), "not a valid safetensors file")
+    assert sorted(tmp_path.iterdir()) == [truncated]
+
+    quantized = tmp_path / "quantized.safetensors"
+    fourbit("quantize", float_checkpoint, "-o", quantized, "-q")
+    state = load_file(quantized)
+    state["layers.0.proj.weight.quant_state.bitsandbytes__nf4"] = torch.tensor([123, 34, 0], dtype=torch.uint8)
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, broken)
+    assert_one_line_error(fourbit("inspect", broken), "corrupt 4-bit statistics for 'layers.0.proj.weight'")
+
+
+def test_bad_option_is_a_usage_error(float_checkpoint, tmp_path):
+    result = fourbit("quantize", float_checkpoint, "-o", tmp_path / "q.safetensors", "--blocksize", "48")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_output_directory_missing(float_checkpoint, tmp_path):
+    assert_one_line_error(
+        fourbit("quantize", float_checkpoint, "-o", tmp_path / "absent" / "q.safetensors"), "no such directory"
+    )
