@@ -29,6 +29,27 @@ _SLOW_FP16_WARNING = (
 )
 
 
+class _StateDictKeys:
+    """What key traversal sees under a Linear4bit's ``weight``: the packed QuantState entries."""
+
+    def __init__(self, module: Linear4bit) -> None:
+        self._module = module
+
+    @property
+    def weight(self) -> _StateDictKeys:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        state = self._module._current_quant_state()
+        if state is not None:
+            if name == "quant_state":
+                return state
+            entries = state.as_dict(packed=True)
+            if name in entries:
+                return entries[name]
+        raise AttributeError(f"{type(self._module).__name__}.weight has no state-dict entry {name!r}")
+
+
 class Linear4bit(nn.Linear):
     """A linear layer whose weight is stored in 4 bits (QLoRA's NF4 or FP4).
 
@@ -83,19 +104,30 @@ class Linear4bit(nn.Linear):
             if not torch.compiler.is_compiling():
                 warnings.warn(_SLOW_FP16_WARNING.format(compute_dtype=self.compute_dtype), stacklevel=3)
 
+    def _current_quant_state(self) -> F4.QuantState | None:
+        """The weight's QuantState, or the module's copy when the weight is not a Params4bit (FSDP2
+        replaces it by a DTensor shard and, in forward, by the gathered packed bytes)."""
+        state = getattr(self.weight, "quant_state", None)
+        return state if state is not None else self.quant_state
+
     def _forward_quant_state(self) -> F4.QuantState:
-        """The weight's QuantState, recovered from the module if a conversion dropped it."""
+        """The QuantState to compute with; a clear error when there is none or the bytes were cast."""
         weight = self.weight
-        state = getattr(weight, "quant_state", None)
-        if state is None and isinstance(weight, Params4bit) and not weight.bnb_quantized:
+        if isinstance(weight, Params4bit) and not weight.bnb_quantized:
             raise RuntimeError(
                 f"{type(self).__name__} weight is not quantized yet: move the module to a device first "
                 "(module.to('cpu') or module.cuda()), or load a quantized state dict"
             )
-        if state is None:
-            state = self.quant_state
+        state = self._current_quant_state()
         if state is None:
             raise RuntimeError(f"{type(self).__name__} weight has lost its quantization state")
+        if not isinstance(weight, Params4bit) and weight.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"{type(self).__name__} packed weight arrived as {weight.dtype}, but it is stored as "
+                f"{self.quant_storage}: something cast the packed bytes (for example an FSDP2 MixedPrecisionPolicy "
+                "whose param_dtype differs from quant_storage). Use quant_storage=torch.uint8, which is never cast, "
+                "or a param_dtype equal to quant_storage"
+            )
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +150,7 @@ class Linear4bit(nn.Linear):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        state = getattr(self.weight, "quant_state", None)
+        state = self._current_quant_state()
         if state is not None:
             for key, value in state.as_dict(packed=True).items():
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
@@ -150,6 +182,16 @@ class Linear4bit(nn.Linear):
         )
         return fresh.to(device) if device.type != "meta" else fresh
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint resolves state-dict keys attribute by attribute; this sends
+        ``weight.*`` through ``_state_dict_keys`` so that ``weight.absmax`` resolves even when FSDP2
+        has replaced the weight by a DTensor."""
+        return {"weight": "_state_dict_keys"}
+
+    @property
+    def _state_dict_keys(self) -> _StateDictKeys:
+        return _StateDictKeys(self)
+
     def _load_from_state_dict(
         self,
         state_dict: Mapping[str, Any],
@@ -165,6 +207,11 @@ class Linear4bit(nn.Linear):
         quant_entries = {
             key[len(quant_prefix) :]: value for key, value in state_dict.items() if key.startswith(quant_prefix)
         }
+        if quant_entries and not isinstance(self.weight, Params4bit):
+            self._load_into_sharded_weight(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs, quant_entries
+            )
+            return
         replace_weight = weight_key in state_dict and (
             quant_entries or self.weight.bnb_quantized or self.weight.is_meta
         )
@@ -192,6 +239,34 @@ class Linear4bit(nn.Linear):
         self.weight = weight
         self.quant_state = weight.quant_state
         self.quant_storage = weight.quant_storage
+
+
+    def _load_into_sharded_weight(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+        quant_entries: Mapping[str, Any],
+    ) -> None:
+        """Load into a weight FSDP2 has sharded: the packed bytes are copied into the shard in place
+        (as for any parameter) and the module's QuantState is rebuilt from the entries."""
+        device = self.quant_state.absmax.device if self.quant_state is not None else self.weight.device
+        try:
+            state = F4.QuantState.from_dict(quant_entries, device=device)
+            expected = (self.out_features, self.in_features)
+            if tuple(state.shape) != expected:
+                raise ValueError(f"checkpoint weight has shape {tuple(state.shape)} but this layer is {expected}")
+        except (ValueError, TypeError) as error:
+            error_msgs.append(f"While loading {prefix}weight into {type(self).__name__}: {error}")
+            return
+        quant_prefix = f"{prefix}weight."
+        others = {key: value for key, value in state_dict.items() if not key.startswith(quant_prefix)}
+        super()._load_from_state_dict(others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.quant_state = state
 
 
 class LinearFP4(Linear4bit):

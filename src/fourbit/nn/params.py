@@ -32,6 +32,12 @@ _ATTRIBUTES = (
 )
 # Functions whose pieces stay Params4bit (FSDP2 shards parameters with torch.chunk).
 _PIECEWISE = (torch.chunk, torch.split, Tensor.chunk, Tensor.split)
+_UNQUANTIZED_SHARD_ERROR = (
+    "cannot split a Params4bit that is not quantized yet: sharding it (FSDP2's fully_shard splits parameters "
+    "with torch.chunk) would freeze float data that is never quantized. Quantize first: move the model to its "
+    "device (model.to('cuda') or model.to('cpu')) or load a 4-bit checkpoint (fourbit.convert.load_quantized), "
+    "then call fully_shard"
+)
 
 
 def _rebuild_params4bit(data: Tensor, requires_grad: bool) -> Params4bit:
@@ -165,6 +171,7 @@ class Params4bit(torch.nn.Parameter):
         )
         if module is not None:
             module.quant_state = state
+            module.quant_storage = packed.dtype
         return self
 
     # ------------------------------------------------------------------ quantization and moves
@@ -184,6 +191,7 @@ class Params4bit(torch.nn.Parameter):
         self.bnb_quantized = True
         if self.module is not None:
             self.module.quant_state = state
+            self.module.quant_storage = self.quant_storage
         return self
 
     def _with_data(self, data: Tensor) -> Params4bit:
@@ -242,6 +250,8 @@ class Params4bit(torch.nn.Parameter):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _PIECEWISE and isinstance(args[0], Params4bit) and not args[0].bnb_quantized:
+            raise RuntimeError(_UNQUANTIZED_SHARD_ERROR)
         result = super().__torch_function__(func, types, args, kwargs or {})
         if func in _PIECEWISE:
             source = args[0]

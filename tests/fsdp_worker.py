@@ -1,0 +1,159 @@
+"""Run by tests/test_fsdp.py under torchrun (2 processes, gloo on CPU or NCCL on GPUs).
+
+Shards the QLoRA example model with FSDP2 for each quant_storage and writes, from rank 0, a JSON
+file with what the test compares against a single process: the sharded forward output, the
+training losses, whether the 4-bit bytes survived training, the DCP round trip, the full state
+dict gathered on rank 0, and the error for an unquantized model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qlora_fsdp2.py"
+STEPS = 4
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("qlora_fsdp2", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def packed_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The 4-bit weights and their statistics in a full state dict."""
+    return {key: value for key, value in state.items() if ".base.weight" in key}
+
+
+def scramble(model: torch.nn.Module) -> None:
+    """Overwrite every parameter shard and 4-bit statistic, so that only a load can bring them back.
+
+    (DCP loads into tensors of the saved sizes, so the model is built from the same base weights:
+    the packed QuantState JSON has the same length.)"""
+    from fourbit.nn import Linear4bit
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            local.view(torch.uint8).fill_(7)
+        for module in model.modules():
+            if isinstance(module, Linear4bit):
+                module.quant_state.absmax.zero_()
+
+
+def check_storage(example, storage: torch.dtype, rank: int, world: int, device: torch.device, workdir: str) -> dict:
+    tokens = example.batch(99, 4).to(device)
+    model = example.shard(example.build_model(quant_storage=storage, device=device))
+    with torch.no_grad():
+        forward = model(tokens).cpu()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    before = {k: v.clone() for k, v in packed_entries(get_model_state_dict(model, options=options)).items()}
+    losses, _ = example.train(model, STEPS, rank=rank, world=world, device=device)
+    after = packed_entries(get_model_state_dict(model, options=options))
+    unchanged = rank != 0 or (
+        before.keys() == after.keys() and all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
+    )
+
+    with torch.no_grad():
+        trained = model(tokens).cpu()
+    path = os.path.join(workdir, f"dcp-{storage}")
+    dcp.save(model.state_dict(), checkpoint_id=path)
+    restored = example.shard(example.build_model(quant_storage=storage, device=device))
+    scramble(restored)
+    state = restored.state_dict()
+    dcp.load(state, checkpoint_id=path)
+    restored.load_state_dict(state)
+    with torch.no_grad():
+        dcp_equal = torch.equal(restored(tokens).cpu(), trained)
+
+    full = get_model_state_dict(model, options=options)
+    full_keys_ok = full_equal = True
+    if rank == 0:
+        plain = example.build_model(quant_storage=storage, device=device, seed=2)
+        plain.load_state_dict(full)
+        with torch.no_grad():
+            full_equal = torch.equal(plain(tokens).cpu(), trained)
+        full_keys_ok = "blocks.0.q.base.weight.quant_state.bitsandbytes__nf4" in full and all(
+            not hasattr(value, "placements") for value in full.values()
+        )
+    return {
+        "forward": forward.tolist(),
+        "losses": losses,
+        "bytes_unchanged": bool(unchanged),
+        "dcp_equal": bool(dcp_equal),
+        "full_state_dict_equal": bool(full_equal),
+        "full_state_dict_plain": bool(full_keys_ok),
+        "packed_dtype": str(before["blocks.0.q.base.weight"].dtype) if rank == 0 else None,
+    }
+
+
+def mixed_precision(example, device: torch.device) -> dict:
+    """An FSDP2 MixedPrecisionPolicy casts floating parameters: uint8-stored 4-bit weights are never
+    cast and work; float32-stored ones would be, and Linear4bit refuses them with a clear error."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    tokens = example.batch(7, 2).to(device)
+    outcome = {}
+    for storage in (torch.uint8, torch.float32):
+        model = example.build_model(quant_storage=storage, device=device)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        try:
+            with torch.no_grad():
+                outcome[str(storage)] = f"ok {model(tokens).dtype}"
+        except RuntimeError as error:
+            outcome[str(storage)] = str(error)
+    return outcome
+
+
+def unquantized_error(example) -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    from fourbit.nn import Linear4bit
+
+    layer = Linear4bit(64, 32, quant_type="nf4")  # float weight, never moved to a device
+    try:
+        fully_shard(layer)
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def main() -> None:
+    output = Path(sys.argv[1])
+    storages = [getattr(torch, name) for name in sys.argv[2:]] or [torch.uint8]
+    cuda = torch.cuda.is_available() and os.environ.get("FSDP_TEST_CPU") != "1"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    example = load_example()
+    workdir = tempfile.mkdtemp() if rank == 0 else None
+    shared = [workdir]
+    dist.broadcast_object_list(shared, src=0)
+    results = {str(storage): check_storage(example, storage, rank, world, device, shared[0]) for storage in storages}
+    results["unquantized_error"] = unquantized_error(example)
+    results["mixed_precision"] = mixed_precision(example, device)
+    results["backend"] = dist.get_backend()
+    if rank == 0:
+        output.write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""FSDP2 (fully_shard) of 4-bit models: two processes, compared with one (see fsdp_worker.py).
+
+On the CPU the processes talk over gloo (runs in CI); on a machine with two GPUs the same checks
+run over NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdp_worker import STEPS, load_example
+
+WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+STORAGES = ["uint8", "bfloat16", "float32"]
+
+
+def run_worker(tmp_path: Path, cpu: bool) -> dict:
+    output = tmp_path / "result.json"
+    env = {**os.environ, "FSDP_TEST_CPU": "1" if cpu else "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, str(WORKER), str(output), *STORAGES],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(output.read_text())
+
+
+def single_process_reference(device: str) -> tuple[torch.Tensor, list[float]]:
+    example = load_example()
+    tokens = example.batch(99, 4).to(device)
+    model = example.build_model(device=device)
+    with torch.no_grad():
+        forward = model(tokens).cpu()
+    losses, _ = example.train(model, STEPS, device=device)
+    return forward, losses
+
+
+def check(results: dict, device: str, backend: str) -> None:
+    assert results["backend"] == backend
+    forward, losses = single_process_reference(device)
+    for storage in STORAGES:
+        result = results[f"torch.{storage}"]
+        sharded = torch.tensor(result["forward"], dtype=forward.dtype)
+        if device == "cpu":
+            assert torch.equal(sharded, forward), storage
+        else:
+            torch.testing.assert_close(sharded, forward, rtol=1e-2, atol=1e-2)
+        assert result["losses"] == pytest.approx(losses, rel=1e-4), storage
+        assert result["losses"][-1] < result["losses"][0]
+        assert result["bytes_unchanged"], storage
+        assert result["dcp_equal"], storage
+        assert result["full_state_dict_equal"] and result["full_state_dict_plain"], storage
+        assert result["packed_dtype"] == f"torch.{storage}"
+    assert "not quantized yet" in results["unquantized_error"]
+    assert "move the model to its device" in results["unquantized_error"]
+    assert results["mixed_precision"]["torch.uint8"] == "ok torch.bfloat16"
+    assert "cast the packed bytes" in results["mixed_precision"]["torch.float32"]
+
+
+def test_fsdp2_on_two_cpu_processes(tmp_path):
+    check(run_worker(tmp_path, cpu=True), "cpu", "gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_fsdp2_on_two_gpus(tmp_path):
+    check(run_worker(tmp_path, cpu=False), "cuda", "nccl")
