@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fourbit.convert import quantize_model
-from fourbit.nn import Linear4bit
 
 
 class Block(nn.Module):

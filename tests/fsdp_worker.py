@@ -31,6 +31,10 @@ def load_example():
     return module
 
 
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def packed_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The 4-bit weights and their statistics in a full state dict."""
     return {key: value for key, value in state.items() if ".base.weight" in key}
@@ -61,9 +65,7 @@ def check_storage(example, storage: torch.dtype, rank: int, world: int, device: 
     before = {k: v.clone() for k, v in packed_entries(get_model_state_dict(model, options=options)).items()}
     losses, _ = example.train(model, STEPS, rank=rank, world=world, device=device)
     after = packed_entries(get_model_state_dict(model, options=options))
-    unchanged = rank != 0 or (
-        before.keys() == after.keys() and all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
-    )
+    unchanged = rank != 0 or (before.keys() == after.keys() and all(same_bytes(before[k], after[k]) for k in before))
 
     with torch.no_grad():
         trained = model(tokens).cpu()

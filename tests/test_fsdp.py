@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fsdp_worker import STEPS, load_example
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"

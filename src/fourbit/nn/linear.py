@@ -240,7 +240,6 @@ class Linear4bit(nn.Linear):
         self.quant_state = weight.quant_state
         self.quant_storage = weight.quant_storage
 
-
     def _load_into_sharded_weight(
         self,
         state_dict: Mapping[str, Any],
