@@ -181,7 +181,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=128, help="model width (the GPU comparison uses 2048)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--no-quant", action="store_true", help="baseline: frozen weights stay unquantized")
-    parser.add_argument("--quant-storage", default="uint8", choices=["uint8", "bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--quant-storage",
+        default="bfloat16",
+        choices=["uint8", "bfloat16", "float16", "float32"],
+        help="dtype the packed bytes are stored as (bfloat16 by default: FSDP2 before torch 2.13 shards no uint8)",
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU")
     args = parser.parse_args(argv)
 

@@ -101,14 +101,14 @@ def check_storage(example, storage: torch.dtype, rank: int, world: int, device: 
 
 
 def mixed_precision(example, device: torch.device) -> dict:
-    """An FSDP2 MixedPrecisionPolicy casts floating parameters: uint8-stored 4-bit weights are never
-    cast and work; float32-stored ones would be, and Linear4bit refuses them with a clear error."""
+    """An FSDP2 MixedPrecisionPolicy casts floating parameters: bf16-stored 4-bit weights under a bf16
+    policy are not cast and work; float32-stored ones would be, and Linear4bit refuses them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     tokens = example.batch(7, 2).to(device)
     outcome = {}
-    for storage in (torch.uint8, torch.float32):
+    for storage in (torch.bfloat16, torch.float32):
         model = example.build_model(quant_storage=storage, device=device)
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
@@ -121,17 +121,51 @@ def mixed_precision(example, device: torch.device) -> dict:
     return outcome
 
 
-def unquantized_error(example) -> str:
+def integer_parameter_error(device: torch.device) -> str:
+    """ "" when this torch's FSDP2 shards a frozen uint8 parameter, else its error (torch 2.11 wraps
+    every shard in ``nn.Parameter(...)`` with requires_grad=True, which integer tensors refuse)."""
+    from torch.distributed.fsdp import fully_shard
+
+    holder = torch.nn.Module()
+    holder.packed = torch.nn.Parameter(torch.zeros(8, 1, dtype=torch.uint8, device=device), requires_grad=False)
+    try:
+        fully_shard(holder)
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def unquantized_error(device: torch.device) -> str:
+    """fully_shard of a Linear4bit whose float weight is on the device but was never quantized."""
     from torch.distributed.fsdp import fully_shard
 
     from fourbit.nn import Linear4bit
 
-    layer = Linear4bit(64, 32, quant_type="nf4")  # float weight, never moved to a device
+    layer = Linear4bit(64, 32, quant_type="nf4", device=device)
     try:
         fully_shard(layer)
     except RuntimeError as error:
         return str(error)
     return ""
+
+
+def moved_by_fully_shard(device: torch.device) -> str:
+    """fully_shard of a CPU-built layer on a GPU mesh moves it, which quantizes it like any ``.to``."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fourbit.nn import Linear4bit
+
+    torch.manual_seed(5)
+    dense = torch.nn.Linear(64, 32)
+    layer = Linear4bit(64, 32, quant_type="nf4", quant_storage=torch.bfloat16)
+    layer.load_state_dict(dense.state_dict())
+    reference = Linear4bit(64, 32, quant_type="nf4", quant_storage=torch.bfloat16)
+    reference.load_state_dict(dense.state_dict())
+    reference = reference.to(device)
+    fully_shard(layer)
+    x = torch.randn(3, 64, device=device)
+    with torch.no_grad():
+        return "ok" if torch.equal(layer(x), reference(x)) else "different"
 
 
 def main() -> None:
@@ -147,8 +181,14 @@ def main() -> None:
     workdir = tempfile.mkdtemp() if rank == 0 else None
     shared = [workdir]
     dist.broadcast_object_list(shared, src=0)
+    integer_error = integer_parameter_error(device)
+    if integer_error:
+        storages = [storage for storage in storages if storage.is_floating_point]
     results = {str(storage): check_storage(example, storage, rank, world, device, shared[0]) for storage in storages}
-    results["unquantized_error"] = unquantized_error(example)
+    results["integer_parameter_error"] = integer_error
+    results["unquantized_error"] = unquantized_error(device)
+    if device.type == "cuda":
+        results["moved_by_fully_shard"] = moved_by_fully_shard(device)
     results["mixed_precision"] = mixed_precision(example, device)
     results["backend"] = dist.get_backend()
     if rank == 0:

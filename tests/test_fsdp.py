@@ -49,7 +49,13 @@ def single_process_reference(device: str) -> tuple[torch.Tensor, list[float]]:
 def check(results: dict, device: str, backend: str) -> None:
     assert results["backend"] == backend
     forward, losses = single_process_reference(device)
-    for storage in STORAGES:
+    storages = STORAGES
+    if results["integer_parameter_error"]:
+        # torch's own limit (2.11: fully_shard makes every shard require grad), not fourbit's
+        assert "only Tensors of floating point dtype can require gradients" in results["integer_parameter_error"]
+        assert torch.__version__ < "2.13"
+        storages = [storage for storage in STORAGES if storage != "uint8"]
+    for storage in storages:
         result = results[f"torch.{storage}"]
         sharded = torch.tensor(result["forward"], dtype=forward.dtype)
         if device == "cpu":
@@ -64,7 +70,9 @@ def check(results: dict, device: str, backend: str) -> None:
         assert result["packed_dtype"] == f"torch.{storage}"
     assert "not quantized yet" in results["unquantized_error"]
     assert "move the model to its device" in results["unquantized_error"]
-    assert results["mixed_precision"]["torch.uint8"] == "ok torch.bfloat16"
+    assert results["mixed_precision"]["torch.bfloat16"] == "ok torch.bfloat16"
+    if device == "cuda":
+        assert results["moved_by_fully_shard"] == "ok"
     assert "cast the packed bytes" in results["mixed_precision"]["torch.float32"]
 
 
