@@ -80,6 +80,22 @@ def test_quantize_is_bit_exact(dtype, quant_type, special):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
+@pytest.mark.parametrize("special", [False, True], ids=["normal", "special"])
+def test_blockwise_quantize_is_bit_exact(dtype, special):
+    """The 8-bit quantizer of nested statistics (and of quantize_blockwise) matches the reference."""
+    dynamic = create_dynamic_map().to(DEVICE)
+    for shape, blocksize in itertools.product(QUANT_SHAPES, [256, 4096] if not ON_GPU else [64, 256, 1024, 4096]):
+        data = _data(shape, dtype, special)
+        if special and data.numel() > 200:
+            data.view(-1)[130:140] = float("-inf")
+            data.view(-1)[-1] = float("nan")
+        expected_codes, expected_absmax = reference.quantize_blockwise(data, dynamic, blocksize)
+        codes, absmax = kernels.quantize_blockwise(data, dynamic, blocksize)
+        assert codes.shape == data.shape and torch.equal(codes, expected_codes), (shape, blocksize)
+        assert_same_bits(absmax, expected_absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_dequantize_is_bit_exact(dtype, quant_type, nested):

@@ -184,6 +184,7 @@ def _register_triton_kernels() -> None:
     from .kernels import triton as triton_kernels
 
     quantize_4bit.register_kernel("cuda")(triton_kernels.quantize_4bit)
+    quantize_blockwise.register_kernel("cuda")(triton_kernels.quantize_blockwise)
     dequantize_4bit.register_kernel("cuda")(triton_kernels.dequantize_4bit)
     linear_4bit.register_kernel("cuda")(triton_kernels.linear_4bit)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..formats import num_blocks
 
 #: Grid resolution of bitsandbytes' CPU 8-bit quantizer (a uint16 index over [-1, 1]).
-_BLOCKWISE_GRID_STEPS = 65535
+BLOCKWISE_GRID_STEPS = 65535
 #: Smallest absmax divided by; keeps all-zero blocks finite (they quantize to the code of 0.0).
 _ABSMAX_FLOOR = 1e-38
 
@@ -119,10 +119,10 @@ def dequantize_4bit(
     return _scale_by_block(values, scale, blocksize).to(dtype).view(tuple(shape))
 
 
-def _blockwise_lookup(code: torch.Tensor) -> torch.Tensor:
+def blockwise_lookup(code: torch.Tensor) -> torch.Tensor:
     """For each point of the [-1, 1] grid, the index of the nearest entry of the sorted ``code``."""
-    steps = torch.arange(_BLOCKWISE_GRID_STEPS + 1, dtype=torch.float32, device=code.device)
-    grid = -1.0 + (2.0 * steps) / _BLOCKWISE_GRID_STEPS
+    steps = torch.arange(BLOCKWISE_GRID_STEPS + 1, dtype=torch.float32, device=code.device)
+    grid = -1.0 + (2.0 * steps) / BLOCKWISE_GRID_STEPS
     midpoints = (code[:-1] + code[1:]) * 0.5
     return torch.bucketize(grid, midpoints).to(torch.uint8)
 
@@ -136,8 +136,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     magnitude = padded.abs()
     absmax = torch.where(magnitude.isnan(), 0.0, magnitude).amax(dim=1)
     normed = torch.clamp(padded * (1.0 / absmax).view(-1, 1), -1, 1)
-    position = ((normed + 1.0) * 0.5 * _BLOCKWISE_GRID_STEPS + 0.5).floor().nan_to_num(nan=0.0)
-    quantized = _blockwise_lookup(code.float())[position.long()]
+    position = ((normed + 1.0) * 0.5 * BLOCKWISE_GRID_STEPS + 0.5).floor().nan_to_num(nan=0.0)
+    quantized = blockwise_lookup(code.float())[position.long()]
     quantized = torch.where((absmax == 0).view(-1, 1), torch.zeros_like(quantized), quantized)
     return quantized.reshape(-1)[:n].view(A.shape), absmax
 

@@ -7,6 +7,6 @@ checks their logic without a GPU.
 
 from . import linear
 from .linear import linear_4bit
-from .quantize import dequantize_4bit, quantize_4bit
+from .quantize import dequantize_4bit, quantize_4bit, quantize_blockwise
 
-__all__ = ["dequantize_4bit", "linear", "linear_4bit", "quantize_4bit"]
+__all__ = ["dequantize_4bit", "linear", "linear_4bit", "quantize_4bit", "quantize_blockwise"]

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ...formats import num_blocks, packed_nbytes
-from ..reference import sorted_code
+from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import block_scale, word_shifts
 
 _ABSMAX_FLOOR = 1e-38
@@ -30,45 +30,54 @@ def _quantize_4bit_kernel(
     packed_ptr,
     absmax_ptr,
     n,
+    first_block,
+    block_limit,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
+    SHORT: tl.constexpr,
 ):
+    """Quantize whole blocks ``[first_block, block_limit)``; ``SHORT``: the one partial last block,
+    which the reference divides by its clamped absmax instead of multiplying by the reciprocal."""
     pid = tl.program_id(0)
-    blocks = pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    pairs = tl.arange(0, BLOCKSIZE // 2)
-    even = blocks[:, None] * BLOCKSIZE + 2 * pairs[None, :]
-    odd = even + 1
-    x_even = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
-    x_odd = tl.load(x_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
+    blocks = first_block + pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    live = blocks < block_limit
+    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    inside = live[:, None] & (offsets < n)
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # contiguous: vectorized loads
 
-    has_nan = tl.max(((x_even != x_even) | (x_odd != x_odd)).to(tl.int32), axis=1) > 0
-    absmax = tl.max(tl.maximum(tl.abs(x_even), tl.abs(x_odd)), axis=1)
+    has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
+    absmax = tl.max(tl.abs(x), axis=1)
     absmax = tl.where(has_nan, float("nan"), absmax)
     clamped = tl.where(absmax < 1e-38, 1e-38, absmax)  # keeps NaN, like torch.clamp
-    short = (blocks + 1) * BLOCKSIZE > n  # the last block, when n is not a multiple of the blocksize
-    reciprocal = tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)
+    if SHORT:
+        scaled = tl.math.div_rn(x, clamped[:, None])
+        scaled = tl.where(inside, scaled, 0.0)  # the padding value of an odd count
+    else:
+        reciprocal = tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)
+        scaled = x * reciprocal[:, None]
 
-    scaled_even = tl.where(short[:, None], tl.math.div_rn(x_even, clamped[:, None]), x_even * reciprocal[:, None])
-    scaled_odd = tl.where(short[:, None], tl.math.div_rn(x_odd, clamped[:, None]), x_odd * reciprocal[:, None])
-    scaled_odd = tl.where(odd < n, scaled_odd, 0.0)  # the padding value of an odd count
-
-    bounded_even = tl.minimum(tl.maximum(scaled_even, -1.0), 1.0)
-    bounded_odd = tl.minimum(tl.maximum(scaled_odd, -1.0), 1.0)
-    index_even = tl.zeros(scaled_even.shape, tl.int32)
-    index_odd = tl.zeros(scaled_odd.shape, tl.int32)
+    bounded = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    index = tl.zeros(scaled.shape, tl.int32)
     for j in tl.static_range(15):  # bucketize: the number of midpoints strictly below the value
-        midpoint = tl.load(midpoints_ptr + j)
-        index_even += (bounded_even > midpoint).to(tl.int32)
-        index_odd += (bounded_odd > midpoint).to(tl.int32)
-    index_even = tl.where(scaled_even != scaled_even, 15, index_even)  # bucketize puts NaN last
-    index_odd = tl.where(scaled_odd != scaled_odd, 15, index_odd)
-    code_even = tl.load(order_ptr + index_even)
-    code_odd = tl.load(order_ptr + index_odd)
-    packed = ((code_even << 4) | code_odd).to(tl.uint8)
-    byte = even // 2
-    tl.store(packed_ptr + byte, packed, mask=byte < (n + 1) // 2)
-    stored = tl.where(short, clamped, absmax)
-    tl.store(absmax_ptr + blocks, stored, mask=blocks * BLOCKSIZE < n)
+        index += (bounded > tl.load(midpoints_ptr + j)).to(tl.int32)
+    index = tl.where(scaled != scaled, 15, index)  # bucketize puts NaN last
+    # sorted position -> code index through two registers of 8 nibbles each: no per-element gather
+    order_low = tl.load(order_ptr)
+    order_high = tl.load(order_ptr + 1)
+    codes = (tl.where(index < 8, order_low, order_high) >> (4 * (index & 7))) & 15
+    high, low = tl.split(tl.reshape(codes, (BLOCKS_PER_PROGRAM, BLOCKSIZE // 2, 2)))
+    packed = ((high << 4) | low).to(tl.uint8)
+    byte = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(packed_ptr + byte, packed, mask=live[:, None] & (byte < (n + 1) // 2))
+    tl.store(absmax_ptr + blocks, clamped if SHORT else absmax, mask=live)
+
+
+def _nibble_words(order: torch.Tensor) -> torch.Tensor:
+    """The 16 entries of ``order`` (each < 16) as two int32 words of eight 4-bit fields, computed on
+    the device (no host sync, so quantization can be captured in a CUDA graph)."""
+    shifts = 4 * torch.arange(8, device=order.device, dtype=torch.int64)
+    words = (order.to(torch.int64).view(2, 8) << shifts).sum(1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def quantize_4bit(
@@ -81,12 +90,51 @@ def quantize_4bit(
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     if n:
         midpoints, order = sorted_code(code.float())
-        blocks_per_program = max(1, 2048 // blocksize)
-        grid = (triton.cdiv(num_blocks(n, blocksize), blocks_per_program),)
-        _quantize_4bit_kernel[grid](
-            flat, midpoints, order.to(torch.int32), packed, absmax, n, blocksize, blocks_per_program
-        )
+        arguments = (flat, midpoints, _nibble_words(order), packed, absmax, n)
+        whole = n // blocksize
+        if whole:
+            per_program = max(1, 2048 // blocksize)
+            grid = (triton.cdiv(whole, per_program),)
+            _quantize_4bit_kernel[grid](*arguments, 0, whole, blocksize, per_program, False)
+        if whole * blocksize < n:
+            _quantize_4bit_kernel[(1,)](*arguments, whole, whole + 1, blocksize, 1, True)
     return packed.view(quant_storage).unsqueeze(1), absmax
+
+
+@triton.jit
+def _quantize_blockwise_kernel(
+    x_ptr, lookup_ptr, out_ptr, absmax_ptr, n, BLOCKSIZE: tl.constexpr, GRID_STEPS: tl.constexpr
+):
+    """8-bit blockwise quantization of one block, as the reference does it: absmax ignoring NaN,
+    ``x * (1 / absmax)`` clamped to [-1, 1], its position on the uint16 grid, the grid's code."""
+    block = tl.program_id(0).to(tl.int64)
+    offsets = block * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+    inside = offsets < n
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    magnitude = tl.abs(x)
+    absmax = tl.max(tl.where(magnitude != magnitude, 0.0, magnitude), axis=0)
+    scaled = x * tl.math.div_rn(1.0, absmax)
+    normed = tl.where(scaled != scaled, scaled, tl.minimum(tl.maximum(scaled, -1.0), 1.0))
+    position = tl.math.floor((normed + 1.0) * 0.5 * GRID_STEPS + 0.5)
+    position = tl.where(position != position, 0.0, position)  # NaN takes grid point 0, as nan_to_num
+    codes = tl.load(lookup_ptr + position.to(tl.int32))
+    codes = tl.where(absmax == 0, 0, codes)
+    tl.store(out_ptr + offsets, codes, mask=inside)
+    tl.store(absmax_ptr + block, absmax)
+
+
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.quantize_blockwise``."""
+    flat = A.reshape(-1).contiguous()
+    n = flat.numel()
+    out = torch.empty(n, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
+    if n:
+        lookup = blockwise_lookup(code.float())
+        _quantize_blockwise_kernel[(absmax.numel(),)](
+            flat, lookup, out, absmax, n, blocksize, BLOCKWISE_GRID_STEPS, enable_fp_fusion=False
+        )
+    return out.view(A.shape), absmax
 
 
 @triton.jit
