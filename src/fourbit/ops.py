@@ -189,5 +189,15 @@ def _register_triton_kernels() -> None:
     linear_4bit.register_kernel("cuda")(triton_kernels.linear_4bit)
 
 
+def _register_cpu_kernels() -> None:
+    """CPU tensors run the compiled fast path (which falls back to the reference by itself)."""
+    from .kernels import cpu
+
+    quantize_4bit.register_kernel("cpu")(cpu.quantize_4bit)
+    dequantize_4bit.register_kernel("cpu")(cpu.dequantize_4bit)
+    linear_4bit.register_kernel("cpu")(cpu.linear_4bit)
+
+
+_register_cpu_kernels()
 if triton_enabled() and torch.cuda.is_available():
     _register_triton_kernels()

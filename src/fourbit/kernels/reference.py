@@ -30,7 +30,7 @@ from ..formats import num_blocks
 #: Grid resolution of bitsandbytes' CPU 8-bit quantizer (a uint16 index over [-1, 1]).
 BLOCKWISE_GRID_STEPS = 65535
 #: Smallest absmax divided by; keeps all-zero blocks finite (they quantize to the code of 0.0).
-_ABSMAX_FLOOR = 1e-38
+ABSMAX_FLOOR = 1e-38
 
 
 def sorted_code(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,10 +64,10 @@ def quantize_4bit(
     full = n - n % blocksize
     whole = flat[:full].view(-1, blocksize)
     absmax = whole.abs().amax(dim=1)
-    scaled = torch.clamp(whole * (1.0 / absmax.clamp(min=_ABSMAX_FLOOR)).view(-1, 1), -1, 1).reshape(-1)
+    scaled = torch.clamp(whole * (1.0 / absmax.clamp(min=ABSMAX_FLOOR)).view(-1, 1), -1, 1).reshape(-1)
     if full < n:
         tail = flat[full:]
-        tail_absmax = tail.abs().amax().clamp(min=_ABSMAX_FLOOR)
+        tail_absmax = tail.abs().amax().clamp(min=ABSMAX_FLOOR)
         absmax = torch.cat([absmax, tail_absmax.view(1)])
         scaled = torch.cat([scaled, torch.clamp(tail / tail_absmax, -1, 1)])
     if n % 2:

@@ -19,8 +19,6 @@ from ...formats import num_blocks, packed_nbytes
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import block_scale, word_shifts
 
-_ABSMAX_FLOOR = 1e-38
-
 
 @triton.jit
 def _quantize_4bit_kernel(

@@ -1,0 +1,148 @@
+"""The CPU fast path: the reference's arithmetic, compiled by torch.compile (inductor's C++/OpenMP).
+
+Written with element-wise selects instead of gathers so that inductor vectorizes the loops; the
+results are bit-identical with ``reference`` (tested). Each function is compiled once per
+dtype and blocksize, with the number of blocks dynamic, so new shapes and batch sizes reuse the
+compiled code. Used for tensors of at least ``MIN_NUMEL`` elements whose count is a multiple of
+the blocksize (weights, in practice); anything else, and every call once compilation has failed
+(no C++ compiler, say) or with ``FOURBIT_CPU_COMPILE=0``, runs the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from math import prod
+
+import torch
+
+from . import reference
+
+__all__ = ["MIN_NUMEL", "compile_enabled", "dequantize_4bit", "linear_4bit", "quantize_4bit"]
+
+#: Smaller tensors take the reference path: compiling would cost more than it saves.
+MIN_NUMEL = 1 << 20
+
+_compiled: dict[str, Callable] = {}
+_failed = False
+
+
+def compile_enabled() -> bool:
+    """Whether the compiled path may run (FOURBIT_CPU_COMPILE unset or 1, and no earlier failure)."""
+    return not _failed and os.environ.get("FOURBIT_CPU_COMPILE", "1") not in ("0", "")
+
+
+def _quantize_blocks(
+    x: torch.Tensor, midpoints: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole blocks ``x`` (blocks, blocksize) -> (packed bytes, absmax), as ``reference.quantize_4bit``."""
+    x = x.float()
+    absmax = x.abs().amax(1, keepdim=True)
+    absmax = torch.where(x.isnan().any(1, keepdim=True), float("nan"), absmax)
+    scaled = x * (1.0 / absmax.clamp_min(reference.ABSMAX_FLOOR))
+    bounded = scaled.clamp(-1, 1)
+    position = torch.zeros_like(bounded, dtype=torch.int32)
+    for j in range(15):
+        position = position + (bounded > midpoints[j]).to(torch.int32)
+    position = torch.where(scaled.isnan(), 15, position)
+    codes = torch.zeros_like(position)
+    for j in range(16):
+        codes = torch.where(position == j, order[j], codes)
+    pairs = codes.view(-1, 2)
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).to(torch.uint8), absmax.view(-1)
+
+
+def _decode_blocks(packed: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed bytes (blocks, blocksize / 2) and float32 ``scale`` per block -> values of ``dtype``."""
+    indices = torch.stack([packed >> 4, packed & 15], -1).view(packed.shape[0], -1).to(torch.int32)
+    values = torch.zeros_like(indices, dtype=torch.float32)
+    for j in range(16):
+        values = torch.where(indices == j, table[j], values)
+    return (values * scale.view(-1, 1)).to(dtype)
+
+
+def _compiled_function(name: str, function: Callable) -> Callable:
+    if name not in _compiled:
+        _compiled[name] = torch.compile(function, dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def _run_compiled(name: str, function: Callable, *args: object) -> object | None:
+    """The compiled function's result, or None after disabling the path if compilation fails."""
+    global _failed
+    try:
+        return _compiled_function(name, function)(*args)
+    except Exception as error:  # inductor raises many kinds (no compiler, codegen errors)
+        _failed = True
+        warnings.warn(
+            f"fourbit: the compiled CPU path failed ({type(error).__name__}: {error}); using the slower "
+            "reference kernels from now on (set FOURBIT_CPU_COMPILE=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _fast(numel: int, blocksize: int) -> bool:
+    return numel >= MIN_NUMEL and numel % blocksize == 0 and compile_enabled()
+
+
+def quantize_4bit(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.quantize_4bit``."""
+    if _fast(A.numel(), blocksize):
+        midpoints, order = reference.sorted_code(code.float())
+        blocks = A.detach().reshape(-1, blocksize)
+        result = _run_compiled("quantize_4bit", _quantize_blocks, blocks, midpoints, order.to(torch.int32))
+        if result is not None:
+            packed, absmax = result
+            return packed.view(quant_storage).unsqueeze(1), absmax
+    return reference.quantize_4bit(A, code, blocksize, quant_storage)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Same contract as ``reference.dequantize_4bit``."""
+    numel = prod(shape)
+    if _fast(numel, blocksize):
+        scale = reference.resolve_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+        table = code.float().masked_fill(code == 0, 0.0)
+        data = packed.reshape(-1).view(torch.uint8)[: numel // 2].view(-1, blocksize // 2)
+        values = _run_compiled(f"dequantize_4bit_{dtype}", _decode_blocks, data, scale, table, dtype)
+        if values is not None:
+            return values.view(tuple(shape))
+    return reference.dequantize_4bit(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )
+
+
+def linear_4bit(
+    A: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    bias: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Same contract as ``reference.linear_4bit``: the fast decode, then one matmul."""
+    weight = dequantize_4bit(
+        packed, absmax, code, blocksize, shape, A.dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )
+    return torch.nn.functional.linear(A, weight, bias)
