@@ -26,12 +26,25 @@ GEMV_CANDIDATES = [
     (4, 16, 512, 0, 4, "half"), (8, 16, 128, 0, 4, "half"),
 ]  # fmt: skip
 
+# ("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS): the tensor-core
+# kernel, for any row count (BLOCK_M is clipped to the rows); SPLIT_K 0 = automatic
+FUSED_CANDIDATES = [
+    ("fused", 128, 16, 64, 0, 4, 4, False), ("fused", 128, 16, 64, 4, 4, 4, False),
+    ("fused", 128, 16, 64, 8, 4, 4, False), ("fused", 128, 16, 64, 4, 4, 3, False),
+    ("fused", 128, 16, 64, 4, 4, 6, False), ("fused", 64, 16, 64, 8, 4, 4, False),
+    ("fused", 128, 32, 64, 0, 4, 4, False), ("fused", 128, 32, 64, 4, 4, 4, False),
+    ("fused", 128, 64, 64, 0, 4, 4, False), ("fused", 128, 64, 64, 4, 4, 4, False),
+    ("fused", 128, 64, 64, 0, 4, 4, True), ("fused", 128, 128, 64, 0, 4, 4, True),
+    ("fused", 128, 128, 64, 0, 8, 4, True), ("fused", 128, 128, 64, 2, 4, 4, True),
+]  # fmt: skip
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "28672x8192"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--rep", type=int, default=200, help="milliseconds of timing per candidate")
+    parser.add_argument("--top", type=int, default=4, help="candidates listed per case")
     args = parser.parse_args()
     for text in args.shapes:
         n, k = (int(part) for part in text.split("x"))
@@ -41,26 +54,30 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cublas = do_bench_cudagraph(partial(torch.matmul, x, weight.t()), rep=args.rep, return_mode="median")
+            expected = x.double() @ F4.dequantize_4bit(packed, state).double().t()
             candidates = [c for c in GEMV_CANDIDATES if rows <= c[0] <= max(1, 2 * rows)] + ["chunked"]
+            candidates += [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2]
             results = []
             for config in candidates:
                 run = partial(
                     triton_linear.linear_4bit, x, packed, blocksize=64, shape=(n, k), config=config, **tensors
                 )
                 try:
-                    results.append((do_bench_cudagraph(run, rep=args.rep, return_mode="median"), config))
-                except Exception as error:  # a configuration that does not compile or fit is skipped
-                    print(f"  {config}: {type(error).__name__}: {str(error)[:80]}")
+                    error = ((run().double() - expected).norm() / expected.norm()).item()
+                    results.append((do_bench_cudagraph(run, rep=args.rep, return_mode="median"), config, error))
+                except Exception as failure:  # a configuration that does not compile or fit is skipped
+                    print(f"  {config}: {type(failure).__name__}: {str(failure)[:300]}")
             results.sort(key=lambda item: item[0])
             print(f"{n}x{k} rows={rows}: cuBLAS bf16 {cublas * 1e3:.1f} us")
-            for milliseconds, config in results[:4]:
-                print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / cublas:5.2f}x cuBLAS  {config}")
+            for milliseconds, config, error in results[: args.top]:
+                ratio = milliseconds / cublas
+                print(f"  {milliseconds * 1e3:8.1f} us  {ratio:5.2f}x cuBLAS  rel.err {error:.1e}  {config}")
     report_registers()
 
 
 def report_registers() -> None:
     """Registers and spills of every compiled variant (spills mean local-memory traffic)."""
-    for kernel in (triton_linear._gemv_words_kernel, triton_linear._gemv_any_kernel):
+    for kernel in (triton_linear._gemv_words_kernel, triton_linear._gemv_any_kernel, triton_linear._decode_dot_kernel):
         caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})
         for cache in caches.values():
             entries = cache[0] if isinstance(cache, tuple) else cache

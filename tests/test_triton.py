@@ -216,3 +216,52 @@ def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
         expected = reference.linear_4bit(x.double(), packed, absmax, code, blocksize, (n, k), bias.double(), **extra)
         error = ((out.double() - expected).norm() / expected.norm()).item()
         assert error < (2e-3 if "half" in config else 1e-5), (config, n, k, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config",
+    [
+        ("fused", 128, 16, 64, 1, 4, 4, False),
+        ("fused", 128, 16, 64, 4, 4, 3, False),
+        ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
+        ("fused", 128, 64, 64, 2, 4, 4, True),
+        ("fused", 64, 16, 256, 3, 4, 3, True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_tensor_core_kernel_configurations(config, dtype, nested):
+    """The byte-permute + tensor-core kernel, forced, over partial tiles in every dimension, every
+    K-tile/absmax-block relation, split K and both scaling modes, against a float64 reference."""
+    for quant_type, (n, k, blocksize) in itertools.product(
+        ["nf4", "fp4"], [(300, 256, 64), (100, 4096, 128), (4096, 64, 32), (17, 512, 256), (130, 4096, 4096)]
+    ):
+        code = _table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = _statistics(absmax, nested)
+        for rows in (1, 17, 70):
+            x = torch.randn(rows, k, device=DEVICE).to(dtype)
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
+            dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+            expected = x.double() @ dense.t() + bias.double()
+            assert out.dtype == dtype and not out.isnan().any()
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
+
+
+def test_kernel_choice_follows_rows_dtype_and_device():
+    """16-bit inputs with K a multiple of the blocksize go to the tensor-core kernel on a GPU (up
+    to the table's rows); float32, other K and the interpreter take the CUDA-core kernels."""
+    choose = kernels.linear.choose_config
+    bf16 = torch.zeros(8, 256, dtype=torch.bfloat16, device=DEVICE)
+    if ON_GPU:
+        assert choose(bf16, 256, 64)[0] == "fused"
+        assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64) == "chunked"
+    else:
+        assert not kernels.linear.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter
+        assert choose(bf16, 256, 64) == "chunked"
+    assert choose(bf16[:1], 100, 64)[-1] == "half"  # K not a multiple of the blocksize
+    assert choose(bf16[:2].float(), 256, 64)[0] == 2

@@ -24,12 +24,39 @@ def block_scale(
     NESTED_BLOCKSIZE: tl.constexpr,
 ):
     """Float32 absmax of 4-bit block ``block``; nested: ``code[q] * scale + offset`` (two roundings)."""
+    raw = stored_absmax(absmax_ptr, block, mask, NESTED)
+    return absmax_from_stored(
+        raw, block, mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED, NESTED_BLOCKSIZE
+    )
+
+
+@triton.jit
+def stored_absmax(absmax_ptr, block, mask, NESTED: tl.constexpr):
+    """What is stored for block ``block``: its float32 absmax, or (nested) its 8-bit code. Loading
+    this early (one iteration ahead) hides the memory latency of ``block_scale``."""
     if NESTED:
-        codes = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + codes) * scale + tl.load(nested_offset_ptr)
+        return tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def absmax_from_stored(
+    raw,
+    block,
+    mask,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+):
+    """The float32 absmax of block ``block`` from ``stored_absmax``."""
+    if NESTED:
+        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + raw) * scale + tl.load(nested_offset_ptr)
+    else:
+        return raw
 
 
 @triton.jit

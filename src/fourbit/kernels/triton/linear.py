@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import weakref
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import block_scale, decode_weight_tile, lookup, word_shifts
+from .byte_permute import decode_words, plane_words
+from .common import absmax_from_stored, block_scale, decode_weight_tile, lookup, stored_absmax, word_shifts
 from .quantize import dequantize_4bit
 
 
@@ -142,6 +145,84 @@ def _gemv_any_kernel(
 
 
 @triton.jit
+def _decode_dot_kernel(
+    x_ptr,
+    w_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    SCALE_WEIGHTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """``out.T = W @ x.T`` on the tensor cores, W decoded in registers by byte permutes.
+
+    The weight is the dot's left operand, so its rows fill the instruction's 64-row side even
+    for one input row. A K tile is ``SUB`` dots of ``SUB_K`` columns, each inside one absmax
+    block; a dot's product is scaled per weight row (few input rows), or (``SCALE_WEIGHTS``, many
+    rows) the decoded weights are scaled and the dot accumulates in place. The stored absmax of
+    the next tile is loaded one iteration ahead. Rows start on words (``stride_wn`` words).
+    """
+    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+    SUB: tl.constexpr = BLOCK_K // SUB_K
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, SUB)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    row_words = offs_n.to(tl.int64)[:, None] * stride_wn
+    row_blocks = offs_n.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_chunk
+    k_stop = tl.minimum(K, k_start + k_chunk)
+    planes = plane_words(code_ptr, x_ptr.dtype.element_ty)
+    block = row_blocks + ((k_start + offs_s * SUB_K) // BLOCKSIZE)[None, :]
+    stored = stored_absmax(absmax_ptr, block, n_mask[:, None], NESTED)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        next_block = row_blocks + ((k0 + BLOCK_K + offs_s * SUB_K) // BLOCKSIZE)[None, :]
+        next_stored = stored_absmax(absmax_ptr, next_block, n_mask[:, None] & (k0 + BLOCK_K < k_stop), NESTED)
+        scales = absmax_from_stored(
+            stored, block, n_mask[:, None], nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED,
+            NESTED_BLOCKSIZE,
+        )  # fmt: skip
+        for sub in tl.static_range(SUB):
+            k = k0 + sub * SUB_K
+            words = tl.load(w_ptr + row_words + (k // 8 + tl.arange(0, SUB_K // 8))[None, :], mask=n_mask[:, None])
+            weight = decode_words(words, planes, x_ptr.dtype.element_ty)
+            x_tile = x_ptr + offs_m[:, None] * stride_xm + (k + tl.arange(0, SUB_K))[None, :]
+            x = tl.load(x_tile, mask=m_mask[:, None], other=0.0)
+            scale = tl.sum(tl.where(offs_s[None, :] == sub, scales, 0.0), axis=1)
+            if SCALE_WEIGHTS:
+                weight = (weight.to(tl.float32) * scale[:, None]).to(x_ptr.dtype.element_ty)
+                acc = tl.dot(weight, tl.trans(x), acc)
+            else:
+                acc += tl.dot(weight, tl.trans(x)) * scale[:, None]
+        stored = next_stored
+        block = next_block
+    _store(out_ptr, bias_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     out = out_ptr + offs_r[:, None] * stride_om + offs_n[None, :]
     mask = (offs_r[:, None] < M) & (offs_n[None, :] < N)
@@ -153,11 +234,12 @@ def _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K: tl.
         tl.atomic_add(out, acc, mask=mask)
 
 
-#: Few-row configurations: (max rows, ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup); the first
-#: entry whose max rows covers M is used; SPLIT_K 0 means "enough K splits to give every
-#: multiprocessor work"; lookup is "gather" (float32 table), "half" (float16 table: one memory
-#: sector, codes rounded to 11 bits) or "select" (no memory access). Rows beyond the last entry
-#: decode in chunks and use cuBLAS.
+#: Few-row configurations of the CUDA-core kernels, for inputs the tensor-core kernel does not
+#: take (float32, K not a multiple of the blocksize, the interpreter): (max rows, ROWS, BLOCK_N,
+#: BLOCK_K, SPLIT_K, num_warps, lookup); the first entry whose max rows covers M is used; SPLIT_K 0
+#: means "enough K splits to give every multiprocessor work"; lookup is "gather" (float32 table),
+#: "half" (float16 table: one memory sector, codes rounded to 11 bits) or "select" (no memory
+#: access). Rows beyond the last entry decode in chunks and use cuBLAS.
 #: Measured with benchmarks/tune_triton.py on an H100 (2026-11-22).
 GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
     (1, 1, 16, 1024, 0, 4, "half"),
@@ -165,14 +247,42 @@ GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
     (4, 4, 16, 512, 0, 4, "half"),
 )
 
+#: Tensor-core kernel configurations for 16-bit inputs: (max rows, BLOCK_N, BLOCK_M, BLOCK_K,
+#: SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS); SPLIT_K is the fewest K splits (more are added
+#: until the programs cover the multiprocessors twice). Rows beyond the last entry decode in
+#: chunks and use cuBLAS, which is faster there.
+#: Measured with benchmarks/tune_triton.py on an H100 (2026-11-22, session 3).
+FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
+    (16, 128, 16, 64, 4, 4, 4, False),
+    (32, 128, 32, 64, 4, 4, 4, False),
+    (64, 128, 64, 64, 1, 4, 4, False),
+)
+
 #: Bytes of decoded weight per chunk on the many-rows path.
 CHUNK_BYTES = 64 << 20
 
 
-def gemv_config(rows: int) -> tuple | None:
-    """The (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup) for ``rows`` input rows, or None
-    when there are too many rows for the multiply-accumulate kernel."""
-    return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), None)
+def choose_config(x: torch.Tensor, k: int, blocksize: int) -> tuple | str:
+    """The kernel and tile configuration for input rows ``x`` (2-d) against a weight with ``k``
+    columns: a ``FUSED_TABLE`` entry, a ``GEMV_TABLE`` entry, or ``"chunked"``."""
+    rows = x.shape[0]
+    if fused_supported(x, k, blocksize):
+        entry = next((entry for entry in FUSED_TABLE if rows <= entry[0]), None)
+        return ("fused", *entry[1:]) if entry else "chunked"
+    return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), "chunked")
+
+
+def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
+    """Whether the tensor-core kernel takes this product: 16-bit inputs on a GPU (its PTX does not
+    run under the Triton interpreter) and rows that start on absmax blocks of a power-of-two size."""
+    return (
+        x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cuda"
+        and k % blocksize == 0
+        and blocksize & (blocksize - 1) == 0
+        and blocksize >= 16
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    )
 
 
 @functools.cache
@@ -186,18 +296,18 @@ def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.devic
     return max(1, min(triton.cdiv(2 * _processors(device), programs), triton.cdiv(k, block_k)))
 
 
-_half_tables: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_half_tables: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def _half_table(code: torch.Tensor) -> torch.Tensor:
-    """The code table as float16, converted once per table (keyed by storage and version)."""
-    key = (code.data_ptr(), code._version, code.device)
-    table = _half_tables.get(key)
-    if table is None:
+    """The code table as float16, converted once per table tensor and version (a table freed and
+    another allocated at its address is not mistaken for it)."""
+    entry = _half_tables.get(id(code))
+    if entry is None or entry[0]() is not code or entry[1] != code._version:
         if len(_half_tables) > 256:
             _half_tables.clear()
-        table = _half_tables[key] = code.half()
-    return table
+        entry = _half_tables[id(code)] = (weakref.ref(code), code._version, code.half())
+    return entry[2]
 
 
 def linear_4bit(
@@ -216,8 +326,10 @@ def linear_4bit(
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``.
 
-    ``config`` overrides the table (tuning): a (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)
-    tuple forces the multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
+    ``config`` overrides ``choose_config`` (tuning): a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K,
+    SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS)`` tuple forces the tensor-core kernel (16-bit
+    inputs on a GPU only), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)`` tuple the
+    CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
     n_out, k = shape
     x = A.reshape(-1, k)
@@ -228,8 +340,10 @@ def linear_4bit(
         return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
     nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset)
     if config is None:
-        config = gemv_config(m) or "chunked"
-    if config == "chunked":
+        config = choose_config(x, k, blocksize)
+    if isinstance(config, tuple) and config[0] == "fused":
+        out = _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config[1:])
+    elif config == "chunked":
         out = _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize)
     else:
         out = _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config)
@@ -265,6 +379,39 @@ def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blo
         x, weight, absmax, table, *statistics, bias if bias is not None else out, out, m, n_out, k,
         x.stride(0), out.stride(0), rows, block_n, block_k, split_k, blocksize, nested["nested_absmax"] is not None,
         nested_blocksize, lookup_mode == "select", bias is not None, num_warps=num_warps,
+    )  # fmt: skip
+    if split_k == 1:
+        return out
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config) -> torch.Tensor:
+    block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
+    m = x.shape[0]
+    block_k = min(block_k, k & -k)  # a power of two dividing K
+    block_m = max(16, min(block_m, triton.next_power_of_2(m)))
+    programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
+    # at least the configured splits, more until the multiprocessors are covered twice, and at
+    # least 8 K tiles per split
+    split_k = max(split_k, triton.cdiv(2 * _processors(x.device), programs))
+    split_k = max(1, min(split_k, k // (8 * block_k)))
+    if split_k > 1:
+        out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    statistics = (
+        (nested["nested_absmax"], nested["nested_code"], nested["nested_offset"])
+        if nested["nested_absmax"] is not None
+        else (absmax, absmax, absmax)  # never read
+    )
+    grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
+    _decode_dot_kernel[grid](
+        x, packed.reshape(-1).view(torch.uint8).view(torch.int32), absmax, code.float(), *statistics,
+        bias if bias is not None else out, out, m, n_out, k, x.stride(0), k // 8, out.stride(0),
+        block_n, block_m, block_k, split_k, blocksize, nested["nested_absmax"] is not None, nested_blocksize,
+        scale_weights, bias is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out

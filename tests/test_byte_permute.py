@@ -1,0 +1,119 @@
+"""The PTX of the byte-permute decoder, executed by a small emulator of the instructions it uses.
+
+The decoder's inline assembly runs only on NVIDIA GPUs (tests/test_triton.py checks it there).
+Here the same text is interpreted instruction by instruction on random words, so CI checks its
+selectors and byte orders without a GPU; ``plane_words`` runs as a Triton kernel (interpreted
+without a GPU).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from helpers import describe_dtype
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from fourbit.formats import get_4bit_type  # noqa: E402
+from fourbit.kernels.triton.byte_permute import _DECODE_ASM, plane_words  # noqa: E402
+
+MASK = 0xFFFFFFFF
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py interprets Triton without a GPU
+
+
+@triton.jit
+def _plane_words_kernel(code_ptr, out_ptr, DTYPE: tl.constexpr):
+    p0, p1, p2, p3, p4, p5, p6, p7 = plane_words(code_ptr, DTYPE)
+    tl.store(out_ptr + 0, p0)
+    tl.store(out_ptr + 1, p1)
+    tl.store(out_ptr + 2, p2)
+    tl.store(out_ptr + 3, p3)
+    tl.store(out_ptr + 4, p4)
+    tl.store(out_ptr + 5, p5)
+    tl.store(out_ptr + 6, p6)
+    tl.store(out_ptr + 7, p7)
+
+
+def _planes(code: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    out = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    _plane_words_kernel[(1,)](code.to(DEVICE), out, DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16)
+    return [int(word) & MASK for word in out.cpu()]
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """``prmt.b32`` in its default mode: byte i of the result is byte ``selector[4i:4i+3] & 7``
+    of ``b:a``, or that byte's sign replicated when bit 3 of the selector nibble is set."""
+    source = (b << 32) | a
+    result = 0
+    for i in range(4):
+        nibble = (selector >> (4 * i)) & 15
+        byte = (source >> (8 * (nibble & 7))) & 0xFF
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        result |= byte << (8 * i)
+    return result
+
+
+def _run(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Execute the straight-line PTX ``asm`` with operands ``$n`` bound from ``inputs``; returns
+    every register, 16-bit outputs included."""
+    regs = dict(inputs)
+
+    def value(token: str) -> int:
+        token = token.strip()
+        return int(token, 0) & MASK if token[0].isdigit() else regs[token]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, operands = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {lo, hi}, pair
+            low, high, pair = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)", operands).groups()
+            regs[low], regs[high] = value(pair) & 0xFFFF, value(pair) >> 16
+            continue
+        dest, *args = (part.strip() for part in operands.split(","))
+        args = [value(arg) for arg in args]
+        if op == "and.b32":
+            regs[dest] = args[0] & args[1]
+        elif op == "or.b32":
+            regs[dest] = args[0] | args[1]
+        elif op == "shr.u32":
+            regs[dest] = args[0] >> args[1]
+        elif op == "prmt.b32":
+            regs[dest] = _prmt(*args)
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return regs
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+def test_decoder_asm_looks_up_every_nibble_in_element_order(quant_type, dtype):
+    code = get_4bit_type(quant_type)
+    planes = _planes(code, dtype)
+    expected_bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    words = [*torch.randint(0, 2**32, (300,), dtype=torch.int64).tolist(), 0, MASK, 0x01234567, 0x89ABCDEF]
+    for word in words:
+        operands = {f"${8 + i + 1}": planes[i] for i in range(8)}
+        operands["$8"] = word
+        regs = _run(_DECODE_ASM.value, operands)
+        data = word.to_bytes(4, "little")
+        nibbles = [nibble for byte in data for nibble in (byte >> 4, byte & 15)]  # element order
+        decoded = [regs[f"${i}"] for i in range(8)]
+        assert decoded == [int(expected_bits[q]) for q in nibbles], hex(word)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+def test_plane_words_split_each_rounded_code_into_bytes(quant_type, dtype):
+    code = get_4bit_type(quant_type)
+    words = _planes(code, dtype)
+    bits = (code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF).tolist()  # torch rounds to nearest even
+    for entry, value in enumerate(bits):
+        word, byte = divmod(entry, 4)
+        assert (words[word] >> (8 * byte)) & 0xFF == value >> 8
+        assert (words[4 + word] >> (8 * byte)) & 0xFF == value & 0xFF
