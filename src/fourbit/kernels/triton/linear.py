@@ -1,9 +1,11 @@
 """Triton ``A @ W.T + bias`` for a packed 4-bit weight W.
 
-Few input rows (decoding: reading the weight is the cost) run a multiply-accumulate kernel that
-reads every packed byte once and never writes the decoded weight out. Many rows (prefill,
-training) decode the weight in chunks of rows with the dequantize kernel and hand each chunk to
-cuBLAS: the extra memory is one chunk, never the whole decoded weight.
+Up to 64 rows of 16-bit input (decoding: reading the weight is the cost) run a tensor-core kernel
+that decodes each packed word in registers with byte permutes (``byte_permute``) and never
+writes the decoded weight out. Other few-row inputs (float32, K not a multiple of the blocksize,
+the interpreter) run a CUDA-core multiply-accumulate kernel with a table lookup. Many rows
+(prefill, training) decode the weight in chunks of rows with the dequantize kernel and hand
+each chunk to cuBLAS: the extra memory is one chunk, never the whole decoded weight.
 """
 
 from __future__ import annotations
@@ -258,6 +260,9 @@ FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
     (64, 128, 64, 64, 1, 4, 4, False),
 )
 
+#: Triton reads this once, at import: kernels run on CPU tensors in its interpreter.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 #: Bytes of decoded weight per chunk on the many-rows path.
 CHUNK_BYTES = 64 << 20
 
@@ -281,7 +286,7 @@ def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
         and k % blocksize == 0
         and blocksize & (blocksize - 1) == 0
         and blocksize >= 16
-        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        and not _INTERPRETED
     )
 
 
