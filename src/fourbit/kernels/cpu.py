@@ -34,23 +34,36 @@ def compile_enabled() -> bool:
 
 
 def _quantize_blocks(
-    x: torch.Tensor, midpoints: torch.Tensor, order: torch.Tensor
+    x: torch.Tensor, midpoints: torch.Tensor, order: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole blocks ``x`` (blocks, blocksize) -> (packed bytes, absmax), as ``reference.quantize_4bit``."""
+    """Whole blocks ``x`` (blocks, blocksize) -> (packed bytes, absmax), as ``reference.quantize_4bit``.
+
+    The even and odd elements of each pair are coded separately and packed in the same pass, so
+    no per-element index tensor is written out. ``order`` maps sorted positions to code indices
+    (None when the table is sorted already, as NF4 is).
+    """
     x = x.float()
-    absmax = x.abs().amax(1, keepdim=True)
-    absmax = torch.where(x.isnan().any(1, keepdim=True), float("nan"), absmax)
-    scaled = x * (1.0 / absmax.clamp_min(reference.ABSMAX_FLOOR))
+    absmax = x.abs().amax(1, keepdim=True)  # NaN propagates, as in the reference
+    reciprocal = 1.0 / absmax.clamp_min(reference.ABSMAX_FLOOR)
+    pairs = x.view(x.shape[0], -1, 2)
+    high = _code_index(pairs[..., 0] * reciprocal, midpoints, order)
+    low = _code_index(pairs[..., 1] * reciprocal, midpoints, order)
+    return ((high << 4) | low).to(torch.uint8).view(-1), absmax.view(-1)
+
+
+def _code_index(scaled: torch.Tensor, midpoints: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Bucketize ``scaled`` against the 15 midpoints (NaN last) and map the position to a code index."""
     bounded = scaled.clamp(-1, 1)
     position = torch.zeros_like(bounded, dtype=torch.int32)
     for j in range(15):
         position = position + (bounded > midpoints[j]).to(torch.int32)
     position = torch.where(scaled.isnan(), 15, position)
+    if order is None:
+        return position
     codes = torch.zeros_like(position)
     for j in range(16):
         codes = torch.where(position == j, order[j], codes)
-    pairs = codes.view(-1, 2)
-    return ((pairs[:, 0] << 4) | pairs[:, 1]).to(torch.uint8), absmax.view(-1)
+    return codes
 
 
 def _decode_blocks(packed: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -94,8 +107,10 @@ def quantize_4bit(
     """Same contract as ``reference.quantize_4bit``."""
     if _fast(A.numel(), blocksize):
         midpoints, order = reference.sorted_code(code.float())
+        order = None if torch.equal(order, torch.arange(16)) else order.to(torch.int32)
         blocks = A.detach().reshape(-1, blocksize)
-        result = _run_compiled("quantize_4bit", _quantize_blocks, blocks, midpoints, order.to(torch.int32))
+        name = "quantize_4bit" if order is None else "quantize_4bit_ordered"
+        result = _run_compiled(name, _quantize_blocks, blocks, midpoints, order)
         if result is not None:
             packed, absmax = result
             return packed.view(quant_storage).unsqueeze(1), absmax

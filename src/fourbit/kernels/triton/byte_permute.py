@@ -15,18 +15,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: Per little-endian int32 word of packed data ($8; byte j holds element 2j in its high nibble and
-#: element 2j + 1 in its low one): the eight elements as 16-bit values $0 .. $7, looked up in the
-#: plane words $9 .. $12 (high bytes) and $13 .. $16 (low bytes). Nibble i of a half word selects
-#: byte i of ``hi``/``lo``; the last ``prmt`` of each pair puts an element's low and high byte
-#: side by side, in element order.
-_DECODE_ASM = tl.constexpr("""
-{
-.reg .b32 s, c, t, u, hi, lo, pair;
-and.b32 s, $8, 0x77777777;
-shr.u32 t, $8, 1;
-and.b32 t, t, 0x44444444;
-or.b32 c, t, 0x3210;
+
+def _decode_asm() -> str:
+    """PTX for one little-endian int32 word of packed data ($8; byte j holds element 2j in its high
+    nibble and element 2j + 1 in its low one): the eight elements as 16-bit values $0 .. $7,
+    looked up in the plane words $9 .. $12 (high bytes) and $13 .. $16 (low bytes).
+
+    Each half word is four nibbles: ``s`` holds their low three bits as ``prmt`` selectors, ``c``
+    picks byte i from the first (0-3) or second (4-7) half of a plane by nibble i's top bit.
+    Nibble i selects byte i of ``hi``/``lo``; the last ``prmt`` of each pair puts an element's
+    low and high byte side by side, in element order (nibble 1 before nibble 0).
+    """
+    half = """
 prmt.b32 t, $9, $10, s;
 prmt.b32 u, $11, $12, s;
 prmt.b32 hi, t, u, c;
@@ -34,24 +34,21 @@ prmt.b32 t, $13, $14, s;
 prmt.b32 u, $15, $16, s;
 prmt.b32 lo, t, u, c;
 prmt.b32 pair, lo, hi, 0x4051;
-mov.b32 {$0, $1}, pair;
+mov.b32 {{${0}, ${1}}}, pair;
 prmt.b32 pair, lo, hi, 0x6273;
-mov.b32 {$2, $3}, pair;
-shr.u32 s, s, 16;
-shr.u32 c, c, 16;
-or.b32 c, c, 0x3210;
-prmt.b32 t, $9, $10, s;
-prmt.b32 u, $11, $12, s;
-prmt.b32 hi, t, u, c;
-prmt.b32 t, $13, $14, s;
-prmt.b32 u, $15, $16, s;
-prmt.b32 lo, t, u, c;
-prmt.b32 pair, lo, hi, 0x4051;
-mov.b32 {$4, $5}, pair;
-prmt.b32 pair, lo, hi, 0x6273;
-mov.b32 {$6, $7}, pair;
-}
-""")
+mov.b32 {{${2}, ${3}}}, pair;
+"""
+    return (
+        "{\n.reg .b32 s, c, t, u, hi, lo, pair;\n"
+        "and.b32 s, $8, 0x77777777;\nshr.u32 t, $8, 1;\nand.b32 t, t, 0x44444444;\nor.b32 c, t, 0x3210;\n"
+        + half.format(0, 1, 2, 3)
+        + "shr.u32 s, s, 16;\nshr.u32 c, c, 16;\nor.b32 c, c, 0x3210;\n"
+        + half.format(4, 5, 6, 7)
+        + "}\n"
+    )
+
+
+_DECODE_ASM = tl.constexpr(_decode_asm())
 
 _CONSTRAINTS = tl.constexpr("=h," * 8 + "r" + ",r" * 8)
 
