@@ -3,6 +3,9 @@ once per dtype (no recompilation for new batch sizes), and a clean fallback to t
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import pytest
 import torch
 from helpers import DTYPES, assert_same_bits, describe_dtype
@@ -17,6 +20,8 @@ def small_tensors_compile(monkeypatch):
     """Let small test tensors take the compiled path (it is shape-independent)."""
     monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
     monkeypatch.setattr(cpu, "_failed", False)
+    monkeypatch.setattr(cpu, "_succeeded", set())
+    monkeypatch.setattr(cpu, "_warned", set())
 
 
 def _weights(dtype: torch.dtype, shape=(96, 256)) -> torch.Tensor:
@@ -69,6 +74,44 @@ def test_small_or_uneven_tensors_take_the_reference(monkeypatch):
     cpu.quantize_4bit(torch.randn(64, 64), code, 64, torch.uint8)  # below MIN_NUMEL
     monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
     cpu.quantize_4bit(torch.randn(1000), code, 64, torch.uint8)  # not a multiple of the blocksize
+
+
+def test_every_dtype_table_and_mode_compiles(small_tensors_compile, monkeypatch):
+    """From a fresh compile cache, every input dtype with both tables (sorted NF4, unsorted FP4),
+    in training and in inference mode, compiles: no variant hits torch.compile's limit on
+    graphs per function (the path would warn and use the reference for it)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(cpu, "_compiled", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for quant_type, dtype, inference in itertools.product(("nf4", "fp4"), DTYPES, (False, True)):
+            code = F4.get_4bit_type(quant_type)
+            with torch.inference_mode(inference):
+                data = torch.randn(32, 128).to(dtype)
+                packed, absmax = cpu.quantize_4bit(data, code, 64, torch.uint8)
+                restored = cpu.dequantize_4bit(packed, absmax, code, 64, data.shape, dtype)
+            assert_same_bits(restored, reference.dequantize_4bit(packed, absmax, code, 64, data.shape, dtype))
+    assert cpu._succeeded == {"quantize_4bit", "quantize_4bit_ordered"} | {
+        f"dequantize_4bit_{dtype}" for dtype in DTYPES
+    }
+
+
+def test_a_variant_that_fails_later_uses_the_reference_for_that_call_only(small_tensors_compile, monkeypatch):
+    data = _weights(torch.float32)
+    code = F4.get_4bit_type("nf4")
+    cpu.quantize_4bit(data, code, 64, torch.uint8)  # compiles and runs
+    compiled = cpu._compiled["quantize_4bit"]
+
+    def limit_hit(*args):
+        raise RuntimeError("recompile limit")
+
+    monkeypatch.setitem(cpu._compiled, "quantize_4bit", limit_hit)
+    with pytest.warns(RuntimeWarning, match="quantize_4bit.*recompile limit.*such calls use the slower reference"):
+        packed, _ = cpu.quantize_4bit(data, code, 64, torch.uint8)
+    assert torch.equal(packed, reference.quantize_4bit(data, code, 64, torch.uint8)[0])
+    assert cpu.compile_enabled()
+    monkeypatch.setitem(cpu._compiled, "quantize_4bit", compiled)
+    assert torch.equal(cpu.quantize_4bit(data, code, 64, torch.uint8)[0], packed)
 
 
 def test_failed_compilation_falls_back_to_the_reference(small_tensors_compile, monkeypatch):

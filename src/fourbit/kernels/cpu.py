@@ -26,11 +26,27 @@ MIN_NUMEL = 1 << 20
 
 _compiled: dict[str, Callable] = {}
 _failed = False
+_succeeded: set[str] = set()  # names whose compiled function has run
+_warned: set[str] = set()  # names whose later failure was reported
 
 
 def compile_enabled() -> bool:
     """Whether the compiled path may run (FOURBIT_CPU_COMPILE unset or 1, and no earlier failure)."""
     return not _failed and os.environ.get("FOURBIT_CPU_COMPILE", "1") not in ("0", "")
+
+
+def _quantize_sorted(x: torch.Tensor, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_quantize_blocks`` for a sorted table (NF4): positions are code indices."""
+    return _quantize_blocks(x, midpoints, None)
+
+
+def _quantize_ordered(
+    x: torch.Tensor, midpoints: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_quantize_blocks`` for a table that is not sorted (FP4). A function of its own, so that
+    torch.compile keeps its graphs apart from the sorted variant's (the recompile limit counts
+    per function)."""
+    return _quantize_blocks(x, midpoints, order)
 
 
 def _quantize_blocks(
@@ -82,23 +98,43 @@ def _compiled_function(name: str, function: Callable) -> Callable:
 
 
 def _run_compiled(name: str, function: Callable, *args: object) -> object | None:
-    """The compiled function's result, or None after disabling the path if compilation fails."""
+    """The compiled function's result, or None (the caller runs the reference) when it fails.
+
+    A failure before the function ever ran (no C++ compiler, say) turns the path off for the
+    process; a later one (a new variant that cannot be compiled, or torch.compile's limit on
+    graphs per function) sends only that call to the reference, with one warning per function.
+    Runs without gradient tracking (nothing here is differentiated), so that training and
+    inference share graphs.
+    """
     global _failed
     try:
-        return _compiled_function(name, function)(*args)
-    except Exception as error:  # inductor raises many kinds (no compiler, codegen errors)
-        _failed = True
+        with torch.no_grad():
+            result = _compiled_function(name, function)(*args)
+    except Exception as error:  # inductor raises many kinds (no compiler, codegen errors, limits)
+        if name not in _succeeded:
+            _failed = True
+            consequence = (
+                "using the slower reference kernels from now on (set FOURBIT_CPU_COMPILE=0 to skip the attempt)"
+            )
+        elif name in _warned:
+            return None
+        else:
+            consequence = "such calls use the slower reference kernels"
+        _warned.add(name)
         warnings.warn(
-            f"fourbit: the compiled CPU path failed ({type(error).__name__}: {error}); using the slower "
-            "reference kernels from now on (set FOURBIT_CPU_COMPILE=0 to skip the attempt)",
+            f"fourbit: the compiled CPU path failed for {name} ({type(error).__name__}: {error}); {consequence}",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
+    _succeeded.add(name)
+    return result
 
 
 def _fast(numel: int, blocksize: int) -> bool:
-    return numel >= MIN_NUMEL and numel % blocksize == 0 and compile_enabled()
+    """Whether to take the compiled path: whole blocks, at least two of them (a dimension of size
+    one would be compiled apart, and the graphs per function are limited), and enough data."""
+    return numel >= max(MIN_NUMEL, 2 * blocksize) and numel % blocksize == 0 and compile_enabled()
 
 
 def quantize_4bit(
@@ -107,10 +143,11 @@ def quantize_4bit(
     """Same contract as ``reference.quantize_4bit``."""
     if _fast(A.numel(), blocksize):
         midpoints, order = reference.sorted_code(code.float())
-        order = None if torch.equal(order, torch.arange(16)) else order.to(torch.int32)
         blocks = A.detach().reshape(-1, blocksize)
-        name = "quantize_4bit" if order is None else "quantize_4bit_ordered"
-        result = _run_compiled(name, _quantize_blocks, blocks, midpoints, order)
+        if torch.equal(order, torch.arange(16)):
+            result = _run_compiled("quantize_4bit", _quantize_sorted, blocks, midpoints)
+        else:
+            result = _run_compiled("quantize_4bit_ordered", _quantize_ordered, blocks, midpoints, order.to(torch.int32))
         if result is not None:
             packed, absmax = result
             return packed.view(quant_storage).unsqueeze(1), absmax
