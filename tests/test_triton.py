@@ -265,3 +265,37 @@ def test_kernel_choice_follows_rows_dtype_and_device():
         assert choose(bf16, 256, 64) == "chunked"
     assert choose(bf16[:1], 100, 64)[-1] == "half"  # K not a multiple of the blocksize
     assert choose(bf16[:2].float(), 256, 64)[0] == 2
+
+
+def test_derived_tables_follow_the_code_tensor():
+    """A table derived from a code tensor is reused for that tensor, rebuilt after an in-place
+    change, and never handed to another tensor (not even one at a freed table's address)."""
+    from fourbit.kernels.triton.derived import derived
+
+    builds = []
+
+    def build(code):
+        builds.append(code)
+        return code * 2
+
+    nf4 = _table("nf4")
+    first = derived(nf4, "test-double", build)
+    assert derived(nf4, "test-double", build) is first and len(builds) == 1
+    nf4.mul_(1.0)  # bumps the version
+    derived(nf4, "test-double", build)
+    assert len(builds) == 2
+    del nf4, first
+    fp4 = _table("fp4")  # may reuse the freed address and id
+    assert torch.equal(derived(fp4, "test-double", build), fp4 * 2)
+
+
+@pytest.mark.gpu
+def test_derived_tables_are_not_kept_from_a_graph_capture():
+    from fourbit.kernels.triton.derived import _entries, derived
+
+    code = _table("nf4")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        derived(code, "test-capture", lambda table: table * 2)
+    assert (id(code), "test-capture") not in _entries

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +21,7 @@ import triton.language as tl
 
 from .byte_permute import decode_words, plane_words
 from .common import absmax_from_stored, block_scale, decode_weight_tile, lookup, stored_absmax, word_shifts
+from .derived import derived
 from .quantize import dequantize_4bit
 
 
@@ -301,20 +301,6 @@ def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.devic
     return max(1, min(triton.cdiv(2 * _processors(device), programs), triton.cdiv(k, block_k)))
 
 
-_half_tables: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def _half_table(code: torch.Tensor) -> torch.Tensor:
-    """The code table as float16, converted once per table tensor and version (a table freed and
-    another allocated at its address is not mistaken for it)."""
-    entry = _half_tables.get(id(code))
-    if entry is None or entry[0]() is not code or entry[1] != code._version:
-        if len(_half_tables) > 256:
-            _half_tables.clear()
-        entry = _half_tables[id(code)] = (weakref.ref(code), code._version, code.half())
-    return entry[2]
-
-
 def linear_4bit(
     A: torch.Tensor,
     packed: torch.Tensor,
@@ -378,7 +364,8 @@ def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blo
         else (absmax, absmax, absmax)  # never read
     )
     # float32 inputs keep float32 codes: their products promise float32 accuracy
-    table = _half_table(code) if lookup_mode == "half" and x.dtype != torch.float32 else code.float()
+    half = lookup_mode == "half" and x.dtype != torch.float32
+    table = derived(code, "float16", torch.Tensor.half) if half else code.float()
     grid = (triton.cdiv(n_out, block_n), split_k)
     kernel[grid](
         x, weight, absmax, table, *statistics, bias if bias is not None else out, out, m, n_out, k,

@@ -18,6 +18,7 @@ import triton.language as tl
 from ...formats import num_blocks, packed_nbytes
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import block_scale, word_shifts
+from .derived import derived
 
 
 @triton.jit
@@ -78,6 +79,12 @@ def _nibble_words(order: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def _sorted_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 midpoints of the sorted ``code`` and its sort order as nibble words."""
+    midpoints, order = sorted_code(code.float())
+    return midpoints, _nibble_words(order)
+
+
 def quantize_4bit(
     A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +94,8 @@ def quantize_4bit(
     packed = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=A.device)
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     if n:
-        midpoints, order = sorted_code(code.float())
-        arguments = (flat, midpoints, _nibble_words(order), packed, absmax, n)
+        midpoints, order_words = derived(code, "sorted", _sorted_tables)
+        arguments = (flat, midpoints, order_words, packed, absmax, n)
         whole = n // blocksize
         if whole:
             per_program = max(1, 2048 // blocksize)
@@ -128,7 +135,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     out = torch.empty(n, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     if n:
-        lookup = blockwise_lookup(code.float())
+        lookup = derived(code, "blockwise", lambda table: blockwise_lookup(table.float()))
         _quantize_blockwise_kernel[(absmax.numel(),)](
             flat, lookup, out, absmax, n, blocksize, BLOCKWISE_GRID_STEPS, enable_fp_fusion=False
         )
