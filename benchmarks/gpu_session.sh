@@ -2,6 +2,8 @@
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
 #   STAGES="tests tune bench" bash benchmarks/gpu_session.sh
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
+# The whole GPU test suite takes longer than one 10-minute device call: split it with PYTEST_ARGS,
+# e.g. PYTEST_ARGS="tests/test_triton.py -k 'linear or tensor_core'" and then the other files.
 set -uo pipefail
 OUT=${OUT:-/tmp/fourbit-gpu}
 mkdir -p "$OUT"
