@@ -1,9 +1,10 @@
 """Where the host time of eager 4-bit calls goes: cProfile over a loop of calls (a GPU run).
 
-    python benchmarks/profile_host.py --shape 4096x4096 --rows 1
+    python benchmarks/profile_host.py --shape 4096x4096 --rows 1 [--profile quantize_4bit]
 
-Prints the wall time per call of ``matmul_4bit`` and of the Triton kernel launch alone, then the
-functions with the most own time. Eager calls of small layers are bounded by this host work.
+Prints the wall time per call of ``matmul_4bit``, of the Triton kernel launch alone and of
+``quantize_4bit``, then the functions with the most own time in the ``--profile`` case. Eager
+calls of small layers are bounded by this host work.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x4096")
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--profile", default="matmul_4bit", help="the case to profile")
     args = parser.parse_args()
     n, k = (int(part) for part in args.shape.split("x"))
     weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
@@ -48,13 +50,14 @@ def main() -> None:
         "matmul_4bit": lambda: fourbit.matmul_4bit(x, packed.t(), state),
         "Linear4bit": lambda: layer(x),
         "torch.matmul (bf16)": lambda: torch.matmul(x, weight.t()),
+        "quantize_4bit": lambda: F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True),
     }
     for name, fn in cases.items():
         print(f"{name}: {per_call(fn, args.calls):.1f} us per eager call")
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(args.calls):
-        cases["matmul_4bit"]()
+        cases[args.profile]()
     torch.cuda.synchronize()
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)

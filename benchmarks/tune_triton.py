@@ -1,10 +1,13 @@
 """Time candidate tile configurations of the Triton 4-bit linear kernels on this GPU.
 
     python benchmarks/tune_triton.py                # NF4, bf16, blocksize 64, nested statistics
+    python benchmarks/tune_triton.py --quantize     # the 4-bit quantizer's tile sizes
 
 Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
 replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
-The winners go into GEMV_TABLE in fourbit/kernels/triton/linear.py ("chunked": decode + cuBLAS).
+The winners go into GEMV_TABLE and FUSED_TABLE in fourbit/kernels/triton/linear.py ("chunked":
+decode + cuBLAS). With ``--quantize``: the quantizer's (elements per program, warps) next to
+a copy of the input, for the QUANTIZE_* constants of fourbit/kernels/triton/quantize.py.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 import fourbit.functional as F4
+from fourbit.formats import get_4bit_type
 from fourbit.kernels.triton import linear as triton_linear
+from fourbit.kernels.triton import quantize as triton_quantize
 
 # (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup); SPLIT_K 0 = automatic
 GEMV_CANDIDATES = [
@@ -38,6 +43,30 @@ FUSED_CANDIDATES = [
     ("fused", 128, 128, 64, 0, 8, 4, True), ("fused", 128, 128, 64, 2, 4, 4, True),
 ]  # fmt: skip
 
+# (QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS)
+QUANTIZE_CANDIDATES = [(1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
+
+
+def tune_quantize(shapes: list[str], rep: int) -> None:
+    """Time each QUANTIZE_CANDIDATES entry (NF4, bf16 input, blocksize 64); every candidate's
+    output must equal the default configuration's."""
+    code = get_4bit_type("nf4", device="cuda")
+    defaults = (triton_quantize.QUANTIZE_TILE_ELEMENTS, triton_quantize.QUANTIZE_WARPS)
+    for text in shapes:
+        n, k = (int(part) for part in text.split("x"))
+        weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        run = partial(triton_quantize.quantize_4bit, weight, code, 64, torch.uint8)
+        expected_packed, expected_absmax = run()
+        copy = do_bench_cudagraph(weight.clone, rep=rep, return_mode="median")
+        print(f"{text}: copy of the input {copy * 1e3:.1f} us")
+        for candidate in QUANTIZE_CANDIDATES:
+            triton_quantize.QUANTIZE_TILE_ELEMENTS, triton_quantize.QUANTIZE_WARPS = candidate
+            packed, absmax = run()
+            same = torch.equal(packed, expected_packed) and torch.equal(absmax, expected_absmax)
+            milliseconds = do_bench_cudagraph(run, rep=rep, return_mode="median")
+            print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / copy:5.2f}x copy  same={same}  {candidate}")
+        triton_quantize.QUANTIZE_TILE_ELEMENTS, triton_quantize.QUANTIZE_WARPS = defaults
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +74,11 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--rep", type=int, default=200, help="milliseconds of timing per candidate")
     parser.add_argument("--top", type=int, default=4, help="candidates listed per case")
+    parser.add_argument("--quantize", action="store_true", help="tune the 4-bit quantizer instead")
     args = parser.parse_args()
+    if args.quantize:
+        tune_quantize(args.shapes, args.rep)
+        return
     for text in args.shapes:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")

@@ -95,6 +95,47 @@ def test_blockwise_quantize_is_bit_exact(dtype, special):
         assert_same_bits(absmax, expected_absmax)
 
 
+def _edge_values(code: torch.Tensor) -> torch.Tensor:
+    """Every value in [-1, 1] where the 4-bit quantizer's answer can change: each midpoint and its
+    float32 neighbours, both ends of every cell of the quantizer's table, signed zeros, tiny and
+    subnormal values, +-1."""
+    from fourbit.kernels.triton.quantize import cell_bounds
+
+    midpoints, _ = reference.sorted_code(code.float())
+    ends = torch.cat(cell_bounds())
+    near = torch.cat([midpoints, torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1)])
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45, 1.0, -1.0])
+    values = torch.cat([near, ends, special])
+    return values[values.abs() <= 1]
+
+
+@pytest.mark.parametrize("table", ["nf4", "fp4", "uniform", "clustered"])
+def test_quantize_codes_every_edge_like_the_reference(table):
+    """Scaled values at every midpoint and cell boundary get the reference's code. NF4, FP4 and a
+    uniform table take the cell table; a clustered table, whose close midpoints share cells,
+    takes the comparison path; both are checked."""
+    from fourbit.kernels.triton.quantize import _quantizer_tables
+
+    if table in ("nf4", "fp4"):
+        code = get_4bit_type(table)
+    elif table == "uniform":  # with two -0.0 entries: a midpoint at -0.0
+        code = torch.cat([torch.linspace(-1, 1, 14), torch.tensor([-0.0, -0.0])])
+    else:  # unordered, eight values in each of [-0.6, -0.5] and [0.5, 0.6]
+        spread = torch.rand(16, generator=torch.Generator().manual_seed(0)) / 10 + 0.5
+        code = torch.where(torch.arange(16) % 2 == 0, spread, -spread)
+    assert int(_quantizer_tables(code)[1]) == (table != "clustered")
+    blocksize = 64
+    # each block starts with 1.0: absmax 1, so the scaled value is the value itself; a last block
+    # scaled by 1.0000001 puts a value one rounding above 1, and one holds NaN
+    blocks = [torch.cat([torch.ones(1), block]) for block in _edge_values(code).split(blocksize - 1)]
+    blocks += [torch.tensor([1.0000001, -1.0000001, 1.0, -1.0]), torch.tensor([float("nan"), 0.5])]
+    data = torch.cat([torch.nn.functional.pad(block, (0, blocksize - block.numel())) for block in blocks])
+    code = code.to(DEVICE)
+    expected, _ = reference.quantize_4bit(data.to(DEVICE), code, blocksize, torch.uint8)
+    packed, _ = kernels.quantize_4bit(data.to(DEVICE), code, blocksize, torch.uint8)
+    assert torch.equal(packed, expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
@@ -299,3 +340,22 @@ def test_derived_tables_are_not_kept_from_a_graph_capture():
     with torch.cuda.stream(stream), torch.cuda.graph(graph):
         derived(code, "test-capture", lambda table: table * 2)
     assert (id(code), "test-capture") not in _entries
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_with_a_new_code_table_can_be_captured_in_a_graph(quant_type):
+    """The quantizer's tables, built from a code tensor it has not seen, are made on the device
+    inside the capture (no host copies), and the replay equals an eager call."""
+    data = _data((257, 320), torch.bfloat16, special=True)
+    expected = kernels.quantize_4bit(data, _table(quant_type), 64, torch.uint8)  # compiles the kernels
+    fresh = _table(quant_type).clone()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        captured = kernels.quantize_4bit(data, fresh, 64, torch.uint8)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0])
+    assert_same_bits(captured[1], expected[1])

@@ -133,11 +133,6 @@ def _cached_dynamic_map(device: torch.device) -> Tensor:
     return create_dynamic_map().to(device)
 
 
-def _fresh_4bit_code(quant_type: str, device: torch.device) -> Tensor:
-    """A private copy of the table: each QuantState owns its map (safetensors refuses shared tensors)."""
-    return _cached_4bit_code(quant_type, device).clone()
-
-
 # --------------------------------------------------------------------------- packed dict helpers
 
 
@@ -547,8 +542,11 @@ def quantize_4bit(
     check_out(out, (packed_nbytes(A.numel()) // quant_storage.itemsize, 1), quant_storage)
     blocks = num_blocks(A.numel(), blocksize)
     check_out(absmax, (blocks,), torch.uint8 if compress_statistics else torch.float32, "absmax")
-    code = _fresh_4bit_code(quant_type, A.device)
-    packed, block_absmax = torch.ops.fourbit.quantize_4bit(A.detach(), code, blocksize, quant_storage)
+    # the kernels reuse what they derive from the shared table; each QuantState owns a copy
+    # (safetensors refuses shared tensors)
+    shared_code = _cached_4bit_code(quant_type, A.device)
+    packed, block_absmax = torch.ops.fourbit.quantize_4bit(A.detach(), shared_code, blocksize, quant_storage)
+    code = shared_code.clone()
     if compress_statistics:
         offset = block_absmax.mean() if block_absmax.numel() else block_absmax.new_zeros(())
         qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=NESTED_BLOCKSIZE)

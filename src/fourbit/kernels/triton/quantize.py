@@ -20,10 +20,63 @@ from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import block_scale, word_shifts
 from .derived import derived
 
+#: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit
+#: patterns sharing the exponent and the top ``CELL_MANTISSA_BITS`` of the mantissa, so a cell
+#: spans a factor of at most 1.25 and holds at most one NF4 or FP4 midpoint. ``CELLS_PER_SIGN``
+#: cells per sign end at [1, 1.25); the first also takes every smaller magnitude (below 2**-16),
+#: the last every larger one and NaN. The 128-entry table is small enough for shared memory.
+CELL_MANTISSA_BITS = 2
+CELLS_PER_SIGN = 64
+_CELL_SHIFT = 23 - CELL_MANTISSA_BITS
+_LAST_CELL = (0x3F800000 >> _CELL_SHIFT) + 1  # magnitudes from 1.25 up, and NaN
+_FIRST_CELL = _LAST_CELL - CELLS_PER_SIGN + 1
+
+#: Elements per program of the 4-bit quantizer and its warps; measured on an H100
+#: (``benchmarks/tune_triton.py --quantize``).
+QUANTIZE_TILE_ELEMENTS = 2048
+QUANTIZE_WARPS = 4
+
+
+@triton.jit
+def _max_with_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _codes_by_cells(scaled, cells_ptr, CELL_SHIFT: tl.constexpr, FIRST_CELL: tl.constexpr,
+                    CELLS_PER_SIGN: tl.constexpr):  # fmt: skip
+    """Code indices of ``scaled`` from its cell's entry: the cell's midpoint (low word, float32)
+    and the codes at or below it and above it (high word, two nibbles). One gather from a table
+    held in shared memory and one comparison: the table holds clamping, NaN and the sort order."""
+    bits = scaled.to(tl.int32, bitcast=True)
+    cell = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> CELL_SHIFT, FIRST_CELL), FIRST_CELL + CELLS_PER_SIGN - 1)
+    index = cell - FIRST_CELL + ((bits >> 31) & CELLS_PER_SIGN)  # negative values: the second half
+    table = tl.load(cells_ptr + tl.arange(0, 2 * CELLS_PER_SIGN))
+    entry = tl.reshape(tl.gather(table, tl.reshape(index, (index.numel,)), 0), scaled.shape)
+    threshold = entry.to(tl.int32).to(tl.float32, bitcast=True)
+    pair = (entry >> 32).to(tl.int32)
+    return tl.where(scaled > threshold, pair >> 4, pair) & 15
+
+
+@triton.jit
+def _codes_by_comparisons(scaled, midpoints_ptr, order_ptr):
+    """Code indices of ``scaled`` by counting the midpoints below it (any code table)."""
+    bounded = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    index = tl.zeros(scaled.shape, tl.int32)
+    for j in tl.static_range(15):  # bucketize: the number of midpoints strictly below the value
+        index += (bounded > tl.load(midpoints_ptr + j)).to(tl.int32)
+    index = tl.where(scaled != scaled, 15, index)  # bucketize puts NaN last
+    # sorted position -> code index through two registers of 8 nibbles each: no per-element gather
+    order_low = tl.load(order_ptr)
+    order_high = tl.load(order_ptr + 1)
+    return (tl.where(index < 8, order_low, order_high) >> (4 * (index & 7))) & 15
+
 
 @triton.jit
 def _quantize_4bit_kernel(
     x_ptr,
+    cells_ptr,
+    cells_exact_ptr,
     midpoints_ptr,
     order_ptr,
     packed_ptr,
@@ -34,19 +87,22 @@ def _quantize_4bit_kernel(
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     SHORT: tl.constexpr,
+    CELL_SHIFT: tl.constexpr,
+    FIRST_CELL: tl.constexpr,
+    CELLS_PER_SIGN: tl.constexpr,
 ):
     """Quantize whole blocks ``[first_block, block_limit)``; ``SHORT``: the one partial last block,
-    which the reference divides by its clamped absmax instead of multiplying by the reciprocal."""
+    which the reference divides by its clamped absmax instead of multiplying by the reciprocal.
+    Codes come from the cell table, or, for a code table whose midpoints the cells cannot
+    separate (``cells_exact`` is 0), from comparisons with every midpoint."""
     pid = tl.program_id(0)
     blocks = first_block + pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     live = blocks < block_limit
     offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    inside = live[:, None] & (offsets < n)
+    inside = live[:, None] & (offsets < n) if SHORT else live[:, None]  # whole blocks end before n
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # contiguous: vectorized loads
 
-    has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
-    absmax = tl.max(tl.abs(x), axis=1)
-    absmax = tl.where(has_nan, float("nan"), absmax)
+    absmax = tl.reduce(tl.abs(x), 1, _max_with_nan)  # NaN if the block has one, like torch.amax
     clamped = tl.where(absmax < 1e-38, 1e-38, absmax)  # keeps NaN, like torch.clamp
     if SHORT:
         scaled = tl.math.div_rn(x, clamped[:, None])
@@ -55,19 +111,14 @@ def _quantize_4bit_kernel(
         reciprocal = tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)
         scaled = x * reciprocal[:, None]
 
-    bounded = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
-    index = tl.zeros(scaled.shape, tl.int32)
-    for j in tl.static_range(15):  # bucketize: the number of midpoints strictly below the value
-        index += (bounded > tl.load(midpoints_ptr + j)).to(tl.int32)
-    index = tl.where(scaled != scaled, 15, index)  # bucketize puts NaN last
-    # sorted position -> code index through two registers of 8 nibbles each: no per-element gather
-    order_low = tl.load(order_ptr)
-    order_high = tl.load(order_ptr + 1)
-    codes = (tl.where(index < 8, order_low, order_high) >> (4 * (index & 7))) & 15
+    if tl.load(cells_exact_ptr) != 0:
+        codes = _codes_by_cells(scaled, cells_ptr, CELL_SHIFT, FIRST_CELL, CELLS_PER_SIGN)
+    else:
+        codes = _codes_by_comparisons(scaled, midpoints_ptr, order_ptr)
     high, low = tl.split(tl.reshape(codes, (BLOCKS_PER_PROGRAM, BLOCKSIZE // 2, 2)))
     packed = ((high << 4) | low).to(tl.uint8)
     byte = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    tl.store(packed_ptr + byte, packed, mask=live[:, None] & (byte < (n + 1) // 2))
+    tl.store(packed_ptr + byte, packed, mask=live[:, None] & (byte < (n + 1) // 2) if SHORT else live[:, None])
     tl.store(absmax_ptr + blocks, clamped if SHORT else absmax, mask=live)
 
 
@@ -79,10 +130,42 @@ def _nibble_words(order: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _sorted_tables(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 midpoints of the sorted ``code`` and its sort order as nibble words."""
+def cell_bounds(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest float32 value of every cell, in table order (positive cells, then
+    negative ones); the last cell of each sign is NaN at its open end. Made on ``device``: no
+    host-to-device copy, so tables can be derived inside a CUDA graph capture."""
+    cell = torch.arange(_FIRST_CELL, _LAST_CELL + 1, dtype=torch.int32, device=device)
+    smallest = torch.where(cell == _FIRST_CELL, 0, cell << _CELL_SHIFT)
+    largest = torch.where(cell == _LAST_CELL, 0x7FFFFFFF, ((cell + 1) << _CELL_SHIFT) - 1)
+    smallest, largest = smallest.view(torch.float32), largest.view(torch.float32)
+    return torch.cat([smallest, -largest]), torch.cat([largest, -smallest])
+
+
+def _quantizer_tables(code: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Everything the 4-bit quantizer needs from ``code``, built on the device without a host sync
+    (so it can happen inside a CUDA graph capture): the cell table (int64 per cell), whether it
+    is exact for this code (int32 scalar), the float32 midpoints and the sort order as nibble words.
+
+    The reference codes ``v`` as ``order[#{midpoints m : clamp(v, -1, 1) > m}]``. A midpoint at or
+    above 1 is never below a clamped value and one below -1 always is, so the count equals
+    ``#{m' < v}`` with those midpoints moved to +-inf. Inside a cell ``[lower, upper]`` the count
+    changes only at the midpoints in ``[lower, upper)``; when those are all one value ``t`` it is
+    ``count(lower)`` up to ``t`` and ``count(upper)`` above, which the entry stores as ``t`` and
+    the two resulting codes. The last cell of each sign holds the code of NaN, ``order[15]``: a
+    scaled value is at most 1 (and one rounding) in magnitude, or NaN.
+    """
     midpoints, order = sorted_code(code.float())
-    return midpoints, _nibble_words(order)
+    shifted = torch.where(midpoints >= 1, torch.inf, torch.where(midpoints < -1, -torch.inf, midpoints))
+    lower, upper = (bound[:, None] for bound in cell_bounds(code.device))
+    is_nan = (lower.isnan() | upper.isnan()).view(-1)
+    switching = (shifted >= lower) & (shifted < upper)
+    threshold = torch.where(switching, shifted, torch.inf).amin(1)
+    exact = ((shifted == threshold[:, None]) | ~switching | is_nan[:, None]).all()
+    below = torch.where(is_nan, order[15], order[(shifted < lower).sum(1)])
+    above = torch.where(is_nan, order[15], order[(shifted < upper).sum(1)])
+    threshold_bits = threshold.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    cells = threshold_bits | (below.to(torch.int64) | above.to(torch.int64) << 4) << 32
+    return cells, exact.to(torch.int32).view(1), midpoints, _nibble_words(order)
 
 
 def quantize_4bit(
@@ -94,15 +177,18 @@ def quantize_4bit(
     packed = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=A.device)
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     if n:
-        midpoints, order_words = derived(code, "sorted", _sorted_tables)
-        arguments = (flat, midpoints, order_words, packed, absmax, n)
+        cells, exact, midpoints, order_words = derived(code, "quantizer", _quantizer_tables)
+        arguments = (flat, cells, exact, midpoints, order_words, packed, absmax, n)
+        cell_layout = (_CELL_SHIFT, _FIRST_CELL, CELLS_PER_SIGN)
         whole = n // blocksize
         if whole:
-            per_program = max(1, 2048 // blocksize)
+            per_program = max(1, QUANTIZE_TILE_ELEMENTS // blocksize)
             grid = (triton.cdiv(whole, per_program),)
-            _quantize_4bit_kernel[grid](*arguments, 0, whole, blocksize, per_program, False)
+            _quantize_4bit_kernel[grid](
+                *arguments, 0, whole, blocksize, per_program, False, *cell_layout, num_warps=QUANTIZE_WARPS
+            )
         if whole * blocksize < n:
-            _quantize_4bit_kernel[(1,)](*arguments, whole, whole + 1, blocksize, 1, True)
+            _quantize_4bit_kernel[(1,)](*arguments, whole, whole + 1, blocksize, 1, True, *cell_layout)
     return packed.view(quant_storage).unsqueeze(1), absmax
 
 
