@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import BLOCKSIZES, DTYPES, STORAGES, assert_same_bits, available_devices, describe_dtype
 
 import fourbit.functional as F4
+from fourbit.formats import get_4bit_type
 from fourbit.functional import QuantState
 
 # SPEC section 7: mean errors over a 1024x1024 N(0, 1) tensor (plus 1e-3 slack).
@@ -216,6 +217,19 @@ def test_as_dict_unpacked_keys_and_values(nested):
         assert isinstance(entries["nested_offset"], float)
         assert torch.equal(entries["nested_quant_map"], state.state2.code)
         assert entries["nested_quant_map"].data_ptr() != state.state2.code.data_ptr()
+
+
+def test_each_state_owns_its_code_table():
+    """States never share their map (safetensors refuses shared tensors), and changing one state's
+    map in place changes neither another state nor later quantization."""
+    weight = torch.randn(40, 64)
+    packed, first = F4.quantize_4bit(weight, quant_type="nf4")
+    _, second = F4.quantize_4bit(weight, quant_type="nf4")
+    assert first.code.data_ptr() != second.code.data_ptr()
+    first.code.zero_()
+    assert torch.equal(second.code, get_4bit_type("nf4"))
+    again, _ = F4.quantize_4bit(weight, quant_type="nf4")
+    assert torch.equal(again, packed)
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
