@@ -1,9 +1,10 @@
 """Triton 4-bit quantize and dequantize, bit-identical with ``fourbit.kernels.reference``.
 
 Exactness rests on the same float32 operations in the same order: ``x * (1 / absmax)`` with a
-correctly rounded division (``div_rn``), a plain divide for a short last block, comparisons
-against the midpoints for bucketize, and ``code * scale`` (nested: ``code * scale + offset``
-without a fused multiply-add, hence ``enable_fp_fusion=False`` at launch).
+correctly rounded division (``div_rn``), a plain divide for a short last block, float32
+comparisons with the midpoints for bucketize (one per value, found through the cell table,
+see ``_quantizer_tables``), and ``code * scale`` (nested: ``code * scale + offset`` without a
+fused multiply-add, hence ``enable_fp_fusion=False`` at launch).
 """
 
 from __future__ import annotations
