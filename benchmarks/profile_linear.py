@@ -3,7 +3,8 @@
     ncu -k regex:decode_dot --section SpeedOfLight python benchmarks/profile_linear.py \\
         --shape 28672x8192 --rows 1 --config fused,128,16,64,0,4,4,0
 
-The config is the comma-separated tuple of ``linear_4bit``'s ``config`` argument (0/1 for flags),
+The config is the comma-separated tuple of ``linear_4bit``'s ``config`` argument (0/1 for flags;
+e.g. ``fragments,1,4,4`` for the register-fragment kernel, ``-k regex:fragment``),
 or "chunked"; without one the library's own choice runs.
 """
 
@@ -22,7 +23,9 @@ def parse_config(text: str | None) -> tuple | str | None:
         return text
     name, *numbers = text.split(",")
     values = [int(value) for value in numbers]
-    return (name, *values[:-1], bool(values[-1]))
+    if name == "fused":  # the last field is the SCALE_WEIGHTS flag
+        return (name, *values[:-1], bool(values[-1]))
+    return (name, *values)
 
 
 def main() -> None:

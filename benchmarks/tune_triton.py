@@ -5,7 +5,7 @@
 
 Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
 replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
-The winners go into GEMV_TABLE and FUSED_TABLE in fourbit/kernels/triton/linear.py ("chunked":
+The winners go into FRAGMENT_TABLE, GEMV_TABLE and FUSED_TABLE in fourbit/kernels/triton/linear.py ("chunked":
 decode + cuBLAS). With ``--quantize``: the quantizer's (elements per program, warps) next to
 a copy of the input, for the QUANTIZE_* constants of fourbit/kernels/triton/quantize.py.
 """
@@ -43,6 +43,12 @@ FUSED_CANDIDATES = [
     ("fused", 128, 128, 64, 0, 8, 4, True), ("fused", 128, 128, 64, 2, 4, 4, True),
 ]  # fmt: skip
 
+# ("fragments", num_warps, SPLIT_K): the register-fragment kernel, up to 16 rows; SPLIT_K 0 = automatic
+FRAGMENT_CANDIDATES = [
+    ("fragments", 4, 0), ("fragments", 4, 1), ("fragments", 4, 2), ("fragments", 4, 4), ("fragments", 2, 0),
+    ("fragments", 2, 4), ("fragments", 8, 0), ("fragments", 8, 2),
+]  # fmt: skip
+
 # (QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS)
 QUANTIZE_CANDIDATES = [(1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
 
@@ -75,6 +81,9 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=200, help="milliseconds of timing per candidate")
     parser.add_argument("--top", type=int, default=4, help="candidates listed per case")
     parser.add_argument("--quantize", action="store_true", help="tune the 4-bit quantizer instead")
+    parser.add_argument(
+        "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused"], help="kernel kinds to time"
+    )
     args = parser.parse_args()
     if args.quantize:
         tune_quantize(args.shapes, args.rep)
@@ -88,8 +97,13 @@ def main() -> None:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cublas = do_bench_cudagraph(partial(torch.matmul, x, weight.t()), rep=args.rep, return_mode="median")
             expected = x.double() @ F4.dequantize_4bit(packed, state).double().t()
-            candidates = [c for c in GEMV_CANDIDATES if rows <= c[0] <= max(1, 2 * rows)] + ["chunked"]
-            candidates += [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2]
+            kinds = {
+                "gemv": [c for c in GEMV_CANDIDATES if rows <= c[0] <= max(1, 2 * rows)],
+                "chunked": ["chunked"],
+                "fragments": FRAGMENT_CANDIDATES if rows <= 16 else [],
+                "fused": [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2],
+            }
+            candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []
             for config in candidates:
                 run = partial(
@@ -110,7 +124,13 @@ def main() -> None:
 
 def report_registers() -> None:
     """Registers and spills of every compiled variant (spills mean local-memory traffic)."""
-    for kernel in (triton_linear._gemv_words_kernel, triton_linear._gemv_any_kernel, triton_linear._decode_dot_kernel):
+    kernels = (
+        triton_linear._gemv_words_kernel,
+        triton_linear._gemv_any_kernel,
+        triton_linear._decode_dot_kernel,
+        triton_linear.fragments._fragment_mma_kernel,
+    )
+    for kernel in kernels:
         caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})
         for cache in caches.values():
             entries = cache[0] if isinstance(cache, tuple) else cache

@@ -293,13 +293,52 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
             assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [("fragments", 4, 1), ("fragments", 2, 3), ("fragments", 8, 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_register_fragment_kernel_configurations(config, dtype, nested):
+    """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
+    ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not
+    divide K, rows of a number of blocks that is not a multiple of 4, and strided inputs, against
+    a float64 reference."""
+    for quant_type, (n, k, blocksize) in itertools.product(
+        ["nf4", "fp4"],
+        [
+            (300, 256, 64),
+            (100, 4096, 128),
+            (17, 512, 256),
+            (130, 4096, 4096),
+            (33, 320, 64),
+            (50, 192, 64),
+            (4096, 11008, 64),
+        ],
+    ):
+        code = _table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = _statistics(absmax, nested)
+        dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+        for rows in (1, 3, 8, 9, 16):
+            # rows 2k apart; for 3 rows 2k + 8, which the kernel cannot read in place (it copies)
+            x = torch.randn(rows, 2 * k + (8 if rows == 3 else 0), device=DEVICE).to(dtype)[:, -k:]
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
+            expected = x.double() @ dense.t() + bias.double()
+            assert out.dtype == dtype and out.shape == (rows, n)
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
+            assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
+
+
 def test_kernel_choice_follows_rows_dtype_and_device():
     """16-bit inputs with K a multiple of the blocksize go to the tensor-core kernel on a GPU (up
     to the table's rows); float32, other K and the interpreter take the CUDA-core kernels."""
     choose = kernels.linear.choose_config
     bf16 = torch.zeros(8, 256, dtype=torch.bfloat16, device=DEVICE)
     if ON_GPU:
-        assert choose(bf16, 256, 64)[0] == "fused"
+        assert choose(bf16, 256, 64)[0] == "fragments"
+        assert choose(bf16, 256, 32)[0] == "fused"  # blocks shorter than the kernel's 64-column step
+        assert choose(torch.zeros(17, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64)[0] == "fused"
         assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64) == "chunked"
     else:
         assert not kernels.linear.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter

@@ -16,34 +16,51 @@ import triton
 import triton.language as tl
 
 
-def _decode_asm() -> str:
-    """PTX for one little-endian int32 word of packed data ($8; byte j holds element 2j in its high
-    nibble and element 2j + 1 in its low one): the eight elements as 16-bit values $0 .. $7,
-    looked up in the plane words $9 .. $12 (high bytes) and $13 .. $16 (low bytes).
+def decode_word_ptx(word: str, pairs: tuple[str, str, str, str], planes: tuple[str, ...]) -> str:
+    """PTX that decodes the little-endian int32 register ``word`` (byte j holds element 2j in its
+    high nibble and element 2j + 1 in its low one) into four 32-bit ``pairs`` of 16-bit values,
+    elements (0, 1), (2, 3), (4, 5), (6, 7), the lower element in the low half. ``planes`` names
+    the eight ``plane_words`` (four of high bytes, then four of low bytes). Uses the scratch
+    registers ``s, c, t, u, hi, lo`` (declared by ``DECODE_SCRATCH``).
 
     Each half word is four nibbles: ``s`` holds their low three bits as ``prmt`` selectors, ``c``
     picks byte i from the first (0-3) or second (4-7) half of a plane by nibble i's top bit.
     Nibble i selects byte i of ``hi``/``lo``; the last ``prmt`` of each pair puts an element's
-    low and high byte side by side, in element order (nibble 1 before nibble 0).
+    low and high byte side by side (nibble 1, element 0, in the low half).
     """
-    half = """
-prmt.b32 t, $9, $10, s;
-prmt.b32 u, $11, $12, s;
-prmt.b32 hi, t, u, c;
-prmt.b32 t, $13, $14, s;
-prmt.b32 u, $15, $16, s;
-prmt.b32 lo, t, u, c;
-prmt.b32 pair, lo, hi, 0x4051;
-mov.b32 {{${0}, ${1}}}, pair;
-prmt.b32 pair, lo, hi, 0x6273;
-mov.b32 {{${2}, ${3}}}, pair;
-"""
+    h0, h1, h2, h3, l0, l1, l2, l3 = planes
+
+    def half(first: str, second: str) -> str:
+        return (
+            f"prmt.b32 t, {h0}, {h1}, s;\nprmt.b32 u, {h2}, {h3}, s;\nprmt.b32 hi, t, u, c;\n"
+            f"prmt.b32 t, {l0}, {l1}, s;\nprmt.b32 u, {l2}, {l3}, s;\nprmt.b32 lo, t, u, c;\n"
+            f"prmt.b32 {first}, lo, hi, 0x4051;\nprmt.b32 {second}, lo, hi, 0x6273;\n"
+        )
+
     return (
-        "{\n.reg .b32 s, c, t, u, hi, lo, pair;\n"
-        "and.b32 s, $8, 0x77777777;\nshr.u32 t, $8, 1;\nand.b32 t, t, 0x44444444;\nor.b32 c, t, 0x3210;\n"
-        + half.format(0, 1, 2, 3)
+        f"and.b32 s, {word}, 0x77777777;\nshr.u32 t, {word}, 1;\nand.b32 t, t, 0x44444444;\n"
+        "or.b32 c, t, 0x3210;\n"
+        + half(pairs[0], pairs[1])
         + "shr.u32 s, s, 16;\nshr.u32 c, c, 16;\nor.b32 c, c, 0x3210;\n"
-        + half.format(4, 5, 6, 7)
+        + half(pairs[2], pairs[3])
+    )
+
+
+#: Declarations of the scratch registers ``decode_word_ptx`` uses.
+DECODE_SCRATCH = ".reg .b32 s, c, t, u, hi, lo;\n"
+
+
+def _decode_asm() -> str:
+    """PTX for one int32 word of packed data ($8): its eight elements as 16-bit values $0 .. $7,
+    looked up in the plane words $9 .. $16."""
+    planes = tuple(f"${i}" for i in range(9, 17))
+    unpack = "".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p{i};\n" for i in range(4))
+    return (
+        "{\n"
+        + DECODE_SCRATCH
+        + ".reg .b32 p0, p1, p2, p3;\n"
+        + decode_word_ptx("$8", ("p0", "p1", "p2", "p3"), planes)
+        + unpack
         + "}\n"
     )
 

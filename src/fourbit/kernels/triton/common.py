@@ -138,3 +138,21 @@ def word_shifts():
     2b is the high nibble of byte b (shift 8b + 4), element 2b + 1 its low nibble (shift 8b)."""
     lane = tl.arange(0, 8)
     return (lane // 2) * 8 + 4 * (1 - lane % 2)
+
+
+@triton.jit
+def store_output(
+    out_ptr, bias_ptr, value, out_row, out_col, M, N, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """Write the float32 products ``value`` to ``out[out_row, out_col]`` (index tensors broadcast
+    to its shape; outside ``M x N`` nothing is written), adding ``bias[out_col]`` and casting to
+    the output's type; with split K, atomically add them to the float32 ``out`` instead (the
+    caller adds the bias and casts)."""
+    out = out_ptr + out_row * stride_om + out_col
+    mask = (out_row < M) & (out_col < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            value += tl.load(bias_ptr + out_col, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, value, mask=mask, sem="relaxed")

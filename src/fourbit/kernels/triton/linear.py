@@ -1,11 +1,13 @@
 """Triton ``A @ W.T + bias`` for a packed 4-bit weight W.
 
-Up to 64 rows of 16-bit input (decoding: reading the weight is the cost) run a tensor-core kernel
-that decodes each packed word in registers with byte permutes (``byte_permute``) and never
-writes the decoded weight out. Other few-row inputs (float32, K not a multiple of the blocksize,
-the interpreter) run a CUDA-core multiply-accumulate kernel with a table lookup. Many rows
-(prefill, training) decode the weight in chunks of rows with the dequantize kernel and hand
-each chunk to cuBLAS: the extra memory is one chunk, never the whole decoded weight.
+Up to 16 rows of 16-bit input (blocksizes of 64 and more) run ``fragments``: ``mma.sync`` with
+each lane's operand fragment decoded through a shared-memory table of code pairs. Up to 64 rows
+otherwise run a tensor-core kernel that decodes each packed word in registers with byte permutes
+(``byte_permute``); neither writes the decoded weight out (for few rows reading the weight is the
+cost). Other few-row inputs (float32, K not a multiple of the blocksize, the interpreter) run a
+CUDA-core multiply-accumulate kernel with a table lookup. Many rows (prefill, training) decode
+the weight in chunks of rows with the dequantize kernel and hand each chunk to cuBLAS: the extra
+memory is one chunk, never the whole decoded weight.
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fragments
 from .byte_permute import decode_words, plane_words
-from .common import absmax_from_stored, block_scale, decode_weight_tile, lookup, stored_absmax, word_shifts
+from .common import (
+    absmax_from_stored,
+    block_scale,
+    decode_weight_tile,
+    lookup,
+    store_output,
+    stored_absmax,
+    word_shifts,
+)
 from .derived import derived
 from .quantize import dequantize_4bit
 
@@ -93,7 +104,7 @@ def _gemv_words_kernel(
         else:
             partial = tl.sum(values[None, :, :, :] * tl.reshape(x, (ROWS, 1, SUB, SPAN)), axis=3)
             acc += tl.sum(partial * scale[None, :, :], axis=2)
-    _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    store_output(out_ptr, bias_ptr, acc, offs_r[:, None], offs_n[None, :], M, N, stride_om, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -143,7 +154,7 @@ def _gemv_any_kernel(
             BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SELECT,
         )  # fmt: skip
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    store_output(out_ptr, bias_ptr, acc, offs_r[:, None], offs_n[None, :], M, N, stride_om, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -221,19 +232,7 @@ def _decode_dot_kernel(
                 acc += tl.dot(weight, tl.trans(x)) * scale[:, None]
         stored = next_stored
         block = next_block
-    _store(out_ptr, bias_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _store(out_ptr, bias_ptr, acc, offs_r, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    out = out_ptr + offs_r[:, None] * stride_om + offs_n[None, :]
-    mask = (offs_r[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc, mask=mask)
+    store_output(out_ptr, bias_ptr, tl.trans(acc), offs_m[:, None], offs_n[None, :], M, N, stride_om, SPLIT_K, HAS_BIAS)
 
 
 #: Few-row configurations of the CUDA-core kernels, for inputs the tensor-core kernel does not
@@ -260,6 +259,11 @@ FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
     (64, 128, 64, 64, 1, 4, 4, False),
 )
 
+#: Register-fragment kernel configurations (``fragments``) for 16-bit inputs, blocksizes of 64 and
+#: more: (max rows, num_warps, SPLIT_K); SPLIT_K 0 means enough K splits for two programs per
+#: multiprocessor. Measured with benchmarks/tune_triton.py on an H100 (2026-11-23, session 5).
+FRAGMENT_TABLE: tuple[tuple[int, int, int], ...] = ((16, 4, 0),)
+
 #: Triton reads this once, at import: kernels run on CPU tensors in its interpreter.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -267,10 +271,15 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CHUNK_BYTES = 64 << 20
 
 
-def choose_config(x: torch.Tensor, k: int, blocksize: int) -> tuple | str:
+def choose_config(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> tuple | str:
     """The kernel and tile configuration for input rows ``x`` (2-d) against a weight with ``k``
-    columns: a ``FUSED_TABLE`` entry, a ``GEMV_TABLE`` entry, or ``"chunked"``."""
+    columns (packed in ``packed``, when given): a ``FRAGMENT_TABLE``, ``FUSED_TABLE`` or
+    ``GEMV_TABLE`` entry, or ``"chunked"``."""
     rows = x.shape[0]
+    if not _INTERPRETED and fragments.supported(x, k, blocksize, packed):
+        entry = next((entry for entry in FRAGMENT_TABLE if rows <= entry[0]), None)
+        if entry:
+            return ("fragments", *entry[1:])
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in FUSED_TABLE if rows <= entry[0]), None)
         return ("fused", *entry[1:]) if entry else "chunked"
@@ -317,7 +326,8 @@ def linear_4bit(
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``.
 
-    ``config`` overrides ``choose_config`` (tuning): a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K,
+    ``config`` overrides ``choose_config`` (tuning): a ``("fragments", num_warps, SPLIT_K)`` tuple
+    forces the register-fragment kernel (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K,
     SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS)`` tuple forces the tensor-core kernel (16-bit
     inputs on a GPU only), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)`` tuple the
     CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
@@ -331,8 +341,14 @@ def linear_4bit(
         return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
     nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset)
     if config is None:
-        config = choose_config(x, k, blocksize)
-    if isinstance(config, tuple) and config[0] == "fused":
+        config = choose_config(x, k, blocksize, packed)
+    if isinstance(config, tuple) and config[0] == "fragments":
+        statistics = (nested_absmax, nested_code, nested_offset) if nested_absmax is not None else None
+        out = fragments.fragment_linear(
+            x, packed, absmax, code, blocksize, n_out, k, bias, statistics, nested_blocksize, config[1:],
+            _processors(x.device),
+        )  # fmt: skip
+    elif isinstance(config, tuple) and config[0] == "fused":
         out = _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config[1:])
     elif config == "chunked":
         out = _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize)

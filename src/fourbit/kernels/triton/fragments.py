@@ -1,0 +1,462 @@
+"""Few-row ``A @ W.T`` on ``mma.sync``, the 4-bit weight decoded straight into register fragments.
+
+An ``m16n8k16`` tensor-core instruction takes, in each lane of a warp, four 32-bit registers of
+its 16 x 16 left operand: row ``g = lane // 4`` and row ``g + 8``, columns ``2t, 2t + 1, 2t + 8,
+2t + 9`` (``t = lane % 4``). The product over K does not change when the columns of W and of A
+are permuted alike, so each lane loads two packed int32 words (16 consecutive columns) of its two
+weight rows, decodes them and hands them to the instruction as columns in the order it expects;
+the input rows are loaded in the same order as the right operand (columns ``n`` of the
+instruction are input rows, up to 8 per tile). Each packed byte is read once.
+
+Decoding is a shared-memory lookup per packed byte: a table of the two 16-bit codes of each of
+the 256 byte values, one column per lane so that a warp's 32 lookups never share a bank (32 KiB
+per program, filled once by byte permutes, ``byte_permute``). Byte permutes alone (2.75 integer
+instructions per weight) left the integer pipe the limit. A 64-column step of a row lies in one
+absmax block (blocksizes of 64 and more), so its products are scaled once per row; the absmax of
+four steps is read at once and nested statistics are decoded through the same shared memory.
+
+Each program works on 1-d tiles of ``32 * num_warps`` elements, one per thread (Triton's layout
+for such a tile); lane and row indices come from the thread index the hardware reports. The PTX
+runs only on NVIDIA GPUs (compute capability 8.0 and newer); under the interpreter, callers use
+other kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .byte_permute import DECODE_SCRATCH, decode_word_ptx, plane_words
+from .common import store_output
+
+#: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
+#: iteration (the absmax of an iteration's steps is read at once).
+STEP = 64
+GROUP_STEPS = 4
+
+#: Input rows of one instruction tile (its ``n`` side); a program takes up to ``MAX_TILES``.
+TILE_ROWS = 8
+MAX_TILES = 2
+
+#: 32-bit words of the shared table: 256 byte values x 32 lanes of code pairs, then the 256
+#: float32 codes of nested statistics.
+_PAIRS = 256 * 32
+_TABLE_WORDS = _PAIRS + 256
+
+
+def _table_ptx() -> str:
+    """PTX that fills the shared table (once per program; every thread runs it) and returns this
+    lane's address in it. Pair entry ``32 * v + lane`` holds the two 16-bit codes of packed byte
+    value ``v`` (high nibble in the low half), looked up by byte permutes in the plane words
+    $1 .. $8; after the pairs come the nested codes, of which each thread stores the ones among
+    $9 .. $12 (codes ``tid``, ``tid + threads``, ...) that exist."""
+    planes = tuple(f"${i}" for i in range(1, 9))
+    return "\n".join(
+        [
+            f".shared .align 16 .b32 fourbit_code_table[{_TABLE_WORDS}];",
+            "{",
+            DECODE_SCRATCH + ".reg .b32 q<4>, v, warps, word, a, tid, threads;\n.reg .pred more;",
+            "mov.u32 tid, %tid.x;\nmov.u32 threads, %ntid.x;\nshr.u32 v, tid, 5;\nshr.u32 warps, threads, 5;",
+            "mov.u32 a, fourbit_code_table;\nmov.u32 t, %laneid;\nmad.lo.u32 $0, t, 4, a;",
+            "fourbit_code_table_pairs:",
+            "mul.lo.u32 word, v, 0x01010101;\nmad.lo.u32 word, warps, 0x03020100, word;",  # v, v + W, v + 2W, v + 3W
+            decode_word_ptx("word", ("q0", "q1", "q2", "q3"), planes),
+            "mad.lo.u32 a, v, 128, $0;\nst.shared.b32 [a], q0;",
+            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q1;",
+            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q2;",
+            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q3;",
+            "mad.lo.u32 v, warps, 4, v;\nsetp.lt.u32 more, v, 256;\n@more bra fourbit_code_table_pairs;",
+            f"mov.u32 a, fourbit_code_table;\nmad.lo.u32 a, tid, 4, a;\nadd.u32 a, a, {4 * _PAIRS};",
+            *(
+                f"mad.lo.u32 v, threads, {i}, tid;\nsetp.lt.u32 more, v, 256;\n"
+                f"@more st.shared.b32 [a], ${9 + i};\nmad.lo.u32 a, threads, 4, a;"
+                for i in range(4)
+            ),
+            "bar.sync 0;",
+            "}",
+        ]
+    )
+
+
+def _step_ptx(tiles: int, element: str) -> str:
+    """PTX for one 64-column step of one lane: the accumulators ``$0 ..`` (four per tile of input
+    rows, the instruction's accumulator fragment) plus the products of the two weight rows' words
+    (two int64 operands, two words each) with the input (one int64, four 16-bit values, per
+    instruction and tile), scaled by the rows' absmax. The operands after the inputs are the old
+    accumulators, the two scales and the lane's table address. ``element`` is the PTX type of
+    the 16-bit values (bf16 or f16)."""
+    count = 4 * tiles
+    row_g, row_h = f"${count}", f"${count + 1}"
+    inputs = [f"${count + 2 + i}" for i in range(count)]
+    old = [f"${2 * count + 2 + i}" for i in range(count)]
+    scale_g, scale_h, table = (f"${3 * count + 2 + i}" for i in range(3))
+    lines = [
+        "{",
+        ".reg .b32 w<4>, g<8>, h<8>, b<2>, t, a;\n.reg .f32 z, d<8>;\nmov.f32 z, 0f00000000;",
+        f"mov.b64 {{w0, w1}}, {row_g};",
+        f"mov.b64 {{w2, w3}}, {row_h};",
+    ]
+    for word, pairs in (("w0", "g0 g1 g2 g3"), ("w1", "g4 g5 g6 g7"), ("w2", "h0 h1 h2 h3"), ("w3", "h4 h5 h6 h7")):
+        for byte, pair in enumerate(pairs.split()):
+            lines.append(
+                f"prmt.b32 t, {word}, 0, 0x444{byte};\nmad.lo.u32 a, t, 128, {table};\nld.shared.b32 {pair}, [a];"
+            )
+    for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16
+        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
+        for tile in range(tiles):
+            out = ", ".join(f"d{4 * tile + c}" for c in range(4))
+            accumulator = "z, z, z, z" if j == 0 else out
+            lines.append(f"mov.b64 {{b0, b1}}, {inputs[4 * tile + j]};")
+            lines.append(
+                f"mma.sync.aligned.m16n8k16.row.col.f32.{element}.{element}.f32 "
+                f"{{{out}}}, {{{fragment}}}, {{b0, b1}}, {{{accumulator}}};"
+            )
+    for i in range(count):  # accumulators 0, 1 of a tile are row g's, 2, 3 row g + 8's
+        lines.append(f"fma.rn.f32 ${i}, d{i}, {scale_g if i % 4 < 2 else scale_h}, {old[i]};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _step_constraints(tiles: int) -> str:
+    return ",".join(["=f"] * (4 * tiles) + ["l"] * (2 + 4 * tiles) + ["f"] * (4 * tiles + 2) + ["r"])
+
+
+_TABLE = tl.constexpr(_table_ptx())
+_STEP_1_BF16 = tl.constexpr(_step_ptx(1, "bf16"))
+_STEP_1_F16 = tl.constexpr(_step_ptx(1, "f16"))
+_STEP_2_BF16 = tl.constexpr(_step_ptx(2, "bf16"))
+_STEP_2_F16 = tl.constexpr(_step_ptx(2, "f16"))
+_STEP_CONSTRAINTS_1 = tl.constexpr(_step_constraints(1))
+_STEP_CONSTRAINTS_2 = tl.constexpr(_step_constraints(2))
+_NESTED_CODE = tl.constexpr(
+    f"{{\n.reg .b32 a;\nmov.u32 a, fourbit_code_table;\nmad.lo.u32 a, $1, 4, a;\n"
+    f"ld.shared.f32 $0, [a + {4 * _PAIRS}];\n}}"
+)
+
+
+@triton.jit
+def _thread_index(like):
+    """The index of the thread that holds each element of ``like``. Reading it from the hardware
+    (not deriving it from the element's position) keeps the lane arithmetic right whatever
+    element order Triton picks, and hides it from Triton's contiguity analysis, which therefore
+    keeps one element per thread."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like], tl.int32, True, 1)
+
+
+@triton.jit
+def _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16: tl.constexpr, NESTED: tl.constexpr, THREADS: tl.constexpr):
+    """Fill the program's shared table; returns each lane's address in it."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = plane_words(code_ptr, tl.float16 if FLOAT16 else tl.bfloat16)
+    c0 = tl.zeros_like(thread).to(tl.float32)
+    c1, c2, c3 = c0, c0, c0
+    if NESTED:
+        c0 = tl.load(nested_code_ptr + thread, mask=thread < 256, other=0.0)
+        c1 = tl.load(nested_code_ptr + thread + THREADS, mask=thread + THREADS < 256, other=0.0)
+        c2 = tl.load(nested_code_ptr + thread + 2 * THREADS, mask=thread + 2 * THREADS < 256, other=0.0)
+        c3 = tl.load(nested_code_ptr + thread + 3 * THREADS, mask=thread + 3 * THREADS < 256, other=0.0)
+    return tl.inline_asm_elementwise(
+        _TABLE, "=r," + "r," * 8 + "f,f,f,f", [p0 + thread * 0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3],
+        tl.int32, False, 1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _input_columns(x_ptr, row, M, stride_xm, column, live):
+    """The four int64 words (four 16-bit values each) of input row ``row`` from int64 column
+    ``column`` on, as two 16-byte loads per thread; zeros for rows beyond M and where not
+    ``live``."""
+    start = x_ptr + row.to(tl.int64)[:, None] * stride_xm + column[:, None] + tl.arange(0, 2)[None, :]
+    mask = ((row < M) & live)[:, None]
+    w0, w1 = tl.split(tl.load(start, mask=mask, other=0))
+    w2, w3 = tl.split(tl.load(start + 2, mask=mask, other=0))
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _inputs(x_ptr, group, M, stride_xm, column, live, TILES: tl.constexpr):
+    """The input operands of one step for this lane: four int64 words per tile of input rows
+    (rows ``group`` and ``group + 8``; the second four repeat the first when TILES == 1)."""
+    a0, a1, a2, a3 = _input_columns(x_ptr, group, M, stride_xm, column, live)
+    if TILES == 2:
+        b0, b1, b2, b3 = _input_columns(x_ptr, group + 8, M, stride_xm, column, live)
+    else:
+        b0, b1, b2, b3 = a0, a1, a2, a3
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
+def _rows(first_row, N, K, BLOCKSIZE: tl.constexpr):
+    """Where the data of one 16-row group lives for this lane: (word index, absmax block index,
+    in-range mask) of its rows g and g + 8, at column 0."""
+    row_g = first_row
+    row_h = first_row + 8
+    return (
+        row_g * (K // 16),
+        row_h * (K // 16),
+        row_g * (K // BLOCKSIZE),
+        row_h * (K // BLOCKSIZE),
+        row_g < N,
+        row_h < N,
+    )
+
+
+@triton.jit
+def _word_loads(w_ptr, rows, quad, k, k_stop):
+    """This lane's two packed int32 words of each of a row group's two rows at column ``k``
+    (zeros from ``k_stop`` on)."""
+    words_g, words_h, _, _, mask_g, mask_h = rows
+    live = k < k_stop
+    return (
+        tl.load(w_ptr + words_g + k // 16 + quad, mask=mask_g & live, other=0),
+        tl.load(w_ptr + words_h + k // 16 + quad, mask=mask_h & live, other=0),
+    )
+
+
+@triton.jit
+def _stored_row(absmax_ptr, block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
+    """The stored absmax (float32 or 8-bit code) of one row's four steps from column ``k``, whose
+    block is ``block``: four values, one per step (nothing read for steps from ``k_stop`` on).
+    With WORDS (8-bit codes, rows of a multiple of 4 blocks) the four codes are one int32 load.
+    Only 1-d tensors: a 2-d load could be laid out across threads, which the lane arithmetic
+    does not allow."""
+    if BLOCKSIZE == 64:  # one block per step
+        if WORDS:
+            words = absmax_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            word = tl.load(words + block // 4, mask=mask & (k < k_stop), other=0)
+            s0, s1, s2, s3 = word & 255, (word >> 8) & 255, (word >> 16) & 255, (word >> 24) & 255
+        else:
+            s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
+            s1 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 64 < k_stop), other=0)
+            s2 = tl.load(absmax_ptr + block + 2, mask=mask & (k + 128 < k_stop), other=0)
+            s3 = tl.load(absmax_ptr + block + 3, mask=mask & (k + 192 < k_stop), other=0)
+    elif BLOCKSIZE == 128:  # two steps per block
+        s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
+        s2 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 128 < k_stop), other=0)
+        s1, s3 = s0, s2
+    else:  # the four steps share a block
+        s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
+        s1, s2, s3 = s0, s0, s0
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _stored_group(absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
+    """The stored absmax of a row group's four steps from column ``k``: four per row."""
+    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
+    g0, g1, g2, g3 = _stored_row(absmax_ptr, blocks_g + k // BLOCKSIZE, mask_g, k, k_stop, BLOCKSIZE, WORDS)
+    h0, h1, h2, h3 = _stored_row(absmax_ptr, blocks_h + k // BLOCKSIZE, mask_h, k, k_stop, BLOCKSIZE, WORDS)
+    return g0, g1, g2, g3, h0, h1, h2, h3
+
+
+@triton.jit
+def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr):
+    """A float32 absmax from what is stored: itself, or (nested) ``code[q] * scale + offset``,
+    the code read from the shared table."""
+    if NESTED:
+        code = tl.inline_asm_elementwise(_NESTED_CODE, "=f,r,r", [stored.to(tl.int32), table], tl.float32, True, 1)
+        return code * nested_scale + offset
+    else:
+        return stored
+
+
+@triton.jit
+def _group_scales(
+    stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+):  # fmt: skip
+    """The absmax of a row group's four steps from column ``k``: four for row g, four for g + 8.
+    The four blocks of a row lie in one block of nested statistics (its size is a multiple of 4)."""
+    g0, g1, g2, g3, h0, h1, h2, h3 = stored
+    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
+    nested_g = 0.0
+    nested_h = 0.0
+    if NESTED:
+        nested_g = tl.load(nested_absmax_ptr + (blocks_g + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_g, other=0.0)
+        nested_h = tl.load(nested_absmax_ptr + (blocks_h + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_h, other=0.0)
+    return (
+        _scale(g0, nested_g, offset, table, NESTED), _scale(g1, nested_g, offset, table, NESTED),
+        _scale(g2, nested_g, offset, table, NESTED), _scale(g3, nested_g, offset, table, NESTED),
+        _scale(h0, nested_h, offset, table, NESTED), _scale(h1, nested_h, offset, table, NESTED),
+        _scale(h2, nested_h, offset, table, NESTED), _scale(h3, nested_h, offset, table, NESTED),
+    )  # fmt: skip
+
+
+@triton.jit
+def _step(acc, words, inputs, scale_g, scale_h, table, TILES: tl.constexpr, FLOAT16: tl.constexpr):
+    """``acc`` plus one step's scaled products of a row group (eight accumulators; the last four
+    stay zero when TILES == 1)."""
+    w_g, w_h = words
+    x0, x1, x2, x3, x4, x5, x6, x7 = inputs
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc
+    if TILES == 1:
+        args = [w_g, w_h, x0, x1, x2, x3, a0, a1, a2, a3, scale_g, scale_h, table]
+        if FLOAT16:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                _STEP_1_F16, _STEP_CONSTRAINTS_1, args, (tl.float32,) * 4, True, 1
+            )
+        else:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                _STEP_1_BF16, _STEP_CONSTRAINTS_1, args, (tl.float32,) * 4, True, 1
+            )
+    else:
+        args = [w_g, w_h, x0, x1, x2, x3, x4, x5, x6, x7, a0, a1, a2, a3, a4, a5, a6, a7, scale_g, scale_h, table]
+        if FLOAT16:
+            a0, a1, a2, a3, a4, a5, a6, a7 = tl.inline_asm_elementwise(
+                _STEP_2_F16, _STEP_CONSTRAINTS_2, args, (tl.float32,) * 8, True, 1
+            )
+        else:
+            a0, a1, a2, a3, a4, a5, a6, a7 = tl.inline_asm_elementwise(
+                _STEP_2_BF16, _STEP_CONSTRAINTS_2, args, (tl.float32,) * 8, True, 1
+            )
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _store_group(
+    out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Write a row group's accumulators: accumulator c of tile i belongs to weight row g (c < 2)
+    or g + 8 and input row 8i + 2t + c % 2."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc
+    batch = 2 * quad
+    store_output(out_ptr, bias_ptr, a0, batch, first_row, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    store_output(out_ptr, bias_ptr, a1, batch + 1, first_row, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    store_output(out_ptr, bias_ptr, a2, batch, first_row + 8, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    store_output(out_ptr, bias_ptr, a3, batch + 1, first_row + 8, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    if TILES == 2:
+        store_output(out_ptr, bias_ptr, a4, batch + 8, first_row, M, N, stride_om, SPLIT_K, HAS_BIAS)
+        store_output(out_ptr, bias_ptr, a5, batch + 9, first_row, M, N, stride_om, SPLIT_K, HAS_BIAS)
+        store_output(out_ptr, bias_ptr, a6, batch + 8, first_row + 8, M, N, stride_om, SPLIT_K, HAS_BIAS)
+        store_output(out_ptr, bias_ptr, a7, batch + 9, first_row + 8, M, N, stride_om, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _fragment_mma_kernel(
+    x_ptr,
+    w_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    TILES: tl.constexpr,
+    WARPS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    FLOAT16: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WORDS: tl.constexpr,
+):
+    """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows.
+
+    ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
+    element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
+    says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
+    iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
+    Indices are int32 (``supported`` bounds the weight's size).
+    """
+    thread = _thread_index(tl.arange(0, 32 * WARPS))
+    lane = thread % 32
+    group = lane // 4
+    quad = lane % 4
+    first_row = tl.program_id(0) * (16 * WARPS) + (thread // 32) * 16 + group
+    rows = _rows(first_row, N, K, BLOCKSIZE)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), 256) * 256
+    k_start = tl.program_id(1) * k_chunk
+    k_stop = tl.minimum(K, k_start + k_chunk)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 32 * WARPS)
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(nested_offset_ptr)
+    first = _word_loads(w_ptr, rows, quad, k_start, k_stop)
+    second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop)
+    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    zero = tl.zeros((32 * WARPS,), dtype=tl.float32)
+    acc = (zero, zero, zero, zero, zero, zero, zero, zero)
+    for k in range(k_start, k_stop, 64 * 4):
+        scales = _group_scales(stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        for step in tl.static_range(4):
+            column = k + 64 * step
+            inputs = _inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, column < k_stop, TILES)
+            words = first
+            first = second
+            second = _word_loads(w_ptr, rows, quad, column + 128, k_stop)
+            acc = _step(acc, words, inputs, scales[step], scales[4 + step], table, TILES, FLOAT16)
+    _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, SPLIT_K, HAS_BIAS)
+
+
+def supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
+    """Whether ``fragment_linear`` takes this product: at most ``8 * MAX_TILES`` rows of 16-bit
+    input on an NVIDIA GPU of compute capability 8.0 or newer, K a multiple of 64 and of the
+    blocksize (64 or more), and packed data (when given) that starts on 16 bytes and holds fewer
+    than 2**35 weights (int32 indices)."""
+    return (
+        x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cuda"
+        and x.shape[0] <= TILE_ROWS * MAX_TILES
+        and blocksize >= STEP
+        and k % blocksize == 0
+        and k % STEP == 0
+        and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def fragment_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n_out: int,
+    k: int,
+    bias: torch.Tensor | None,
+    statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    nested_blocksize: int,
+    config: tuple[int, int],
+    processors: int,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the 2-d ``x`` (``supported``); ``statistics`` is (nested absmax,
+    nested code, offset) or None; ``config`` is (num_warps, SPLIT_K), SPLIT_K 0 meaning
+    enough K splits for two programs per multiprocessor."""
+    warps, split_k = config
+    m = x.shape[0]
+    if x.stride(0) % 64 or x.data_ptr() % 16:
+        # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and
+        # keeps them in one thread each (see _stored_row)
+        x = x.clone(memory_format=torch.contiguous_format)
+    tiles = triton.cdiv(m, TILE_ROWS)
+    programs = triton.cdiv(n_out, 16 * warps)
+    if not split_k:
+        split_k = triton.cdiv(2 * processors, programs)
+    split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
+    if split_k > 1:
+        out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    nested = statistics is not None
+    words = nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    _fragment_mma_kernel[(programs, split_k)](
+        x.view(torch.int64), packed.reshape(-1).view(torch.uint8).view(torch.int64), absmax, code.float(),
+        *(statistics if nested else (absmax,) * 3), bias if bias is not None else out, out, m, n_out, k,
+        x.stride(0) // 4, out.stride(0), tiles, warps, split_k, blocksize, nested, nested_blocksize,
+        x.dtype == torch.float16, bias is not None, words, num_warps=warps,
+    )  # fmt: skip
+    if split_k == 1:
+        return out
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
