@@ -300,8 +300,8 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
 def test_register_fragment_kernel_configurations(config, dtype, nested):
     """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
     ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not
-    divide K, rows of a number of blocks that is not a multiple of 4, and strided inputs, against
-    a float64 reference."""
+    divide K, nested statistics whose blocks span rows, and strided inputs, against a float64
+    reference."""
     for quant_type, (n, k, blocksize) in itertools.product(
         ["nf4", "fp4"],
         [
@@ -309,8 +309,7 @@ def test_register_fragment_kernel_configurations(config, dtype, nested):
             (100, 4096, 128),
             (17, 512, 256),
             (130, 4096, 4096),
-            (33, 320, 64),
-            (50, 192, 64),
+            (33, 768, 64),
             (4096, 11008, 64),
         ],
     ):
@@ -330,6 +329,20 @@ def test_register_fragment_kernel_configurations(config, dtype, nested):
             assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
 
 
+def test_register_fragment_kernel_refuses_unaligned_k():
+    """Forced onto a K it cannot take (not a multiple of 256, or blocks shorter than 64 columns),
+    the register-fragment kernel says so instead of reading the wrong absmax."""
+    from fourbit.kernels.triton import fragments
+
+    x = torch.zeros(1, 320, dtype=torch.bfloat16)
+    for k, blocksize in [(320, 64), (256, 32)]:
+        with pytest.raises(ValueError, match="multiple of 256"):
+            fragments.fragment_linear(
+                x[:, :k], torch.zeros(k // 2, dtype=torch.uint8), torch.zeros(k // blocksize), _table("nf4"),
+                blocksize, 1, k, None, None, 256, (4, 0), 1,
+            )  # fmt: skip
+
+
 def test_kernel_choice_follows_rows_dtype_and_device():
     """16-bit inputs with K a multiple of the blocksize go to the tensor-core kernel on a GPU (up
     to the table's rows); float32, other K and the interpreter take the CUDA-core kernels."""
@@ -339,6 +352,7 @@ def test_kernel_choice_follows_rows_dtype_and_device():
         assert choose(bf16, 256, 64)[0] == "fragments"
         assert choose(bf16, 256, 32)[0] == "fused"  # blocks shorter than the kernel's 64-column step
         assert choose(torch.zeros(17, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64)[0] == "fused"
+        assert choose(torch.zeros(8, 320, dtype=torch.bfloat16, device=DEVICE), 320, 64)[0] == "fused"  # K % 256
         assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64) == "chunked"
     else:
         assert not kernels.linear.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter

@@ -266,7 +266,7 @@ def _group_scales(
     NESTED_BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
     """The absmax of a row group's four steps from column ``k``: four for row g, four for g + 8.
-    The four blocks of a row lie in one block of nested statistics (its size is a multiple of 4)."""
+    The blocks of the four steps lie in one block of nested statistics (``_aligned``)."""
     g0, g1, g2, g3, h0, h1, h2, h3 = stored
     _, _, blocks_g, blocks_h, mask_g, mask_h = rows
     nested_g = 0.0
@@ -397,18 +397,24 @@ def _fragment_mma_kernel(
     _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, SPLIT_K, HAS_BIAS)
 
 
+def _aligned(k: int, blocksize: int) -> bool:
+    """Whether K is a multiple of the blocksize and of an iteration's 256 columns. Then every
+    iteration's absmax blocks lie in one block of nested statistics (whose size is a multiple of
+    4), which the kernel reads once per iteration."""
+    return k % max(blocksize, GROUP_STEPS * STEP) == 0
+
+
 def supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
     """Whether ``fragment_linear`` takes this product: at most ``8 * MAX_TILES`` rows of 16-bit
-    input on an NVIDIA GPU of compute capability 8.0 or newer, K a multiple of 64 and of the
-    blocksize (64 or more), and packed data (when given) that starts on 16 bytes and holds fewer
-    than 2**35 weights (int32 indices)."""
+    input on an NVIDIA GPU of compute capability 8.0 or newer, blocksizes of 64 and more, K a
+    multiple of the blocksize and of 256 (``_aligned``), and packed data (when given) that starts
+    on 16 bytes and holds fewer than 2**35 weights (int32 indices)."""
     return (
         x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cuda"
         and x.shape[0] <= TILE_ROWS * MAX_TILES
         and blocksize >= STEP
-        and k % blocksize == 0
-        and k % STEP == 0
+        and _aligned(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
         and torch.version.hip is None
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -433,6 +439,10 @@ def fragment_linear(
     nested code, offset) or None; ``config`` is (num_warps, SPLIT_K), SPLIT_K 0 meaning
     enough K splits for two programs per multiprocessor."""
     warps, split_k = config
+    if blocksize < STEP or not _aligned(k, blocksize):
+        raise ValueError(
+            f"the fragment kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)"
+        )
     m = x.shape[0]
     if x.stride(0) % 64 or x.data_ptr() % 16:
         # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and

@@ -1,13 +1,14 @@
 """Triton ``A @ W.T + bias`` for a packed 4-bit weight W.
 
-Up to 16 rows of 16-bit input (blocksizes of 64 and more) run ``fragments``: ``mma.sync`` with
-each lane's operand fragment decoded through a shared-memory table of code pairs. Up to 64 rows
-otherwise run a tensor-core kernel that decodes each packed word in registers with byte permutes
-(``byte_permute``); neither writes the decoded weight out (for few rows reading the weight is the
-cost). Other few-row inputs (float32, K not a multiple of the blocksize, the interpreter) run a
-CUDA-core multiply-accumulate kernel with a table lookup. Many rows (prefill, training) decode
-the weight in chunks of rows with the dequantize kernel and hand each chunk to cuBLAS: the extra
-memory is one chunk, never the whole decoded weight.
+Up to 16 rows of 16-bit input (blocksizes of 64 and more, K a multiple of 256) run
+``fragments``: ``mma.sync`` with each lane's operand fragment decoded through a shared-memory
+table of code pairs. Up to 64 rows otherwise run a tensor-core kernel that decodes each packed
+word in registers with byte permutes (``byte_permute``); neither writes the decoded weight out
+(for few rows reading the weight is the cost). Other few-row inputs (float32, K not a multiple
+of the blocksize, the interpreter) run a CUDA-core multiply-accumulate kernel with a table
+lookup. Many rows (prefill, training) decode the weight in chunks of rows with the dequantize
+kernel and hand each chunk to cuBLAS: the extra memory is one chunk, never the whole decoded
+weight.
 """
 
 from __future__ import annotations
