@@ -16,7 +16,9 @@ absmax block (blocksizes of 64 and more), so its products are scaled once per ro
 four steps is read at once and nested statistics are decoded through the same shared memory.
 
 Each program works on 1-d tiles of ``32 * num_warps`` elements, one per thread (Triton's layout
-for such a tile); lane and row indices come from the thread index the hardware reports. The PTX
+for such a tile); lane and row indices come from the thread index the hardware reports. Every
+load must keep that layout: a 2-d load that Triton spreads across threads makes it recompute the
+index arithmetic in a replicated layout, which gives wrong products (``_stored_row``). The PTX
 runs only on NVIDIA GPUs (compute capability 8.0 and newer); under the interpreter, callers use
 other kernels.
 """
