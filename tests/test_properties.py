@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from helpers import nibbles
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fourbit.functional as F4
@@ -29,7 +29,15 @@ settings_4bit = dict(
 )
 
 
+def _tiny_last_block() -> torch.Tensor:
+    """Blocks of about 1e-3 and a last block holding one value 50x smaller: with nested
+    statistics its absmax is off by much more than 1% of itself (CI found such a case)."""
+    values = torch.randn(224, generator=torch.Generator().manual_seed(0)) * 1e-3
+    return torch.cat([values, torch.tensor([-2.569e-5])]).half()
+
+
 @given(data=tensors(), **settings_4bit)
+@example(data=_tiny_last_block(), blocksize=32, quant_type="nf4", nested=True)
 def test_error_is_at_most_half_the_largest_gap_per_block(data, blocksize, quant_type, nested):
     packed, state = F4.quantize_4bit(data, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
     restored = F4.dequantize_4bit(packed, state).float()
@@ -39,8 +47,11 @@ def test_error_is_at_most_half_the_largest_gap_per_block(data, blocksize, quant_
     absmax = torch.zeros(int(blocks.max()) + 1).scatter_reduce(0, blocks, flat.abs(), "amax")[blocks]
     code = torch.sort(get_4bit_type(quant_type)).values
     half_gap = (code[1:] - code[:-1]).max() / 2
-    # rounding of the dtype and the nested absmax (8-bit, about 1% of the block's scale) on top
-    slack = 0.02 * absmax + 1e-6
+    # dequantizing scales by the stored absmax: with nested statistics its 8-bit error, which is
+    # relative to the largest absmax of its group of blocks, not to this block's; codes are <= 1
+    stored = F4.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    stored = stored.float()[blocks]
+    slack = (stored - absmax).abs() + 2**-7 * stored + 1e-6  # and the rounding to the dtype
     assert torch.all((restored.reshape(-1) - flat).abs() <= half_gap * absmax + slack)
 
 
