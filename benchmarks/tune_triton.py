@@ -6,7 +6,7 @@
 Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
 replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
 The winners go into FRAGMENT_TABLE, GEMV_TABLE and FUSED_TABLE in fourbit/kernels/triton/linear.py ("chunked":
-decode + cuBLAS). With ``--quantize``: the quantizer's (elements per program, warps) next to
+decode + cuBLAS). With ``--quantize``: the quantizer's (elements per tile, warps, programs per multiprocessor) next to
 a copy of the input, for the QUANTIZE_* constants of fourbit/kernels/triton/quantize.py.
 """
 
@@ -49,15 +49,18 @@ FRAGMENT_CANDIDATES = [
     ("fragments", 2, 4), ("fragments", 8, 0), ("fragments", 8, 2),
 ]  # fmt: skip
 
-# (QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS)
-QUANTIZE_CANDIDATES = [(1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
+# (QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS, QUANTIZE_PROGRAMS_PER_SM)
+QUANTIZE_CANDIDATES = [
+    (1024, 2, 16), (2048, 4, 8), (4096, 4, 4), (4096, 8, 2), (4096, 8, 3), (4096, 8, 4), (8192, 8, 2), (8192, 16, 1),
+]  # fmt: skip
+_QUANTIZE_KNOBS = ("QUANTIZE_TILE_ELEMENTS", "QUANTIZE_WARPS", "QUANTIZE_PROGRAMS_PER_SM")
 
 
 def tune_quantize(shapes: list[str], rep: int) -> None:
     """Time each QUANTIZE_CANDIDATES entry (NF4, bf16 input, blocksize 64); every candidate's
     output must equal the default configuration's."""
     code = get_4bit_type("nf4", device="cuda")
-    defaults = (triton_quantize.QUANTIZE_TILE_ELEMENTS, triton_quantize.QUANTIZE_WARPS)
+    defaults = tuple(getattr(triton_quantize, knob) for knob in _QUANTIZE_KNOBS)
     for text in shapes:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
@@ -66,12 +69,14 @@ def tune_quantize(shapes: list[str], rep: int) -> None:
         copy = do_bench_cudagraph(weight.clone, rep=rep, return_mode="median")
         print(f"{text}: copy of the input {copy * 1e3:.1f} us")
         for candidate in QUANTIZE_CANDIDATES:
-            triton_quantize.QUANTIZE_TILE_ELEMENTS, triton_quantize.QUANTIZE_WARPS = candidate
+            for knob, value in zip(_QUANTIZE_KNOBS, candidate, strict=True):
+                setattr(triton_quantize, knob, value)
             packed, absmax = run()
             same = torch.equal(packed, expected_packed) and torch.equal(absmax, expected_absmax)
             milliseconds = do_bench_cudagraph(run, rep=rep, return_mode="median")
             print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / copy:5.2f}x copy  same={same}  {candidate}")
-        triton_quantize.QUANTIZE_TILE_ELEMENTS, triton_quantize.QUANTIZE_WARPS = defaults
+        for knob, value in zip(_QUANTIZE_KNOBS, defaults, strict=True):
+            setattr(triton_quantize, knob, value)
 
 
 def main() -> None:

@@ -95,6 +95,23 @@ def test_blockwise_quantize_is_bit_exact(dtype, special):
         assert_same_bits(absmax, expected_absmax)
 
 
+@pytest.mark.parametrize("special", [False, True], ids=["normal", "special"])
+def test_blockwise_quantize_subtracts_the_offset_like_the_reference(special):
+    """Nested statistics are quantized around their mean: the kernel subtracts the offset itself
+    (zero padding of a short block included) and matches ``quantize_blockwise(A - offset)``."""
+    dynamic = create_dynamic_map().to(DEVICE)
+    for n in (1, 200, 257, 1000):
+        absmax = torch.rand(n, device=DEVICE) * 4 + 0.5
+        if special and n > 100:
+            absmax[3] = float("nan")
+        offset = absmax[: n // 2 + 1].mean()  # not the mean of all: codes then differ from zero-centred ones
+        expected = reference.quantize_blockwise(absmax - offset, dynamic, 256)
+        assert torch.equal(reference.quantize_blockwise(absmax, dynamic, 256, offset)[0], expected[0])
+        codes, scale = kernels.quantize_blockwise(absmax, dynamic, 256, offset)
+        assert torch.equal(codes, expected[0]), n
+        assert_same_bits(scale, expected[1])
+
+
 def _edge_values(code: torch.Tensor) -> torch.Tensor:
     """Every value in [-1, 1] where the 4-bit quantizer's answer can change: each midpoint and its
     float32 neighbours, both ends of every cell of the quantizer's table, signed zeros, tiny and
@@ -107,6 +124,25 @@ def _edge_values(code: torch.Tensor) -> torch.Tensor:
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45, 1.0, -1.0])
     values = torch.cat([near, ends, special])
     return values[values.abs() <= 1]
+
+
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_quantize_programs_loop_over_many_tiles(monkeypatch, blocksize):
+    """Each program of the persistent quantizer codes every programs-th tile while the next one
+    loads: with one-block tiles and three programs per multiprocessor, every program takes five
+    tiles (the last one partial), which the small default-configured inputs never do."""
+    from fourbit.kernels.triton import quantize as triton_quantize
+
+    monkeypatch.setattr(triton_quantize, "QUANTIZE_TILE_ELEMENTS", blocksize)
+    monkeypatch.setattr(triton_quantize, "QUANTIZE_WARPS", 1)
+    monkeypatch.setattr(triton_quantize, "QUANTIZE_PROGRAMS_PER_SM", 3)
+    programs = triton_quantize._program_limit(torch.device(DEVICE))
+    code = _table("nf4")
+    data = _data((blocksize * (5 * programs - 2) + 5,), torch.float16, special=True)
+    expected_packed, expected_absmax = reference.quantize_4bit(data, code, blocksize, torch.uint8)
+    packed, absmax = kernels.quantize_4bit(data, code, blocksize, torch.uint8)
+    assert torch.equal(packed, expected_packed)
+    assert_same_bits(absmax, expected_absmax)
 
 
 @pytest.mark.parametrize("table", ["nf4", "fp4", "uniform", "clustered"])

@@ -450,8 +450,7 @@ def quantize_blockwise(
     check_out(absmax, (num_blocks(A.numel(), blocksize),), torch.uint8 if nested else torch.float32, "absmax")
     quantized, block_absmax = torch.ops.fourbit.quantize_blockwise(A.detach(), code, blocksize)
     if nested:
-        offset = block_absmax.mean()
-        qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=blocksize, nested=False)
+        qabsmax, offset, state2 = _nested_statistics(block_absmax, blocksize)
         state = QuantState(
             absmax=qabsmax, code=code.clone(), blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2
         )
@@ -462,6 +461,16 @@ def quantize_blockwise(
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
     return quantized, state
+
+
+def _nested_statistics(block_absmax: Tensor, blocksize: int) -> tuple[Tensor, Tensor, QuantState]:
+    """Nested statistics of float32 ``block_absmax``: their 8-bit codes around their mean (the
+    subtraction happens inside the quantizer, which saves a pass), the mean, and the state of
+    the 8-bit quantization (signed dynamic map)."""
+    offset = block_absmax.mean() if block_absmax.numel() else block_absmax.new_zeros(())
+    code = _cached_dynamic_map(block_absmax.device)
+    codes, absmax = torch.ops.fourbit.quantize_blockwise(block_absmax, code, blocksize, offset)
+    return codes, offset, QuantState(absmax=absmax, code=code.clone(), blocksize=blocksize, dtype=torch.float32)
 
 
 def _decoded_nested_absmax(state: QuantState) -> Tensor:
@@ -548,8 +557,7 @@ def quantize_4bit(
     packed, block_absmax = torch.ops.fourbit.quantize_4bit(A.detach(), shared_code, blocksize, quant_storage)
     code = shared_code.clone()
     if compress_statistics:
-        offset = block_absmax.mean() if block_absmax.numel() else block_absmax.new_zeros(())
-        qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        qabsmax, offset, state2 = _nested_statistics(block_absmax, NESTED_BLOCKSIZE)
         state = QuantState(
             absmax=qabsmax,
             shape=A.shape,

@@ -85,13 +85,16 @@ def _(
 
 
 @torch.library.custom_op("fourbit::quantize_blockwise", mutates_args=())
-def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """8-bit blockwise quantization of ``A`` against a sorted ``code``: (uint8 codes, absmax)."""
-    return reference.quantize_blockwise(A, code, blocksize)
+def quantize_blockwise(
+    A: Tensor, code: Tensor, blocksize: int, offset: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """8-bit blockwise quantization of ``A`` (minus the float32 scalar ``offset``, when given)
+    against a sorted ``code``: (uint8 codes, absmax)."""
+    return reference.quantize_blockwise(A, code, blocksize, offset)
 
 
 @quantize_blockwise.register_fake
-def _(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+def _(A: Tensor, code: Tensor, blocksize: int, offset: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     absmax = A.new_empty((num_blocks(A.numel(), blocksize),), dtype=torch.float32)
     return torch.empty_like(A, dtype=torch.uint8), absmax
 

@@ -127,9 +127,14 @@ def blockwise_lookup(code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(grid, midpoints).to(torch.uint8)
 
 
-def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization against a sorted 256-entry ``code``; return (uint8 codes, absmax)."""
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of ``A`` (in float32, minus the scalar ``offset`` when given)
+    against a sorted 256-entry ``code``; return (uint8 codes, absmax)."""
     flat = A.reshape(-1).float()
+    if offset is not None:
+        flat = flat - offset.float()
     n = flat.numel()
     blocks = num_blocks(n, blocksize)
     padded = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)

@@ -8,8 +8,14 @@ so that tensors of more than 2**31 elements work.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+#: Triton reads this once, at import: kernels run on CPU tensors in its interpreter, which runs
+#: no PTX (kernels with inline PTX take another path or are not chosen there).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +24,7 @@ import triton.language as tl
 from . import fragments
 from .byte_permute import decode_words, plane_words
 from .common import (
+    INTERPRETED,
     absmax_from_stored,
     block_scale,
     decode_weight_tile,
@@ -265,9 +265,6 @@ FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
 #: multiprocessor. Measured with benchmarks/tune_triton.py on an H100 (2026-11-23, session 5).
 FRAGMENT_TABLE: tuple[tuple[int, int, int], ...] = ((16, 4, 0),)
 
-#: Triton reads this once, at import: kernels run on CPU tensors in its interpreter.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 #: Bytes of decoded weight per chunk on the many-rows path.
 CHUNK_BYTES = 64 << 20
 
@@ -277,7 +274,7 @@ def choose_config(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor 
     columns (packed in ``packed``, when given): a ``FRAGMENT_TABLE``, ``FUSED_TABLE`` or
     ``GEMV_TABLE`` entry, or ``"chunked"``."""
     rows = x.shape[0]
-    if not _INTERPRETED and fragments.supported(x, k, blocksize, packed):
+    if not INTERPRETED and fragments.supported(x, k, blocksize, packed):
         entry = next((entry for entry in FRAGMENT_TABLE if rows <= entry[0]), None)
         if entry:
             return ("fragments", *entry[1:])
@@ -296,7 +293,7 @@ def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
         and k % blocksize == 0
         and blocksize & (blocksize - 1) == 0
         and blocksize >= 16
-        and not _INTERPRETED
+        and not INTERPRETED
     )
 
 

@@ -5,6 +5,10 @@ correctly rounded division (``div_rn``), a plain divide for a short last block, 
 comparisons with the midpoints for bucketize (one per value, found through the cell table,
 see ``_quantizer_tables``), and ``code * scale`` (nested: ``code * scale + offset`` without a
 fused multiply-add, hence ``enable_fp_fusion=False`` at launch).
+
+The 4-bit quantizer is bound by integer instructions, not memory (H100 profile in
+``benchmarks/RESULTS.md``): its programs are persistent, so that each fills its shared copy of
+the cell table once, and they load the next tile while coding one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import triton.language as tl
 
 from ...formats import num_blocks, packed_nbytes
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
-from .common import block_scale, word_shifts
+from .common import INTERPRETED, block_scale, word_shifts
 from .derived import derived
 
 #: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit
@@ -32,10 +36,11 @@ _CELL_SHIFT = 23 - CELL_MANTISSA_BITS
 _LAST_CELL = (0x3F800000 >> _CELL_SHIFT) + 1  # magnitudes from 1.25 up, and NaN
 _FIRST_CELL = _LAST_CELL - CELLS_PER_SIGN + 1
 
-#: Elements per program of the 4-bit quantizer and its warps; measured on an H100
-#: (``benchmarks/tune_triton.py --quantize``).
-QUANTIZE_TILE_ELEMENTS = 2048
-QUANTIZE_WARPS = 4
+#: Elements per tile of the 4-bit quantizer, its warps, and its programs per multiprocessor (each
+#: program loops over tiles); measured on an H100 (``benchmarks/tune_triton.py --quantize``).
+QUANTIZE_TILE_ELEMENTS = 4096
+QUANTIZE_WARPS = 8
+QUANTIZE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -43,20 +48,83 @@ def _max_with_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
+#: Columns of the shared cell table: entry ``e`` of lane ``l`` sits at ``16 * e + l % 16``. A warp
+#: reads 64-bit entries a half-warp at a time, so its lookups never conflict on a bank, and the
+#: table (16 KiB) leaves room for many programs per multiprocessor.
+_COLUMNS = 16
+
+
+def _lane_table_fill_ptx() -> str:
+    """PTX that copies the cell table (operand $1, a global address) into the shared lane table.
+    Every thread runs it once; warp ``w`` stores entries ``w, w + warps, ...``, lanes ``l`` and
+    ``l + 16`` the same column."""
+    entries = 2 * CELLS_PER_SIGN
+    return "\n".join(
+        [
+            f".shared .align 16 .b64 fourbit_cell_table[{entries * _COLUMNS}];",
+            "{",
+            ".reg .b32 column, entry, warps, a;\n.reg .b64 p, v;\n.reg .pred more;",
+            f"mov.u32 column, %laneid;\nand.b32 column, column, {_COLUMNS - 1};",
+            "mov.u32 entry, %tid.x;\nshr.u32 entry, entry, 5;\nmov.u32 warps, %ntid.x;\nshr.u32 warps, warps, 5;",
+            "fourbit_cell_table_fill:",
+            "mul.wide.u32 p, entry, 8;\nadd.s64 p, p, $1;\nld.global.nc.b64 v, [p];",
+            f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, entry, {8 * _COLUMNS}, a;\nmad.lo.u32 a, column, 8, a;",
+            "st.shared.b64 [a], v;",
+            f"add.u32 entry, entry, warps;\nsetp.lt.u32 more, entry, {entries};\n@more bra fourbit_cell_table_fill;",
+            "bar.sync 0;",
+            "mov.u32 $0, column;",
+            "}",
+        ]
+    )
+
+
+_LANE_TABLE_FILL = tl.constexpr(_lane_table_fill_ptx())
+_LANE_TABLE_ENTRY = tl.constexpr(
+    f"{{\n.reg .b32 a, l;\nmov.u32 l, %laneid;\nand.b32 l, l, {_COLUMNS - 1};\n"
+    f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, l, 8, a;\nmad.lo.u32 a, $1, {8 * _COLUMNS}, a;\n"
+    "ld.shared.b64 $0, [a];\n}"
+)
+
+
 @triton.jit
-def _codes_by_cells(scaled, cells_ptr, CELL_SHIFT: tl.constexpr, FIRST_CELL: tl.constexpr,
-                    CELLS_PER_SIGN: tl.constexpr):  # fmt: skip
-    """Code indices of ``scaled`` from its cell's entry: the cell's midpoint (low word, float32)
-    and the codes at or below it and above it (high word, two nibbles). One gather from a table
-    held in shared memory and one comparison: the table holds clamping, NaN and the sort order."""
+def _fill_lane_table(cells_ptr, THREADS: tl.constexpr):
+    """Copy the cell table into this program's shared lane table (a barrier included).
+    ``THREADS`` is the program's thread count: the PTX runs once per element of a tensor with one
+    element per thread. It has side effects, so the lookups that follow stay after it."""
+    address = (cells_ptr + tl.zeros((THREADS,), tl.int32)).to(tl.int64, bitcast=True)
+    tl.inline_asm_elementwise(_LANE_TABLE_FILL, "=r,l", [address], tl.int32, False, 1)
+
+
+@triton.jit
+def _cell_index(scaled, CELL_SHIFT: tl.constexpr, FIRST_CELL: tl.constexpr, CELLS_PER_SIGN: tl.constexpr):
+    """The cell table entry of each value: its magnitude's cell, negative values in the second half."""
     bits = scaled.to(tl.int32, bitcast=True)
     cell = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> CELL_SHIFT, FIRST_CELL), FIRST_CELL + CELLS_PER_SIGN - 1)
-    index = cell - FIRST_CELL + ((bits >> 31) & CELLS_PER_SIGN)  # negative values: the second half
-    table = tl.load(cells_ptr + tl.arange(0, 2 * CELLS_PER_SIGN))
-    entry = tl.reshape(tl.gather(table, tl.reshape(index, (index.numel,)), 0), scaled.shape)
+    return cell - FIRST_CELL + ((bits >> 31) & CELLS_PER_SIGN)
+
+
+@triton.jit
+def _code_from_entry(scaled, entry):
+    """A cell's entry holds its midpoint (low word, float32) and the codes at or below it and above
+    it (high word, two nibbles): one comparison picks the code, clamping and NaN included."""
     threshold = entry.to(tl.int32).to(tl.float32, bitcast=True)
     pair = (entry >> 32).to(tl.int32)
     return tl.where(scaled > threshold, pair >> 4, pair) & 15
+
+
+@triton.jit
+def _codes_by_cells(scaled, cells_ptr, CELL_SHIFT: tl.constexpr, FIRST_CELL: tl.constexpr,
+                    CELLS_PER_SIGN: tl.constexpr, LANE_TABLE: tl.constexpr):  # fmt: skip
+    """Code indices of ``scaled`` through the cell table: from the program's shared lane table
+    (``LANE_TABLE``, filled by ``_fill_lane_table``), else gathered from a copy in registers
+    (the Triton interpreter runs no PTX)."""
+    index = _cell_index(scaled, CELL_SHIFT, FIRST_CELL, CELLS_PER_SIGN)
+    if LANE_TABLE:
+        entry = tl.inline_asm_elementwise(_LANE_TABLE_ENTRY, "=l,r", [index], tl.int64, True, 1)
+    else:
+        table = tl.load(cells_ptr + tl.arange(0, 2 * CELLS_PER_SIGN))
+        entry = tl.reshape(tl.gather(table, tl.reshape(index, (index.numel,)), 0), scaled.shape)
+    return _code_from_entry(scaled, entry)
 
 
 @triton.jit
@@ -74,6 +142,19 @@ def _codes_by_comparisons(scaled, midpoints_ptr, order_ptr):
 
 
 @triton.jit
+def _load_tile(x_ptr, first_block, tile, block_limit, n, BLOCKSIZE: tl.constexpr,
+               BLOCKS_PER_TILE: tl.constexpr, SHORT: tl.constexpr):  # fmt: skip
+    """The input of tile ``tile`` as ``[BLOCKS_PER_TILE, BLOCKSIZE]`` (zeros past the end, so
+    past the last tile too)."""
+    blocks = first_block + tl.cast(tile, tl.int64) * BLOCKS_PER_TILE + tl.arange(0, BLOCKS_PER_TILE)
+    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    inside = (blocks < block_limit)[:, None]
+    if SHORT:
+        inside = inside & (offsets < n)  # whole blocks end before n
+    return tl.load(x_ptr + offsets, mask=inside, other=0.0)  # contiguous: vectorized loads
+
+
+@triton.jit
 def _quantize_4bit_kernel(
     x_ptr,
     cells_ptr,
@@ -86,41 +167,54 @@ def _quantize_4bit_kernel(
     first_block,
     block_limit,
     BLOCKSIZE: tl.constexpr,
-    BLOCKS_PER_PROGRAM: tl.constexpr,
+    BLOCKS_PER_TILE: tl.constexpr,
     SHORT: tl.constexpr,
     CELL_SHIFT: tl.constexpr,
     FIRST_CELL: tl.constexpr,
     CELLS_PER_SIGN: tl.constexpr,
+    LANE_TABLE: tl.constexpr,
+    THREADS: tl.constexpr,
 ):
-    """Quantize whole blocks ``[first_block, block_limit)``; ``SHORT``: the one partial last block,
-    which the reference divides by its clamped absmax instead of multiplying by the reciprocal.
-    Codes come from the cell table, or, for a code table whose midpoints the cells cannot
-    separate (``cells_exact`` is 0), from comparisons with every midpoint."""
-    pid = tl.program_id(0)
-    blocks = first_block + pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    live = blocks < block_limit
-    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    inside = live[:, None] & (offsets < n) if SHORT else live[:, None]  # whole blocks end before n
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # contiguous: vectorized loads
+    """Quantize whole blocks ``[first_block, block_limit)`` in tiles of ``BLOCKS_PER_TILE`` blocks,
+    each program taking every ``num_programs``-th tile (so that the shared lane table is filled
+    once per program); ``SHORT``: the one partial last block, which the reference divides by its
+    clamped absmax instead of multiplying by the reciprocal. Codes come from the cell table, or,
+    for a code table whose midpoints the cells cannot separate (``cells_exact`` is 0), from
+    comparisons with every midpoint."""
+    exact = tl.load(cells_exact_ptr) != 0
+    if LANE_TABLE:
+        _fill_lane_table(cells_ptr, THREADS)
+    tiles = tl.cdiv(block_limit - first_block, BLOCKS_PER_TILE)
+    step = tl.num_programs(0)
+    columns = tl.arange(0, BLOCKSIZE)
+    raw = _load_tile(x_ptr, first_block, tl.program_id(0), block_limit, n, BLOCKSIZE, BLOCKS_PER_TILE, SHORT)
+    for tile in range(tl.program_id(0), tiles, step):
+        blocks = first_block + tl.cast(tile, tl.int64) * BLOCKS_PER_TILE + tl.arange(0, BLOCKS_PER_TILE)
+        live = blocks < block_limit
+        offsets = blocks[:, None] * BLOCKSIZE + columns[None, :]
+        inside = live[:, None] & (offsets < n) if SHORT else live[:, None]  # whole blocks end before n
+        x = raw.to(tl.float32)
+        # the next tile's load is in flight while this one is coded
+        raw = _load_tile(x_ptr, first_block, tile + step, block_limit, n, BLOCKSIZE, BLOCKS_PER_TILE, SHORT)
 
-    absmax = tl.reduce(tl.abs(x), 1, _max_with_nan)  # NaN if the block has one, like torch.amax
-    clamped = tl.where(absmax < 1e-38, 1e-38, absmax)  # keeps NaN, like torch.clamp
-    if SHORT:
-        scaled = tl.math.div_rn(x, clamped[:, None])
-        scaled = tl.where(inside, scaled, 0.0)  # the padding value of an odd count
-    else:
-        reciprocal = tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)
-        scaled = x * reciprocal[:, None]
+        absmax = tl.reduce(tl.abs(x), 1, _max_with_nan)  # NaN if the block has one, like torch.amax
+        clamped = tl.where(absmax < 1e-38, 1e-38, absmax)  # keeps NaN, like torch.clamp
+        if SHORT:
+            scaled = tl.math.div_rn(x, clamped[:, None])
+            scaled = tl.where(inside, scaled, 0.0)  # the padding value of an odd count
+        else:
+            reciprocal = tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)
+            scaled = x * reciprocal[:, None]
 
-    if tl.load(cells_exact_ptr) != 0:
-        codes = _codes_by_cells(scaled, cells_ptr, CELL_SHIFT, FIRST_CELL, CELLS_PER_SIGN)
-    else:
-        codes = _codes_by_comparisons(scaled, midpoints_ptr, order_ptr)
-    high, low = tl.split(tl.reshape(codes, (BLOCKS_PER_PROGRAM, BLOCKSIZE // 2, 2)))
-    packed = ((high << 4) | low).to(tl.uint8)
-    byte = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    tl.store(packed_ptr + byte, packed, mask=live[:, None] & (byte < (n + 1) // 2) if SHORT else live[:, None])
-    tl.store(absmax_ptr + blocks, clamped if SHORT else absmax, mask=live)
+        if exact:
+            codes = _codes_by_cells(scaled, cells_ptr, CELL_SHIFT, FIRST_CELL, CELLS_PER_SIGN, LANE_TABLE)
+        else:
+            codes = _codes_by_comparisons(scaled, midpoints_ptr, order_ptr)
+        high, low = tl.split(tl.reshape(codes, (BLOCKS_PER_TILE, BLOCKSIZE // 2, 2)))
+        packed = ((high << 4) | low).to(tl.uint8)
+        byte = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+        tl.store(packed_ptr + byte, packed, mask=live[:, None] & (byte < (n + 1) // 2) if SHORT else live[:, None])
+        tl.store(absmax_ptr + blocks, clamped if SHORT else absmax, mask=live)
 
 
 def _nibble_words(order: torch.Tensor) -> torch.Tensor:
@@ -169,6 +263,14 @@ def _quantizer_tables(code: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return cells, exact.to(torch.int32).view(1), midpoints, _nibble_words(order)
 
 
+def _program_limit(device: torch.device) -> int:
+    """Programs of a persistent launch: ``QUANTIZE_PROGRAMS_PER_SM`` per multiprocessor. The
+    interpreter (CPU tensors) counts as one multiprocessor, so that CI runs programs of many tiles."""
+    if device.type != "cuda":
+        return QUANTIZE_PROGRAMS_PER_SM
+    return QUANTIZE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def quantize_4bit(
     A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,29 +282,36 @@ def quantize_4bit(
     if n:
         cells, exact, midpoints, order_words = derived(code, "quantizer", _quantizer_tables)
         arguments = (flat, cells, exact, midpoints, order_words, packed, absmax, n)
-        cell_layout = (_CELL_SHIFT, _FIRST_CELL, CELLS_PER_SIGN)
+        cell_layout = (_CELL_SHIFT, _FIRST_CELL, CELLS_PER_SIGN, not INTERPRETED)
         whole = n // blocksize
         if whole:
-            per_program = max(1, QUANTIZE_TILE_ELEMENTS // blocksize)
-            grid = (triton.cdiv(whole, per_program),)
+            per_tile = max(1, QUANTIZE_TILE_ELEMENTS // blocksize)
+            grid = (min(triton.cdiv(whole, per_tile), _program_limit(A.device)),)
             _quantize_4bit_kernel[grid](
-                *arguments, 0, whole, blocksize, per_program, False, *cell_layout, num_warps=QUANTIZE_WARPS
-            )
+                *arguments, 0, whole, blocksize, per_tile, False, *cell_layout, 32 * QUANTIZE_WARPS,
+                num_warps=QUANTIZE_WARPS,
+            )  # fmt: skip
         if whole * blocksize < n:
-            _quantize_4bit_kernel[(1,)](*arguments, whole, whole + 1, blocksize, 1, True, *cell_layout)
+            _quantize_4bit_kernel[(1,)](
+                *arguments, whole, whole + 1, blocksize, 1, True, *cell_layout, 128, num_warps=4
+            )  # fmt: skip
     return packed.view(quant_storage).unsqueeze(1), absmax
 
 
 @triton.jit
 def _quantize_blockwise_kernel(
-    x_ptr, lookup_ptr, out_ptr, absmax_ptr, n, BLOCKSIZE: tl.constexpr, GRID_STEPS: tl.constexpr
-):
-    """8-bit blockwise quantization of one block, as the reference does it: absmax ignoring NaN,
-    ``x * (1 / absmax)`` clamped to [-1, 1], its position on the uint16 grid, the grid's code."""
+    x_ptr, offset_ptr, lookup_ptr, out_ptr, absmax_ptr, n,
+    BLOCKSIZE: tl.constexpr, GRID_STEPS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """8-bit blockwise quantization of one block, as the reference does it: ``x - offset``, absmax
+    ignoring NaN, ``x * (1 / absmax)`` clamped to [-1, 1], its position on the uint16 grid, the
+    grid's code."""
     block = tl.program_id(0).to(tl.int64)
     offsets = block * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
     inside = offsets < n
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        x = tl.where(inside, x - tl.load(offset_ptr), 0.0)
     magnitude = tl.abs(x)
     absmax = tl.max(tl.where(magnitude != magnitude, 0.0, magnitude), axis=0)
     scaled = x * tl.math.div_rn(1.0, absmax)
@@ -215,7 +324,9 @@ def _quantize_blockwise_kernel(
     tl.store(absmax_ptr + block, absmax)
 
 
-def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.quantize_blockwise``."""
     flat = A.reshape(-1).contiguous()
     n = flat.numel()
@@ -223,9 +334,11 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     if n:
         lookup = derived(code, "blockwise", lambda table: blockwise_lookup(table.float()))
+        centre = flat if offset is None else offset.float().reshape(1)
         _quantize_blockwise_kernel[(absmax.numel(),)](
-            flat, lookup, out, absmax, n, blocksize, BLOCKWISE_GRID_STEPS, enable_fp_fusion=False
-        )
+            flat, centre, lookup, out, absmax, n, blocksize, BLOCKWISE_GRID_STEPS, offset is not None,
+            enable_fp_fusion=False,
+        )  # fmt: skip
     return out.view(A.shape), absmax
 
 
