@@ -25,6 +25,8 @@ other kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -419,8 +421,14 @@ def supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | No
         and _aligned(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
         and torch.version.hip is None
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and _capability(x.device) >= (8, 0)
     )
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, read once (each read costs microseconds of host time)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def fragment_linear(
