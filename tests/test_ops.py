@@ -30,6 +30,7 @@ def _cases():
     yield "quantize_4bit", (torch.randn(3, 37), code, 64, torch.uint8), {}
     yield "quantize_4bit", (torch.randn(64, 8, dtype=torch.bfloat16), code, 128, torch.float32), {}
     yield "quantize_blockwise", (torch.randn(1000), dynamic, 256), {}
+    yield "quantize_blockwise", (torch.rand(1000), dynamic, 256, torch.tensor(0.5)), {}
     yield (
         "dequantize_blockwise",
         (torch.randint(0, 256, (1000,), dtype=torch.uint8), torch.rand(4), dynamic, 256, torch.float16),
