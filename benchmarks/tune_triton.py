@@ -5,9 +5,10 @@
 
 Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
 replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
-The winners go into FRAGMENT_TABLE, GEMV_TABLE and FUSED_TABLE in fourbit/kernels/triton/linear.py ("chunked":
-decode + cuBLAS). With ``--quantize``: the quantizer's (elements per tile, warps, programs per multiprocessor) next to
-a copy of the input, for the QUANTIZE_* constants of fourbit/kernels/triton/quantize.py.
+The winners go into FRAGMENT_TABLE, GEMV_TABLE, FUSED_TABLE and WIDE_CONFIG in
+fourbit/kernels/triton/linear.py ("chunked": decode + cuBLAS). With ``--quantize``: the
+quantizer's (elements per tile, warps, programs per multiprocessor) next to a copy of the input,
+for the QUANTIZE_* constants of fourbit/kernels/triton/quantize.py.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ FUSED_CANDIDATES = [
     ("fused", 128, 64, 64, 0, 4, 4, False), ("fused", 128, 64, 64, 4, 4, 4, False),
     ("fused", 128, 64, 64, 0, 4, 4, True), ("fused", 128, 128, 64, 0, 4, 4, True),
     ("fused", 128, 128, 64, 0, 8, 4, True), ("fused", 128, 128, 64, 2, 4, 4, True),
+]  # fmt: skip
+
+# ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): the tensor-core kernel without K splits, for more
+# than 16 rows (BLOCK_M is clipped to the rows)
+WIDE_CANDIDATES = [
+    ("wide", 128, 256, 64, 8, 3), ("wide", 128, 256, 64, 8, 4), ("wide", 128, 256, 64, 8, 2),
+    ("wide", 64, 256, 64, 8, 3), ("wide", 64, 256, 64, 8, 4), ("wide", 128, 128, 64, 8, 4),
+    ("wide", 128, 128, 64, 4, 4), ("wide", 256, 128, 64, 8, 3),
 ]  # fmt: skip
 
 # ("fragments", num_warps, SPLIT_K): the register-fragment kernel, up to 16 rows; SPLIT_K 0 = automatic
@@ -87,7 +96,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=4, help="candidates listed per case")
     parser.add_argument("--quantize", action="store_true", help="tune the 4-bit quantizer instead")
     parser.add_argument(
-        "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused"], help="kernel kinds to time"
+        "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused", "wide"], help="kernel kinds to time"
     )
     args = parser.parse_args()
     if args.quantize:
@@ -107,6 +116,7 @@ def main() -> None:
                 "chunked": ["chunked"],
                 "fragments": FRAGMENT_CANDIDATES if rows <= 16 else [],
                 "fused": [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2],
+                "wide": WIDE_CANDIDATES if rows > 16 else [],
             }
             candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []
@@ -140,6 +150,8 @@ def report_registers() -> None:
         for cache in caches.values():
             entries = cache[0] if isinstance(cache, tuple) else cache
             for compiled in entries.values():
+                if not hasattr(compiled, "n_regs"):  # never loaded (did not fit the device)
+                    continue
                 constants = {k: v for k, v in compiled.src.constants.items() if isinstance(v, (int, bool))}
                 print(
                     f"{kernel.fn.__name__} regs={compiled.n_regs} spills={compiled.n_spills} "

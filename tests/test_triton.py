@@ -10,6 +10,7 @@ there bf16 outputs are compared within one bf16 step and products are computed i
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import pytest
@@ -304,6 +305,8 @@ def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
         ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
         ("fused", 128, 64, 64, 2, 4, 4, True),
         ("fused", 64, 16, 256, 3, 4, 3, True),
+        kernels.linear.WIDE_CONFIG,
+        ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
     ],
     ids=str,
 )
@@ -311,14 +314,15 @@ def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_tensor_core_kernel_configurations(config, dtype, nested):
     """The byte-permute + tensor-core kernel, forced, over partial tiles in every dimension, every
-    K-tile/absmax-block relation, split K and both scaling modes, against a float64 reference."""
+    K-tile/absmax-block relation, split K, both scaling modes and batch-wide tiles, against a
+    float64 reference."""
     for quant_type, (n, k, blocksize) in itertools.product(
         ["nf4", "fp4"], [(300, 256, 64), (100, 4096, 128), (4096, 64, 32), (17, 512, 256), (130, 4096, 4096)]
     ):
         code = _table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
         absmax, extra = _statistics(absmax, nested)
-        for rows in (1, 17, 70):
+        for rows in (70, 200) if config[0] == "wide" else (1, 17, 70):  # the table routes more rows to "wide"
             x = torch.randn(rows, k, device=DEVICE).to(dtype)
             bias = torch.randn(n, device=DEVICE).to(dtype)
             out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
@@ -385,16 +389,45 @@ def test_kernel_choice_follows_rows_dtype_and_device():
     choose = kernels.linear.choose_config
     bf16 = torch.zeros(8, 256, dtype=torch.bfloat16, device=DEVICE)
     if ON_GPU:
-        assert choose(bf16, 256, 64)[0] == "fragments"
-        assert choose(bf16, 256, 32)[0] == "fused"  # blocks shorter than the kernel's 64-column step
-        assert choose(torch.zeros(17, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64)[0] == "fused"
-        assert choose(torch.zeros(8, 320, dtype=torch.bfloat16, device=DEVICE), 320, 64)[0] == "fused"  # K % 256
-        assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 256, 64) == "chunked"
+        assert choose(bf16, 512, 256, 64)[0] == "fragments"
+        assert choose(bf16, 512, 256, 32)[0] == "fused"  # blocks shorter than the kernel's 64-column step
+        assert choose(torch.zeros(17, 256, dtype=torch.bfloat16, device=DEVICE), 512, 256, 64)[0] == "fused"
+        assert choose(torch.zeros(8, 320, dtype=torch.bfloat16, device=DEVICE), 512, 320, 64)[0] == "fused"  # K % 256
+        assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 512, 256, 64) == "chunked"
     else:
         assert not kernels.linear.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter
-        assert choose(bf16, 256, 64) == "chunked"
-    assert choose(bf16[:1], 100, 64)[-1] == "half"  # K not a multiple of the blocksize
-    assert choose(bf16[:2].float(), 256, 64)[0] == 2
+        assert choose(bf16, 512, 256, 64) == "chunked"
+    assert choose(bf16[:1], 512, 100, 64)[-1] == "half"  # K not a multiple of the blocksize
+    assert choose(bf16[:2].float(), 512, 256, 64)[0] == 2
+
+
+@pytest.mark.parametrize("processors", [66, 132])
+def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
+    """Beyond the tensor-core table, up to WIDE_ROWS rows run the batch-wide tiles when their
+    programs occupy WIDE_MIN_COVERAGE of the multiprocessors, and decode + cuBLAS otherwise; more
+    rows always decode + cuBLAS. (The kernel's support is forced, so this runs without a GPU.)"""
+    linear = kernels.linear
+    monkeypatch.setattr(linear, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(linear, "_processors", lambda device: processors)
+    most_fused = linear.FUSED_TABLE[-1][0]
+    enough = math.ceil(linear.WIDE_MIN_COVERAGE * processors) * linear.WIDE_CONFIG[1]  # weight rows that fill it
+    for rows in (most_fused + 1, linear.WIDE_ROWS):
+        x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
+        assert linear.choose_config(x, enough, 4096, 64) == linear.WIDE_CONFIG
+        assert linear.choose_config(x, enough - linear.WIDE_CONFIG[1], 4096, 64) == "chunked"
+        assert linear.choose_config(x, 8 * enough, 4096, 64) == linear.WIDE_CONFIG
+    assert linear.choose_config(torch.zeros(linear.WIDE_ROWS + 1, 4096), 8 * enough, 4096, 64) == "chunked"
+    assert linear.choose_config(torch.zeros(most_fused, 4096), 8 * enough, 4096, 64)[0] == "fused"
+
+
+def test_covering_splits_are_powers_of_two_that_cover_the_gpu_at_most_twice(monkeypatch):
+    """Automatic K splits: the power of two at or below what gives every multiprocessor two programs."""
+    monkeypatch.setattr(kernels.linear, "_processors", lambda device: 132)
+    splits = {programs: kernels.linear._covering_splits(programs, torch.device("cpu")) for programs in range(1, 600)}
+    for programs, split in splits.items():
+        assert split & (split - 1) == 0, (programs, split)
+        assert split <= max(1, -(-264 // programs)) < 2 * split, (programs, split)
+    assert (splits[32], splits[112], splits[224], splits[448]) == (8, 2, 2, 1)
 
 
 def test_derived_tables_follow_the_code_tensor():

@@ -3,10 +3,11 @@
 Up to 16 rows of 16-bit input (blocksizes of 64 and more, K a multiple of 256) run
 ``fragments``: ``mma.sync`` with each lane's operand fragment decoded through a shared-memory
 table of code pairs. Up to 64 rows otherwise run a tensor-core kernel that decodes each packed
-word in registers with byte permutes (``byte_permute``); neither writes the decoded weight out
-(for few rows reading the weight is the cost). Other few-row inputs (float32, K not a multiple
-of the blocksize, the interpreter) run a CUDA-core multiply-accumulate kernel with a table
-lookup. Many rows (prefill, training) decode the weight in chunks of rows with the dequantize
+word in registers with byte permutes (``byte_permute``), and up to 256 rows run it with
+batch-wide tiles when the weight has rows enough to occupy the GPU; none writes the decoded
+weight out. Other few-row inputs (float32, K not a multiple of the blocksize, the interpreter)
+run a CUDA-core multiply-accumulate kernel with a table lookup. The remaining cases (prefill,
+training, small weights under many rows) decode the weight in chunks of rows with the dequantize
 kernel and hand each chunk to cuBLAS: the extra memory is one chunk, never the whole decoded
 weight.
 """
@@ -251,14 +252,26 @@ GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
 
 #: Tensor-core kernel configurations for 16-bit inputs: (max rows, BLOCK_N, BLOCK_M, BLOCK_K,
 #: SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS); SPLIT_K is the fewest K splits (more are added
-#: until the programs cover the multiprocessors twice). Rows beyond the last entry decode in
-#: chunks and use cuBLAS, which is faster there.
+#: until the programs cover the multiprocessors twice, ``_covering_splits``). Rows beyond the last
+#: entry run WIDE_CONFIG or decode in chunks and use cuBLAS.
 #: Measured with benchmarks/tune_triton.py on an H100 (2026-11-22, session 3).
 FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
     (16, 128, 16, 64, 4, 4, 4, False),
     (32, 128, 32, 64, 4, 4, 4, False),
     (64, 128, 64, 64, 1, 4, 4, False),
 )
+
+#: The tensor-core kernel with batch-wide tiles, for rows beyond FUSED_TABLE up to WIDE_ROWS:
+#: ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages); one program per BLOCK_N weight
+#: rows and BLOCK_M input rows, no K split, weights scaled before the dot. Each packed byte is
+#: decoded once per BLOCK_M input rows, but one program fills a multiprocessor, so the path pays
+#: only for weights with enough rows: its programs must number at least WIDE_MIN_COVERAGE of
+#: the multiprocessors (on an H100 it beat decode + cuBLAS 1.2-2x from 8192 weight rows up and
+#: lost at 4096), otherwise "chunked" runs. Measured with benchmarks/tune_triton.py on an H100
+#: (2026-11-23, session 7).
+WIDE_CONFIG: tuple[str, int, int, int, int, int] = ("wide", 128, 256, 64, 8, 3)
+WIDE_ROWS = 256
+WIDE_MIN_COVERAGE = 0.4
 
 #: Register-fragment kernel configurations (``fragments``) for 16-bit inputs, blocksizes of 64 and
 #: more: (max rows, num_warps, SPLIT_K); SPLIT_K 0 means enough K splits for two programs per
@@ -269,10 +282,12 @@ FRAGMENT_TABLE: tuple[tuple[int, int, int], ...] = ((16, 4, 0),)
 CHUNK_BYTES = 64 << 20
 
 
-def choose_config(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> tuple | str:
-    """The kernel and tile configuration for input rows ``x`` (2-d) against a weight with ``k``
-    columns (packed in ``packed``, when given): a ``FRAGMENT_TABLE``, ``FUSED_TABLE`` or
-    ``GEMV_TABLE`` entry, or ``"chunked"``."""
+def choose_config(
+    x: torch.Tensor, n_out: int, k: int, blocksize: int, packed: torch.Tensor | None = None
+) -> tuple | str:
+    """The kernel and tile configuration for input rows ``x`` (2-d) against an ``n_out x k``
+    weight (packed in ``packed``, when given): a ``FRAGMENT_TABLE``, ``FUSED_TABLE`` or
+    ``GEMV_TABLE`` entry, ``WIDE_CONFIG``, or ``"chunked"``."""
     rows = x.shape[0]
     if not INTERPRETED and fragments.supported(x, k, blocksize, packed):
         entry = next((entry for entry in FRAGMENT_TABLE if rows <= entry[0]), None)
@@ -280,7 +295,12 @@ def choose_config(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor 
             return ("fragments", *entry[1:])
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in FUSED_TABLE if rows <= entry[0]), None)
-        return ("fused", *entry[1:]) if entry else "chunked"
+        if entry:
+            return ("fused", *entry[1:])
+        wide_programs = triton.cdiv(n_out, WIDE_CONFIG[1]) * triton.cdiv(rows, WIDE_CONFIG[2])
+        if rows <= WIDE_ROWS and wide_programs >= WIDE_MIN_COVERAGE * _processors(x.device):
+            return WIDE_CONFIG
+        return "chunked"
     return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), "chunked")
 
 
@@ -308,6 +328,13 @@ def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.devic
     return max(1, min(triton.cdiv(2 * _processors(device), programs), triton.cdiv(k, block_k)))
 
 
+def _covering_splits(programs: int, device: torch.device) -> int:
+    """The power of two of K splits nearest below what covers the multiprocessors twice with
+    ``programs`` programs per split (on an H100, 9 splits measured 18-47% slower than 8, and 3 at
+    64 rows 23% slower than 2)."""
+    return 1 << (triton.cdiv(2 * _processors(device), programs).bit_length() - 1)
+
+
 def linear_4bit(
     A: torch.Tensor,
     packed: torch.Tensor,
@@ -327,8 +354,10 @@ def linear_4bit(
     ``config`` overrides ``choose_config`` (tuning): a ``("fragments", num_warps, SPLIT_K)`` tuple
     forces the register-fragment kernel (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K,
     SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS)`` tuple forces the tensor-core kernel (16-bit
-    inputs on a GPU only), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)`` tuple the
-    CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
+    inputs on a GPU only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)`` tuple
+    the same kernel without K splits (``WIDE_CONFIG``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K,
+    num_warps, lookup)`` tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode +
+    cuBLAS path.
     """
     n_out, k = shape
     x = A.reshape(-1, k)
@@ -339,7 +368,7 @@ def linear_4bit(
         return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
     nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset)
     if config is None:
-        config = choose_config(x, k, blocksize, packed)
+        config = choose_config(x, n_out, k, blocksize, packed)
     if isinstance(config, tuple) and config[0] == "fragments":
         statistics = (nested_absmax, nested_code, nested_offset) if nested_absmax is not None else None
         out = fragments.fragment_linear(
@@ -348,6 +377,10 @@ def linear_4bit(
         )  # fmt: skip
     elif isinstance(config, tuple) and config[0] == "fused":
         out = _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config[1:])
+    elif isinstance(config, tuple) and config[0] == "wide":
+        block_n, block_m, block_k, warps, stages = config[1:]
+        wide = (block_n, block_m, block_k, 1, warps, stages, True)
+        out = _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, wide, cover=False)
     elif config == "chunked":
         out = _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize)
     else:
@@ -393,16 +426,19 @@ def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blo
     return out.to(x.dtype)
 
 
-def _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config) -> torch.Tensor:
+def _fused(
+    x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config, cover=True
+) -> torch.Tensor:
+    """The tensor-core kernel; with ``cover``, K splits are added (``_covering_splits``) beyond
+    the configured ones until the programs cover the multiprocessors twice."""
     block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
     m = x.shape[0]
     block_k = min(block_k, k & -k)  # a power of two dividing K
     block_m = max(16, min(block_m, triton.next_power_of_2(m)))
     programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
-    # at least the configured splits, more until the multiprocessors are covered twice, and at
-    # least 8 K tiles per split
-    split_k = max(split_k, triton.cdiv(2 * _processors(x.device), programs))
-    split_k = max(1, min(split_k, k // (8 * block_k)))
+    if cover:
+        split_k = max(split_k, _covering_splits(programs, x.device))
+    split_k = max(1, min(split_k, k // (8 * block_k)))  # at least 8 K tiles per split
     if split_k > 1:
         out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
     else:
