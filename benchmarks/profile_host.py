@@ -1,10 +1,11 @@
-"""Where the host time of eager 4-bit calls goes: cProfile over a loop of calls (a GPU run).
+"""Host time of eager calls: fourbit's Linear4bit next to F.linear, nn.Linear and bitsandbytes.
 
-    python benchmarks/profile_host.py --shape 4096x4096 --rows 1 [--profile quantize_4bit]
+    python benchmarks/profile_host.py --shapes 4096x4096 4096x14336 --rows 1 [--profile]
 
-Prints the wall time per call of ``matmul_4bit``, of the Triton kernel launch alone and of
-``quantize_4bit``, then the functions with the most own time in the ``--profile`` case. Eager
-calls of small layers are bounded by this host work.
+Host time per call is the time to issue a burst of calls, measured before synchronizing (the
+GPU is still busy then, so this is what the host spends, not the kernels). Wall time per call
+includes the final synchronization. ``--profile`` prints cProfile's heaviest functions of
+fourbit's call. Kernels per call are counted with torch.profiler.
 """
 
 from __future__ import annotations
@@ -13,54 +14,88 @@ import argparse
 import cProfile
 import pstats
 import time
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 import fourbit
-import fourbit.functional as F4
-from fourbit.kernels.triton import linear as triton_linear
 
 
-def per_call(fn, calls: int) -> float:
-    fn()
+def host_and_wall_us(fn, calls: int = 200) -> tuple[float, float]:
+    for _ in range(20):
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    host = time.perf_counter() - start
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    wall = time.perf_counter() - start
+    return host / calls * 1e6, wall / calls * 1e6
+
+
+def kernels_per_call(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()
+        torch.cuda.synchronize()
+    return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in trace.events())
+
+
+def layers(n: int, k: int, weight: torch.Tensor) -> dict[str, torch.nn.Module]:
+    dense = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    dense.weight.data.copy_(weight)
+    result = {"nn.Linear": dense}
+    settings = dict(bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    result["fourbit Linear4bit"] = fourbit.nn.Linear4bit(k, n, **settings)
+    try:
+        import bitsandbytes
+
+        result["bitsandbytes Linear4bit"] = bitsandbytes.nn.Linear4bit(k, n, **settings)
+    except Exception as error:
+        print(f"bitsandbytes not measured: {error}")
+    for name in list(result)[1:]:
+        result[name].load_state_dict(dense.state_dict())
+        result[name] = result[name].cuda()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="4096x4096")
-    parser.add_argument("--rows", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--profile", default="matmul_4bit", help="the case to profile")
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "28672x8192"], help="N x K")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--profile", action="store_true", help="cProfile fourbit's Linear4bit call")
     args = parser.parse_args()
-    n, k = (int(part) for part in args.shape.split("x"))
-    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-    packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
-    x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
-    layer = fourbit.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
-    arguments = dict(F4.op_arguments(state, x.device), blocksize=64, shape=[n, k])
-    cases = {
-        "triton linear_4bit (direct)": lambda: triton_linear.linear_4bit(x, packed, **arguments),
-        "torch.ops.fourbit.linear_4bit": lambda: torch.ops.fourbit.linear_4bit(x, packed, **arguments),
-        "matmul_4bit": lambda: fourbit.matmul_4bit(x, packed.t(), state),
-        "Linear4bit": lambda: layer(x),
-        "torch.matmul (bf16)": lambda: torch.matmul(x, weight.t()),
-        "quantize_4bit": lambda: F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True),
-    }
-    for name, fn in cases.items():
-        print(f"{name}: {per_call(fn, args.calls):.1f} us per eager call")
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(args.calls):
-        cases[args.profile]()
-    torch.cuda.synchronize()
-    profiler.disable()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    print(f"# host time per eager call, us: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print("| shape | rows | call | host us | wall us | kernels | host vs F.linear |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for text in args.shapes:
+        n, k = (int(part) for part in text.split("x"))
+        weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        modules = layers(n, k, weight)
+        for rows in args.rows:
+            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+            cases = {"F.linear": partial(F.linear, x, weight)}
+            cases.update({name: partial(module, x) for name, module in modules.items()})
+            with torch.no_grad():
+                reference = None
+                for name, fn in cases.items():
+                    host, wall = host_and_wall_us(fn, args.calls)
+                    reference = reference or host
+                    count = kernels_per_call(fn)
+                    print(f"| {text} | {rows} | {name} | {host:.1f} | {wall:.1f} | {count} | {host / reference:.2f}x |")
+                if args.profile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    for _ in range(args.calls):
+                        cases["fourbit Linear4bit"]()
+                    torch.cuda.synchronize()
+                    profiler.disable()
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from triton.testing import do_bench_cudagraph
 
 import fourbit.functional as F4
 from fourbit.formats import get_4bit_type
+from fourbit.kernels.triton import fragments, gemv, tensor_core
 from fourbit.kernels.triton import linear as triton_linear
 from fourbit.kernels.triton import quantize as triton_quantize
 
@@ -140,10 +141,10 @@ def main() -> None:
 def report_registers() -> None:
     """Registers and spills of every compiled variant (spills mean local-memory traffic)."""
     kernels = (
-        triton_linear._gemv_words_kernel,
-        triton_linear._gemv_any_kernel,
-        triton_linear._decode_dot_kernel,
-        triton_linear.fragments._fragment_mma_kernel,
+        gemv.gemv_words_kernel,
+        gemv.gemv_any_kernel,
+        tensor_core.decode_dot_kernel,
+        fragments._fragment_mma_kernel,
     )
     for kernel in kernels:
         caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})

@@ -377,10 +377,10 @@ def test_register_fragment_kernel_refuses_unaligned_k():
     x = torch.zeros(1, 320, dtype=torch.bfloat16)
     for k, blocksize in [(320, 64), (256, 32)]:
         with pytest.raises(ValueError, match="multiple of 256"):
-            fragments.fragment_linear(
-                x[:, :k], torch.zeros(k // 2, dtype=torch.uint8), torch.zeros(k // blocksize), _table("nf4"),
-                blocksize, 1, k, None, None, 256, (4, 0), 1,
-            )  # fmt: skip
+            weight = kernels.linear.PreparedWeight(
+                torch.zeros(k // 2, dtype=torch.uint8), torch.zeros(k // blocksize), _table("nf4"), blocksize, (1, k)
+            )
+            fragments.fragment_launch(weight, x[:, :k], False, (4, 0), 1)
 
 
 def test_kernel_choice_follows_rows_dtype_and_device():

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.fourbit.*)
+from . import ops
 from .formats import (
     BLOCKSIZES,
     BLOCKWISE_BLOCKSIZES,
@@ -43,6 +43,8 @@ __all__ = [
     "gemv_4bit",
     "get_4bit_type",
     "pack_dict_to_tensor",
+    "prepare_linear",
+    "prepared_key",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",
@@ -757,6 +759,41 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
         bias = bias.to(A.dtype)
     return torch.ops.fourbit.linear_4bit(
         A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, **op_arguments(state, A.device)
+    )
+
+
+def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
+    """The product with the packed 4-bit weight ``B`` of ``state`` (N, K), checked and prepared once.
+
+    Calling the result with ``(A, bias)`` computes what ``linear_4bit`` does, without checking
+    the weight again; in eager inference it also skips the dispatcher (``ops.PreparedLinear``).
+    It keeps ``state`` and reads its tensors as they are: build a new one when ``prepared_key``
+    changes.
+    """
+    check_4bit_state(B, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
+    packed = B.data if isinstance(B, torch.nn.Parameter) else B
+    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, **op_arguments(state, B.device))
+    prepared.state = state  # keeps the ids in prepared_key from being reused
+    return prepared
+
+
+def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
+    """What a ``prepare_linear`` result depends on: where the packed bytes are, the identity of
+    the state and of each of its tensors, and the version of the code tables (derived tables)."""
+    inner = state.state2
+    code = state.code
+    return (
+        B.data_ptr(),
+        id(state),
+        id(state.absmax),
+        id(code),
+        code._version if code is not None else -1,
+        id(state.offset),
+        id(inner),
+        id(inner.absmax) if inner is not None else 0,
+        id(inner.code) if inner is not None else 0,
     )
 
 

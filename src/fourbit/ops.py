@@ -11,8 +11,8 @@ import time (no ``from __future__ import annotations``) because torch infers the
 
 import importlib.util
 import os
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ def triton_enabled() -> bool:
 
 
 __all__ = [
+    "PreparedLinear",
     "dequantize_4bit",
     "dequantize_blockwise",
     "linear_4bit",
@@ -182,10 +183,76 @@ def _linear_4bit_backward(ctx, grad: Tensor):
 linear_4bit.register_autograd(_linear_4bit_backward, setup_context=_linear_4bit_setup_context)
 
 
+#: Per device type, the class that prepares one weight's product for that device's kernels
+#: (``PreparedWeight(packed, absmax, code, blocksize, shape, *nested)`` with ``.linear(A, bias)``).
+_prepared_kernels: dict[str, Callable[..., Any]] = {}
+
+
+def _plain_eager(A: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether a product may skip the dispatcher: eager mode, plain tensors, no gradient to
+    record, and no torch function or dispatch mode that would want to see the op."""
+    if type(A) is not Tensor or (bias is not None and type(bias) not in (Tensor, torch.nn.Parameter)):
+        return False
+    if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+class PreparedLinear:
+    """``A @ W.T + bias`` for one packed 4-bit weight, with what its kernel needs derived once.
+
+    Where the weight's device has a prepared kernel, an eager call on plain tensors that records
+    no gradient goes straight to it (an output allocation and a launch). Every other call, under
+    torch.compile, autograd, tensor subclasses or modes, goes through ``fourbit::linear_4bit``
+    with the arguments built here once. The tensors are the caller's: rebuild after replacing them.
+    """
+
+    def __init__(
+        self,
+        packed: Tensor,
+        absmax: Tensor,
+        code: Tensor,
+        blocksize: int,
+        shape: Sequence[int],
+        nested_absmax: Optional[Tensor] = None,
+        nested_code: Optional[Tensor] = None,
+        nested_offset: Optional[Tensor] = None,
+        nested_blocksize: int = 256,
+    ) -> None:
+        self.packed = packed
+        self.arguments = dict(
+            absmax=absmax,
+            code=code,
+            blocksize=blocksize,
+            shape=list(shape),
+            nested_absmax=nested_absmax,
+            nested_code=nested_code,
+            nested_offset=nested_offset,
+            nested_blocksize=nested_blocksize,
+        )
+        prepare = _prepared_kernels.get(packed.device.type)
+        self.kernel = (
+            prepare(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
+            if prepare is not None
+            else None
+        )
+
+    def __call__(self, A: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        kernel = self.kernel
+        if kernel is not None and _plain_eager(A, bias):
+            return kernel.linear(A, bias)
+        return linear_4bit(A, self.packed, bias=bias, **self.arguments)
+
+
 def _register_triton_kernels() -> None:
     """CUDA tensors run the Triton kernels; every other device keeps the reference."""
     from .kernels import triton as triton_kernels
 
+    _prepared_kernels["cuda"] = triton_kernels.PreparedWeight
     quantize_4bit.register_kernel("cuda")(triton_kernels.quantize_4bit)
     quantize_blockwise.register_kernel("cuda")(triton_kernels.quantize_blockwise)
     dequantize_4bit.register_kernel("cuda")(triton_kernels.dequantize_4bit)

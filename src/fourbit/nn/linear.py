@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import functional as F4
 from ..autograd import matmul_4bit
-from ..formats import DEFAULT_BLOCKSIZE
+from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
 from .params import Params4bit
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
@@ -87,6 +87,7 @@ class Linear4bit(nn.Linear):
         self.quant_state: F4.QuantState | None = None
         self.quant_storage = quant_storage
         self._warned_slow_fp16 = False
+        self._prepared: tuple | None = None
 
     def extra_repr(self) -> str:
         weight = self.weight
@@ -143,8 +144,37 @@ class Linear4bit(nn.Linear):
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return matmul_4bit(x, self.weight, state, bias=bias).to(input_dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        weight = self.weight
+        if isinstance(weight, Params4bit) and x.dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
+            out = self._prepared_product(weight, state)(x, bias)
+        else:
+            out = matmul_4bit(x, weight, state, bias=bias)
+        return out if out.dtype == input_dtype else out.to(input_dtype)
+
+    def _prepared_product(self, weight: Params4bit, state: F4.QuantState) -> Any:
+        """The weight's product prepared once (``functional.prepare_linear``), rebuilt when the
+        packed data, the state or any of its tensors is replaced (``functional.prepared_key``)."""
+        key = F4.prepared_key(weight, state)
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0] != key:
+            cached = (key, F4.prepare_linear(weight, state))
+            self.__dict__["_prepared"] = cached  # a plain attribute: not a parameter, buffer or module
+        return cached[1]
+
+    def _drop_prepared(self) -> None:
+        self.__dict__["_prepared"] = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        self._drop_prepared()  # it holds the packed data this move replaces
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_prepared"] = None  # compiled launches are rebuilt where the copy runs
+        return state
 
     # ------------------------------------------------------------------ state dict
 
@@ -239,6 +269,7 @@ class Linear4bit(nn.Linear):
         self.weight = weight
         self.quant_state = weight.quant_state
         self.quant_storage = weight.quant_storage
+        self._drop_prepared()
 
     def _load_into_sharded_weight(
         self,

@@ -152,8 +152,8 @@ def store_output(
 ):
     """Write the float32 products ``value`` to ``out[out_row, out_col]`` (index tensors broadcast
     to its shape; outside ``M x N`` nothing is written), adding ``bias[out_col]`` and casting to
-    the output's type; with split K, atomically add them to the float32 ``out`` instead (the
-    caller adds the bias and casts)."""
+    the output's type; with split K, ``out_ptr`` is the float32 workspace instead and the
+    products are added to it atomically (``finish_split`` writes the output)."""
     out = out_ptr + out_row * stride_om + out_col
     mask = (out_row < M) & (out_col < N)
     if SPLIT_K == 1:
@@ -162,3 +162,43 @@ def store_output(
         tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out, value, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def last_of_split(counter_ptr, tile, SPLIT_K: tl.constexpr):
+    """Whether this program is the last of its tile's ``SPLIT_K`` programs to have added its
+    partial sums (after every thread of the program has added them). The last one resets the
+    tile's counter, so the counters are all zero again once the kernel ends."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    if last:
+        tl.atomic_xchg(counter_ptr + tile, 0)
+    return last
+
+
+@triton.jit
+def finish_split(out_ptr, workspace_ptr, bias_ptr, out_row, out_col, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """The last program of a split tile: take the summed products out of the workspace (leaving
+    zeros), add the bias and store them in the output's type (``store_output`` without split)."""
+    mask = (out_row < M) & (out_col < N)
+    partial = workspace_ptr + out_row * stride_om + out_col
+    value = tl.atomic_add(partial, 0.0, mask=mask, sem="relaxed")  # read where the sums were made
+    tl.store(partial, 0.0, mask=mask)
+    store_output(out_ptr, bias_ptr, value, out_row, out_col, M, N, stride_om, 1, HAS_BIAS)
+
+
+@triton.jit
+def write_output(
+    out_ptr, workspace_ptr, counter_ptr, tile, bias_ptr, value, out_row, out_col, M, N, stride_om,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """``store_output`` for a kernel whose tile ``tile`` may be split over K: without a split the
+    products are stored; with one they are added to the zeroed float32 workspace (laid out like
+    the output) and the last program of the tile writes the output, so no kernel runs after."""
+    if SPLIT_K == 1:
+        store_output(out_ptr, bias_ptr, value, out_row, out_col, M, N, stride_om, 1, HAS_BIAS)
+    else:
+        store_output(workspace_ptr, bias_ptr, value, out_row, out_col, M, N, stride_om, SPLIT_K, HAS_BIAS)
+        if last_of_split(counter_ptr, tile, SPLIT_K):
+            finish_split(out_ptr, workspace_ptr, bias_ptr, out_row, out_col, M, N, stride_om, HAS_BIAS)

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .byte_permute import DECODE_SCRATCH, decode_word_ptx, plane_words
-from .common import store_output
+from .common import finish_split, last_of_split, store_output
+from .launch import ProductLaunch
 
 #: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
 #: iteration (the absmax of an iteration's steps is read at once).
@@ -321,8 +322,8 @@ def _store_group(
     out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Write a row group's accumulators: accumulator c of tile i belongs to weight row g (c < 2)
-    or g + 8 and input row 8i + 2t + c % 2."""
+    """Write a row group's accumulators (or, split, add them to the workspace ``out_ptr``):
+    accumulator c of tile i belongs to weight row g (c < 2) or g + 8 and input row 8i + 2t + c % 2."""
     a0, a1, a2, a3, a4, a5, a6, a7 = acc
     batch = 2 * quad
     store_output(out_ptr, bias_ptr, a0, batch, first_row, M, N, stride_om, SPLIT_K, HAS_BIAS)
@@ -337,6 +338,24 @@ def _store_group(
 
 
 @triton.jit
+def _finish_group(
+    out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """The last program of a split row group: move the group's sums from the workspace to the
+    output, at the places ``_store_group`` added them."""
+    batch = 2 * quad
+    finish_split(out_ptr, workspace_ptr, bias_ptr, batch, first_row, M, N, stride_om, HAS_BIAS)
+    finish_split(out_ptr, workspace_ptr, bias_ptr, batch + 1, first_row, M, N, stride_om, HAS_BIAS)
+    finish_split(out_ptr, workspace_ptr, bias_ptr, batch, first_row + 8, M, N, stride_om, HAS_BIAS)
+    finish_split(out_ptr, workspace_ptr, bias_ptr, batch + 1, first_row + 8, M, N, stride_om, HAS_BIAS)
+    if TILES == 2:
+        finish_split(out_ptr, workspace_ptr, bias_ptr, batch + 8, first_row, M, N, stride_om, HAS_BIAS)
+        finish_split(out_ptr, workspace_ptr, bias_ptr, batch + 9, first_row, M, N, stride_om, HAS_BIAS)
+        finish_split(out_ptr, workspace_ptr, bias_ptr, batch + 8, first_row + 8, M, N, stride_om, HAS_BIAS)
+        finish_split(out_ptr, workspace_ptr, bias_ptr, batch + 9, first_row + 8, M, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
 def _fragment_mma_kernel(
     x_ptr,
     w_ptr,
@@ -347,6 +366,8 @@ def _fragment_mma_kernel(
     nested_offset_ptr,
     bias_ptr,
     out_ptr,
+    workspace_ptr,
+    counter_ptr,
     M,
     N,
     K,
@@ -398,7 +419,12 @@ def _fragment_mma_kernel(
             first = second
             second = _word_loads(w_ptr, rows, quad, column + 128, k_stop)
             acc = _step(acc, words, inputs, scales[step], scales[4 + step], table, TILES, FLOAT16)
-    _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, SPLIT_K, HAS_BIAS)
+    if SPLIT_K == 1:
+        _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, 1, HAS_BIAS)
+    else:
+        _store_group(workspace_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, SPLIT_K, HAS_BIAS)
+        if last_of_split(counter_ptr, tl.program_id(0), SPLIT_K):
+            _finish_group(out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES, HAS_BIAS)
 
 
 def _aligned(k: int, blocksize: int) -> bool:
@@ -431,52 +457,41 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def fragment_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    n_out: int,
-    k: int,
-    bias: torch.Tensor | None,
-    statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    nested_blocksize: int,
-    config: tuple[int, int],
-    processors: int,
-) -> torch.Tensor:
-    """``x @ W.T + bias`` for the 2-d ``x`` (``supported``); ``statistics`` is (nested absmax,
-    nested code, offset) or None; ``config`` is (num_warps, SPLIT_K), SPLIT_K 0 meaning
+def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, int], processors: int):
+    """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
+    like the 2-d ``x`` (``supported``); ``config`` is (num_warps, SPLIT_K), SPLIT_K 0 meaning
     enough K splits for two programs per multiprocessor."""
     warps, split_k = config
+    k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not _aligned(k, blocksize):
         raise ValueError(
             f"the fragment kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)"
         )
     m = x.shape[0]
-    if x.stride(0) % 64 or x.data_ptr() % 16:
-        # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and
-        # keeps them in one thread each (see _stored_row)
-        x = x.clone(memory_format=torch.contiguous_format)
+    # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and keeps
+    # them in one thread each (see _stored_row)
+    aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
+    stride_xm = x.stride(0) if aligned else k
     tiles = triton.cdiv(m, TILE_ROWS)
     programs = triton.cdiv(n_out, 16 * warps)
     if not split_k:
         split_k = triton.cdiv(2 * processors, programs)
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
-    if split_k > 1:
-        out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    nested = statistics is not None
-    words = nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
-    _fragment_mma_kernel[(programs, split_k)](
-        x.view(torch.int64), packed.reshape(-1).view(torch.uint8).view(torch.int64), absmax, code.float(),
-        *(statistics if nested else (absmax,) * 3), bias if bias is not None else out, out, m, n_out, k,
-        x.stride(0) // 4, out.stride(0), tiles, warps, split_k, blocksize, nested, nested_blocksize,
-        x.dtype == torch.float16, bias is not None, words, num_warps=warps,
+    absmax = weight.absmax
+    words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    return ProductLaunch(
+        _fragment_mma_kernel, (programs, split_k), {"num_warps": warps},
+        (weight.bytes.view(torch.int64), absmax, weight.code, *weight.statistics),
+        (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
+         x.dtype == torch.float16, has_bias, words),
+        m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
+        _int64_rows if aligned else _aligned_int64_rows,
     )  # fmt: skip
-    if split_k == 1:
-        return out
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
+
+
+def _int64_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int64)
+
+
+def _aligned_int64_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.clone(memory_format=torch.contiguous_format).view(torch.int64)

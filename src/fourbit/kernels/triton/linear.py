@@ -16,226 +16,18 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
-import triton.language as tl
 
 from . import fragments
-from .byte_permute import decode_words, plane_words
-from .common import (
-    INTERPRETED,
-    absmax_from_stored,
-    block_scale,
-    decode_weight_tile,
-    lookup,
-    store_output,
-    stored_absmax,
-    word_shifts,
-)
+from .common import INTERPRETED
 from .derived import derived
+from .gemv import gemv_any_kernel, gemv_words_kernel
+from .launch import ProductLaunch
 from .quantize import dequantize_4bit
-
-
-@triton.jit
-def _gemv_words_kernel(
-    x_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    SELECT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    """Rows of W start on word and block boundaries (K % 8 == 0, K % BLOCKSIZE == 0): a tile is
-    ``[BLOCK_N, BLOCK_K // 8]`` int32 words; each block's partial sum is scaled once.
-
-    With SPLIT_K > 1 the K range is shared by several programs that add float32 partial sums
-    into ``out_ptr`` (a zeroed float32 buffer; the caller adds the bias and casts).
-    """
-    SUB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
-    SPAN: tl.constexpr = BLOCK_K // SUB
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_r = tl.arange(0, ROWS)
-    shifts = word_shifts()
-    row_words = offs_n.to(tl.int64)[:, None] * (K // 8)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
-    k_stop = tl.minimum(K, k_start + k_chunk)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
-        words = tl.load(w_ptr + row_words + offs_w[None, :], mask=w_mask, other=0)
-        nibbles = (words[:, :, None] >> shifts[None, None, :]) & 15
-        values = tl.reshape(lookup(code_ptr, nibbles, SELECT).to(tl.float32), (BLOCK_N, SUB, SPAN))
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
-            mask=(offs_r[:, None] < M) & (offs_k[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        block = offs_n.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (k0 // BLOCKSIZE + tl.arange(0, SUB))[None, :]
-        b_mask = n_mask[:, None] & ((k0 + tl.arange(0, SUB) * SPAN) < K)[None, :]
-        scale = block_scale(
-            absmax_ptr, block, b_mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED, NESTED_BLOCKSIZE
-        )
-        if ROWS == 1:
-            partial = tl.sum(values * tl.reshape(x, (1, SUB, SPAN)), axis=2)
-            acc += tl.sum(partial * scale, axis=1)[None, :]
-        else:
-            partial = tl.sum(values[None, :, :, :] * tl.reshape(x, (ROWS, 1, SUB, SPAN)), axis=3)
-            acc += tl.sum(partial * scale[None, :, :], axis=2)
-    store_output(out_ptr, bias_ptr, acc, offs_r[:, None], offs_n[None, :], M, N, stride_om, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_any_kernel(
-    x_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    SELECT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    """Any K (odd, not a multiple of the blocksize): every element finds its own byte and block."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, ROWS)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
-    k_stop = tl.minimum(K, k_start + k_chunk)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
-            mask=(offs_r[:, None] < M) & (offs_k[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-        w = decode_weight_tile(
-            w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
-            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SELECT,
-        )  # fmt: skip
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    store_output(out_ptr, bias_ptr, acc, offs_r[:, None], offs_n[None, :], M, N, stride_om, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _decode_dot_kernel(
-    x_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_om,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    SCALE_WEIGHTS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    """``out.T = W @ x.T`` on the tensor cores, W decoded in registers by byte permutes.
-
-    The weight is the dot's left operand, so its rows fill the instruction's 64-row side even
-    for one input row. A K tile is ``SUB`` dots of ``SUB_K`` columns, each inside one absmax
-    block; a dot's product is scaled per weight row (few input rows), or (``SCALE_WEIGHTS``, many
-    rows) the decoded weights are scaled and the dot accumulates in place. The stored absmax of
-    the next tile is loaded one iteration ahead. Rows start on words (``stride_wn`` words).
-    """
-    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
-    SUB: tl.constexpr = BLOCK_K // SUB_K
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_s = tl.arange(0, SUB)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    row_words = offs_n.to(tl.int64)[:, None] * stride_wn
-    row_blocks = offs_n.to(tl.int64)[:, None] * (K // BLOCKSIZE)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_chunk
-    k_stop = tl.minimum(K, k_start + k_chunk)
-    planes = plane_words(code_ptr, x_ptr.dtype.element_ty)
-    block = row_blocks + ((k_start + offs_s * SUB_K) // BLOCKSIZE)[None, :]
-    stored = stored_absmax(absmax_ptr, block, n_mask[:, None], NESTED)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        next_block = row_blocks + ((k0 + BLOCK_K + offs_s * SUB_K) // BLOCKSIZE)[None, :]
-        next_stored = stored_absmax(absmax_ptr, next_block, n_mask[:, None] & (k0 + BLOCK_K < k_stop), NESTED)
-        scales = absmax_from_stored(
-            stored, block, n_mask[:, None], nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, NESTED,
-            NESTED_BLOCKSIZE,
-        )  # fmt: skip
-        for sub in tl.static_range(SUB):
-            k = k0 + sub * SUB_K
-            words = tl.load(w_ptr + row_words + (k // 8 + tl.arange(0, SUB_K // 8))[None, :], mask=n_mask[:, None])
-            weight = decode_words(words, planes, x_ptr.dtype.element_ty)
-            x_tile = x_ptr + offs_m[:, None] * stride_xm + (k + tl.arange(0, SUB_K))[None, :]
-            x = tl.load(x_tile, mask=m_mask[:, None], other=0.0)
-            scale = tl.sum(tl.where(offs_s[None, :] == sub, scales, 0.0), axis=1)
-            if SCALE_WEIGHTS:
-                weight = (weight.to(tl.float32) * scale[:, None]).to(x_ptr.dtype.element_ty)
-                acc = tl.dot(weight, tl.trans(x), acc)
-            else:
-                acc += tl.dot(weight, tl.trans(x)) * scale[:, None]
-        stored = next_stored
-        block = next_block
-    store_output(out_ptr, bias_ptr, tl.trans(acc), offs_m[:, None], offs_n[None, :], M, N, stride_om, SPLIT_K, HAS_BIAS)
-
+from .tensor_core import decode_dot_kernel
 
 #: Few-row configurations of the CUDA-core kernels, for inputs the tensor-core kernel does not
 #: take (float32, K not a multiple of the blocksize, the interpreter): (max rows, ROWS, BLOCK_N,
@@ -318,6 +110,15 @@ def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
 
 
 @functools.cache
+def _flatten_rows(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda A: A.reshape(-1, k).contiguous()
+
+
+def _after(first: Callable, then: Callable | None) -> Callable:
+    """``first``, then ``then`` (when given)."""
+    return first if then is None else lambda A: then(first(A))
+
+
 def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -347,143 +148,170 @@ def linear_4bit(
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
     nested_blocksize: int = 256,
-    config: Sequence | None = None,
+    config: Sequence | str | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``reference.linear_4bit``.
+    """Same contract as ``reference.linear_4bit``; ``config`` overrides ``choose_config`` (tuning).
 
-    ``config`` overrides ``choose_config`` (tuning): a ``("fragments", num_warps, SPLIT_K)`` tuple
-    forces the register-fragment kernel (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K,
-    SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS)`` tuple forces the tensor-core kernel (16-bit
-    inputs on a GPU only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)`` tuple
-    the same kernel without K splits (``WIDE_CONFIG``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K,
-    num_warps, lookup)`` tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode +
-    cuBLAS path.
+    A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
+    (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
+    num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
+    only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)`` tuple the same kernel
+    without K splits (``WIDE_CONFIG``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
+    tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
-    n_out, k = shape
-    x = A.reshape(-1, k)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m = x.shape[0]
-    if not (m and n_out):
-        return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
-    nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=nested_offset)
-    if config is None:
-        config = choose_config(x, n_out, k, blocksize, packed)
-    if isinstance(config, tuple) and config[0] == "fragments":
-        statistics = (nested_absmax, nested_code, nested_offset) if nested_absmax is not None else None
-        out = fragments.fragment_linear(
-            x, packed, absmax, code, blocksize, n_out, k, bias, statistics, nested_blocksize, config[1:],
-            _processors(x.device),
-        )  # fmt: skip
-    elif isinstance(config, tuple) and config[0] == "fused":
-        out = _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config[1:])
-    elif isinstance(config, tuple) and config[0] == "wide":
-        block_n, block_m, block_k, warps, stages = config[1:]
-        wide = (block_n, block_m, block_k, 1, warps, stages, True)
-        out = _fused(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, wide, cover=False)
-    elif config == "chunked":
-        out = _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize)
-    else:
-        out = _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config)
-    return out.view(*A.shape[:-1], n_out)
-
-
-def _gemv(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config) -> torch.Tensor:
-    m = x.shape[0]
-    rows, block_n, block_k, split_k, num_warps, lookup_mode = config
-    words = k % 8 == 0 and k % blocksize == 0
-    block_k = max(16, min(block_k, triton.next_power_of_2(k)))
-    if words:
-        block_k = max(block_k, 8)
-        weight = packed.reshape(-1).view(torch.uint8).view(torch.int32)
-        kernel = _gemv_words_kernel
-    else:
-        weight = packed.reshape(-1).view(torch.uint8)
-        kernel = _gemv_any_kernel
-    split_k = split_k or _split_k(n_out, k, block_n, block_k, x.device)
-    if split_k > 1:
-        out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    statistics = (
-        (nested["nested_absmax"], nested["nested_code"], nested["nested_offset"])
-        if nested["nested_absmax"] is not None
-        else (absmax, absmax, absmax)  # never read
-    )
-    # float32 inputs keep float32 codes: their products promise float32 accuracy
-    half = lookup_mode == "half" and x.dtype != torch.float32
-    table = derived(code, "float16", torch.Tensor.half) if half else code.float()
-    grid = (triton.cdiv(n_out, block_n), split_k)
-    kernel[grid](
-        x, weight, absmax, table, *statistics, bias if bias is not None else out, out, m, n_out, k,
-        x.stride(0), out.stride(0), rows, block_n, block_k, split_k, blocksize, nested["nested_absmax"] is not None,
-        nested_blocksize, lookup_mode == "select", bias is not None, num_warps=num_warps,
+    weight = PreparedWeight(
+        packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize,
+        shared_workspace=False,
     )  # fmt: skip
-    if split_k == 1:
-        return out
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
+    return weight.linear(A, bias, config)
 
 
-def _fused(
-    x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize, config, cover=True
-) -> torch.Tensor:
-    """The tensor-core kernel; with ``cover``, K splits are added (``_covering_splits``) beyond
-    the configured ones until the programs cover the multiprocessors twice."""
-    block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
-    m = x.shape[0]
-    block_k = min(block_k, k & -k)  # a power of two dividing K
-    block_m = max(16, min(block_m, triton.next_power_of_2(m)))
-    programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
-    if cover:
-        split_k = max(split_k, _covering_splits(programs, x.device))
-    split_k = max(1, min(split_k, k // (8 * block_k)))  # at least 8 K tiles per split
-    if split_k > 1:
-        out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    statistics = (
-        (nested["nested_absmax"], nested["nested_code"], nested["nested_offset"])
-        if nested["nested_absmax"] is not None
-        else (absmax, absmax, absmax)  # never read
-    )
-    grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
-    _decode_dot_kernel[grid](
-        x, packed.reshape(-1).view(torch.uint8).view(torch.int32), absmax, code.float(), *statistics,
-        bias if bias is not None else out, out, m, n_out, k, x.stride(0), k // 8, out.stride(0),
-        block_n, block_m, block_k, split_k, blocksize, nested["nested_absmax"] is not None, nested_blocksize,
-        scale_weights, bias is not None, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    if split_k == 1:
-        return out
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
+class PreparedWeight:
+    """A packed 4-bit weight made ready for the Triton products, once.
 
+    Keeps the views of the packed bytes, the float tables and the statistics each kernel takes,
+    and one ``ProductLaunch`` per input signature, so that a repeated product costs an output
+    allocation and a launch. The tensors are the caller's, not copies: whoever keeps a prepared
+    weight rebuilds it when the weight's tensors are replaced. ``shared_workspace`` lets split-K
+    launches use the zeroed workspace kept per device and stream (``launch.split_buffers``); the
+    op, which may run inside torch.compile's CUDA graph trees, takes a fresh one per call.
+    """
 
-def _chunked(x, packed, absmax, code, blocksize, n_out, k, bias, nested, nested_blocksize) -> torch.Tensor:
-    """Decode CHUNK_BYTES of weight rows at a time; cuBLAS writes each product into its columns."""
-    is_nested = nested["nested_absmax"] is not None
-    # a chunk must start on a packed byte, an absmax block and (nested) a group of absmax codes
-    unit = blocksize * (nested_blocksize if is_nested else 1)
-    step = unit // math.gcd(k, unit)
-    rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
-    out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
-    data = packed.reshape(-1).view(torch.uint8)
-    for start in range(0, n_out, rows_per_chunk):
-        stop = min(n_out, start + rows_per_chunk)
-        first, last = start * k, stop * k  # element range of the chunk
-        chunk_nested = dict(nested)
-        if is_nested:
-            chunk_nested["nested_absmax"] = nested["nested_absmax"][first // unit :]
-        weight = dequantize_4bit(
-            data[first // 2 : -(-last // 2)], absmax[first // blocksize : -(-last // blocksize)], code, blocksize,
-            (stop - start, k), x.dtype, **chunk_nested, nested_blocksize=nested_blocksize,
-        )  # fmt: skip
-        columns = out[:, start:stop]
-        if bias is not None:
-            torch.addmm(bias[start:stop], x, weight.t(), out=columns)
+    #: Input signatures kept per weight (prefill lengths vary; decoding repeats a few).
+    MAX_LAUNCHES = 64
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        code: torch.Tensor,
+        blocksize: int,
+        shape: Sequence[int],
+        nested_absmax: torch.Tensor | None = None,
+        nested_code: torch.Tensor | None = None,
+        nested_offset: torch.Tensor | None = None,
+        nested_blocksize: int = 256,
+        shared_workspace: bool = True,
+    ) -> None:
+        self.packed = packed
+        self.shared_workspace = shared_workspace
+        self.absmax = absmax
+        self.code = code.float()
+        self.blocksize = blocksize
+        self.n_out, self.k = (int(size) for size in shape)
+        self.nested_blocksize = nested_blocksize
+        self.nested = nested_absmax is not None
+        self.nested_absmax = nested_absmax
+        self.nested_code = nested_code
+        self.nested_offset = nested_offset
+        # a non-nested kernel never reads its three statistics pointers
+        self.statistics = (nested_absmax, nested_code, nested_offset) if self.nested else (absmax,) * 3
+        self.bytes = packed.reshape(-1).view(torch.uint8)
+        self._launches: dict[tuple, ProductLaunch] = {}
+
+    def linear(self, A: torch.Tensor, bias: torch.Tensor | None = None, config: Sequence | str | None = None):
+        """``A @ W.T + bias`` in A's dtype (``bias`` already in A's dtype)."""
+        if config is None:
+            # everything Triton specializes on that can differ between calls
+            key = (A.shape, A.stride(), A.dtype, A.data_ptr() % 16, -1 if bias is None else bias.data_ptr() % 16)
+            launch = self._launches.get(key)
+            if launch is not None:
+                return launch(A, bias)
+        n_out, k = self.n_out, self.k
+        x = A.reshape(-1, k)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        if not (m and n_out):
+            return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
+        launch = self._prepare(x, bias, config or choose_config(x, n_out, k, self.blocksize, self.packed))
+        if launch is None:
+            return self._chunked(x, bias).view(*A.shape[:-1], n_out)
+        launch.out_shape = (*A.shape[:-1], n_out)
+        launch.shared = self.shared_workspace
+        if x.data_ptr() != A.data_ptr():  # the rows are a copy: every call makes it
+            launch.prepare_input = _after(_flatten_rows(k), launch.prepare_input)
+        if config is None:
+            if len(self._launches) >= self.MAX_LAUNCHES:
+                self._launches.clear()
+            self._launches[key] = launch
+        return launch(A, bias)
+
+    def _prepare(self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str) -> ProductLaunch | None:
+        """The launch of ``config`` for inputs like ``x`` (None for the chunked path)."""
+        if isinstance(config, tuple) and config[0] == "fragments":
+            return fragments.fragment_launch(self, x, bias is not None, config[1:], _processors(x.device))
+        if isinstance(config, tuple) and config[0] == "fused":
+            return self._fused(x, bias is not None, config[1:])
+        if isinstance(config, tuple) and config[0] == "wide":
+            block_n, block_m, block_k, warps, stages = config[1:]
+            return self._fused(x, bias is not None, (block_n, block_m, block_k, 1, warps, stages, True), cover=False)
+        if config == "chunked":
+            return None
+        return self._gemv(x, bias is not None, config)
+
+    def _gemv(self, x: torch.Tensor, has_bias: bool, config: Sequence) -> ProductLaunch:
+        """The CUDA-core multiply-accumulate kernel (``GEMV_TABLE`` entry ``config``)."""
+        m, n_out, k, blocksize = x.shape[0], self.n_out, self.k, self.blocksize
+        rows, block_n, block_k, split_k, num_warps, lookup_mode = config
+        words = k % 8 == 0 and k % blocksize == 0
+        block_k = max(16, min(block_k, triton.next_power_of_2(k)))
+        if words:
+            weight, kernel = self.bytes.view(torch.int32), gemv_words_kernel
         else:
-            torch.mm(x, weight.t(), out=columns)
-    return out
+            weight, kernel = self.bytes, gemv_any_kernel
+        split_k = split_k or _split_k(n_out, k, block_n, block_k, x.device)
+        # float32 inputs keep float32 codes: their products promise float32 accuracy
+        half = lookup_mode == "half" and x.dtype != torch.float32
+        table = derived(self.code, "float16", torch.Tensor.half) if half else self.code
+        grid = (triton.cdiv(n_out, block_n), split_k)
+        return ProductLaunch(
+            kernel, grid, {"num_warps": num_warps}, (weight, self.absmax, table, *self.statistics),
+            (m, n_out, k, x.stride(0), n_out, rows, block_n, block_k, split_k, blocksize, self.nested,
+             self.nested_blocksize, lookup_mode == "select", has_bias),
+            m, n_out, x.dtype, x.device, grid[0] if split_k > 1 else 0,
+        )  # fmt: skip
+
+    def _fused(self, x: torch.Tensor, has_bias: bool, config: Sequence, cover: bool = True) -> ProductLaunch:
+        """The tensor-core kernel; with ``cover``, K splits are added (``_covering_splits``) beyond
+        the configured ones until the programs cover the multiprocessors twice."""
+        block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
+        m, n_out, k = x.shape[0], self.n_out, self.k
+        block_k = min(block_k, k & -k)  # a power of two dividing K
+        block_m = max(16, min(block_m, triton.next_power_of_2(m)))
+        programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
+        if cover:
+            split_k = max(split_k, _covering_splits(programs, x.device))
+        split_k = max(1, min(split_k, k // (8 * block_k)))  # at least 8 K tiles per split
+        grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
+        return ProductLaunch(
+            decode_dot_kernel, grid, {"num_warps": num_warps, "num_stages": num_stages},
+            (self.bytes.view(torch.int32), self.absmax, self.code, *self.statistics),
+            (m, n_out, k, x.stride(0), k // 8, n_out, block_n, block_m, block_k, split_k, self.blocksize,
+             self.nested, self.nested_blocksize, scale_weights, has_bias),
+            m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
+        )  # fmt: skip
+
+    def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Decode CHUNK_BYTES of weight rows at a time; cuBLAS writes each product into its columns."""
+        n_out, k, blocksize = self.n_out, self.k, self.blocksize
+        # a chunk must start on a packed byte, an absmax block and (nested) a group of absmax codes
+        unit = blocksize * (self.nested_blocksize if self.nested else 1)
+        step = unit // math.gcd(k, unit)
+        rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
+        out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+        for start in range(0, n_out, rows_per_chunk):
+            stop = min(n_out, start + rows_per_chunk)
+            first, last = start * k, stop * k  # element range of the chunk
+            nested_absmax = self.nested_absmax[first // unit :] if self.nested else None
+            weight = dequantize_4bit(
+                self.bytes[first // 2 : -(-last // 2)], self.absmax[first // blocksize : -(-last // blocksize)],
+                self.code, blocksize, (stop - start, k), x.dtype, nested_absmax, self.nested_code, self.nested_offset,
+                self.nested_blocksize,
+            )  # fmt: skip
+            columns = out[:, start:stop]
+            if bias is not None:
+                torch.addmm(bias[start:stop], x, weight.t(), out=columns)
+            else:
+                torch.mm(x, weight.t(), out=columns)
+        return out

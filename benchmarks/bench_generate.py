@@ -1,0 +1,204 @@
+"""End-to-end generation: bf16 vs bitsandbytes NF4 vs fourbit NF4, side by side in one run.
+
+    python benchmarks/bench_generate.py --device cuda --layers 8      # Llama-3-8B-shaped layers
+    python benchmarks/bench_generate.py --device cpu                  # hidden 1024, 4 layers
+
+The model is transformers' ``LlamaForCausalLM`` with random weights (nothing is downloaded).
+Every projection of the decoder layers becomes a ``Linear4bit`` the way users write it:
+``Params4bit(weight, ...)`` assigned to the layer's weight, then ``.to(device)``. Modes:
+
+- ``eager``: greedy ``generate`` with the default dynamic cache;
+- ``compiled``: greedy ``generate`` with ``cache_implementation="static"``, which transformers
+  compiles itself (``torch.compile``, CUDA graphs on a GPU);
+- ``lean``: a gpt-fast style loop: static cache, eager prefill, then the one-token step under
+  ``torch.compile(mode="reduce-overhead")`` (GPU only), showing what the kernels allow once the
+  host is out of the way.
+
+Prints tokens/s (new tokens over the whole ``generate`` time, prefill included) and the peak
+memory during generation, with the ratios of fourbit to bf16 and to bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import time
+
+import torch
+from torch import nn
+
+#: Llama-3-8B's shapes; --device cpu uses CPU_SHAPES instead.
+GPU_SHAPES = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=128256)  # fmt: skip
+CPU_SHAPES = dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=16, num_key_value_heads=4,
+                  vocab_size=32000)  # fmt: skip
+
+
+def build_model(layers: int, device: torch.device, shapes: dict, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, rope_theta=500000.0,
+                         torch_dtype=dtype, **shapes)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device) -> None:
+    """Every ``nn.Linear`` of the decoder layers becomes ``library.nn.Linear4bit`` (NF4, nested)."""
+    targets = [(name, module) for name, module in model.model.layers.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in targets:
+        layer = library.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")  # fmt: skip
+        layer.weight = library.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64)  # fmt: skip
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        layer = layer.to(device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.model.layers.get_submodule(parent_name) if parent_name else model.model.layers, child, layer)
+        del linear
+    gc.collect()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_generate(model, prompt: torch.Tensor, new_tokens: int, device: torch.device, **options) -> tuple[float, list]:
+    """Seconds for one greedy ``generate`` of ``new_tokens`` tokens, and the tokens."""
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             **options)  # fmt: skip
+    _sync(device)
+    return time.perf_counter() - start, out[:, prompt.shape[1] :].tolist()
+
+
+def run_lean(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list]:
+    """Seconds for a gpt-fast style greedy loop (the step compiled with CUDA graphs), and the tokens."""
+    from transformers import StaticCache
+
+    batch, length = prompt.shape
+    kept = getattr(model, "_fourbit_bench_steps", None)
+    if kept is None:
+        kept = model._fourbit_bench_steps = {}
+    if (batch, length) not in kept:
+        # one cache per shape, reset for each run: the compiled step holds on to it
+        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
+
+        def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            logits = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        kept[(batch, length)] = (cache, step, torch.compile(step, mode=mode, fullgraph=True))
+    cache, step, compiled = kept[(batch, length)]
+    cache.reset()
+    tokens = []
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        token = step(prompt, torch.arange(length, device=device))  # eager prefill
+        tokens.append(token)
+        for index in range(length, length + new_tokens - 1):
+            token = compiled(token.clone(), torch.tensor([index], device=device)).clone()
+            tokens.append(token)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, torch.cat(tokens, 1).tolist()
+
+
+def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[float, float, list]:
+    """(tokens/s, peak GiB during generation, tokens) for one mode and batch, after warm-up runs."""
+    torch.manual_seed(1)
+    prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
+    if mode == "lean":
+        runner = lambda: run_lean(model, prompt, args.new_tokens, device)  # noqa: E731
+    else:
+        options = {"cache_implementation": "static"} if mode == "compiled" else {}
+        runner = lambda: run_generate(model, prompt, args.new_tokens, device, **options)  # noqa: E731
+    for _ in range(args.warmup):
+        runner()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, tokens = min((runner() for _ in range(args.repeats)), key=lambda result: result[0])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return batch * args.new_tokens / seconds, peak, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 8 on a GPU, 4 on the CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "compiled", "lean"])
+    parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"])
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers = args.layers or (8 if cuda else 4)
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    modes = args.modes or (["eager", "compiled", "lean"] if cuda else ["eager"])
+    dtype = torch.bfloat16
+    results: dict[tuple[str, str, int], tuple[float, float]] = {}
+    memory: dict[str, float] = {}
+    for name in args.libraries:
+        library = None
+        if name != "bf16":
+            try:
+                library = importlib.import_module(name)
+            except Exception as error:  # bitsandbytes absent, or without a native library here
+                print(f"skipping {name}: {error}")
+                continue
+        model = build_model(layers, device, shapes, dtype)
+        if library is not None:
+            quantize(model, library, dtype, device)
+        _sync(device)
+        memory[name] = torch.cuda.memory_allocated(device) / 2**30 if cuda else float("nan")
+        for mode in modes:
+            for batch in args.batches:
+                try:
+                    tokens_per_s, peak, _ = measure(model, mode, batch, args, device)
+                except Exception as error:
+                    print(f"{name} {mode} batch {batch} failed: {type(error).__name__}: {str(error)[:300]}")
+                    continue
+                results[(name, mode, batch)] = (tokens_per_s, peak)
+                print(f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, peak {peak:.2f} GiB")
+        del model
+        gc.collect()
+        torch._dynamo.reset()
+        if cuda:
+            torch.cuda.empty_cache()
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n# generate: {layers} layers, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; {where}, "
+          f"torch {torch.__version__}\n")  # fmt: skip
+    print("| mode | batch | bf16 tok/s | bnb tok/s | fourbit tok/s | fourbit/bf16 | fourbit/bnb | "
+          "peak GiB bf16 / bnb / fourbit |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for mode in modes:
+        for batch in args.batches:
+            cells = [results.get((name, mode, batch)) for name in ("bf16", "bitsandbytes", "fourbit")]
+            speed = [f"{cell[0]:.1f}" if cell else "-" for cell in cells]
+            peaks = " / ".join(f"{cell[1]:.2f}" if cell else "-" for cell in cells)
+            ratio = lambda a, b: f"{a[0] / b[0]:.2f}x" if a and b else "-"  # noqa: E731
+            print(f"| {mode} | {batch} | {' | '.join(speed)} | {ratio(cells[2], cells[0])} | "
+                  f"{ratio(cells[2], cells[1])} | {peaks} |")  # fmt: skip
+    print("\nmodel memory after loading, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Launching the product kernels with little host work: compiled once, then launched directly.
+
+Triton's ``kernel[grid](...)`` binds and specializes every argument on every call, which costs
+more host time than a decode-sized product takes on the GPU. A ``ProductLaunch`` fixes all but
+the input, the bias and the output: its first call goes through the JIT, which compiles (or
+finds) the kernel, and later calls hand the arguments straight to the compiled kernel's launcher.
+Whoever keeps a ``ProductLaunch`` keys it on everything Triton specializes on that can change
+between calls (the input's row count, stride and 16-byte alignment, the bias' alignment).
+
+Split-K products add their partial sums into a float32 workspace and count arrivals per output
+tile; the last program of a tile writes the output and leaves workspace and counters zeroed
+(``common.write_output``). So one zeroed workspace per device and stream serves every launch,
+and no kernel runs before or after the product. A launch captured into a CUDA graph takes a
+workspace of its own instead, as replays may run on another stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+from triton import knobs
+
+from .common import INTERPRETED
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+#: Whether launches may bypass the JIT: Triton 3.3 and newer pass every bound argument, in the
+#: order of the signature, to the compiled kernel's launcher; the interpreter compiles nothing.
+DIRECT = not INTERPRETED and _version(triton.__version__) >= (3, 3)
+
+_workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_buffers(device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zeroed float32 workspace of at least ``values`` elements and zeroed int32 counters for
+    at least ``tiles`` tiles; split-K kernels leave both zeroed again."""
+    cuda = device.type == "cuda"
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return _zeroed(device, values, tiles)
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if cuda else 0)
+    buffers = _workspaces.get(key)
+    if buffers is None or buffers[0].numel() < values or buffers[1].numel() < tiles:
+        values = max(values, buffers[0].numel() if buffers else 0)
+        tiles = max(tiles, buffers[1].numel() if buffers else 0)
+        buffers = _workspaces[key] = _zeroed(device, values, tiles)
+    return buffers
+
+
+def _zeroed(device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(values, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
+class ProductLaunch:
+    """One product kernel for one weight and one input signature.
+
+    The kernel's arguments are ``(x, *before, bias, out, workspace, counters, *after)``; ``before``
+    and ``after`` are fixed. A call allocates the ``rows x columns`` output (of ``out_shape``),
+    takes the workspace when the kernel splits K, and launches; ``prepare_input`` (when given)
+    turns the caller's input into the kernel's ``x``.
+    """
+
+    __slots__ = (
+        "_compiled",
+        "_workspace",
+        "after",
+        "before",
+        "columns",
+        "device",
+        "dtype",
+        "grid",
+        "kernel",
+        "options",
+        "out_shape",
+        "prepare_input",
+        "rows",
+        "shared",
+        "tiles",
+    )
+
+    def __init__(
+        self,
+        kernel: triton.JITFunction,
+        grid: Sequence[int],
+        options: dict[str, int],
+        before: tuple,
+        after: tuple,
+        rows: int,
+        columns: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tiles: int = 0,
+        prepare_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        out_shape: Sequence[int] | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self.grid = (*grid, 1, 1)[:3]
+        self.options = options
+        self.before = before
+        self.after = after
+        self.rows = rows
+        self.columns = columns
+        self.dtype = dtype
+        self.device = device
+        self.tiles = tiles  # output tiles whose K is split (0: not split)
+        self.prepare_input = prepare_input
+        self.out_shape = tuple(out_shape) if out_shape is not None else (rows, columns)
+        self._compiled: tuple | None = None
+        self._workspace: tuple | None = None
+        #: Whether split-K launches take the workspace shared per device and stream; otherwise
+        #: each takes a fresh zeroed one (inside torch.compile's CUDA graph trees, a kept
+        #: allocation would sit in their memory pool untracked).
+        self.shared = False
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if self.prepare_input is not None:
+            x = self.prepare_input(x)
+        compiled = self._compiled
+        if compiled is None or _hooked():
+            workspace, counters = self._split_buffers(None) if self.tiles else (out, out)  # (out: never read)
+            kernel = self.kernel[self.grid](
+                x, *self.before, out if bias is None else bias, out, workspace, counters, *self.after, **self.options
+            )
+            if DIRECT and compiled is None and hasattr(kernel, "packed_metadata"):
+                self._compiled = (kernel.run, kernel.function, kernel.packed_metadata)
+            return out
+        run, function, metadata = compiled
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+        workspace, counters = self._split_buffers(stream) if self.tiles else (out, out)
+        run(
+            *self.grid, stream, function, metadata, None, None, None,
+            x, *self.before, out if bias is None else bias, out, workspace, counters, *self.after,
+        )  # fmt: skip
+        return out
+
+    def _split_buffers(self, stream: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zeroed workspace and counters, kept for the last stream this launch ran on."""
+        if not self.shared:
+            return _zeroed(self.device, self.rows * self.columns, self.tiles)
+        kept = stream is not None and not torch._C._cuda_isCurrentStreamCapturing()
+        cached = self._workspace
+        if kept and cached is not None and cached[0] == stream:
+            return cached[1], cached[2]
+        workspace, counters = split_buffers(self.device, self.rows * self.columns, self.tiles)
+        if kept:
+            self._workspace = (stream, workspace, counters)
+        return workspace, counters
+
+
+def _hooked() -> bool:
+    """Whether something (a profiler) listens to Triton's launches: then they go through the JIT,
+    which calls the hooks. Triton 3.5 and newer keep the hooks in (possibly empty) chains."""
+    runtime = knobs.runtime
+    return _listening(runtime.launch_enter_hook) or _listening(runtime.launch_exit_hook)
+
+
+def _listening(hook: object) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))

@@ -1,0 +1,244 @@
+"""Prepared products: a weight's product is prepared once, reused, and never serves stale state.
+
+``Linear4bit`` keeps ``functional.prepare_linear(weight, state)`` and rebuilds it when
+``functional.prepared_key`` changes. On CUDA the prepared Triton weight keeps one launch per
+input signature and launches compiled kernels directly; split-K products finish in the kernel
+and leave their shared workspace zeroed. Without a GPU the Triton parts run in the interpreter.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import available_devices as devices
+
+import fourbit.functional as F4
+from fourbit.nn import Linear4bit, Params4bit
+
+ON_GPU = torch.cuda.is_available()
+
+
+def _layer(device: str, seed: int = 0, nested: bool = True, bias: bool = True) -> Linear4bit:
+    torch.manual_seed(seed)
+    layer = Linear4bit(256, 96, bias=bias, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=nested)
+    return layer.to(device)
+
+
+def _expected(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
+    weight = F4.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(x.dtype)
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _check(layer: Linear4bit, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _expected(layer, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_the_prepared_product_is_built_once_and_reused(device):
+    layer = _layer(device)
+    x = torch.randn(3, 256, device=device)
+    _check(layer, x)
+    prepared = layer._prepared[1]
+    _check(layer, x)
+    assert layer._prepared[1] is prepared
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_reloaded_weight_is_never_served_from_the_old_preparation(device):
+    layer, other = _layer(device, seed=0), _layer(device, seed=1)
+    x = torch.randn(2, 256, device=device)
+    _check(layer, x)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), other(x))
+    _check(layer, x)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_replaced_state_or_statistics_tensor_rebuilds_the_preparation(device):
+    layer, other = _layer(device, seed=0), _layer(device, seed=1)
+    x = torch.randn(2, 256, device=device)
+    _check(layer, x)
+    # a new state object on the same packed bytes
+    layer.weight.quant_state = other.weight.quant_state
+    layer.quant_state = other.weight.quant_state
+    _check(layer, x)
+    # one statistics tensor of the state replaced
+    state = layer.weight.quant_state
+    state.state2.absmax = state.state2.absmax * 2
+    _check(layer, x)
+    state.offset = state.offset + 0.01
+    _check(layer, x)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_statistics_changed_in_place_are_seen(device):
+    layer = _layer(device, nested=False)
+    x = torch.randn(2, 256, device=device)
+    _check(layer, x)
+    layer.weight.quant_state.absmax.mul_(0.5)
+    _check(layer, x)
+    layer.weight.quant_state.code.mul_(-1)  # derived tables follow the code table's version
+    _check(layer, x)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_packed_bytes_replaced_in_the_parameter_rebuild_the_preparation(device):
+    layer, other = _layer(device, seed=0), _layer(device, seed=1)
+    x = torch.randn(2, 256, device=device)
+    _check(layer, x)
+    layer.weight.data = other.weight.data.clone()
+    _check(layer, x)
+
+
+def test_a_move_drops_and_rebuilds_the_preparation():
+    layer = _layer("cpu")
+    x = torch.randn(2, 256)
+    _check(layer, x)
+    layer.to("cpu")
+    assert layer._prepared is None
+    _check(layer, x)
+    if ON_GPU:
+        layer.cuda()
+        _check(layer, x.cuda())
+
+
+def test_copies_and_pickles_do_not_carry_the_preparation():
+    layer = _layer("cpu")
+    x = torch.randn(2, 256)
+    _check(layer, x)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._prepared is None
+        with torch.no_grad():
+            assert torch.equal(clone(x), layer(x))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_the_prepared_and_the_dispatched_product_agree_with_and_without_grad(device):
+    """Inference skips the dispatcher; inputs that need gradients go through the op."""
+    layer = _layer(device)
+    x = torch.randn(4, 256, device=device)
+    with torch.no_grad():
+        fast = layer(x)
+    leaf = x.clone().requires_grad_()
+    slow = layer(leaf)
+    torch.testing.assert_close(fast, slow.detach())
+    slow.sum().backward()
+    assert leaf.grad is not None
+
+
+def test_prepare_linear_checks_the_weight_once():
+    weight = torch.randn(8, 64)
+    packed, state = F4.quantize_4bit(weight, quant_type="nf4")
+    with pytest.raises(ValueError, match="packed data holds"):
+        F4.prepare_linear(packed[:-1], state)
+    prepared = F4.prepare_linear(packed, state)
+    torch.testing.assert_close(prepared(torch.ones(1, 64)), torch.ones(1, 64) @ F4.dequantize_4bit(packed, state).t())
+    assert F4.prepared_key(packed, state) == F4.prepared_key(packed, state)
+    assert isinstance(Params4bit(weight), torch.nn.Parameter)
+
+
+# --------------------------------------------------------------------------- Triton launches
+
+triton = pytest.importorskip("triton")
+from fourbit.kernels import triton as kernels  # noqa: E402
+from fourbit.kernels.triton import launch  # noqa: E402
+
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _prepared_weight(n: int, k: int, nested: bool = True):
+    weight = torch.randn(n, k, device=TRITON_DEVICE)
+    packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
+    arguments = F4.op_arguments(state, packed.device)
+    prepared = kernels.PreparedWeight(packed, blocksize=64, shape=(n, k), **arguments)
+    return prepared, F4.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_split_k_products_finish_in_the_kernel_and_leave_the_workspace_zeroed(rows):
+    n, k = 48, 512
+    prepared, dense = _prepared_weight(n, k)
+    bias = torch.randn(n, device=TRITON_DEVICE)
+    config = (4, 16, 64, 4, 4, "gather")  # ROWS, BLOCK_N, BLOCK_K, four K splits, warps, lookup
+    for seed in range(3):  # the same workspace serves each call
+        x = torch.randn(rows, k, device=TRITON_DEVICE, generator=torch.Generator(TRITON_DEVICE).manual_seed(seed))
+        out = prepared.linear(x, bias, config=config)
+        torch.testing.assert_close(out, x @ dense.t() + bias, rtol=1e-4, atol=1e-4)
+        workspace, counters = launch.split_buffers(torch.device(TRITON_DEVICE), 1, 1)
+        assert not workspace.any() and not counters.any()
+
+
+def test_launches_are_kept_per_input_signature():
+    prepared, dense = _prepared_weight(40, 256)
+    for rows in (1, 2, 1, 2, 1):
+        x = torch.randn(rows, 256, device=TRITON_DEVICE)
+        torch.testing.assert_close(prepared.linear(x), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert len(prepared._launches) == 2
+    x = torch.randn(4, 257, device=TRITON_DEVICE)[:, :256]  # another stride: another launch
+    torch.testing.assert_close(prepared.linear(x), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert len(prepared._launches) == 3
+
+
+# --------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+def _kernels_launched(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (4096, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_an_eager_batch_one_call_launches_one_kernel(shape, dtype):
+    n, k = shape
+    layer = Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4").cuda()
+    layer.bias.data = layer.bias.data.to(dtype)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        for _ in range(2):
+            layer(x)  # compiles, prepares, launches once through the JIT
+        names = _kernels_launched(lambda: layer(x))
+        torch.testing.assert_close(layer(x), _expected(layer, x), rtol=2e-2, atol=2e-2)
+    assert len(names) == 1, names
+
+
+@gpu
+def test_direct_launches_match_the_jit_launch_bit_for_bit():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    first = prepared.linear(x)  # through the JIT
+    (entry,) = prepared._launches.values()
+    assert entry._compiled is not None
+    again = prepared.linear(x)  # direct
+    assert torch.equal(first, again)
+    unaligned = torch.randn(1, 4104, device="cuda", dtype=torch.bfloat16)[:, 1:4097]
+    torch.testing.assert_close(prepared.linear(unaligned), prepared.linear(unaligned.clone()), rtol=0, atol=0)
+
+
+@gpu
+def test_launches_on_another_stream_use_their_own_workspace():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = prepared.linear(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        results = [prepared.linear(x) for _ in range(20)]
+    plain = [prepared.linear(x) for _ in range(20)]
+    torch.cuda.synchronize()
+    for result in results + plain:
+        torch.testing.assert_close(result, expected, rtol=1e-2, atol=1e-2)
