@@ -81,6 +81,15 @@ def run_generate(model, prompt: torch.Tensor, new_tokens: int, device: torch.dev
     return time.perf_counter() - start, out[:, prompt.shape[1] :].tolist()
 
 
+def _mark_cache_static(cache) -> None:
+    """Mark every tensor of a filled StaticCache as a static address, so that the compiled step's
+    in-place updates keep CUDA graphs (some transformers releases leave the length counter out)."""
+    for layer in getattr(cache, "layers", ()):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static_address(value)
+
+
 def run_lean(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list]:
     """Seconds for a gpt-fast style greedy loop (the step compiled with CUDA graphs), and the tokens."""
     from transformers import StaticCache
@@ -107,6 +116,7 @@ def run_lean(model, prompt: torch.Tensor, new_tokens: int, device: torch.device)
     with torch.no_grad():
         token = step(prompt, torch.arange(length, device=device))  # eager prefill
         tokens.append(token)
+        _mark_cache_static(cache)
         for index in range(length, length + new_tokens - 1):
             token = compiled(token.clone(), torch.tensor([index], device=device)).clone()
             tokens.append(token)

@@ -185,6 +185,36 @@ def test_launches_are_kept_per_input_signature():
     assert len(prepared._launches) == 3
 
 
+def test_the_op_shares_launches_between_weights_of_one_layout_and_binds_each_weight():
+    first, first_dense = _prepared_weight(40, 256)
+    second, second_dense = _prepared_weight(40, 256)
+    x = torch.randn(2, 256, device=TRITON_DEVICE)
+    first.share_launches()
+    second.share_launches()
+    assert first._launches is second._launches
+    torch.testing.assert_close(first.linear(x), x @ first_dense.t(), rtol=1e-4, atol=1e-4)
+    (launch,) = first._launches.values()
+    assert launch.before is None  # the shared launch keeps no weight alive
+    torch.testing.assert_close(second.linear(x), x @ second_dense.t(), rtol=1e-4, atol=1e-4)
+    assert len(second._launches) == 1
+    other_layout, _ = _prepared_weight(40, 512)
+    other_layout.share_launches()
+    assert other_layout._launches is not first._launches
+
+
+def test_the_op_serves_each_weight_its_own_product_through_shared_launches():
+    weights = [_prepared_weight(40, 256) for _ in range(3)]
+    x = torch.randn(3, 256, device=TRITON_DEVICE)
+    for prepared, dense in weights * 2:
+        out = kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(40, 256), **_op_arguments(prepared))
+        torch.testing.assert_close(out, x @ dense.t(), rtol=1e-4, atol=1e-4)
+
+
+def _op_arguments(prepared) -> dict:
+    return dict(absmax=prepared.absmax, code=prepared.code, nested_absmax=prepared.nested_absmax,
+                nested_code=prepared.nested_code, nested_offset=prepared.nested_offset)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- GPU only
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")

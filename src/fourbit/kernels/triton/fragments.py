@@ -480,13 +480,17 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
     return ProductLaunch(
-        _fragment_mma_kernel, (programs, split_k), {"num_warps": warps},
-        (weight.bytes.view(torch.int64), absmax, weight.code, *weight.statistics),
+        _fragment_mma_kernel, (programs, split_k), {"num_warps": warps}, weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
          x.dtype == torch.float16, has_bias, words),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         _int64_rows if aligned else _aligned_int64_rows,
     )  # fmt: skip
+
+
+def _fragment_tensors(weight) -> tuple:
+    """The fragment kernel's weight arguments: packed 8-byte words, absmax, code, nested statistics."""
+    return (weight.bytes.view(torch.int64), weight.absmax, weight.code, *weight.statistics)
 
 
 def _int64_rows(x: torch.Tensor) -> torch.Tensor:

@@ -54,16 +54,21 @@ def split_buffers(device: torch.device, values: int, tiles: int) -> tuple[torch.
 
 
 def _zeroed(device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(values, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device)
+    """A zeroed float32 workspace and int32 counters, filled by one kernel (counters 16-byte aligned)."""
+    start = -(-values // 4) * 4
+    buffer = torch.zeros(start + tiles, dtype=torch.float32, device=device)
+    return buffer[:values], buffer[start:].view(torch.int32)
 
 
 class ProductLaunch:
-    """One product kernel for one weight and one input signature.
+    """One product kernel for one weight layout and one input signature.
 
-    The kernel's arguments are ``(x, *before, bias, out, workspace, counters, *after)``; ``before``
-    and ``after`` are fixed. A call allocates the ``rows x columns`` output (of ``out_shape``),
-    takes the workspace when the kernel splits K, and launches; ``prepare_input`` (when given)
-    turns the caller's input into the kernel's ``x``.
+    The kernel's arguments are ``(x, *before, bias, out, workspace, counters, *after)``; ``after``
+    is fixed, ``before`` (the weight's tensors) is ``bind(weight)`` for the weight it was built
+    for, or the ``before`` given to a call: a launch serves every weight whose tensors Triton
+    specializes alike. A call allocates the ``rows x columns`` output (of ``out_shape``), takes
+    the workspace when the kernel splits K, and launches; ``prepare_input`` (when given) turns
+    the caller's input into the kernel's ``x``.
     """
 
     __slots__ = (
@@ -71,6 +76,7 @@ class ProductLaunch:
         "_workspace",
         "after",
         "before",
+        "bind",
         "columns",
         "device",
         "dtype",
@@ -89,7 +95,8 @@ class ProductLaunch:
         kernel: triton.JITFunction,
         grid: Sequence[int],
         options: dict[str, int],
-        before: tuple,
+        weight: object,
+        bind: Callable[[object], tuple],
         after: tuple,
         rows: int,
         columns: int,
@@ -102,7 +109,8 @@ class ProductLaunch:
         self.kernel = kernel
         self.grid = (*grid, 1, 1)[:3]
         self.options = options
-        self.before = before
+        self.bind = bind
+        self.before = bind(weight)
         self.after = after
         self.rows = rows
         self.columns = columns
@@ -118,7 +126,9 @@ class ProductLaunch:
         #: allocation would sit in their memory pool untracked).
         self.shared = False
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, before: tuple | None = None) -> torch.Tensor:
+        if before is None:
+            before = self.before
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         if self.prepare_input is not None:
             x = self.prepare_input(x)
@@ -126,7 +136,7 @@ class ProductLaunch:
         if compiled is None or _hooked():
             workspace, counters = self._split_buffers(None) if self.tiles else (out, out)  # (out: never read)
             kernel = self.kernel[self.grid](
-                x, *self.before, out if bias is None else bias, out, workspace, counters, *self.after, **self.options
+                x, *before, out if bias is None else bias, out, workspace, counters, *self.after, **self.options
             )
             if DIRECT and compiled is None and hasattr(kernel, "packed_metadata"):
                 self._compiled = (kernel.run, kernel.function, kernel.packed_metadata)
@@ -136,7 +146,7 @@ class ProductLaunch:
         workspace, counters = self._split_buffers(stream) if self.tiles else (out, out)
         run(
             *self.grid, stream, function, metadata, None, None, None,
-            x, *self.before, out if bias is None else bias, out, workspace, counters, *self.after,
+            x, *before, out if bias is None else bias, out, workspace, counters, *self.after,
         )  # fmt: skip
         return out
 

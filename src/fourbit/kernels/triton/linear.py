@@ -119,6 +119,24 @@ def _after(first: Callable, then: Callable | None) -> Callable:
     return first if then is None else lambda A: then(first(A))
 
 
+def _word_tensors(weight: PreparedWeight) -> tuple:
+    """The tensor-core kernel's weight arguments: packed words, absmax, code, nested statistics."""
+    return (weight.bytes.view(torch.int32), weight.absmax, weight.code, *weight.statistics)
+
+
+@functools.cache
+def _gemv_tensors(words: bool, half: bool) -> Callable[[PreparedWeight], tuple]:
+    """The CUDA-core kernels' weight arguments: packed words or bytes, absmax, the code table
+    (float16 with ``half``), nested statistics."""
+
+    def bind(weight: PreparedWeight) -> tuple:
+        data = weight.bytes.view(torch.int32) if words else weight.bytes
+        table = derived(weight.code, "float16", torch.Tensor.half) if half else weight.code
+        return (data, weight.absmax, table, *weight.statistics)
+
+    return bind
+
+
 def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -163,7 +181,13 @@ def linear_4bit(
         packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize,
         shared_workspace=False,
     )  # fmt: skip
+    weight.share_launches()
     return weight.linear(A, bias, config)
+
+
+#: The op's launches, per weight layout (``PreparedWeight.layout``): the op runs once per call
+#: under torch.compile, and a launch built once serves every weight of the same layout.
+_layout_launches: dict[tuple, dict[tuple, ProductLaunch]] = {}
 
 
 class PreparedWeight:
@@ -208,6 +232,24 @@ class PreparedWeight:
         self.statistics = (nested_absmax, nested_code, nested_offset) if self.nested else (absmax,) * 3
         self.bytes = packed.reshape(-1).view(torch.uint8)
         self._launches: dict[tuple, ProductLaunch] = {}
+        self._shared = False
+
+    def layout(self) -> tuple:
+        """Everything a launch depends on besides the input: the device, the sizes and the 16-byte
+        alignment of each tensor (Triton specializes on it)."""
+        tensors = (self.bytes, self.absmax, self.code, *self.statistics)
+        alignment = tuple(tensor.data_ptr() % 16 for tensor in tensors)
+        return (self.bytes.device, self.n_out, self.k, self.blocksize, self.nested, self.nested_blocksize, alignment)
+
+    def share_launches(self) -> None:
+        """Use (and fill) the launches kept for every weight of this layout, binding this weight's
+        tensors at each call, instead of launches of its own."""
+        launches = _layout_launches.get(layout := self.layout())
+        if launches is None:
+            if len(_layout_launches) >= 256:
+                _layout_launches.clear()
+            launches = _layout_launches[layout] = {}
+        self._launches, self._shared = launches, True
 
     def linear(self, A: torch.Tensor, bias: torch.Tensor | None = None, config: Sequence | str | None = None):
         """``A @ W.T + bias`` in A's dtype (``bias`` already in A's dtype)."""
@@ -216,7 +258,7 @@ class PreparedWeight:
             key = (A.shape, A.stride(), A.dtype, A.data_ptr() % 16, -1 if bias is None else bias.data_ptr() % 16)
             launch = self._launches.get(key)
             if launch is not None:
-                return launch(A, bias)
+                return launch(A, bias, launch.bind(self) if self._shared else None)
         n_out, k = self.n_out, self.k
         x = A.reshape(-1, k)
         if x.stride(-1) != 1:
@@ -235,6 +277,9 @@ class PreparedWeight:
             if len(self._launches) >= self.MAX_LAUNCHES:
                 self._launches.clear()
             self._launches[key] = launch
+        if self._shared:
+            before, launch.before = launch.before, None  # a shared launch keeps no weight alive
+            return launch(A, bias, before)
         return launch(A, bias)
 
     def _prepare(self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str) -> ProductLaunch | None:
@@ -256,17 +301,13 @@ class PreparedWeight:
         rows, block_n, block_k, split_k, num_warps, lookup_mode = config
         words = k % 8 == 0 and k % blocksize == 0
         block_k = max(16, min(block_k, triton.next_power_of_2(k)))
-        if words:
-            weight, kernel = self.bytes.view(torch.int32), gemv_words_kernel
-        else:
-            weight, kernel = self.bytes, gemv_any_kernel
+        kernel = gemv_words_kernel if words else gemv_any_kernel
         split_k = split_k or _split_k(n_out, k, block_n, block_k, x.device)
         # float32 inputs keep float32 codes: their products promise float32 accuracy
         half = lookup_mode == "half" and x.dtype != torch.float32
-        table = derived(self.code, "float16", torch.Tensor.half) if half else self.code
         grid = (triton.cdiv(n_out, block_n), split_k)
         return ProductLaunch(
-            kernel, grid, {"num_warps": num_warps}, (weight, self.absmax, table, *self.statistics),
+            kernel, grid, {"num_warps": num_warps}, self, _gemv_tensors(words, half),
             (m, n_out, k, x.stride(0), n_out, rows, block_n, block_k, split_k, blocksize, self.nested,
              self.nested_blocksize, lookup_mode == "select", has_bias),
             m, n_out, x.dtype, x.device, grid[0] if split_k > 1 else 0,
@@ -285,8 +326,7 @@ class PreparedWeight:
         split_k = max(1, min(split_k, k // (8 * block_k)))  # at least 8 K tiles per split
         grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
         return ProductLaunch(
-            decode_dot_kernel, grid, {"num_warps": num_warps, "num_stages": num_stages},
-            (self.bytes.view(torch.int32), self.absmax, self.code, *self.statistics),
+            decode_dot_kernel, grid, {"num_warps": num_warps, "num_stages": num_stages}, self, _word_tensors,
             (m, n_out, k, x.stride(0), k // 8, n_out, block_n, block_m, block_k, split_k, self.blocksize,
              self.nested, self.nested_blocksize, scale_weights, has_bias),
             m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
