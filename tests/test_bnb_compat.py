@@ -31,6 +31,13 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 SHAPES = [(1,), (7,), (3, 37), (64, 64), (3, 96), (4099,), (2, 4097), (130, 33), (5, 7, 9)]
 
 
+def assert_same_product(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Outputs of one decoded weight: fourbit's CPU kernel sums in another order than the GEMM
+    bitsandbytes hands the decoded weight to, so the last bit of a 16-bit output may differ."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1.6e-2, atol=1e-2)
+
+
 def _inputs(shape, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     data = torch.randn(shape, generator=generator) * 2.5
@@ -175,7 +182,7 @@ def test_bitsandbytes_linear4bit_state_dict_loads_in_fourbit(quant_type, nested,
 
     loaded = fourbit.nn.Linear4bit(256, 96, bias=bias, quant_type=quant_type, compress_statistics=nested)
     loaded.load_state_dict(sd)
-    assert torch.equal(loaded(x), expected)
+    assert_same_product(loaded(x), expected)
     assert list(loaded.state_dict()) == list(sd)
 
     stats = {key.removeprefix("weight."): value for key, value in sd.items() if key.startswith("weight.")}
@@ -183,7 +190,7 @@ def test_bitsandbytes_linear4bit_state_dict_loads_in_fourbit(quant_type, nested,
     prequantized.weight = fourbit.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
     if bias:
         prequantized.bias = torch.nn.Parameter(sd["bias"])
-    assert torch.equal(prequantized(x), expected)
+    assert_same_product(prequantized(x), expected)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -202,7 +209,7 @@ def test_fourbit_linear4bit_state_dict_loads_in_bitsandbytes(quant_type, nested)
     theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
     theirs.bias = torch.nn.Parameter(sd["bias"])
     x = torch.randn(5, 256, dtype=torch.bfloat16)
-    assert torch.equal(theirs(x), ours(x))
+    assert_same_product(theirs(x), ours(x))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -223,7 +230,7 @@ def test_bitsandbytes_safetensors_checkpoint_loads_in_fourbit(tmp_path, quant_ty
     report = convert.load_quantized(ours, path)
     assert report.converted == ["0"]
     x = torch.randn(5, 256, dtype=torch.bfloat16)
-    assert torch.equal(ours(x), theirs(x))
+    assert_same_product(ours(x), theirs(x))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -245,7 +252,7 @@ def test_fourbit_safetensors_checkpoint_loads_in_bitsandbytes(tmp_path, quant_ty
     theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["0.weight"], stats, device="cpu")
     theirs.bias = torch.nn.Parameter(sd["0.bias"])
     x = torch.randn(5, 256, dtype=torch.bfloat16)
-    assert torch.equal(theirs(x), model[0](x))
+    assert_same_product(theirs(x), model[0](x))
 
 
 def test_transformers_bitsandbytes_checkpoint_matches_and_loads(tmp_path):

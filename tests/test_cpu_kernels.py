@@ -12,12 +12,14 @@ from helpers import DTYPES, assert_same_bits, describe_dtype
 
 import fourbit
 import fourbit.functional as F4
-from fourbit.kernels import cpu, reference
+from fourbit.kernels import reference
+from fourbit.kernels.cpu import compiled as cpu
 
 
 @pytest.fixture
 def small_tensors_compile(monkeypatch):
     """Let small test tensors take the compiled path (it is shape-independent)."""
+    monkeypatch.setenv("FOURBIT_CPU_NATIVE", "0")  # this file tests the compiled path the native one precedes
     monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
     monkeypatch.setattr(cpu, "_failed", False)
     monkeypatch.setattr(cpu, "_succeeded", set())

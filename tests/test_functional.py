@@ -301,13 +301,16 @@ def test_pickle_round_trip_of_a_state():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_gemv_equals_linear_with_the_dequantized_weight(dtype, nested):
+def test_gemv_matches_linear_with_the_dequantized_weight(dtype, nested):
     weight = torch.randn(96, 128, dtype=dtype)
     packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
     x = torch.randn(1, 1, 128, dtype=dtype)
     out = F4.gemv_4bit(x, packed.t(), state=state)
     assert out.shape == (1, 1, 96) and out.dtype == dtype
-    assert torch.equal(out, F.linear(x, F4.dequantize_4bit(packed, state)))
+    # the same decoded weights, summed in float32 in another order than torch's GEMM
+    expected = F.linear(x, F4.dequantize_4bit(packed, state))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
     buffer = torch.empty(1, 1, 96, dtype=dtype)
     assert F4.gemv_4bit(x, packed.t(), out=buffer, state=state) is buffer
     assert torch.equal(buffer, out)

@@ -344,6 +344,7 @@ def test_replacing_twice_is_a_clear_error():
 def dequantize_calls(monkeypatch):
     """Records (thread id, weakref to the result) for every reference dequantize_4bit call."""
     calls: list[tuple[int, weakref.ref]] = []
+    monkeypatch.setenv("FOURBIT_CPU_NATIVE", "0")  # CPU dequantize then runs the reference
     original = reference.dequantize_4bit
 
     def counting(*args, **kwargs):

@@ -149,6 +149,8 @@ def _layers(weight: torch.Tensor, options: dict, bnb) -> dict[str, torch.nn.Modu
         layer = cls(k, n, **settings)
         layer.load_state_dict(dense.state_dict())
         layers[name] = layer.to(weight.device)
+    for layer in layers.values():
+        layer.eval()  # inference, as served: bitsandbytes repacks its CPU weight only in eval mode
     return layers
 
 

@@ -260,9 +260,11 @@ def _register_triton_kernels() -> None:
 
 
 def _register_cpu_kernels() -> None:
-    """CPU tensors run the compiled fast path (which falls back to the reference by itself)."""
+    """CPU tensors run the native kernels, else the compiled path, else the reference (each
+    falls back to the next by itself)."""
     from .kernels import cpu
 
+    _prepared_kernels["cpu"] = cpu.prepare
     quantize_4bit.register_kernel("cpu")(cpu.quantize_4bit)
     dequantize_4bit.register_kernel("cpu")(cpu.dequantize_4bit)
     linear_4bit.register_kernel("cpu")(cpu.linear_4bit)

@@ -17,7 +17,7 @@ from math import prod
 
 import torch
 
-from . import reference
+from .. import reference
 
 __all__ = ["MIN_NUMEL", "compile_enabled", "dequantize_4bit", "linear_4bit", "quantize_4bit"]
 

@@ -1,0 +1,146 @@
+"""CPU kernels: the native library (``native``) where it builds, else the inductor-compiled path
+(``compiled``), which itself falls back to the reference.
+
+``PreparedWeight`` is the CPU's prepared product (``ops._prepared_kernels["cpu"]``): the weight's
+pointers gathered once, then one native call per product. Few input rows are multiplied with
+the weight decoded in registers (nothing decoded is written); more rows decode the weight
+natively and hand it to torch's matrix multiply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from math import prod
+
+import torch
+
+from . import compiled, native
+
+__all__ = ["FUSED_MAX_ROWS", "PreparedWeight", "dequantize_4bit", "linear_4bit", "prepare", "quantize_4bit"]
+
+#: Input rows up to which the product decodes the weight in registers; beyond, the decoded
+#: weight goes to torch's GEMM (oneDNN), which reuses each weight value across many rows.
+FUSED_MAX_ROWS = 16
+
+quantize_4bit = compiled.quantize_4bit
+
+
+class PreparedWeight:
+    """One packed weight's native arguments, gathered once: a product or a dequantize is then one
+    call into the library. The tensors are the caller's (only a 16-entry float32 table is derived,
+    from ``code``); whoever keeps one rebuilds it when the weight's tensors are replaced."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        code: torch.Tensor,
+        blocksize: int,
+        shape: Sequence[int],
+        nested_absmax: torch.Tensor | None = None,
+        nested_code: torch.Tensor | None = None,
+        nested_offset: torch.Tensor | None = None,
+        nested_blocksize: int = 256,
+    ) -> None:
+        self.arguments = (packed, absmax, code, blocksize, tuple(shape), nested_absmax, nested_code, nested_offset,
+                          nested_blocksize)  # fmt: skip
+        self.n_out, self.k = (int(size) for size in shape) if len(shape) == 2 else (0, 0)
+        self.numel = prod(shape)
+        # everything the library reads must stay alive as long as the pointers do
+        self._keep = [
+            packed.reshape(-1).view(torch.uint8),
+            code.float().masked_fill(code == 0, 0.0).contiguous(),  # zero codes decode to +0.0
+        ]
+        weight = native.Weight(self._keep[0].data_ptr(), self._keep[1].data_ptr())
+        weight.blocksize = blocksize
+        if nested_absmax is None:
+            weight.absmax = self._held(absmax.float()).data_ptr()
+        else:
+            weight.qabsmax = self._held(absmax).data_ptr()
+            weight.nested_code = self._held(nested_code.float()).data_ptr()
+            weight.nested_absmax = self._held(nested_absmax.float()).data_ptr()
+            weight.offset = self._held(nested_offset.float().reshape(1)).data_ptr()
+            weight.nested_blocksize = nested_blocksize
+        self._weight = weight
+        self._pointer = ctypes.byref(weight)
+        library = native.library()
+        self._linear, self._dequantize = library.fourbit_linear, library.fourbit_dequantize
+
+    def _held(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        self._keep.append(tensor)
+        return tensor
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight decoded to ``dtype`` (float32, bfloat16 or float16)."""
+        out = torch.empty(self.arguments[4], dtype=dtype)
+        code = native.dtype_code(dtype)
+        self._dequantize(self._pointer, self.numel, out.data_ptr(), code, native.isa(), torch.get_num_threads())
+        return out
+
+    def linear(self, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``A @ W.T + bias`` in A's dtype; float32 accumulation."""
+        dtype_code = native.dtype_code(A.dtype)
+        if dtype_code is None or self.n_out == 0:
+            return compiled.linear_4bit(A, *self.arguments[:6], bias, *self.arguments[6:])
+        if bias is not None and bias.dtype != A.dtype:
+            bias = bias.to(A.dtype)
+        x = A.reshape(-1, self.k)
+        rows = x.shape[0]
+        if rows > FUSED_MAX_ROWS:
+            return torch.nn.functional.linear(A, self.dequantize(A.dtype), bias)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty((*A.shape[:-1], self.n_out), dtype=A.dtype)
+        if rows:
+            bias_pointer = None if bias is None else bias.contiguous().data_ptr()
+            self._linear(
+                self._pointer, self.n_out, self.k, x.data_ptr(), rows, bias_pointer, out.data_ptr(), dtype_code,
+                native.isa(), torch.get_num_threads(),
+            )  # fmt: skip
+        return out
+
+
+def prepare(*arguments, **options) -> PreparedWeight | None:
+    """A ``PreparedWeight`` when the native library is available, else None (the op path)."""
+    return PreparedWeight(*arguments, **options) if native.available() else None
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Same contract as ``reference.dequantize_4bit``."""
+    arguments = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    if native.dtype_code(dtype) is not None and native.available():
+        return PreparedWeight(*arguments).dequantize(dtype)
+    return compiled.dequantize_4bit(*arguments[:5], dtype, *arguments[5:])
+
+
+def linear_4bit(
+    A: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    bias: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Same contract as ``reference.linear_4bit``."""
+    arguments = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    if native.available():
+        return PreparedWeight(*arguments).linear(A, bias)
+    return compiled.linear_4bit(A, *arguments[:5], bias, *arguments[5:])

@@ -1,0 +1,527 @@
+// fourbit's native CPU kernels: 4-bit dequantize and the fused 4-bit product.
+//
+// Plain C ABI (called through ctypes), no torch headers: the library compiles in seconds and
+// does not depend on torch's C++ ABI. One translation unit holds three variants of each
+// kernel, chosen at run time: AVX-512 (a 16-entry table lookup is one vpermps), AVX2 (two
+// vpermps and a blend) and portable C++. Arithmetic follows the reference exactly:
+// value = table[index] * scale in float32 (the table's zeros are +0.0), nested scales are
+// nested_code[q] * nested_absmax[block / nested_blocksize] + offset, and conversions round to
+// nearest even (bfloat16 NaN becomes 0xFFFF, as torch's vectorized conversion writes it).
+// Products accumulate in float32; each output element is summed by one thread in a fixed
+// order, so results do not depend on the number of threads.
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FOURBIT_X86 1
+#else
+#define FOURBIT_X86 0
+#endif
+
+namespace {
+
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+enum Isa : int32_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+
+// Blocks handled in one run (a dequantize task; the blocks of a weight row in a product).
+constexpr int64_t MAX_RUN = 512;
+
+// One packed weight: the packed bytes, the 16-entry float32 table and its statistics.
+struct Weight {
+  const uint8_t* packed;
+  const float* table;          // 16 entries, zeros as +0.0
+  const float* absmax;         // float32 scale per block, or null when nested
+  const uint8_t* qabsmax;      // nested: 8-bit codes of the scales
+  const float* nested_code;    // nested: 256-entry table
+  const float* nested_absmax;  // nested: one scale per nested block
+  const float* offset;         // nested: added to every decoded scale
+  int64_t nested_blocksize;
+  int64_t blocksize;
+};
+
+inline float block_scale(const Weight& w, int64_t block) {
+  if (w.absmax) return w.absmax[block];
+  // two roundings, as the reference (the library is compiled without fused multiply-add contraction)
+  const float product = w.nested_code[w.qabsmax[block]] * w.nested_absmax[block / w.nested_blocksize];
+  return product + *w.offset;
+}
+
+// The scales of blocks [first, first + count): one division for the run, not one per block.
+void block_scales(const Weight& w, int64_t first, int64_t count, float* out) {
+  if (w.absmax) {
+    std::memcpy(out, w.absmax + first, count * sizeof(float));
+    return;
+  }
+  int64_t group = first / w.nested_blocksize, left = (group + 1) * w.nested_blocksize - first;
+  const float offset = *w.offset;
+  for (int64_t i = 0; i < count; ++i) {
+    if (left == 0) ++group, left = w.nested_blocksize;
+    const float product = w.nested_code[w.qabsmax[first + i]] * w.nested_absmax[group];
+    out[i] = product + offset;
+    --left;
+  }
+}
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t to_bf16(float f) {
+  if (f != f) return 0xFFFF;
+  uint32_t u = bits_of(f);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline uint16_t to_f16(float f) {
+  uint32_t u = bits_of(f);
+  uint32_t sign = (u >> 16) & 0x8000;
+  uint32_t a = u & 0x7FFFFFFF;
+  uint32_t out;
+  if (a >= 0x47800000) {  // 65536 and beyond: infinity, or NaN
+    out = a > 0x7F800000 ? 0x7E00 : 0x7C00;
+  } else if (a < 0x38800000) {  // below the smallest normal half: let float addition round
+    const uint32_t magic = 0x3F000000;  // 0.5: its ulp is the half subnormal step
+    out = bits_of(float_of(a) + float_of(magic)) - magic;
+  } else {
+    uint32_t odd = (a >> 13) & 1;
+    a += 0xC8000FFF + odd;  // rebias the exponent (-112 << 23) and round to nearest even
+    out = a >> 13;
+  }
+  return static_cast<uint16_t>(out | sign);
+}
+
+inline float from_bf16(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+inline float from_f16(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  if (exponent == 0x1F) return float_of(sign | 0x7F800000 | (mantissa << 13));
+  if (exponent != 0) return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  float value = static_cast<float>(mantissa) * float_of(0x33800000);  // 2^-24
+  return sign ? -value : value;
+}
+
+// A float32 value rounded to `dtype` and widened again: the decoded weight the reference multiplies.
+inline float round_to(float v, int32_t dtype) {
+  if (dtype == BF16) return v != v ? v : from_bf16(to_bf16(v));
+  if (dtype == F16) return from_f16(to_f16(v));
+  return v;
+}
+
+inline float load_value(const void* base, int64_t i, int32_t dtype) {
+  if (dtype == F32) return static_cast<const float*>(base)[i];
+  uint16_t h = static_cast<const uint16_t*>(base)[i];
+  return dtype == BF16 ? from_bf16(h) : from_f16(h);
+}
+
+inline void store_value(void* base, int64_t i, float v, int32_t dtype) {
+  if (dtype == F32)
+    static_cast<float*>(base)[i] = v;
+  else
+    static_cast<uint16_t*>(base)[i] = dtype == BF16 ? to_bf16(v) : to_f16(v);
+}
+
+inline int index_at(const uint8_t* packed, int64_t e) {
+  uint8_t byte = packed[e >> 1];
+  return (e & 1) ? (byte & 15) : (byte >> 4);
+}
+
+// ------------------------------------------------------------------------------- dequantize
+
+// Elements [first, last) of the flat weight, one element at a time.
+void dequantize_scalar(const Weight& w, int64_t first, int64_t last, void* out, int32_t dtype) {
+  for (int64_t e = first; e < last; ++e)
+    store_value(out, e, w.table[index_at(w.packed, e)] * block_scale(w, e / w.blocksize), dtype);
+}
+
+#if FOURBIT_X86
+// Stores 16 values at element e; with `stream`, around the caches (a large output, aligned).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline void store16_avx512(void* out, int64_t e,
+                                                                                           __m512 v, int32_t dtype,
+                                                                                           bool stream) {
+  if (dtype == F32) {
+    if (stream)
+      _mm512_stream_ps(static_cast<float*>(out) + e, v);
+    else
+      _mm512_storeu_ps(static_cast<float*>(out) + e, v);
+    return;
+  }
+  __m256i half;
+  if (dtype == BF16) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    half = _mm512_cvtepi32_epi16(r);
+  } else {
+    half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  __m256i* target = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + e);
+  if (stream)
+    _mm256_stream_si256(target, half);
+  else
+    _mm256_storeu_si256(target, half);
+}
+
+// Whole blocks [first_block, last_block) of a blocksize that is a multiple of 32.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dequantize_blocks_avx512(
+    const Weight& w, int64_t first_block, int64_t last_block, void* out, int32_t dtype, bool stream) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  float scales[MAX_RUN];
+  block_scales(w, first_block, last_block - first_block, scales);
+  for (int64_t b = first_block; b < last_block; ++b) {
+    const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[b - first_block]));
+    for (int64_t e = b * w.blocksize; e < (b + 1) * w.blocksize; e += 32) {
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + e / 2)));
+      __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled);
+      __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(v, low_nibble), scaled);
+      store16_avx512(out, e, _mm512_permutex2var_ps(even, first_half, odd), dtype, stream);
+      store16_avx512(out, e + 16, _mm512_permutex2var_ps(even, second_half, odd), dtype, stream);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 lookup_avx2(__m256i index, __m256 low, __m256 high) {
+  __m256 a = _mm256_permutevar8x32_ps(low, index);
+  __m256 b = _mm256_permutevar8x32_ps(high, index);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void store8_avx2(void* out, int64_t e, __m256 v, int32_t dtype) {
+  if (dtype == F32) {
+    _mm256_storeu_ps(static_cast<float*>(out) + e, v);
+  } else if (dtype == BF16) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + e), packed);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + e),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void dequantize_blocks_avx2(const Weight& w, int64_t first_block,
+                                                                      int64_t last_block, void* out, int32_t dtype) {
+  const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
+  const __m256i low_nibble = _mm256_set1_epi32(15);
+  float scales[MAX_RUN];
+  block_scales(w, first_block, last_block - first_block, scales);
+  for (int64_t b = first_block; b < last_block; ++b) {
+    const __m256 scale = _mm256_set1_ps(scales[b - first_block]);
+    const __m256 scaled_low = _mm256_mul_ps(low, scale), scaled_high = _mm256_mul_ps(high, scale);
+    for (int64_t e = b * w.blocksize; e < (b + 1) * w.blocksize; e += 16) {
+      __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.packed + e / 2)));
+      __m256 even = lookup_avx2(_mm256_srli_epi32(v, 4), scaled_low, scaled_high);
+      __m256 odd = lookup_avx2(_mm256_and_si256(v, low_nibble), scaled_low, scaled_high);
+      // interleave: unpack within 128-bit lanes, then put the lanes in order
+      __m256 a = _mm256_unpacklo_ps(even, odd), c = _mm256_unpackhi_ps(even, odd);
+      store8_avx2(out, e, _mm256_permute2f128_ps(a, c, 0x20), dtype);
+      store8_avx2(out, e + 8, _mm256_permute2f128_ps(a, c, 0x31), dtype);
+    }
+  }
+}
+#endif
+
+void dequantize_blocks_portable(const Weight& w, int64_t first_block, int64_t last_block, void* out, int32_t dtype) {
+  float scales[MAX_RUN];
+  block_scales(w, first_block, last_block - first_block, scales);
+  for (int64_t b = first_block; b < last_block; ++b)
+    for (int64_t e = b * w.blocksize; e < (b + 1) * w.blocksize; ++e)
+      store_value(out, e, w.table[index_at(w.packed, e)] * scales[b - first_block], dtype);
+}
+
+void dequantize_blocks(const Weight& w, int64_t first_block, int64_t last_block, void* out, int32_t dtype,
+                       int32_t isa, bool stream) {
+#if FOURBIT_X86
+  if (w.blocksize % 32 == 0) {
+    if (isa == AVX512) return dequantize_blocks_avx512(w, first_block, last_block, out, dtype, stream);
+    if (isa == AVX2) return dequantize_blocks_avx2(w, first_block, last_block, out, dtype);
+  }
+#endif
+  dequantize_blocks_portable(w, first_block, last_block, out, dtype);
+}
+
+// ------------------------------------------------------------------------------- product
+
+// Inputs converted to float32 and split into even and odd elements of each row, so that the
+// high and low nibbles of a packed byte meet their inputs without shuffles.
+template <typename T>
+struct CacheLineAllocator {  // 64-byte aligned rows: vector loads never straddle cache lines
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  bool operator==(const CacheLineAllocator&) const { return true; }
+  bool operator!=(const CacheLineAllocator&) const { return false; }
+};
+
+struct Inputs {
+  std::vector<float, CacheLineAllocator<float>> even, odd;
+  int64_t half;  // K / 2
+};
+
+// The dot products of weight row n with rows [m0, m0 + rows) of the inputs (K a multiple of the
+// blocksize, the blocksize a multiple of 32).
+template <int ROWS>
+void dot_rows_portable(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums,
+                       int32_t dtype) {
+  float acc[ROWS] = {};
+  const int64_t blocks = k / w.blocksize, first = n * blocks;
+  float scaled[16], scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float s = scales[b];
+    for (int j = 0; j < 16; ++j) scaled[j] = round_to(w.table[j] * s, dtype);
+    const uint8_t* bytes = w.packed + (first + b) * w.blocksize / 2;
+    const int64_t base = b * w.blocksize / 2;
+    for (int64_t j = 0; j < w.blocksize / 2; ++j) {
+      const float hi = scaled[bytes[j] >> 4], lo = scaled[bytes[j] & 15];
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t i = (m0 + r) * x.half + base + j;
+        acc[r] += hi * x.even[i] + lo * x.odd[i];
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) sums[r] = acc[r];
+}
+
+#if FOURBIT_X86
+// Sixteen float32 values rounded to `dtype` and widened again (NaN kept).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 round_to_avx512(__m512 v, int32_t dtype) {
+  if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (dtype != BF16) return v;
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                               _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 round_to_avx2(__m256 v, int32_t dtype) {
+  if (dtype == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (dtype != BF16) return v;
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                               _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// One group of 16 packed bytes (32 weights) against ROWS input rows: high nibbles meet the even
+// inputs, low nibbles the odd ones. Accumulators are indexed by constants only, so they stay
+// in registers.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline void group_avx512(
+    const uint8_t* bytes, const float* even, const float* odd, int64_t stride, __m512 scaled, __m512* acc_hi,
+    __m512* acc_lo) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled);
+  __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), scaled);
+  for (int r = 0; r < ROWS; ++r) {
+    acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(even + r * stride), acc_hi[r]);
+    acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(odd + r * stride), acc_lo[r]);
+  }
+}
+
+// Two groups in flight (four accumulators per row), so that the adds do not wait on each other.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx512(const Weight& w, int64_t n,
+                                                                                    int64_t k, const Inputs& x,
+                                                                                    int64_t m0, float* sums,
+                                                                                    int32_t dtype) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  __m512 a0[ROWS], a1[ROWS], a2[ROWS], a3[ROWS];
+  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = a2[r] = a3[r] = _mm512_setzero_ps();
+  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 32, stride = x.half;
+  const uint8_t* bytes = w.packed + first * w.blocksize / 2;
+  const float* even = x.even.data() + m0 * stride;
+  const float* odd = x.odd.data() + m0 * stride;
+  float scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 scaled = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[b])), dtype);
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2, bytes += 32, even += 32, odd += 32) {
+      group_avx512<ROWS>(bytes, even, odd, stride, scaled, a0, a1);
+      group_avx512<ROWS>(bytes + 16, even + 16, odd + 16, stride, scaled, a2, a3);
+    }
+    if (g < groups) {
+      group_avx512<ROWS>(bytes, even, odd, stride, scaled, a0, a1);
+      bytes += 16, even += 16, odd += 16;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_add_ps(a2[r], a3[r])));
+}
+
+template <int ROWS>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void group_avx2(const uint8_t* bytes, const float* even,
+                                                                               const float* odd, int64_t stride,
+                                                                               __m256 low, __m256 high,
+                                                                               __m256* acc_hi, __m256* acc_lo) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  __m256 hi = lookup_avx2(_mm256_srli_epi32(v, 4), low, high);
+  __m256 lo = lookup_avx2(_mm256_and_si256(v, _mm256_set1_epi32(15)), low, high);
+  for (int r = 0; r < ROWS; ++r) {
+    acc_hi[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(even + r * stride), acc_hi[r]);
+    acc_lo[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(odd + r * stride), acc_lo[r]);
+  }
+}
+
+template <int ROWS>
+__attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int64_t n, int64_t k, const Inputs& x,
+                                                            int64_t m0, float* sums, int32_t dtype) {
+  const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
+  __m256 a0[ROWS], a1[ROWS], a2[ROWS], a3[ROWS];
+  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = a2[r] = a3[r] = _mm256_setzero_ps();
+  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 16, stride = x.half;
+  const uint8_t* bytes = w.packed + first * w.blocksize / 2;
+  const float* even = x.even.data() + m0 * stride;
+  const float* odd = x.odd.data() + m0 * stride;
+  float scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256 scale = _mm256_set1_ps(scales[b]);
+    const __m256 scaled_low = round_to_avx2(_mm256_mul_ps(low, scale), dtype);
+    const __m256 scaled_high = round_to_avx2(_mm256_mul_ps(high, scale), dtype);
+    for (int64_t g = 0; g < groups; g += 2, bytes += 16, even += 16, odd += 16) {  // groups is even
+      group_avx2<ROWS>(bytes, even, odd, stride, scaled_low, scaled_high, a0, a1);
+      group_avx2<ROWS>(bytes + 8, even + 8, odd + 8, stride, scaled_low, scaled_high, a2, a3);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m256 total = _mm256_add_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_add_ps(a2[r], a3[r]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    sums[r] = _mm_cvtss_f32(s);
+  }
+}
+#endif
+
+template <int ROWS>
+void dot_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums, int32_t dtype,
+              int32_t isa) {
+#if FOURBIT_X86
+  if (isa == AVX512) return dot_rows_avx512<ROWS>(w, n, k, x, m0, sums, dtype);
+  if (isa == AVX2) return dot_rows_avx2<ROWS>(w, n, k, x, m0, sums, dtype);
+#endif
+  dot_rows_portable<ROWS>(w, n, k, x, m0, sums, dtype);
+}
+
+// Up to four input rows per pass over a weight row: the decode is shared by the rows.
+void dot_all_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums, int32_t dtype,
+                  int32_t isa) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m; m0 += 4) dot_rows<4>(w, n, k, x, m0, sums + m0, dtype, isa);
+  switch (m - m0) {
+    case 3: dot_rows<3>(w, n, k, x, m0, sums + m0, dtype, isa); break;
+    case 2: dot_rows<2>(w, n, k, x, m0, sums + m0, dtype, isa); break;
+    case 1: dot_rows<1>(w, n, k, x, m0, sums + m0, dtype, isa); break;
+    default: break;
+  }
+}
+
+// Any shape: element by element (K not a multiple of the blocksize, small or odd blocksizes).
+void dot_any(const Weight& w, int64_t n, int64_t k, const void* x, int32_t dtype, int64_t m, float* sums) {
+  for (int64_t r = 0; r < m; ++r) sums[r] = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = n * k + j;
+    const float value = round_to(w.table[index_at(w.packed, e)] * block_scale(w, e / w.blocksize), dtype);
+    for (int64_t r = 0; r < m; ++r) sums[r] += value * load_value(x, r * k + j, dtype);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The best variant this CPU runs (2 AVX-512, 1 AVX2, 0 portable).
+int32_t fourbit_cpu_isa() {
+#if FOURBIT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
+#endif
+  return PORTABLE;
+}
+
+// Decode the first `numel` elements of a packed weight into `out` (of `dtype`).
+void fourbit_dequantize(const Weight* w, int64_t numel, void* out, int32_t dtype, int32_t isa, int32_t threads) {
+  const int64_t whole = numel / w->blocksize;
+  const int64_t chunk = 64;  // blocks per task
+  const int64_t tasks = (whole + chunk - 1) / chunk;
+  // outputs far larger than the caches are written around them (no read for ownership)
+  const bool stream = false;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tasks > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t first = t * chunk, last = first + chunk < whole ? first + chunk : whole;
+    dequantize_blocks(*w, first, last, out, dtype, isa, stream);
+  }
+#if FOURBIT_X86
+  if (stream) _mm_sfence();
+#endif
+  dequantize_scalar(*w, whole * w->blocksize, numel, out, dtype);
+}
+
+// out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for the packed weight W of shape (n_out, k);
+// x, out and bias are contiguous rows of `dtype`, float32 accumulation.
+void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, int64_t m, const void* bias, void* out,
+                    int32_t dtype, int32_t isa, int32_t threads) {
+  const bool whole_blocks = k % w->blocksize == 0 && w->blocksize % 32 == 0 && k / w->blocksize <= MAX_RUN;
+  Inputs inputs;
+  if (whole_blocks) {
+    inputs.half = k / 2;
+    inputs.even.resize(m * inputs.half);
+    inputs.odd.resize(m * inputs.half);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < inputs.half; ++j) {
+        inputs.even[r * inputs.half + j] = load_value(x, r * k + 2 * j, dtype);
+        inputs.odd[r * inputs.half + j] = load_value(x, r * k + 2 * j + 1, dtype);
+      }
+  }
+  const int64_t work = n_out * k * (m < 4 ? m : 4);
+  const int32_t used = work < (int64_t(1) << 18) ? 1 : threads;  // small products: no parallel region
+#pragma omp parallel num_threads(used) if (used > 1)
+  {
+    std::vector<float> sums(m);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < n_out; ++n) {
+      if (whole_blocks)
+        dot_all_rows(*w, n, k, inputs, m, sums.data(), dtype, isa);
+      else
+        dot_any(*w, n, k, x, dtype, m, sums.data());
+      const float b = bias ? load_value(bias, n, dtype) : 0.0f;
+      for (int64_t r = 0; r < m; ++r) store_value(out, r * n_out + n, sums[r] + b, dtype);
+    }
+  }
+}
+
+}  // extern "C"

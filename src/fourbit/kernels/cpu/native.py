@@ -1,0 +1,188 @@
+"""The native CPU kernels: ``fourbit_cpu.cpp`` compiled on first use, cached on disk, called
+through ctypes.
+
+The source is plain C++ with a C interface and no torch headers, so it compiles in seconds with
+the system's C++ compiler (``$CXX``, else ``c++``) and does not depend on torch's C++ ABI. The
+library is cached under ``$FOURBIT_CACHE_DIR`` (default ``~/.cache/fourbit``), named by a hash of
+the source, the flags and the compiler, and written atomically, so a second process, or one
+running beside the first, loads it without compiling. When compiling fails, one warning is
+issued and the caller falls back to the compiled or reference path; ``FOURBIT_CPU_NATIVE=0``
+skips the attempt. ``FOURBIT_CPU_ISA`` (``avx512``, ``avx2`` or ``portable``) caps the variant.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["ISA_NAMES", "Weight", "available", "build_info", "dtype_code", "isa", "library", "refresh_isa"]
+
+SOURCE = Path(__file__).with_name("fourbit_cpu.cpp")
+#: No fused multiply-add contraction: scales must round exactly as the reference's.
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
+OPENMP = ("-fopenmp",)
+ISA_NAMES = ("portable", "avx2", "avx512")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class Weight(ctypes.Structure):
+    """The C ``Weight``: one packed weight's pointers (see ``fourbit_cpu.cpp``)."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("absmax", ctypes.c_void_p),
+        ("qabsmax", ctypes.c_void_p),
+        ("nested_code", ctypes.c_void_p),
+        ("nested_absmax", ctypes.c_void_p),
+        ("offset", ctypes.c_void_p),
+        ("nested_blocksize", ctypes.c_int64),
+        ("blocksize", ctypes.c_int64),
+    ]
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failed = False
+_info: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """Whether the native kernels may be used (``FOURBIT_CPU_NATIVE`` unset or 1, no failed build)."""
+    return not _failed and os.environ.get("FOURBIT_CPU_NATIVE", "1") not in ("0", "")
+
+
+def available() -> bool:
+    """Whether the native library is enabled and loaded (building it on first use)."""
+    return enabled() and library() is not None
+
+
+def dtype_code(dtype: torch.dtype) -> int | None:
+    """The kernels' code for ``dtype`` (float32, bfloat16, float16), or None when unsupported."""
+    return _DTYPES.get(dtype)
+
+
+_isa: int | None = None
+
+
+def isa() -> int:
+    """The variant to run: the best this CPU supports, capped by ``FOURBIT_CPU_ISA`` (read at
+    first use and by ``refresh_isa``)."""
+    return _isa if _isa is not None else refresh_isa()
+
+
+def refresh_isa() -> int:
+    """Read ``FOURBIT_CPU_ISA`` again (tests force each variant this way)."""
+    global _isa
+    library()
+    best = int(_info.get("isa", 0))
+    cap = os.environ.get("FOURBIT_CPU_ISA", "")
+    if cap and cap not in ISA_NAMES:
+        raise ValueError(f"FOURBIT_CPU_ISA must be one of {', '.join(ISA_NAMES)}, got {cap!r}")
+    _isa = min(best, ISA_NAMES.index(cap)) if cap else best
+    return _isa
+
+
+def build_info() -> dict[str, object]:
+    """How the library was obtained: ``path``, ``compiled`` (in this process), ``seconds`` (the
+    compile), ``isa`` (the best variant of this CPU), ``openmp``; empty before first use."""
+    return dict(_info)
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept: ``$FOURBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fourbit``
+    or ``~/.cache/fourbit``."""
+    root = os.environ.get("FOURBIT_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fourbit"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, compiling it on first use; None (after one warning) when that fails."""
+    global _library, _failed
+    if _library is not None or _failed:
+        return _library
+    with _lock:
+        if _library is None and not _failed:
+            try:
+                _library = _load()
+            except Exception as error:  # no compiler, a failed compile, an unloadable library
+                _failed = True
+                warnings.warn(
+                    f"fourbit: the native CPU kernels could not be built ({type(error).__name__}: {error}); "
+                    "using the slower compiled or reference path (set FOURBIT_CPU_NATIVE=0 to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _library
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return compiler
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    for openmp in (OPENMP, ()):  # a compiler without OpenMP still gives single-threaded kernels
+        flags = (*FLAGS, *openmp)
+        digest = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
+                                             platform.machine().encode()])).hexdigest()[:16]  # fmt: skip
+        path = cache_dir() / f"fourbit_cpu-{digest}.so"
+        compiled, seconds = False, 0.0
+        if not path.exists():
+            start = time.perf_counter()
+            error = _compile(compiler, flags, path)
+            if error is not None:
+                if openmp:
+                    continue
+                raise RuntimeError(error)
+            compiled, seconds = True, time.perf_counter() - start
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+        _info.update(path=str(path), compiled=compiled, seconds=seconds, isa=lib.fourbit_cpu_isa(),
+                     openmp=bool(openmp))  # fmt: skip
+        return lib
+    raise AssertionError("unreachable")
+
+
+def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> str | None:
+    """Compile the source to ``path`` (written atomically); the compiler's complaint, or None."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(descriptor)
+    try:
+        result = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            return f"{Path(compiler).name} exited with {result.returncode}: {result.stderr.strip()[-400:]}"
+        os.replace(temporary, path)
+        return None
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.fourbit_cpu_isa.argtypes, lib.fourbit_cpu_isa.restype = [], i32
+    lib.fourbit_dequantize.argtypes = [ctypes.POINTER(Weight), i64, pointer, i32, i32, i32]
+    lib.fourbit_dequantize.restype = None
+    lib.fourbit_linear.argtypes = [ctypes.POINTER(Weight), i64, i64, pointer, i64, pointer, pointer, i32, i32, i32]
+    lib.fourbit_linear.restype = None

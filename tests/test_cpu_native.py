@@ -1,0 +1,177 @@
+"""The native CPU kernels (fourbit.kernels.cpu.native): each variant bit-exact in dequantize and
+within the reference's tolerance in the product, odd shapes, threads, the build cache and the
+fallback when nothing compiles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+import fourbit.functional as F4
+from fourbit.kernels import cpu, reference
+from fourbit.kernels.cpu import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no working C++ compiler here")
+
+_BEST = native.isa()
+VARIANTS = [name for index, name in enumerate(native.ISA_NAMES) if index <= _BEST]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_ISA", request.param)
+    assert native.ISA_NAMES[native.refresh_isa()] == request.param
+    yield request.param
+    monkeypatch.undo()
+    native.refresh_isa()
+
+
+def _weight(shape, quant_type, blocksize, nested, seed=0):
+    torch.manual_seed(seed)
+    data = torch.randn(shape)
+    data.view(-1)[:blocksize] = 0  # a zero block
+    packed, state = F4.quantize_4bit(data, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
+    return packed, F4.op_arguments(state, packed.device)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 4096])
+def test_dequantize_is_bit_identical_for_every_variant(variant, quant_type, nested, blocksize):
+    for shape in [(64, 256), (33, 77), (1, 4096 + 5)]:  # whole blocks, a short last block, an odd count
+        packed, arguments = _weight(shape, quant_type, blocksize, nested)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            expected = reference.dequantize_4bit(packed, blocksize=blocksize, shape=shape, dtype=dtype, **arguments)
+            got = cpu.dequantize_4bit(packed, blocksize=blocksize, shape=shape, dtype=dtype, **arguments)
+            assert torch.equal(_bits(got), _bits(expected)), (shape, dtype)
+
+
+def test_dequantize_of_nan_and_infinite_statistics_matches_the_reference(variant):
+    packed, arguments = _weight((8, 128), "nf4", 64, False)
+    arguments["absmax"] = arguments["absmax"].clone()
+    arguments["absmax"][1] = float("nan")
+    arguments["absmax"][2] = float("inf")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        expected = reference.dequantize_4bit(packed, blocksize=64, shape=(8, 128), dtype=dtype, **arguments)
+        got = cpu.dequantize_4bit(packed, blocksize=64, shape=(8, 128), dtype=dtype, **arguments)
+        assert torch.equal(_bits(got), _bits(expected)), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(96, 256), (1, 512), (40, 77), (7, 4096)], ids=str)
+def test_the_product_is_within_the_reference_tolerance(variant, dtype, shape):
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
+    for rows in (1, 3, 4, 9, 17):  # register rows of one, several passes, and the decode + GEMM path
+        x = torch.randn(rows, shape[1]).to(dtype)
+        bias = torch.randn(shape[0]).to(dtype)
+        out = cpu.linear_4bit(x, packed, blocksize=64, shape=shape, bias=bias, **arguments)
+        assert out.dtype == dtype and out.shape == (rows, shape[0])
+        # float64 truth from the weight decoded in the input's dtype, as the reference multiplies it
+        truth = x.double() @ weight.to(dtype).double().t() + bias.double()
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), truth, rtol=tolerance, atol=tolerance * 4)
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    packed, arguments = _weight((16, 64), "nf4", 64, False)
+    out = cpu.linear_4bit(torch.empty(0, 64), packed, blocksize=64, shape=(16, 64), **arguments)
+    assert out.shape == (0, 16)
+
+
+def test_results_do_not_depend_on_threads_and_concurrent_calls_agree():
+    packed, arguments = _weight((512, 1024), "nf4", 64, True)
+    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=(512, 1024), **arguments)
+    x = torch.randn(3, 1024, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = prepared.linear(x)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(prepared.linear(x), single)
+    finally:
+        torch.set_num_threads(threads)
+    results: list[torch.Tensor] = []
+    workers = [threading.Thread(target=lambda: results.append(prepared.linear(x))) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(results) == 4 and all(torch.equal(result, single) for result in results)
+
+
+def test_the_fast_path_changes_nothing_the_user_can_read():
+    layer = torch.nn.Linear(256, 128, dtype=torch.bfloat16)
+    from fourbit.nn import Linear4bit
+
+    quantized = Linear4bit(256, 128, compute_dtype=torch.bfloat16, quant_type="nf4")
+    quantized.load_state_dict(layer.state_dict())
+    quantized = quantized.to("cpu").eval()
+    before_state = {key: value.clone() for key, value in quantized.state_dict().items()}
+    before_weight = F4.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
+    with torch.no_grad():
+        quantized(torch.randn(1, 256, dtype=torch.bfloat16))
+    after = quantized.state_dict()
+    assert list(after) == list(before_state)
+    assert all(torch.equal(after[key], before_state[key]) for key in after)
+    assert torch.equal(F4.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state), before_weight)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+_REPORT = (
+    "import warnings, torch, fourbit.functional as F4\n"
+    "from fourbit.kernels.cpu import native\n"
+    "warnings.simplefilter('always')\n"
+    "p, s = F4.quantize_4bit(torch.randn(64, 64))\n"
+    "w = F4.dequantize_4bit(p, s)\n"
+    "print(native.available(), native.build_info().get('compiled'))\n"
+)
+
+
+def test_a_second_process_compiles_nothing(tmp_path):
+    first = _python(_REPORT, FOURBIT_CACHE_DIR=str(tmp_path))
+    second = _python(_REPORT, FOURBIT_CACHE_DIR=str(tmp_path))
+    assert first.stdout.split() == ["True", "True"], first.stderr
+    assert second.stdout.split() == ["True", "False"], second.stderr
+    assert len(list(tmp_path.glob("fourbit_cpu-*.so"))) == 1
+
+
+def test_a_failing_compiler_warns_once_and_falls_back(tmp_path):
+    result = _python(_REPORT + "w2 = F4.dequantize_4bit(p, s)\nprint(torch.equal(w, w2))\n",
+                     FOURBIT_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")  # fmt: skip
+    assert result.stdout.split() == ["False", "None", "True"], result.stderr
+    assert result.stderr.count("native CPU kernels could not be built") == 1
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_native_path_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_NATIVE", "0")
+    assert not native.available() and cpu.prepare(torch.zeros(1, 1, dtype=torch.uint8)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed, arguments = _weight((16, 64), "nf4", 64, False)
+        out = cpu.dequantize_4bit(packed, blocksize=64, shape=(16, 64), dtype=torch.float32, **arguments)
+    expected = reference.dequantize_4bit(packed, blocksize=64, shape=(16, 64), dtype=torch.float32, **arguments)
+    assert torch.equal(out, expected)
+
+
+def test_an_unknown_variant_name_is_rejected(monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_ISA", "avx9000")
+    with pytest.raises(ValueError, match="FOURBIT_CPU_ISA"):
+        native.refresh_isa()
+    monkeypatch.undo()
+    native.refresh_isa()
