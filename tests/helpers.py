@@ -22,24 +22,26 @@ def available_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def canonical(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes with every NaN made one NaN and every zero +0.0.
+def canonical(tensor: torch.Tensor, zero_sign: bool = False) -> torch.Tensor:
+    """The tensor's bytes with every NaN made one NaN, and (unless ``zero_sign``) every zero +0.0.
 
-    Comparing these is "bit-identical" up to NaN payloads and the sign of zero, the two things
-    bitsandbytes itself does not keep consistent between its code paths.
+    NaN payloads are the one thing bitsandbytes does not keep consistent between its code paths.
+    The golden files' digests also ignore the sign of zero; bit comparisons keep it.
     """
     flat = tensor.detach().contiguous().view(-1).cpu()
     if flat.is_floating_point():
         flat = torch.where(flat.isnan(), torch.full_like(flat, float("nan")).abs(), flat)
-        flat = torch.where(flat == 0, torch.zeros_like(flat), flat)
+        if not zero_sign:
+            flat = torch.where(flat == 0, torch.zeros_like(flat), flat)
     return flat.view(torch.uint8)
 
 
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same dtype, shape and canonical bytes (see ``canonical``)."""
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, zero_sign: bool = True) -> None:
+    """Same dtype, shape and bytes, the sign of zero included unless ``zero_sign=False`` (NaN
+    payloads aside)."""
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    same = canonical(actual) == canonical(expected)
+    same = canonical(actual, zero_sign) == canonical(expected, zero_sign)
     assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} bytes differ"
 
 

@@ -91,7 +91,10 @@ def test_quantize_and_dequantize_match_bitsandbytes(dtype, quant_type, nested):
                     assert_same_bits(our_state.offset, their_state.offset)
                     assert_same_bits(our_state.state2.absmax, their_state.state2.absmax)
                     assert_same_bits(our_state.state2.code, their_state.state2.code)
-                assert_same_bits(F4.dequantize_4bit(ours, our_state), _bnb_dequantize(theirs, their_state))
+                # bitsandbytes' torch path decodes FP4's "-0" code to -0.0, its native library to
+                # +0.0 (as fourbit does): the sign of zero is not compared with it
+                ours_decoded = F4.dequantize_4bit(ours, our_state)
+                assert_same_bits(ours_decoded, _bnb_dequantize(theirs, their_state), zero_sign=False)
                 checked += 1
             assert_same_bits(data, before)
     assert checked > 200

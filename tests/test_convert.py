@@ -211,12 +211,12 @@ def test_quantize_checkpoint_matches_quantize_model(tmp_path):
     assert quantized == {"blocks.0.up.weight", "blocks.0.down.weight", "blocks.1.up.weight", "blocks.1.down.weight"}
     kept = load_file(destination)
     for name in ("embed.weight", "lm_head.weight", "blocks.0.up.bias", "blocks.0.scale"):
-        assert torch.equal(kept[name], state[name])
+        assert kept[name].dtype == state[name].dtype and torch.equal(kept[name], state[name]), name
     model = TinyModel().to(torch.bfloat16)
     model.load_state_dict(state)
     convert.quantize_model(model, progress=False)
     for key, value in model.state_dict().items():
-        assert torch.equal(kept[key], value), key
+        assert kept[key].dtype == value.dtype and torch.equal(kept[key], value), key
     assert checkpoint.read_metadata(destination)["source"] == "test"
     report = next(r for r in reports if r.name == "blocks.0.up.weight")
     assert report.bytes_after < report.bytes_before / 2

@@ -66,7 +66,19 @@ _SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
 }
+# names of the safetensors format that not every supported torch release has a dtype for
+for _torch_name, _format_name in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+):
+    if isinstance(getattr(torch, _torch_name, None), torch.dtype):
+        _SAFETENSORS_DTYPES[getattr(torch, _torch_name)] = _format_name
 
 
 #: Tensor dtypes a checkpoint may hold.
@@ -104,6 +116,8 @@ class SafetensorsWriter:
             raise TypeError(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name!r}")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved by the safetensors format and cannot name a tensor")
         if tensor.dtype not in _SAFETENSORS_DTYPES:
             raise TypeError(f"{name!r}: safetensors cannot store {tensor.dtype}")
         data = tensor.detach().to("cpu").contiguous()

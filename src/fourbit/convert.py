@@ -388,7 +388,9 @@ def _nbytes(tensors: Iterable[Tensor]) -> int:
 def _plan(name: str, tensor: Tensor, skip: Sequence[str], grouped: set[str]) -> bool:
     """Whether ``quantize_checkpoint`` quantizes this tensor; raises for a dtype it cannot handle."""
     if tensor.dtype not in checkpoint.SUPPORTED_DTYPES:
-        raise checkpoint.CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
+        raise checkpoint.CheckpointError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which fourbit cannot write to safetensors"
+        )
     module_name = name.rpartition(".")[0]
     if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped:
         return False

@@ -28,7 +28,8 @@ NF4_VALUES: tuple[float, ...] = (
     1.0,
 )
 
-#: FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, before dividing by 12.
+#: FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, before dividing by 12. The
+#: "-0" pattern holds +0.0, as bitsandbytes' table does (its checkpoints store these bytes).
 FP4_RAW_VALUES: tuple[float, ...] = (
     0.0,
     0.0625,
@@ -38,7 +39,7 @@ FP4_RAW_VALUES: tuple[float, ...] = (
     6.0,
     2.0,
     3.0,
-    -0.0,
+    0.0,
     -0.0625,
     -8.0,
     -12.0,
@@ -49,7 +50,7 @@ FP4_RAW_VALUES: tuple[float, ...] = (
 )
 
 #: Symmetric 4-bit integers, bitsandbytes' optional "int4" table (before normalisation).
-INT4_RAW_VALUES: tuple[float, ...] = (7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7)
+INT4_RAW_VALUES: tuple[float, ...] = (7, 6, 5, 4, 3, 2, 1, 0, 0.0, -1, -2, -3, -4, -5, -6, -7)
 
 #: AbnormalFloat4 for blocksize 64 (arXiv:2306.06965), bitsandbytes' optional "af4" table.
 AF4_64_VALUES: tuple[float, ...] = (
@@ -148,6 +149,43 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     values.extend([0.0] * (size - len(values)))
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
+
+
+def create_fp8_map(
+    signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8
+) -> torch.Tensor:
+    """The sorted float32 map of a small float format, for ``quantize_blockwise(code=...)``.
+
+    Every exponent field ``e`` and mantissa ``m`` gives ``(1 + m / 2**p) * 2**(bias + 1 - e)`` for
+    ``e > 0`` and ``(m / 2**p) * 2**-bias`` for ``e = 0`` (bias ``2**(exponent_bits - 1)``), with
+    both signs when ``signed``; formats of fewer than 8 bits are padded with zeros to 256 entries.
+    The map is sorted and divided by its largest value, as bitsandbytes builds it.
+    """
+    sign_bits = 1 if signed else 0
+    if exponent_bits < 1 or precision_bits < 0 or exponent_bits + precision_bits + sign_bits != total_bits:
+        raise ValueError(
+            f"exponent_bits ({exponent_bits}) + precision_bits ({precision_bits}) + a sign bit ({sign_bits}) "
+            f"must make total_bits ({total_bits})"
+        )
+    if total_bits > 8:
+        raise ValueError(f"total_bits must be at most 8, got {total_bits}")
+    bias = 2 ** (exponent_bits - 1)
+    values: list[float] = []
+    for exponent in range(2**exponent_bits):
+        for mantissa in range(2**precision_bits):
+            # the mantissa bits read most significant first, as a binary fraction
+            fraction = sum(
+                ((mantissa >> (precision_bits - 1 - i)) & 1) * 2.0 ** -(i + 1) for i in range(precision_bits)
+            )
+            # exponent field 0 holds the subnormals
+            value = fraction * 2.0**-bias if exponent == 0 else (1.0 + fraction) * 2.0 ** -(exponent - bias - 1)
+            values.append(value)
+            if signed:
+                values.append(-value)
+    values.extend([0.0] * (256 - len(values)))
+    values.sort()
+    code = torch.tensor(values, dtype=torch.float32)
+    return code / code.max()
 
 
 def packed_nbytes(numel: int) -> int:

@@ -9,6 +9,7 @@ composing the 4-bit and the 8-bit ops, exactly as bitsandbytes does.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from .formats import (
     QUANT_STORAGE_DTYPES,
     QUANT_TYPES,
     create_dynamic_map,
+    create_fp8_map,
     get_4bit_type,
     num_blocks,
     packed_nbytes,
@@ -36,6 +38,7 @@ from .formats import (
 __all__ = [
     "QuantState",
     "create_dynamic_map",
+    "create_fp8_map",
     "dequantize_4bit",
     "dequantize_blockwise",
     "dequantize_fp4",
@@ -138,6 +141,10 @@ def _cached_dynamic_map(device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------- packed dict helpers
 
 
+#: Largest packed quant_state JSON accepted: real ones hold a few hundred bytes.
+MAX_PACKED_STATE_BYTES = 1 << 20
+
+
 def pack_dict_to_tensor(source: Mapping[str, Any]) -> Tensor:
     """Encode a JSON-serialisable dict as UTF-8 JSON bytes in a 1-D uint8 tensor (bitsandbytes' format)."""
     payload = json.dumps(dict(source)).encode("utf-8")
@@ -149,8 +156,14 @@ def unpack_tensor_to_dict(tensor: Tensor) -> dict[str, Any]:
     if not isinstance(tensor, Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
         described = f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else tensor
         raise ValueError(f"packed quant_state must be a 1-D uint8 tensor of JSON bytes, got {described}")
+    if tensor.numel() > MAX_PACKED_STATE_BYTES:
+        raise ValueError(
+            f"packed quant_state holds {tensor.numel()} bytes; a quantization state's JSON is a few hundred "
+            f"(the limit is {MAX_PACKED_STATE_BYTES})"
+        )
+    data = tensor.detach().cpu().contiguous()
     try:
-        decoded = json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+        decoded = json.loads(ctypes.string_at(data.data_ptr(), data.numel()).decode("utf-8") if data.numel() else "")
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"packed quant_state is not valid UTF-8 JSON: {error}") from None
     if not isinstance(decoded, dict):
@@ -305,20 +318,32 @@ class QuantState:
             raise ValueError(f"quant_state has nested entries {nested_present} but lacks {absent}")
 
         quant_type = entries["quant_type"]
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_state entry 'quant_type' must be one of {QUANT_TYPES}, got {quant_type!r}")
+        blockwise = quant_type is None  # an 8-bit blockwise state (quantize_blockwise)
+        if not blockwise and quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"quant_state entry 'quant_type' must be one of {QUANT_TYPES} (or None for an 8-bit "
+                f"blockwise state), got {quant_type!r}"
+            )
         blocksize = _int_entry(entries, "blocksize")
-        _check_blocksize(blocksize, name="quant_state blocksize")
+        if blockwise:
+            _check_blockwise_blocksize(blocksize, "quant_state blocksize")
+        else:
+            _check_blocksize(blocksize, name="quant_state blocksize")
         dtype = _dtype_from_name(entries["dtype"], "dtype")
         shape_value = entries["shape"]
-        if not isinstance(shape_value, (list, tuple, torch.Size)) or not all(
+        if blockwise and shape_value is None:
+            shape = None
+        elif not isinstance(shape_value, (list, tuple, torch.Size)) or not all(
             isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape_value
         ):
             raise ValueError(f"quant_state entry 'shape' must be a list of non-negative integers, got {shape_value!r}")
-        shape = torch.Size(shape_value)
-        expected_blocks = num_blocks(prod(shape), blocksize)
+        else:
+            shape = torch.Size(shape_value)
+        expected_blocks = num_blocks(prod(shape), blocksize) if shape is not None else None
         absmax = _tensor_entry(entries, "absmax", expected_blocks)
-        code = _tensor_entry(entries, "quant_map", 16)
+        code = _tensor_entry(entries, "quant_map", 256 if blockwise else 16)
+        if blockwise and expected_blocks is None and nested_present:
+            raise ValueError("a nested 8-bit quant_state needs its 'shape'")
 
         offset = state2 = None
         if nested_present:
@@ -328,6 +353,11 @@ class QuantState:
             _check_blocksize(nested_blocksize, BLOCKWISE_BLOCKSIZES, "quant_state nested_blocksize")
             nested_offset = entries["nested_offset"]
             if isinstance(nested_offset, Tensor):
+                if nested_offset.numel() != 1:
+                    raise ValueError(
+                        f"quant_state entry 'nested_offset' must be one number, got a tensor of shape "
+                        f"{tuple(nested_offset.shape)}"
+                    )
                 nested_offset = nested_offset.item()
             if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)):
                 raise ValueError(f"quant_state entry 'nested_offset' must be a number, got {nested_offset!r}")
@@ -426,6 +456,12 @@ def _check_blockwise_code(code: Any) -> None:
         )
 
 
+def _check_blockwise_blocksize(blocksize: Any, name: str = "blocksize") -> None:
+    """8-bit blockwise quantization takes any positive block size, as bitsandbytes' CPU path does."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"{name} must be a positive integer, got {blocksize!r}")
+
+
 def quantize_blockwise(
     A: Tensor,
     code: Tensor | None = None,
@@ -442,7 +478,7 @@ def quantize_blockwise(
     legacy arguments).
     """
     _check_float_input(A)
-    _check_blocksize(blocksize, BLOCKWISE_BLOCKSIZES)
+    _check_blockwise_blocksize(blocksize)
     if code is None:
         code = _cached_dynamic_map(A.device)
     else:
@@ -504,7 +540,7 @@ def dequantize_blockwise(
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
     elif not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
-    _check_blocksize(quant_state.blocksize, BLOCKWISE_BLOCKSIZES, "quant_state.blocksize")
+    _check_blockwise_blocksize(quant_state.blocksize, "quant_state.blocksize")
     if quant_state.dtype not in FLOAT_DTYPES:
         raise ValueError(f"quant_state.dtype={quant_state.dtype} is not supported; allowed: {_names(FLOAT_DTYPES)}")
     scale = _decoded_nested_absmax(quant_state) if quant_state.nested else quant_state.absmax
@@ -515,6 +551,9 @@ def dequantize_blockwise(
             f"{quant_state.blocksize} need {expected}"
         )
     check_out(out, A.shape, quant_state.dtype)
+    entries = quant_state.code.numel()
+    if entries < 256 and A.numel() and int(A.max()) >= entries:
+        raise ValueError(f"A holds code {int(A.max())}, beyond the {entries}-entry code table")
     result = torch.ops.fourbit.dequantize_blockwise(
         A,
         scale.float(),
@@ -655,10 +694,12 @@ def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> N
 def op_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
     """The ``torch.ops.fourbit`` keyword arguments describing a (possibly nested) 4-bit state on ``device``."""
     code = state.code if state.code is not None else _cached_4bit_code(state.quant_type, device)
-    arguments: dict[str, Any] = {"absmax": state.absmax, "code": code.to(device=device, dtype=torch.float32)}
+    # flat and contiguous, whatever the state holds: the kernels read statistics as flat arrays
+    absmax = state.absmax.reshape(-1)
+    arguments: dict[str, Any] = {"absmax": absmax, "code": code.to(device=device, dtype=torch.float32)}
     if state.nested:
         arguments.update(
-            nested_absmax=state.state2.absmax.float(),
+            nested_absmax=state.state2.absmax.reshape(-1).float(),
             nested_code=state.state2.code.to(device=device, dtype=torch.float32),
             nested_offset=state.offset.to(device=device, dtype=torch.float32),
             nested_blocksize=state.state2.blocksize,

@@ -48,7 +48,7 @@ def _scale_by_block(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) 
     n = values.numel()
     blocks = absmax.numel()
     padded = F.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    return (padded * absmax.view(-1, 1)).reshape(-1)[:n]
+    return (padded * absmax.reshape(-1, 1)).reshape(-1)[:n]
 
 
 def quantize_4bit(

@@ -185,17 +185,30 @@ class Linear4bit(nn.Linear):
             for key, value in state.as_dict(packed=True).items():
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 
-    def _weight_from_state_dict(self, weight: Tensor, quant_entries: Mapping[str, Any]) -> Params4bit:
-        """The Params4bit a checkpoint's weight (packed with its QuantState, or float) becomes."""
+    def _weight_from_state_dict(self, weight: Any, quant_entries: Mapping[str, Any], assign: bool) -> Params4bit:
+        """The Params4bit a checkpoint's weight (packed with its QuantState, or float) becomes.
+
+        Nothing of the layer changes here: a rejected checkpoint leaves it as it was. Unless
+        ``assign``, the result owns copies, so that later changes to the dict do not reach it.
+        """
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"the weight entry must be a tensor, got {type(weight).__name__}")
         current = self.weight
         device = current.device if current.device.type != "meta" else weight.device
         expected = (self.out_features, self.in_features)
         if quant_entries:
-            loaded = Params4bit.from_prequantized(weight, quant_entries, device=device, module=self)
+            if not assign:
+                weight = weight.detach().clone()
+                quant_entries = {
+                    key: value.detach().clone() if isinstance(value, Tensor) else value
+                    for key, value in quant_entries.items()
+                }
+            loaded = Params4bit.from_prequantized(weight, quant_entries, device=device)
             if tuple(loaded.quant_state.shape) != expected:
                 raise ValueError(
                     f"checkpoint weight has shape {tuple(loaded.quant_state.shape)} but this layer is {expected}"
                 )
+            loaded.module = self
             return loaded
         if tuple(weight.shape) != expected or not weight.is_floating_point():
             raise ValueError(
@@ -252,8 +265,9 @@ class Linear4bit(nn.Linear):
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
+        assign = self.weight.is_meta or bool(local_metadata.get("assign_to_params_buffers"))
         try:
-            weight = self._weight_from_state_dict(state_dict[weight_key], quant_entries)
+            weight = self._weight_from_state_dict(state_dict[weight_key], quant_entries, assign)
         except (ValueError, TypeError) as error:
             error_msgs.append(f"While loading {weight_key!r} into {type(self).__name__}: {error}")
             return

@@ -7,7 +7,8 @@ library is cached under ``$FOURBIT_CACHE_DIR`` (default ``~/.cache/fourbit``), n
 the source, the flags and the compiler, and written atomically, so a second process, or one
 running beside the first, loads it without compiling. When compiling fails, one warning is
 issued and the caller falls back to the compiled or reference path; ``FOURBIT_CPU_NATIVE=0``
-skips the attempt. ``FOURBIT_CPU_ISA`` (``avx512``, ``avx2`` or ``portable``) caps the variant.
+skips the attempt. ``FOURBIT_CPU_ISA`` (``avx512_bf16``, ``avx512``, ``avx2`` or ``portable``) caps
+the variant.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SOURCE = Path(__file__).with_name("fourbit_cpu.cpp")
 #: No fused multiply-add contraction: scales must round exactly as the reference's.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 OPENMP = ("-fopenmp",)
-ISA_NAMES = ("portable", "avx2", "avx512")
+ISA_NAMES = ("portable", "avx2", "avx512", "avx512_bf16")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ...formats import num_blocks, packed_nbytes
+from .. import reference
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import INTERPRETED, block_scale, word_shifts
 from .derived import derived
@@ -327,7 +328,10 @@ def _quantize_blockwise_kernel(
 def quantize_blockwise(
     A: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``reference.quantize_blockwise``."""
+    """Same contract as ``reference.quantize_blockwise``; block sizes that are not a power of two
+    up to 4096 (accepted for bitsandbytes' CPU behaviour) run the reference."""
+    if blocksize & (blocksize - 1) or blocksize > 4096:
+        return reference.quantize_blockwise(A, code, blocksize, offset)
     flat = A.reshape(-1).contiguous()
     n = flat.numel()
     out = torch.empty(n, dtype=torch.uint8, device=A.device)

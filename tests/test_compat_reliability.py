@@ -1,0 +1,164 @@
+"""bitsandbytes' 8-bit behaviours, and faults at the door: clear errors, nothing half-changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fourbit
+import fourbit.functional as F4
+from fourbit import checkpoint
+from fourbit.kernels import reference
+
+# --------------------------------------------------------------------------- 8-bit blockwise
+
+
+def test_an_8bit_blockwise_state_round_trips_through_as_dict():
+    A = torch.randn(1000)
+    codes, state = F4.quantize_blockwise(A)
+    assert state.as_dict()["quant_type"] is None
+    restored = F4.QuantState.from_dict(state.as_dict(), device="cpu")
+    assert restored == state and restored.shape is None
+    assert torch.equal(F4.dequantize_blockwise(codes, restored), F4.dequantize_blockwise(codes, state))
+
+
+def test_a_nested_8bit_state_without_its_shape_is_refused():
+    A = torch.randn(1000)
+    _, state = F4.quantize_blockwise(A, nested=True)
+    entries = state.as_dict()
+    with pytest.raises(ValueError, match="'shape'"):
+        F4.QuantState.from_dict(entries, device="cpu")
+
+
+@pytest.mark.parametrize("blocksize", [16384, 100, 7, 1])
+def test_8bit_blockwise_takes_any_positive_block_size(blocksize):
+    A = torch.randn(128)
+    codes, state = F4.quantize_blockwise(A, blocksize=blocksize)
+    expected_codes, expected_absmax = reference.quantize_blockwise(A, F4.create_dynamic_map(), blocksize)
+    assert torch.equal(codes, expected_codes) and torch.equal(state.absmax, expected_absmax)
+    restored = F4.dequantize_blockwise(codes, state)
+    assert (restored - A).abs().max() <= A.abs().max() * 0.02
+
+
+@pytest.mark.parametrize("blocksize", [0, -64, 64.0, True])
+def test_8bit_blockwise_refuses_block_sizes_that_are_not_positive_integers(blocksize):
+    with pytest.raises(ValueError, match="blocksize must be a positive integer"):
+        F4.quantize_blockwise(torch.randn(64), blocksize=blocksize)
+
+
+def test_fp8_maps_are_sorted_normalized_256_entry_tables():
+    for signed, exponent, precision, total in [(True, 5, 2, 8), (True, 4, 3, 8), (False, 4, 4, 8), (True, 2, 1, 4)]:
+        code = F4.create_fp8_map(signed, exponent, precision, total)
+        assert code.shape == (256,) and code.dtype == torch.float32
+        assert torch.equal(code, code.sort().values) and code.max() == 1
+        assert (code < 0).any() == signed
+    # e4m3 without sign handling: 1.75 * 2**8 is the largest magnitude, 2**-8 * 1/8 the smallest step
+    code = F4.create_fp8_map(True, 4, 3, 8)
+    assert code[code > 0].min() == pytest.approx((1 / 8) * 2.0**-8 / (1.875 * 2.0**8))
+    with pytest.raises(ValueError, match="total_bits"):
+        F4.create_fp8_map(True, 4, 4, 8)
+
+
+def test_an_fp8_map_quantizes_through_quantize_blockwise():
+    A = torch.randn(4096)
+    code = F4.create_fp8_map()
+    codes, state = F4.quantize_blockwise(A, code=code, blocksize=256)
+    assert torch.equal(state.code, code)
+    # e5m2: two mantissa bits, so each value within an eighth of itself (plus the smallest step)
+    error = (F4.dequantize_blockwise(codes, state) - A).abs()
+    assert (error <= 0.125 * A.abs() + 1e-3).all()
+
+
+def test_codes_beyond_a_short_code_table_are_named():
+    code = torch.linspace(-1, 1, 16)
+    codes = torch.tensor([0, 3, 200], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="code 200, beyond the 16-entry code table"):
+        F4.dequantize_blockwise(codes, absmax=torch.ones(1), code=code, blocksize=64)
+
+
+# --------------------------------------------------------------------------- QuantState entries
+
+
+def test_a_multi_element_nested_offset_is_named():
+    _, state = F4.quantize_4bit(torch.randn(64, 64), compress_statistics=True)
+    entries = state.as_dict()
+    entries["nested_offset"] = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match="'nested_offset' must be one number"):
+        F4.QuantState.from_dict(entries, device="cpu")
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_non_contiguous_2d_absmax_with_the_right_count_is_read_in_order(native, monkeypatch):
+    monkeypatch.setenv("FOURBIT_CPU_NATIVE", native)
+    packed, state = F4.quantize_4bit(torch.randn(64, 128), compress_statistics=False)
+    expected = F4.dequantize_4bit(packed, state)
+    state.absmax = state.absmax.reshape(64, 2).t().contiguous().t()  # same logical order, strided
+    assert not state.absmax.is_contiguous()
+    assert torch.equal(F4.dequantize_4bit(packed, state), expected)
+
+
+def test_an_oversized_packed_state_is_refused_before_it_is_decoded():
+    blob = torch.zeros(F4.MAX_PACKED_STATE_BYTES + 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="packed quant_state holds"):
+        F4.unpack_tensor_to_dict(blob)
+    assert F4.unpack_tensor_to_dict(F4.pack_dict_to_tensor({"a": [1, 2]})) == {"a": [1, 2]}
+
+
+# --------------------------------------------------------------------------- Linear4bit loading
+
+
+def _layer(out_features: int = 32, seed: int = 0) -> fourbit.nn.Linear4bit:
+    torch.manual_seed(seed)
+    return fourbit.nn.Linear4bit(64, out_features).to("cpu")
+
+
+def test_a_rejected_load_leaves_the_layer_unchanged():
+    layer, wrong = _layer(32), _layer(16, seed=1)
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"checkpoint weight has shape \(16, 64\)"):
+        layer.load_state_dict(wrong.state_dict())
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before)
+    assert layer.quant_state is layer.weight.quant_state
+
+
+@pytest.mark.parametrize("entry", [None, [1, 2], "weights"])
+def test_a_weight_entry_that_is_not_a_tensor_is_named(entry):
+    layer = _layer()
+    state_dict = dict(layer.state_dict())
+    state_dict["weight"] = entry
+    with pytest.raises(RuntimeError, match="the weight entry must be a tensor"):
+        layer.load_state_dict(state_dict)
+
+
+def test_a_loaded_layer_does_not_share_tensors_with_the_dict():
+    layer = _layer()
+    state_dict = _layer(seed=1).state_dict()
+    layer.load_state_dict(state_dict)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        expected = layer(x)
+        for value in state_dict.values():
+            value.zero_()
+        assert torch.equal(layer(x), expected)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.complex64])
+def test_checkpoints_hold_every_dtype_safetensors_and_torch_share(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    tensor = torch.arange(6).to(dtype)
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_state_dict({"t": tensor}, path)
+    loaded = load_file(str(path))["t"]
+    assert loaded.dtype == dtype and torch.equal(loaded.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_a_tensor_named_like_the_metadata_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match="'__metadata__' is reserved"):
+        checkpoint.save_state_dict({"__metadata__": torch.zeros(1)}, path)
+    assert not path.exists()
