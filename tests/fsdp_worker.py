@@ -136,7 +136,8 @@ def integer_parameter_error(device: torch.device) -> str:
 
 
 def unquantized_error(device: torch.device) -> str:
-    """fully_shard of a Linear4bit whose float weight is on the device but was never quantized."""
+    """The first forward of a Linear4bit sharded by fully_shard while its float weight was never
+    quantized (sharding itself works: torch.chunk of an unquantized Params4bit is allowed)."""
     from torch.distributed.fsdp import fully_shard
 
     from fourbit.nn import Linear4bit
@@ -144,6 +145,7 @@ def unquantized_error(device: torch.device) -> str:
     layer = Linear4bit(64, 32, quant_type="nf4", device=device)
     try:
         fully_shard(layer)
+        layer(torch.randn(2, 64, device=device))
     except RuntimeError as error:
         return str(error)
     return ""

@@ -183,3 +183,77 @@ def test_output_directory_missing(float_checkpoint, tmp_path):
     assert_one_line_error(
         fourbit("quantize", float_checkpoint, "-o", tmp_path / "absent" / "q.safetensors"), "no such directory"
     )
+
+
+def _unreadable_dtype_file(path) -> None:
+    """A safetensors file holding an F6_E2M3 tensor, a dtype torch cannot load."""
+    import json
+    import struct
+
+    header = json.dumps({"t": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0")
+
+
+def test_a_dtype_torch_cannot_load_is_a_one_line_error(tmp_path):
+    source = tmp_path / "f6.safetensors"
+    _unreadable_dtype_file(source)
+    assert_one_line_error(fourbit("inspect", source), "F6_E2M3")
+    assert_one_line_error(fourbit("quantize", source, "-o", tmp_path / "out.safetensors"), "F6_E2M3")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_quantize_on_cuda_without_cuda_is_a_one_line_error(float_checkpoint, tmp_path):
+    result = fourbit("quantize", float_checkpoint, "-o", tmp_path / "out.safetensors", "--device", "cuda")
+    assert_one_line_error(result, "no CUDA device")
+
+
+def _corrupt(path, float_checkpoint, tmp_path, change) -> None:
+    state = checkpoint.load_state_dict(_quantized(float_checkpoint, tmp_path))
+    change(state)
+    save_file(state, path)
+
+
+def _quantized(float_checkpoint, tmp_path):
+    path = tmp_path / "q.safetensors"
+    if not path.exists():
+        assert fourbit("quantize", float_checkpoint, "-o", path, "-q").returncode == 0
+    return path
+
+
+def _json_dtype_int8(state) -> None:
+    import fourbit.functional as F4
+
+    key = next(key for key in state if ".quant_state.bitsandbytes__" in key)
+    entries = F4.unpack_tensor_to_dict(state[key])
+    entries["dtype"] = "int8"
+    state[key] = F4.pack_dict_to_tensor(entries)
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda state: state.update({"layers.0.proj.weight": state["layers.0.proj.weight"][:-1]}), "bytes"),
+        (
+            lambda state: state.update(
+                {"layers.0.proj.weight": state["layers.0.proj.weight"].reshape(-1).view(torch.int32)}
+            ),
+            "int32",
+        ),
+        (_json_dtype_int8, "int8"),
+    ],
+    ids=["short-packed-bytes", "int32-storage", "json-dtype-int8"],
+)
+def test_inspect_refuses_corrupt_4bit_entries_as_loading_does(float_checkpoint, tmp_path, change, fragment):
+    path = tmp_path / "corrupt.safetensors"
+    _corrupt(path, float_checkpoint, tmp_path, change)
+    assert_one_line_error(fourbit("inspect", path), "corrupt 4-bit statistics", fragment)
+
+
+def test_quantize_writes_the_requested_quant_storage(float_checkpoint, tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    assert fourbit("quantize", float_checkpoint, "-o", path, "--quant-storage", "bfloat16", "-q").returncode == 0
+    state = load_file(path)
+    assert state["layers.0.proj.weight"].dtype == torch.bfloat16
+    assert state["layers.0.norm.weight"].dtype == torch.float32  # kept tensors keep their dtype

@@ -162,3 +162,63 @@ def test_a_tensor_named_like_the_metadata_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'__metadata__' is reserved"):
         checkpoint.save_state_dict({"__metadata__": torch.zeros(1)}, path)
     assert not path.exists()
+
+
+# --------------------------------------------------------------------------- orientation, parametrize, convert
+
+
+def test_a_weight_quantized_as_k_by_n_still_multiplies_with_a_deprecation_warning():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32)  # (in, out): quantized the wrong way round
+    packed, state = F4.quantize_4bit(weight)
+    A = torch.randn(3, 64, requires_grad=True)
+    bias = torch.randn(32)
+    with pytest.warns(DeprecationWarning, match="Re-quantize from the weight"):
+        out = fourbit.matmul_4bit(A, packed.t(), state, bias=bias)
+    expected = A.detach() @ F4.dequantize_4bit(packed, state) + bias
+    torch.testing.assert_close(out.detach(), expected)
+    out.sum().backward()
+    assert A.grad is not None and A.grad.shape == A.shape
+    with pytest.raises(ValueError, match="expects in_features=32"):
+        fourbit.matmul_4bit(torch.randn(3, 50), packed.t(), state)
+
+
+def test_a_parametrized_checkpoint_of_another_shape_is_refused():
+    from fourbit.nn.parametrize import load_state_dict_4bit, replace_parameter_4bit
+
+    source = torch.nn.Linear(16, 16)
+    replace_parameter_4bit(source, "weight")
+    fresh = torch.nn.Linear(16, 8)
+    with pytest.raises(ValueError, match=r"size mismatch for 'weight'.*\(16, 16\).*\(8, 16\)"):
+        load_state_dict_4bit(fresh, source.state_dict())
+    assert fresh.weight.shape == (8, 16)
+    parametrized = torch.nn.Linear(16, 8)
+    replace_parameter_4bit(parametrized, "weight")
+    with pytest.raises(ValueError, match="size mismatch"):
+        parametrized.load_state_dict(source.state_dict())
+    assert parametrized.weight.shape == (8, 16)
+
+
+def test_quantize_model_skips_layers_it_cannot_quantize_and_says_why():
+    from fourbit import convert
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).double(), torch.nn.Linear(8, 8))
+    report = convert.quantize_model(model)
+    assert report.converted == ["0", "2"]
+    assert "float64" in report.skipped["1"]
+    assert type(model[1]) is torch.nn.Linear and model[1].weight.dtype == torch.float64
+
+
+def test_an_unquantized_params4bit_splits_and_its_shard_fails_clearly_at_the_first_forward():
+    from fourbit.nn import Linear4bit, Params4bit
+
+    param = Params4bit(torch.randn(8, 4), quant_type="fp4", blocksize=32)
+    pieces = torch.chunk(param, 2) + torch.split(param, 3)
+    assert all(
+        isinstance(piece, Params4bit) and piece.quant_type == "fp4" and piece.blocksize == 32 for piece in pieces
+    )
+    assert not any(piece.bnb_quantized for piece in pieces)
+    layer = Linear4bit(4, 8, quant_type="nf4")
+    layer.weight = torch.nn.Parameter(layer.weight.data.chunk(2)[0], requires_grad=False)  # a float shard
+    with pytest.raises(RuntimeError, match="sharded before it was quantized"):
+        layer(torch.randn(1, 4))

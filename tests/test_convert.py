@@ -185,10 +185,39 @@ def test_load_quantized_rejects_a_4bit_weight_without_a_linear(tmp_path):
         convert.load_quantized(TinyModel(), renamed)
 
 
-def test_load_quantized_shape_mismatch_is_a_checkpoint_error(tmp_path):
+def test_load_quantized_shape_mismatch_is_a_checkpoint_error_and_changes_nothing(tmp_path):
     _, path = saved_quantized_model(tmp_path)
-    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)cannot load module 'embed'.*size mismatch"):
-        convert.load_quantized(TinyModel(width=32), path)
+    model = TinyModel(width=32)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match=r"has shape \(64, 128\) but layer 'blocks\.0\.down'"):
+        convert.load_quantized(model, path)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before)
+    assert not any(isinstance(module, Linear4bit) for module in model.modules())
+
+
+def test_load_quantized_puts_the_model_back_when_a_late_step_fails(tmp_path, monkeypatch):
+    _, path = saved_quantized_model(tmp_path)
+    model = TinyModel()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    modules_before = dict(model.named_modules())
+    calls = {"count": 0}
+    original = torch.nn.Module.load_state_dict
+
+    def failing_late(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:  # two modules loaded, then a failure
+            raise RuntimeError("disk vanished")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", failing_late)
+    with pytest.raises(checkpoint.CheckpointError, match="disk vanished"):
+        convert.load_quantized(model, path)
+    monkeypatch.undo()
+    assert dict(model.named_modules()).keys() == modules_before.keys()
+    assert all(model.get_submodule(name) is module for name, module in modules_before.items() if name)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before)
 
 
 # --------------------------------------------------------------------------- quantize_checkpoint

@@ -163,8 +163,11 @@ def test_copy_param(device, quant_type, blocksize, compress_statistics):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_params4bit_torch_chunk_split(device, quant_type):
     """torch.chunk and torch.split keep the Params4bit subclass and its metadata (FSDP2 shards this way).
-    Upstream skips the CPU here (its CPU quantization crashed); fourbit runs it everywhere."""
-    params4bit = bnb.nn.Params4bit(data=torch.randn(8, 4, dtype=torch.float16), quant_type=quant_type).to(device)
+    As described: on the CPU the parameter is never moved, so its pieces are unquantized; on a GPU
+    the move quantizes it first. Upstream skips the CPU (its CPU quantization crashed)."""
+    params4bit = bnb.nn.Params4bit(data=torch.randn(8, 4, dtype=torch.float16), quant_type=quant_type)
+    if device != "cpu":
+        params4bit = params4bit.to(device)
     chunks = torch.chunk(params4bit, 2, dim=0)
     assert isinstance(chunks, tuple)
     splits = torch.split(params4bit, 2, dim=0)
@@ -172,7 +175,8 @@ def test_params4bit_torch_chunk_split(device, quant_type):
     for piece in (*chunks, *splits, *params4bit.chunk(2), *params4bit.split(3)):
         assert isinstance(piece, bnb.nn.Params4bit)
         assert piece.quant_type == params4bit.quant_type and piece.blocksize == params4bit.blocksize
-        assert piece.quant_state is params4bit.quant_state and piece.bnb_quantized
+        assert piece.quant_state is params4bit.quant_state
+        assert piece.bnb_quantized == params4bit.bnb_quantized == (device != "cpu")
     assert torch.equal(torch.cat([c.data for c in chunks]), params4bit.data)
 
 
@@ -460,3 +464,37 @@ def test_nf4_and_fp4_subclasses_fix_the_quant_type():
     assert bnb.nn.Linear4bit(8, 8).weight.quant_type == "fp4"
     layer = bnb.nn.Linear4bit(8, 8)
     assert layer.weight.compress_statistics and layer.weight.blocksize == 64 and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear4bit_is_linear_with_the_dequantized_weight_and_its_bias(device, bias):
+    torch.manual_seed(3)
+    layer = bnb.nn.Linear4bit(64, 48, bias=bias, compute_dtype=torch.float32, quant_type="nf4").to(device)
+    if bias:
+        layer.bias.data.normal_()  # a bias far from zero, so that dropping it shows
+    x = torch.randn(5, 64, device=device)
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    expected = torch.nn.functional.linear(x, weight, layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_keys_keep_every_module_prefix():
+    model = torch.nn.Sequential(torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, quant_type="nf4")), torch.nn.ReLU())
+    model = model.to("cpu")
+    keys = list(model.state_dict())
+    assert "0.0.weight" in keys and "0.0.bias" in keys
+    assert "0.0.weight.quant_state.bitsandbytes__nf4" in keys and "0.0.weight.absmax" in keys
+    assert all(key.startswith("0.0.") for key in keys)
+    fresh = torch.nn.Sequential(torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, quant_type="nf4")), torch.nn.ReLU())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh[0][0].weight.data, model[0][0].weight.data)
+
+
+def test_a_zero_block_packs_to_the_code_of_zero():
+    weight = torch.randn(4, 128)
+    weight[1] = 0  # two whole blocks of 64
+    packed, _ = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    row = packed.view(-1)[64:128]  # the packed bytes of row 1
+    assert torch.equal(row, torch.full_like(row, 0x77))  # NF4's zero is code 7, in both nibbles

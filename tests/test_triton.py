@@ -28,7 +28,8 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not ON_GPU and not INTERPRETED, reason="needs a GPU or TRITON_INTERPRET=1")
 
-QUANT_SHAPES = [(1,), (7,), (3, 37), (130,), (2, 97), (5, 7, 9)]
+# (300, 64): at blocksize 32 more than 256 blocks, so nested statistics span several groups
+QUANT_SHAPES = [(1,), (7,), (3, 37), (130,), (2, 97), (5, 7, 9), (300, 64)]
 if ON_GPU:
     QUANT_SHAPES += [(4099,), (255, 4097), (11008, 4096), (1, 14337)]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096] if ON_GPU else [32, 64, 256, 4096]
@@ -206,7 +207,8 @@ if ON_GPU:
                (100, 4096), (4096, 100)]  # fmt: skip
 else:
     ROWS = [1, 3, 17]
-    WEIGHTS = [(64, 64), (33, 100), (40, 96), (17, 128)]
+    # (300, 64) has more than 256 blocks at blocksize 32; (8, 2304) has several K tiles of every kernel
+    WEIGHTS = [(64, 64), (33, 100), (40, 96), (17, 128), (300, 64), (8, 2304)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)

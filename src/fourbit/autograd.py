@@ -6,6 +6,9 @@ so the product is differentiable in eager mode, under torch.compile, and through
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import Tensor
 
 from . import functional
@@ -29,8 +32,42 @@ def matmul_4bit(
     """
     if quant_state is None:
         raise ValueError("quant_state is required")
+    if _quantized_as_k_by_n(A, quant_state):
+        return _k_by_n_product(A, B, quant_state, out, bias)
     if out is not None:
         functional.check_linear_input(A, quant_state)
         functional.check_out(out, (*A.shape[:-1], quant_state.shape[0]), A.dtype)
     result = functional.linear_4bit(A, B, quant_state, bias)
     return out.copy_(result) if out is not None else result
+
+
+def _quantized_as_k_by_n(A: object, state: QuantState) -> bool:
+    """Whether the weight was quantized from its (in, out) transpose: A's last dimension matches the
+    state's first and not its second (square weights are read as (out, in))."""
+    shape = getattr(state, "shape", None)
+    return (
+        isinstance(A, Tensor)
+        and A.dim() > 0
+        and shape is not None
+        and len(shape) == 2
+        and A.shape[-1] == shape[0] != shape[1]
+    )
+
+
+def _k_by_n_product(A: Tensor, B: Tensor, state: QuantState, out: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``A @ W + bias`` for a weight quantized as (in, out), as bitsandbytes still computes it, with
+    its deprecation warning."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(
+            f"matmul_4bit: the weight was quantized from a [K, N] tensor (quant_state.shape={list(state.shape)}). "
+            "Re-quantize from the weight in [N, K] (out_features, in_features) orientation; this is slower and "
+            "will become an error.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    weight = functional.dequantize_4bit(B.reshape(-1, 1), state).to(A.dtype)  # (K, N), however B is viewed
+    result = torch.nn.functional.linear(A, weight.t(), bias.to(A.dtype) if bias is not None else None)
+    if out is not None:
+        functional.check_out(out, result.shape, A.dtype)
+        return out.copy_(result)
+    return result

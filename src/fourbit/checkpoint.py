@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .functional import QuantState
+from .functional import QuantState, check_4bit_state
 
 __all__ = [
     "FORMAT_NAME",
@@ -287,6 +287,15 @@ class CheckpointDescription:
         return "bitsandbytes layout" if self.quantized else "plain"
 
 
+def _read(handle: Any, path: str | os.PathLike, name: str) -> Tensor:
+    """One tensor of an open file; CheckpointError when the reader cannot produce it (a dtype torch
+    lacks, truncated data)."""
+    try:
+        return handle.get_tensor(name)
+    except Exception as error:  # the Rust reader raises a bare SafetensorError
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({' '.join(str(error).split())})") from error
+
+
 def describe(path: str | os.PathLike) -> CheckpointDescription:
     """Read a checkpoint's structure: every 4-bit weight's QuantState (validated) and the rest.
 
@@ -299,10 +308,11 @@ def describe(path: str | os.PathLike) -> CheckpointDescription:
         grouped = {name for stats in groups.values() for name in stats} | set(groups)
         quantized = []
         for weight, stats in groups.items():
-            packed = handle.get_tensor(weight)
-            entries = {name[len(weight) + 1 :]: handle.get_tensor(name) for name in stats}
+            packed = _read(handle, path, weight)
+            entries = {name[len(weight) + 1 :]: _read(handle, path, name) for name in stats}
             try:
                 state = QuantState.from_dict(entries, device="cpu")
+                check_4bit_state(packed, state, name="quant_state")  # what loading checks
             except (ValueError, TypeError) as error:
                 raise CheckpointError(f"{path}: corrupt 4-bit statistics for {weight!r}: {error}") from error
             nbytes = sum(t.numel() * t.element_size() for t in (packed, *entries.values()))
@@ -321,6 +331,6 @@ def describe(path: str | os.PathLike) -> CheckpointDescription:
         other = []
         for name in names:
             if name not in grouped:
-                tensor = handle.get_tensor(name)  # memory-mapped: nothing is read
+                tensor = _read(handle, path, name)  # memory-mapped: nothing is read
                 other.append((name, tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size()))
     return CheckpointDescription(quantized, other, metadata)

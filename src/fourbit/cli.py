@@ -54,6 +54,8 @@ def _quantize(args: argparse.Namespace) -> int:
     source, destination = Path(args.input), Path(args.output)
     if source.resolve() == destination.resolve() and not args.force:
         raise checkpoint.CheckpointError("the output would replace the input (pass --force to allow it)")
+    if args.device is not None:
+        _check_device(args.device)
     reports = quantize_checkpoint(
         source,
         destination,
@@ -71,6 +73,16 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"{source} -> {destination}: {args.quant_type}, blocksize {args.blocksize}, {nested}\n")
         print(format_quantize_summary(reports))
     return 0
+
+
+def _check_device(name: str) -> None:
+    """A ValueError naming the problem when ``--device`` is not one this torch can use."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build has no CUDA device available")
 
 
 # --------------------------------------------------------------------------- inspect
@@ -237,4 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (checkpoint.CheckpointError, ValueError, TypeError, RuntimeError, ImportError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"fourbit: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as error:  # anything else still ends in one line, never a traceback
+        message = " ".join(str(error).split())
+        print(f"fourbit: error: {type(error).__name__}{': ' + message if message else ''}", file=sys.stderr)
         return 1

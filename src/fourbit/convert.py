@@ -114,6 +114,9 @@ def _skip_reason(
     sharing = [other for other in owners.get(id(module.weight), []) if other != f"{name}.weight"]
     if sharing:
         return f"weight is tied to {', '.join(sharing)}"
+    if module.weight.dtype not in FLOAT_DTYPES:
+        supported = ", ".join(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
+        return f"weight dtype {str(module.weight.dtype).removeprefix('torch.')} is not quantized (only {supported})"
     return None
 
 
@@ -132,7 +135,8 @@ def quantize_model(
 
     Layers matching a ``skip`` pattern (see ``matches``), projections owned by
     ``nn.MultiheadAttention`` and layers whose weight is tied to another parameter are kept (the
-    report says why). Each weight is quantized on ``device`` (default: where it is) and its float
+    report says why), and so are layers whose weight is not float32, bfloat16 or float16: every layer
+    is checked before any is converted. Each weight is quantized on ``device`` (default: where it is) and its float
     copy is released; biases move with it. Weights on the meta device become not-yet-quantized
     Params4bit (load float weights, then ``.to(device)``). Forward hooks on replaced layers are not
     carried over. ``progress`` shows a tqdm bar (None: when stderr is a terminal).
@@ -245,6 +249,13 @@ class _Source:
             raise checkpoint.CheckpointError(f"{self.label}: entry {name!r} is a {type(value).__name__}, not a tensor")
         return value.to(self.device)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading its data."""
+        if self._handle is not None:
+            return tuple(self._handle.get_slice(name).get_shape())
+        value = self._mapping[name]
+        return tuple(value.shape) if isinstance(value, Tensor) else ()
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.__exit__(None, None, None)
@@ -261,15 +272,21 @@ def _own_tensor_names(module: nn.Module) -> set[str]:
     return names
 
 
-def _packed_settings(source: _Source, stats: Sequence[str]) -> dict[str, object]:
-    """Linear4bit settings read from a group's packed QuantState entry (small: only its JSON is read)."""
+def _packed_settings(source: _Source, stats: Sequence[str]) -> tuple[dict[str, object], tuple[int, ...] | None]:
+    """Linear4bit settings and the weight's shape, read from a group's packed QuantState entry
+    (small: only its JSON is read)."""
     packed_name = stats[-1]
-    entries = F4.unpack_tensor_to_dict(source[packed_name].cpu())
-    return {
+    try:
+        entries = F4.unpack_tensor_to_dict(source[packed_name].cpu())
+    except ValueError as error:
+        raise checkpoint.CheckpointError(f"{source.label}: entry {packed_name!r}: {error}") from None
+    settings = {
         "quant_type": entries.get("quant_type", packed_name.rpartition("__")[2]),
         "blocksize": entries.get("blocksize", DEFAULT_BLOCKSIZE),
         "compress_statistics": "nested_blocksize" in entries,
     }
+    shape = entries.get("shape")
+    return settings, tuple(shape) if isinstance(shape, list) else None
 
 
 def load_quantized(
@@ -284,25 +301,76 @@ def load_quantized(
     Every ``nn.Linear`` whose weight the checkpoint holds in 4 bits becomes a ``Linear4bit`` with
     the checkpoint's settings; all tensors are assigned (not copied) module by module, so a model
     built on the meta device never materialises full-precision weights: peak memory is the
-    quantized model plus one module's tensors. ``strict`` raises CheckpointError when keys are
-    missing or unexpected, or when a parameter or persistent buffer is left on the meta device;
-    otherwise the returned report lists them. On an error the model may be partly loaded.
+    quantized model plus one module's tensors. Everything that keys, shapes and settings tell is
+    checked before the model changes, and any later error puts the model back as it was.
+    ``strict`` raises CheckpointError when keys are missing or unexpected, or when a parameter or
+    persistent buffer would be left on the meta device; otherwise the returned report lists them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = torch.device(device)
     src = _Source(source, device)
     try:
-        return _load_into(model, src, compute_dtype, strict)
+        plan = _plan_load(model, src, compute_dtype, strict)
+        undo = _Undo()
+        try:
+            _apply_load(model, src, plan, undo)
+        except BaseException:
+            undo.restore()
+            raise
+        return plan.report
     finally:
         src.close()
 
 
-def _load_into(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None, strict: bool) -> LoadReport:
+@dataclass
+class _LoadPlan:
+    """What ``load_quantized`` will do, worked out before the model changes."""
+
+    report: LoadReport
+    #: module path -> the Linear4bit that replaces its nn.Linear
+    replacements: dict[str, Linear4bit]
+    #: module path -> {local tensor name: checkpoint name}
+    local: dict[str, dict[str, str]]
+
+
+class _Undo:
+    """Records each change ``_apply_load`` makes, and reverts them all."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], None]] = []
+
+    def replaced(self, parent: nn.Module, child: str, original: nn.Module) -> None:
+        self._steps.append(lambda: setattr(parent, child, original))
+
+    def loading(self, module: nn.Module) -> None:
+        parameters, buffers = dict(module._parameters), dict(module._buffers)
+        attributes = {
+            name: module.__dict__[name] for name in ("quant_state", "quant_storage") if name in module.__dict__
+        }
+
+        def restore() -> None:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module.__dict__.update(attributes)
+            module.__dict__.pop("_prepared", None)
+
+        self._steps.append(restore)
+
+    def restore(self) -> None:
+        for step in reversed(self._steps):
+            step()
+
+
+def _plan_load(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None, strict: bool) -> _LoadPlan:
+    """Check the checkpoint against the model without changing it; raise CheckpointError on misfit."""
     report = LoadReport()
-    modules = dict(model.named_modules())
+    modules: dict[str, nn.Module] = dict(model.named_modules())
     groups = checkpoint.quantized_groups(src.names)
     owner_of: dict[str, tuple[str, str]] = {}
+    replacements: dict[str, Linear4bit] = {}
     for weight, stats in groups.items():
         path, _, attr = weight.rpartition(".")
         module = modules.get(path)
@@ -310,18 +378,18 @@ def _load_into(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None
             raise checkpoint.CheckpointError(
                 f"{src.label}: holds a 4-bit weight {weight!r} but the model has no Linear layer {path!r}"
             )
-        if not isinstance(module, Linear4bit):
-            layer = Linear4bit(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                compute_dtype=compute_dtype,
-                device="meta",
-                **_packed_settings(src, stats),
+        settings, shape = _packed_settings(src, stats)
+        expected = (module.out_features, module.in_features)
+        if shape is not None and shape != expected:
+            raise checkpoint.CheckpointError(
+                f"{src.label}: 4-bit weight {weight!r} has shape {shape} but layer {path!r} is {expected}"
             )
-            parent, child = _parent(model, path)
-            setattr(parent, child, layer)
-            modules[path] = layer
+        if not isinstance(module, Linear4bit):
+            replacements[path] = Linear4bit(
+                module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
+                device="meta", **settings,
+            )  # fmt: skip
+            modules[path] = replacements[path]
             report.converted.append(path)
         for name in (weight, *stats):
             owner_of[name] = (path, name[len(path) + 1 :] if path else name)
@@ -331,20 +399,24 @@ def _load_into(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None
         module = modules.get(path)
         if module is None or (name not in owner_of and local_name not in _own_tensor_names(module)):
             report.unexpected_keys.append(name)
-        else:
-            local.setdefault(path, {})[local_name] = name
+            continue
+        local.setdefault(path, {})[local_name] = name
+        if name not in owner_of:
+            current = getattr(module, local_name)
+            if tuple(current.shape) != src.shape(name):
+                raise checkpoint.CheckpointError(
+                    f"{src.label}: {name!r} has shape {src.shape(name)} but the model's is {tuple(current.shape)}"
+                )
     for path, module in modules.items():
         names = local.get(path, {})
-        report.missing_keys += [f"{path}.{n}" if path else n for n in sorted(_own_tensor_names(module) - set(names))]
-        if names:
-            tensors = {local_name: src[name] for local_name, name in names.items()}
-            try:
-                module.load_state_dict(tensors, strict=False, assign=True)
-            except RuntimeError as error:
-                raise checkpoint.CheckpointError(f"{src.label}: cannot load module {path!r}: {error}") from error
-    report.left_on_meta = [
-        name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta
-    ]
+        missing = sorted(_own_tensor_names(module) - set(names))
+        report.missing_keys += [f"{path}.{n}" if path else n for n in missing]
+        own = (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+        report.left_on_meta += [
+            f"{path}.{n}" if path else n
+            for n, tensor in own
+            if tensor is not None and tensor.is_meta and n not in names
+        ]
     problems = {
         "missing": report.missing_keys,
         "unexpected": report.unexpected_keys,
@@ -353,7 +425,24 @@ def _load_into(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None
     if strict and any(problems.values()):
         detail = "; ".join(f"{kind}: {_preview(names)}" for kind, names in problems.items() if names)
         raise checkpoint.CheckpointError(f"{src.label} does not fit the model ({detail})")
-    return report
+    return _LoadPlan(report, replacements, local)
+
+
+def _apply_load(model: nn.Module, src: _Source, plan: _LoadPlan, undo: _Undo) -> None:
+    """Swap in the planned Linear4bit layers and assign the checkpoint's tensors, module by module."""
+    for path, layer in plan.replacements.items():
+        parent, child = _parent(model, path)
+        undo.replaced(parent, child, getattr(parent, child))
+        setattr(parent, child, layer)
+    modules = dict(model.named_modules())
+    for path, names in plan.local.items():
+        module = modules[path]
+        tensors = {local_name: src[name] for local_name, name in names.items()}
+        undo.loading(module)
+        try:
+            module.load_state_dict(tensors, strict=False, assign=True)
+        except RuntimeError as error:
+            raise checkpoint.CheckpointError(f"{src.label}: cannot load module {path!r}: {error}") from error
 
 
 def _preview(names: Sequence[str], limit: int = 8) -> str:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import functional as F4
 from ..autograd import matmul_4bit
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
-from .params import Params4bit
+from .params import UNQUANTIZED_SHARD_ERROR, Params4bit
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
 
@@ -120,6 +120,8 @@ class Linear4bit(nn.Linear):
                 "(module.to('cpu') or module.cuda()), or load a quantized state dict"
             )
         state = self._current_quant_state()
+        if state is None and not isinstance(weight, Params4bit):
+            raise RuntimeError(UNQUANTIZED_SHARD_ERROR)
         if state is None:
             raise RuntimeError(f"{type(self).__name__} weight has lost its quantization state")
         if not isinstance(weight, Params4bit) and weight.dtype != self.quant_storage:

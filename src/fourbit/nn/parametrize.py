@@ -134,11 +134,16 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
     """
     plans = []
     for name in _quantized_names(state_dict, prefix):
-        current = module.parametrizations[name].original if P.is_parametrized(module, name) else None
-        if current is None:
+        parametrization = _quantized_parametrization(module, name)
+        if P.is_parametrized(module, name):
+            current = module.parametrizations[name].original
+            # the shape the module presents: the dequantized one, when it is 4-bit already
+            expected_shape = tuple(parametrization.quant_state.shape) if parametrization is not None else None
+        else:
             current = getattr(module, name, None)
             if not isinstance(current, nn.Parameter) or isinstance(current, Params4bit):
                 continue  # not ours to load (a Linear4bit loads its own weight)
+            expected_shape = tuple(current.shape)
         entries = {
             key[len(prefix) + len(name) + 1 :]: value
             for key, value in state_dict.items()
@@ -154,6 +159,11 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
             F4.check_4bit_state(packed, state, name=f"'{prefix}{name}' quant_state")
         except ValueError as error:
             raise ValueError(f"cannot load 4-bit parameter '{prefix}{name}': {error}") from None
+        if expected_shape is not None and tuple(state.shape) != expected_shape:
+            raise ValueError(
+                f"size mismatch for '{prefix}{name}': the checkpoint holds shape {tuple(state.shape)}, "
+                f"the module's parameter is {expected_shape}"
+            )
         plans.append((name, packed, state))
     for name, packed, state in plans:
         if P.is_parametrized(module, name):

@@ -32,11 +32,12 @@ _ATTRIBUTES = (
 )
 # Functions whose pieces stay Params4bit (FSDP2 shards parameters with torch.chunk).
 _PIECEWISE = (torch.chunk, torch.split, Tensor.chunk, Tensor.split)
-_UNQUANTIZED_SHARD_ERROR = (
-    "cannot split a Params4bit that is not quantized yet: sharding it (FSDP2's fully_shard splits parameters "
-    "with torch.chunk) would freeze float data that is never quantized. Quantize first: move the model to its "
-    "device (model.to('cuda') or model.to('cpu')) or load a 4-bit checkpoint (fourbit.convert.load_quantized), "
-    "then call fully_shard"
+#: Raised by Linear4bit's forward for a weight that was sharded (or replaced) while still float.
+UNQUANTIZED_SHARD_ERROR = (
+    "Linear4bit weight was sharded before it was quantized (FSDP2's fully_shard splits parameters "
+    "with torch.chunk): its float data is not quantized yet and never will be. Quantize first: move the model "
+    "to its device (model.to('cuda') or model.to('cpu')) or load a 4-bit checkpoint "
+    "(fourbit.convert.load_quantized), then call fully_shard"
 )
 
 
@@ -250,8 +251,6 @@ class Params4bit(torch.nn.Parameter):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in _PIECEWISE and isinstance(args[0], Params4bit) and not args[0].bnb_quantized:
-            raise RuntimeError(_UNQUANTIZED_SHARD_ERROR)
         result = super().__torch_function__(func, types, args, kwargs or {})
         if func in _PIECEWISE:
             source = args[0]
