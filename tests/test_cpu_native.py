@@ -175,3 +175,28 @@ def test_an_unknown_variant_name_is_rejected(monkeypatch):
         native.refresh_isa()
     monkeypatch.undo()
     native.refresh_isa()
+
+
+def test_many_rows_decode_chunk_by_chunk_into_the_gemm():
+    shape = (600, 4096)  # two chunks of decoded bfloat16 weight
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
+    x = torch.randn(20, shape[1], dtype=torch.bfloat16)
+    bias = torch.randn(shape[0], dtype=torch.bfloat16)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.bfloat16, **arguments)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    out = prepared.linear(x, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (20, shape[0])
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("first_block", [0, 3, 256, 300])
+def test_a_range_decodes_like_the_same_slice_of_the_whole(first_block):
+    shape = (40, 1024)  # 640 blocks of 64: nested groups of 256 blocks
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
+    whole = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments).view(-1)
+    count = 64 * 100
+    out = torch.empty(count)
+    prepared._dequantize_range(prepared._pointer, first_block * 64, count, out.data_ptr(), 0, native.isa(), 1)
+    assert torch.equal(_bits(out), _bits(whole[first_block * 64 : first_block * 64 + count]))

@@ -10,6 +10,7 @@ natively and hand it to torch's matrix multiply.
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Sequence
 from math import prod
 
@@ -19,9 +20,11 @@ from . import compiled, native
 
 __all__ = ["FUSED_MAX_ROWS", "PreparedWeight", "dequantize_4bit", "linear_4bit", "prepare", "quantize_4bit"]
 
-#: Input rows up to which the product decodes the weight in registers; beyond, the decoded
-#: weight goes to torch's GEMM (oneDNN), which reuses each weight value across many rows.
-FUSED_MAX_ROWS = 16
+#: Input rows up to which the product decodes the weight in registers; beyond, decoded chunks of
+#: the weight go to torch's GEMM, which reuses each weight value across many rows.
+FUSED_MAX_ROWS = 12
+#: Bytes of decoded weight per chunk on the many-rows path: small enough to stay in cache.
+CHUNK_BYTES = 1 << 21
 
 quantize_4bit = compiled.quantize_4bit
 
@@ -66,6 +69,7 @@ class PreparedWeight:
         self._pointer = ctypes.byref(weight)
         library = native.library()
         self._linear, self._dequantize = library.fourbit_linear, library.fourbit_dequantize
+        self._dequantize_range = library.fourbit_dequantize_range
 
     def _held(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
@@ -89,7 +93,7 @@ class PreparedWeight:
         x = A.reshape(-1, self.k)
         rows = x.shape[0]
         if rows > FUSED_MAX_ROWS:
-            return torch.nn.functional.linear(A, self.dequantize(A.dtype), bias)
+            return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
         if not x.is_contiguous():
             x = x.contiguous()
         out = torch.empty((*A.shape[:-1], self.n_out), dtype=A.dtype)
@@ -100,6 +104,30 @@ class PreparedWeight:
                 native.isa(), torch.get_num_threads(),
             )  # fmt: skip
         return out
+
+
+    def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Many rows: decode CHUNK_BYTES of weight rows at a time into one buffer that stays in
+        cache, and let torch's GEMM write each chunk's output rows of ``(W @ x.T)``."""
+        n_out, k = self.n_out, self.k
+        blocksize, nested_blocksize = self.arguments[3], self.arguments[8]
+        # chunks start on a packed byte, an absmax block and (nested) a group of absmax codes
+        unit = blocksize * (nested_blocksize if self.arguments[5] is not None else 1)
+        step = unit // math.gcd(k, unit)
+        rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
+        buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=x.dtype)
+        transposed = torch.empty((n_out, x.shape[0]), dtype=x.dtype)
+        code, isa, threads = native.dtype_code(x.dtype), native.isa(), torch.get_num_threads()
+        x_t = x.t()
+        for start in range(0, n_out, rows_per_chunk):
+            stop = min(n_out, start + rows_per_chunk)
+            weight = buffer[: stop - start]
+            self._dequantize_range(self._pointer, start * k, (stop - start) * k, weight.data_ptr(), code, isa, threads)
+            torch.mm(weight, x_t, out=transposed[start:stop])
+        out = transposed.t()
+        if bias is not None:
+            out = out + bias
+        return out.contiguous()
 
 
 def prepare(*arguments, **options) -> PreparedWeight | None:

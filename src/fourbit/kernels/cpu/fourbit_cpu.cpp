@@ -513,6 +513,8 @@ void dot_any(const Weight& w, int64_t n, int64_t k, const void* x, int32_t dtype
 
 extern "C" {
 
+void fourbit_dequantize(const Weight* w, int64_t numel, void* out, int32_t dtype, int32_t isa, int32_t threads);
+
 // The best variant this CPU runs (3 AVX-512 with BF16, 2 AVX-512, 1 AVX2, 0 portable).
 int32_t fourbit_cpu_isa() {
 #if FOURBIT_X86
@@ -523,6 +525,35 @@ int32_t fourbit_cpu_isa() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
 #endif
   return PORTABLE;
+}
+
+// Decode elements [first, first + count) of a packed weight into `out` (of `dtype`); `first` is
+// a multiple of the blocksize, and the range ends at a block boundary or at the weight's end.
+void fourbit_dequantize_range(const Weight* w, int64_t first, int64_t count, void* out, int32_t dtype, int32_t isa,
+                              int32_t threads) {
+  Weight shifted = *w;
+  const int64_t first_block = first / w->blocksize;
+  shifted.packed = w->packed + first / 2;
+  if (w->absmax) {
+    shifted.absmax = w->absmax + first_block;
+    fourbit_dequantize(&shifted, count, out, dtype, isa, threads);
+    return;
+  }
+  // nested scales: the kernels index codes by block, so the codes move and the groups stay put;
+  // a range that starts inside a group decodes from the group's start into a scratch prefix
+  const int64_t group_start = first_block / w->nested_blocksize * w->nested_blocksize;
+  shifted.qabsmax = w->qabsmax + group_start;
+  shifted.nested_absmax = w->nested_absmax + group_start / w->nested_blocksize;
+  shifted.packed = w->packed + group_start * w->blocksize / 2;
+  const int64_t skipped = (first_block - group_start) * w->blocksize;
+  if (skipped == 0) {
+    fourbit_dequantize(&shifted, count, out, dtype, isa, threads);
+    return;
+  }
+  const int64_t size = dtype == F32 ? 4 : 2;
+  std::vector<uint8_t> scratch((skipped + count) * size);
+  fourbit_dequantize(&shifted, skipped + count, scratch.data(), dtype, isa, threads);
+  std::memcpy(out, scratch.data() + skipped * size, count * size);
 }
 
 // Decode the first `numel` elements of a packed weight into `out` (of `dtype`).

@@ -185,5 +185,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fourbit_cpu_isa.argtypes, lib.fourbit_cpu_isa.restype = [], i32
     lib.fourbit_dequantize.argtypes = [ctypes.POINTER(Weight), i64, pointer, i32, i32, i32]
     lib.fourbit_dequantize.restype = None
+    lib.fourbit_dequantize_range.argtypes = [ctypes.POINTER(Weight), i64, i64, pointer, i32, i32, i32]
+    lib.fourbit_dequantize_range.restype = None
     lib.fourbit_linear.argtypes = [ctypes.POINTER(Weight), i64, i64, pointer, i64, pointer, pointer, i32, i32, i32]
     lib.fourbit_linear.restype = None
