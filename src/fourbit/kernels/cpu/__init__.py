@@ -105,7 +105,6 @@ class PreparedWeight:
             )  # fmt: skip
         return out
 
-
     def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Many rows: decode CHUNK_BYTES of weight rows at a time into one buffer that stays in
         cache, and let torch's GEMM write each chunk's output rows of ``(W @ x.T)``."""
