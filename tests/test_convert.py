@@ -336,3 +336,49 @@ def test_loading_needs_only_the_quantized_size_plus_one_layer(tmp_path):
     growth = measured["peak"] - measured["before"]
     fp32_mib = layers * layer_mib
     assert file_mib * 0.9 < growth < file_mib + layer_mib, (growth, file_mib, fp32_mib)
+
+
+def _sharded(tmp_path, state: dict, shards: int = 2):
+    """``state`` saved as transformers shards it: numbered files and a model.safetensors.index.json."""
+    names = list(state)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    weight_map = {}
+    for index in range(shards):
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: state[name] for name in names[index::shards]}
+        checkpoint.save_state_dict(part, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / checkpoint.SHARD_INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("by", ["folder", "index"])
+def test_load_quantized_reads_a_sharded_checkpoint(tmp_path, by):
+    model, path = saved_quantized_model(tmp_path)
+    folder = _sharded(tmp_path, checkpoint.load_state_dict(path))
+    fresh = TinyModel()
+    convert.load_quantized(fresh, folder if by == "folder" else folder / checkpoint.SHARD_INDEX_NAME)
+    expected, loaded = model.state_dict(), fresh.state_dict()
+    assert list(loaded) == list(expected)
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+def test_a_sharded_checkpoint_with_a_tensor_in_two_shards_is_refused(tmp_path):
+    _, path = saved_quantized_model(tmp_path)
+    state = checkpoint.load_state_dict(path)
+    folder = _sharded(tmp_path, state)
+    checkpoint.save_state_dict({"embed.weight": state["embed.weight"]}, folder / "extra.safetensors")
+    index = json.loads((folder / checkpoint.SHARD_INDEX_NAME).read_text())
+    index["weight_map"]["embed.weight"] = "extra.safetensors"
+    (folder / checkpoint.SHARD_INDEX_NAME).unlink()  # the folder's files, read without the index
+    with pytest.raises(checkpoint.CheckpointError, match="'embed.weight' is in two shards"):
+        convert.load_quantized(TinyModel(), folder)
+
+
+def test_meta_models_are_told_about_their_unsaved_buffers(tmp_path):
+    _, path = saved_quantized_model(tmp_path)
+    with torch.device("meta"):
+        fresh = TinyModel()
+    with pytest.raises(checkpoint.CheckpointError, match="non-persistent buffers, computed in __init__"):
+        convert.load_quantized(fresh, path)

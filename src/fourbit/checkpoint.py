@@ -212,6 +212,34 @@ def open_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> An
         raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from error
 
 
+#: The index transformers writes beside a sharded checkpoint.
+SHARD_INDEX_NAME = "model.safetensors.index.json"
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, the shards an index file names, or a
+    folder's (through its ``model.safetensors.index.json`` when it has one)."""
+    path = Path(path)
+    if path.is_dir():
+        index = path / SHARD_INDEX_NAME
+        if index.is_file():
+            return checkpoint_files(index)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: a folder without safetensors files")
+        return files
+    if path.name.endswith(".json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{path}: not a safetensors index ({type(error).__name__}: {error})") from None
+        if not all(isinstance(name, str) for name in names):
+            raise CheckpointError(f"{path}: its weight_map must name files")
+        return [path.parent / name for name in names]
+    return [path]
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The file's ``__metadata__`` (empty when it has none)."""
     with open_file(path) as handle:

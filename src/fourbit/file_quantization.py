@@ -1,0 +1,169 @@
+"""File-to-file quantization: a safetensors checkpoint in, its 4-bit version out, one tensor at a
+time (nothing from ``fourbit.nn`` is needed), and the name patterns that choose what stays in
+full precision.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import checkpoint
+from . import functional as F4
+from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
+
+__all__ = ["DEFAULT_CHECKPOINT_SKIP", "TensorReport", "matches", "progress_bar", "quantize_checkpoint"]
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a module or tensor name matches any pattern.
+
+    A pattern is a shell-style glob (``*``, ``?``, ``[...]``) matched against the whole dotted name
+    or against any trailing part of it, so ``"lm_head"`` matches ``"model.lm_head"`` and
+    ``"*attention*"`` matches ``"encoder.layer.0.attention.self.query"``.
+    """
+    parts = name.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatchcase(suffix, pattern) for pattern in patterns for suffix in suffixes)
+
+
+@contextmanager
+def progress_bar(
+    total: int, description: str, enabled: bool | None, unit: str = "layer"
+) -> Iterator[Callable[[], None]]:
+    """A tqdm bar when tqdm is installed and ``enabled`` (None: only when stderr is a terminal)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    bar = None
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=total, desc=description, unit=unit)
+    try:
+        yield (bar.update if bar is not None else lambda: None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+#: Tensor-name patterns ``quantize_checkpoint`` keeps in full precision unless told otherwise.
+DEFAULT_CHECKPOINT_SKIP = ("*embed*", "lm_head")
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """One tensor of a quantized checkpoint: what happened to it and what it cost."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quantized: bool
+    bytes_before: int
+    bytes_after: int
+    mean_abs_error: float = 0.0
+    relative_error: float = 0.0
+
+
+def _nbytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _plan(name: str, tensor: Tensor, skip: Sequence[str], grouped: set[str]) -> bool:
+    """Whether ``quantize_checkpoint`` quantizes this tensor; raises for a dtype it cannot handle."""
+    if tensor.dtype not in checkpoint.SUPPORTED_DTYPES:
+        raise checkpoint.CheckpointError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which fourbit cannot write to safetensors"
+        )
+    module_name = name.rpartition(".")[0]
+    if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped:
+        return False
+    if matches(name, skip) or (module_name and matches(module_name, skip)):
+        return False
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise checkpoint.CheckpointError(
+            f"tensor {name!r} has dtype {tensor.dtype}; 4-bit quantization supports float16, bfloat16 and "
+            "float32 (keep it with --skip)"
+        )
+    return True
+
+
+def quantize_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    compress_statistics: bool = True,
+    skip: Sequence[str] = DEFAULT_CHECKPOINT_SKIP,
+    quant_storage: torch.dtype = torch.uint8,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> list[TensorReport]:
+    """Quantize every 2-D floating tensor of a safetensors checkpoint into a new one.
+
+    Tensors that are not 2-D floating point (biases, norms), tensors or modules matching ``skip``
+    (see ``matches``) and weights already in 4 bits are copied unchanged. Tensors are read and
+    written one at a time; the output appears only when complete. Every tensor is checked before
+    anything is written. Raises CheckpointError for a missing or corrupt input, an existing output
+    (unless ``overwrite``), or a 2-D floating tensor of a dtype 4-bit quantization does not support.
+    """
+    F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise checkpoint.CheckpointError(f"{destination} exists (pass --force / overwrite=True to replace it)")
+    if not destination.parent.is_dir():
+        raise checkpoint.CheckpointError(f"{destination.parent}: no such directory")
+    with checkpoint.open_file(source) as handle:
+        names = list(handle.keys())
+        groups = checkpoint.quantized_groups(names)
+        grouped = {n for stats in groups.values() for n in stats} | set(groups)
+        plan = {name: _plan(name, handle.get_tensor(name), skip, grouped) for name in names}
+        metadata = {**(handle.metadata() or {}), **checkpoint.fourbit_metadata(None)}
+    reports = []
+    with (
+        checkpoint.SafetensorsWriter(destination, metadata) as writer,
+        progress_bar(len(names), "quantizing", progress, unit="tensor") as advance,
+    ):
+        for name, tensor in checkpoint.iter_tensors(source):
+            if plan[name]:
+                packed, state = F4.quantize_4bit(
+                    tensor.to(device),
+                    blocksize=blocksize,
+                    compress_statistics=compress_statistics,
+                    quant_type=quant_type,
+                    quant_storage=quant_storage,
+                )
+                entries = state.as_dict(packed=True)
+                writer.add(name, packed)
+                for key, value in entries.items():
+                    writer.add(f"{name}.{key}", value)
+                error = (F4.dequantize_4bit(packed, state).float() - tensor.to(device).float()).cpu()
+                reports.append(
+                    TensorReport(
+                        name,
+                        tuple(tensor.shape),
+                        tensor.dtype,
+                        True,
+                        _nbytes([tensor]),
+                        _nbytes([packed, *entries.values()]),
+                        error.abs().mean().item(),
+                        (error.norm() / tensor.float().norm().clamp_min(1e-30)).item(),
+                    )
+                )
+            else:
+                writer.add(name, tensor)
+                nbytes = _nbytes([tensor])
+                reports.append(TensorReport(name, tuple(tensor.shape), tensor.dtype, False, nbytes, nbytes))
+            advance()
+    return reports
