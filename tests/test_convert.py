@@ -369,10 +369,8 @@ def test_a_sharded_checkpoint_with_a_tensor_in_two_shards_is_refused(tmp_path):
     state = checkpoint.load_state_dict(path)
     folder = _sharded(tmp_path, state)
     checkpoint.save_state_dict({"embed.weight": state["embed.weight"]}, folder / "extra.safetensors")
-    index = json.loads((folder / checkpoint.SHARD_INDEX_NAME).read_text())
-    index["weight_map"]["embed.weight"] = "extra.safetensors"
     (folder / checkpoint.SHARD_INDEX_NAME).unlink()  # the folder's files, read without the index
-    with pytest.raises(checkpoint.CheckpointError, match="'embed.weight' is in two shards"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"'embed\.weight' is in two shards"):
         convert.load_quantized(TinyModel(), folder)
 
 
