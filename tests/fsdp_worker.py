@@ -170,6 +170,31 @@ def moved_by_fully_shard(device: torch.device) -> str:
         return "ok" if torch.equal(layer(x), reference(x)) else "different"
 
 
+def assigned_params4bit(device: torch.device) -> str:
+    """A Params4bit assigned to ``Linear4bit.weight`` (transformers' and peft's pattern), moved to
+    the device, then sharded: the forward matches the unsharded layer."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fourbit.nn import Linear4bit, Params4bit
+
+    torch.manual_seed(6)
+    weight = torch.randn(64, 64)
+
+    def build() -> Linear4bit:
+        layer = Linear4bit(64, 64, bias=False, quant_type="nf4")
+        layer.weight = Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        return layer.to(device)
+
+    layer, reference = build(), build()
+    fully_shard(layer)
+    x = torch.randn(3, 64, device=device)
+    try:
+        with torch.no_grad():
+            return "ok" if torch.equal(layer(x), reference(x)) else "different"
+    except RuntimeError as error:
+        return str(error)
+
+
 def main() -> None:
     output = Path(sys.argv[1])
     storages = [getattr(torch, name) for name in sys.argv[2:]] or [torch.uint8]
@@ -189,6 +214,7 @@ def main() -> None:
     results = {str(storage): check_storage(example, storage, rank, world, device, shared[0]) for storage in storages}
     results["integer_parameter_error"] = integer_error
     results["unquantized_error"] = unquantized_error(device)
+    results["assigned_params4bit"] = assigned_params4bit(device)
     if device.type == "cuda":
         results["moved_by_fully_shard"] = moved_by_fully_shard(device)
     results["mixed_precision"] = mixed_precision(example, device)

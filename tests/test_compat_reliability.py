@@ -222,3 +222,33 @@ def test_an_unquantized_params4bit_splits_and_its_shard_fails_clearly_at_the_fir
     layer.weight = torch.nn.Parameter(layer.weight.data.chunk(2)[0], requires_grad=False)  # a float shard
     with pytest.raises(RuntimeError, match="sharded before it was quantized"):
         layer(torch.randn(1, 4))
+
+
+def test_a_params4bit_assigned_as_the_weight_records_its_state_on_the_layer():
+    from fourbit.nn import Linear4bit, Params4bit
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    layer = Linear4bit(64, 32, quant_type="nf4")
+    layer.weight = Params4bit(weight, requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")
+    # FSDP2 replaces the weight by a shard and then computes with the layer's copy of the state
+    assert layer.quant_state is not None and layer.quant_state is layer.weight.quant_state
+    assert layer.quant_storage == layer.weight.quant_storage
+    packed = layer.weight.data
+    layer.weight = torch.nn.Parameter(packed, requires_grad=False)  # what a gathered shard looks like
+    x = torch.randn(2, 64)
+    expected = x @ F4.dequantize_4bit(packed, layer.quant_state).t() + layer.bias
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_model_names_layers_that_already_hold_4bit_weights():
+    from fourbit import convert
+    from fourbit.nn import Params4bit
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(64, 32))
+    packed = Params4bit(model[1].weight.data, requires_grad=False).to("cpu")
+    model[1].weight = packed  # a plain Linear holding a quantized parameter
+    report = convert.quantize_model(model)
+    assert report.converted == ["0"] and report.skipped["1"] == "already holds a 4-bit weight"

@@ -76,6 +76,8 @@ def _skip_reason(
     sharing = [other for other in owners.get(id(module.weight), []) if other != f"{name}.weight"]
     if sharing:
         return f"weight is tied to {', '.join(sharing)}"
+    if isinstance(module.weight, Params4bit) or getattr(module.weight, "quant_state", None) is not None:
+        return "already holds a 4-bit weight"
     if module.weight.dtype not in FLOAT_DTYPES:
         supported = ", ".join(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
         return f"weight dtype {str(module.weight.dtype).removeprefix('torch.')} is not quantized (only {supported})"

@@ -89,6 +89,17 @@ class Linear4bit(nn.Linear):
         self._warned_slow_fp16 = False
         self._prepared: tuple | None = None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A ``Params4bit`` assigned as the weight (transformers' and peft's pattern) is tied to this
+        layer, so that quantizing it on ``.to(device)`` also records the state here (FSDP2 reads the
+        layer's copy once the weight is sharded)."""
+        super().__setattr__(name, value)
+        if name == "weight" and isinstance(value, Params4bit):
+            value.module = self
+            if value.quant_state is not None:
+                super().__setattr__("quant_state", value.quant_state)
+                super().__setattr__("quant_storage", value.quant_storage)
+
     def extra_repr(self) -> str:
         weight = self.weight
         settings = f"quant_type={weight.quant_type}, blocksize={weight.blocksize}"
