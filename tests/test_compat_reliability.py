@@ -9,6 +9,7 @@ import fourbit
 import fourbit.functional as F4
 from fourbit import checkpoint
 from fourbit.kernels import reference
+from fourbit.quant_state import MAX_PACKED_STATE_BYTES
 
 # --------------------------------------------------------------------------- 8-bit blockwise
 
@@ -98,7 +99,7 @@ def test_a_non_contiguous_2d_absmax_with_the_right_count_is_read_in_order(native
 
 
 def test_an_oversized_packed_state_is_refused_before_it_is_decoded():
-    blob = torch.zeros(F4.MAX_PACKED_STATE_BYTES + 1, dtype=torch.uint8)
+    blob = torch.zeros(MAX_PACKED_STATE_BYTES + 1, dtype=torch.uint8)
     with pytest.raises(ValueError, match="packed quant_state holds"):
         F4.unpack_tensor_to_dict(blob)
     assert F4.unpack_tensor_to_dict(F4.pack_dict_to_tensor({"a": [1, 2]})) == {"a": [1, 2]}

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import functional
 from .functional import QuantState
+from .validation import check_out
 
 __all__ = ["matmul_4bit"]
 
@@ -36,7 +37,7 @@ def matmul_4bit(
         return _k_by_n_product(A, B, quant_state, out, bias)
     if out is not None:
         functional.check_linear_input(A, quant_state)
-        functional.check_out(out, (*A.shape[:-1], quant_state.shape[0]), A.dtype)
+        check_out(out, (*A.shape[:-1], quant_state.shape[0]), A.dtype)
     result = functional.linear_4bit(A, B, quant_state, bias)
     return out.copy_(result) if out is not None else result
 
@@ -68,6 +69,6 @@ def _k_by_n_product(A: Tensor, B: Tensor, state: QuantState, out: Tensor | None,
     weight = functional.dequantize_4bit(B.reshape(-1, 1), state).to(A.dtype)  # (K, N), however B is viewed
     result = torch.nn.functional.linear(A, weight.t(), bias.to(A.dtype) if bias is not None else None)
     if out is not None:
-        functional.check_out(out, result.shape, A.dtype)
+        check_out(out, result.shape, A.dtype)
         return out.copy_(result)
     return result

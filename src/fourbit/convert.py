@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import functional as F4
 from .file_quantization import DEFAULT_CHECKPOINT_SKIP, TensorReport, matches, progress_bar, quantize_checkpoint
 from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
 from .loading import LoadReport, load_quantized, parent_of
 from .nn import Linear4bit, Params4bit
+from .validation import check_settings
 
 __all__ = [
     "DEFAULT_CHECKPOINT_SKIP",
@@ -109,7 +109,7 @@ def quantize_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
-    F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
     report = ConversionReport(bytes_before=state_dict_nbytes(model))
     owners: dict[int, list[str]] = {}
     for pname, parameter in model.named_parameters(remove_duplicate=False):

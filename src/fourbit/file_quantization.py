@@ -19,6 +19,7 @@ from torch import Tensor
 from . import checkpoint
 from . import functional as F4
 from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
+from .validation import check_settings
 
 __all__ = ["DEFAULT_CHECKPOINT_SKIP", "TensorReport", "matches", "progress_bar", "quantize_checkpoint"]
 
@@ -118,7 +119,7 @@ def quantize_checkpoint(
     anything is written. Raises CheckpointError for a missing or corrupt input, an existing output
     (unless ``overwrite``), or a 2-D floating tensor of a dtype 4-bit quantization does not support.
     """
-    F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
     destination = Path(destination)
     if destination.exists() and not overwrite:
         raise checkpoint.CheckpointError(f"{destination} exists (pass --force / overwrite=True to replace it)")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .. import functional as F4
 from ..autograd import matmul_4bit
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
+from ..validation import check_settings
 from .params import UNQUANTIZED_SHARD_ERROR, Params4bit
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
@@ -71,7 +72,7 @@ class Linear4bit(nn.Linear):
         device: torch.device | str | None = None,
         blocksize: int = DEFAULT_BLOCKSIZE,
     ) -> None:
-        F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+        check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
         super().__init__(input_features, output_features, bias, device)
         self.weight = Params4bit(
             self.weight.data,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import functional as F4
 from ..formats import DEFAULT_BLOCKSIZE
+from ..validation import check_settings
 
 __all__ = ["Params4bit"]
 
@@ -91,7 +92,7 @@ class Params4bit(torch.nn.Parameter):
             data = torch.empty(0)
         if blocksize is None:
             blocksize = DEFAULT_BLOCKSIZE
-        F4.check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+        check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.blocksize = blocksize
         self.compress_statistics = compress_statistics

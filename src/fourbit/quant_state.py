@@ -1,0 +1,321 @@
+"""``QuantState``: the statistics of a quantized tensor, and bitsandbytes' dict and state-dict
+forms of it (``as_dict``/``from_dict``, the packed JSON entry ``quant_state.bitsandbytes__<type>``)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from collections.abc import Mapping, Sequence
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .formats import BLOCKWISE_BLOCKSIZES, QUANT_TYPES, num_blocks
+from .validation import check_blocksize, check_blockwise_blocksize, dtype_name
+
+__all__ = ["MAX_PACKED_STATE_BYTES", "QuantState", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
+
+_PACKED_KEY_PREFIX = "bitsandbytes__"
+
+
+#: Largest packed quant_state JSON accepted: real ones hold a few hundred bytes.
+MAX_PACKED_STATE_BYTES = 1 << 20
+
+
+def pack_dict_to_tensor(source: Mapping[str, Any]) -> Tensor:
+    """Encode a JSON-serialisable dict as UTF-8 JSON bytes in a 1-D uint8 tensor (bitsandbytes' format)."""
+    payload = json.dumps(dict(source)).encode("utf-8")
+    return torch.tensor(list(payload), dtype=torch.uint8)
+
+
+def unpack_tensor_to_dict(tensor: Tensor) -> dict[str, Any]:
+    """Decode a tensor written by ``pack_dict_to_tensor``; ValueError when it is not such a tensor."""
+    if not isinstance(tensor, Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        described = f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else tensor
+        raise ValueError(f"packed quant_state must be a 1-D uint8 tensor of JSON bytes, got {described}")
+    if tensor.numel() > MAX_PACKED_STATE_BYTES:
+        raise ValueError(
+            f"packed quant_state holds {tensor.numel()} bytes; a quantization state's JSON is a few hundred "
+            f"(the limit is {MAX_PACKED_STATE_BYTES})"
+        )
+    data = tensor.detach().cpu().contiguous()
+    try:
+        decoded = json.loads(ctypes.string_at(data.data_ptr(), data.numel()).decode("utf-8") if data.numel() else "")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"packed quant_state is not valid UTF-8 JSON: {error}") from None
+    if not isinstance(decoded, dict):
+        raise ValueError(f"packed quant_state must hold a JSON object, got {type(decoded).__name__}")
+    return decoded
+
+
+def _dtype_from_name(value: Any, key: str) -> torch.dtype:
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, value, None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"quant_state entry {key!r} must name a torch dtype, got {value!r}")
+    return dtype
+
+
+def _int_entry(entries: Mapping[str, Any], key: str) -> int:
+    value = entries[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"quant_state entry {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _tensor_entry(entries: Mapping[str, Any], key: str, numel: int | None = None) -> Tensor:
+    value = entries[key]
+    if not isinstance(value, Tensor):
+        raise ValueError(f"quant_state entry {key!r} must be a tensor, got {type(value).__name__}")
+    if numel is not None and value.numel() != numel:
+        raise ValueError(f"quant_state entry {key!r} must have {numel} elements, got {value.numel()}")
+    return value
+
+
+def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
+    """Equal within 1e-6 (bitsandbytes' comparison), wherever the tensors live; None equals only None."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and torch.allclose(a.float().cpu(), b.float().cpu(), atol=1e-6)
+
+
+class QuantState:
+    """Everything needed to undo a blockwise quantization: absmax, shape, code table, dtype, ...
+
+    With nested statistics (``state2`` set), ``absmax`` holds uint8 codes of the centred
+    per-block absmax, ``offset`` their mean and ``state2`` the 8-bit quantization state.
+    """
+
+    valid_quant_types = QUANT_TYPES
+    valid_qs_type_keys = tuple(f"{_PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
+    valid_qs_keys = (
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "quant_state",
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
+    )
+    _required_keys = ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape")
+    _nested_keys = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
+
+    def __init__(
+        self,
+        absmax: Tensor,
+        shape: Sequence[int] | None = None,
+        code: Tensor | None = None,
+        blocksize: int | None = None,
+        quant_type: str | None = None,
+        dtype: torch.dtype | None = None,
+        offset: Tensor | None = None,
+        state2: QuantState | None = None,
+    ) -> None:
+        self.absmax = absmax
+        self.shape = torch.Size(shape) if shape is not None else None
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+
+    @property
+    def nested(self) -> bool:
+        """True when absmax is itself quantized (``state2`` holds its 8-bit state)."""
+        return self.state2 is not None
+
+    def __getattr__(self, name: str) -> Any:
+        # FSDP's state-dict traversal resolves "weight.quant_state.bitsandbytes__nf4" via getattr.
+        if name.startswith(_PACKED_KEY_PREFIX) and name.removeprefix(_PACKED_KEY_PREFIX) == self.quant_type:
+            return self.as_dict(packed=True)[f"quant_state.{name}"]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getitem__(self, index: int) -> Any:
+        """The legacy list layout ``[absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type]``."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][index]
+
+    def __repr__(self) -> str:
+        shape = tuple(self.shape) if self.shape is not None else None
+        dtype = dtype_name(self.dtype) if self.dtype is not None else None
+        return (
+            f"QuantState(quant_type={self.quant_type!r}, shape={shape}, dtype={dtype}, "
+            f"blocksize={self.blocksize}, nested={self.nested})"
+        )
+
+    @classmethod
+    def from_dict(cls, qs_dict: Mapping[str, Any], device: torch.device | str) -> QuantState:
+        """Rebuild a state from ``as_dict`` output, packed or not, keys with or without a prefix.
+
+        Tensors are moved to ``device``. The dict is not modified. Raises ValueError naming the keys
+        when the dict is neither form, has several or unknown packed entries, unknown or missing
+        keys, undecodable JSON or entries of the wrong type.
+        """
+        if not isinstance(qs_dict, Mapping):
+            raise TypeError(f"qs_dict must be a mapping, got {type(qs_dict).__name__}")
+        found = sorted(qs_dict)
+        entries: dict[str, Any] = {}
+        packed_entries: list[tuple[str, Any]] = []
+        for key, value in qs_dict.items():
+            short = str(key).split(".")[-1]
+            if short.startswith(_PACKED_KEY_PREFIX):
+                packed_entries.append((key, value))
+            else:
+                entries[short] = value
+        if len(packed_entries) > 1:
+            raise ValueError(f"expected exactly one packed quant_state entry, found {[k for k, _ in packed_entries]}")
+        if packed_entries:
+            key, value = packed_entries[0]
+            if key.split(".")[-1] not in cls.valid_qs_type_keys:
+                raise ValueError(
+                    f"unknown packed quant_state entry {key!r}; expected one ending in {cls.valid_qs_type_keys}"
+                )
+            entries.update(unpack_tensor_to_dict(value))
+        elif "quant_type" not in entries:
+            raise ValueError(f"expected packed or unpacked quant_state entries, found neither; keys: {found}")
+        unknown = sorted(set(entries) - set(cls.valid_qs_keys))
+        if unknown:
+            raise ValueError(f"unknown quant_state entries {unknown}; keys found: {found}")
+        missing = [key for key in cls._required_keys if key not in entries]
+        if missing:
+            raise ValueError(f"quant_state is missing {missing}; keys found: {found}")
+        nested_present = [key for key in cls._nested_keys if key in entries]
+        if nested_present and len(nested_present) != len(cls._nested_keys):
+            absent = [key for key in cls._nested_keys if key not in entries]
+            raise ValueError(f"quant_state has nested entries {nested_present} but lacks {absent}")
+
+        quant_type = entries["quant_type"]
+        blockwise = quant_type is None  # an 8-bit blockwise state (quantize_blockwise)
+        if not blockwise and quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"quant_state entry 'quant_type' must be one of {QUANT_TYPES} (or None for an 8-bit "
+                f"blockwise state), got {quant_type!r}"
+            )
+        blocksize = _int_entry(entries, "blocksize")
+        if blockwise:
+            check_blockwise_blocksize(blocksize, "quant_state blocksize")
+        else:
+            check_blocksize(blocksize, name="quant_state blocksize")
+        dtype = _dtype_from_name(entries["dtype"], "dtype")
+        shape_value = entries["shape"]
+        if blockwise and shape_value is None:
+            shape = None
+        elif not isinstance(shape_value, (list, tuple, torch.Size)) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape_value
+        ):
+            raise ValueError(f"quant_state entry 'shape' must be a list of non-negative integers, got {shape_value!r}")
+        else:
+            shape = torch.Size(shape_value)
+        expected_blocks = num_blocks(prod(shape), blocksize) if shape is not None else None
+        absmax = _tensor_entry(entries, "absmax", expected_blocks)
+        code = _tensor_entry(entries, "quant_map", 256 if blockwise else 16)
+        if blockwise and expected_blocks is None and nested_present:
+            raise ValueError("a nested 8-bit quant_state needs its 'shape'")
+
+        offset = state2 = None
+        if nested_present:
+            if absmax.dtype != torch.uint8:
+                raise ValueError(f"nested quant_state needs uint8 'absmax' codes, got {absmax.dtype}")
+            nested_blocksize = _int_entry(entries, "nested_blocksize")
+            check_blocksize(nested_blocksize, BLOCKWISE_BLOCKSIZES, "quant_state nested_blocksize")
+            nested_offset = entries["nested_offset"]
+            if isinstance(nested_offset, Tensor):
+                if nested_offset.numel() != 1:
+                    raise ValueError(
+                        f"quant_state entry 'nested_offset' must be one number, got a tensor of shape "
+                        f"{tuple(nested_offset.shape)}"
+                    )
+                nested_offset = nested_offset.item()
+            if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)):
+                raise ValueError(f"quant_state entry 'nested_offset' must be a number, got {nested_offset!r}")
+            offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
+            state2 = cls(
+                absmax=_tensor_entry(entries, "nested_absmax", num_blocks(expected_blocks, nested_blocksize)).to(
+                    device
+                ),
+                code=_tensor_entry(entries, "nested_quant_map", 256).to(device),
+                blocksize=nested_blocksize,
+                dtype=_dtype_from_name(entries["nested_dtype"], "nested_dtype"),
+            )
+        elif not absmax.is_floating_point():
+            raise ValueError(f"quant_state entry 'absmax' must be floating point, got {absmax.dtype}")
+        return cls(
+            absmax=absmax.to(device),
+            shape=shape,
+            code=code.to(device),
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state as a dict (bitsandbytes' keys).
+
+        ``packed=True`` keeps only tensors: absmax, quant_map (and nested_absmax, nested_quant_map)
+        plus ``quant_state.bitsandbytes__<quant_type>``, the other entries as JSON bytes, so the
+        result can go into a state dict or a safetensors file.
+        """
+        entries: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            entries.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    # a copy: safetensors drops tensors that share storage
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": dtype_name(self.state2.dtype),
+                    "nested_offset": self.offset.item(),
+                }
+            )
+        if not packed or self.quant_type is None:
+            return entries
+        tensors = {key: value for key, value in entries.items() if isinstance(value, Tensor)}
+        scalars = {key: value for key, value in entries.items() if not isinstance(value, Tensor)}
+        tensors[f"quant_state.{_PACKED_KEY_PREFIX}{self.quant_type}"] = pack_dict_to_tensor(scalars)
+        return tensors
+
+    def to(self, device: torch.device | str) -> QuantState:
+        """Move every tensor to ``device`` in place (returns self for chaining)."""
+        self.absmax = self.absmax.to(device)
+        if self.code is not None:
+            self.code = self.code.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.to(device)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantState):
+            return False
+        if (self.state2 is None) != (other.state2 is None):
+            return False
+        return (
+            _same_values(self.absmax, other.absmax)
+            and self.shape == other.shape
+            and _same_values(self.code, other.code)
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and self.quant_type == other.quant_type
+            and _same_values(self.offset, other.offset)
+            and (self.state2 is None or self.state2 == other.state2)
+        )
+
+    __hash__ = None  # mutable; equality is by value

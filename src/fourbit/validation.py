@@ -1,0 +1,108 @@
+"""Argument checks shared by the public functions: each raises a ValueError or TypeError that
+names the argument, what it got and what is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .formats import BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, packed_nbytes
+
+__all__ = [
+    "check_blocksize",
+    "check_blockwise_blocksize",
+    "check_blockwise_code",
+    "check_float_input",
+    "check_out",
+    "check_quant_storage",
+    "check_quant_type",
+    "check_settings",
+    "check_tensor",
+    "dtype_name",
+    "dtype_names",
+]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(dtype_name(d) for d in dtypes)
+
+
+def check_tensor(value: Any, name: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_float_input(A: Any, name: str = "A") -> None:
+    check_tensor(A, name)
+    if A.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {dtype_name(A.dtype)}; 4-bit quantization supports {dtype_names(FLOAT_DTYPES)}"
+        )
+
+
+def check_blocksize(blocksize: Any, allowed: Sequence[int] = BLOCKSIZES, name: str = "blocksize") -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
+        raise ValueError(f"{name}={blocksize!r} is not supported; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_quant_type(quant_type: Any) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is not supported; allowed: {', '.join(map(repr, QUANT_TYPES))}")
+
+
+def check_quant_storage(quant_storage: Any, numel: int) -> None:
+    check_settings(quant_storage=quant_storage)
+    itemsize = quant_storage.itemsize
+    nbytes = packed_nbytes(numel)
+    if nbytes % itemsize:
+        raise ValueError(
+            f"{numel} elements pack into {nbytes} bytes, which is not a whole number of "
+            f"{dtype_name(quant_storage)} items ({itemsize} bytes each); use quant_storage=torch.uint8 "
+            f"or a tensor whose element count is a multiple of {2 * itemsize}"
+        )
+
+
+def check_settings(blocksize: Any = None, quant_type: Any = None, quant_storage: Any = None) -> None:
+    """Raise ValueError naming the allowed values for a blocksize, quant_type or quant_storage
+    (those given) that fourbit does not support."""
+    if blocksize is not None:
+        check_blocksize(blocksize)
+    if quant_type is not None:
+        check_quant_type(quant_type)
+    if quant_storage is not None and quant_storage not in QUANT_STORAGE_DTYPES:
+        raise ValueError(
+            f"quant_storage={quant_storage!r} is not supported; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
+        )
+
+
+def check_out(out: Any, shape: Sequence[int], dtype: torch.dtype, name: str = "out") -> None:
+    """``out`` (when given) must be a ``dtype`` tensor of ``shape``, to receive a result by copy."""
+    if out is None:
+        return
+    check_tensor(out, name)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"{name} must be a {dtype_name(dtype)} tensor of shape {tuple(shape)}, "
+            f"got {dtype_name(out.dtype)} of shape {tuple(out.shape)}"
+        )
+
+
+def check_blockwise_code(code: Any) -> None:
+    check_tensor(code, "code")
+    if code.dim() != 1 or not 2 <= code.numel() <= 256 or not code.is_floating_point():
+        raise ValueError(
+            f"code must be a 1-D floating tensor of 2..256 sorted values, got {code.dtype} of shape {tuple(code.shape)}"
+        )
+
+
+def check_blockwise_blocksize(blocksize: Any, name: str = "blocksize") -> None:
+    """8-bit blockwise quantization takes any positive block size, as bitsandbytes' CPU path does."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"{name} must be a positive integer, got {blocksize!r}")
