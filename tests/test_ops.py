@@ -25,10 +25,14 @@ def _weight_args(nested: bool, storage: torch.dtype = torch.uint8):
 
 
 def _cases():
+    # Built at collection time, before the autouse seed fixture: seed here so every run checks the same inputs.
+    torch.manual_seed(0)
     code = get_4bit_type("nf4")
     dynamic = create_dynamic_map()
     yield "quantize_4bit", (torch.randn(3, 37), code, 64, torch.uint8), {}
-    yield "quantize_4bit", (torch.randn(64, 8, dtype=torch.bfloat16), code, 128, torch.float32), {}
+    # Packed bytes viewed as float32 can spell NaN, which opcheck's comparison never calls equal. Values <= 0 give
+    # NF4 codes 0..7 only, so no packed float32 has an all-ones exponent.
+    yield "quantize_4bit", (-torch.rand(64, 8, dtype=torch.bfloat16), code, 128, torch.float32), {}
     yield "quantize_blockwise", (torch.randn(1000), dynamic, 256), {}
     yield "quantize_blockwise", (torch.rand(1000), dynamic, 256, torch.tensor(0.5)), {}
     yield (
