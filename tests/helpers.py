@@ -54,3 +54,41 @@ def nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The 4-bit values of a packed tensor, high nibble first (an independent unpacker for tests)."""
     data = packed.reshape(-1).view(torch.uint8).long()
     return torch.stack([data // 16, data % 16], dim=1).reshape(-1)[:numel]
+
+
+def save_tiny_llama(folder, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **sizes) -> str:
+    """Save a small random transformers Llama (float) to ``folder``; return its path as a string.
+
+    ``sizes`` override the config (hidden_size, intermediate_size, num_hidden_layers, vocab_size).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    settings.update(sizes)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    return str(folder)
+
+
+def run_without_bitsandbytes(code: str, timeout: float = 240) -> str:
+    """Run ``code`` in a fresh interpreter where ``import bitsandbytes`` fails and it looks uninstalled;
+    return its stdout. Raises AssertionError with the output when it fails."""
+    import subprocess
+    import sys
+
+    prelude = "import sys\nsys.modules['bitsandbytes'] = None\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done.stdout

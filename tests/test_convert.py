@@ -380,3 +380,22 @@ def test_meta_models_are_told_about_their_unsaved_buffers(tmp_path):
         fresh = TinyModel()
     with pytest.raises(checkpoint.CheckpointError, match="non-persistent buffers, computed in __init__"):
         convert.load_quantized(fresh, path)
+
+
+def test_dequantize_model_inverts_quantize_model_up_to_quantization_error():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32, bias=False))
+    x = torch.randn(3, 64)
+    convert.quantize_model(model, skip=())
+    quantized = model(x)
+    before = {
+        name: module.weight.data.clone() for name, module in model.named_modules() if isinstance(module, Linear4bit)
+    }
+    assert convert.dequantize_model(model, torch.float32) == ["0", "2"]
+    assert all(type(module) is torch.nn.Linear for module in (model[0], model[2]))
+    assert model[2].bias is None and model[0].weight.dtype == torch.float32
+    torch.testing.assert_close(model(x), quantized, rtol=1e-5, atol=1e-5)
+    assert all(before[name].dtype == torch.uint8 for name in before)  # nothing was changed in place
+    with pytest.raises(TypeError, match="dequantize_layer"):
+        convert.dequantize_model(Linear4bit(4, 4))
+    with pytest.raises(TypeError, match="Linear4bit"):
+        convert.dequantize_layer(torch.nn.Linear(4, 4))

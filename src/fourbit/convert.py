@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import functional as F4
 from .file_quantization import DEFAULT_CHECKPOINT_SKIP, TensorReport, matches, progress_bar, quantize_checkpoint
 from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
 from .loading import LoadReport, load_quantized, parent_of
@@ -24,6 +25,8 @@ __all__ = [
     "ConversionReport",
     "LoadReport",
     "TensorReport",
+    "dequantize_layer",
+    "dequantize_model",
     "load_quantized",
     "matches",
     "quantize_checkpoint",
@@ -172,3 +175,44 @@ def _to_linear4bit(
         layer.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=module.bias.requires_grad)
     layer.train(module.training)
     return layer
+
+
+def dequantize_layer(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``layer``'s dequantized weight (in ``dtype``; default: the layer's
+    compute dtype, else the dtype the weight was quantized from) and a copy of its bias."""
+    if not isinstance(layer, Linear4bit):
+        raise TypeError(f"dequantize_layer takes a Linear4bit, got {type(layer).__name__}")
+    weight = layer.weight
+    state = layer._forward_quant_state()
+    target = dtype or layer.compute_dtype or state.dtype
+    if target not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {target}")
+    with torch.no_grad():
+        dense = F4.dequantize_4bit(weight.data, state).to(target)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(dense, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().to(target).clone(), requires_grad=layer.bias.requires_grad)
+    linear.train(layer.training)
+    return linear
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every ``Linear4bit`` of ``model`` by an ``nn.Linear`` with its dequantized weight, in place.
+
+    The inverse of ``quantize_model`` up to quantization error. Every layer is dequantized before
+    any is replaced, so a failure leaves the model as it was. Returns the replaced layer names.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, Linear4bit):
+        raise TypeError("dequantize_model converts the Linear4bit layers inside a model; use dequantize_layer")
+    replacements = [
+        (name, dequantize_layer(module, dtype))
+        for name, module in model.named_modules()
+        if isinstance(module, Linear4bit)
+    ]
+    for name, linear in replacements:
+        parent, child = parent_of(model, name)
+        setattr(parent, child, linear)
+    return [name for name, _ in replacements]

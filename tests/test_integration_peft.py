@@ -1,0 +1,158 @@
+"""peft integration: QLoRA on fourbit layers (LoRA, DoRA), merging into 4-bit or full precision,
+prepare_model_for_kbit_training, and no bitsandbytes import on any of these paths."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_without_bitsandbytes, save_tiny_llama
+from torch import nn
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM
+
+from fourbit.convert import dequantize_layer, quantize_model
+from fourbit.integrations import peft as fourbit_peft
+from fourbit.integrations.transformers import FourbitConfig
+from fourbit.nn import Linear4bit
+
+IDS = torch.arange(64).reshape(4, 16) % 128
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "float")
+
+
+def _trained(path: str, use_dora: bool, steps: int = 6) -> tuple[nn.Module, list[float]]:
+    """A 4-bit model with a LoRA (or DoRA) adapter trained a few steps; the losses."""
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=FourbitConfig(), dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, lora_dropout=0.0)
+    model = fourbit_peft.get_peft_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return model, losses
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_prepare_model_for_kbit_training_turns_gradient_checkpointing_on(float_checkpoint: str):
+    model = AutoModelForCausalLM.from_pretrained(float_checkpoint, quantization_config=FourbitConfig())
+    assert model.is_loaded_in_4bit
+    assert not model.is_gradient_checkpointing
+    model = prepare_model_for_kbit_training(model)
+    assert model.is_gradient_checkpointing
+    # the 4-bit weights stay 4-bit (prepare casts only float16/bfloat16 parameters)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_adapters_train_and_merge(float_checkpoint: str, use_dora: bool):
+    model, losses = _trained(float_checkpoint, use_dora)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, fourbit_peft.LoraLinear4bit)
+    assert isinstance(layer.get_base_layer(), Linear4bit)
+    assert bool(layer.lora_magnitude_vector) == use_dora
+    assert losses[-1] < losses[0] - 0.1, losses
+    adapted = _logits(model)
+
+    # full precision: the exact merge of the adapted model
+    full, report = fourbit_peft.merge_and_unload(copy.deepcopy(model), requantize=False)
+    assert not any(isinstance(m, Linear4bit) for m in full.modules())
+    assert len(report.dequantized) == 14 and not report.requantized
+    torch.testing.assert_close(_logits(full), adapted, rtol=1e-5, atol=1e-5)
+
+    # 4-bit: the full-precision merge quantized again, bit for bit, with the error reported
+    merged, report = fourbit_peft.merge_and_unload(model)
+    assert len(report.requantized) == 14
+    assert all(isinstance(merged.get_submodule(name), Linear4bit) for name in report.requantized)
+    requantized = copy.deepcopy(full)
+    quantize_model(requantized)
+    expected = requantized.state_dict()
+    actual = merged.state_dict()
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    # the reported error is the measured one, and NF4-sized (about 10% of the weights' rms)
+    name = "model.layers.0.mlp.down_proj"
+    exact = full.get_submodule(name).weight
+    error = dequantize_layer(merged.get_submodule(name)).weight - exact
+    assert report.requantized[name].max_abs == pytest.approx(error.abs().max().item(), rel=1e-6)
+    assert 0.02 < report.max_relative_rms < 0.2
+    difference = (_logits(merged) - adapted).abs().max().item()
+    requantization_difference = (_logits(requantized) - _logits(full)).abs().max().item()
+    assert difference == pytest.approx(requantization_difference, rel=1e-5)
+
+
+def test_merge_then_unmerge_restores_the_adapted_layer(float_checkpoint: str):
+    model, _ = _trained(float_checkpoint, use_dora=False, steps=2)
+    layer = model.base_model.model.model.layers[1].mlp.gate_proj
+    before = _logits(model)
+    layer.merge()
+    assert layer.merged and layer.merge_error is not None
+    layer.unmerge()
+    assert not layer.merged
+    after = _logits(model)
+    # two re-quantizations of one layer: close to, not equal to, the original
+    assert (after - before).abs().max().item() < 0.5
+
+
+def test_register_lora_rejects_other_configs():
+    with pytest.raises(TypeError, match="LoraConfig"):
+        fourbit_peft.register_lora({"r": 8})
+    with pytest.raises(TypeError, match="peft model"):
+        fourbit_peft.merge_and_unload(nn.Linear(2, 2))
+
+
+def test_qlora_workflow_never_imports_bitsandbytes(float_checkpoint: str):
+    out = run_without_bitsandbytes(
+        f"""
+import torch
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM
+from fourbit.integrations.peft import get_peft_model, merge_and_unload
+from fourbit.integrations.transformers import FourbitConfig
+ids = torch.arange(32).reshape(2, 16)
+for dora in (False, True):
+    model = AutoModelForCausalLM.from_pretrained({float_checkpoint!r}, quantization_config=FourbitConfig())
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", use_dora=dora))
+    model(input_ids=ids, labels=ids).loss.backward()
+    merged, report = merge_and_unload(model)
+    merged(input_ids=ids)
+    print(dora, report)
+assert sys.modules.get("bitsandbytes") is None
+print("ok")
+"""
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_qlora_example_runs(tmp_path: Path):
+    pytest.importorskip("trl")
+    example = Path(__file__).resolve().parents[1] / "examples" / "qlora_peft.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--steps", "8"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "logits identical: True" in done.stdout
+    assert "re-quantized 14 4-bit layers" in done.stdout

@@ -1,0 +1,237 @@
+"""transformers integration: FourbitConfig, from_pretrained with quantization on load, save and reload,
+bitsandbytes-written checkpoints without bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_without_bitsandbytes, save_tiny_llama
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
+
+from fourbit.convert import quantize_model  # noqa: E402
+from fourbit.integrations.transformers import FourbitConfig  # noqa: E402
+from fourbit.nn import Linear4bit  # noqa: E402
+
+IDS = torch.arange(18).reshape(2, 9) % 128
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    different = [key for key in expected if not torch.equal(actual[key].cpu(), expected[key].cpu())]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+def test_from_pretrained_quantizes_three_shards_like_quantize_model(tmp_path: Path):
+    path = save_tiny_llama(tmp_path / "float", max_shard_size="100KB", num_hidden_layers=1)
+    shards = sorted(p.name for p in Path(path).glob("*.safetensors"))
+    assert len(shards) == 3, shards
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=FourbitConfig(), dtype=torch.float32)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    targets = [name for name in linears if name.endswith(TARGETS)]
+    assert len(targets) == 7
+    assert all(isinstance(linears[name], Linear4bit) for name in targets)
+    assert type(model.lm_head) is nn.Linear  # the output head stays in full precision
+    assert model.is_loaded_in_4bit and model.is_quantized
+
+    reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quantize_model(reference)
+    _assert_same_state(_state(model), _state(reference))
+    assert torch.equal(_logits(model), _logits(reference))
+
+
+def test_from_pretrained_peak_memory_stays_under_float_model_plus_one_shard(tmp_path: Path):
+    path = save_tiny_llama(
+        tmp_path / "float",
+        max_shard_size="24MB",
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=256,
+    )
+    files = list(Path(path).glob("*.safetensors"))
+    float_bytes = sum(f.stat().st_size for f in files)
+    shard_bytes = max(f.stat().st_size for f in files)
+    assert len(files) >= 3
+    # Anonymous resident memory, sampled while loading: the safetensors files are memory-mapped, and
+    # their page-cache pages would count in the process's total RSS.
+    out = run_without_bitsandbytes(
+        f"""
+import threading, time, torch
+from transformers import AutoModelForCausalLM
+from transformers.models.llama import modeling_llama
+from fourbit.integrations.transformers import FourbitConfig
+from fourbit.nn import Linear4bit
+
+def anonymous():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+peak, done = [anonymous()], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous())
+        time.sleep(0.001)
+
+# Quantize each weight shape once first: the CPU quantizer's first call per shape compiles (inductor),
+# which costs memory of its own, unrelated to how the checkpoint is loaded.
+import fourbit.functional as F4
+for shape in [(512, 512), (256, 512), (2048, 512), (512, 2048)]:
+    F4.quantize_4bit(torch.randn(shape), quant_type="nf4")
+before = anonymous()
+peak[0] = before
+sampler = threading.Thread(target=sample)
+sampler.start()
+model = AutoModelForCausalLM.from_pretrained({path!r}, quantization_config=FourbitConfig(), dtype=torch.float32)
+done.set()
+sampler.join()
+assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 28
+print(max(peak[0], anonymous()) - before)
+"""
+    )
+    growth = int(out.strip().splitlines()[-1])
+    assert growth < float_bytes + shard_bytes, (growth, float_bytes, shard_bytes)
+
+
+def test_save_pretrained_round_trip_is_byte_identical(tmp_path: Path):
+    path = save_tiny_llama(tmp_path / "float", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=FourbitConfig(quant_type="fp4", compute_dtype=torch.bfloat16), dtype=torch.bfloat16
+    )
+    model.save_pretrained(tmp_path / "4bit")
+    saved = json.loads((tmp_path / "4bit" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "fourbit" and saved["quant_type"] == "fp4"
+    assert saved["compute_dtype"] == "bfloat16"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "4bit")
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, Linear4bit)
+    assert reloaded.model.layers[0].mlp.down_proj.weight.quant_type == "fp4"
+    _assert_same_state(_state(reloaded), _state(model))
+    assert torch.equal(_logits(reloaded), _logits(model))
+
+
+def test_bitsandbytes_serialization_reloads_with_transformers_and_bitsandbytes(tmp_path: Path):
+    pytest.importorskip("bitsandbytes")
+    path = save_tiny_llama(tmp_path / "float", dtype=torch.bfloat16)
+    config = FourbitConfig(serialize_as="bitsandbytes", compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "4bit")
+    saved = json.loads((tmp_path / "4bit" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "bitsandbytes" and saved["load_in_4bit"] is True
+
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "4bit", device_map="cpu")
+    assert type(theirs.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+    _assert_same_state(_state(theirs), _state(model))
+
+
+def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path: Path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    path = save_tiny_llama(tmp_path / "float", dtype=torch.bfloat16)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb_config, dtype=torch.bfloat16, device_map="cpu"
+    )
+    theirs.save_pretrained(tmp_path / "bnb")  # before any forward: bitsandbytes' CPU path repacks on the first
+    torch.save({"ids": IDS, "logits": _logits(theirs)}, tmp_path / "expected.pt")
+
+    out = run_without_bitsandbytes(
+        f"""
+import json, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from fourbit.integrations.transformers import from_pretrained
+from fourbit.nn import Linear4bit
+folder = {str(tmp_path / "bnb")!r}
+model = from_pretrained(AutoModelForCausalLM, folder)
+assert isinstance(model.model.layers[1].mlp.up_proj, Linear4bit)
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+model.eval()
+with torch.no_grad():
+    logits = model(expected["ids"]).logits
+file = load_file(folder + "/model.safetensors")
+state = model.state_dict()
+assert sorted(file) == sorted(state)
+assert all(torch.equal(file[k], state[k]) for k in file), "bytes differ"
+model.save_pretrained({str(tmp_path / "again")!r})
+again = load_file({str(tmp_path / "again")!r} + "/model.safetensors")
+assert sorted(again) == sorted(file) and all(torch.equal(file[k], again[k]) for k in file), "re-save differs"
+config = json.load(open({str(tmp_path / "again")!r} + "/config.json"))["quantization_config"]
+assert config["quant_method"] == "bitsandbytes", config
+assert sys.modules.get("bitsandbytes") is None
+print((logits.float() - expected["logits"].float()).abs().max().item(), expected["logits"].abs().max().item())
+"""
+    )
+    difference, scale = map(float, out.split()[-2:])
+    # bf16 logits: within a couple of units in the last place of the largest logit
+    assert difference <= 2 * 2.0 ** (math.floor(math.log2(scale)) - 7), (difference, scale)
+
+
+def test_skip_modules_and_dequantize(tmp_path: Path):
+    path = save_tiny_llama(tmp_path / "float")
+    config = FourbitConfig(skip_modules=["model.layers.1.mlp"])
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
+    assert isinstance(model.model.layers[1].self_attn.q_proj, Linear4bit)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
+
+    quantized_logits = _logits(model)
+    model = model.dequantize()
+    assert not any(isinstance(module, Linear4bit) for module in model.modules())
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(_logits(model), quantized_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_config_dicts_round_trip_and_validate():
+    config = FourbitConfig(quant_type="fp4", compress_statistics=False, compute_dtype="bfloat16", blocksize=128)
+    again = FourbitConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert again.compute_dtype is torch.bfloat16 and again.blocksize == 128
+
+    bnb_form = FourbitConfig(serialize_as="bitsandbytes").to_dict()
+    assert bnb_form["quant_method"] == "bitsandbytes" and bnb_form["bnb_4bit_quant_type"] == "nf4"
+    from_bnb = FourbitConfig.from_bitsandbytes(bnb_form)
+    assert from_bnb.fourbit_dict() == {
+        **FourbitConfig(serialize_as="bitsandbytes").fourbit_dict(),
+        "compute_dtype": "float32",
+    }
+
+    with pytest.raises(ValueError, match="quant_type"):
+        FourbitConfig(quant_type="int4")
+    with pytest.raises(ValueError, match="serialize_as"):
+        FourbitConfig(serialize_as="gguf")
+    with pytest.raises(ValueError, match="blocksize=64"):
+        FourbitConfig(blocksize=128, serialize_as="bitsandbytes")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        FourbitConfig(compute_dtype="int8")
+    with pytest.raises(ValueError, match="unknown settings"):
+        FourbitConfig(load_in_4bit=True)
+    with pytest.raises(ValueError, match="4-bit"):
+        FourbitConfig.from_bitsandbytes({"quant_method": "bitsandbytes", "load_in_8bit": True})
