@@ -200,3 +200,41 @@ def test_a_range_decodes_like_the_same_slice_of_the_whole(first_block):
     out = torch.empty(count)
     prepared._dequantize_range(prepared._pointer, first_block * 64, count, out.data_ptr(), 0, native.isa(), 1)
     assert torch.equal(_bits(out), _bits(whole[first_block * 64 : first_block * 64 + count]))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+def test_quantize_is_bit_identical_with_the_reference(variant, quant_type, dtype, blocksize):
+    code = F4.get_4bit_type(quant_type)
+    torch.manual_seed(1)
+    data = torch.randn(16, 4096) * torch.logspace(-3, 3, 16).view(-1, 1)
+    data[0, :6] = torch.tensor([0.0, -0.0, 1e-40, float("inf"), -3.0, float("-inf")])
+    data[1, :blocksize] = 0  # a zero block
+    data[3, 11] = float("nan")
+    data = data.to(dtype)
+    packed, absmax = cpu.quantize_4bit(data, code, blocksize, torch.uint8)
+    expected_packed, expected_absmax = reference.quantize_4bit(data, code, blocksize, torch.uint8)
+    assert torch.equal(packed, expected_packed)
+    assert torch.equal(absmax.isnan(), expected_absmax.isnan())
+    assert torch.equal(absmax.nan_to_num(), expected_absmax.nan_to_num())
+
+
+def test_quantize_threads_storage_and_partial_blocks():
+    code = F4.get_4bit_type("nf4")
+    data = torch.randn(300, 512)
+    expected = reference.quantize_4bit(data, code, 64, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            got = cpu.quantize_4bit(data, code, 64, torch.bfloat16)
+            assert got[0].dtype == torch.bfloat16 and torch.equal(
+                got[0].view(torch.uint8), expected[0].view(torch.uint8)
+            )
+            assert torch.equal(got[1], expected[1])
+    finally:
+        torch.set_num_threads(threads)
+    odd = torch.randn(3, 37)  # a short last block takes the compiled/reference path, with the same result
+    got, expected = cpu.quantize_4bit(odd, code, 64, torch.uint8), reference.quantize_4bit(odd, code, 64, torch.uint8)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

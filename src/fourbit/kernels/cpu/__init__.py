@@ -16,6 +16,7 @@ from math import prod
 
 import torch
 
+from .. import reference
 from . import compiled, native
 
 __all__ = ["FUSED_MAX_ROWS", "PreparedWeight", "dequantize_4bit", "linear_4bit", "prepare", "quantize_4bit"]
@@ -25,8 +26,6 @@ __all__ = ["FUSED_MAX_ROWS", "PreparedWeight", "dequantize_4bit", "linear_4bit",
 FUSED_MAX_ROWS = 12
 #: Bytes of decoded weight per chunk on the many-rows path: small enough to stay in cache.
 CHUNK_BYTES = 1 << 21
-
-quantize_4bit = compiled.quantize_4bit
 
 
 class PreparedWeight:
@@ -127,6 +126,28 @@ class PreparedWeight:
         if bias is not None:
             out = out + bias
         return out.contiguous()
+
+
+def quantize_4bit(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.quantize_4bit``: natively for whole blocks of float32,
+    bfloat16 or float16 values, else through the compiled path."""
+    numel = A.numel()
+    dtype = native.dtype_code(A.dtype)
+    if dtype is None or numel == 0 or numel % blocksize or not native.available():
+        return compiled.quantize_4bit(A, code, blocksize, quant_storage)
+    values = A.detach().contiguous()
+    midpoints, order = reference.sorted_code(code.float())
+    midpoints = midpoints.contiguous()
+    order = order.to(torch.uint8).contiguous()
+    packed = torch.empty(numel // 2, dtype=torch.uint8)
+    absmax = torch.empty(numel // blocksize, dtype=torch.float32)
+    native.library().fourbit_quantize(
+        values.data_ptr(), dtype, numel // blocksize, blocksize, midpoints.data_ptr(), order.data_ptr(),
+        packed.data_ptr(), absmax.data_ptr(), native.isa(), torch.get_num_threads(),
+    )  # fmt: skip
+    return packed.view(quant_storage).unsqueeze(1), absmax
 
 
 def prepare(*arguments, **options) -> PreparedWeight | None:
