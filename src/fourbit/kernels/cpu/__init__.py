@@ -26,6 +26,8 @@ __all__ = ["FUSED_MAX_ROWS", "PreparedWeight", "dequantize_4bit", "linear_4bit",
 FUSED_MAX_ROWS = 12
 #: Bytes of decoded weight per chunk on the many-rows path: small enough to stay in cache.
 CHUNK_BYTES = 1 << 21
+#: Input rows from which each chunk's GEMM writes output columns in place (see ``_chunked``).
+COLUMN_SLICE_ROWS = 256
 
 
 class PreparedWeight:
@@ -106,7 +108,10 @@ class PreparedWeight:
 
     def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Many rows: decode CHUNK_BYTES of weight rows at a time into one buffer that stays in
-        cache, and let torch's GEMM write each chunk's output rows of ``(W @ x.T)``."""
+        cache and hand each chunk to torch's GEMM. From ``COLUMN_SLICE_ROWS`` input rows on, each
+        chunk's GEMM writes its columns of the output in place (BLAS takes a column slice: its
+        rows are a fixed stride apart); with fewer rows, narrow column slices multiply slowly, so
+        each chunk writes its rows of the transposed output and one copy turns it around."""
         n_out, k = self.n_out, self.k
         blocksize, nested_blocksize = self.arguments[3], self.arguments[8]
         # chunks start on a packed byte, an absmax block and (nested) a group of absmax codes
@@ -114,18 +119,31 @@ class PreparedWeight:
         step = unit // math.gcd(k, unit)
         rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
         buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=x.dtype)
-        transposed = torch.empty((n_out, x.shape[0]), dtype=x.dtype)
         code, isa, threads = native.dtype_code(x.dtype), native.isa(), torch.get_num_threads()
-        x_t = x.t()
+        by_columns = x.shape[0] >= COLUMN_SLICE_ROWS or rows_per_chunk >= n_out
+        if by_columns:
+            out = torch.empty((x.shape[0], n_out), dtype=x.dtype)
+        else:
+            out, x = torch.empty((n_out, x.shape[0]), dtype=x.dtype), x.t()
         for start in range(0, n_out, rows_per_chunk):
             stop = min(n_out, start + rows_per_chunk)
             weight = buffer[: stop - start]
             self._dequantize_range(self._pointer, start * k, (stop - start) * k, weight.data_ptr(), code, isa, threads)
-            torch.mm(weight, x_t, out=transposed[start:stop])
-        out = transposed.t()
-        if bias is not None:
-            out = out + bias
-        return out.contiguous()
+            if by_columns:
+                left, right, target, part = (
+                    x,
+                    weight.t(),
+                    out[:, start:stop],
+                    None if bias is None else bias[start:stop],
+                )
+            else:
+                left, right, target = weight, x, out[start:stop]
+                part = None if bias is None else bias[start:stop, None]
+            if part is None:
+                torch.mm(left, right, out=target)
+            else:
+                torch.addmm(part, left, right, out=target)
+        return out if by_columns else out.t().contiguous()
 
 
 def quantize_4bit(
