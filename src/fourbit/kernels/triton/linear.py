@@ -35,7 +35,7 @@ from .tensor_core import decode_dot_kernel
 #: means "enough K splits to give every multiprocessor work"; lookup is "gather" (float32 table),
 #: "half" (float16 table: one memory sector, codes rounded to 11 bits) or "select" (no memory
 #: access). Rows beyond the last entry decode in chunks and use cuBLAS.
-#: Tuned with benchmarks/tune_triton.py on an H100 (history: benchmarks/RESULTS.md).
+#: Tuned with benchmarks/tune_triton.py on an H100 (history: docs/performance.md).
 GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
     (1, 1, 16, 1024, 0, 4, "half"),
     (2, 2, 16, 512, 0, 4, "half"),
@@ -46,7 +46,7 @@ GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
 #: SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS); SPLIT_K is the fewest K splits (more are added
 #: until the programs cover the multiprocessors twice, ``_covering_splits``). Rows beyond the last
 #: entry run WIDE_CONFIG or decode in chunks and use cuBLAS.
-#: Tuned with benchmarks/tune_triton.py on an H100 (history: benchmarks/RESULTS.md).
+#: Tuned with benchmarks/tune_triton.py on an H100 (history: docs/performance.md).
 FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
     (16, 128, 16, 64, 4, 4, 4, False),
     (32, 128, 32, 64, 4, 4, 4, False),

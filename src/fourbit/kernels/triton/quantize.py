@@ -7,7 +7,7 @@ see ``_quantizer_tables``), and ``code * scale`` (nested: ``code * scale + offse
 fused multiply-add, hence ``enable_fp_fusion=False`` at launch).
 
 The 4-bit quantizer is bound by integer instructions, not memory (H100 profile in
-``benchmarks/RESULTS.md``): its programs are persistent, so that each fills its shared copy of
+``docs/performance.md``): its programs are persistent, so that each fills its shared copy of
 the cell table once, and they load the next tile while coding one.
 """
 
