@@ -5,10 +5,10 @@
 
 Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
 replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
-The winners go into FRAGMENT_TABLE, GEMV_TABLE, FUSED_TABLE and WIDE_CONFIG in
-fourbit/kernels/triton/linear.py ("chunked": decode + cuBLAS). With ``--quantize``: the
+The winners go into the named-tuple tables of fourbit/kernels/triton/tuning.py (FRAGMENT_TABLE,
+GEMV_TABLE, FUSED_TABLE, WIDE_CONFIG; "chunked": decode + cuBLAS). With ``--quantize``: the
 quantizer's (elements per tile, warps, programs per multiprocessor) next to a copy of the input,
-for the QUANTIZE_* constants of fourbit/kernels/triton/quantize.py.
+for ``tuning.QUANTIZE``.
 """
 
 from __future__ import annotations

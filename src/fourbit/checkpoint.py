@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .functional import QuantState, check_4bit_state
+from .quant_state import PACKED_STATE_MARKER, STATISTICS_KEYS
 
 __all__ = [
     "FORMAT_NAME",
@@ -48,10 +49,6 @@ __all__ = [
 
 #: ``__metadata__`` value of "fourbit_format" in files written by fourbit.
 FORMAT_NAME = "bitsandbytes-4bit"
-#: The key suffix that marks a packed 4-bit weight: ``<weight>.quant_state.bitsandbytes__<type>``.
-PACKED_STATE_MARKER = ".quant_state.bitsandbytes__"
-#: Suffixes of the other tensors belonging to a packed weight.
-STATISTICS_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -280,7 +277,7 @@ def quantized_groups(names: Iterable[str]) -> dict[str, list[str]]:
     for name in names:
         weight, marker, _ = name.partition(PACKED_STATE_MARKER)
         if marker and weight in present:
-            stats = [f"{weight}.{suffix}" for suffix in STATISTICS_SUFFIXES if f"{weight}.{suffix}" in present]
+            stats = [f"{weight}.{suffix}" for suffix in STATISTICS_KEYS if f"{weight}.{suffix}" in present]
             groups[weight] = [*stats, name]
     return groups
 

@@ -10,26 +10,23 @@ composing the 4-bit and the 8-bit ops, exactly as bitsandbytes does.
 from __future__ import annotations
 
 import functools
-from math import prod
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import ops
 from .formats import (
-    BLOCKWISE_BLOCKSIZES,
     DEFAULT_BLOCKSIZE,
     FLOAT_DTYPES,
     NESTED_BLOCKSIZE,
-    QUANT_STORAGE_DTYPES,
     create_dynamic_map,
     create_fp8_map,
     get_4bit_type,
     num_blocks,
     packed_nbytes,
 )
-from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
+from .prepared import cached_4bit_code, op_arguments, prepare_linear, prepared_key
+from .quant_state import QuantState, check_4bit_state, pack_dict_to_tensor, unpack_tensor_to_dict
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
@@ -45,6 +42,7 @@ from .validation import (
 
 __all__ = [
     "QuantState",
+    "check_4bit_state",
     "create_dynamic_map",
     "create_fp8_map",
     "dequantize_4bit",
@@ -53,6 +51,7 @@ __all__ = [
     "dequantize_nf4",
     "gemv_4bit",
     "get_4bit_type",
+    "op_arguments",
     "pack_dict_to_tensor",
     "prepare_linear",
     "prepared_key",
@@ -65,11 +64,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- code tables
-
-
-@functools.cache
-def _cached_4bit_code(quant_type: str, device: torch.device) -> Tensor:
-    return get_4bit_type(quant_type, device=device)
 
 
 @functools.cache
@@ -214,7 +208,7 @@ def quantize_4bit(
     check_out(absmax, (blocks,), torch.uint8 if compress_statistics else torch.float32, "absmax")
     # the kernels reuse what they derive from the shared table; each QuantState owns a copy
     # (safetensors refuses shared tensors)
-    shared_code = _cached_4bit_code(quant_type, A.device)
+    shared_code = cached_4bit_code(quant_type, A.device)
     packed, block_absmax = torch.ops.fourbit.quantize_4bit(A.detach(), shared_code, blocksize, quant_storage)
     code = shared_code.clone()
     if compress_statistics:
@@ -262,69 +256,6 @@ def quantize_nf4(
 ) -> tuple[Tensor, QuantState]:
     """``quantize_4bit`` with ``quant_type="nf4"``."""
     return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
-
-
-def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> None:
-    """Raise a clear error unless ``state`` describes the packed 4-bit tensor ``packed``.
-
-    Checks the types and settings of the state, that the packed bytes match ``state.shape``,
-    that absmax has one entry per block, and that the statistics live on the data's device.
-    """
-    check_tensor(packed, "packed data")
-    if not isinstance(state, QuantState):
-        raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
-    check_quant_type(state.quant_type)
-    check_blocksize(state.blocksize, name=f"{name}.blocksize")
-    if state.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}.dtype={state.dtype} is not supported; allowed: {dtype_names(FLOAT_DTYPES)}")
-    if state.shape is None:
-        raise ValueError(f"{name}.shape is not set")
-    if packed.dtype not in QUANT_STORAGE_DTYPES:
-        raise ValueError(
-            f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
-        )
-    numel = prod(state.shape)
-    nbytes = packed.numel() * packed.element_size()
-    if nbytes != packed_nbytes(numel):
-        raise ValueError(
-            f"packed data holds {nbytes} bytes but {name}.shape={tuple(state.shape)} ({numel} values) "
-            f"needs {packed_nbytes(numel)}"
-        )
-    blocks = num_blocks(numel, state.blocksize)
-    if not isinstance(state.absmax, Tensor) or state.absmax.numel() != blocks:
-        found = state.absmax.numel() if isinstance(state.absmax, Tensor) else type(state.absmax).__name__
-        raise ValueError(f"{name}.absmax must have {blocks} entries (one per block of {state.blocksize}), got {found}")
-    if state.nested:
-        inner = state.state2
-        if state.absmax.dtype != torch.uint8 or state.offset is None or inner.absmax is None or inner.code is None:
-            raise ValueError(f"{name} is nested but lacks uint8 absmax codes, an offset or state2 statistics")
-        check_blocksize(inner.blocksize, BLOCKWISE_BLOCKSIZES, f"{name}.state2.blocksize")
-        if inner.absmax.numel() != num_blocks(blocks, inner.blocksize):
-            expected = num_blocks(blocks, inner.blocksize)
-            raise ValueError(f"{name}.state2.absmax must have {expected} entries, got {inner.absmax.numel()}")
-    elif not state.absmax.is_floating_point():
-        raise ValueError(f"{name}.absmax must be floating point when not nested, got {state.absmax.dtype}")
-    if state.absmax.device != packed.device:
-        raise ValueError(
-            f"{name} is on {state.absmax.device} but the packed data is on {packed.device}; "
-            f"call {name}.to(device) first"
-        )
-
-
-def op_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
-    """The ``torch.ops.fourbit`` keyword arguments describing a (possibly nested) 4-bit state on ``device``."""
-    code = state.code if state.code is not None else _cached_4bit_code(state.quant_type, device)
-    # flat and contiguous, whatever the state holds: the kernels read statistics as flat arrays
-    absmax = state.absmax.reshape(-1)
-    arguments: dict[str, Any] = {"absmax": absmax, "code": code.to(device=device, dtype=torch.float32)}
-    if state.nested:
-        arguments.update(
-            nested_absmax=state.state2.absmax.reshape(-1).float(),
-            nested_code=state.state2.code.to(device=device, dtype=torch.float32),
-            nested_offset=state.offset.to(device=device, dtype=torch.float32),
-            nested_blocksize=state.state2.blocksize,
-        )
-    return arguments
 
 
 def dequantize_4bit(
@@ -420,41 +351,6 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
         bias = bias.to(A.dtype)
     return torch.ops.fourbit.linear_4bit(
         A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, **op_arguments(state, A.device)
-    )
-
-
-def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
-    """The product with the packed 4-bit weight ``B`` of ``state`` (N, K), checked and prepared once.
-
-    Calling the result with ``(A, bias)`` computes what ``linear_4bit`` does, without checking
-    the weight again; in eager inference it also skips the dispatcher (``ops.PreparedLinear``).
-    It keeps ``state`` and reads its tensors as they are: build a new one when ``prepared_key``
-    changes.
-    """
-    check_4bit_state(B, state)
-    if len(state.shape) != 2:
-        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
-    packed = B.data if isinstance(B, torch.nn.Parameter) else B
-    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, **op_arguments(state, B.device))
-    prepared.state = state  # keeps the ids in prepared_key from being reused
-    return prepared
-
-
-def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
-    """What a ``prepare_linear`` result depends on: where the packed bytes are, the identity of
-    the state and of each of its tensors, and the version of the code tables (derived tables)."""
-    inner = state.state2
-    code = state.code
-    return (
-        B.data_ptr(),
-        id(state),
-        id(state.absmax),
-        id(code),
-        code._version if code is not None else -1,
-        id(state.offset),
-        id(inner),
-        id(inner.absmax) if inner is not None else 0,
-        id(inner.code) if inner is not None else 0,
     )
 
 

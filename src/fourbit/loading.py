@@ -16,6 +16,7 @@ from . import checkpoint
 from . import functional as F4
 from .formats import DEFAULT_BLOCKSIZE
 from .nn import Linear4bit
+from .quant_state import quant_type_of_packed_key
 
 __all__ = ["LoadReport", "load_quantized", "parent_of"]
 
@@ -109,7 +110,7 @@ def _packed_settings(source: _Source, stats: Sequence[str]) -> tuple[dict[str, o
     except ValueError as error:
         raise checkpoint.CheckpointError(f"{source.label}: entry {packed_name!r}: {error}") from None
     settings = {
-        "quant_type": entries.get("quant_type", packed_name.rpartition("__")[2]),
+        "quant_type": entries.get("quant_type", quant_type_of_packed_key(packed_name)),
         "blocksize": entries.get("blocksize", DEFAULT_BLOCKSIZE),
         "compress_statistics": "nested_blocksize" in entries,
     }

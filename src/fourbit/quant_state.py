@@ -12,12 +12,56 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .formats import BLOCKWISE_BLOCKSIZES, QUANT_TYPES, num_blocks
-from .validation import check_blocksize, check_blockwise_blocksize, dtype_name
+from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, num_blocks, packed_nbytes
+from .validation import (
+    check_blocksize,
+    check_blockwise_blocksize,
+    check_quant_type,
+    check_tensor,
+    dtype_name,
+    dtype_names,
+)
 
-__all__ = ["MAX_PACKED_STATE_BYTES", "QuantState", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
+__all__ = [
+    "MAX_PACKED_STATE_BYTES",
+    "PACKED_KEY_PREFIX",
+    "PACKED_STATE_MARKER",
+    "STATISTICS_KEYS",
+    "QuantState",
+    "check_4bit_state",
+    "pack_dict_to_tensor",
+    "packed_state_key",
+    "quant_type_of_packed_key",
+    "state_dict_keys",
+    "unpack_tensor_to_dict",
+]
 
-_PACKED_KEY_PREFIX = "bitsandbytes__"
+# The state-dict layout of a 4-bit tensor ``W`` (bitsandbytes'): ``W`` holds the packed codes,
+# ``W.<statistic>`` each of STATISTICS_KEYS it has, and ``W.quant_state.bitsandbytes__<type>`` the
+# remaining QuantState fields as JSON bytes. Every module reads the layout from here.
+
+#: The tensors of a QuantState beside the packed codes (the nested two only with nested statistics).
+STATISTICS_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+#: What precedes the quant type in the packed entry's last name part.
+PACKED_KEY_PREFIX = "bitsandbytes__"
+#: The part of a key that marks the packed entry: ``<W>.quant_state.bitsandbytes__<type>``.
+PACKED_STATE_MARKER = f".quant_state.{PACKED_KEY_PREFIX}"
+
+
+def packed_state_key(quant_type: str) -> str:
+    """The packed entry's key relative to its tensor: ``quant_state.bitsandbytes__<quant_type>``."""
+    return f"quant_state.{PACKED_KEY_PREFIX}{quant_type}"
+
+
+def quant_type_of_packed_key(key: str) -> str:
+    """The quant type a packed entry's key names (``...bitsandbytes__nf4`` -> ``nf4``)."""
+    return key.rsplit(".", 1)[-1].removeprefix(PACKED_KEY_PREFIX)
+
+
+def state_dict_keys(quant_type: str, nested: bool) -> list[str]:
+    """The keys, relative to the tensor, of a QuantState in a state dict, in bitsandbytes' order."""
+    statistics = STATISTICS_KEYS if nested else STATISTICS_KEYS[:2]
+    return [*statistics, packed_state_key(quant_type)]
 
 
 #: Largest packed quant_state JSON accepted: real ones hold a few hundred bytes.
@@ -90,12 +134,9 @@ class QuantState:
     """
 
     valid_quant_types = QUANT_TYPES
-    valid_qs_type_keys = tuple(f"{_PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
+    valid_qs_type_keys = tuple(f"{PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
     valid_qs_keys = (
-        "absmax",
-        "quant_map",
-        "nested_absmax",
-        "nested_quant_map",
+        *STATISTICS_KEYS,
         "quant_state",
         "quant_type",
         "blocksize",
@@ -135,8 +176,8 @@ class QuantState:
 
     def __getattr__(self, name: str) -> Any:
         # FSDP's state-dict traversal resolves "weight.quant_state.bitsandbytes__nf4" via getattr.
-        if name.startswith(_PACKED_KEY_PREFIX) and name.removeprefix(_PACKED_KEY_PREFIX) == self.quant_type:
-            return self.as_dict(packed=True)[f"quant_state.{name}"]
+        if name.startswith(PACKED_KEY_PREFIX) and name.removeprefix(PACKED_KEY_PREFIX) == self.quant_type:
+            return self.as_dict(packed=True)[packed_state_key(self.quant_type)]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __getitem__(self, index: int) -> Any:
@@ -167,7 +208,7 @@ class QuantState:
         packed_entries: list[tuple[str, Any]] = []
         for key, value in qs_dict.items():
             short = str(key).split(".")[-1]
-            if short.startswith(_PACKED_KEY_PREFIX):
+            if short.startswith(PACKED_KEY_PREFIX):
                 packed_entries.append((key, value))
             else:
                 entries[short] = value
@@ -289,7 +330,7 @@ class QuantState:
             return entries
         tensors = {key: value for key, value in entries.items() if isinstance(value, Tensor)}
         scalars = {key: value for key, value in entries.items() if not isinstance(value, Tensor)}
-        tensors[f"quant_state.{_PACKED_KEY_PREFIX}{self.quant_type}"] = pack_dict_to_tensor(scalars)
+        tensors[packed_state_key(self.quant_type)] = pack_dict_to_tensor(scalars)
         return tensors
 
     def to(self, device: torch.device | str) -> QuantState:
@@ -319,3 +360,50 @@ class QuantState:
         )
 
     __hash__ = None  # mutable; equality is by value
+
+
+def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> None:
+    """Raise a clear error unless ``state`` describes the packed 4-bit tensor ``packed``.
+
+    Checks the types and settings of the state, that the packed bytes match ``state.shape``,
+    that absmax has one entry per block, and that the statistics live on the data's device.
+    """
+    check_tensor(packed, "packed data")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
+    check_quant_type(state.quant_type)
+    check_blocksize(state.blocksize, name=f"{name}.blocksize")
+    if state.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}.dtype={state.dtype} is not supported; allowed: {dtype_names(FLOAT_DTYPES)}")
+    if state.shape is None:
+        raise ValueError(f"{name}.shape is not set")
+    if packed.dtype not in QUANT_STORAGE_DTYPES:
+        raise ValueError(
+            f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
+        )
+    numel = prod(state.shape)
+    nbytes = packed.numel() * packed.element_size()
+    if nbytes != packed_nbytes(numel):
+        raise ValueError(
+            f"packed data holds {nbytes} bytes but {name}.shape={tuple(state.shape)} ({numel} values) "
+            f"needs {packed_nbytes(numel)}"
+        )
+    blocks = num_blocks(numel, state.blocksize)
+    if not isinstance(state.absmax, Tensor) or state.absmax.numel() != blocks:
+        found = state.absmax.numel() if isinstance(state.absmax, Tensor) else type(state.absmax).__name__
+        raise ValueError(f"{name}.absmax must have {blocks} entries (one per block of {state.blocksize}), got {found}")
+    if state.nested:
+        inner = state.state2
+        if state.absmax.dtype != torch.uint8 or state.offset is None or inner.absmax is None or inner.code is None:
+            raise ValueError(f"{name} is nested but lacks uint8 absmax codes, an offset or state2 statistics")
+        check_blocksize(inner.blocksize, BLOCKWISE_BLOCKSIZES, f"{name}.state2.blocksize")
+        if inner.absmax.numel() != num_blocks(blocks, inner.blocksize):
+            expected = num_blocks(blocks, inner.blocksize)
+            raise ValueError(f"{name}.state2.absmax must have {expected} entries, got {inner.absmax.numel()}")
+    elif not state.absmax.is_floating_point():
+        raise ValueError(f"{name}.absmax must be floating point when not nested, got {state.absmax.dtype}")
+    if state.absmax.device != packed.device:
+        raise ValueError(
+            f"{name} is on {state.absmax.device} but the packed data is on {packed.device}; "
+            f"call {name}.to(device) first"
+        )

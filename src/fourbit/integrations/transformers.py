@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..convert import dequantize_model, quantize_model
-from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES
+from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
 from ..nn import Linear4bit, Params4bit
+from ..quant_state import STATISTICS_KEYS, packed_state_key
 from ..validation import check_settings
 
 try:
@@ -45,12 +46,8 @@ METHOD = "fourbit"
 #: weight comes first: saving maps the loaded weight back to the first name.
 SERIALIZED_WEIGHT_NAMES = [
     "weight",
-    "weight.absmax",
-    "weight.quant_map",
-    "weight.nested_absmax",
-    "weight.nested_quant_map",
-    "weight.quant_state.bitsandbytes__nf4",
-    "weight.quant_state.bitsandbytes__fp4",
+    *(f"weight.{key}" for key in STATISTICS_KEYS),
+    *(f"weight.{packed_state_key(quant_type)}" for quant_type in QUANT_TYPES),
 ]
 
 _SERIALIZE_AS = ("fourbit", "bitsandbytes")

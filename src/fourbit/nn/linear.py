@@ -21,6 +21,7 @@ from ..autograd import matmul_4bit
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
 from ..validation import check_settings
 from .params import UNQUANTIZED_SHARD_ERROR, Params4bit
+from .sharded import ShardedWeightSupport
 
 __all__ = ["Linear4bit", "LinearFP4", "LinearNF4"]
 
@@ -30,28 +31,7 @@ _SLOW_FP16_WARNING = (
 )
 
 
-class _StateDictKeys:
-    """What key traversal sees under a Linear4bit's ``weight``: the packed QuantState entries."""
-
-    def __init__(self, module: Linear4bit) -> None:
-        self._module = module
-
-    @property
-    def weight(self) -> _StateDictKeys:
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        state = self._module._current_quant_state()
-        if state is not None:
-            if name == "quant_state":
-                return state
-            entries = state.as_dict(packed=True)
-            if name in entries:
-                return entries[name]
-        raise AttributeError(f"{type(self._module).__name__}.weight has no state-dict entry {name!r}")
-
-
-class Linear4bit(nn.Linear):
+class Linear4bit(ShardedWeightSupport, nn.Linear):
     """A linear layer whose weight is stored in 4 bits (QLoRA's NF4 or FP4).
 
     Build it, load float (or pre-quantized) weights, then ``.to(device)``: the weight is
@@ -239,16 +219,6 @@ class Linear4bit(nn.Linear):
         )
         return fresh.to(device) if device.type != "meta" else fresh
 
-    def _fqn_modifiers(self) -> dict[str, str]:
-        """torch.distributed.checkpoint resolves state-dict keys attribute by attribute; this sends
-        ``weight.*`` through ``_state_dict_keys`` so that ``weight.absmax`` resolves even when FSDP2
-        has replaced the weight by a DTensor."""
-        return {"weight": "_state_dict_keys"}
-
-    @property
-    def _state_dict_keys(self) -> _StateDictKeys:
-        return _StateDictKeys(self)
-
     def _load_from_state_dict(
         self,
         state_dict: Mapping[str, Any],
@@ -298,33 +268,6 @@ class Linear4bit(nn.Linear):
         self.quant_state = weight.quant_state
         self.quant_storage = weight.quant_storage
         self._drop_prepared()
-
-    def _load_into_sharded_weight(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-        quant_entries: Mapping[str, Any],
-    ) -> None:
-        """Load into a weight FSDP2 has sharded: the packed bytes are copied into the shard in place
-        (as for any parameter) and the module's QuantState is rebuilt from the entries."""
-        device = self.quant_state.absmax.device if self.quant_state is not None else self.weight.device
-        try:
-            state = F4.QuantState.from_dict(quant_entries, device=device)
-            expected = (self.out_features, self.in_features)
-            if tuple(state.shape) != expected:
-                raise ValueError(f"checkpoint weight has shape {tuple(state.shape)} but this layer is {expected}")
-        except (ValueError, TypeError) as error:
-            error_msgs.append(f"While loading {prefix}weight into {type(self).__name__}: {error}")
-            return
-        quant_prefix = f"{prefix}weight."
-        others = {key: value for key, value in state_dict.items() if not key.startswith(quant_prefix)}
-        super()._load_from_state_dict(others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self.quant_state = state
 
 
 class LinearFP4(Linear4bit):

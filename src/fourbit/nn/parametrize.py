@@ -29,6 +29,7 @@ import torch.nn.utils.parametrize as P
 from torch import Tensor, nn
 
 from .. import functional as F4
+from ..quant_state import PACKED_STATE_MARKER
 from .params import Params4bit
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "replace_parameter_4bit_prequantized",
 ]
 
-_PACKED_MARKER = ".quant_state.bitsandbytes__"
 _HOOKS_ATTRIBUTE = "_fourbit_parametrize_hooks"
 
 
@@ -120,8 +120,8 @@ def _quantized_names(state_dict: Mapping[str, Any], prefix: str) -> list[str]:
     """Direct parameter names under ``prefix`` that the state dict stores in 4-bit form."""
     names = []
     for key in state_dict:
-        if key.startswith(prefix) and _PACKED_MARKER in key:
-            name = key[len(prefix) : key.index(_PACKED_MARKER)]
+        if key.startswith(prefix) and PACKED_STATE_MARKER in key:
+            name = key[len(prefix) : key.index(PACKED_STATE_MARKER)]
             if name and "." not in name:
                 names.append(name)
     return names

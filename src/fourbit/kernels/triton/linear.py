@@ -28,49 +28,7 @@ from .gemv import gemv_any_kernel, gemv_words_kernel
 from .launch import ProductLaunch
 from .quantize import dequantize_4bit
 from .tensor_core import decode_dot_kernel
-
-#: Few-row configurations of the CUDA-core kernels, for inputs the tensor-core kernel does not
-#: take (float32, K not a multiple of the blocksize, the interpreter): (max rows, ROWS, BLOCK_N,
-#: BLOCK_K, SPLIT_K, num_warps, lookup); the first entry whose max rows covers M is used; SPLIT_K 0
-#: means "enough K splits to give every multiprocessor work"; lookup is "gather" (float32 table),
-#: "half" (float16 table: one memory sector, codes rounded to 11 bits) or "select" (no memory
-#: access). Rows beyond the last entry decode in chunks and use cuBLAS.
-#: Tuned with benchmarks/tune_triton.py on an H100 (history: docs/performance.md).
-GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, str], ...] = (
-    (1, 1, 16, 1024, 0, 4, "half"),
-    (2, 2, 16, 512, 0, 4, "half"),
-    (4, 4, 16, 512, 0, 4, "half"),
-)
-
-#: Tensor-core kernel configurations for 16-bit inputs: (max rows, BLOCK_N, BLOCK_M, BLOCK_K,
-#: SPLIT_K, num_warps, num_stages, SCALE_WEIGHTS); SPLIT_K is the fewest K splits (more are added
-#: until the programs cover the multiprocessors twice, ``_covering_splits``). Rows beyond the last
-#: entry run WIDE_CONFIG or decode in chunks and use cuBLAS.
-#: Tuned with benchmarks/tune_triton.py on an H100 (history: docs/performance.md).
-FUSED_TABLE: tuple[tuple[int, int, int, int, int, int, int, bool], ...] = (
-    (16, 128, 16, 64, 4, 4, 4, False),
-    (32, 128, 32, 64, 4, 4, 4, False),
-    (64, 128, 64, 64, 1, 4, 4, False),
-)
-
-#: The tensor-core kernel with batch-wide tiles, for rows beyond FUSED_TABLE up to WIDE_ROWS:
-#: ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages); one program per BLOCK_N weight
-#: rows and BLOCK_M input rows, no K split, weights scaled before the dot. Each packed byte is
-#: decoded once per BLOCK_M input rows, but one program fills a multiprocessor, so the path pays
-#: only for weights with enough rows: its programs must number at least WIDE_MIN_COVERAGE of
-#: the multiprocessors (on an H100 it beat decode + cuBLAS 1.2-2x from 8192 weight rows up and
-#: lost at 4096), otherwise "chunked" runs. Tuned with benchmarks/tune_triton.py on an H100.
-WIDE_CONFIG: tuple[str, int, int, int, int, int] = ("wide", 128, 256, 64, 8, 3)
-WIDE_ROWS = 256
-WIDE_MIN_COVERAGE = 0.4
-
-#: Register-fragment kernel configurations (``fragments``) for 16-bit inputs, blocksizes of 64 and
-#: more: (max rows, num_warps, SPLIT_K); SPLIT_K 0 means enough K splits for two programs per
-#: multiprocessor. Tuned with benchmarks/tune_triton.py on an H100.
-FRAGMENT_TABLE: tuple[tuple[int, int, int], ...] = ((16, 4, 0),)
-
-#: Bytes of decoded weight per chunk on the many-rows path.
-CHUNK_BYTES = 64 << 20
+from .tuning import CHUNK_BYTES, FRAGMENT_TABLE, FUSED_TABLE, GEMV_TABLE, WIDE_CONFIG, WIDE_MIN_COVERAGE, WIDE_ROWS
 
 
 def choose_config(

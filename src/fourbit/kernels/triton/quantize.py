@@ -25,6 +25,7 @@ from .. import reference
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import INTERPRETED, block_scale, word_shifts
 from .derived import derived
+from .tuning import QUANTIZE
 
 #: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit
 #: patterns sharing the exponent and the top ``CELL_MANTISSA_BITS`` of the mantissa, so a cell
@@ -38,10 +39,8 @@ _LAST_CELL = (0x3F800000 >> _CELL_SHIFT) + 1  # magnitudes from 1.25 up, and NaN
 _FIRST_CELL = _LAST_CELL - CELLS_PER_SIGN + 1
 
 #: Elements per tile of the 4-bit quantizer, its warps, and its programs per multiprocessor (each
-#: program loops over tiles); measured on an H100 (``benchmarks/tune_triton.py --quantize``).
-QUANTIZE_TILE_ELEMENTS = 4096
-QUANTIZE_WARPS = 8
-QUANTIZE_PROGRAMS_PER_SM = 4
+#: program loops over tiles): ``tuning.QUANTIZE``, as module constants that tuning can override.
+QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS, QUANTIZE_PROGRAMS_PER_SM = QUANTIZE
 
 
 @triton.jit

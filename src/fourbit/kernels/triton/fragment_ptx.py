@@ -1,0 +1,100 @@
+"""The PTX text of the fragment kernel (``fragments``): the shared table of code pairs, one
+64-column step of ``mma.sync`` products, and the nested-code lookup. Plain string builders, so
+that the text can be read and tested without a GPU."""
+
+from __future__ import annotations
+
+from .byte_permute import DECODE_SCRATCH, decode_word_ptx
+
+__all__ = ["PAIRS", "TABLE_WORDS", "nested_code_ptx", "step_constraints", "step_ptx", "table_ptx"]
+
+#: 32-bit words of the shared table: 256 byte values x 32 lanes of code pairs, then the 256
+#: float32 codes of nested statistics.
+PAIRS = 256 * 32
+TABLE_WORDS = PAIRS + 256
+
+
+def table_ptx() -> str:
+    """PTX that fills the shared table (once per program; every thread runs it) and returns this
+    lane's address in it. Pair entry ``32 * v + lane`` holds the two 16-bit codes of packed byte
+    value ``v`` (high nibble in the low half), looked up by byte permutes in the plane words
+    $1 .. $8; after the pairs come the nested codes, of which each thread stores the ones among
+    $9 .. $12 (codes ``tid``, ``tid + threads``, ...) that exist."""
+    planes = tuple(f"${i}" for i in range(1, 9))
+    return "\n".join(
+        [
+            f".shared .align 16 .b32 fourbit_code_table[{TABLE_WORDS}];",
+            "{",
+            DECODE_SCRATCH + ".reg .b32 q<4>, v, warps, word, a, tid, threads;\n.reg .pred more;",
+            "mov.u32 tid, %tid.x;\nmov.u32 threads, %ntid.x;\nshr.u32 v, tid, 5;\nshr.u32 warps, threads, 5;",
+            "mov.u32 a, fourbit_code_table;\nmov.u32 t, %laneid;\nmad.lo.u32 $0, t, 4, a;",
+            "fourbit_code_table_pairs:",
+            "mul.lo.u32 word, v, 0x01010101;\nmad.lo.u32 word, warps, 0x03020100, word;",  # v, v + W, v + 2W, v + 3W
+            decode_word_ptx("word", ("q0", "q1", "q2", "q3"), planes),
+            "mad.lo.u32 a, v, 128, $0;\nst.shared.b32 [a], q0;",
+            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q1;",
+            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q2;",
+            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q3;",
+            "mad.lo.u32 v, warps, 4, v;\nsetp.lt.u32 more, v, 256;\n@more bra fourbit_code_table_pairs;",
+            f"mov.u32 a, fourbit_code_table;\nmad.lo.u32 a, tid, 4, a;\nadd.u32 a, a, {4 * PAIRS};",
+            *(
+                f"mad.lo.u32 v, threads, {i}, tid;\nsetp.lt.u32 more, v, 256;\n"
+                f"@more st.shared.b32 [a], ${9 + i};\nmad.lo.u32 a, threads, 4, a;"
+                for i in range(4)
+            ),
+            "bar.sync 0;",
+            "}",
+        ]
+    )
+
+
+def step_ptx(tiles: int, element: str) -> str:
+    """PTX for one 64-column step of one lane: the accumulators ``$0 ..`` (four per tile of input
+    rows, the instruction's accumulator fragment) plus the products of the two weight rows' words
+    (two int64 operands, two words each) with the input (one int64, four 16-bit values, per
+    instruction and tile), scaled by the rows' absmax. The operands after the inputs are the old
+    accumulators, the two scales and the lane's table address. ``element`` is the PTX type of
+    the 16-bit values (bf16 or f16)."""
+    count = 4 * tiles
+    row_g, row_h = f"${count}", f"${count + 1}"
+    inputs = [f"${count + 2 + i}" for i in range(count)]
+    old = [f"${2 * count + 2 + i}" for i in range(count)]
+    scale_g, scale_h, table = (f"${3 * count + 2 + i}" for i in range(3))
+    lines = [
+        "{",
+        ".reg .b32 w<4>, g<8>, h<8>, b<2>, t, a;\n.reg .f32 z, d<8>;\nmov.f32 z, 0f00000000;",
+        f"mov.b64 {{w0, w1}}, {row_g};",
+        f"mov.b64 {{w2, w3}}, {row_h};",
+    ]
+    for word, pairs in (("w0", "g0 g1 g2 g3"), ("w1", "g4 g5 g6 g7"), ("w2", "h0 h1 h2 h3"), ("w3", "h4 h5 h6 h7")):
+        for byte, pair in enumerate(pairs.split()):
+            lines.append(
+                f"prmt.b32 t, {word}, 0, 0x444{byte};\nmad.lo.u32 a, t, 128, {table};\nld.shared.b32 {pair}, [a];"
+            )
+    for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16
+        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
+        for tile in range(tiles):
+            out = ", ".join(f"d{4 * tile + c}" for c in range(4))
+            accumulator = "z, z, z, z" if j == 0 else out
+            lines.append(f"mov.b64 {{b0, b1}}, {inputs[4 * tile + j]};")
+            lines.append(
+                f"mma.sync.aligned.m16n8k16.row.col.f32.{element}.{element}.f32 "
+                f"{{{out}}}, {{{fragment}}}, {{b0, b1}}, {{{accumulator}}};"
+            )
+    for i in range(count):  # accumulators 0, 1 of a tile are row g's, 2, 3 row g + 8's
+        lines.append(f"fma.rn.f32 ${i}, d{i}, {scale_g if i % 4 < 2 else scale_h}, {old[i]};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def step_constraints(tiles: int) -> str:
+    """Inline-asm constraints of ``step_ptx(tiles, ...)``: outputs, int64 and float operands, the table address."""
+    return ",".join(["=f"] * (4 * tiles) + ["l"] * (2 + 4 * tiles) + ["f"] * (4 * tiles + 2) + ["r"])
+
+
+def nested_code_ptx() -> str:
+    """PTX that reads nested code ``$1`` (a float32 after the pairs in the shared table) into ``$0``."""
+    return (
+        f"{{\n.reg .b32 a;\nmov.u32 a, fourbit_code_table;\nmad.lo.u32 a, $1, 4, a;\n"
+        f"ld.shared.f32 $0, [a + {4 * PAIRS}];\n}}"
+    )

@@ -1,0 +1,74 @@
+"""A 4-bit weight's product prepared once: the op arguments of its state, checked, gathered and
+handed to the device's prepared kernel (``ops.PreparedLinear``), with the key that says when it
+must be rebuilt."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .formats import get_4bit_type
+from .quant_state import QuantState, check_4bit_state
+
+__all__ = ["cached_4bit_code", "op_arguments", "prepare_linear", "prepared_key"]
+
+
+@functools.cache
+def cached_4bit_code(quant_type: str, device: torch.device) -> Tensor:
+    """The 4-bit code table of ``quant_type`` on ``device``, made once per device."""
+    return get_4bit_type(quant_type, device=device)
+
+
+def op_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
+    """The ``torch.ops.fourbit`` keyword arguments describing a (possibly nested) 4-bit state on ``device``."""
+    code = state.code if state.code is not None else cached_4bit_code(state.quant_type, device)
+    # flat and contiguous, whatever the state holds: the kernels read statistics as flat arrays
+    absmax = state.absmax.reshape(-1)
+    arguments: dict[str, Any] = {"absmax": absmax, "code": code.to(device=device, dtype=torch.float32)}
+    if state.nested:
+        arguments.update(
+            nested_absmax=state.state2.absmax.reshape(-1).float(),
+            nested_code=state.state2.code.to(device=device, dtype=torch.float32),
+            nested_offset=state.offset.to(device=device, dtype=torch.float32),
+            nested_blocksize=state.state2.blocksize,
+        )
+    return arguments
+
+
+def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
+    """The product with the packed 4-bit weight ``B`` of ``state`` (N, K), checked and prepared once.
+
+    Calling the result with ``(A, bias)`` computes what ``linear_4bit`` does, without checking
+    the weight again; in eager inference it also skips the dispatcher (``ops.PreparedLinear``).
+    It keeps ``state`` and reads its tensors as they are: build a new one when ``prepared_key``
+    changes.
+    """
+    check_4bit_state(B, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
+    packed = B.data if isinstance(B, torch.nn.Parameter) else B
+    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, **op_arguments(state, B.device))
+    prepared.state = state  # keeps the ids in prepared_key from being reused
+    return prepared
+
+
+def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
+    """What a ``prepare_linear`` result depends on: where the packed bytes are, the identity of
+    the state and of each of its tensors, and the version of the code tables (derived tables)."""
+    inner = state.state2
+    code = state.code
+    return (
+        B.data_ptr(),
+        id(state),
+        id(state.absmax),
+        id(code),
+        code._version if code is not None else -1,
+        id(state.offset),
+        id(inner),
+        id(inner.absmax) if inner is not None else 0,
+        id(inner.code) if inner is not None else 0,
+    )
