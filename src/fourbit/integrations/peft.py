@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import functional as F4
 from ..convert import dequantize_layer, dequantize_model
-from ..nn import Linear4bit, Params4bit
+from ..nn import Linear4bit
 
 try:
     import peft
@@ -190,18 +190,8 @@ class LoraLinear4bit(LoraLinear):
     def _replace_base(self, base: Linear4bit, weight: Tensor, bias: Tensor | None) -> None:
         """Quantize ``weight`` into ``base`` with its settings; record the re-quantization error."""
         old = base.weight
-        state = base._forward_quant_state()
-        target = weight.to(state.dtype)
-        packed = Params4bit(
-            target,
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=base,
-        ).to(old.device)
-        base.weight = packed
+        target = weight.to(base._forward_quant_state().dtype)
+        base.weight = old.unquantized_like(target, module=base).to(old.device)
         if bias is not None:
             base.bias.data = bias.to(base.bias.dtype)
         decoded = _dequantized_weight(base).float()

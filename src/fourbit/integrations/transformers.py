@@ -191,17 +191,7 @@ class _QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             tensor = value[0] if isinstance(value, list) else value
             module, _ = get_module_from_name(model, name)
-            template = module.weight
-            weight = Params4bit(
-                tensor,
-                requires_grad=False,
-                blocksize=template.blocksize,
-                compress_statistics=template.compress_statistics,
-                quant_type=template.quant_type,
-                quant_storage=template.quant_storage,
-                module=module,
-            )
-            result[name] = weight.to(tensor.device)
+            result[name] = module.weight.unquantized_like(tensor, module=module).to(tensor.device)
             module._is_hf_initialized = True
         return result
 

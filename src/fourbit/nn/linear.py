@@ -209,14 +209,7 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
                 f"a float weight of shape {expected} or a packed weight with its weight.quant_state entries "
                 f"is needed, got a {weight.dtype} tensor of shape {tuple(weight.shape)} and no quant_state entries"
             )
-        fresh = Params4bit(
-            weight.detach().clone(),
-            blocksize=current.blocksize,
-            compress_statistics=current.compress_statistics,
-            quant_type=current.quant_type,
-            quant_storage=current.quant_storage,
-            module=self,
-        )
+        fresh = current.unquantized_like(weight.detach().clone(), module=self)
         return fresh.to(device) if device.type != "meta" else fresh
 
     def _load_from_state_dict(

@@ -176,6 +176,19 @@ class Params4bit(torch.nn.Parameter):
             module.quant_storage = packed.dtype
         return self
 
+    def unquantized_like(self, data: Tensor, module: torch.nn.Module | None = None) -> Params4bit:
+        """A not-yet-quantized Params4bit over the float ``data`` with this one's settings
+        (blocksize, statistics, quant type, storage): ``.to(device)`` quantizes it like this one."""
+        return type(self)(
+            data,
+            requires_grad=False,
+            blocksize=self.blocksize,
+            compress_statistics=self.compress_statistics,
+            quant_type=self.quant_type,
+            quant_storage=self.quant_storage,
+            module=module,
+        )
+
     # ------------------------------------------------------------------ quantization and moves
 
     def _quantize(self, device: torch.device) -> Params4bit:
