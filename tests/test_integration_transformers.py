@@ -234,3 +234,14 @@ def test_config_dicts_round_trip_and_validate():
         FourbitConfig(load_in_4bit=True)
     with pytest.raises(ValueError, match="4-bit"):
         FourbitConfig.from_bitsandbytes({"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+def test_import_fourbit_imports_no_integration():
+    out = run_without_bitsandbytes(
+        """
+import fourbit, fourbit.nn, fourbit.convert, fourbit.functional
+heavy = sorted(name for name in ("transformers", "peft", "trl", "accelerate", "safetensors") if name in sys.modules)
+print(heavy)
+"""
+    )
+    assert out.strip().splitlines()[-1] == "[]"

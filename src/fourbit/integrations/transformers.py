@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..convert import dequantize_model, quantize_model
-from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
+from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, packed_nbytes
 from ..nn import Linear4bit, Params4bit
 from ..quant_state import STATISTICS_KEYS, packed_state_key
 from ..validation import check_settings
@@ -51,6 +51,10 @@ SERIALIZED_WEIGHT_NAMES = [
 ]
 
 _SERIALIZE_AS = ("fourbit", "bitsandbytes")
+
+#: transformers 5.24 and newer (quantizers declare ``get_load_operations``) match source patterns
+#: as whole name endings; before, a pattern matched anywhere in a key, in list order.
+_ANCHORED_PATTERNS = hasattr(HfQuantizer, "get_load_operations")
 
 
 def _dtype(value: Any, name: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype | None:
@@ -231,6 +235,14 @@ class _SaveAsIs(ConversionOps):
         return input_dict
 
 
+def _packed_placeholder(weight: Params4bit, module: nn.Module) -> Params4bit:
+    """A meta weight shaped and typed as the checkpoint's packed one, so that transformers (before
+    5.24) does not cast the packed bytes to the model's dtype on the way in."""
+    storage = weight.quant_storage
+    rows = packed_nbytes(weight.numel()) // storage.itemsize
+    return weight.unquantized_like(torch.empty((rows, 1), dtype=storage, device="meta"), module=module)
+
+
 class FourbitHfQuantizer(HfQuantizer):
     """transformers' side of fourbit: swaps ``nn.Linear`` for ``Linear4bit`` before weights load,
     then quantizes float weights as they arrive or rebuilds packed ones."""
@@ -274,6 +286,10 @@ class FourbitHfQuantizer(HfQuantizer):
             device="meta",
             progress=False,
         )
+        if self.pre_quantized:
+            for module in model.modules():
+                if isinstance(module, Linear4bit):
+                    module.weight = _packed_placeholder(module.weight, module)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         model.is_loaded_in_4bit = True
@@ -304,13 +320,10 @@ class FourbitHfQuantizer(HfQuantizer):
         """Collect each packed weight with its statistics (transformers before 5.24 asks only this)."""
         if not self.pre_quantized:
             return []
-        return [
-            WeightConverter(
-                source_patterns=list(SERIALIZED_WEIGHT_NAMES),
-                target_patterns="weight",
-                operations=[_LoadPrequantized(self)],
-            )
-        ]
+        names = list(SERIALIZED_WEIGHT_NAMES)
+        if not _ANCHORED_PATTERNS:  # the first matching source pattern wins: "weight" must come last
+            names = [*names[1:], names[0]]
+        return [WeightConverter(source_patterns=names, target_patterns="weight", operations=[_LoadPrequantized(self)])]
 
 
 def from_pretrained(model_class: Any, path: str, **kwargs: Any) -> Any:
