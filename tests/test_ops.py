@@ -80,3 +80,13 @@ def test_linear_op_compiles_without_graph_breaks():
     x = torch.randn(4, 96)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_op_schemas_match_the_golden_file():
+    """Compiled graphs and exported programs hold these schemas: they must not change unnoticed."""
+    from pathlib import Path
+
+    golden = (Path(__file__).parent / "data" / "op_schemas.txt").read_text().splitlines()
+    names = [line.split("(", 1)[0].removeprefix("fourbit::") for line in golden]
+    assert names == sorted(names) and len(names) == 5
+    assert [str(getattr(torch.ops.fourbit, name).default._schema) for name in names] == golden
