@@ -33,6 +33,11 @@ BLOCKWISE_GRID_STEPS = 65535
 ABSMAX_FLOOR = 1e-38
 
 
+def decode_table(code: torch.Tensor) -> torch.Tensor:
+    """``code`` as the float32 table kernels decode with: every zero entry +0.0 (FP4's "-0" too)."""
+    return code.float().masked_fill(code == 0, 0.0)
+
+
 def sorted_code(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoints between neighbouring sorted code values, and the sort order (index in ``code``).
 
@@ -114,8 +119,7 @@ def dequantize_4bit(
     """Decode packed 4-bit data into a ``dtype`` tensor of ``shape``."""
     n = prod(shape)
     scale = resolve_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    table = code.float()
-    values = table.masked_fill(table == 0, 0.0)[unpack_4bit(packed, n)]
+    values = decode_table(code)[unpack_4bit(packed, n)]
     return _scale_by_block(values, scale, blocksize).to(dtype).view(tuple(shape))
 
 

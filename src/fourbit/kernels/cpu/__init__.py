@@ -54,7 +54,7 @@ class PreparedWeight:
         # everything the library reads must stay alive as long as the pointers do
         self._keep = [
             packed.reshape(-1).view(torch.uint8),
-            code.float().masked_fill(code == 0, 0.0).contiguous(),  # zero codes decode to +0.0
+            reference.decode_table(code).contiguous(),
         ]
         weight = native.Weight(self._keep[0].data_ptr(), self._keep[1].data_ptr())
         weight.blocksize = blocksize

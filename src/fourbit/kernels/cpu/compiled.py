@@ -170,7 +170,7 @@ def dequantize_4bit(
     numel = prod(shape)
     if _fast(numel, blocksize):
         scale = reference.resolve_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
-        table = code.float().masked_fill(code == 0, 0.0)
+        table = reference.decode_table(code)
         data = packed.reshape(-1).view(torch.uint8)[: numel // 2].view(-1, blocksize // 2)
         values = _run_compiled(f"dequantize_4bit_{dtype}", _decode_blocks, data, scale, table, dtype)
         if values is not None:

@@ -29,6 +29,9 @@ namespace {
 enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
 enum Isa : int32_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 
+// The smallest absmax a quantize divides by (reference.ABSMAX_FLOOR): all-zero blocks code to zero.
+constexpr float ABSMAX_FLOOR = 1e-38f;
+
 // Blocks handled in one run (a dequantize task; the blocks of a weight row in a product).
 constexpr int64_t MAX_RUN = 512;
 
@@ -517,7 +520,6 @@ void dot_any(const Weight& w, int64_t n, int64_t k, const void* x, int32_t dtype
 template <typename T, typename Load>
 void quantize_blocks(const T* x, int64_t first, int64_t last, int64_t blocksize, const float* midpoints,
                      const uint8_t* order, uint8_t* packed, float* absmax, Load load) {
-  constexpr float floor_value = 1e-38f;
   std::vector<float> values(blocksize);
   std::vector<uint8_t> codes(blocksize);
   std::vector<int32_t> positions(blocksize);
@@ -534,7 +536,7 @@ void quantize_blocks(const T* x, int64_t first, int64_t last, int64_t blocksize,
     }
     const float amax = nan ? std::numeric_limits<float>::quiet_NaN() : largest;
     absmax[b] = amax;
-    const float reciprocal = 1.0f / (nan ? amax : (amax < floor_value ? floor_value : amax));
+    const float reciprocal = 1.0f / (nan ? amax : (amax < ABSMAX_FLOOR ? ABSMAX_FLOOR : amax));
     for (int64_t i = 0; i < blocksize; ++i) {  // branch-free, so that the compiler vectorizes it
       const float scaled = values[i] * reciprocal;
       const float bounded = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);
@@ -562,7 +564,6 @@ template <int32_t DTYPE>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quantize_blocks_avx512(
     const void* x, int64_t first, int64_t last, int64_t blocksize, const float* midpoints, const uint8_t* order,
     uint8_t* packed, float* absmax) {
-  constexpr float floor_value = 1e-38f;
   __m512 mids[15];
   for (int j = 0; j < 15; ++j) mids[j] = _mm512_set1_ps(midpoints[j]);
   alignas(64) int32_t order32[16];
@@ -582,7 +583,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quantize_bloc
     }
     const float amax = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(largest);
     absmax[b] = amax;
-    const __m512 reciprocal = _mm512_set1_ps(1.0f / (nan ? amax : (amax < floor_value ? floor_value : amax)));
+    const __m512 reciprocal = _mm512_set1_ps(1.0f / (nan ? amax : (amax < ABSMAX_FLOOR ? ABSMAX_FLOOR : amax)));
     uint8_t* out = packed + base / 2;
     for (int64_t i = 0; i < blocksize; i += 16) {
       const __m512 scaled = _mm512_mul_ps(load16_avx512<DTYPE>(x, base + i), reciprocal);
