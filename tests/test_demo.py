@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fourbit import demo
+from fourbit.tools import demo
 
 transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")

@@ -17,8 +17,8 @@ from functools import partial
 
 import torch
 
-from . import functional as F4
-from .autograd import matmul_4bit
+from .. import functional as F4
+from ..autograd import matmul_4bit
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _shape_rows(
 
 def _layers(weight: torch.Tensor, options: dict, bnb) -> dict[str, torch.nn.Module]:
     """The dense nn.Linear of ``weight`` and its fourbit (and bitsandbytes) Linear4bit versions."""
-    from .nn import Linear4bit
+    from ..nn import Linear4bit
 
     n, k = weight.shape
     dense = torch.nn.Linear(k, n, bias=False, dtype=weight.dtype, device=weight.device)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint
-from .convert import DEFAULT_CHECKPOINT_SKIP, TensorReport, quantize_checkpoint
-from .formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
+from .. import __version__, checkpoint
+from ..convert import DEFAULT_CHECKPOINT_SKIP, TensorReport, quantize_checkpoint
+from ..formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
 
 __all__ = ["build_parser", "main"]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
-from .convert import load_quantized, quantize_model, state_dict_nbytes
-from .formats import BLOCKSIZES, DEFAULT_BLOCKSIZE
+from .. import checkpoint
+from ..convert import load_quantized, quantize_model, state_dict_nbytes
+from ..formats import BLOCKSIZES, DEFAULT_BLOCKSIZE
 
 __all__ = ["DemoResult", "RetrievalSet", "ScoreRow", "format_table", "load_retrieval_set", "main", "run_demo"]
 
@@ -46,7 +46,7 @@ class RetrievalSet:
 
 def load_retrieval_set() -> RetrievalSet:
     """The retrieval set shipped with fourbit."""
-    text = resources.files("fourbit").joinpath("data/retrieval.json").read_text(encoding="utf-8")
+    text = resources.files("fourbit.tools").joinpath("data/retrieval.json").read_text(encoding="utf-8")
     data = json.loads(text)
     return RetrievalSet(data["queries"], data["passages"], data["answers"])
 
