@@ -77,9 +77,7 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         super().__setattr__(name, value)
         if name == "weight" and isinstance(value, Params4bit):
             value.module = self
-            if value.quant_state is not None:
-                super().__setattr__("quant_state", value.quant_state)
-                super().__setattr__("quant_storage", value.quant_storage)
+            value.share_state_with_module()
 
     def extra_repr(self) -> str:
         weight = self.weight
@@ -257,9 +255,7 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         super()._load_from_state_dict(others, prefix, metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if weight_key in missing_keys:
             missing_keys.remove(weight_key)
-        self.weight = weight
-        self.quant_state = weight.quant_state
-        self.quant_storage = weight.quant_storage
+        self.weight = weight  # ties the weight and records its state here (__setattr__)
         self._drop_prepared()
 
 

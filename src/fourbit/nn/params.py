@@ -171,9 +171,7 @@ class Params4bit(torch.nn.Parameter):
             module=module,
             bnb_quantized=True,
         )
-        if module is not None:
-            module.quant_state = state
-            module.quant_storage = packed.dtype
+        self.share_state_with_module()
         return self
 
     def unquantized_like(self, data: Tensor, module: torch.nn.Module | None = None) -> Params4bit:
@@ -204,10 +202,15 @@ class Params4bit(torch.nn.Parameter):
         self.data = packed
         self.quant_state = state
         self.bnb_quantized = True
-        if self.module is not None:
-            self.module.quant_state = state
-            self.module.quant_storage = self.quant_storage
+        self.share_state_with_module()
         return self
+
+    def share_state_with_module(self) -> None:
+        """Record this weight's QuantState and storage dtype on its owning module: the one place the
+        module's copy is written (FSDP2 reads the module's copy once the weight is sharded)."""
+        if self.module is not None and self.quant_state is not None:
+            torch.nn.Module.__setattr__(self.module, "quant_state", self.quant_state)
+            torch.nn.Module.__setattr__(self.module, "quant_storage", self.quant_storage)
 
     def _with_data(self, data: Tensor) -> Params4bit:
         """A Params4bit over ``data`` with every attribute of this one (the QuantState shared)."""
