@@ -61,8 +61,10 @@ def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
     the state and of each of its tensors, and the version of the code tables (derived tables)."""
     inner = state.state2
     code = state.code
+    with torch._C.DisableTorchFunctionSubclass():  # Params4bit's torch-function hook costs more than the read
+        pointer = B.data_ptr()
     return (
-        B.data_ptr(),
+        pointer,
         id(state),
         id(state.absmax),
         id(code),

@@ -124,7 +124,9 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
-        state = self._forward_quant_state()
+        weight = self.weight
+        if isinstance(weight, Params4bit) and not weight.bnb_quantized:
+            self._forward_quant_state()  # raises: not quantized yet
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects inputs with last dimension in_features={self.in_features}, "
@@ -134,26 +136,28 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
             self.set_compute_type(x)
             self.compute_type_is_set = True
         input_dtype = x.dtype
-        if self.compute_dtype is not None:
+        if self.compute_dtype is not None and input_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        weight = self.weight
         if isinstance(weight, Params4bit) and x.dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
-            out = self._prepared_product(weight, state)(x, bias)
+            out = self._prepared_product(weight)(x, bias)
         else:
-            out = matmul_4bit(x, weight, state, bias=bias)
+            out = matmul_4bit(x, weight, self._forward_quant_state(), bias=bias)
         return out if out.dtype == input_dtype else out.to(input_dtype)
 
-    def _prepared_product(self, weight: Params4bit, state: F4.QuantState) -> Any:
+    def _prepared_product(self, weight: Params4bit) -> Any:
         """The weight's product prepared once (``functional.prepare_linear``), rebuilt when the
-        packed data, the state or any of its tensors is replaced (``functional.prepared_key``)."""
-        key = F4.prepared_key(weight, state)
+        packed data, the state or any of its tensors is replaced (``functional.prepared_key``).
+        A cached product was checked when it was built, so a hit checks nothing again."""
         cached = self.__dict__.get("_prepared")
-        if cached is None or cached[0] != key:
-            cached = (key, F4.prepare_linear(weight, state))
-            self.__dict__["_prepared"] = cached  # a plain attribute: not a parameter, buffer or module
+        state = weight.quant_state
+        if cached is not None and state is not None and cached[0] == F4.prepared_key(weight, state):
+            return cached[1]
+        state = self._forward_quant_state()
+        cached = (F4.prepared_key(weight, state), F4.prepare_linear(weight, state))
+        self.__dict__["_prepared"] = cached  # a plain attribute: not a parameter, buffer or module
         return cached[1]
 
     def _drop_prepared(self) -> None:
