@@ -94,10 +94,6 @@ def sample():
         peak[0] = max(peak[0], anonymous())
         time.sleep(0.001)
 
-# One quantize first: the first call of a fourbit op imports torch._dynamo (torch.library wraps
-# kernels in a dynamo guard), about 75 MiB unrelated to how the checkpoint is loaded.
-import fourbit.functional as F4
-F4.quantize_4bit(torch.randn(256, 256), quant_type="nf4")
 before = anonymous()
 peak[0] = before
 sampler = threading.Thread(target=sample)

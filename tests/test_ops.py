@@ -7,6 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fourbit.functional as F4
+import fourbit.ops as ops_module
 from fourbit.formats import create_dynamic_map, get_4bit_type
 
 
@@ -90,3 +91,42 @@ def test_op_schemas_match_the_golden_file():
     names = [line.split("(", 1)[0].removeprefix("fourbit::") for line in golden]
     assert names == sorted(names) and len(names) == 5
     assert [str(getattr(torch.ops.fourbit, name).default._schema) for name in names] == golden
+
+
+def test_eager_calls_skip_the_dispatcher_and_never_import_dynamo():
+    """Eager quantize, dequantize and Linear4bit on plain tensors go straight to the kernels: the
+    first call costs no import of torch._dynamo (which a custom op's first call makes)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+import fourbit.functional as F
+from fourbit.nn import Linear4bit
+packed, state = F.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
+F.dequantize_4bit(packed, state)
+codes, state8 = F.quantize_blockwise(torch.randn(300))
+F.dequantize_blockwise(codes, state8)
+with torch.no_grad():
+    Linear4bit(64, 32).to("cpu")(torch.randn(2, 64))
+print("torch._dynamo" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_run_goes_through_the_op_for_fake_tensors_and_gradients():
+    code = get_4bit_type("nf4")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        packed, absmax = ops_module.run("quantize_4bit", mode.from_tensor(torch.randn(4, 64)), code, 64, torch.uint8)
+    assert packed.shape == (128, 1) and absmax.shape == (4,)
+    calls = []
+    original = ops_module._kernels[("quantize_4bit", "cpu")]
+    try:
+        ops_module._kernels[("quantize_4bit", "cpu")] = lambda *args: calls.append(args) or original(*args)
+        ops_module.run("quantize_4bit", torch.randn(4, 64), code, 64, torch.uint8)
+        assert len(calls) == 1  # plain eager: straight to the kernel
+        ops_module.run("quantize_4bit", torch.randn(4, 64, requires_grad=True), code, 64, torch.uint8)
+        assert len(calls) == 1  # gradients recorded: through the op (whose kernel is the registered one)
+    finally:
+        ops_module._kernels[("quantize_4bit", "cpu")] = original

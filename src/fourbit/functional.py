@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .formats import (
     DEFAULT_BLOCKSIZE,
     FLOAT_DTYPES,
@@ -98,7 +99,7 @@ def quantize_blockwise(
     code = code.to(device=A.device, dtype=torch.float32)
     check_out(out, A.shape, torch.uint8)
     check_out(absmax, (num_blocks(A.numel(), blocksize),), torch.uint8 if nested else torch.float32, "absmax")
-    quantized, block_absmax = torch.ops.fourbit.quantize_blockwise(A.detach(), code, blocksize)
+    quantized, block_absmax = ops.run("quantize_blockwise", A.detach(), code, blocksize)
     if nested:
         qabsmax, offset, state2 = _nested_statistics(block_absmax, blocksize)
         state = QuantState(
@@ -119,7 +120,7 @@ def _nested_statistics(block_absmax: Tensor, blocksize: int) -> tuple[Tensor, Te
     the 8-bit quantization (signed dynamic map)."""
     offset = block_absmax.mean() if block_absmax.numel() else block_absmax.new_zeros(())
     code = _cached_dynamic_map(block_absmax.device)
-    codes, absmax = torch.ops.fourbit.quantize_blockwise(block_absmax, code, blocksize, offset)
+    codes, absmax = ops.run("quantize_blockwise", block_absmax, code, blocksize, offset)
     return codes, offset, QuantState(absmax=absmax, code=code.clone(), blocksize=blocksize, dtype=torch.float32)
 
 
@@ -168,7 +169,8 @@ def dequantize_blockwise(
     entries = quant_state.code.numel()
     if entries < 256 and A.numel() and int(A.max()) >= entries:
         raise ValueError(f"A holds code {int(A.max())}, beyond the {entries}-entry code table")
-    result = torch.ops.fourbit.dequantize_blockwise(
+    result = ops.run(
+        "dequantize_blockwise",
         A,
         scale.float(),
         quant_state.code.to(device=A.device, dtype=torch.float32),
@@ -209,7 +211,7 @@ def quantize_4bit(
     # the kernels reuse what they derive from the shared table; each QuantState owns a copy
     # (safetensors refuses shared tensors)
     shared_code = cached_4bit_code(quant_type, A.device)
-    packed, block_absmax = torch.ops.fourbit.quantize_4bit(A.detach(), shared_code, blocksize, quant_storage)
+    packed, block_absmax = ops.run("quantize_4bit", A.detach(), shared_code, blocksize, quant_storage)
     code = shared_code.clone()
     if compress_statistics:
         qabsmax, offset, state2 = _nested_statistics(block_absmax, NESTED_BLOCKSIZE)
@@ -286,7 +288,8 @@ def dequantize_4bit(
         )
     check_4bit_state(A, quant_state)
     check_out(out, quant_state.shape, quant_state.dtype)
-    result = torch.ops.fourbit.dequantize_4bit(
+    result = ops.run(
+        "dequantize_4bit",
         A,
         blocksize=quant_state.blocksize,
         shape=list(quant_state.shape),

@@ -33,6 +33,7 @@ __all__ = [
     "linear_4bit",
     "quantize_4bit",
     "quantize_blockwise",
+    "run",
     "triton_enabled",
 ]
 
@@ -248,14 +249,64 @@ class PreparedLinear:
         return linear_4bit(A, self.packed, bias=bias, **self.arguments)
 
 
+_OPS = {
+    "quantize_4bit": quantize_4bit,
+    "dequantize_4bit": dequantize_4bit,
+    "quantize_blockwise": quantize_blockwise,
+    "dequantize_blockwise": dequantize_blockwise,
+}
+#: The kernel of each op (by name) per device type; the reference for devices without one.
+_kernels: dict[tuple[str, str], Callable] = {}
+_REFERENCE: dict[str, Callable] = {
+    "quantize_4bit": reference.quantize_4bit,
+    "dequantize_4bit": reference.dequantize_4bit,
+    "quantize_blockwise": reference.quantize_blockwise,
+    "dequantize_blockwise": reference.dequantize_blockwise,
+}
+
+
+def _register(name: str, device: str, kernel: Callable) -> None:
+    """``kernel`` serves op ``name`` on ``device``: for the dispatcher and for ``run``'s direct calls."""
+    _OPS[name].register_kernel(device)(kernel)
+    _kernels[(name, device)] = kernel
+
+
+def run(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Op ``name`` (quantize or dequantize, 4- or 8-bit) on ``args``.
+
+    An eager call on plain tensors that records no gradient goes straight to the kernel of the
+    first tensor's device, which is what the dispatcher would pick; anything else (torch.compile,
+    fake or meta tensors, subclasses, modes, gradients) goes through ``torch.ops.fourbit.<name>``.
+    Besides the dispatcher's host time, the direct call skips the import of torch._dynamo that a
+    custom op's first call makes (about a second).
+    """
+    tensors = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, Tensor)]
+    if all(type(tensor) is Tensor for tensor in tensors) and _plain_eager_tensors(tensors):
+        kernel = _kernels.get((name, tensors[0].device.type)) or _REFERENCE[name]
+        return kernel(*args, **kwargs)
+    return getattr(torch.ops.fourbit, name)(*args, **kwargs)
+
+
+def _plain_eager_tensors(tensors: Sequence[Tensor]) -> bool:
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return False
+    if any(tensor.device.type == "meta" for tensor in tensors):
+        return False
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 def _register_triton_kernels() -> None:
     """CUDA tensors run the Triton kernels; every other device keeps the reference."""
     from .kernels import triton as triton_kernels
 
     _prepared_kernels["cuda"] = triton_kernels.PreparedWeight
-    quantize_4bit.register_kernel("cuda")(triton_kernels.quantize_4bit)
-    quantize_blockwise.register_kernel("cuda")(triton_kernels.quantize_blockwise)
-    dequantize_4bit.register_kernel("cuda")(triton_kernels.dequantize_4bit)
+    _register("quantize_4bit", "cuda", triton_kernels.quantize_4bit)
+    _register("quantize_blockwise", "cuda", triton_kernels.quantize_blockwise)
+    _register("dequantize_4bit", "cuda", triton_kernels.dequantize_4bit)
     linear_4bit.register_kernel("cuda")(triton_kernels.linear_4bit)
 
 
@@ -265,8 +316,8 @@ def _register_cpu_kernels() -> None:
     from .kernels import cpu
 
     _prepared_kernels["cpu"] = cpu.prepare
-    quantize_4bit.register_kernel("cpu")(cpu.quantize_4bit)
-    dequantize_4bit.register_kernel("cpu")(cpu.dequantize_4bit)
+    _register("quantize_4bit", "cpu", cpu.quantize_4bit)
+    _register("dequantize_4bit", "cpu", cpu.dequantize_4bit)
     linear_4bit.register_kernel("cpu")(cpu.linear_4bit)
 
 
