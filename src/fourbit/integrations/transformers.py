@@ -84,8 +84,9 @@ class FourbitConfig(QuantizationConfigMixin):
         compute_dtype: dtype of the products; None takes it from each layer's first input.
         quant_storage: dtype the packed bytes are viewed as (uint8, or a float dtype for FSDP).
         blocksize: 4-bit block size; bitsandbytes reads only 64.
-        skip_modules: module names kept in full precision, besides the output head; a name covers
-            the modules under it.
+        skip_modules: module names kept in full precision (a name covers the modules under it).
+            None keeps the output head and tied weights; a list replaces that default, as
+            bitsandbytes' ``llm_int8_skip_modules`` does (name the head too to keep it).
         serialize_as: "fourbit" writes ``quant_method: fourbit`` to config.json (reloads with
             fourbit); "bitsandbytes" writes bitsandbytes' 4-bit config, so transformers +
             bitsandbytes reload the saved model too (fourbit does, through ``from_pretrained``).
@@ -213,11 +214,21 @@ class _LoadPrequantized(ConversionOps):
         full_layer_name: str | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        if len(input_dict) == 1:  # a float weight: nothing to rebuild
-            return input_dict
         tensors = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
-        packed = tensors.pop("weight")
         module, _ = get_module_from_name(model, full_layer_name)
+        if len(tensors) == 1:  # a weight without statistics: kept as it is, or quantized for a 4-bit layer
+            tensor = tensors.get("weight")
+            if not isinstance(module, Linear4bit) or tensor is None:
+                return input_dict
+            if not tensor.is_floating_point():  # transformers before 5.24 cast it to the packed dtype
+                raise ValueError(
+                    f"the checkpoint holds {full_layer_name} in full precision but its quantization config "
+                    "makes it 4-bit; add the layer to skip_modules, or load with transformers 5.24 or newer, "
+                    "which hands the float weight over uncast so that it is quantized on load"
+                )
+            module._is_hf_initialized = True
+            return {"weight": module.weight.unquantized_like(tensor, module=module).to(tensor.device)}
+        packed = tensors.pop("weight")
         weight = Params4bit.from_prequantized(packed, tensors, requires_grad=False, device=packed.device, module=module)
         module._is_hf_initialized = True
         return {"weight": weight}
