@@ -238,3 +238,12 @@ def test_quantize_threads_storage_and_partial_blocks():
     odd = torch.randn(3, 37)  # a short last block takes the compiled/reference path, with the same result
     got, expected = cpu.quantize_4bit(odd, code, 64, torch.uint8), reference.quantize_4bit(odd, code, 64, torch.uint8)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_large_outputs_are_allocated_as_usual_tensors():
+    """``native.empty`` only advises the kernel about huge pages: the tensor is an ordinary one."""
+    for shape, dtype in [((3, 5), torch.float32), ((4096, 1024), torch.bfloat16), ((1 << 23,), torch.uint8)]:
+        out = native.empty(shape, dtype)
+        assert out.shape == shape and out.dtype == dtype and out.is_contiguous()
+        out.fill_(1)
+        assert int(out.sum()) == out.numel()

@@ -79,7 +79,7 @@ class PreparedWeight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight decoded to ``dtype`` (float32, bfloat16 or float16)."""
-        out = torch.empty(self.arguments[4], dtype=dtype)
+        out = native.empty(tuple(self.arguments[4]), dtype)
         code = native.dtype_code(dtype)
         self._dequantize(self._pointer, self.numel, out.data_ptr(), code, native.isa(), torch.get_num_threads())
         return out
@@ -97,7 +97,7 @@ class PreparedWeight:
             return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
         if not x.is_contiguous():
             x = x.contiguous()
-        out = torch.empty((*A.shape[:-1], self.n_out), dtype=A.dtype)
+        out = native.empty((*A.shape[:-1], self.n_out), A.dtype)
         if rows:
             bias_pointer = None if bias is None else bias.contiguous().data_ptr()
             self._linear(
@@ -122,9 +122,9 @@ class PreparedWeight:
         code, isa, threads = native.dtype_code(x.dtype), native.isa(), torch.get_num_threads()
         by_columns = x.shape[0] >= COLUMN_SLICE_ROWS or rows_per_chunk >= n_out
         if by_columns:
-            out = torch.empty((x.shape[0], n_out), dtype=x.dtype)
+            out = native.empty((x.shape[0], n_out), x.dtype)
         else:
-            out, x = torch.empty((n_out, x.shape[0]), dtype=x.dtype), x.t()
+            out, x = native.empty((n_out, x.shape[0]), x.dtype), x.t()
         for start in range(0, n_out, rows_per_chunk):
             stop = min(n_out, start + rows_per_chunk)
             weight = buffer[: stop - start]
@@ -159,7 +159,7 @@ def quantize_4bit(
     midpoints, order = reference.sorted_code(code.float())
     midpoints = midpoints.contiguous()
     order = order.to(torch.uint8).contiguous()
-    packed = torch.empty(numel // 2, dtype=torch.uint8)
+    packed = native.empty((numel // 2,), torch.uint8)
     absmax = torch.empty(numel // blocksize, dtype=torch.float32)
     native.library().fourbit_quantize(
         values.data_ptr(), dtype, numel // blocksize, blocksize, midpoints.data_ptr(), order.data_ptr(),

@@ -27,7 +27,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ISA_NAMES", "Weight", "available", "build_info", "dtype_code", "isa", "library", "refresh_isa"]
+__all__ = [
+    "ISA_NAMES",
+    "Weight",
+    "available",
+    "build_info",
+    "dtype_code",
+    "empty",
+    "isa",
+    "library",
+    "refresh_isa",
+]
 
 SOURCE = Path(__file__).with_name("fourbit_cpu.cpp")
 #: No fused multiply-add contraction: scales must round exactly as the reference's.
@@ -57,6 +67,40 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failed = False
 _info: dict[str, object] = {}
+
+
+#: Outputs from this size on are advised onto transparent huge pages (``empty``).
+HUGE_PAGE_MIN_BYTES = 4 << 20
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _libc_madvise() -> object | None:
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+_madvise = _libc_madvise()
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output. A large one is advised onto transparent huge pages
+    first: writing a fresh 32 MB output otherwise spends most of its time faulting in 4 KB pages
+    (measured 7.7 ms against 1.6 ms to fill). Only a hint: nothing changes where the kernel
+    refuses it or the system has no huge pages."""
+    out = torch.empty(shape, dtype=dtype)
+    size = out.numel() * out.element_size()
+    if _madvise is not None and size >= HUGE_PAGE_MIN_BYTES:
+        address = out.data_ptr()
+        start = (address + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        stop = (address + size) & ~(_HUGE_PAGE - 1)
+        if stop > start:
+            _madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), ctypes.c_int(_MADV_HUGEPAGE))
+    return out
 
 
 def enabled() -> bool:
