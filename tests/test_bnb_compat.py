@@ -6,9 +6,13 @@ and awkward shape; and QuantState dicts must move between the two libraries both
 
 Two known bitsandbytes 0.50.2 CPU defects are stepped around, not reproduced: its native
 dequantize mis-indexes absmax for some 2-D shapes (rows that are a multiple of 16 elements but
-not of the blocksize), so its values are taken with the state flattened to 1-D; and its
-float-to-bf16 rounding can turn NaN into 0.0, so for inputs holding NaN its values are taken
-in float32 and cast by torch. ``assert_same_bits`` ignores NaN payloads and the sign of zero.
+not of the blocksize), so its values are taken with the state flattened to 1-D; its
+float-to-bf16 rounding can turn NaN into 0.0; and its float16 rounding differs between its
+builds (the CPU functions of its CUDA 13.0 build, on the H200 host, round a few of every 4096
+values differently from its CPU build). So 16-bit values are taken from it in float32 and cast by
+torch, which rounds as both libraries' CUDA kernels do; ``test_native_dequantize_agrees_where_
+bitsandbytes_is_correct`` still compares its 16-bit output directly. ``assert_same_bits``
+ignores NaN payloads and the sign of zero.
 """
 
 from __future__ import annotations
@@ -63,9 +67,15 @@ def _bnb_dequantize(packed, state):
     """bitsandbytes' dequantized values, via its correct code paths (see the module docstring)."""
     flat = copy.copy(state)
     flat.shape = torch.Size([state.shape.numel()])
-    if state.dtype == torch.bfloat16:
-        flat.dtype = torch.float32
+    flat.dtype = torch.float32
     return bnb_functional.dequantize_4bit(packed, flat).view(state.shape).to(state.dtype)
+
+
+def _bnb_dequantize_blockwise(codes, state):
+    """bitsandbytes' 8-bit blockwise values, taken in float32 and cast by torch (see above)."""
+    wide = copy.copy(state)
+    wide.dtype = torch.float32
+    return bnb_functional.dequantize_blockwise(codes, wide).to(state.dtype)
 
 
 def test_tables_are_identical():
@@ -128,9 +138,7 @@ def test_blockwise_matches_bitsandbytes(dtype, nested):
         ours, our_state = F4.quantize_blockwise(data, blocksize=blocksize, nested=nested)
         assert torch.equal(ours, theirs)
         assert_same_bits(our_state.absmax, their_state.absmax)
-        assert_same_bits(
-            F4.dequantize_blockwise(ours, our_state), bnb_functional.dequantize_blockwise(theirs, their_state)
-        )
+        assert_same_bits(F4.dequantize_blockwise(ours, our_state), _bnb_dequantize_blockwise(theirs, their_state))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -41,7 +41,8 @@ def _trained(path: str, use_dora: bool, steps: int = 6) -> tuple[nn.Module, list
     losses = []
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=IDS, labels=IDS).loss
+        ids = IDS.to(model.device)
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -53,7 +54,7 @@ def _trained(path: str, use_dora: bool, steps: int = 6) -> tuple[nn.Module, list
 def _logits(model: nn.Module) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=IDS.to(model.device)).logits.cpu()
 
 
 def test_prepare_model_for_kbit_training_turns_gradient_checkpointing_on(float_checkpoint: str):
@@ -136,9 +137,9 @@ for dora in (False, True):
     model = AutoModelForCausalLM.from_pretrained({float_checkpoint!r}, quantization_config=FourbitConfig())
     model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", use_dora=dora))
-    model(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids.to(model.device), labels=ids.to(model.device)).loss.backward()
     merged, report = merge_and_unload(model)
-    merged(input_ids=ids)
+    merged(input_ids=ids.to(merged.device))
     print(dora, report)
 assert sys.modules.get("bitsandbytes") is None
 print("ok")

@@ -233,18 +233,6 @@ class _LoadPrequantized(ConversionOps):
         module._is_hf_initialized = True
         return {"weight": weight}
 
-    @property
-    def reverse_op(self) -> ConversionOps:
-        """Saving needs no conversion: ``Linear4bit``'s state dict already holds the checkpoint's entries."""
-        return _SaveAsIs()
-
-
-class _SaveAsIs(ConversionOps):
-    """The reverse of ``_LoadPrequantized`` when saving: the tensors pass unchanged."""
-
-    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return input_dict
-
 
 def _packed_placeholder(weight: Params4bit, module: nn.Module) -> Params4bit:
     """A meta weight shaped and typed as the checkpoint's packed one, so that transformers (before
@@ -304,6 +292,16 @@ class FourbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         model.is_loaded_in_4bit = True
+        # Saving needs no conversion back: ``Linear4bit``'s state dict already holds the checkpoint's
+        # entries. transformers before 5.24 would replay this loader's key patterns in reverse on
+        # every key holding "weight", and so write ``weight.absmax.absmax`` and the like.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                conversion
+                for conversion in conversions
+                if not any(isinstance(op, _LoadPrequantized) for op in getattr(conversion, "operations", ()))
+            ]
         return model
 
     def is_serializable(self) -> bool:
