@@ -196,7 +196,8 @@ def test_from_dict_with_missing_entries(packed_dict, missing):
         ("blocksize", "64", "'blocksize' must be an integer"),
         ("blocksize", 96, "blocksize=96 is not supported"),
         ("shape", [16, -1], "'shape' must be a list of non-negative integers"),
-        ("shape", [16, 65], "'absmax' must have 17 elements, got 16"),
+        ("shape", [16, 65], r"absmax must have 17 entries \(one per block of 64\), got 16"),
+        ("dtype", "float64", "dtype=torch.float64 is not supported"),
         ("dtype", "float128", "'dtype' must name a torch dtype"),
         ("quant_type", "nf5", "'quant_type' must be one of"),
         ("nested_offset", "zero", "'nested_offset' must be a number"),
@@ -216,3 +217,27 @@ def test_from_dict_with_a_non_tensor_absmax(weight):
         QuantState.from_dict(entries, "cpu")
     with pytest.raises(TypeError, match="qs_dict must be a mapping"):
         QuantState.from_dict([("absmax", 1)], "cpu")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda s: setattr(s, "absmax", s.absmax[:-1]), r"absmax must have 16 entries \(one per block of 64\)"),
+        (lambda s: setattr(s.state2, "absmax", torch.ones(2)), "state2.absmax must have 1 entries"),
+        (lambda s: setattr(s, "absmax", s.absmax.float()), "nested but lacks uint8 absmax codes"),
+        (lambda s: setattr(s, "blocksize", 48), "blocksize=48 is not supported"),
+    ],
+)
+def test_one_validation_serves_dicts_and_operations(weight, no_kernel, corrupt, message):
+    """``QuantState.validate`` is the one check: a state read by ``from_dict`` and a state handed to
+    an operation fail alike, before any kernel runs."""
+    packed, state = weight
+    corrupt(state)
+    with pytest.raises(ValueError, match=message):
+        state.validate()
+    with pytest.raises(ValueError, match=message):
+        F4.check_4bit_state(packed, state)
+    with pytest.raises(ValueError, match=message):
+        F4.dequantize_4bit(packed, state)
+    with pytest.raises(ValueError, match=message):
+        QuantState.from_dict(state.as_dict(), "cpu")

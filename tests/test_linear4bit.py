@@ -356,7 +356,7 @@ def test_float_state_dict_loads_then_quantizes():
             lambda sd: sd.__setitem__("weight.quant_state.bitsandbytes__nf4", torch.tensor([1, 2], dtype=torch.uint8)),
             "not valid UTF-8 JSON",
         ),
-        (lambda sd: sd.__setitem__("weight.absmax", sd["weight.absmax"][:-1]), "'absmax' must have 48 elements"),
+        (lambda sd: sd.__setitem__("weight.absmax", sd["weight.absmax"][:-1]), "absmax must have 48 entries"),
         (lambda sd: sd.__setitem__("weight", sd["weight"][:-1]), "packed data holds 1535 bytes"),
     ],
 )

@@ -242,10 +242,6 @@ class QuantState:
                 f"blockwise state), got {quant_type!r}"
             )
         blocksize = _int_entry(entries, "blocksize")
-        if blockwise:
-            check_blockwise_blocksize(blocksize, "quant_state blocksize")
-        else:
-            check_blocksize(blocksize, name="quant_state blocksize")
         dtype = _dtype_from_name(entries["dtype"], "dtype")
         shape_value = entries["shape"]
         if blockwise and shape_value is None:
@@ -256,18 +252,14 @@ class QuantState:
             raise ValueError(f"quant_state entry 'shape' must be a list of non-negative integers, got {shape_value!r}")
         else:
             shape = torch.Size(shape_value)
-        expected_blocks = num_blocks(prod(shape), blocksize) if shape is not None else None
-        absmax = _tensor_entry(entries, "absmax", expected_blocks)
+        absmax = _tensor_entry(entries, "absmax")
         code = _tensor_entry(entries, "quant_map", 256 if blockwise else 16)
-        if blockwise and expected_blocks is None and nested_present:
+        if blockwise and shape is None and nested_present:
             raise ValueError("a nested 8-bit quant_state needs its 'shape'")
 
         offset = state2 = None
         if nested_present:
-            if absmax.dtype != torch.uint8:
-                raise ValueError(f"nested quant_state needs uint8 'absmax' codes, got {absmax.dtype}")
             nested_blocksize = _int_entry(entries, "nested_blocksize")
-            check_blocksize(nested_blocksize, BLOCKWISE_BLOCKSIZES, "quant_state nested_blocksize")
             nested_offset = entries["nested_offset"]
             if isinstance(nested_offset, Tensor):
                 if nested_offset.numel() != 1:
@@ -280,25 +272,56 @@ class QuantState:
                 raise ValueError(f"quant_state entry 'nested_offset' must be a number, got {nested_offset!r}")
             offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
             state2 = cls(
-                absmax=_tensor_entry(entries, "nested_absmax", num_blocks(expected_blocks, nested_blocksize)).to(
-                    device
-                ),
-                code=_tensor_entry(entries, "nested_quant_map", 256).to(device),
+                absmax=_tensor_entry(entries, "nested_absmax"),
+                code=_tensor_entry(entries, "nested_quant_map", 256),
                 blocksize=nested_blocksize,
                 dtype=_dtype_from_name(entries["nested_dtype"], "nested_dtype"),
             )
-        elif not absmax.is_floating_point():
-            raise ValueError(f"quant_state entry 'absmax' must be floating point, got {absmax.dtype}")
-        return cls(
-            absmax=absmax.to(device),
-            shape=shape,
-            code=code.to(device),
-            blocksize=blocksize,
-            quant_type=quant_type,
-            dtype=dtype,
-            offset=offset,
-            state2=state2,
-        )
+        state = cls(absmax, shape, code, blocksize, quant_type, dtype, offset, state2)
+        state.validate()
+        return state.to(device)
+
+    def validate(self, packed: Tensor | None = None, name: str = "quant_state") -> None:
+        """Raise a clear error unless the state is whole and consistent: its settings, one absmax
+        entry per block, complete nested statistics; with ``packed``, that it describes those packed
+        4-bit bytes and lives on their device.
+
+        The one check of a state: ``from_dict`` runs it on what it read, and every 4-bit operation
+        on the state it is given (``check_4bit_state``).
+        """
+        blockwise = self.quant_type is None  # an 8-bit blockwise state (quantize_blockwise)
+        if blockwise and packed is None:
+            check_blockwise_blocksize(self.blocksize, f"{name}.blocksize")
+        else:
+            check_quant_type(self.quant_type)
+            check_blocksize(self.blocksize, name=f"{name}.blocksize")
+            if self.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{name}.dtype={self.dtype} is not supported; allowed: {dtype_names(FLOAT_DTYPES)}")
+            if self.shape is None:
+                raise ValueError(f"{name}.shape is not set")
+        if packed is not None:
+            _check_packed(packed, self, name)
+        blocks = num_blocks(prod(self.shape), self.blocksize) if self.shape is not None else None
+        if not isinstance(self.absmax, Tensor) or (blocks is not None and self.absmax.numel() != blocks):
+            found = self.absmax.numel() if isinstance(self.absmax, Tensor) else type(self.absmax).__name__
+            raise ValueError(
+                f"{name}.absmax must have {blocks} entries (one per block of {self.blocksize}), got {found}"
+            )
+        if self.nested:
+            inner = self.state2
+            if self.absmax.dtype != torch.uint8 or self.offset is None or inner.absmax is None or inner.code is None:
+                raise ValueError(f"{name} is nested but lacks uint8 absmax codes, an offset or state2 statistics")
+            check_blocksize(inner.blocksize, BLOCKWISE_BLOCKSIZES, f"{name}.state2.blocksize")
+            if blocks is not None and inner.absmax.numel() != num_blocks(blocks, inner.blocksize):
+                expected = num_blocks(blocks, inner.blocksize)
+                raise ValueError(f"{name}.state2.absmax must have {expected} entries, got {inner.absmax.numel()}")
+        elif not self.absmax.is_floating_point():
+            raise ValueError(f"{name}.absmax must be floating point when not nested, got {self.absmax.dtype}")
+        if packed is not None and self.absmax.device != packed.device:
+            raise ValueError(
+                f"{name} is on {self.absmax.device} but the packed data is on {packed.device}; "
+                f"call {name}.to(device) first"
+            )
 
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """The state as a dict (bitsandbytes' keys).
@@ -363,20 +386,16 @@ class QuantState:
 
 
 def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> None:
-    """Raise a clear error unless ``state`` describes the packed 4-bit tensor ``packed``.
-
-    Checks the types and settings of the state, that the packed bytes match ``state.shape``,
-    that absmax has one entry per block, and that the statistics live on the data's device.
-    """
+    """Raise a clear error unless ``state`` is a ``QuantState`` that describes the packed 4-bit
+    tensor ``packed`` (``QuantState.validate`` with the data)."""
     check_tensor(packed, "packed data")
     if not isinstance(state, QuantState):
         raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
-    check_quant_type(state.quant_type)
-    check_blocksize(state.blocksize, name=f"{name}.blocksize")
-    if state.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}.dtype={state.dtype} is not supported; allowed: {dtype_names(FLOAT_DTYPES)}")
-    if state.shape is None:
-        raise ValueError(f"{name}.shape is not set")
+    state.validate(packed, name)
+
+
+def _check_packed(packed: Tensor, state: QuantState, name: str) -> None:
+    """The packed bytes' storage dtype and count against ``state.shape``."""
     if packed.dtype not in QUANT_STORAGE_DTYPES:
         raise ValueError(
             f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
@@ -387,23 +406,4 @@ def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> N
         raise ValueError(
             f"packed data holds {nbytes} bytes but {name}.shape={tuple(state.shape)} ({numel} values) "
             f"needs {packed_nbytes(numel)}"
-        )
-    blocks = num_blocks(numel, state.blocksize)
-    if not isinstance(state.absmax, Tensor) or state.absmax.numel() != blocks:
-        found = state.absmax.numel() if isinstance(state.absmax, Tensor) else type(state.absmax).__name__
-        raise ValueError(f"{name}.absmax must have {blocks} entries (one per block of {state.blocksize}), got {found}")
-    if state.nested:
-        inner = state.state2
-        if state.absmax.dtype != torch.uint8 or state.offset is None or inner.absmax is None or inner.code is None:
-            raise ValueError(f"{name} is nested but lacks uint8 absmax codes, an offset or state2 statistics")
-        check_blocksize(inner.blocksize, BLOCKWISE_BLOCKSIZES, f"{name}.state2.blocksize")
-        if inner.absmax.numel() != num_blocks(blocks, inner.blocksize):
-            expected = num_blocks(blocks, inner.blocksize)
-            raise ValueError(f"{name}.state2.absmax must have {expected} entries, got {inner.absmax.numel()}")
-    elif not state.absmax.is_floating_point():
-        raise ValueError(f"{name}.absmax must be floating point when not nested, got {state.absmax.dtype}")
-    if state.absmax.device != packed.device:
-        raise ValueError(
-            f"{name} is on {state.absmax.device} but the packed data is on {packed.device}; "
-            f"call {name}.to(device) first"
         )
