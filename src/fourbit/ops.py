@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .formats import num_blocks, packed_nbytes
+from .formats import NESTED_BLOCKSIZE, num_blocks, packed_nbytes
 from .kernels import reference
 
 
@@ -62,7 +62,7 @@ def dequantize_4bit(
     nested_absmax: Optional[Tensor] = None,
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> Tensor:
     """Decode packed 4-bit data to ``dtype`` of ``shape``; nested statistics are decoded on the way."""
     return reference.dequantize_4bit(
@@ -81,7 +81,7 @@ def _(
     nested_absmax: Optional[Tensor] = None,
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> Tensor:
     return packed.new_empty(tuple(shape), dtype=dtype)
 
@@ -124,7 +124,7 @@ def linear_4bit(
     nested_absmax: Optional[Tensor] = None,
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> Tensor:
     """``A @ W.T + bias`` in A's dtype, for the packed 4-bit weight ``W`` of ``shape`` (N, K)."""
     return reference.linear_4bit(
@@ -144,7 +144,7 @@ def _(
     nested_absmax: Optional[Tensor] = None,
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> Tensor:
     return A.new_empty((*A.shape[:-1], shape[0]))
 
@@ -222,7 +222,7 @@ class PreparedLinear:
         nested_absmax: Optional[Tensor] = None,
         nested_code: Optional[Tensor] = None,
         nested_offset: Optional[Tensor] = None,
-        nested_blocksize: int = 256,
+        nested_blocksize: int = NESTED_BLOCKSIZE,
     ) -> None:
         self.packed = packed
         self.arguments = dict(

@@ -25,7 +25,7 @@ from math import prod
 import torch
 import torch.nn.functional as F
 
-from ..formats import num_blocks
+from ..formats import NESTED_BLOCKSIZE, num_blocks
 
 #: Grid resolution of bitsandbytes' CPU 8-bit quantizer (a uint16 index over [-1, 1]).
 BLOCKWISE_GRID_STEPS = 65535
@@ -114,7 +114,7 @@ def dequantize_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Decode packed 4-bit data into a ``dtype`` tensor of ``shape``."""
     n = prod(shape)
@@ -170,7 +170,7 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """``A @ W.T + bias`` for the packed weight ``W`` of ``shape`` (N, K), in A's dtype."""
     weight = dequantize_4bit(

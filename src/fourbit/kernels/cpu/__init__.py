@@ -16,6 +16,7 @@ from math import prod
 
 import torch
 
+from ...formats import NESTED_BLOCKSIZE
 from .. import reference
 from . import compiled, native
 
@@ -45,7 +46,7 @@ class PreparedWeight:
         nested_absmax: torch.Tensor | None = None,
         nested_code: torch.Tensor | None = None,
         nested_offset: torch.Tensor | None = None,
-        nested_blocksize: int = 256,
+        nested_blocksize: int = NESTED_BLOCKSIZE,
     ) -> None:
         self.arguments = (packed, absmax, code, blocksize, tuple(shape), nested_absmax, nested_code, nested_offset,
                           nested_blocksize)  # fmt: skip
@@ -183,7 +184,7 @@ def dequantize_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.dequantize_4bit``."""
     arguments = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
@@ -203,7 +204,7 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``."""
     arguments = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)

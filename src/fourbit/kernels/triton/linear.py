@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 
+from ...formats import NESTED_BLOCKSIZE
 from . import fragments
 from .common import INTERPRETED
 from .derived import derived
@@ -122,7 +123,7 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
     config: Sequence | str | None = None,
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``; ``config`` overrides ``choose_config`` (tuning).
@@ -171,7 +172,7 @@ class PreparedWeight:
         nested_absmax: torch.Tensor | None = None,
         nested_code: torch.Tensor | None = None,
         nested_offset: torch.Tensor | None = None,
-        nested_blocksize: int = 256,
+        nested_blocksize: int = NESTED_BLOCKSIZE,
         shared_workspace: bool = True,
     ) -> None:
         self.packed = packed

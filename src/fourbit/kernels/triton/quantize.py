@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats import num_blocks, packed_nbytes
+from ...formats import NESTED_BLOCKSIZE, num_blocks, packed_nbytes
 from .. import reference
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import INTERPRETED, block_scale, word_shifts
@@ -77,6 +77,9 @@ def _lane_table_fill_ptx() -> str:
         ]
     )
 
+
+#: reference.ABSMAX_FLOOR, as the kernels see it
+ABSMAX_FLOOR = tl.constexpr(reference.ABSMAX_FLOOR)
 
 _LANE_TABLE_FILL = tl.constexpr(_lane_table_fill_ptx())
 _LANE_TABLE_ENTRY = tl.constexpr(
@@ -198,7 +201,7 @@ def _quantize_4bit_kernel(
         raw = _load_tile(x_ptr, first_block, tile + step, block_limit, n, BLOCKSIZE, BLOCKS_PER_TILE, SHORT)
 
         absmax = tl.reduce(tl.abs(x), 1, _max_with_nan)  # NaN if the block has one, like torch.amax
-        clamped = tl.where(absmax < 1e-38, 1e-38, absmax)  # keeps NaN, like torch.clamp
+        clamped = tl.where(absmax < ABSMAX_FLOOR, ABSMAX_FLOOR, absmax)  # keeps NaN, like torch.clamp
         if SHORT:
             scaled = tl.math.div_rn(x, clamped[:, None])
             scaled = tl.where(inside, scaled, 0.0)  # the padding value of an odd count
@@ -418,7 +421,7 @@ def dequantize_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.dequantize_4bit``."""
     n = prod(shape)
