@@ -83,6 +83,35 @@ def test_the_product_is_within_the_reference_tolerance(variant, dtype, shape):
         torch.testing.assert_close(out.double(), truth, rtol=tolerance, atol=tolerance * 4)
 
 
+@pytest.mark.skipif("amx" not in VARIANTS, reason="this CPU has no AMX tiles (or Linux does not grant them)")
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_the_amx_product_is_within_the_reference_tolerance(monkeypatch, blocksize, nested):
+    """bfloat16 rows on the tile unit: one input tile or several (the last padded), passes of four
+    tiles, and weight rows beyond the last whole group of 16 (the vector kernel's)."""
+    monkeypatch.setenv("FOURBIT_CPU_ISA", "amx")
+    native.refresh_isa()
+    try:
+        for shape in [(40, 512), (64, 1024)]:
+            packed, arguments = _weight(shape, "nf4", blocksize, nested)
+            weight = reference.dequantize_4bit(
+                packed, blocksize=blocksize, shape=shape, dtype=torch.bfloat16, **arguments
+            ).double()
+            prepared = cpu.PreparedWeight(packed, blocksize=blocksize, shape=shape, **arguments)
+            for rows in (2, 5, 16, 17, 70, cpu.AMX_MAX_ROWS):
+                x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+                bias = torch.randn(shape[0]).to(torch.bfloat16)
+                out = prepared.linear(x, bias)
+                assert out.dtype == torch.bfloat16 and out.shape == (rows, shape[0])
+                truth = x.double() @ weight.t() + bias.double()
+                torch.testing.assert_close(out.double(), truth, rtol=2e-2, atol=8e-2)
+                # each row's result does not depend on the rows beside it
+                assert torch.equal(prepared.linear(x[-2:], bias), out[-2:])
+    finally:
+        monkeypatch.undo()
+        native.refresh_isa()
+
+
 def test_an_empty_batch_gives_an_empty_output():
     packed, arguments = _weight((16, 64), "nf4", 64, False)
     out = cpu.linear_4bit(torch.empty(0, 64), packed, blocksize=64, shape=(16, 64), **arguments)

@@ -20,11 +20,23 @@ from ...formats import NESTED_BLOCKSIZE
 from .. import reference
 from . import compiled, native
 
-__all__ = ["FUSED_MAX_ROWS", "PreparedWeight", "dequantize_4bit", "linear_4bit", "prepare", "quantize_4bit"]
+__all__ = [
+    "AMX_MAX_ROWS",
+    "FUSED_MAX_ROWS",
+    "PreparedWeight",
+    "dequantize_4bit",
+    "linear_4bit",
+    "prepare",
+    "quantize_4bit",
+]
 
 #: Input rows up to which the product decodes the weight in registers; beyond, decoded chunks of
 #: the weight go to torch's GEMM, which reuses each weight value across many rows.
 FUSED_MAX_ROWS = 12
+#: The same for bfloat16 inputs on CPUs with AMX (``native.AMX``), whose kernel decodes each weight
+#: row once for all input rows and multiplies on the tile unit: measured faster than decode +
+#: GEMM up to 128 rows (4096x4096, 2 cores; docs/performance.md).
+AMX_MAX_ROWS = 128
 #: Bytes of decoded weight per chunk on the many-rows path: small enough to stay in cache.
 CHUNK_BYTES = 1 << 21
 #: Input rows from which each chunk's GEMM writes output columns in place (see ``_chunked``).
@@ -69,6 +81,11 @@ class PreparedWeight:
             weight.nested_blocksize = nested_blocksize
         self._weight = weight
         self._pointer = ctypes.byref(weight)
+        # the shapes the AMX kernel takes (fourbit_cpu.cpp: whole blocks of 64 and more, 16 rows)
+        blocks = self.k // blocksize if blocksize else 0
+        self._amx_shape = (
+            blocksize % 64 == 0 and self.k % blocksize == 0 and blocks <= native.MAX_RUN and self.n_out >= 16
+        )
         library = native.library()
         self._linear, self._dequantize = library.fourbit_linear, library.fourbit_dequantize
         self._dequantize_range = library.fourbit_dequantize_range
@@ -94,7 +111,9 @@ class PreparedWeight:
             bias = bias.to(A.dtype)
         x = A.reshape(-1, self.k)
         rows = x.shape[0]
-        if rows > FUSED_MAX_ROWS:
+        isa = native.isa()
+        amx = isa == native.AMX and A.dtype == torch.bfloat16 and self._amx_shape
+        if rows > (AMX_MAX_ROWS if amx else FUSED_MAX_ROWS):
             return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
         if not x.is_contiguous():
             x = x.contiguous()
@@ -102,8 +121,8 @@ class PreparedWeight:
         if rows:
             bias_pointer = None if bias is None else bias.contiguous().data_ptr()
             self._linear(
-                self._pointer, self.n_out, self.k, x.data_ptr(), rows, bias_pointer, out.data_ptr(), dtype_code,
-                native.isa(), torch.get_num_threads(),
+                self._pointer, self.n_out, self.k, x.data_ptr(), rows, bias_pointer, out.data_ptr(), dtype_code, isa,
+                torch.get_num_threads(),
             )  # fmt: skip
         return out
 

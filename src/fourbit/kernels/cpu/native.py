@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "AMX",
     "ISA_NAMES",
+    "MAX_RUN",
     "Weight",
     "available",
     "build_info",
@@ -43,7 +45,12 @@ SOURCE = Path(__file__).with_name("fourbit_cpu.cpp")
 #: No fused multiply-add contraction: scales must round exactly as the reference's.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 OPENMP = ("-fopenmp",)
-ISA_NAMES = ("portable", "avx2", "avx512", "avx512_bf16")
+NO_AMX = ("-DFOURBIT_NO_AMX",)
+ISA_NAMES = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
+#: The variant with AMX tiles (bfloat16 products of several rows).
+AMX = ISA_NAMES.index("amx")
+#: Blocks of one weight row the product kernels take (``MAX_RUN`` in the source).
+MAX_RUN = 512
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -184,8 +191,11 @@ def _compiler() -> str:
 def _load() -> ctypes.CDLL:
     compiler = _compiler()
     source = SOURCE.read_bytes()
-    for openmp in (OPENMP, ()):  # a compiler without OpenMP still gives single-threaded kernels
-        flags = (*FLAGS, *openmp)
+    # a compiler without OpenMP still gives single-threaded kernels; an assembler that does not know
+    # AMX's instructions, the kernels without them
+    variants = [(*openmp, *amx) for openmp in (OPENMP, ()) for amx in ((), NO_AMX)]
+    for index, extra in enumerate(variants):
+        flags = (*FLAGS, *extra)
         digest = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                              platform.machine().encode()])).hexdigest()[:16]  # fmt: skip
         path = cache_dir() / f"fourbit_cpu-{digest}.so"
@@ -194,14 +204,14 @@ def _load() -> ctypes.CDLL:
             start = time.perf_counter()
             error = _compile(compiler, flags, path)
             if error is not None:
-                if openmp:
+                if index + 1 < len(variants):
                     continue
                 raise RuntimeError(error)
             compiled, seconds = True, time.perf_counter() - start
         lib = ctypes.CDLL(str(path))
         _declare(lib)
         _info.update(path=str(path), compiled=compiled, seconds=seconds, isa=lib.fourbit_cpu_isa(),
-                     openmp=bool(openmp))  # fmt: skip
+                     openmp=OPENMP[0] in extra)  # fmt: skip
         return lib
     raise AssertionError("unreachable")
 
