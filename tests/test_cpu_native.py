@@ -187,6 +187,22 @@ def test_a_failing_compiler_warns_once_and_falls_back(tmp_path):
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_a_toolchain_without_amx_builds_the_other_variants(tmp_path):
+    """A compiler (or assembler) that rejects the AMX kernel still gives the vector variants."""
+    compiler = tmp_path / "c++"
+    real = os.environ.get("CXX") or "c++"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *-DFOURBIT_NO_AMX*) ;; *) echo "bad register name %tmm0" >&2; exit 1 ;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    report = _REPORT + "print(native.isa() < native.AMX, native.build_info()['openmp'])\n"
+    result = _python(report, FOURBIT_CACHE_DIR=str(tmp_path / "cache"), CXX=str(compiler))
+    assert result.stdout.split() == ["True", "True", "True", "True"], result.stderr
+    assert "could not be built" not in result.stderr
+
+
 def test_the_native_path_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("FOURBIT_CPU_NATIVE", "0")
     assert not native.available() and cpu.prepare(torch.zeros(1, 1, dtype=torch.uint8)) is None
