@@ -68,6 +68,7 @@ class ScoreRow:
 @dataclass(frozen=True)
 class DemoResult:
     rows: list[ScoreRow]
+    saved: str  # the row name of the model saved and reloaded
     checkpoint_mb: float
     reload_identical: bool
 
@@ -137,24 +138,33 @@ def run_demo(
     quant_types: Sequence[str] = ("nf4", "fp4"),
     blocksize: int = DEFAULT_BLOCKSIZE,
     progress: bool | None = None,
+    bf16: bool = True,
 ) -> DemoResult:
     """Compare fp32 with each 4-bit type, then save the first 4-bit model and reload it.
 
+    With ``bf16``, two more rows: the model in bfloat16, and the first 4-bit type computing in
+    bfloat16 (``compute_dtype``, as QLoRA setups do; the rest of the model stays float32).
     ``load_model`` returns a fresh fp32 SentenceTransformer (anything with ``encode`` works).
     """
     fp32 = load_model().eval()
     fp32_bytes = state_dict_nbytes(fp32)
     row, reference = score("fp32", fp32, data, None, fp32_bytes, batch_size)
     rows = [row]
+    if bf16:
+        rows.append(score("bf16", load_model().eval().to(torch.bfloat16), data, reference, fp32_bytes, batch_size)[0])
     quantized = {}
-    for quant_type in quant_types:
+    variants = [(quant_type, None) for quant_type in quant_types]
+    if bf16:
+        variants.append((quant_types[0], torch.bfloat16))
+    for quant_type, compute_dtype in variants:
         model = load_model().eval()
         quantize_model(
-            model, quant_type=quant_type, compress_statistics=True, blocksize=blocksize, skip=(), progress=progress
-        )
-        row, _ = score(quant_type.upper(), model, data, reference, fp32_bytes, batch_size)
-        rows.append(row)
-        quantized[quant_type] = model
+            model, quant_type=quant_type, compress_statistics=True, blocksize=blocksize, compute_dtype=compute_dtype,
+            skip=(), progress=progress,
+        )  # fmt: skip
+        name = quant_type.upper() + ("" if compute_dtype is None else ", bf16 compute")
+        rows.append(score(name, model, data, reference, fp32_bytes, batch_size)[0])
+        quantized.setdefault(quant_type, model)
     saved = quantized[quant_types[0]]
     path = Path(workdir) / f"{quant_types[0]}.safetensors"
     checkpoint.save_state_dict(saved, path, metadata={"demo": "all-MiniLM-L6-v2"})
@@ -162,7 +172,7 @@ def run_demo(
     load_quantized(fresh, path)
     texts = [*data.queries, *data.passages]
     identical = torch.equal(encode(fresh, texts, batch_size), encode(saved, texts, batch_size))
-    return DemoResult(rows, path.stat().st_size / 1e6, identical)
+    return DemoResult(rows, quant_types[0].upper(), path.stat().st_size / 1e6, identical)
 
 
 def format_table(result: DemoResult) -> str:
@@ -178,7 +188,7 @@ def format_table(result: DemoResult) -> str:
         )
     verdict = "identical" if result.reload_identical else "DIFFERENT"
     lines.append(
-        f"\nsaved {result.rows[1].name} checkpoint: {result.checkpoint_mb:.1f} MB; "
+        f"\nsaved {result.saved} checkpoint: {result.checkpoint_mb:.1f} MB; "
         f"reloaded into a fresh model: embeddings {verdict}"
     )
     return "\n".join(lines)
