@@ -292,3 +292,8 @@ def test_large_outputs_are_allocated_as_usual_tensors():
         assert out.shape == shape and out.dtype == dtype and out.is_contiguous()
         out.fill_(1)
         assert int(out.sum()) == out.numel()
+
+
+def test_every_kernel_header_is_part_of_the_build_hash():
+    """A header left out of ``native.HEADERS`` would let an edited kernel load a stale library."""
+    assert sorted(native.HEADERS) == sorted(path.name for path in native.SOURCE.parent.glob("*.h"))

@@ -81,7 +81,7 @@ class PreparedWeight:
             weight.nested_blocksize = nested_blocksize
         self._weight = weight
         self._pointer = ctypes.byref(weight)
-        # the shapes the AMX kernel takes (fourbit_cpu.cpp: whole blocks of 64 and more, 16 rows)
+        # the shapes the AMX kernel takes (amx.h: whole blocks of 64 and more, 16 weight rows)
         blocks = self.k // blocksize if blocksize else 0
         self._amx_shape = (
             blocksize % 64 == 0 and self.k % blocksize == 0 and blocks <= native.MAX_RUN and self.n_out >= 16

@@ -1,5 +1,5 @@
-"""The native CPU kernels: ``fourbit_cpu.cpp`` compiled on first use, cached on disk, called
-through ctypes.
+"""The native CPU kernels: ``fourbit_cpu.cpp`` (with the kernel headers beside it) compiled on
+first use, cached on disk, called through ctypes.
 
 The source is plain C++ with a C interface and no torch headers, so it compiles in seconds with
 the system's C++ compiler (``$CXX``, else ``c++``) and does not depend on torch's C++ ABI. The
@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("fourbit_cpu.cpp")
+#: The headers it includes (the kernels), hashed with it into the cached library's name.
+HEADERS = ("common.h", "dequantize.h", "product.h", "quantize.h", "amx.h")
 #: No fused multiply-add contraction: scales must round exactly as the reference's.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 OPENMP = ("-fopenmp",)
@@ -55,7 +57,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class Weight(ctypes.Structure):
-    """The C ``Weight``: one packed weight's pointers (see ``fourbit_cpu.cpp``)."""
+    """The C ``Weight``: one packed weight's pointers (see ``common.h``)."""
 
     _fields_ = [
         ("packed", ctypes.c_void_p),
@@ -190,7 +192,7 @@ def _compiler() -> str:
 
 def _load() -> ctypes.CDLL:
     compiler = _compiler()
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (SOURCE, *(SOURCE.with_name(name) for name in HEADERS)))
     # a compiler without OpenMP still gives single-threaded kernels; an assembler that does not know
     # AMX's instructions, the kernels without them
     variants = [(*openmp, *amx) for openmp in (OPENMP, ()) for amx in ((), NO_AMX)]

@@ -1,0 +1,149 @@
+// The product of several bfloat16 rows on AMX tiles.
+
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+#if FOURBIT_AMX
+// bfloat16 inputs on CPUs with AMX. 16 weight rows at a time are decoded (the scaled table
+// rounded to bfloat16, as dot_rows_bf16 decodes) one K step of 64 weights after another into
+// two tiles that stay in L1, and TDPBF16PS multiplies them with up to 64 input rows at once,
+// accumulating in float32; more input rows take further passes. Within a step, K is ordered as
+// the packed bytes hold it: the 32 high nibbles (even elements), then the 32 low nibbles (odd
+// elements); the inputs are laid out in the same order, so the decode needs no shuffle.
+
+bool amx_supported() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tiles = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+  if (!tiles || !bf16) return false;
+  // Linux hands out the tile state only to processes that ask for it (once per process).
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int AMX_ROWS = 16;       // weight rows per group, input rows per input tile
+constexpr int STEP = 64;           // weights of a row per K step
+constexpr int TILE_BYTES = AMX_ROWS * 64;
+constexpr int TILES_PER_PASS = 4;  // input tiles (each with its sums tile) per pass
+
+// Tiles: 0, 1 the decoded step (even, odd elements); 2, 3 an input tile's step (even, odd);
+// 4-7 the sums of up to four input tiles. Input tiles hold `columns` rows (all of them when
+// there are at most 16, else 16 with the last tile padded with zero rows).
+__attribute__((target("amx-tile,amx-bf16"))) void configure_tiles(int64_t columns) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = AMX_ROWS;
+    config.colsb[t] = static_cast<uint16_t>(t < 2 ? 64 : 4 * columns);
+  }
+  _tile_loadconfig(&config);
+}
+
+// Rows [r0, r0 + columns) of x (rows past m stay zero) in tile order: per K step, the even then
+// the odd tile, each 16 rows of `columns` element pairs.
+void amx_inputs(const uint16_t* x, int64_t k, int64_t m, int64_t r0, int64_t columns, uint16_t* out) {
+  for (int64_t s = 0; s < k / STEP; ++s)
+    for (int parity = 0; parity < 2; ++parity) {
+      uint16_t* tile = out + (2 * s + parity) * AMX_ROWS * 2 * columns;
+      for (int kk = 0; kk < AMX_ROWS; ++kk)
+        for (int64_t i = 0; i < columns && r0 + i < m; ++i) {
+          const uint16_t* row = x + (r0 + i) * k + s * STEP + 4 * kk + parity;
+          tile[(kk * columns + i) * 2] = row[0];
+          tile[(kk * columns + i) * 2 + 1] = row[2];
+        }
+    }
+}
+
+// One step of input tile SUMS - 4 (a tile number: the intrinsics take constants only).
+#define FOURBIT_AMX_STEP(SUMS, even, odd, stride) \
+  do {                                             \
+    _tile_loadd(2, even, stride);                  \
+    _tile_dpbf16ps(SUMS, 0, 2);                    \
+    _tile_loadd(3, odd, stride);                   \
+    _tile_dpbf16ps(SUMS, 1, 3);                    \
+  } while (0)
+
+// Weight rows [n0, n0 + 16) against input tiles [t0, t0 + count): the sums of each input tile
+// (16 x 16 float32) to `sums`. `scales` holds the 16 rows' block scales; `tiles` is 4 KB.
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void amx_pass(
+    const Weight& w, int64_t n0, int64_t k, const uint16_t* inputs, int64_t columns, int64_t count,
+    const float* scales, uint8_t* tiles, float* sums) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const int64_t blocks = k / w.blocksize, per_block = w.blocksize / STEP, steps = k / STEP;
+  const int64_t input_tile = AMX_ROWS * 2 * columns, per_input = steps * 2 * input_tile;  // uint16 elements
+  const int stride = static_cast<int>(4 * columns);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t s = 0; s < steps; ++s) {
+    uint8_t* step = tiles + (s & 1) * 2 * TILE_BYTES;  // two buffers: a decode need not wait for a load
+    for (int r = 0; r < AMX_ROWS; ++r) {
+      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[r * blocks + s / per_block]));
+      const __m512i doubled = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
+      const uint8_t* bytes = w.packed + (n0 + r) * k / 2 + s * 32;
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+      _mm512_store_si512(step + r * 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), doubled));
+      _mm512_store_si512(step + TILE_BYTES + r * 64, _mm512_permutexvar_epi16(v, doubled));
+    }
+    _tile_loadd(0, step, 64);
+    _tile_loadd(1, step + TILE_BYTES, 64);
+    const uint16_t* even = inputs + 2 * s * input_tile;
+    FOURBIT_AMX_STEP(4, even, even + input_tile, stride);
+    if (count > 1) FOURBIT_AMX_STEP(5, even + per_input, even + per_input + input_tile, stride);
+    if (count > 2) FOURBIT_AMX_STEP(6, even + 2 * per_input, even + 2 * per_input + input_tile, stride);
+    if (count > 3) FOURBIT_AMX_STEP(7, even + 3 * per_input, even + 3 * per_input + input_tile, stride);
+  }
+  _tile_stored(4, sums, 64);
+  if (count > 1) _tile_stored(5, sums + 256, 64);
+  if (count > 2) _tile_stored(6, sums + 512, 64);
+  if (count > 3) _tile_stored(7, sums + 768, 64);
+}
+
+// The product for weight rows [0, groups * 16) (the caller does the rest).
+__attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, int64_t n_out, int64_t groups, int64_t k,
+                                                             const uint16_t* x, int64_t m, const void* bias, void* out,
+                                                             int32_t threads) {
+  const int64_t columns = m < AMX_ROWS ? m : AMX_ROWS, input_tiles = (m + AMX_ROWS - 1) / AMX_ROWS;
+  const int64_t per_input = k * columns;  // uint16 elements of one input tile over all steps
+  std::vector<uint16_t, CacheLineAllocator<uint16_t>> inputs(static_cast<size_t>(per_input * input_tiles));
+  if (columns * input_tiles != m) std::memset(inputs.data(), 0, inputs.size() * sizeof(uint16_t));
+  for (int64_t t = 0; t < input_tiles; ++t) amx_inputs(x, k, m, t * AMX_ROWS, columns, inputs.data() + per_input * t);
+  const int64_t blocks = k / w.blocksize;
+#pragma omp parallel num_threads(threads) if (threads > 1 && groups > 1)
+  {
+    std::vector<uint8_t, CacheLineAllocator<uint8_t>> tiles(4 * TILE_BYTES);
+    std::vector<float> scales(static_cast<size_t>(AMX_ROWS * blocks));
+    alignas(64) float sums[TILES_PER_PASS * 256];
+    configure_tiles(columns);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t n0 = g * AMX_ROWS;
+      for (int r = 0; r < AMX_ROWS; ++r) block_scales(w, (n0 + r) * blocks, blocks, scales.data() + r * blocks);
+      for (int64_t t0 = 0; t0 < input_tiles; t0 += TILES_PER_PASS) {
+        const int64_t count = input_tiles - t0 < TILES_PER_PASS ? input_tiles - t0 : TILES_PER_PASS;
+        amx_pass(w, n0, k, inputs.data() + per_input * t0, columns, count, scales.data(), tiles.data(), sums);
+        for (int64_t t = 0; t < count; ++t)
+          for (int r = 0; r < AMX_ROWS; ++r) {
+            const float b = bias ? load_value(bias, n0 + r, BF16) : 0.0f;
+            for (int64_t i = 0; i < columns && (t0 + t) * AMX_ROWS + i < m; ++i)
+              store_value(out, ((t0 + t) * AMX_ROWS + i) * n_out + n0 + r, sums[t * 256 + r * 16 + i] + b, BF16);
+          }
+      }
+    }
+    _tile_release();
+  }
+}
+#endif
+
+}  // namespace

@@ -1,0 +1,166 @@
+// What every kernel shares: the dtype and variant codes, the packed weight, block scales, the
+// float16/bfloat16 conversions and element access, and cache-line aligned buffers.
+
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FOURBIT_X86 1
+#else
+#define FOURBIT_X86 0
+#endif
+
+// AMX tiles need the compiler's intrinsics (GCC 11, clang 12) and Linux's permission to use them.
+#if FOURBIT_X86 && defined(__linux__) && !defined(FOURBIT_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define FOURBIT_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define FOURBIT_AMX 0
+#endif
+
+namespace {
+
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+enum Isa : int32_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 4 };
+
+// The smallest absmax a quantize divides by (reference.ABSMAX_FLOOR): all-zero blocks code to zero.
+constexpr float ABSMAX_FLOOR = 1e-38f;
+
+// Blocks handled in one run (a dequantize task; the blocks of a weight row in a product).
+constexpr int64_t MAX_RUN = 512;
+
+// One packed weight: the packed bytes, the 16-entry float32 table and its statistics.
+struct Weight {
+  const uint8_t* packed;
+  const float* table;          // 16 entries, zeros as +0.0
+  const float* absmax;         // float32 scale per block, or null when nested
+  const uint8_t* qabsmax;      // nested: 8-bit codes of the scales
+  const float* nested_code;    // nested: 256-entry table
+  const float* nested_absmax;  // nested: one scale per nested block
+  const float* offset;         // nested: added to every decoded scale
+  int64_t nested_blocksize;
+  int64_t blocksize;
+};
+
+inline float block_scale(const Weight& w, int64_t block) {
+  if (w.absmax) return w.absmax[block];
+  // two roundings, as the reference (the library is compiled without fused multiply-add contraction)
+  const float product = w.nested_code[w.qabsmax[block]] * w.nested_absmax[block / w.nested_blocksize];
+  return product + *w.offset;
+}
+
+// The scales of blocks [first, first + count): one division for the run, not one per block.
+void block_scales(const Weight& w, int64_t first, int64_t count, float* out) {
+  if (w.absmax) {
+    std::memcpy(out, w.absmax + first, count * sizeof(float));
+    return;
+  }
+  int64_t group = first / w.nested_blocksize, left = (group + 1) * w.nested_blocksize - first;
+  const float offset = *w.offset;
+  for (int64_t i = 0; i < count; ++i) {
+    if (left == 0) ++group, left = w.nested_blocksize;
+    const float product = w.nested_code[w.qabsmax[first + i]] * w.nested_absmax[group];
+    out[i] = product + offset;
+    --left;
+  }
+}
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t to_bf16(float f) {
+  if (f != f) return 0xFFFF;
+  uint32_t u = bits_of(f);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline uint16_t to_f16(float f) {
+  uint32_t u = bits_of(f);
+  uint32_t sign = (u >> 16) & 0x8000;
+  uint32_t a = u & 0x7FFFFFFF;
+  uint32_t out;
+  if (a >= 0x47800000) {  // 65536 and beyond: infinity, or NaN
+    out = a > 0x7F800000 ? 0x7E00 : 0x7C00;
+  } else if (a < 0x38800000) {  // below the smallest normal half: let float addition round
+    const uint32_t magic = 0x3F000000;  // 0.5: its ulp is the half subnormal step
+    out = bits_of(float_of(a) + float_of(magic)) - magic;
+  } else {
+    uint32_t odd = (a >> 13) & 1;
+    a += 0xC8000FFF + odd;  // rebias the exponent (-112 << 23) and round to nearest even
+    out = a >> 13;
+  }
+  return static_cast<uint16_t>(out | sign);
+}
+
+inline float from_bf16(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+inline float from_f16(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  if (exponent == 0x1F) return float_of(sign | 0x7F800000 | (mantissa << 13));
+  if (exponent != 0) return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  float value = static_cast<float>(mantissa) * float_of(0x33800000);  // 2^-24
+  return sign ? -value : value;
+}
+
+// A float32 value rounded to `dtype` and widened again: the decoded weight the reference multiplies.
+inline float round_to(float v, int32_t dtype) {
+  if (dtype == BF16) return v != v ? v : from_bf16(to_bf16(v));
+  if (dtype == F16) return from_f16(to_f16(v));
+  return v;
+}
+
+inline float load_value(const void* base, int64_t i, int32_t dtype) {
+  if (dtype == F32) return static_cast<const float*>(base)[i];
+  uint16_t h = static_cast<const uint16_t*>(base)[i];
+  return dtype == BF16 ? from_bf16(h) : from_f16(h);
+}
+
+inline void store_value(void* base, int64_t i, float v, int32_t dtype) {
+  if (dtype == F32)
+    static_cast<float*>(base)[i] = v;
+  else
+    static_cast<uint16_t*>(base)[i] = dtype == BF16 ? to_bf16(v) : to_f16(v);
+}
+
+inline int index_at(const uint8_t* packed, int64_t e) {
+  uint8_t byte = packed[e >> 1];
+  return (e & 1) ? (byte & 15) : (byte >> 4);
+}
+
+template <typename T>
+struct CacheLineAllocator {  // 64-byte aligned rows: vector loads never straddle cache lines
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  bool operator==(const CacheLineAllocator&) const { return true; }
+  bool operator!=(const CacheLineAllocator&) const { return false; }
+};
+
+}  // namespace

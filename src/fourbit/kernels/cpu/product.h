@@ -1,0 +1,240 @@
+// The fused product of few input rows: the weight decoded in registers, float32 sums.
+
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+// Inputs converted to float32 and split into even and odd elements of each row, so that the
+// high and low nibbles of a packed byte meet their inputs without shuffles.
+struct Inputs {
+  std::vector<float, CacheLineAllocator<float>> even, odd;
+  std::vector<uint16_t, CacheLineAllocator<uint16_t>> even16, odd16;  // bfloat16 inputs, kept as they are
+  int64_t half;  // K / 2
+};
+
+// The dot products of weight row n with rows [m0, m0 + rows) of the inputs (K a multiple of the
+// blocksize, the blocksize a multiple of 32).
+template <int ROWS>
+void dot_rows_portable(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums,
+                       int32_t dtype) {
+  float acc[ROWS] = {};
+  const int64_t blocks = k / w.blocksize, first = n * blocks;
+  float scaled[16], scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float s = scales[b];
+    for (int j = 0; j < 16; ++j) scaled[j] = round_to(w.table[j] * s, dtype);
+    const uint8_t* bytes = w.packed + (first + b) * w.blocksize / 2;
+    const int64_t base = b * w.blocksize / 2;
+    for (int64_t j = 0; j < w.blocksize / 2; ++j) {
+      const float hi = scaled[bytes[j] >> 4], lo = scaled[bytes[j] & 15];
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t i = (m0 + r) * x.half + base + j;
+        acc[r] += hi * x.even[i] + lo * x.odd[i];
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) sums[r] = acc[r];
+}
+
+#if FOURBIT_X86
+// Sixteen float32 values rounded to `dtype` and widened again (NaN kept).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 round_to_avx512(__m512 v, int32_t dtype) {
+  if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (dtype != BF16) return v;
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                               _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 round_to_avx2(__m256 v, int32_t dtype) {
+  if (dtype == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (dtype != BF16) return v;
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                               _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// One group of 16 packed bytes (32 weights) against ROWS input rows: high nibbles meet the even
+// inputs, low nibbles the odd ones. Accumulators are indexed by constants only, so they stay
+// in registers.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline void group_avx512(
+    const uint8_t* bytes, const float* even, const float* odd, int64_t stride, __m512 scaled, __m512* acc_hi,
+    __m512* acc_lo) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled);
+  __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), scaled);
+  for (int r = 0; r < ROWS; ++r) {
+    acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(even + r * stride), acc_hi[r]);
+    acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(odd + r * stride), acc_lo[r]);
+  }
+}
+
+// Two groups in flight (four accumulators per row), so that the adds do not wait on each other.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx512(const Weight& w, int64_t n,
+                                                                                    int64_t k, const Inputs& x,
+                                                                                    int64_t m0, float* sums,
+                                                                                    int32_t dtype) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  __m512 a0[ROWS], a1[ROWS], a2[ROWS], a3[ROWS];
+  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = a2[r] = a3[r] = _mm512_setzero_ps();
+  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 32, stride = x.half;
+  const uint8_t* bytes = w.packed + first * w.blocksize / 2;
+  const float* even = x.even.data() + m0 * stride;
+  const float* odd = x.odd.data() + m0 * stride;
+  float scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 scaled = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[b])), dtype);
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2, bytes += 32, even += 32, odd += 32) {
+      group_avx512<ROWS>(bytes, even, odd, stride, scaled, a0, a1);
+      group_avx512<ROWS>(bytes + 16, even + 16, odd + 16, stride, scaled, a2, a3);
+    }
+    if (g < groups) {
+      group_avx512<ROWS>(bytes, even, odd, stride, scaled, a0, a1);
+      bytes += 16, even += 16, odd += 16;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_add_ps(a2[r], a3[r])));
+}
+
+template <int ROWS>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void group_avx2(const uint8_t* bytes, const float* even,
+                                                                               const float* odd, int64_t stride,
+                                                                               __m256 low, __m256 high,
+                                                                               __m256* acc_hi, __m256* acc_lo) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  __m256 hi = lookup_avx2(_mm256_srli_epi32(v, 4), low, high);
+  __m256 lo = lookup_avx2(_mm256_and_si256(v, _mm256_set1_epi32(15)), low, high);
+  for (int r = 0; r < ROWS; ++r) {
+    acc_hi[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(even + r * stride), acc_hi[r]);
+    acc_lo[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(odd + r * stride), acc_lo[r]);
+  }
+}
+
+template <int ROWS>
+__attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int64_t n, int64_t k, const Inputs& x,
+                                                            int64_t m0, float* sums, int32_t dtype) {
+  const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
+  __m256 a0[ROWS], a1[ROWS], a2[ROWS], a3[ROWS];
+  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = a2[r] = a3[r] = _mm256_setzero_ps();
+  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 16, stride = x.half;
+  const uint8_t* bytes = w.packed + first * w.blocksize / 2;
+  const float* even = x.even.data() + m0 * stride;
+  const float* odd = x.odd.data() + m0 * stride;
+  float scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256 scale = _mm256_set1_ps(scales[b]);
+    const __m256 scaled_low = round_to_avx2(_mm256_mul_ps(low, scale), dtype);
+    const __m256 scaled_high = round_to_avx2(_mm256_mul_ps(high, scale), dtype);
+    for (int64_t g = 0; g < groups; g += 2, bytes += 16, even += 16, odd += 16) {  // groups is even
+      group_avx2<ROWS>(bytes, even, odd, stride, scaled_low, scaled_high, a0, a1);
+      group_avx2<ROWS>(bytes + 8, even + 8, odd + 8, stride, scaled_low, scaled_high, a2, a3);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m256 total = _mm256_add_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_add_ps(a2[r], a3[r]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    sums[r] = _mm_cvtss_f32(s);
+  }
+}
+
+// bfloat16 inputs with AVX512-BF16: a block's scaled table is rounded to bfloat16 (the weights the
+// reference multiplies) and duplicated into 32 lanes, so that vpermw decodes 32 weights from the
+// low five bits of each byte (the fifth bit picks the duplicate) and vdpbf16ps multiplies 32
+// weight and input pairs, accumulating in float32. Blocks of 64 and more.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), always_inline)) inline void block_bf16(
+    const uint8_t* bytes, const uint16_t* even, const uint16_t* odd, int64_t stride, int64_t groups, __m512i table,
+    __m512* acc_hi, __m512* acc_lo) {
+  for (int64_t g = 0; g < groups; ++g, bytes += 32, even += 32, odd += 32) {
+    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+    __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+    __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, table);
+    for (int r = 0; r < ROWS; ++r) {
+      acc_hi[r] = _mm512_dpbf16_ps(acc_hi[r], hi, (__m512bh)_mm512_loadu_si512(even + r * stride));
+      acc_lo[r] = _mm512_dpbf16_ps(acc_lo[r], lo, (__m512bh)_mm512_loadu_si512(odd + r * stride));
+    }
+  }
+}
+
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void dot_rows_bf16(const Weight& w, int64_t n,
+                                                                                             int64_t k,
+                                                                                             const Inputs& x,
+                                                                                             int64_t m0, float* sums) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  __m512 a0[ROWS], a1[ROWS], a2[ROWS], a3[ROWS];
+  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = a2[r] = a3[r] = _mm512_setzero_ps();
+  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 64, stride = x.half;
+  const int64_t step = w.blocksize / 2;  // bytes (and inputs of each parity) per block
+  const uint8_t* bytes = w.packed + first * step;
+  const uint16_t* even = x.even16.data() + m0 * stride;
+  const uint16_t* odd = x.odd16.data() + m0 * stride;
+  float scales[MAX_RUN];
+  block_scales(w, first, blocks, scales);
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2, bytes += 2 * step, even += 2 * step, odd += 2 * step) {
+    const __m512 s0 = _mm512_mul_ps(table, _mm512_set1_ps(scales[b]));
+    const __m512 s1 = _mm512_mul_ps(table, _mm512_set1_ps(scales[b + 1]));
+    block_bf16<ROWS>(bytes, even, odd, stride, groups, (__m512i)_mm512_cvtne2ps_pbh(s0, s0), a0, a1);
+    block_bf16<ROWS>(bytes + step, even + step, odd + step, stride, groups, (__m512i)_mm512_cvtne2ps_pbh(s1, s1),
+                     a2, a3);
+  }
+  if (b < blocks) {
+    const __m512 s0 = _mm512_mul_ps(table, _mm512_set1_ps(scales[b]));
+    block_bf16<ROWS>(bytes, even, odd, stride, groups, (__m512i)_mm512_cvtne2ps_pbh(s0, s0), a0, a1);
+  }
+  for (int r = 0; r < ROWS; ++r)
+    sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_add_ps(a2[r], a3[r])));
+}
+#endif
+
+template <int ROWS>
+void dot_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums, int32_t dtype,
+              int32_t isa) {
+#if FOURBIT_X86
+  if (isa >= AVX512_BF16 && dtype == BF16 && w.blocksize % 64 == 0) return dot_rows_bf16<ROWS>(w, n, k, x, m0, sums);
+  if (isa >= AVX512) return dot_rows_avx512<ROWS>(w, n, k, x, m0, sums, dtype);
+  if (isa == AVX2) return dot_rows_avx2<ROWS>(w, n, k, x, m0, sums, dtype);
+#endif
+  dot_rows_portable<ROWS>(w, n, k, x, m0, sums, dtype);
+}
+
+// Up to four input rows per pass over a weight row: the decode is shared by the rows.
+void dot_all_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums, int32_t dtype,
+                  int32_t isa) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m; m0 += 4) dot_rows<4>(w, n, k, x, m0, sums + m0, dtype, isa);
+  switch (m - m0) {
+    case 3: dot_rows<3>(w, n, k, x, m0, sums + m0, dtype, isa); break;
+    case 2: dot_rows<2>(w, n, k, x, m0, sums + m0, dtype, isa); break;
+    case 1: dot_rows<1>(w, n, k, x, m0, sums + m0, dtype, isa); break;
+    default: break;
+  }
+}
+
+// Any shape: element by element (K not a multiple of the blocksize, small or odd blocksizes).
+void dot_any(const Weight& w, int64_t n, int64_t k, const void* x, int32_t dtype, int64_t m, float* sums) {
+  for (int64_t r = 0; r < m; ++r) sums[r] = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = n * k + j;
+    const float value = round_to(w.table[index_at(w.packed, e)] * block_scale(w, e / w.blocksize), dtype);
+    for (int64_t r = 0; r < m; ++r) sums[r] += value * load_value(x, r * k + j, dtype);
+  }
+}
+
+}  // namespace
