@@ -112,6 +112,38 @@ def test_the_amx_product_is_within_the_reference_tolerance(monkeypatch, blocksiz
         native.refresh_isa()
 
 
+@pytest.mark.skipif("amx" not in VARIANTS, reason="this CPU has no AMX tiles (or Linux does not grant them)")
+def test_float32_products_use_bfloat16_parts_only_where_torch_allows_them(monkeypatch):
+    """float32 rows go to the tile unit (three bfloat16 products each) only when
+    ``torch.get_float32_matmul_precision()`` is not "highest"; then within float32 GEMM's tolerance."""
+    shape = (48, 1024)
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
+    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
+    x = torch.randn(70, shape[1])
+    x[0, 0] = float("inf")  # a row that is not finite stays so, and leaves the others alone
+    bias = torch.randn(shape[0])
+    monkeypatch.setenv("FOURBIT_CPU_ISA", "avx512_bf16")
+    native.refresh_isa()
+    vector = prepared.linear(x, bias)
+    monkeypatch.setenv("FOURBIT_CPU_ISA", "amx")
+    native.refresh_isa()
+    precision = torch.get_float32_matmul_precision()
+    try:
+        # "highest": float32 throughout, the vector kernel's results to the bit
+        torch.testing.assert_close(prepared.linear(x, bias), vector, rtol=0, atol=0, equal_nan=True)
+        torch.set_float32_matmul_precision("high")
+        split = prepared.linear(x, bias)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        monkeypatch.undo()
+        native.refresh_isa()
+    assert not torch.equal(split[1:], vector[1:])  # the tile unit ran
+    assert torch.equal(split[0].isfinite(), vector[0].isfinite())
+    truth = x[1:].double() @ weight.t() + bias.double()
+    torch.testing.assert_close(split[1:].double(), truth, rtol=1e-4, atol=4e-4)
+
+
 def test_an_empty_batch_gives_an_empty_output():
     packed, arguments = _weight((16, 64), "nf4", 64, False)
     out = cpu.linear_4bit(torch.empty(0, 64), packed, blocksize=64, shape=(16, 64), **arguments)

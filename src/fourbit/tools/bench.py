@@ -255,6 +255,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graphs", action="store_true", help="time CUDA work as graph replays (no launch overhead)"
     )
     parser.add_argument("--memory", action="store_true", help="report the peak extra memory of a batch-64 forward")
+    parser.add_argument(
+        "--float32-matmul-precision",
+        choices=["highest", "high", "medium"],
+        help="torch.set_float32_matmul_precision for every column (fourbit's float32 CPU products take "
+        "bfloat16 parts on AMX below 'highest')",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -268,6 +274,8 @@ def run_from_args(args: argparse.Namespace) -> None:
     global CUDA_GRAPHS
     device = torch.device(args.device)
     CUDA_GRAPHS = args.cuda_graphs
+    if args.float32_matmul_precision:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]
     rows = run(
         shapes,
@@ -281,6 +289,8 @@ def run_from_args(args: argparse.Namespace) -> None:
         with_bnb=not args.no_bnb,
     )
     settings = f"{args.quant_type}, blocksize {args.blocksize}, nested={not args.no_nested}"
+    if args.float32_matmul_precision:
+        settings += f", float32 matmul precision {args.float32_matmul_precision!r}"
     timing = "CUDA graph replays" if CUDA_GRAPHS else "eager calls"
     copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}; {timing}\n")

@@ -35,7 +35,10 @@ __all__ = [
 FUSED_MAX_ROWS = 12
 #: The same for bfloat16 inputs on CPUs with AMX (``native.AMX``), whose kernel decodes each weight
 #: row once for all input rows and multiplies on the tile unit: measured faster than decode +
-#: GEMM up to 128 rows (4096x4096, 2 cores; docs/performance.md).
+#: GEMM up to 128 rows (4096x4096, 2 cores; docs/performance.md). float32 inputs take it too when
+#: ``torch.get_float32_matmul_precision()`` is "high" or "medium": each product is then three
+#: bfloat16 products of high and low parts (about 5e-6 relative error), as torch allows for its
+#: own float32 matmuls at that setting.
 AMX_MAX_ROWS = 128
 #: Bytes of decoded weight per chunk on the many-rows path: small enough to stay in cache.
 CHUNK_BYTES = 1 << 21
@@ -112,7 +115,9 @@ class PreparedWeight:
         x = A.reshape(-1, self.k)
         rows = x.shape[0]
         isa = native.isa()
-        amx = isa == native.AMX and A.dtype == torch.bfloat16 and self._amx_shape
+        if isa == native.AMX and A.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+            isa = native.AMX - 1  # float32 products in bfloat16 parts only where torch allows them
+        amx = isa == native.AMX and A.dtype in (torch.bfloat16, torch.float32) and self._amx_shape
         if rows > (AMX_MAX_ROWS if amx else FUSED_MAX_ROWS):
             return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
         if not x.is_contiguous():

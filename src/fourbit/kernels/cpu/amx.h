@@ -36,6 +36,9 @@ constexpr int AMX_ROWS = 16;       // weight rows per group, input rows per inpu
 constexpr int STEP = 64;           // weights of a row per K step
 constexpr int TILE_BYTES = AMX_ROWS * 64;
 constexpr int TILES_PER_PASS = 4;  // input tiles (each with its sums tile) per pass
+// Input rows from which the tile unit pays, by dtype (F32, BF16): one bfloat16 row decodes as fast
+// in vector registers; float32 rows cost three tile products each (4096x4096, 2 cores).
+constexpr int64_t AMX_MIN_ROWS[2] = {4, 2};
 
 // Tiles: 0, 1 the decoded step (even, odd elements); 2, 3 an input tile's step (even, odd);
 // 4-7 the sums of up to four input tiles. Input tiles hold `columns` rows (all of them when
@@ -73,12 +76,40 @@ void amx_inputs(const uint16_t* x, int64_t k, int64_t m, int64_t r0, int64_t col
     _tile_dpbf16ps(SUMS, 1, 3);                    \
   } while (0)
 
+// The same for float32 products split in bfloat16 pairs (tiles 0, 1: the weights' high and low
+// parts; 2, 3: the inputs'): high x high + high x low + low x high.
+#define FOURBIT_AMX_SPLIT_STEP(SUMS, high, low, stride) \
+  do {                                                   \
+    _tile_loadd(2, high, stride);                        \
+    _tile_loadd(3, low, stride);                         \
+    _tile_dpbf16ps(SUMS, 0, 2);                          \
+    _tile_dpbf16ps(SUMS, 0, 3);                          \
+    _tile_dpbf16ps(SUMS, 1, 2);                          \
+  } while (0)
+
+// A block's 16 scaled weights as bfloat16, twice over (vpermw picks with 5 index bits); with
+// `low`, also what the bfloat16 values miss of the float32 ones (zero where they are not finite).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline __m512i scaled_table(
+    __m512 table, float scale, __m512i* low) {
+  const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scale));
+  const __m512i high = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
+  if (low) {
+    const __m512 widened = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(high)), 16));
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(widened), _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ);
+    const __m512 rest = _mm512_maskz_sub_ps(finite, scaled, widened);
+    *low = (__m512i)_mm512_cvtne2ps_pbh(rest, rest);
+  }
+  return high;
+}
+
 // Weight rows [n0, n0 + 16) against input tiles [t0, t0 + count): the sums of each input tile
-// (16 x 16 float32) to `sums`. `scales` holds the 16 rows' block scales; `tiles` is 4 KB.
+// (16 x 16 float32) to `sums`. `scales` holds the 16 rows' block scales; `tiles` is 8 KB. With
+// `low_inputs` (float32 inputs), the products are split in bfloat16 pairs.
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void amx_pass(
-    const Weight& w, int64_t n0, int64_t k, const uint16_t* inputs, int64_t columns, int64_t count,
-    const float* scales, uint8_t* tiles, float* sums) {
+    const Weight& w, int64_t n0, int64_t k, const uint16_t* inputs, const uint16_t* low_inputs, int64_t columns,
+    int64_t count, const float* scales, uint8_t* tiles, float* sums) {
   const __m512 table = _mm512_loadu_ps(w.table);
+  const bool split = low_inputs != nullptr;
   const int64_t blocks = k / w.blocksize, per_block = w.blocksize / STEP, steps = k / STEP;
   const int64_t input_tile = AMX_ROWS * 2 * columns, per_input = steps * 2 * input_tile;  // uint16 elements
   const int stride = static_cast<int>(4 * columns);
@@ -87,22 +118,42 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx5
   _tile_zero(6);
   _tile_zero(7);
   for (int64_t s = 0; s < steps; ++s) {
-    uint8_t* step = tiles + (s & 1) * 2 * TILE_BYTES;  // two buffers: a decode need not wait for a load
+    // two buffers of four tiles: a decode need not wait for the loads of the step before
+    uint8_t* step = tiles + (s & 1) * 4 * TILE_BYTES;
     for (int r = 0; r < AMX_ROWS; ++r) {
-      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[r * blocks + s / per_block]));
-      const __m512i doubled = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
+      __m512i low_table;
+      const __m512i high_table = scaled_table(table, scales[r * blocks + s / per_block], split ? &low_table : nullptr);
       const uint8_t* bytes = w.packed + (n0 + r) * k / 2 + s * 32;
       const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-      _mm512_store_si512(step + r * 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), doubled));
-      _mm512_store_si512(step + TILE_BYTES + r * 64, _mm512_permutexvar_epi16(v, doubled));
+      const __m512i high_nibbles = _mm512_srli_epi16(v, 4);
+      _mm512_store_si512(step + r * 64, _mm512_permutexvar_epi16(high_nibbles, high_table));
+      _mm512_store_si512(step + TILE_BYTES + r * 64, _mm512_permutexvar_epi16(v, high_table));
+      if (split) {
+        _mm512_store_si512(step + 2 * TILE_BYTES + r * 64, _mm512_permutexvar_epi16(high_nibbles, low_table));
+        _mm512_store_si512(step + 3 * TILE_BYTES + r * 64, _mm512_permutexvar_epi16(v, low_table));
+      }
     }
-    _tile_loadd(0, step, 64);
-    _tile_loadd(1, step + TILE_BYTES, 64);
     const uint16_t* even = inputs + 2 * s * input_tile;
-    FOURBIT_AMX_STEP(4, even, even + input_tile, stride);
-    if (count > 1) FOURBIT_AMX_STEP(5, even + per_input, even + per_input + input_tile, stride);
-    if (count > 2) FOURBIT_AMX_STEP(6, even + 2 * per_input, even + 2 * per_input + input_tile, stride);
-    if (count > 3) FOURBIT_AMX_STEP(7, even + 3 * per_input, even + 3 * per_input + input_tile, stride);
+    if (!split) {
+      _tile_loadd(0, step, 64);
+      _tile_loadd(1, step + TILE_BYTES, 64);
+      FOURBIT_AMX_STEP(4, even, even + input_tile, stride);
+      if (count > 1) FOURBIT_AMX_STEP(5, even + per_input, even + per_input + input_tile, stride);
+      if (count > 2) FOURBIT_AMX_STEP(6, even + 2 * per_input, even + 2 * per_input + input_tile, stride);
+      if (count > 3) FOURBIT_AMX_STEP(7, even + 3 * per_input, even + 3 * per_input + input_tile, stride);
+      continue;
+    }
+    const uint16_t* low_even = low_inputs + 2 * s * input_tile;
+    for (int parity = 0; parity < 2; ++parity) {
+      _tile_loadd(0, step + parity * TILE_BYTES, 64);
+      _tile_loadd(1, step + (2 + parity) * TILE_BYTES, 64);
+      const uint16_t* high = even + parity * input_tile;
+      const uint16_t* low = low_even + parity * input_tile;
+      FOURBIT_AMX_SPLIT_STEP(4, high, low, stride);
+      if (count > 1) FOURBIT_AMX_SPLIT_STEP(5, high + per_input, low + per_input, stride);
+      if (count > 2) FOURBIT_AMX_SPLIT_STEP(6, high + 2 * per_input, low + 2 * per_input, stride);
+      if (count > 3) FOURBIT_AMX_SPLIT_STEP(7, high + 3 * per_input, low + 3 * per_input, stride);
+    }
   }
   _tile_stored(4, sums, 64);
   if (count > 1) _tile_stored(5, sums + 256, 64);
@@ -110,19 +161,53 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx5
   if (count > 3) _tile_stored(7, sums + 768, 64);
 }
 
-// The product for weight rows [0, groups * 16) (the caller does the rest).
+// bfloat16 parts of float32 inputs: the nearest bfloat16 and the nearest to what it misses
+// (zero where the first is not finite).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void split_inputs(const float* x, int64_t n,
+                                                                                          uint16_t* high,
+                                                                                          uint16_t* low) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    const __m512 widened = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(widened), _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + i), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_sub_ps(finite, v, widened)));
+  }
+  for (; i < n; ++i) {
+    high[i] = to_bf16(x[i]);
+    const float widened = from_bf16(high[i]);
+    low[i] = widened - widened == 0.0f ? to_bf16(x[i] - widened) : 0;
+  }
+}
+
+// The product for weight rows [0, groups * 16) (the caller does the rest); `dtype` BF16, or F32
+// (products split in bfloat16 pairs).
 __attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, int64_t n_out, int64_t groups, int64_t k,
-                                                             const uint16_t* x, int64_t m, const void* bias, void* out,
-                                                             int32_t threads) {
+                                                             const void* x, int64_t m, const void* bias, void* out,
+                                                             int32_t dtype, int32_t threads) {
   const int64_t columns = m < AMX_ROWS ? m : AMX_ROWS, input_tiles = (m + AMX_ROWS - 1) / AMX_ROWS;
   const int64_t per_input = k * columns;  // uint16 elements of one input tile over all steps
+  const bool split = dtype == F32;
   std::vector<uint16_t, CacheLineAllocator<uint16_t>> inputs(static_cast<size_t>(per_input * input_tiles));
-  if (columns * input_tiles != m) std::memset(inputs.data(), 0, inputs.size() * sizeof(uint16_t));
-  for (int64_t t = 0; t < input_tiles; ++t) amx_inputs(x, k, m, t * AMX_ROWS, columns, inputs.data() + per_input * t);
+  std::vector<uint16_t, CacheLineAllocator<uint16_t>> low_inputs(split ? inputs.size() : 0);
+  std::vector<uint16_t, CacheLineAllocator<uint16_t>> high_x(split ? m * k : 0), low_x(split ? m * k : 0);
+  if (split) split_inputs(static_cast<const float*>(x), m * k, high_x.data(), low_x.data());
+  const uint16_t* x16 = split ? high_x.data() : static_cast<const uint16_t*>(x);
+  if (columns * input_tiles != m) {
+    std::memset(inputs.data(), 0, inputs.size() * sizeof(uint16_t));
+    std::memset(low_inputs.data(), 0, low_inputs.size() * sizeof(uint16_t));
+  }
+  for (int64_t t = 0; t < input_tiles; ++t) {
+    amx_inputs(x16, k, m, t * AMX_ROWS, columns, inputs.data() + per_input * t);
+    if (split) amx_inputs(low_x.data(), k, m, t * AMX_ROWS, columns, low_inputs.data() + per_input * t);
+  }
   const int64_t blocks = k / w.blocksize;
 #pragma omp parallel num_threads(threads) if (threads > 1 && groups > 1)
   {
-    std::vector<uint8_t, CacheLineAllocator<uint8_t>> tiles(4 * TILE_BYTES);
+    std::vector<uint8_t, CacheLineAllocator<uint8_t>> tiles(8 * TILE_BYTES);
     std::vector<float> scales(static_cast<size_t>(AMX_ROWS * blocks));
     alignas(64) float sums[TILES_PER_PASS * 256];
     configure_tiles(columns);
@@ -132,12 +217,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, in
       for (int r = 0; r < AMX_ROWS; ++r) block_scales(w, (n0 + r) * blocks, blocks, scales.data() + r * blocks);
       for (int64_t t0 = 0; t0 < input_tiles; t0 += TILES_PER_PASS) {
         const int64_t count = input_tiles - t0 < TILES_PER_PASS ? input_tiles - t0 : TILES_PER_PASS;
-        amx_pass(w, n0, k, inputs.data() + per_input * t0, columns, count, scales.data(), tiles.data(), sums);
+        amx_pass(w, n0, k, inputs.data() + per_input * t0, split ? low_inputs.data() + per_input * t0 : nullptr,
+                 columns, count, scales.data(), tiles.data(), sums);
         for (int64_t t = 0; t < count; ++t)
           for (int r = 0; r < AMX_ROWS; ++r) {
-            const float b = bias ? load_value(bias, n0 + r, BF16) : 0.0f;
+            const float b = bias ? load_value(bias, n0 + r, dtype) : 0.0f;
             for (int64_t i = 0; i < columns && (t0 + t) * AMX_ROWS + i < m; ++i)
-              store_value(out, ((t0 + t) * AMX_ROWS + i) * n_out + n0 + r, sums[t * 256 + r * 16 + i] + b, BF16);
+              store_value(out, ((t0 + t) * AMX_ROWS + i) * n_out + n0 + r, sums[t * 256 + r * 16 + i] + b, dtype);
           }
       }
     }

@@ -130,9 +130,10 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   const bool whole_blocks = k % w->blocksize == 0 && w->blocksize % 32 == 0 && k / w->blocksize <= MAX_RUN;
   int64_t first = 0;  // the first weight row left to the vector kernels
 #if FOURBIT_AMX
-  if (isa == AMX && dtype == BF16 && m >= 2 && whole_blocks && w->blocksize % STEP == 0 && n_out >= AMX_ROWS) {
+  if (isa == AMX && (dtype == BF16 || dtype == F32) && m >= AMX_MIN_ROWS[dtype] && whole_blocks &&
+      w->blocksize % STEP == 0 && n_out >= AMX_ROWS) {
     const int64_t groups = n_out / AMX_ROWS;
-    linear_amx(*w, n_out, groups, k, static_cast<const uint16_t*>(x), m, bias, out, threads);
+    linear_amx(*w, n_out, groups, k, x, m, bias, out, dtype, threads);
     first = groups * AMX_ROWS;
     if (first == n_out) return;
   }
