@@ -2,8 +2,9 @@
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
 #   STAGES="tests tune bench" bash benchmarks/gpu_session.sh
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
-# The tests stage runs the suite in SHARDS pytest processes at once on the one GPU (default 4;
-# the suite is bound by host work, so shards overlap well) and prints each shard's wall time;
+# The tests stage runs each test file in a pytest process of its own, JOBS at a time on the one GPU
+# (default 8: the suite is bound by host work, Triton's compiles above all, so processes overlap
+# well), longest-known files first, and prints each file's wall time and the total;
 # PYTEST_ARGS replaces the file list (then one process runs it).
 set -uo pipefail
 OUT=${OUT:-/tmp/fourbit-gpu}
@@ -19,17 +20,17 @@ for stage in $STAGES; do
       if [ -n "${PYTEST_ARGS:-}" ]; then
         python3 -m pytest -q -p no:cacheprovider $PYTEST_ARGS 2>&1 | tail -n 40 | tee "$OUT/tests.log"
       else
-        files=(tests/test_*.py)
-        shards=${SHARDS:-4}
-        for ((i = 0; i < shards; i++)); do
-          part=()
-          for ((j = i; j < ${#files[@]}; j += shards)); do part+=("${files[j]}"); done
-          ( python3 -m pytest -q -p no:cacheprovider "${part[@]}" > "$OUT/tests-$i.log" 2>&1
-            echo "shard $i: exit $? after $(( $(date +%s) - start )) s" >> "$OUT/tests.log" ) &
-        done
-        wait
-        cat "$OUT/tests.log"
-        grep -h -E "passed|failed|error" "$OUT"/tests-*.log | tail -n "$shards"
+        : > "$OUT/tests.log"
+        # the slow files first, so that none starts last
+        ls tests/test_triton.py tests/test_fsdp.py tests/test_cpu_kernels.py tests/test_linear4bit.py \
+          tests/test_bnb_compat.py tests/test_*.py 2>/dev/null | awk '!seen[$0]++' |
+          JOBS_OUT="$OUT" xargs -P "${JOBS:-8}" -I{} bash -c '
+            name=$(basename {} .py); begin=$(date +%s)
+            python3 -m pytest -q -p no:cacheprovider {} > "$JOBS_OUT/$name.log" 2>&1
+            echo "$name: exit $? after $(( $(date +%s) - begin )) s" >> "$JOBS_OUT/tests.log"'
+        sort -t: -k1,1 "$OUT/tests.log"
+        tail -q -n 1 "$OUT"/test_*.log | grep -c -E " failed| error" | sed 's/^/files with failures: /'
+        grep -h -E "^(FAILED|ERROR)" "$OUT"/test_*.log
       fi
       echo "tests: $(( $(date +%s) - start )) s wall" | tee -a "$OUT/tests.log" ;;
     tune)
