@@ -170,8 +170,14 @@ def test_quantize_codes_every_edge_like_the_reference(table):
     data = torch.cat([torch.nn.functional.pad(block, (0, blocksize - block.numel())) for block in blocks])
     code = code.to(DEVICE)
     expected, _ = reference.quantize_4bit(data.to(DEVICE), code, blocksize, torch.uint8)
-    packed, _ = kernels.quantize_4bit(data.to(DEVICE), code, blocksize, torch.uint8)
+    packed, absmax = kernels.quantize_4bit(data.to(DEVICE), code, blocksize, torch.uint8)
     assert torch.equal(packed, expected)
+    # decoding with the table: its -0.0 entries decode to +0.0, as in the reference
+    shape = (data.numel(),)
+    decoded = kernels.dequantize_4bit(packed, absmax, code, blocksize, shape, torch.float32)
+    assert_same_bits(decoded, reference.dequantize_4bit(packed, absmax, code, blocksize, shape, torch.float32))
+    if table == "uniform":
+        assert not torch.signbit(decoded[decoded == 0]).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)
