@@ -254,17 +254,26 @@ def test_an_unknown_variant_name_is_rejected(monkeypatch):
     native.refresh_isa()
 
 
-def test_many_rows_decode_chunk_by_chunk_into_the_gemm():
-    shape = (600, 4096)  # two chunks of decoded bfloat16 weight
+@pytest.mark.parametrize("rows", [20, cpu.AMX_MAX_ROWS + 20, cpu.COLUMN_SLICE_ROWS + 20])
+def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
+    """Rows past the fused kernels' limits (12, or 128 with AMX): transposed chunk outputs below
+    COLUMN_SLICE_ROWS, column slices from it."""
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1 << 21)
+    calls = []
+    chunked = cpu.PreparedWeight._chunked
+    monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
+    shape = (600, 4096)  # three chunks of decoded bfloat16 weight (256 rows each)
     packed, arguments = _weight(shape, "nf4", 64, True)
     prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
-    x = torch.randn(20, shape[1], dtype=torch.bfloat16)
+    x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
     bias = torch.randn(shape[0], dtype=torch.bfloat16)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.bfloat16, **arguments)
     expected = torch.nn.functional.linear(x, weight, bias)
     out = prepared.linear(x, bias)
-    assert out.dtype == torch.bfloat16 and out.shape == (20, shape[0])
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, shape[0])
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
+    # the chunked path ran unless the rows fit the AMX kernel
+    assert calls == ([] if native.isa() == native.AMX and rows <= cpu.AMX_MAX_ROWS else [1])
 
 
 @pytest.mark.parametrize("first_block", [0, 3, 256, 300])

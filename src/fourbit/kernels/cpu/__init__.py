@@ -40,8 +40,10 @@ FUSED_MAX_ROWS = 12
 #: bfloat16 products of high and low parts (about 5e-6 relative error), as torch allows for its
 #: own float32 matmuls at that setting.
 AMX_MAX_ROWS = 128
-#: Bytes of decoded weight per chunk on the many-rows path: small enough to stay in cache.
-CHUNK_BYTES = 1 << 21
+#: Bytes of decoded weight per chunk on the many-rows path: few enough to stay in the caches, many
+#: enough that each GEMM is wide (8 MB measured 5-25% faster than 2 MB from 256 to 2048 rows of
+#: 4096x4096, bfloat16 and float32, and as fast on MiniLM-sized weights; docs/performance.md).
+CHUNK_BYTES = 1 << 23
 #: Input rows from which each chunk's GEMM writes output columns in place (see ``_chunked``).
 COLUMN_SLICE_ROWS = 256
 
