@@ -210,6 +210,22 @@ def test_the_op_serves_each_weight_its_own_product_through_shared_launches():
         torch.testing.assert_close(out, x @ dense.t(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_chunked_path_plans_its_decodes_once_per_dtype(dtype, monkeypatch):
+    monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 64 * 256 * dtype.itemsize)  # 64 rows a chunk
+    prepared, dense = _prepared_weight(200, 256)
+    bias = torch.randn(200, device=TRITON_DEVICE, dtype=dtype)
+    for seed in range(2):
+        x = torch.randn(3, 256, device=TRITON_DEVICE, generator=torch.Generator(TRITON_DEVICE).manual_seed(seed))
+        out = prepared.linear(x.to(dtype), bias, config="chunked")
+        expected = x.to(dtype).float() @ dense.to(dtype).float().t() + bias.float()
+        assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
+        if seed == 0:
+            plan = prepared._chunk_plans[dtype]
+    assert prepared._chunk_plans[dtype] is plan  # the second call decoded with the first call's plan
+    assert [(start, stop) for start, stop, _ in plan] == [(0, 64), (64, 128), (128, 192), (192, 200)]
+
+
 def _op_arguments(prepared) -> dict:
     return dict(absmax=prepared.absmax, code=prepared.code, nested_absmax=prepared.nested_absmax,
                 nested_code=prepared.nested_code, nested_offset=prepared.nested_offset)  # fmt: skip
@@ -252,11 +268,21 @@ def test_direct_launches_match_the_jit_launch_bit_for_bit():
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     first = prepared.linear(x)  # through the JIT
     (entry,) = prepared._launches.values()
-    assert entry._compiled is not None
+    assert entry.launch.compiled is not None
     again = prepared.linear(x)  # direct
     assert torch.equal(first, again)
     unaligned = torch.randn(1, 4104, device="cuda", dtype=torch.bfloat16)[:, 1:4097]
     torch.testing.assert_close(prepared.linear(unaligned), prepared.linear(unaligned.clone()), rtol=0, atol=0)
+
+
+@gpu
+def test_chunked_decodes_launch_directly_and_match_the_jit_bit_for_bit():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    first = prepared.linear(x, config="chunked")  # decodes through the JIT
+    (decode,) = [decode for _, _, decode in prepared._chunk_plans[torch.bfloat16]]
+    assert decode.launch.compiled is not None
+    assert torch.equal(prepared.linear(x, config="chunked"), first)  # direct
 
 
 @gpu

@@ -6,7 +6,8 @@ checks their logic without a GPU.
 """
 
 from . import linear
+from .dequantize import dequantize_4bit
 from .linear import PreparedWeight, linear_4bit
-from .quantize import dequantize_4bit, quantize_4bit, quantize_blockwise
+from .quantize import quantize_4bit, quantize_blockwise
 
 __all__ = ["PreparedWeight", "dequantize_4bit", "linear", "linear_4bit", "quantize_4bit", "quantize_blockwise"]

@@ -60,6 +60,35 @@ def _zeroed(device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor
     return buffer[:values], buffer[start:].view(torch.int32)
 
 
+class KernelLaunch:
+    """One Triton kernel with a fixed grid and options, launched with little host work.
+
+    The first call goes through the JIT, which compiles (or finds) the kernel; later calls hand
+    the arguments (all of them, in the order of the signature) straight to the compiled kernel's
+    launcher on the current stream. Whoever keeps one keys it on everything Triton specializes on.
+    """
+
+    __slots__ = ("compiled", "device", "grid", "kernel", "options")
+
+    def __init__(self, kernel: triton.JITFunction, grid: Sequence[int], options: dict, device: torch.device) -> None:
+        self.kernel = kernel
+        self.grid = (*grid, 1, 1)[:3]
+        self.options = options
+        self.device = device
+        self.compiled: tuple | None = None
+
+    def __call__(self, *arguments: object) -> None:
+        compiled = self.compiled
+        if compiled is None or _hooked():
+            handle = self.kernel[self.grid](*arguments, **self.options)
+            if DIRECT and compiled is None and hasattr(handle, "packed_metadata"):
+                self.compiled = (handle.run, handle.function, handle.packed_metadata)
+            return
+        run, function, metadata = compiled
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+        run(*self.grid, stream, function, metadata, None, None, None, *arguments)
+
+
 class ProductLaunch:
     """One product kernel for one weight layout and one input signature.
 
@@ -72,7 +101,6 @@ class ProductLaunch:
     """
 
     __slots__ = (
-        "_compiled",
         "_workspace",
         "after",
         "before",
@@ -80,9 +108,7 @@ class ProductLaunch:
         "columns",
         "device",
         "dtype",
-        "grid",
-        "kernel",
-        "options",
+        "launch",
         "out_shape",
         "prepare_input",
         "rows",
@@ -106,9 +132,7 @@ class ProductLaunch:
         prepare_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
         out_shape: Sequence[int] | None = None,
     ) -> None:
-        self.kernel = kernel
-        self.grid = (*grid, 1, 1)[:3]
-        self.options = options
+        self.launch = KernelLaunch(kernel, grid, options, device)
         self.bind = bind
         self.before = bind(weight)
         self.after = after
@@ -119,7 +143,6 @@ class ProductLaunch:
         self.tiles = tiles  # output tiles whose K is split (0: not split)
         self.prepare_input = prepare_input
         self.out_shape = tuple(out_shape) if out_shape is not None else (rows, columns)
-        self._compiled: tuple | None = None
         self._workspace: tuple | None = None
         #: Whether split-K launches take the workspace shared per device and stream; otherwise
         #: each takes a fresh zeroed one (inside torch.compile's CUDA graph trees, a kept
@@ -132,29 +155,17 @@ class ProductLaunch:
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         if self.prepare_input is not None:
             x = self.prepare_input(x)
-        compiled = self._compiled
-        if compiled is None or _hooked():
-            workspace, counters = self._split_buffers(None) if self.tiles else (out, out)  # (out: never read)
-            kernel = self.kernel[self.grid](
-                x, *before, out if bias is None else bias, out, workspace, counters, *self.after, **self.options
-            )
-            if DIRECT and compiled is None and hasattr(kernel, "packed_metadata"):
-                self._compiled = (kernel.run, kernel.function, kernel.packed_metadata)
-            return out
-        run, function, metadata = compiled
-        stream = torch._C._cuda_getCurrentRawStream(self.device.index)
-        workspace, counters = self._split_buffers(stream) if self.tiles else (out, out)
-        run(
-            *self.grid, stream, function, metadata, None, None, None,
-            x, *before, out if bias is None else bias, out, workspace, counters, *self.after,
-        )  # fmt: skip
+        workspace, counters = self._split_buffers() if self.tiles else (out, out)  # (out: never read)
+        self.launch(x, *before, out if bias is None else bias, out, workspace, counters, *self.after)
         return out
 
-    def _split_buffers(self, stream: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The zeroed workspace and counters, kept for the last stream this launch ran on."""
         if not self.shared:
             return _zeroed(self.device, self.rows * self.columns, self.tiles)
-        kept = stream is not None and not torch._C._cuda_isCurrentStreamCapturing()
+        cuda = self.device.type == "cuda"
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index) if cuda else 0
+        kept = not (cuda and torch._C._cuda_isCurrentStreamCapturing())
         cached = self._workspace
         if kept and cached is not None and cached[0] == stream:
             return cached[1], cached[2]

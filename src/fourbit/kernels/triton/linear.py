@@ -24,10 +24,10 @@ import triton
 from ...formats import NESTED_BLOCKSIZE
 from . import fragments
 from .common import INTERPRETED
+from .dequantize import DequantizeLaunch
 from .derived import derived
 from .gemv import gemv_any_kernel, gemv_words_kernel
 from .launch import ProductLaunch
-from .quantize import dequantize_4bit
 from .tensor_core import decode_dot_kernel
 from .tuning import CHUNK_BYTES, FRAGMENT_TABLE, FUSED_TABLE, GEMV_TABLE, WIDE_CONFIG, WIDE_MIN_COVERAGE, WIDE_ROWS
 
@@ -191,6 +191,7 @@ class PreparedWeight:
         self.bytes = packed.reshape(-1).view(torch.uint8)
         self._launches: dict[tuple, ProductLaunch] = {}
         self._shared = False
+        self._chunk_plans: dict[torch.dtype, list] = {}
 
     def layout(self) -> tuple:
         """Everything a launch depends on besides the input: the device, the sizes and the 16-byte
@@ -292,24 +293,34 @@ class PreparedWeight:
 
     def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Decode CHUNK_BYTES of weight rows at a time; cuBLAS writes each product into its columns."""
+        plan = self._chunk_plans.get(x.dtype)
+        if plan is None:
+            plan = self._chunk_plans[x.dtype] = self._plan_chunks(x.dtype)
+        out = torch.empty((x.shape[0], self.n_out), dtype=x.dtype, device=x.device)
+        for start, stop, decode in plan:
+            columns = out[:, start:stop]
+            if bias is not None:
+                torch.addmm(bias[start:stop], x, decode().t(), out=columns)
+            else:
+                torch.mm(x, decode().t(), out=columns)
+        return out
+
+    def _plan_chunks(self, dtype: torch.dtype) -> list[tuple[int, int, DequantizeLaunch]]:
+        """The row ranges of the chunks and the prepared decode of each into ``dtype``."""
         n_out, k, blocksize = self.n_out, self.k, self.blocksize
         # a chunk must start on a packed byte, an absmax block and (nested) a group of absmax codes
         unit = blocksize * (self.nested_blocksize if self.nested else 1)
         step = unit // math.gcd(k, unit)
-        rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
-        out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+        rows_per_chunk = max(step, CHUNK_BYTES // (k * dtype.itemsize) // step * step)
+        plan = []
         for start in range(0, n_out, rows_per_chunk):
             stop = min(n_out, start + rows_per_chunk)
             first, last = start * k, stop * k  # element range of the chunk
             nested_absmax = self.nested_absmax[first // unit :] if self.nested else None
-            weight = dequantize_4bit(
+            decode = DequantizeLaunch(
                 self.bytes[first // 2 : -(-last // 2)], self.absmax[first // blocksize : -(-last // blocksize)],
-                self.code, blocksize, (stop - start, k), x.dtype, nested_absmax, self.nested_code, self.nested_offset,
+                self.code, blocksize, (stop - start, k), dtype, nested_absmax, self.nested_code, self.nested_offset,
                 self.nested_blocksize,
             )  # fmt: skip
-            columns = out[:, start:stop]
-            if bias is not None:
-                torch.addmm(bias[start:stop], x, weight.t(), out=columns)
-            else:
-                torch.mm(x, weight.t(), out=columns)
-        return out
+            plan.append((start, stop, decode))
+        return plan

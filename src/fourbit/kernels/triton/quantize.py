@@ -1,10 +1,11 @@
-"""Triton 4-bit quantize and dequantize, bit-identical with ``fourbit.kernels.reference``.
+"""Triton 4-bit and 8-bit blockwise quantize, bit-identical with ``fourbit.kernels.reference``
+(dequantize: ``dequantize.py``).
 
 Exactness rests on the same float32 operations in the same order: ``x * (1 / absmax)`` with a
 correctly rounded division (``div_rn``), a plain divide for a short last block, float32
 comparisons with the midpoints for bucketize (one per value, found through the cell table,
-see ``_quantizer_tables``), and ``code * scale`` (nested: ``code * scale + offset`` without a
-fused multiply-add, hence ``enable_fp_fusion=False`` at launch).
+see ``_quantizer_tables``), and nested statistics from ``code * scale + offset`` without a
+fused multiply-add, hence ``enable_fp_fusion=False`` at launch.
 
 The 4-bit quantizer is bound by integer instructions, not memory (H100 profile in
 ``docs/performance.md``): its programs are persistent, so that each fills its shared copy of
@@ -13,17 +14,14 @@ the cell table once, and they load the next tile while coding one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from math import prod
-
 import torch
 import triton
 import triton.language as tl
 
-from ...formats import NESTED_BLOCKSIZE, num_blocks, packed_nbytes
+from ...formats import num_blocks, packed_nbytes
 from .. import reference
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
-from .common import INTERPRETED, block_scale, word_shifts
+from .common import INTERPRETED
 from .derived import derived
 from .tuning import QUANTIZE
 
@@ -343,102 +341,3 @@ def quantize_blockwise(
             enable_fp_fusion=False,
         )  # fmt: skip
     return out.view(A.shape), absmax
-
-
-@triton.jit
-def _dequantize_4bit_kernel(
-    packed_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    out_ptr,
-    n,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    BYTES_PER_PROGRAM: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    byte = pid.to(tl.int64) * BYTES_PER_PROGRAM + tl.arange(0, BYTES_PER_PROGRAM)
-    in_range = byte < (n + 1) // 2
-    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    high = tl.load(code_ptr + (packed >> 4))
-    low = tl.load(code_ptr + (packed & 15))
-    # a zero code decodes to +0.0
-    high = tl.where(high == 0, 0.0, high)
-    low = tl.where(low == 0, 0.0, low)
-    scale = block_scale(
-        absmax_ptr, (2 * byte) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-        NESTED, NESTED_BLOCKSIZE,
-    )  # fmt: skip
-    values = tl.interleave(high * scale, low * scale).to(out_ptr.dtype.element_ty)
-    element = pid.to(tl.int64) * 2 * BYTES_PER_PROGRAM + tl.arange(0, 2 * BYTES_PER_PROGRAM)
-    tl.store(out_ptr + element, values, mask=element < n)
-
-
-@triton.jit
-def _dequantize_words_kernel(
-    words_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    out_ptr,
-    n_words,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    WORDS_PER_PROGRAM: tl.constexpr,
-):
-    """8 elements per int32 word, written as 8 consecutive outputs (element count a multiple of 8)."""
-    pid = tl.program_id(0)
-    word = pid.to(tl.int64) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
-    in_range = word < n_words
-    words = tl.load(words_ptr + word, mask=in_range, other=0)
-    values = tl.load(code_ptr + ((words[:, None] >> word_shifts()[None, :]) & 15))
-    values = tl.where(values == 0, 0.0, values)  # a zero code decodes to +0.0
-    scale = block_scale(
-        absmax_ptr, (8 * word) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-        NESTED, NESTED_BLOCKSIZE,
-    )  # fmt: skip
-    out = (values * scale[:, None]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + 8 * word[:, None] + tl.arange(0, 8)[None, :], out, mask=in_range[:, None])
-
-
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    nested_absmax: torch.Tensor | None = None,
-    nested_code: torch.Tensor | None = None,
-    nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = NESTED_BLOCKSIZE,
-) -> torch.Tensor:
-    """Same contract as ``reference.dequantize_4bit``."""
-    n = prod(shape)
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    if n:
-        nested = nested_absmax is not None
-        data = packed.reshape(-1).view(torch.uint8)
-        statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
-        if n % 8 == 0 and data.storage_offset() % 4 == 0:
-            words_per_program = 512  # H100 sweep: 96% of copy bandwidth (256: 85%, 2048: 75%)
-            grid = (triton.cdiv(n // 8, words_per_program),)
-            _dequantize_words_kernel[grid](
-                data.view(torch.int32), absmax, code.float(), *statistics, out, n // 8, blocksize, nested,
-                nested_blocksize, words_per_program, enable_fp_fusion=False,
-            )  # fmt: skip
-        else:
-            bytes_per_program = 1024
-            grid = (triton.cdiv(packed_nbytes(n), bytes_per_program),)
-            _dequantize_4bit_kernel[grid](
-                data, absmax, code.float(), *statistics, out, n, blocksize, nested, nested_blocksize,
-                bytes_per_program, enable_fp_fusion=False,
-            )  # fmt: skip
-    return out

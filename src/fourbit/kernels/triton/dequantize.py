@@ -1,0 +1,150 @@
+"""Triton 4-bit dequantize, bit-identical with ``fourbit.kernels.reference``: ``code * scale``
+(nested: the absmax from ``code * scale + offset``) without fused multiply-adds, hence
+``enable_fp_fusion=False``. ``DequantizeLaunch`` prepares one decode once, for the products'
+decode + cuBLAS path, which repeats it on every call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats import NESTED_BLOCKSIZE, packed_nbytes
+from .common import block_scale, word_shifts
+from .launch import KernelLaunch
+
+#: Packed words per program of the word kernel (H100 sweep: 96% of copy bandwidth; 256: 85%,
+#: 2048: 75%) and packed bytes per program of the any-length kernel.
+WORDS_PER_PROGRAM = 512
+BYTES_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    BYTES_PER_PROGRAM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    byte = pid.to(tl.int64) * BYTES_PER_PROGRAM + tl.arange(0, BYTES_PER_PROGRAM)
+    in_range = byte < (n + 1) // 2
+    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (packed >> 4))
+    low = tl.load(code_ptr + (packed & 15))
+    # a zero code decodes to +0.0
+    high = tl.where(high == 0, 0.0, high)
+    low = tl.where(low == 0, 0.0, low)
+    scale = block_scale(
+        absmax_ptr, (2 * byte) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+        NESTED, NESTED_BLOCKSIZE,
+    )  # fmt: skip
+    values = tl.interleave(high * scale, low * scale).to(out_ptr.dtype.element_ty)
+    element = pid.to(tl.int64) * 2 * BYTES_PER_PROGRAM + tl.arange(0, 2 * BYTES_PER_PROGRAM)
+    tl.store(out_ptr + element, values, mask=element < n)
+
+
+@triton.jit
+def _dequantize_words_kernel(
+    words_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    out_ptr,
+    n_words,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    WORDS_PER_PROGRAM: tl.constexpr,
+):
+    """8 elements per int32 word, written as 8 consecutive outputs (element count a multiple of 8)."""
+    pid = tl.program_id(0)
+    word = pid.to(tl.int64) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
+    in_range = word < n_words
+    words = tl.load(words_ptr + word, mask=in_range, other=0)
+    values = tl.load(code_ptr + ((words[:, None] >> word_shifts()[None, :]) & 15))
+    values = tl.where(values == 0, 0.0, values)  # a zero code decodes to +0.0
+    scale = block_scale(
+        absmax_ptr, (8 * word) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+        NESTED, NESTED_BLOCKSIZE,
+    )  # fmt: skip
+    out = (values * scale[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + 8 * word[:, None] + tl.arange(0, 8)[None, :], out, mask=in_range[:, None])
+
+
+class DequantizeLaunch:
+    """The decode of one packed weight (or of a run of its rows) into ``shape`` of ``dtype``,
+    with its kernel, grid and arguments chosen once: a call allocates the output and launches.
+    The tensors are the caller's: build a new one when they are replaced."""
+
+    __slots__ = ("after", "before", "device", "dtype", "launch", "shape")
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        code: torch.Tensor,
+        blocksize: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        nested_absmax: torch.Tensor | None = None,
+        nested_code: torch.Tensor | None = None,
+        nested_offset: torch.Tensor | None = None,
+        nested_blocksize: int = NESTED_BLOCKSIZE,
+    ) -> None:
+        self.shape, self.dtype, self.device = tuple(shape), dtype, packed.device
+        n = prod(self.shape)
+        nested = nested_absmax is not None
+        data = packed.reshape(-1).view(torch.uint8)
+        statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
+        options = {"enable_fp_fusion": False}
+        self.launch: KernelLaunch | None = None
+        if not n:
+            return
+        if n % 8 == 0 and data.storage_offset() % 4 == 0:
+            grid = (triton.cdiv(n // 8, WORDS_PER_PROGRAM),)
+            self.launch = KernelLaunch(_dequantize_words_kernel, grid, options, self.device)
+            self.before = (data.view(torch.int32), absmax, code.float(), *statistics)
+            self.after = (n // 8, blocksize, nested, nested_blocksize, WORDS_PER_PROGRAM)
+        else:
+            grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
+            self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)
+            self.before = (data, absmax, code.float(), *statistics)
+            self.after = (n, blocksize, nested, nested_blocksize, BYTES_PER_PROGRAM)
+
+    def __call__(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.launch is not None:
+            self.launch(*self.before, out, *self.after)
+        return out
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+) -> torch.Tensor:
+    """Same contract as ``reference.dequantize_4bit``."""
+    return DequantizeLaunch(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )()
