@@ -11,8 +11,8 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
 - ``compiled``: greedy ``generate`` with ``cache_implementation="static"``, which transformers
   compiles itself (``torch.compile``, CUDA graphs on a GPU);
 - ``lean``: a gpt-fast style loop: static cache, eager prefill, then the one-token step under
-  ``torch.compile(mode="reduce-overhead")`` (GPU only), showing what the kernels allow once the
-  host is out of the way.
+  ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
+  the host is out of the way.
 
 Prints tokens/s (new tokens over the whole ``generate`` time, prefill included) and the peak
 memory during generation, with the ratios of fourbit to bf16 and to bitsandbytes.
@@ -81,48 +81,73 @@ def run_generate(model, prompt: torch.Tensor, new_tokens: int, device: torch.dev
     return time.perf_counter() - start, out[:, prompt.shape[1] :].tolist()
 
 
-def _mark_cache_static(cache) -> None:
-    """Mark every tensor of a filled StaticCache as a static address, so that the compiled step's
-    in-place updates keep CUDA graphs (some transformers releases leave the length counter out)."""
-    for layer in getattr(cache, "layers", ()):
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                torch._dynamo.mark_static_address(value)
-
-
 def run_lean(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list]:
-    """Seconds for a gpt-fast style greedy loop (the step compiled with CUDA graphs), and the tokens."""
+    """Seconds for a gpt-fast style greedy loop, and the tokens: static cache, eager prefill, then
+    the one-token step compiled (``torch.compile``, no graph break) and, on a GPU, captured once
+    into a CUDA graph that every token replays."""
     from transformers import StaticCache
 
     batch, length = prompt.shape
-    kept = getattr(model, "_fourbit_bench_steps", None)
-    if kept is None:
-        kept = model._fourbit_bench_steps = {}
+    kept = model.__dict__.setdefault("_fourbit_bench_steps", {})
     if (batch, length) not in kept:
-        # one cache per shape, reset for each run: the compiled step holds on to it
+        # one cache and one step per shape, reset for each run: the captured step writes into them
         cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
 
         def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
             logits = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
             return logits[:, -1].argmax(-1, keepdim=True)
 
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        kept[(batch, length)] = (cache, step, torch.compile(step, mode=mode, fullgraph=True))
-    cache, step, compiled = kept[(batch, length)]
-    cache.reset()
+        kept[(batch, length)] = _LeanStep(step, cache, batch, device)
+    lean = kept[(batch, length)]
+    lean.cache.reset()
     tokens = []
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        token = step(prompt, torch.arange(length, device=device))  # eager prefill
+        token = lean.eager(prompt, torch.arange(length, device=device))  # eager prefill
         tokens.append(token)
-        _mark_cache_static(cache)
         for index in range(length, length + new_tokens - 1):
-            token = compiled(token.clone(), torch.tensor([index], device=device)).clone()
+            token = lean(token, index)
             tokens.append(token)
     _sync(device)
     seconds = time.perf_counter() - start
     return seconds, torch.cat(tokens, 1).tolist()
+
+
+class _LeanStep:
+    """The compiled one-token step over static input buffers; on a GPU, captured into a CUDA graph
+    at its first call. (Inductor's own graphs, ``mode="reduce-overhead"``, skip a step that
+    updates a StaticCache passed in: the cache's tensors are mutated inputs.)"""
+
+    def __init__(self, step, cache, batch: int, device: torch.device) -> None:
+        self.eager, self.cache, self.device = step, cache, device
+        self.compiled = torch.compile(step, fullgraph=True)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+
+    def __call__(self, token: torch.Tensor, index: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.fill_(index)
+        if self.device.type != "cuda":
+            return self.compiled(self.token, self.position)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out.clone()
+
+    def _capture(self) -> None:
+        """Compile and warm up on a side stream (the step writes the cache position it is given,
+        rewritten by the prefill of every run), then capture the step once."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.compiled(self.token, self.position)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.compiled(self.token, self.position)
 
 
 def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[float, float, list]:

@@ -194,7 +194,7 @@ def test_the_op_shares_launches_between_weights_of_one_layout_and_binds_each_wei
     assert first._launches is second._launches
     torch.testing.assert_close(first.linear(x), x @ first_dense.t(), rtol=1e-4, atol=1e-4)
     (launch,) = first._launches.values()
-    assert launch.before is None  # the shared launch keeps no weight alive
+    assert launch.before is None and launch.pointers is None  # the shared launch keeps no weight alive
     torch.testing.assert_close(second.linear(x), x @ second_dense.t(), rtol=1e-4, atol=1e-4)
     assert len(second._launches) == 1
     other_layout, _ = _prepared_weight(40, 512)

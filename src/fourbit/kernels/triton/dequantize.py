@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ...formats import NESTED_BLOCKSIZE, packed_nbytes
 from .common import block_scale, word_shifts
-from .launch import KernelLaunch
+from .launch import KernelLaunch, pointers
 
 #: Packed words per program of the word kernel (H100 sweep: 96% of copy bandwidth; 256: 85%,
 #: 2048: 75%) and packed bytes per program of the any-length kernel.
@@ -90,7 +90,7 @@ class DequantizeLaunch:
     with its kernel, grid and arguments chosen once: a call allocates the output and launches.
     The tensors are the caller's: build a new one when they are replaced."""
 
-    __slots__ = ("after", "before", "device", "dtype", "launch", "shape")
+    __slots__ = ("after", "before", "device", "dtype", "launch", "pointers", "shape")
 
     def __init__(
         self,
@@ -124,11 +124,15 @@ class DequantizeLaunch:
             self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)
             self.before = (data, absmax, code.float(), *statistics)
             self.after = (n, blocksize, nested, nested_blocksize, BYTES_PER_PROGRAM)
+        self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
 
     def __call__(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        if self.launch is not None:
-            self.launch(*self.before, out, *self.after)
+        launch = self.launch
+        if launch is not None and launch.direct():
+            launch.run(*self.pointers, out.data_ptr(), *self.after)
+        elif launch is not None:
+            launch(*self.before, out, *self.after)
         return out
 
 

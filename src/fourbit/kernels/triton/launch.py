@@ -63,9 +63,12 @@ def _zeroed(device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor
 class KernelLaunch:
     """One Triton kernel with a fixed grid and options, launched with little host work.
 
-    The first call goes through the JIT, which compiles (or finds) the kernel; later calls hand
-    the arguments (all of them, in the order of the signature) straight to the compiled kernel's
-    launcher on the current stream. Whoever keeps one keys it on everything Triton specializes on.
+    The first call goes through the JIT, which compiles (or finds) the kernel; once ``direct()``,
+    ``run`` hands the arguments (all of them, in the order of the signature) straight to the
+    compiled kernel's launcher on the current stream. ``run`` takes pointer arguments as data
+    pointers (ints) too: the launcher then skips its ``data_ptr()`` call and its driver query of
+    each pointer, which costs more than the rest of a decode-sized launch. Whoever keeps one keys
+    it on everything Triton specializes on.
     """
 
     __slots__ = ("compiled", "device", "grid", "kernel", "options")
@@ -77,16 +80,29 @@ class KernelLaunch:
         self.device = device
         self.compiled: tuple | None = None
 
+    def direct(self) -> bool:
+        """Whether ``run`` may launch: compiled, and nothing (a profiler) listens to launches."""
+        return self.compiled is not None and not _hooked()
+
     def __call__(self, *arguments: object) -> None:
-        compiled = self.compiled
-        if compiled is None or _hooked():
-            handle = self.kernel[self.grid](*arguments, **self.options)
-            if DIRECT and compiled is None and hasattr(handle, "packed_metadata"):
-                self.compiled = (handle.run, handle.function, handle.packed_metadata)
+        """Launch with tensors as the pointer arguments: directly when possible, else through the JIT."""
+        if self.direct():
+            self.run(*arguments)
             return
-        run, function, metadata = compiled
+        handle = self.kernel[self.grid](*arguments, **self.options)
+        if DIRECT and self.compiled is None and hasattr(handle, "packed_metadata"):
+            self.compiled = (handle.run, handle.function, handle.packed_metadata)
+
+    def run(self, *arguments: object) -> None:
+        """Launch the compiled kernel directly (only when ``direct()``)."""
+        run, function, metadata = self.compiled
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
         run(*self.grid, stream, function, metadata, None, None, None, *arguments)
+
+
+def pointers(tensors: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
+    """The data pointers of ``tensors`` (0 for None), for ``KernelLaunch.run``."""
+    return tuple(0 if tensor is None else tensor.data_ptr() for tensor in tensors)
 
 
 class ProductLaunch:
@@ -110,6 +126,7 @@ class ProductLaunch:
         "dtype",
         "launch",
         "out_shape",
+        "pointers",
         "prepare_input",
         "rows",
         "shared",
@@ -135,6 +152,7 @@ class ProductLaunch:
         self.launch = KernelLaunch(kernel, grid, options, device)
         self.bind = bind
         self.before = bind(weight)
+        self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
         self.after = after
         self.rows = rows
         self.columns = columns
@@ -150,13 +168,19 @@ class ProductLaunch:
         self.shared = False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, before: tuple | None = None) -> torch.Tensor:
-        if before is None:
-            before = self.before
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         if self.prepare_input is not None:
             x = self.prepare_input(x)
         workspace, counters = self._split_buffers() if self.tiles else (out, out)  # (out: never read)
-        self.launch(x, *before, out if bias is None else bias, out, workspace, counters, *self.after)
+        launch = self.launch
+        if before is None and launch.direct():
+            output = out.data_ptr()
+            launch.run(
+                x.data_ptr(), *self.pointers, output if bias is None else bias.data_ptr(), output,
+                workspace.data_ptr(), counters.data_ptr(), *self.after,
+            )  # fmt: skip
+            return out
+        launch(x, *(before or self.before), out if bias is None else bias, out, workspace, counters, *self.after)
         return out
 
     def _split_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:

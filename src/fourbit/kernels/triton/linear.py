@@ -237,7 +237,7 @@ class PreparedWeight:
                 self._launches.clear()
             self._launches[key] = launch
         if self._shared:
-            before, launch.before = launch.before, None  # a shared launch keeps no weight alive
+            before, launch.before, launch.pointers = launch.before, None, None  # it keeps no weight alive
             return launch(A, bias, before)
         return launch(A, bias)
 
