@@ -22,11 +22,12 @@ for stage in $STAGES; do
       else
         : > "$OUT/tests.log"
         # the slow files first, so that none starts last
-        ls tests/test_triton.py tests/test_fsdp.py tests/test_cpu_kernels.py tests/test_linear4bit.py \
-          tests/test_bnb_compat.py tests/test_*.py 2>/dev/null | awk '!seen[$0]++' |
+        ls tests/test_triton.py tests/test_triton_tensor_core.py tests/test_triton_quantize.py tests/test_fsdp.py \
+          tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_bnb_compat.py tests/test_*.py 2>/dev/null |
+          awk '!seen[$0]++' |
           JOBS_OUT="$OUT" xargs -P "${JOBS:-8}" -I{} bash -c '
             name=$(basename {} .py); begin=$(date +%s)
-            python3 -m pytest -q -p no:cacheprovider {} > "$JOBS_OUT/$name.log" 2>&1
+            python3 -m pytest -q -p no:cacheprovider --durations=5 {} > "$JOBS_OUT/$name.log" 2>&1
             echo "$name: exit $? after $(( $(date +%s) - begin )) s" >> "$JOBS_OUT/tests.log"'
         sort -t: -k1,1 "$OUT/tests.log"
         tail -q -n 1 "$OUT"/test_*.log | grep -c -E " failed| error" | sed 's/^/files with failures: /'

@@ -1,0 +1,117 @@
+"""The tensor-core and register-fragment product kernels, forced, against a float64 reference (GPU).
+
+The shared cases and the interpreter's limits: ``triton_cases.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import describe_dtype
+
+pytest.importorskip("triton")
+
+from triton_cases import (
+    DEVICE,
+    NEEDS_TRITON,
+    code_table,
+    nested_statistics,
+)
+
+from fourbit.kernels import reference
+from fourbit.kernels import triton as kernels
+
+pytestmark = NEEDS_TRITON
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config",
+    [
+        ("fused", 128, 16, 64, 1, 4, 4, False),
+        ("fused", 128, 16, 64, 4, 4, 3, False),
+        ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
+        ("fused", 128, 64, 64, 2, 4, 4, True),
+        ("fused", 64, 16, 256, 3, 4, 3, True),
+        kernels.linear.WIDE_CONFIG,
+        ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_tensor_core_kernel_configurations(config, dtype, nested):
+    """The byte-permute + tensor-core kernel, forced, over partial tiles in every dimension, every
+    K-tile/absmax-block relation, split K, both scaling modes and batch-wide tiles, against a
+    float64 reference."""
+    for quant_type, (n, k, blocksize) in itertools.product(
+        ["nf4", "fp4"], [(300, 256, 64), (100, 4096, 128), (4096, 64, 32), (17, 512, 256), (130, 4096, 4096)]
+    ):
+        code = code_table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        for rows in (70, 200) if config[0] == "wide" else (1, 17, 70):  # the table routes more rows to "wide"
+            x = torch.randn(rows, k, device=DEVICE).to(dtype)
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
+            dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+            expected = x.double() @ dense.t() + bias.double()
+            assert out.dtype == dtype and not out.isnan().any()
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [("fragments", 4, 1), ("fragments", 2, 3), ("fragments", 8, 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_register_fragment_kernel_configurations(config, dtype, nested):
+    """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
+    ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not
+    divide K, nested statistics whose blocks span rows, and strided inputs, against a float64
+    reference."""
+    for quant_type, (n, k, blocksize) in itertools.product(
+        ["nf4", "fp4"],
+        [
+            (300, 256, 64),
+            (100, 4096, 128),
+            (17, 512, 256),
+            (130, 4096, 4096),
+            (33, 768, 64),
+            (4096, 11008, 64),
+        ],
+    ):
+        code = code_table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+        for rows in (1, 3, 8, 9, 16):
+            # rows 2k apart; for 3 rows 2k + 8, which the kernel cannot read in place (it copies)
+            x = torch.randn(rows, 2 * k + (8 if rows == 3 else 0), device=DEVICE).to(dtype)[:, -k:]
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
+            expected = x.double() @ dense.t() + bias.double()
+            assert out.dtype == dtype and out.shape == (rows, n)
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
+            assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
+
+
+def test_register_fragment_kernel_refuses_unaligned_k():
+    """Forced onto a K it cannot take (not a multiple of 256, or blocks shorter than 64 columns),
+    the register-fragment kernel says so instead of reading the wrong absmax."""
+    from fourbit.kernels.triton import fragments
+
+    x = torch.zeros(1, 320, dtype=torch.bfloat16)
+    for k, blocksize in [(320, 64), (256, 32)]:
+        with pytest.raises(ValueError, match="multiple of 256"):
+            weight = kernels.linear.PreparedWeight(
+                torch.zeros(k // 2, dtype=torch.uint8),
+                torch.zeros(k // blocksize),
+                code_table("nf4"),
+                blocksize,
+                (1, k),
+            )
+            fragments.fragment_launch(weight, x[:, :k], False, (4, 0), 1)

@@ -1,0 +1,63 @@
+"""What the Triton kernel tests share: the device, the skip rule, inputs and comparisons.
+
+On a machine with a GPU the tests run the compiled kernels on CUDA over the large awkward shapes.
+Without one (CI) they run the same kernels through Triton's interpreter (TRITON_INTERPRET=1) on
+CPU tensors over small shapes, which checks the kernels' indexing and arithmetic. The
+interpreter rounds float32 -> bfloat16 by truncation and has a broken half-precision dot, so
+there bf16 outputs are compared within one bf16 step and products are computed in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import assert_same_bits
+
+from fourbit.formats import create_dynamic_map, get_4bit_type
+from fourbit.kernels import reference
+
+ON_GPU = torch.cuda.is_available()  # without a GPU, conftest.py turns on TRITON_INTERPRET
+DEVICE = "cuda" if ON_GPU else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+#: The mark of every Triton test module.
+NEEDS_TRITON = pytest.mark.skipif(not ON_GPU and not INTERPRETED, reason="needs a GPU or TRITON_INTERPRET=1")
+
+QUANT_SHAPES = [(1,), (7,), (3, 37), (130,), (2, 97), (5, 7, 9), (300, 64)]
+if ON_GPU:
+    QUANT_SHAPES += [(4099,), (255, 4097), (11008, 4096), (1, 14337)]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096] if ON_GPU else [32, 64, 256, 4096]
+
+
+def code_table(quant_type: str) -> torch.Tensor:
+    return get_4bit_type(quant_type, device=DEVICE)
+
+
+def sample(shape, dtype, special: bool) -> torch.Tensor:
+    data = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    flat = data.view(-1)
+    flat[::7] = 0
+    if special and flat.numel() > 70:
+        flat[:64] = 0  # a whole zero block for small blocksizes
+        flat[65] = float("nan")
+        flat[-2] = float("inf")
+    return data
+
+
+def nested_statistics(absmax: torch.Tensor, nested: bool) -> tuple[torch.Tensor, dict]:
+    """The absmax argument and nested-statistics keyword arguments of a (nested) 4-bit state."""
+    if not nested:
+        return absmax, {}
+    dynamic = create_dynamic_map().to(DEVICE)
+    offset = absmax.mean()
+    codes, scale = reference.quantize_blockwise(absmax - offset, dynamic, 256)
+    return codes, dict(nested_absmax=scale, nested_code=dynamic, nested_offset=offset, nested_blocksize=256)
+
+
+def close_or_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    if INTERPRETED and expected.dtype == torch.bfloat16:
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=2**-7, atol=0, equal_nan=True)
+    else:
+        assert_same_bits(actual, expected)
