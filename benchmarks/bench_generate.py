@@ -81,10 +81,13 @@ def run_generate(model, prompt: torch.Tensor, new_tokens: int, device: torch.dev
     return time.perf_counter() - start, out[:, prompt.shape[1] :].tolist()
 
 
-def run_lean(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list]:
+def run_lean(
+    model, prompt: torch.Tensor, new_tokens: int, device: torch.device, forced: list | None = None
+) -> tuple[float, list]:
     """Seconds for a gpt-fast style greedy loop, and the tokens: static cache, eager prefill, then
     the one-token step compiled (``torch.compile``, no graph break) and, on a GPU, captured once
-    into a CUDA graph that every token replays."""
+    into a CUDA graph that every token replays. With ``forced`` tokens, each step takes the
+    forced token before it instead of its own prediction (teacher forcing)."""
     from transformers import StaticCache
 
     batch, length = prompt.shape
@@ -106,7 +109,9 @@ def run_lean(model, prompt: torch.Tensor, new_tokens: int, device: torch.device)
     with torch.no_grad():
         token = lean.eager(prompt, torch.arange(length, device=device))  # eager prefill
         tokens.append(token)
-        for index in range(length, length + new_tokens - 1):
+        for step_index, index in enumerate(range(length, length + new_tokens - 1)):
+            if forced is not None:
+                token = torch.tensor(forced, device=device)[:, step_index : step_index + 1]
             token = lean(token, index)
             tokens.append(token)
     _sync(device)
@@ -157,6 +162,16 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
     """The tensors a StaticCache keeps, on itself and on each of its layers."""
     holders = [cache, *getattr(cache, "layers", ())]
     return [value for holder in holders for value in vars(holder).values() if isinstance(value, torch.Tensor)]
+
+
+def forced_agreement(model, batch: int, args, device: torch.device, reference: list) -> float:
+    """The share of the lean loop's predictions that equal ``reference``'s tokens when every step
+    is given the reference's previous token: near 1 unless the loop computes something else
+    (free-running greedy tokens of a random model part ways at the first near-tie)."""
+    torch.manual_seed(1)
+    prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
+    _, predicted = run_lean(model, prompt, args.new_tokens, device, forced=reference)
+    return (torch.tensor(predicted) == torch.tensor(reference)).float().mean().item()
 
 
 def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[float, float, list]:
@@ -224,8 +239,11 @@ def main() -> None:
                 results[(name, mode, batch)] = (tokens_per_s, peak)
                 reference = first_tokens.setdefault(batch, tokens)
                 same = (torch.tensor(tokens) == torch.tensor(reference)).float().mean().item()
-                print(f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, peak {peak:.2f} GiB, "
-                      f"{same:.0%} of tokens as in {modes[0]}")  # fmt: skip
+                line = f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, peak {peak:.2f} GiB, "
+                line += f"{same:.0%} of tokens as in {modes[0]}"
+                if mode == "lean" and reference is not tokens:
+                    line += f" ({forced_agreement(model, batch, args, device, reference):.0%} teacher-forced)"
+                print(line)
         del model
         gc.collect()
         torch._dynamo.reset()

@@ -24,14 +24,18 @@ def run_worker(tmp_path: Path, cpu: bool) -> dict:
     output = tmp_path / "result.json"
     env = {**os.environ, "FSDP_TEST_CPU": "1" if cpu else "0", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*command, str(WORKER), str(output), *STORAGES],
-        capture_output=True,
-        text=True,
-        timeout=420,
-        env=env,
-        cwd=tmp_path,
-    )
+    try:
+        result = subprocess.run(
+            [*command, str(WORKER), str(output), *STORAGES],
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env=env,
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired as timeout:  # name where the workers stood
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
+        pytest.fail(f"the FSDP2 workers did not finish in {timeout.timeout} s; their stderr ends:\n{(stderr or '')[-4000:]}")
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(output.read_text())
 
