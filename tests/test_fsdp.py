@@ -35,7 +35,8 @@ def run_worker(tmp_path: Path, cpu: bool) -> dict:
         )
     except subprocess.TimeoutExpired as timeout:  # name where the workers stood
         stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
-        pytest.fail(f"the FSDP2 workers did not finish in {timeout.timeout} s; their stderr ends:\n{(stderr or '')[-4000:]}")
+        ends = (stderr or "")[-4000:]
+        pytest.fail(f"the FSDP2 workers did not finish in {timeout.timeout} s; their stderr ends:\n{ends}")
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(output.read_text())
 

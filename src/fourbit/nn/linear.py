@@ -124,10 +124,11 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
-        # the registered parameters, read without nn.Module.__getattr__ (a parametrization or a
-        # replaced attribute takes them out of _parameters: then the attribute)
-        parameters = self._parameters
-        weight = parameters["weight"] if "weight" in parameters else self.weight
+        parameters = self._parameters  # read without nn.Module.__getattr__, which costs more
+        try:
+            weight, bias = parameters["weight"], parameters["bias"]
+        except KeyError:  # a parametrization or a replaced attribute took them out of _parameters
+            weight, bias = self.weight, self.bias
         if isinstance(weight, Params4bit) and not weight.bnb_quantized:
             self._forward_quant_state()  # raises: not quantized yet
         if x.shape[-1] != self.in_features:
@@ -141,7 +142,6 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         input_dtype = x.dtype
         if self.compute_dtype is not None and input_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        bias = parameters["bias"] if "bias" in parameters else self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         if isinstance(weight, Params4bit) and x.dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
