@@ -79,7 +79,7 @@ def test_linear_handles_leading_dimensions_and_empty_inputs():
     [
         (1, 32, 64, 1, 4, "gather"),
         (4, 16, 128, 3, 4, "gather"),
-        (2, 64, 256, 0, 4, "select"),
+        (2, 64, 256, 0, 4, "gather"),
         (16, 16, 64, 1, 4, "half"),
         "chunked",
     ],
@@ -87,8 +87,8 @@ def test_linear_handles_leading_dimensions_and_empty_inputs():
 )
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
-    """The multiply-accumulate kernels (word and any-K, with and without split-K, gather and select
-    lookups) and the chunked decode + matmul path (chunks forced small) on the same inputs."""
+    """The multiply-accumulate kernels (word and any-K, with and without split-K, float32 and
+    float16 tables) and the chunked decode + matmul path (chunks forced small) on the same inputs."""
     monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 2048)
     code = code_table("nf4")
     rows = 3 if config == "chunked" else min(config[0], 3)
@@ -102,6 +102,14 @@ def test_every_kernel_configuration_is_correct(config, nested, monkeypatch):
         expected = reference.linear_4bit(x.double(), packed, absmax, code, blocksize, (n, k), bias.double(), **extra)
         error = ((out.double() - expected).norm() / expected.norm()).item()
         assert error < (2e-3 if "half" in config else 1e-5), (config, n, k, error)
+
+
+def test_an_unknown_lookup_is_refused_by_name():
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(8, 64, device=DEVICE), code, 64, torch.uint8)
+    with pytest.raises(ValueError, match="'select'"):
+        kernels.linear_4bit(torch.randn(1, 64, device=DEVICE), packed, absmax, code, 64, (8, 64),
+                            config=(1, 32, 64, 1, 4, "select"))  # fmt: skip
 
 
 def test_kernel_choice_follows_rows_dtype_and_device():

@@ -66,45 +66,6 @@ def absmax_from_stored(
 
 
 @triton.jit
-def lookup(code_ptr, index, SELECT: tl.constexpr):
-    """``code[index]`` for 4-bit indices: a cached gather, or (SELECT) a tree of selects over the
-    16 table entries held in registers."""
-    if SELECT:
-        c0 = tl.load(code_ptr + 0)
-        c1 = tl.load(code_ptr + 1)
-        c2 = tl.load(code_ptr + 2)
-        c3 = tl.load(code_ptr + 3)
-        c4 = tl.load(code_ptr + 4)
-        c5 = tl.load(code_ptr + 5)
-        c6 = tl.load(code_ptr + 6)
-        c7 = tl.load(code_ptr + 7)
-        c8 = tl.load(code_ptr + 8)
-        c9 = tl.load(code_ptr + 9)
-        c10 = tl.load(code_ptr + 10)
-        c11 = tl.load(code_ptr + 11)
-        c12 = tl.load(code_ptr + 12)
-        c13 = tl.load(code_ptr + 13)
-        c14 = tl.load(code_ptr + 14)
-        c15 = tl.load(code_ptr + 15)
-        bit0 = (index & 1) != 0
-        bit1 = (index & 2) != 0
-        bit2 = (index & 4) != 0
-        low = tl.where(
-            bit2,
-            tl.where(bit1, tl.where(bit0, c7, c6), tl.where(bit0, c5, c4)),
-            tl.where(bit1, tl.where(bit0, c3, c2), tl.where(bit0, c1, c0)),
-        )
-        high = tl.where(
-            bit2,
-            tl.where(bit1, tl.where(bit0, c15, c14), tl.where(bit0, c13, c12)),
-            tl.where(bit1, tl.where(bit0, c11, c10), tl.where(bit0, c9, c8)),
-        )
-        return tl.where((index & 8) != 0, high, low)
-    else:
-        return tl.load(code_ptr + index)
-
-
-@triton.jit
 def decode_weight_tile(
     w_ptr,
     absmax_ptr,
@@ -121,7 +82,6 @@ def decode_weight_tile(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
-    SELECT: tl.constexpr,
 ):
     """Float32 values of the weight tile rows ``offs_n``, columns ``k0 .. k0 + BLOCK_K``, for any
     K (rows need not start on a byte or block boundary): every element finds its own byte,
@@ -135,7 +95,7 @@ def decode_weight_tile(
         absmax_ptr, element // BLOCKSIZE, mask, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
         NESTED, NESTED_BLOCKSIZE,
     )  # fmt: skip
-    return tl.where(mask, lookup(code_ptr, nibble, SELECT) * scale, 0.0)
+    return tl.where(mask, tl.load(code_ptr + nibble) * scale, 0.0)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""CUDA-core 4-bit products for few rows: a multiply-accumulate over weights decoded by table lookup.
+"""CUDA-core 4-bit products for few rows: a multiply-accumulate over weights decoded by table lookup
+(a gather from the code table: float16 for 16-bit inputs, float32 for float32 ones).
 
 These take what the tensor-core kernels do not: float32 inputs, K that is not a multiple of the
 blocksize, and runs under the Triton interpreter.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import block_scale, decode_weight_tile, lookup, word_shifts, write_output
+from .common import block_scale, decode_weight_tile, word_shifts, write_output
 
 
 @triton.jit
@@ -37,7 +38,6 @@ def gemv_words_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
-    SELECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     """Rows of W start on word and block boundaries (K % 8 == 0, K % BLOCKSIZE == 0): a tile is
@@ -63,7 +63,7 @@ def gemv_words_kernel(
         w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
         words = tl.load(w_ptr + row_words + offs_w[None, :], mask=w_mask, other=0)
         nibbles = (words[:, :, None] >> shifts[None, None, :]) & 15
-        values = tl.reshape(lookup(code_ptr, nibbles, SELECT).to(tl.float32), (BLOCK_N, SUB, SPAN))
+        values = tl.reshape(tl.load(code_ptr + nibbles).to(tl.float32), (BLOCK_N, SUB, SPAN))
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :],
@@ -112,7 +112,6 @@ def gemv_any_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
-    SELECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     """Any K (odd, not a multiple of the blocksize): every element finds its own byte and block."""
@@ -133,7 +132,7 @@ def gemv_any_kernel(
         ).to(tl.float32)
         w = decode_weight_tile(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, offs_n, k0, N, K,
-            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SELECT,
+            BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
         )  # fmt: skip
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     write_output(

@@ -258,6 +258,8 @@ class PreparedWeight:
         """The CUDA-core multiply-accumulate kernel (``GEMV_TABLE`` entry ``config``)."""
         m, n_out, k, blocksize = x.shape[0], self.n_out, self.k, self.blocksize
         rows, block_n, block_k, split_k, num_warps, lookup_mode = config
+        if lookup_mode not in ("half", "gather"):
+            raise ValueError(f"the CUDA-core kernel's lookup is 'half' or 'gather', got {lookup_mode!r}")
         words = k % 8 == 0 and k % blocksize == 0
         block_k = max(16, min(block_k, triton.next_power_of_2(k)))
         kernel = gemv_words_kernel if words else gemv_any_kernel
@@ -268,7 +270,7 @@ class PreparedWeight:
         return ProductLaunch(
             kernel, grid, {"num_warps": num_warps}, self, _gemv_tensors(words, half),
             (m, n_out, k, x.stride(0), n_out, rows, block_n, block_k, split_k, blocksize, self.nested,
-             self.nested_blocksize, lookup_mode == "select", has_bias),
+             self.nested_blocksize, has_bias),
             m, n_out, x.dtype, x.device, grid[0] if split_k > 1 else 0,
         )  # fmt: skip
 

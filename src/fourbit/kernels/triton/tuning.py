@@ -30,8 +30,8 @@ __all__ = [
 class GemvConfig(NamedTuple):
     """The CUDA-core kernel, for inputs the tensor-core kernels do not take (float32, K not a
     multiple of the blocksize, the interpreter). ``split_k`` 0: enough K splits to give every
-    multiprocessor work. ``lookup``: "half" (float16 table, one memory sector), "gather" (float32
-    table) or "select" (no memory access)."""
+    multiprocessor work. ``lookup``: "half" (float16 table, one memory sector; float32 inputs keep
+    float32) or "gather" (float32 table)."""
 
     max_rows: int
     rows: int
