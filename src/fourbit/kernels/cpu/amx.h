@@ -214,7 +214,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, in
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t n0 = g * AMX_ROWS;
-      for (int r = 0; r < AMX_ROWS; ++r) block_scales(w, (n0 + r) * blocks, blocks, scales.data() + r * blocks);
+      for (int r = 0; r < AMX_ROWS; ++r) block_scales_avx512(w, (n0 + r) * blocks, blocks, scales.data() + r * blocks);
       for (int64_t t0 = 0; t0 < input_tiles; t0 += TILES_PER_PASS) {
         const int64_t count = input_tiles - t0 < TILES_PER_PASS ? input_tiles - t0 : TILES_PER_PASS;
         amx_pass(w, n0, k, inputs.data() + per_input * t0, split ? low_inputs.data() + per_input * t0 : nullptr,

@@ -49,7 +49,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dequantize_bl
   const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   float scales[MAX_RUN];
-  block_scales(w, first_block, last_block - first_block, scales);
+  block_scales_avx512(w, first_block, last_block - first_block, scales);
   for (int64_t b = first_block; b < last_block; ++b) {
     const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[b - first_block]));
     for (int64_t e = b * w.blocksize; e < (b + 1) * w.blocksize; e += 32) {

@@ -91,7 +91,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx5
   const float* even = x.even.data() + m0 * stride;
   const float* odd = x.odd.data() + m0 * stride;
   float scales[MAX_RUN];
-  block_scales(w, first, blocks, scales);
+  block_scales_avx512(w, first, blocks, scales);
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 scaled = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[b])), dtype);
     int64_t g = 0;
@@ -185,7 +185,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
   const uint16_t* even = x.even16.data() + m0 * stride;
   const uint16_t* odd = x.odd16.data() + m0 * stride;
   float scales[MAX_RUN];
-  block_scales(w, first, blocks, scales);
+  block_scales_avx512(w, first, blocks, scales);
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2, bytes += 2 * step, even += 2 * step, odd += 2 * step) {
     const __m512 s0 = _mm512_mul_ps(table, _mm512_set1_ps(scales[b]));
