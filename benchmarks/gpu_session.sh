@@ -2,7 +2,8 @@
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
 #   STAGES="tests tune bench" bash benchmarks/gpu_session.sh
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
-# The tests stage runs each test file in a pytest process of its own, JOBS at a time on the one GPU
+# The tests stage runs each test file in a pytest process of its own (the Triton files in SPLIT
+# processes each, default 3), JOBS at a time on the one GPU
 # (default 8: the suite is bound by host work, Triton's compiles above all, so processes overlap
 # well; each gets nproc/JOBS threads), longest-known files first, and prints each file's wall time,
 # the total and the failures (per-file logs in $OUT/test_logs.tgz; a file still running after
@@ -30,11 +31,19 @@ for stage in $STAGES; do
         # the slow files first, so that none starts last
         files=${FILES:-$(ls tests/test_triton.py tests/test_triton_tensor_core.py tests/test_triton_quantize.py \
           tests/test_fsdp.py tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_bnb_compat.py tests/test_*.py)}
-        printf '%s\n' $files | awk '!seen[$0]++' |
+        # the long Triton files run as SPLIT processes each (conftest.py: FOURBIT_TEST_SHARD)
+        split=${SPLIT:-3}
+        for file in $(printf '%s\n' $files | awk '!seen[$0]++'); do
+          case $file in
+            tests/test_triton*.py) for (( i = 0; i < split; i++ )); do echo "$file $i/$split"; done ;;
+            *) echo "$file" ;;
+          esac
+        done |
           JOBS_OUT="$OUT" xargs -P "${JOBS:-8}" -I{} bash -c '
-            name=$(basename {} .py); begin=$(date +%s)
-            OMP_NUM_THREADS=$THREADS TORCHINDUCTOR_COMPILE_THREADS=$THREADS \
-              timeout "${FILE_TIMEOUT:-480}" "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 {} \
+            set -- {}; file=$1; shard=${2:-}; name=$(basename "$file" .py)${shard:+-${shard%/*}}
+            begin=$(date +%s)
+            FOURBIT_TEST_SHARD=$shard OMP_NUM_THREADS=$THREADS TORCHINDUCTOR_COMPILE_THREADS=$THREADS \
+              timeout "${FILE_TIMEOUT:-480}" "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 "$file" \
               > "$JOBS_OUT/$name.log" 2>&1
             echo "$name: exit $? after $(( $(date +%s) - begin )) s" >> "$JOBS_OUT/tests.log"'
         sort -t: -k1,1 "$OUT/tests.log"

@@ -14,12 +14,30 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _keep_shard(config, items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With FOURBIT_TEST_SHARD=i/n, only the i-th of n contiguous runs of the collected tests (so
+    that processes can share a long file; neighbours, which compile the same kernels, stay together)."""
+    shard = os.environ.get("FOURBIT_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"FOURBIT_TEST_SHARD must look like 0/3, got {shard!r}") from None
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"FOURBIT_TEST_SHARD {shard!r}: the index must be in [0, {count})")
+    start, stop = len(items) * index // count, len(items) * (index + 1) // count
+    config.hook.pytest_deselected(items=items[:start] + items[stop:])
+    items[:] = items[start:stop]
 
 
 @pytest.fixture(autouse=True)
