@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate" bash benchmarks/gpu_session.sh
+# (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the Triton files in SPLIT
 # processes each, default 3), JOBS at a time on the one GPU
@@ -60,5 +61,16 @@ for stage in $STAGES; do
         --batches 1 16 256 2048 --memory ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_eager.md"
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 28672x8192 --dtypes bfloat16 \
         --batches 1 16 256 2048 --cuda-graphs ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_graphs.md" ;;
+    eager)  # the eager per-call table and host time, as docs/performance.md reports them
+      "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 28672x8192 \
+        --dtypes bfloat16 --batches 1 16 64 256 --min-time 0.2 2>&1 | tee "$OUT/bench_eager_rows.md"
+      "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 2>&1 |
+        tee "$OUT/host.md" ;;
+    generate)  # end to end: eager and the lean loop, then transformers' compiled decoding
+      "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes eager lean --warmup 1 --repeats 2 \
+        2>&1 | tee "$OUT/generate.md"
+      "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
+        2>&1 | tee "$OUT/generate_compiled.md" ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate)" >&2; exit 2 ;;
   esac
 done
