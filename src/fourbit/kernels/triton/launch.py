@@ -1,11 +1,12 @@
-"""Launching the product kernels with little host work: compiled once, then launched directly.
+"""Launching kernels with little host work: compiled once, then launched directly.
 
 Triton's ``kernel[grid](...)`` binds and specializes every argument on every call, which costs
-more host time than a decode-sized product takes on the GPU. A ``ProductLaunch`` fixes all but
-the input, the bias and the output: its first call goes through the JIT, which compiles (or
-finds) the kernel, and later calls hand the arguments straight to the compiled kernel's launcher.
-Whoever keeps a ``ProductLaunch`` keys it on everything Triton specializes on that can change
-between calls (the input's row count, stride and 16-byte alignment, the bias' alignment).
+more host time than a decode-sized product takes on the GPU. A ``KernelLaunch`` goes through the
+JIT once, which compiles (or finds) the kernel, and later hands the arguments straight to the
+compiled kernel's launcher, pointers as ints. A ``ProductLaunch`` fixes all of a product's
+arguments but the input, the bias and the output. Whoever keeps one keys it on everything Triton
+specializes on that can change between calls (the input's row count, stride and 16-byte
+alignment, the bias' alignment).
 
 Split-K products add their partial sums into a float32 workspace and count arrivals per output
 tile; the last program of a tile writes the output and leaves workspace and counters zeroed
