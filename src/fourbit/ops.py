@@ -112,8 +112,19 @@ def _(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtyp
     return torch.empty_like(A, dtype=dtype)
 
 
-@torch.library.custom_op("fourbit::linear_4bit", mutates_args=())
-def linear_4bit(
+#: ``fourbit::linear_4bit`` runs once per projection and token, so it is defined through a plain
+#: ``torch.library.Library`` rather than ``custom_op``, whose wrapper layers cost about a third of
+#: the dispatch (20 us against 14 on a 2-core CPU, gradient formula registered in both). Same
+#: schema, fake, gradient and per-device kernels.
+_LIBRARY = torch.library.Library("fourbit", "FRAGMENT")
+_LIBRARY.define(
+    "linear_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor code, SymInt blocksize, SymInt[] shape, "
+    "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
+    f"SymInt nested_blocksize={NESTED_BLOCKSIZE}) -> Tensor"
+)
+
+
+def _linear_4bit_reference(
     A: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -132,7 +143,10 @@ def linear_4bit(
     )
 
 
-@linear_4bit.register_fake
+_LIBRARY.impl("linear_4bit", _linear_4bit_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fourbit::linear_4bit", lib=_LIBRARY)
 def _(
     A: Tensor,
     packed: Tensor,
@@ -147,6 +161,10 @@ def _(
     nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> Tensor:
     return A.new_empty((*A.shape[:-1], shape[0]))
+
+
+#: ``A @ W.T + bias`` through the dispatcher (``torch.ops.fourbit.linear_4bit``).
+linear_4bit = torch.ops.fourbit.linear_4bit
 
 
 def _linear_4bit_setup_context(ctx, inputs, output) -> None:
@@ -181,7 +199,9 @@ def _linear_4bit_backward(ctx, grad: Tensor):
     return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
 
 
-linear_4bit.register_autograd(_linear_4bit_backward, setup_context=_linear_4bit_setup_context)
+torch.library.register_autograd(
+    "fourbit::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup_context, lib=_LIBRARY
+)
 
 
 #: Per device type, the class that prepares one weight's product for that device's kernels
@@ -307,7 +327,7 @@ def _register_triton_kernels() -> None:
     _register("quantize_4bit", "cuda", triton_kernels.quantize_4bit)
     _register("quantize_blockwise", "cuda", triton_kernels.quantize_blockwise)
     _register("dequantize_4bit", "cuda", triton_kernels.dequantize_4bit)
-    linear_4bit.register_kernel("cuda")(triton_kernels.linear_4bit)
+    _LIBRARY.impl("linear_4bit", triton_kernels.linear_4bit, "CUDA")
 
 
 def _register_cpu_kernels() -> None:
@@ -318,7 +338,7 @@ def _register_cpu_kernels() -> None:
     _prepared_kernels["cpu"] = cpu.prepare
     _register("quantize_4bit", "cpu", cpu.quantize_4bit)
     _register("dequantize_4bit", "cpu", cpu.dequantize_4bit)
-    linear_4bit.register_kernel("cpu")(cpu.linear_4bit)
+    _LIBRARY.impl("linear_4bit", cpu.linear_4bit, "CPU")
 
 
 _register_cpu_kernels()
