@@ -162,7 +162,7 @@ def test_covering_splits_are_powers_of_two_that_cover_the_gpu_at_most_twice(monk
 def test_derived_tables_follow_the_code_tensor():
     """A table derived from a code tensor is reused for that tensor, rebuilt after an in-place
     change, and never handed to another tensor (not even one at a freed table's address)."""
-    from fourbit.kernels.triton.derived import derived
+    from fourbit.kernels.derived import derived
 
     builds = []
 
@@ -183,7 +183,7 @@ def test_derived_tables_follow_the_code_tensor():
 
 @pytest.mark.gpu
 def test_derived_tables_are_not_kept_from_a_graph_capture():
-    from fourbit.kernels.triton.derived import _entries, derived
+    from fourbit.kernels.derived import _entries, derived
 
     code = code_table("nf4")
     graph = torch.cuda.CUDAGraph()

@@ -18,6 +18,7 @@ import torch
 
 from ...formats import NESTED_BLOCKSIZE
 from .. import reference
+from ..derived import derived
 from . import compiled, native
 
 __all__ = [
@@ -72,7 +73,7 @@ class PreparedWeight:
         # everything the library reads must stay alive as long as the pointers do
         self._keep = [
             packed.reshape(-1).view(torch.uint8),
-            reference.decode_table(code).contiguous(),
+            derived(code, "decode", reference.decode_table).contiguous(),
         ]
         weight = native.Weight(self._keep[0].data_ptr(), self._keep[1].data_ptr())
         weight.blocksize = blocksize

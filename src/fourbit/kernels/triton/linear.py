@@ -22,10 +22,10 @@ import torch
 import triton
 
 from ...formats import NESTED_BLOCKSIZE
+from ..derived import derived
 from . import fragments
 from .common import INTERPRETED
 from .dequantize import DequantizeLaunch
-from .derived import derived
 from .gemv import gemv_any_kernel, gemv_words_kernel
 from .launch import ProductLaunch
 from .tensor_core import decode_dot_kernel

@@ -20,9 +20,9 @@ import triton.language as tl
 
 from ...formats import num_blocks, packed_nbytes
 from .. import reference
+from ..derived import derived
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import INTERPRETED
-from .derived import derived
 from .tuning import QUANTIZE
 
 #: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit

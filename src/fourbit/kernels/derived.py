@@ -1,5 +1,6 @@
-"""Tables derived from a code tensor (sorted midpoints, nibble maps, lookup grids), built on the
-device once per code tensor and reused: eager calls then launch only their kernels.
+"""Tables derived from a code tensor (the decode table, sorted midpoints, nibble maps, lookup
+grids), built on the device once per code tensor and reused: eager calls then run only their
+kernels.
 
 Entries are keyed by the code tensor itself (a weak reference) and its version counter, so a
 table freed and another allocated at its address, or a table changed in place, is rebuilt.
