@@ -261,6 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.set_float32_matmul_precision for every column (fourbit's float32 CPU products take "
         "bfloat16 parts on AMX below 'highest')",
     )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for every column (CPU)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -276,6 +277,10 @@ def run_from_args(args: argparse.Namespace) -> None:
     CUDA_GRAPHS = args.cuda_graphs
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]
     rows = run(
         shapes,
@@ -291,6 +296,8 @@ def run_from_args(args: argparse.Namespace) -> None:
     settings = f"{args.quant_type}, blocksize {args.blocksize}, nested={not args.no_nested}"
     if args.float32_matmul_precision:
         settings += f", float32 matmul precision {args.float32_matmul_precision!r}"
+    if args.threads is not None:
+        settings += f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     timing = "CUDA graph replays" if CUDA_GRAPHS else "eager calls"
     copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}; {timing}\n")
