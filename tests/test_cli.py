@@ -119,6 +119,22 @@ def test_bench_runs(tmp_path):
     assert "fourbit kernel benchmark" in result.stdout and "64x128" in result.stdout
 
 
+def test_bench_takes_a_thread_count_and_refuses_a_bad_one(capsys):
+    from fourbit.tools import bench
+
+    before = torch.get_num_threads()
+    try:
+        for bad, message in [("0", "must be at least 1, got 0"), ("two", "must be a whole number, got 'two'")]:
+            with pytest.raises(SystemExit) as stopped:
+                bench.main(["--device", "cpu", "--shapes", "64x128", "--threads", bad])
+            assert stopped.value.code == 2 and f"argument --threads: {message}" in capsys.readouterr().err
+        bench.main(["--device", "cpu", "--shapes", "64x128", "--dtypes", "float32", "--batches", "1",
+                    "--min-time", "0.01", "--no-bnb", "--threads", "1"])  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

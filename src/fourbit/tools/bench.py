@@ -238,6 +238,17 @@ def describe_device(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _thread_count(text: str) -> int:
+    """``--threads``: a whole number of at least 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``benchmarks/bench_kernels.py`` and ``fourbit bench``)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -261,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.set_float32_matmul_precision for every column (fourbit's float32 CPU products take "
         "bfloat16 parts on AMX below 'highest')",
     )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for every column (CPU)")
+    parser.add_argument("--threads", type=_thread_count, help="torch.set_num_threads for every column (CPU)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -278,8 +289,6 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]
     rows = run(
