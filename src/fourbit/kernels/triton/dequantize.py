@@ -1,6 +1,7 @@
 """Triton 4-bit dequantize, bit-identical with ``fourbit.kernels.reference``: ``code * scale``
 (nested: the absmax from ``code * scale + offset``) without fused multiply-adds, hence
-``enable_fp_fusion=False``. ``DequantizeLaunch`` prepares one decode once, for the products'
+``enable_fp_fusion=False``. The code table comes as ``reference.decode_table`` (zero entries
++0.0), cached per code tensor. ``DequantizeLaunch`` prepares one decode once, for the products'
 decode + cuBLAS path, which repeats it on every call."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import triton
 import triton.language as tl
 
 from ...formats import NESTED_BLOCKSIZE, packed_nbytes
+from .. import reference
+from ..derived import derived
 from .common import block_scale, word_shifts
 from .launch import KernelLaunch, pointers
 
@@ -43,9 +46,6 @@ def _dequantize_4bit_kernel(
     packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
     high = tl.load(code_ptr + (packed >> 4))
     low = tl.load(code_ptr + (packed & 15))
-    # a zero code decodes to +0.0
-    high = tl.where(high == 0, 0.0, high)
-    low = tl.where(low == 0, 0.0, low)
     scale = block_scale(
         absmax_ptr, (2 * byte) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
         NESTED, NESTED_BLOCKSIZE,
@@ -76,7 +76,6 @@ def _dequantize_words_kernel(
     in_range = word < n_words
     words = tl.load(words_ptr + word, mask=in_range, other=0)
     values = tl.load(code_ptr + ((words[:, None] >> word_shifts()[None, :]) & 15))
-    values = tl.where(values == 0, 0.0, values)  # a zero code decodes to +0.0
     scale = block_scale(
         absmax_ptr, (8 * word) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
         NESTED, NESTED_BLOCKSIZE,
@@ -111,18 +110,19 @@ class DequantizeLaunch:
         data = packed.reshape(-1).view(torch.uint8)
         statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
         options = {"enable_fp_fusion": False}
+        table = derived(code, "decode", reference.decode_table)  # zero entries as +0.0
         self.launch: KernelLaunch | None = None
         if not n:
             return
         if n % 8 == 0 and data.storage_offset() % 4 == 0:
             grid = (triton.cdiv(n // 8, WORDS_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_words_kernel, grid, options, self.device)
-            self.before = (data.view(torch.int32), absmax, code.float(), *statistics)
+            self.before = (data.view(torch.int32), absmax, table, *statistics)
             self.after = (n // 8, blocksize, nested, nested_blocksize, WORDS_PER_PROGRAM)
         else:
             grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)
-            self.before = (data, absmax, code.float(), *statistics)
+            self.before = (data, absmax, table, *statistics)
             self.after = (n, blocksize, nested, nested_blocksize, BYTES_PER_PROGRAM)
         self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
 

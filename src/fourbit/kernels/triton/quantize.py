@@ -76,6 +76,9 @@ def _lane_table_fill_ptx() -> str:
     )
 
 
+#: reference.ABSMAX_FLOOR, as the kernels see it
+ABSMAX_FLOOR = tl.constexpr(reference.ABSMAX_FLOOR)
+
 _LANE_TABLE_FILL = tl.constexpr(_lane_table_fill_ptx())
 _LANE_TABLE_ENTRY = tl.constexpr(
     f"{{\n.reg .b32 a, l;\nmov.u32 l, %laneid;\nand.b32 l, l, {_COLUMNS - 1};\n"
@@ -196,7 +199,7 @@ def _quantize_4bit_kernel(
         raw = _load_tile(x_ptr, first_block, tile + step, block_limit, n, BLOCKSIZE, BLOCKS_PER_TILE, SHORT)
 
         absmax = tl.reduce(tl.abs(x), 1, _max_with_nan)  # NaN if the block has one, like torch.amax
-        clamped = tl.where(absmax < 1e-38, 1e-38, absmax)  # keeps NaN, like torch.clamp
+        clamped = tl.where(absmax < ABSMAX_FLOOR, ABSMAX_FLOOR, absmax)  # keeps NaN, like torch.clamp
         if SHORT:
             scaled = tl.math.div_rn(x, clamped[:, None])
             scaled = tl.where(inside, scaled, 0.0)  # the padding value of an odd count
