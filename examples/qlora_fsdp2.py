@@ -113,13 +113,16 @@ def build_model(
     return model
 
 
-def shard(model: TinyCausalLM) -> TinyCausalLM:
-    """FSDP2: one unit per block, plus the root (embeddings, norm, head)."""
+def shard(model: TinyCausalLM, device: torch.device) -> TinyCausalLM:
+    """FSDP2 over every process on ``device``'s type: one unit per block, plus the root (embeddings,
+    norm, head). The mesh is explicit because fully_shard's default is CUDA whenever a GPU exists."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -203,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         not args.no_quant, getattr(torch, args.quant_storage), device, dtype, dim=args.dim, layers=args.layers
     )
     if world > 1:
-        shard(model)
+        shard(model, device)
     kind = "bf16 baseline" if args.no_quant else f"NF4 (quant_storage={args.quant_storage})"
     if rank == 0:
         print(f"{kind}, {dtype}, {world} process(es) on {device.type}, global batch {args.batch}")

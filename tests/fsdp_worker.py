@@ -56,9 +56,17 @@ def scramble(model: torch.nn.Module) -> None:
                 module.quant_state.absmax.zero_()
 
 
+def mesh_of(device: torch.device):
+    """All processes on ``device``'s type (fully_shard's default mesh is CUDA whenever a GPU exists,
+    which would put the gloo run's shards on one GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
 def check_storage(example, storage: torch.dtype, rank: int, world: int, device: torch.device, workdir: str) -> dict:
     tokens = example.batch(99, 4).to(device)
-    model = example.shard(example.build_model(quant_storage=storage, device=device))
+    model = example.shard(example.build_model(quant_storage=storage, device=device), device)
     with torch.no_grad():
         forward = model(tokens).cpu()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -71,7 +79,7 @@ def check_storage(example, storage: torch.dtype, rank: int, world: int, device: 
         trained = model(tokens).cpu()
     path = os.path.join(workdir, f"dcp-{storage}")
     dcp.save(model.state_dict(), checkpoint_id=path)
-    restored = example.shard(example.build_model(quant_storage=storage, device=device))
+    restored = example.shard(example.build_model(quant_storage=storage, device=device), device)
     scramble(restored)
     state = restored.state_dict()
     dcp.load(state, checkpoint_id=path)
@@ -111,8 +119,8 @@ def mixed_precision(example, device: torch.device) -> dict:
     for storage in (torch.bfloat16, torch.float32):
         model = example.build_model(quant_storage=storage, device=device)
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(block, mesh=mesh_of(device), mp_policy=policy)
+        fully_shard(model, mesh=mesh_of(device), mp_policy=policy)
         try:
             with torch.no_grad():
                 outcome[str(storage)] = f"ok {model(tokens).dtype}"
@@ -129,7 +137,7 @@ def integer_parameter_error(device: torch.device) -> str:
     holder = torch.nn.Module()
     holder.packed = torch.nn.Parameter(torch.zeros(8, 1, dtype=torch.uint8, device=device), requires_grad=False)
     try:
-        fully_shard(holder)
+        fully_shard(holder, mesh=mesh_of(device))
     except RuntimeError as error:
         return str(error)
     return ""
@@ -144,7 +152,7 @@ def unquantized_error(device: torch.device) -> str:
 
     layer = Linear4bit(64, 32, quant_type="nf4", device=device)
     try:
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh_of(device))
         layer(torch.randn(2, 64, device=device))
     except RuntimeError as error:
         return str(error)
@@ -164,7 +172,7 @@ def moved_by_fully_shard(device: torch.device) -> str:
     reference = Linear4bit(64, 32, quant_type="nf4", quant_storage=torch.bfloat16)
     reference.load_state_dict(dense.state_dict())
     reference = reference.to(device)
-    fully_shard(layer)
+    fully_shard(layer, mesh=mesh_of(device))
     x = torch.randn(3, 64, device=device)
     with torch.no_grad():
         return "ok" if torch.equal(layer(x), reference(x)) else "different"
@@ -186,7 +194,7 @@ def assigned_params4bit(device: torch.device) -> str:
         return layer.to(device)
 
     layer, reference = build(), build()
-    fully_shard(layer)
+    fully_shard(layer, mesh=mesh_of(device))
     x = torch.randn(3, 64, device=device)
     try:
         with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from fsdp_worker import STEPS, load_example
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 STORAGES = ["uint8", "bfloat16", "float32"]
+TIMEOUT = 300  # seconds; the CPU run takes about 10
 
 
 def run_worker(tmp_path: Path, cpu: bool) -> dict:
@@ -28,20 +30,23 @@ def run_worker(tmp_path: Path, cpu: bool) -> dict:
         # without a network may not route (the workers then wait until the timeout)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    try:
-        result = subprocess.run(
-            [*command, str(WORKER), str(output), *STORAGES],
-            capture_output=True,
-            text=True,
-            timeout=420,
-            env=env,
-            cwd=tmp_path,
-        )
-    except subprocess.TimeoutExpired as timeout:  # name where the workers stood
-        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
-        ends = (stderr or "")[-4000:]
-        pytest.fail(f"the FSDP2 workers did not finish in {timeout.timeout} s; their stderr ends:\n{ends}")
-    assert result.returncode == 0, result.stderr[-4000:]
+    # a session of their own, so that a timeout stops the workers too: they hold the output pipes
+    with subprocess.Popen(
+        [*command, str(WORKER), str(output), *STORAGES],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:  # name where the workers stood
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+            pytest.fail(f"the FSDP2 workers did not finish in {TIMEOUT} s; their stderr ends:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
     return json.loads(output.read_text())
 
 
