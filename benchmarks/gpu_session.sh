@@ -3,9 +3,9 @@
 #   STAGES="tests tune bench eager generate" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
-# The tests stage runs each test file in a pytest process of its own (the Triton files in SPLIT
-# processes each, default 3), JOBS at a time on the one GPU
-# (default 8: the suite is bound by host work, Triton's compiles above all, so processes overlap
+# The tests stage runs each test file in a pytest process of its own (the long files in several,
+# SHARDS: "file=count ..."), JOBS at a time on the one GPU
+# (default 10: the suite is bound by host work, Triton's compiles above all, so processes overlap
 # well; each gets nproc/JOBS threads), longest-known files first, and prints each file's wall time,
 # the total and the failures (per-file logs in $OUT/test_logs.tgz; a file still running after
 # FILE_TIMEOUT seconds, default 480, is stopped and reported with exit 124);
@@ -28,19 +28,25 @@ for stage in $STAGES; do
         : > "$OUT/tests.log"
         # each process gets its share of the cores: torch's and inductor's thread pools would
         # otherwise each take all of them, JOBS times over
-        export THREADS=$(( ($(nproc) + ${JOBS:-8} - 1) / ${JOBS:-8} ))
+        jobs=${JOBS:-10}
+        export THREADS=$(( ($(nproc) + jobs - 1) / jobs ))
         # the slow files first, so that none starts last
-        files=${FILES:-$(ls tests/test_triton.py tests/test_triton_tensor_core.py tests/test_triton_quantize.py \
-          tests/test_fsdp.py tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_bnb_compat.py tests/test_*.py)}
-        # the long Triton files run as SPLIT processes each (conftest.py: FOURBIT_TEST_SHARD)
-        split=${SPLIT:-3}
+        files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_triton.py tests/test_triton_quantize.py \
+          tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_cli.py tests/test_bnb_compat.py tests/test_*.py)}
+        # the long files run as several processes each, every one taking every count-th test
+        # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 450 s,
+        # the others 140-200 s
+        shards=${SHARDS:-"test_triton_tensor_core=5 test_triton=3 test_triton_quantize=3 test_cpu_kernels=2 test_linear4bit=2 test_cli=2"}
         for file in $(printf '%s\n' $files | awk '!seen[$0]++'); do
-          case $file in
-            tests/test_triton*.py) for (( i = 0; i < split; i++ )); do echo "$file $i/$split"; done ;;
-            *) echo "$file" ;;
-          esac
+          count=1
+          for entry in $shards; do [ "${entry%=*}" = "$(basename "$file" .py)" ] && count=${entry#*=}; done
+          if [ "$count" -gt 1 ]; then
+            for (( i = 0; i < count; i++ )); do echo "$file $i/$count"; done
+          else
+            echo "$file"
+          fi
         done |
-          JOBS_OUT="$OUT" xargs -P "${JOBS:-8}" -I{} bash -c '
+          JOBS_OUT="$OUT" xargs -P "$jobs" -I{} bash -c '
             set -- {}; file=$1; shard=${2:-}; name=$(basename "$file" .py)${shard:+-${shard%/*}}
             begin=$(date +%s)
             FOURBIT_TEST_SHARD=$shard OMP_NUM_THREADS=$THREADS TORCHINDUCTOR_COMPILE_THREADS=$THREADS \

@@ -24,8 +24,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With FOURBIT_TEST_SHARD=i/n, only the i-th of n contiguous runs of the collected tests (so
-    that processes can share a long file; neighbours, which compile the same kernels, stay together)."""
+    """With FOURBIT_TEST_SHARD=i/n, only every n-th collected test from the i-th on, so that
+    processes can share a long file (dealt round, the slow parametrizations of one test spread
+    over all of them)."""
     shard = os.environ.get("FOURBIT_TEST_SHARD")
     if not shard:
         return
@@ -35,9 +36,9 @@ def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"FOURBIT_TEST_SHARD must look like 0/3, got {shard!r}") from None
     if not 0 <= index < count:
         raise pytest.UsageError(f"FOURBIT_TEST_SHARD {shard!r}: the index must be in [0, {count})")
-    start, stop = len(items) * index // count, len(items) * (index + 1) // count
-    config.hook.pytest_deselected(items=items[:start] + items[stop:])
-    items[:] = items[start:stop]
+    kept = items[index::count]
+    config.hook.pytest_deselected(items=[item for position, item in enumerate(items) if position % count != index])
+    items[:] = kept
 
 
 @pytest.fixture(autouse=True)

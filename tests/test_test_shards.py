@@ -1,0 +1,40 @@
+"""FOURBIT_TEST_SHARD (conftest.py), which the GPU session uses to run a long file as several
+processes: the shards are disjoint, dealt round, and together run every test once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FILE = Path(__file__).resolve().parent / "test_formats.py"
+
+
+def collected(shard: str | None) -> list[str]:
+    env = {key: value for key, value in os.environ.items() if key != "FOURBIT_TEST_SHARD"}
+    if shard is not None:
+        env["FOURBIT_TEST_SHARD"] = shard
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(FILE)],
+        capture_output=True, text=True, env=env, cwd=FILE.parent.parent,
+    )  # fmt: skip
+    if shard is not None and result.returncode == 4:  # a usage error
+        raise ValueError(result.stderr)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_shards_are_dealt_round_and_cover_every_test_once():
+    everything = collected(None)
+    assert len(everything) > 6
+    shards = [collected(f"{index}/3") for index in range(3)]
+    assert [everything[index::3] for index in range(3)] == shards
+
+
+@pytest.mark.parametrize("shard", ["3/3", "one/two"])
+def test_a_malformed_shard_is_a_usage_error(shard):
+    with pytest.raises(ValueError, match="FOURBIT_TEST_SHARD"):
+        collected(shard)
