@@ -178,7 +178,7 @@ def moved_by_fully_shard(device: torch.device) -> str:
         return "ok" if torch.equal(layer(x), reference(x)) else "different"
 
 
-def assigned_params4bit(device: torch.device) -> str:
+def assigned_params4bit(device: torch.device, storage: torch.dtype) -> str:
     """A Params4bit assigned to ``Linear4bit.weight`` (transformers' and peft's pattern), moved to
     the device, then sharded: the forward matches the unsharded layer."""
     from torch.distributed.fsdp import fully_shard
@@ -190,7 +190,7 @@ def assigned_params4bit(device: torch.device) -> str:
 
     def build() -> Linear4bit:
         layer = Linear4bit(64, 64, bias=False, quant_type="nf4")
-        layer.weight = Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        layer.weight = Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", quant_storage=storage)
         return layer.to(device)
 
     layer, reference = build(), build()
@@ -222,7 +222,8 @@ def main() -> None:
     results = {str(storage): check_storage(example, storage, rank, world, device, shared[0]) for storage in storages}
     results["integer_parameter_error"] = integer_error
     results["unquantized_error"] = unquantized_error(device)
-    results["assigned_params4bit"] = assigned_params4bit(device)
+    # uint8 where this torch's FSDP2 shards it
+    results["assigned_params4bit"] = assigned_params4bit(device, torch.bfloat16 if integer_error else torch.uint8)
     if device.type == "cuda":
         results["moved_by_fully_shard"] = moved_by_fully_shard(device)
     results["mixed_precision"] = mixed_precision(example, device)
