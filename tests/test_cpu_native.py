@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fourbit.functional as F4
+from fourbit.formats import NestedStatistics
 from fourbit.kernels import cpu, reference
 from fourbit.kernels.cpu import native
 
@@ -38,6 +39,14 @@ def _weight(shape, quant_type, blocksize, nested, seed=0):
     data.view(-1)[:blocksize] = 0  # a zero block
     packed, state = F4.quantize_4bit(data, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
     return packed, F4.op_arguments(state, packed.device)
+
+
+def _prepared(packed, blocksize, shape, arguments) -> cpu.PreparedWeight:
+    """The prepared weight of ``_weight``'s op arguments (its nested statistics as one value)."""
+    flat = dict(arguments)
+    names = ("nested_absmax", "nested_code", "nested_offset", "nested_blocksize")
+    nested = NestedStatistics.of(*(flat.pop(name) for name in names if name in flat))
+    return cpu.PreparedWeight(packed, blocksize=blocksize, shape=shape, nested=nested, **flat)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -97,7 +106,7 @@ def test_the_amx_product_is_within_the_reference_tolerance(monkeypatch, blocksiz
             weight = reference.dequantize_4bit(
                 packed, blocksize=blocksize, shape=shape, dtype=torch.bfloat16, **arguments
             ).double()
-            prepared = cpu.PreparedWeight(packed, blocksize=blocksize, shape=shape, **arguments)
+            prepared = _prepared(packed, blocksize, shape, arguments)
             for rows in (2, 5, 16, 17, 70, cpu.AMX_MAX_ROWS):
                 x = torch.randn(rows, shape[1]).to(torch.bfloat16)
                 bias = torch.randn(shape[0]).to(torch.bfloat16)
@@ -119,7 +128,7 @@ def test_float32_products_use_bfloat16_parts_only_where_torch_allows_them(monkey
     shape = (48, 1024)
     packed, arguments = _weight(shape, "nf4", 64, True)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
-    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
+    prepared = _prepared(packed, 64, shape, arguments)
     x = torch.randn(70, shape[1])
     x[0, 0] = float("inf")  # a row that is not finite stays so, and leaves the others alone
     bias = torch.randn(shape[0])
@@ -152,7 +161,7 @@ def test_an_empty_batch_gives_an_empty_output():
 
 def test_results_do_not_depend_on_threads_and_concurrent_calls_agree():
     packed, arguments = _weight((512, 1024), "nf4", 64, True)
-    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=(512, 1024), **arguments)
+    prepared = _prepared(packed, 64, (512, 1024), arguments)
     x = torch.randn(3, 1024, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     try:
@@ -264,7 +273,7 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
     monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
     shape = (600, 4096)  # three chunks of decoded bfloat16 weight (256 rows each)
     packed, arguments = _weight(shape, "nf4", 64, True)
-    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
+    prepared = _prepared(packed, 64, shape, arguments)
     x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
     bias = torch.randn(shape[0], dtype=torch.bfloat16)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.bfloat16, **arguments)
@@ -280,7 +289,7 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
 def test_a_range_decodes_like_the_same_slice_of_the_whole(first_block):
     shape = (40, 1024)  # 640 blocks of 64: nested groups of 256 blocks
     packed, arguments = _weight(shape, "nf4", 64, True)
-    prepared = cpu.PreparedWeight(packed, blocksize=64, shape=shape, **arguments)
+    prepared = _prepared(packed, 64, shape, arguments)
     whole = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments).view(-1)
     count = 64 * 100
     out = torch.empty(count)

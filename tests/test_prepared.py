@@ -16,7 +16,9 @@ import torch
 from helpers import available_devices as devices
 
 import fourbit.functional as F4
+from fourbit.formats import nested_op_arguments
 from fourbit.nn import Linear4bit, Params4bit
+from fourbit.prepared import weight_arguments
 
 ON_GPU = torch.cuda.is_available()
 
@@ -155,8 +157,7 @@ TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
 def _prepared_weight(n: int, k: int, nested: bool = True):
     weight = torch.randn(n, k, device=TRITON_DEVICE)
     packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
-    arguments = F4.op_arguments(state, packed.device)
-    prepared = kernels.PreparedWeight(packed, blocksize=64, shape=(n, k), **arguments)
+    prepared = kernels.PreparedWeight(packed, blocksize=64, shape=(n, k), **weight_arguments(state, packed.device))
     return prepared, F4.dequantize_4bit(packed, state)
 
 
@@ -227,8 +228,7 @@ def test_the_chunked_path_plans_its_decodes_once_per_dtype(dtype, monkeypatch):
 
 
 def _op_arguments(prepared) -> dict:
-    return dict(absmax=prepared.absmax, code=prepared.code, nested_absmax=prepared.nested_absmax,
-                nested_code=prepared.nested_code, nested_offset=prepared.nested_offset)  # fmt: skip
+    return dict(absmax=prepared.absmax, code=prepared.code, **nested_op_arguments(prepared.nested_statistics))
 
 
 # --------------------------------------------------------------------------- GPU only

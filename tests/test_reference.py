@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DTYPES, describe_dtype, nibbles
 
-from fourbit.formats import create_dynamic_map, get_4bit_type
+from fourbit.formats import NestedStatistics, create_dynamic_map, get_4bit_type
 from fourbit.kernels import reference
 
 NF4 = get_4bit_type("nf4")
@@ -121,7 +121,7 @@ def test_nested_absmax_is_decoded_then_offset():
     offset = absmax.mean()
     code = create_dynamic_map()
     quantized, scale = reference.quantize_blockwise(absmax - offset, code, 256)
-    resolved = reference.resolve_absmax(quantized, scale, code, offset, 256)
+    resolved = reference.resolve_absmax(quantized, NestedStatistics(scale, code, offset, 256))
     expected = reference.dequantize_blockwise(quantized, scale, code, 256, torch.float32) + offset
     assert torch.equal(resolved, expected)
     assert (resolved - absmax).abs().max() < 0.01

@@ -1,10 +1,13 @@
-"""The numbers of the 4-bit formats: code tables, the 8-bit dynamic map, and the allowed settings.
+"""The numbers of the 4-bit formats: code tables, the 8-bit dynamic map, the allowed settings,
+and the one form nested statistics take from the functional layer down to the kernels.
 
 Everything here is plain data or a small builder of it. Every other module takes its tables
 from here, so each number is defined exactly once.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 
@@ -92,6 +95,37 @@ NESTED_BLOCKSIZE = 256
 
 #: Default 4-bit blocksize.
 DEFAULT_BLOCKSIZE = 64
+
+
+class NestedStatistics(NamedTuple):
+    """Nested ("double-quantized") statistics, as the kernels take them: 4-bit block ``i`` has the
+    absmax ``code[q_i] * absmax[i // blocksize] + offset``, ``q_i`` its stored 8-bit code.
+
+    The fields are in the order of the ops' four ``nested_*`` arguments, which a schema keeps flat
+    (``nested_absmax``, ``nested_code``, ``nested_offset``, ``nested_blocksize``).
+    """
+
+    absmax: torch.Tensor
+    code: torch.Tensor
+    offset: torch.Tensor
+    blocksize: int = NESTED_BLOCKSIZE
+
+    @classmethod
+    def of(
+        cls,
+        absmax: torch.Tensor | None,
+        code: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        blocksize: int = NESTED_BLOCKSIZE,
+    ) -> NestedStatistics | None:
+        """From an op's four flat arguments: None for a weight without nested statistics."""
+        return None if absmax is None else cls(absmax, code, offset, blocksize)
+
+
+def nested_op_arguments(nested: NestedStatistics | None) -> dict[str, Any]:
+    """The ops' four ``nested_*`` keyword arguments describing ``nested`` (or its absence)."""
+    values = (None, None, None, NESTED_BLOCKSIZE) if nested is None else tuple(nested)
+    return dict(zip(("nested_absmax", "nested_code", "nested_offset", "nested_blocksize"), values, strict=True))
 
 
 def get_4bit_type(typename: str, device: torch.device | str | None = None, blocksize: int = 64) -> torch.Tensor:

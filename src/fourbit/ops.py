@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .formats import NESTED_BLOCKSIZE, num_blocks, packed_nbytes
+from .formats import NESTED_BLOCKSIZE, NestedStatistics, nested_op_arguments, num_blocks, packed_nbytes
 from .kernels import reference
 
 
@@ -205,7 +205,7 @@ torch.library.register_autograd(
 
 
 #: Per device type, the class that prepares one weight's product for that device's kernels
-#: (``PreparedWeight(packed, absmax, code, blocksize, shape, *nested)`` with ``.linear(A, bias)``).
+#: (``PreparedWeight(packed, absmax, code, blocksize, shape, nested)`` with ``.linear(A, bias)``).
 _prepared_kernels: dict[str, Callable[..., Any]] = {}
 
 
@@ -239,28 +239,14 @@ class PreparedLinear:
         code: Tensor,
         blocksize: int,
         shape: Sequence[int],
-        nested_absmax: Optional[Tensor] = None,
-        nested_code: Optional[Tensor] = None,
-        nested_offset: Optional[Tensor] = None,
-        nested_blocksize: int = NESTED_BLOCKSIZE,
+        nested: Optional[NestedStatistics] = None,
     ) -> None:
         self.packed = packed
         self.arguments = dict(
-            absmax=absmax,
-            code=code,
-            blocksize=blocksize,
-            shape=list(shape),
-            nested_absmax=nested_absmax,
-            nested_code=nested_code,
-            nested_offset=nested_offset,
-            nested_blocksize=nested_blocksize,
+            absmax=absmax, code=code, blocksize=blocksize, shape=list(shape), **nested_op_arguments(nested)
         )
         prepare = _prepared_kernels.get(packed.device.type)
-        self.kernel = (
-            prepare(packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
-            if prepare is not None
-            else None
-        )
+        self.kernel = prepare(packed, absmax, code, blocksize, shape, nested) if prepare is not None else None
 
     def __call__(self, A: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         kernel = self.kernel

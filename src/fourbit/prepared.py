@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .formats import get_4bit_type
+from .formats import NestedStatistics, get_4bit_type, nested_op_arguments
 from .quant_state import QuantState, check_4bit_state
 
-__all__ = ["cached_4bit_code", "op_arguments", "prepare_linear", "prepared_key"]
+__all__ = ["cached_4bit_code", "op_arguments", "prepare_linear", "prepared_key", "weight_arguments"]
 
 
 @functools.cache
@@ -23,20 +23,28 @@ def cached_4bit_code(quant_type: str, device: torch.device) -> Tensor:
     return get_4bit_type(quant_type, device=device)
 
 
-def op_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
-    """The ``torch.ops.fourbit`` keyword arguments describing a (possibly nested) 4-bit state on ``device``."""
+def weight_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
+    """A (possibly nested) 4-bit state's tensors as the kernels' prepared weights take them:
+    ``absmax``, ``code`` and ``nested`` (``formats.NestedStatistics`` or None)."""
     code = state.code if state.code is not None else cached_4bit_code(state.quant_type, device)
-    # flat and contiguous, whatever the state holds: the kernels read statistics as flat arrays
-    absmax = state.absmax.reshape(-1)
-    arguments: dict[str, Any] = {"absmax": absmax, "code": code.to(device=device, dtype=torch.float32)}
+    nested = None
     if state.nested:
-        arguments.update(
-            nested_absmax=state.state2.absmax.reshape(-1).float(),
-            nested_code=state.state2.code.to(device=device, dtype=torch.float32),
-            nested_offset=state.offset.to(device=device, dtype=torch.float32),
-            nested_blocksize=state.state2.blocksize,
+        nested = NestedStatistics(
+            absmax=state.state2.absmax.reshape(-1).float(),
+            code=state.state2.code.to(device=device, dtype=torch.float32),
+            offset=state.offset.to(device=device, dtype=torch.float32),
+            blocksize=state.state2.blocksize,
         )
-    return arguments
+    # flat and contiguous, whatever the state holds: the kernels read statistics as flat arrays
+    return {"absmax": state.absmax.reshape(-1), "code": code.to(device=device, dtype=torch.float32), "nested": nested}
+
+
+def op_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:
+    """The ``torch.ops.fourbit`` keyword arguments describing a (possibly nested) 4-bit state on
+    ``device``: ``weight_arguments`` with the nested statistics spelled out as the schemas take them."""
+    arguments = weight_arguments(state, device)
+    nested = arguments.pop("nested")
+    return {**arguments, **nested_op_arguments(nested)}
 
 
 def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
@@ -51,7 +59,8 @@ def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
     if len(state.shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
     packed = B.data if isinstance(B, torch.nn.Parameter) else B
-    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, **op_arguments(state, B.device))
+    arguments = weight_arguments(state, B.device)
+    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, **arguments)
     prepared.state = state  # keeps the ids in prepared_key from being reused
     return prepared
 

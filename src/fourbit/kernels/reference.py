@@ -25,7 +25,7 @@ from math import prod
 import torch
 import torch.nn.functional as F
 
-from ..formats import NESTED_BLOCKSIZE, num_blocks
+from ..formats import NESTED_BLOCKSIZE, NestedStatistics, num_blocks
 
 #: Grid resolution of bitsandbytes' CPU 8-bit quantizer (a uint16 index over [-1, 1]).
 BLOCKWISE_GRID_STEPS = 65535
@@ -90,18 +90,11 @@ def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return nibbles[:numel].long()
 
 
-def resolve_absmax(
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    nested_offset: torch.Tensor | None,
-    nested_blocksize: int,
-) -> torch.Tensor:
+def resolve_absmax(absmax: torch.Tensor, nested: NestedStatistics | None) -> torch.Tensor:
     """Float32 per-block absmax; with nested statistics, decode the uint8 codes and add the offset."""
-    if nested_absmax is None:
+    if nested is None:
         return absmax.float()
-    decoded = dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize, torch.float32)
-    return decoded + nested_offset
+    return dequantize_blockwise(absmax, nested.absmax, nested.code, nested.blocksize, torch.float32) + nested.offset
 
 
 def dequantize_4bit(
@@ -118,7 +111,7 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """Decode packed 4-bit data into a ``dtype`` tensor of ``shape``."""
     n = prod(shape)
-    scale = resolve_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    scale = resolve_absmax(absmax, NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize))
     values = decode_table(code)[unpack_4bit(packed, n)]
     return _scale_by_block(values, scale, blocksize).to(dtype).view(tuple(shape))
 

@@ -16,7 +16,7 @@ from math import prod
 
 import torch
 
-from ...formats import NESTED_BLOCKSIZE
+from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from .. import reference
 from ..derived import derived
 from . import compiled, native
@@ -61,13 +61,10 @@ class PreparedWeight:
         code: torch.Tensor,
         blocksize: int,
         shape: Sequence[int],
-        nested_absmax: torch.Tensor | None = None,
-        nested_code: torch.Tensor | None = None,
-        nested_offset: torch.Tensor | None = None,
-        nested_blocksize: int = NESTED_BLOCKSIZE,
+        nested: NestedStatistics | None = None,
     ) -> None:
-        self.arguments = (packed, absmax, code, blocksize, tuple(shape), nested_absmax, nested_code, nested_offset,
-                          nested_blocksize)  # fmt: skip
+        self.arguments = (packed, absmax, code, blocksize, tuple(shape))
+        self.nested = nested
         self.n_out, self.k = (int(size) for size in shape) if len(shape) == 2 else (0, 0)
         self.numel = prod(shape)
         # everything the library reads must stay alive as long as the pointers do
@@ -77,14 +74,14 @@ class PreparedWeight:
         ]
         weight = native.Weight(self._keep[0].data_ptr(), self._keep[1].data_ptr())
         weight.blocksize = blocksize
-        if nested_absmax is None:
+        if nested is None:
             weight.absmax = self._held(absmax.float()).data_ptr()
         else:
             weight.qabsmax = self._held(absmax).data_ptr()
-            weight.nested_code = self._held(nested_code.float()).data_ptr()
-            weight.nested_absmax = self._held(nested_absmax.float()).data_ptr()
-            weight.offset = self._held(nested_offset.float().reshape(1)).data_ptr()
-            weight.nested_blocksize = nested_blocksize
+            weight.nested_code = self._held(nested.code.float()).data_ptr()
+            weight.nested_absmax = self._held(nested.absmax.float()).data_ptr()
+            weight.offset = self._held(nested.offset.float().reshape(1)).data_ptr()
+            weight.nested_blocksize = nested.blocksize
         self._weight = weight
         self._pointer = ctypes.byref(weight)
         # the shapes the AMX kernel takes (amx.h: whole blocks of 64 and more, 16 weight rows)
@@ -112,7 +109,7 @@ class PreparedWeight:
         """``A @ W.T + bias`` in A's dtype; float32 accumulation."""
         dtype_code = native.dtype_code(A.dtype)
         if dtype_code is None or self.n_out == 0:
-            return compiled.linear_4bit(A, *self.arguments[:6], bias, *self.arguments[6:])
+            return compiled.linear_4bit(A, *self.arguments, bias, *(self.nested or ()))
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
         x = A.reshape(-1, self.k)
@@ -141,9 +138,9 @@ class PreparedWeight:
         rows are a fixed stride apart); with fewer rows, narrow column slices multiply slowly, so
         each chunk writes its rows of the transposed output and one copy turns it around."""
         n_out, k = self.n_out, self.k
-        blocksize, nested_blocksize = self.arguments[3], self.arguments[8]
+        blocksize = self.arguments[3]
         # chunks start on a packed byte, an absmax block and (nested) a group of absmax codes
-        unit = blocksize * (nested_blocksize if self.arguments[5] is not None else 1)
+        unit = blocksize * (self.nested.blocksize if self.nested is not None else 1)
         step = unit // math.gcd(k, unit)
         rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
         buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=x.dtype)
@@ -214,10 +211,12 @@ def dequantize_4bit(
     nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.dequantize_4bit``."""
-    arguments = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if native.dtype_code(dtype) is not None and native.available():
-        return PreparedWeight(*arguments).dequantize(dtype)
-    return compiled.dequantize_4bit(*arguments[:5], dtype, *arguments[5:])
+        nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
+        return PreparedWeight(packed, absmax, code, blocksize, shape, nested).dequantize(dtype)
+    return compiled.dequantize_4bit(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )
 
 
 def linear_4bit(
@@ -234,7 +233,9 @@ def linear_4bit(
     nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``."""
-    arguments = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize)
     if native.available():
-        return PreparedWeight(*arguments).linear(A, bias)
-    return compiled.linear_4bit(A, *arguments[:5], bias, *arguments[5:])
+        nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
+        return PreparedWeight(packed, absmax, code, blocksize, shape, nested).linear(A, bias)
+    return compiled.linear_4bit(
+        A, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )

@@ -17,6 +17,7 @@ from math import prod
 
 import torch
 
+from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from .. import reference
 
 __all__ = ["MIN_NUMEL", "compile_enabled", "dequantize_4bit", "linear_4bit", "quantize_4bit"]
@@ -164,12 +165,13 @@ def dequantize_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.dequantize_4bit``."""
     numel = prod(shape)
     if _fast(numel, blocksize):
-        scale = reference.resolve_absmax(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize)
+        nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
+        scale = reference.resolve_absmax(absmax, nested)
         table = reference.decode_table(code)
         data = packed.reshape(-1).view(torch.uint8)[: numel // 2].view(-1, blocksize // 2)
         values = _run_compiled(f"dequantize_4bit_{dtype}", _decode_blocks, data, scale, table, dtype)
@@ -191,7 +193,7 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = 256,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``: the fast decode, then one matmul."""
     weight = dequantize_4bit(

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats import NESTED_BLOCKSIZE, packed_nbytes
+from ...formats import NESTED_BLOCKSIZE, NestedStatistics, packed_nbytes
 from .. import reference
 from ..derived import derived
 from .common import block_scale, word_shifts
@@ -99,16 +99,14 @@ class DequantizeLaunch:
         blocksize: int,
         shape: Sequence[int],
         dtype: torch.dtype,
-        nested_absmax: torch.Tensor | None = None,
-        nested_code: torch.Tensor | None = None,
-        nested_offset: torch.Tensor | None = None,
-        nested_blocksize: int = NESTED_BLOCKSIZE,
+        nested: NestedStatistics | None = None,
     ) -> None:
         self.shape, self.dtype, self.device = tuple(shape), dtype, packed.device
         n = prod(self.shape)
-        nested = nested_absmax is not None
         data = packed.reshape(-1).view(torch.uint8)
-        statistics = (nested_absmax, nested_code, nested_offset) if nested else (absmax, absmax, absmax)
+        # the kernels' three statistics pointers; a non-nested kernel never reads them
+        statistics = tuple(nested[:3]) if nested is not None else (absmax,) * 3
+        specialized = (nested is not None, nested.blocksize if nested is not None else NESTED_BLOCKSIZE)
         options = {"enable_fp_fusion": False}
         table = derived(code, "decode", reference.decode_table)  # zero entries as +0.0
         self.launch: KernelLaunch | None = None
@@ -118,12 +116,12 @@ class DequantizeLaunch:
             grid = (triton.cdiv(n // 8, WORDS_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_words_kernel, grid, options, self.device)
             self.before = (data.view(torch.int32), absmax, table, *statistics)
-            self.after = (n // 8, blocksize, nested, nested_blocksize, WORDS_PER_PROGRAM)
+            self.after = (n // 8, blocksize, *specialized, WORDS_PER_PROGRAM)
         else:
             grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)
             self.before = (data, absmax, table, *statistics)
-            self.after = (n, blocksize, nested, nested_blocksize, BYTES_PER_PROGRAM)
+            self.after = (n, blocksize, *specialized, BYTES_PER_PROGRAM)
         self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
 
     def __call__(self) -> torch.Tensor:
@@ -149,6 +147,5 @@ def dequantize_4bit(
     nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.dequantize_4bit``."""
-    return DequantizeLaunch(
-        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
-    )()
+    nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
+    return DequantizeLaunch(packed, absmax, code, blocksize, shape, dtype, nested)()

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 
-from ...formats import NESTED_BLOCKSIZE
+from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from ..derived import derived
 from . import fragments
 from .common import INTERPRETED
@@ -135,10 +135,8 @@ def linear_4bit(
     without K splits (``WIDE_CONFIG``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
     tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
-    weight = PreparedWeight(
-        packed, absmax, code, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_blocksize,
-        shared_workspace=False,
-    )  # fmt: skip
+    nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
+    weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, shared_workspace=False)
     weight.share_launches()
     return weight.linear(A, bias, config)
 
@@ -169,10 +167,7 @@ class PreparedWeight:
         code: torch.Tensor,
         blocksize: int,
         shape: Sequence[int],
-        nested_absmax: torch.Tensor | None = None,
-        nested_code: torch.Tensor | None = None,
-        nested_offset: torch.Tensor | None = None,
-        nested_blocksize: int = NESTED_BLOCKSIZE,
+        nested: NestedStatistics | None = None,
         shared_workspace: bool = True,
     ) -> None:
         self.packed = packed
@@ -181,13 +176,12 @@ class PreparedWeight:
         self.code = code.float()
         self.blocksize = blocksize
         self.n_out, self.k = (int(size) for size in shape)
-        self.nested_blocksize = nested_blocksize
-        self.nested = nested_absmax is not None
-        self.nested_absmax = nested_absmax
-        self.nested_code = nested_code
-        self.nested_offset = nested_offset
-        # a non-nested kernel never reads its three statistics pointers
-        self.statistics = (nested_absmax, nested_code, nested_offset) if self.nested else (absmax,) * 3
+        self.nested_statistics = nested
+        # what the kernels specialize on
+        self.nested = nested is not None
+        self.nested_blocksize = nested.blocksize if nested is not None else NESTED_BLOCKSIZE
+        # the kernels' three statistics pointers; a non-nested kernel never reads them
+        self.statistics = tuple(nested[:3]) if nested is not None else (absmax,) * 3
         self.bytes = packed.reshape(-1).view(torch.uint8)
         self._launches: dict[tuple, ProductLaunch] = {}
         self._shared = False
@@ -318,11 +312,12 @@ class PreparedWeight:
         for start in range(0, n_out, rows_per_chunk):
             stop = min(n_out, start + rows_per_chunk)
             first, last = start * k, stop * k  # element range of the chunk
-            nested_absmax = self.nested_absmax[first // unit :] if self.nested else None
+            nested = self.nested_statistics
+            if nested is not None:
+                nested = nested._replace(absmax=nested.absmax[first // unit :])
             decode = DequantizeLaunch(
                 self.bytes[first // 2 : -(-last // 2)], self.absmax[first // blocksize : -(-last // blocksize)],
-                self.code, blocksize, (stop - start, k), dtype, nested_absmax, self.nested_code, self.nested_offset,
-                self.nested_blocksize,
+                self.code, blocksize, (stop - start, k), dtype, nested,
             )  # fmt: skip
             plan.append((start, stop, decode))
         return plan
