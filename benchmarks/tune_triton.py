@@ -24,6 +24,7 @@ from fourbit.formats import get_4bit_type
 from fourbit.kernels.triton import fragments, gemv, tensor_core
 from fourbit.kernels.triton import linear as triton_linear
 from fourbit.kernels.triton import quantize as triton_quantize
+from fourbit.kernels.triton.tuning import QuantizeConfig
 
 # (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup); SPLIT_K 0 = automatic
 GEMV_CANDIDATES = [
@@ -59,34 +60,31 @@ FRAGMENT_CANDIDATES = [
     ("fragments", 2, 4), ("fragments", 8, 0), ("fragments", 8, 2),
 ]  # fmt: skip
 
-# (QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS, QUANTIZE_PROGRAMS_PER_SM)
 QUANTIZE_CANDIDATES = [
-    (1024, 2, 16), (2048, 4, 8), (4096, 4, 4), (4096, 8, 2), (4096, 8, 3), (4096, 8, 4), (8192, 8, 2), (8192, 16, 1),
+    QuantizeConfig(*candidate)
+    for candidate in [
+        (1024, 2, 16), (2048, 4, 8), (4096, 4, 4), (4096, 8, 2), (4096, 8, 3), (4096, 8, 4), (8192, 8, 2),
+        (8192, 16, 1),
+    ]
 ]  # fmt: skip
-_QUANTIZE_KNOBS = ("QUANTIZE_TILE_ELEMENTS", "QUANTIZE_WARPS", "QUANTIZE_PROGRAMS_PER_SM")
 
 
 def tune_quantize(shapes: list[str], rep: int) -> None:
-    """Time each QUANTIZE_CANDIDATES entry (NF4, bf16 input, blocksize 64); every candidate's
-    output must equal the default configuration's."""
+    """Time each QUANTIZE_CANDIDATES entry (NF4, bf16 input, blocksize 64), printed as the
+    ``tuning.QUANTIZE`` value it would be; every candidate's output must equal the current table's."""
     code = get_4bit_type("nf4", device="cuda")
-    defaults = tuple(getattr(triton_quantize, knob) for knob in _QUANTIZE_KNOBS)
     for text in shapes:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-        run = partial(triton_quantize.quantize_4bit, weight, code, 64, torch.uint8)
-        expected_packed, expected_absmax = run()
+        expected_packed, expected_absmax = triton_quantize.quantize_4bit(weight, code, 64, torch.uint8)
         copy = do_bench_cudagraph(weight.clone, rep=rep, return_mode="median")
         print(f"{text}: copy of the input {copy * 1e3:.1f} us")
         for candidate in QUANTIZE_CANDIDATES:
-            for knob, value in zip(_QUANTIZE_KNOBS, candidate, strict=True):
-                setattr(triton_quantize, knob, value)
+            run = partial(triton_quantize.quantize_4bit, weight, code, 64, torch.uint8, candidate)
             packed, absmax = run()
             same = torch.equal(packed, expected_packed) and torch.equal(absmax, expected_absmax)
             milliseconds = do_bench_cudagraph(run, rep=rep, return_mode="median")
-            print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / copy:5.2f}x copy  same={same}  {candidate}")
-        for knob, value in zip(_QUANTIZE_KNOBS, defaults, strict=True):
-            setattr(triton_quantize, knob, value)
+            print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / copy:5.2f}x copy  same={same}  {candidate!r}")
 
 
 def main() -> None:

@@ -93,20 +93,19 @@ def _edge_values(code: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("blocksize", [32, 64])
-def test_quantize_programs_loop_over_many_tiles(monkeypatch, blocksize):
+def test_quantize_programs_loop_over_many_tiles(blocksize):
     """Each program of the persistent quantizer codes every programs-th tile while the next one
     loads: with one-block tiles and three programs per multiprocessor, every program takes five
     tiles (the last one partial), which the small default-configured inputs never do."""
     from fourbit.kernels.triton import quantize as triton_quantize
+    from fourbit.kernels.triton.tuning import QuantizeConfig
 
-    monkeypatch.setattr(triton_quantize, "QUANTIZE_TILE_ELEMENTS", blocksize)
-    monkeypatch.setattr(triton_quantize, "QUANTIZE_WARPS", 1)
-    monkeypatch.setattr(triton_quantize, "QUANTIZE_PROGRAMS_PER_SM", 3)
-    programs = triton_quantize._program_limit(torch.device(DEVICE))
+    config = QuantizeConfig(tile_elements=blocksize, warps=1, programs_per_sm=3)
+    programs = triton_quantize.program_limit(torch.device(DEVICE), config)
     code = code_table("nf4")
     data = sample((blocksize * (5 * programs - 2) + 5,), torch.float16, special=True)
     expected_packed, expected_absmax = reference.quantize_4bit(data, code, blocksize, torch.uint8)
-    packed, absmax = kernels.quantize_4bit(data, code, blocksize, torch.uint8)
+    packed, absmax = triton_quantize.quantize_4bit(data, code, blocksize, torch.uint8, config)
     assert torch.equal(packed, expected_packed)
     assert_same_bits(absmax, expected_absmax)
 

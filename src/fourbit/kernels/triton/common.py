@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 
 #: Triton reads this once, at import: kernels run on CPU tensors in its interpreter, which runs
 #: no PTX (kernels with inline PTX take another path or are not chosen there).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def nested_arguments(absmax: torch.Tensor, nested: NestedStatistics | None) -> tuple:
+    """The kernels' nested-statistics arguments (absmax, code, offset pointers, NESTED,
+    NESTED_BLOCKSIZE); without nested statistics, ``absmax`` stands in for the three tensors,
+    which a kernel specialized on NESTED=False never reads."""
+    if nested is None:
+        return (absmax, absmax, absmax), False, NESTED_BLOCKSIZE
+    return (nested.absmax, nested.code, nested.offset), True, nested.blocksize
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton.language as tl
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics, packed_nbytes
 from .. import reference
 from ..derived import derived
-from .common import block_scale, word_shifts
+from .common import block_scale, nested_arguments, word_shifts
 from .launch import KernelLaunch, pointers
 
 #: Packed words per program of the word kernel (H100 sweep: 96% of copy bandwidth; 256: 85%,
@@ -104,9 +104,7 @@ class DequantizeLaunch:
         self.shape, self.dtype, self.device = tuple(shape), dtype, packed.device
         n = prod(self.shape)
         data = packed.reshape(-1).view(torch.uint8)
-        # the kernels' three statistics pointers; a non-nested kernel never reads them
-        statistics = tuple(nested[:3]) if nested is not None else (absmax,) * 3
-        specialized = (nested is not None, nested.blocksize if nested is not None else NESTED_BLOCKSIZE)
+        statistics, *specialized = nested_arguments(absmax, nested)
         options = {"enable_fp_fusion": False}
         table = derived(code, "decode", reference.decode_table)  # zero entries as +0.0
         self.launch: KernelLaunch | None = None

@@ -24,7 +24,7 @@ import triton
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from ..derived import derived
 from . import fragments
-from .common import INTERPRETED
+from .common import INTERPRETED, nested_arguments
 from .dequantize import DequantizeLaunch
 from .gemv import gemv_any_kernel, gemv_words_kernel
 from .launch import ProductLaunch
@@ -177,11 +177,8 @@ class PreparedWeight:
         self.blocksize = blocksize
         self.n_out, self.k = (int(size) for size in shape)
         self.nested_statistics = nested
-        # what the kernels specialize on
-        self.nested = nested is not None
-        self.nested_blocksize = nested.blocksize if nested is not None else NESTED_BLOCKSIZE
-        # the kernels' three statistics pointers; a non-nested kernel never reads them
-        self.statistics = tuple(nested[:3]) if nested is not None else (absmax,) * 3
+        # the kernels' three statistics tensors, and what they specialize on (NESTED, NESTED_BLOCKSIZE)
+        self.statistics, self.nested, self.nested_blocksize = nested_arguments(absmax, nested)
         self.bytes = packed.reshape(-1).view(torch.uint8)
         self._launches: dict[tuple, ProductLaunch] = {}
         self._shared = False

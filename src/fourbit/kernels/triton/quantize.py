@@ -23,7 +23,7 @@ from .. import reference
 from ..derived import derived
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import INTERPRETED
-from .tuning import QUANTIZE
+from .tuning import QUANTIZE, QuantizeConfig
 
 #: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit
 #: patterns sharing the exponent and the top ``CELL_MANTISSA_BITS`` of the mantissa, so a cell
@@ -35,10 +35,6 @@ CELLS_PER_SIGN = 64
 _CELL_SHIFT = 23 - CELL_MANTISSA_BITS
 _LAST_CELL = (0x3F800000 >> _CELL_SHIFT) + 1  # magnitudes from 1.25 up, and NaN
 _FIRST_CELL = _LAST_CELL - CELLS_PER_SIGN + 1
-
-#: Elements per tile of the 4-bit quantizer, its warps, and its programs per multiprocessor (each
-#: program loops over tiles): ``tuning.QUANTIZE``, as module constants that tuning can override.
-QUANTIZE_TILE_ELEMENTS, QUANTIZE_WARPS, QUANTIZE_PROGRAMS_PER_SM = QUANTIZE
 
 
 @triton.jit
@@ -264,18 +260,18 @@ def _quantizer_tables(code: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return cells, exact.to(torch.int32).view(1), midpoints, _nibble_words(order)
 
 
-def _program_limit(device: torch.device) -> int:
-    """Programs of a persistent launch: ``QUANTIZE_PROGRAMS_PER_SM`` per multiprocessor. The
+def program_limit(device: torch.device, config: QuantizeConfig = QUANTIZE) -> int:
+    """Programs of a persistent launch: ``config.programs_per_sm`` per multiprocessor. The
     interpreter (CPU tensors) counts as one multiprocessor, so that CI runs programs of many tiles."""
     if device.type != "cuda":
-        return QUANTIZE_PROGRAMS_PER_SM
-    return QUANTIZE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return config.programs_per_sm
+    return config.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def quantize_4bit(
-    A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype, config: QuantizeConfig = QUANTIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``reference.quantize_4bit``."""
+    """Same contract as ``reference.quantize_4bit``; ``config`` overrides ``tuning.QUANTIZE`` (tuning)."""
     flat = A.reshape(-1).contiguous()
     n = flat.numel()
     packed = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=A.device)
@@ -286,11 +282,11 @@ def quantize_4bit(
         cell_layout = (_CELL_SHIFT, _FIRST_CELL, CELLS_PER_SIGN, not INTERPRETED)
         whole = n // blocksize
         if whole:
-            per_tile = max(1, QUANTIZE_TILE_ELEMENTS // blocksize)
-            grid = (min(triton.cdiv(whole, per_tile), _program_limit(A.device)),)
+            per_tile = max(1, config.tile_elements // blocksize)
+            grid = (min(triton.cdiv(whole, per_tile), program_limit(A.device, config)),)
             _quantize_4bit_kernel[grid](
-                *arguments, 0, whole, blocksize, per_tile, False, *cell_layout, 32 * QUANTIZE_WARPS,
-                num_warps=QUANTIZE_WARPS,
+                *arguments, 0, whole, blocksize, per_tile, False, *cell_layout, 32 * config.warps,
+                num_warps=config.warps,
             )  # fmt: skip
         if whole * blocksize < n:
             _quantize_4bit_kernel[(1,)](
