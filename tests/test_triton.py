@@ -24,6 +24,7 @@ from triton_cases import (
 
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
+from fourbit.kernels.triton import dispatch, tuning
 
 pytestmark = NEEDS_TRITON
 
@@ -115,7 +116,7 @@ def test_an_unknown_lookup_is_refused_by_name():
 def test_kernel_choice_follows_rows_dtype_and_device():
     """16-bit inputs with K a multiple of the blocksize go to the tensor-core kernel on a GPU (up
     to the table's rows); float32, other K and the interpreter take the CUDA-core kernels."""
-    choose = kernels.linear.choose_config
+    choose = dispatch.choose_config
     bf16 = torch.zeros(8, 256, dtype=torch.bfloat16, device=DEVICE)
     if ON_GPU:
         assert choose(bf16, 512, 256, 64)[0] == "fragments"
@@ -124,7 +125,7 @@ def test_kernel_choice_follows_rows_dtype_and_device():
         assert choose(torch.zeros(8, 320, dtype=torch.bfloat16, device=DEVICE), 512, 320, 64)[0] == "fused"  # K % 256
         assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 512, 256, 64) == "chunked"
     else:
-        assert not kernels.linear.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter
+        assert not dispatch.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter
         assert choose(bf16, 512, 256, 64) == "chunked"
     assert choose(bf16[:1], 512, 100, 64)[-1] == "half"  # K not a multiple of the blocksize
     assert choose(bf16[:2].float(), 512, 256, 64)[0] == 2
@@ -135,24 +136,24 @@ def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors,
     """Beyond the tensor-core table, up to WIDE_ROWS rows run the batch-wide tiles when their
     programs occupy WIDE_MIN_COVERAGE of the multiprocessors, and decode + cuBLAS otherwise; more
     rows always decode + cuBLAS. (The kernel's support is forced, so this runs without a GPU.)"""
-    linear = kernels.linear
-    monkeypatch.setattr(linear, "fused_supported", lambda x, k, blocksize: True)
-    monkeypatch.setattr(linear, "_processors", lambda device: processors)
-    most_fused = linear.FUSED_TABLE[-1][0]
-    enough = math.ceil(linear.WIDE_MIN_COVERAGE * processors) * linear.WIDE_CONFIG[1]  # weight rows that fill it
-    for rows in (most_fused + 1, linear.WIDE_ROWS):
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: processors)
+    most_fused = tuning.FUSED_TABLE[-1].max_rows
+    wide = tuning.WIDE_CONFIG
+    enough = math.ceil(tuning.WIDE_MIN_COVERAGE * processors) * wide.block_n  # weight rows that fill it
+    for rows in (most_fused + 1, tuning.WIDE_ROWS):
         x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
-        assert linear.choose_config(x, enough, 4096, 64) == linear.WIDE_CONFIG
-        assert linear.choose_config(x, enough - linear.WIDE_CONFIG[1], 4096, 64) == "chunked"
-        assert linear.choose_config(x, 8 * enough, 4096, 64) == linear.WIDE_CONFIG
-    assert linear.choose_config(torch.zeros(linear.WIDE_ROWS + 1, 4096), 8 * enough, 4096, 64) == "chunked"
-    assert linear.choose_config(torch.zeros(most_fused, 4096), 8 * enough, 4096, 64)[0] == "fused"
+        assert dispatch.choose_config(x, enough, 4096, 64) == wide
+        assert dispatch.choose_config(x, enough - wide.block_n, 4096, 64) == "chunked"
+        assert dispatch.choose_config(x, 8 * enough, 4096, 64) == wide
+    assert dispatch.choose_config(torch.zeros(tuning.WIDE_ROWS + 1, 4096), 8 * enough, 4096, 64) == "chunked"
+    assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * enough, 4096, 64)[0] == "fused"
 
 
 def test_covering_splits_are_powers_of_two_that_cover_the_gpu_at_most_twice(monkeypatch):
     """Automatic K splits: the power of two at or below what gives every multiprocessor two programs."""
-    monkeypatch.setattr(kernels.linear, "_processors", lambda device: 132)
-    splits = {programs: kernels.linear._covering_splits(programs, torch.device("cpu")) for programs in range(1, 600)}
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    splits = {programs: dispatch.covering_splits(programs, torch.device("cpu")) for programs in range(1, 600)}
     for programs, split in splits.items():
         assert split & (split - 1) == 0, (programs, split)
         assert split <= max(1, -(-264 // programs)) < 2 * split, (programs, split)

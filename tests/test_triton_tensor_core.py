@@ -22,6 +22,7 @@ from triton_cases import (
 
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
+from fourbit.kernels.triton import tuning
 
 pytestmark = NEEDS_TRITON
 
@@ -35,7 +36,7 @@ pytestmark = NEEDS_TRITON
         ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
         ("fused", 128, 64, 64, 2, 4, 4, True),
         ("fused", 64, 16, 256, 3, 4, 3, True),
-        kernels.linear.WIDE_CONFIG,
+        tuning.WIDE_CONFIG,
         ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
     ],
     ids=str,

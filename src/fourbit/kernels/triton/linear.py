@@ -23,48 +23,13 @@ import triton
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from ..derived import derived
-from . import fragments
-from .common import INTERPRETED, nested_arguments
+from . import dispatch, fragments
+from .common import nested_arguments
 from .dequantize import DequantizeLaunch
 from .gemv import gemv_any_kernel, gemv_words_kernel
 from .launch import ProductLaunch
 from .tensor_core import decode_dot_kernel
-from .tuning import CHUNK_BYTES, FRAGMENT_TABLE, FUSED_TABLE, GEMV_TABLE, WIDE_CONFIG, WIDE_MIN_COVERAGE, WIDE_ROWS
-
-
-def choose_config(
-    x: torch.Tensor, n_out: int, k: int, blocksize: int, packed: torch.Tensor | None = None
-) -> tuple | str:
-    """The kernel and tile configuration for input rows ``x`` (2-d) against an ``n_out x k``
-    weight (packed in ``packed``, when given): a ``FRAGMENT_TABLE``, ``FUSED_TABLE`` or
-    ``GEMV_TABLE`` entry, ``WIDE_CONFIG``, or ``"chunked"``."""
-    rows = x.shape[0]
-    if not INTERPRETED and fragments.supported(x, k, blocksize, packed):
-        entry = next((entry for entry in FRAGMENT_TABLE if rows <= entry[0]), None)
-        if entry:
-            return ("fragments", *entry[1:])
-    if fused_supported(x, k, blocksize):
-        entry = next((entry for entry in FUSED_TABLE if rows <= entry[0]), None)
-        if entry:
-            return ("fused", *entry[1:])
-        wide_programs = triton.cdiv(n_out, WIDE_CONFIG[1]) * triton.cdiv(rows, WIDE_CONFIG[2])
-        if rows <= WIDE_ROWS and wide_programs >= WIDE_MIN_COVERAGE * _processors(x.device):
-            return WIDE_CONFIG
-        return "chunked"
-    return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), "chunked")
-
-
-def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:
-    """Whether the tensor-core kernel takes this product: 16-bit inputs on a GPU (its PTX does not
-    run under the Triton interpreter) and rows that start on absmax blocks of a power-of-two size."""
-    return (
-        x.dtype in (torch.bfloat16, torch.float16)
-        and x.device.type == "cuda"
-        and k % blocksize == 0
-        and blocksize & (blocksize - 1) == 0
-        and blocksize >= 16
-        and not INTERPRETED
-    )
+from .tuning import CHUNK_BYTES
 
 
 @functools.cache
@@ -93,23 +58,6 @@ def _gemv_tensors(words: bool, half: bool) -> Callable[[PreparedWeight], tuple]:
         return (data, weight.absmax, table, *weight.statistics)
 
     return bind
-
-
-def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def _split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """K splits so that the programs cover the multiprocessors at least twice."""
-    programs = triton.cdiv(n_out, block_n)
-    return max(1, min(triton.cdiv(2 * _processors(device), programs), triton.cdiv(k, block_k)))
-
-
-def _covering_splits(programs: int, device: torch.device) -> int:
-    """The power of two of K splits nearest below what covers the multiprocessors twice with
-    ``programs`` programs per split (on an H100, 9 splits measured 18-47% slower than 8, and 3 at
-    64 rows 23% slower than 2)."""
-    return 1 << (triton.cdiv(2 * _processors(device), programs).bit_length() - 1)
 
 
 def linear_4bit(
@@ -216,7 +164,7 @@ class PreparedWeight:
         m = x.shape[0]
         if not (m and n_out):
             return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
-        launch = self._prepare(x, bias, config or choose_config(x, n_out, k, self.blocksize, self.packed))
+        launch = self._prepare(x, bias, config or dispatch.choose_config(x, n_out, k, self.blocksize, self.packed))
         if launch is None:
             return self._chunked(x, bias).view(*A.shape[:-1], n_out)
         launch.out_shape = (*A.shape[:-1], n_out)
@@ -235,7 +183,7 @@ class PreparedWeight:
     def _prepare(self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str) -> ProductLaunch | None:
         """The launch of ``config`` for inputs like ``x`` (None for the chunked path)."""
         if isinstance(config, tuple) and config[0] == "fragments":
-            return fragments.fragment_launch(self, x, bias is not None, config[1:], _processors(x.device))
+            return fragments.fragment_launch(self, x, bias is not None, config[1:], dispatch.processors(x.device))
         if isinstance(config, tuple) and config[0] == "fused":
             return self._fused(x, bias is not None, config[1:])
         if isinstance(config, tuple) and config[0] == "wide":
@@ -254,7 +202,7 @@ class PreparedWeight:
         words = k % 8 == 0 and k % blocksize == 0
         block_k = max(16, min(block_k, triton.next_power_of_2(k)))
         kernel = gemv_words_kernel if words else gemv_any_kernel
-        split_k = split_k or _split_k(n_out, k, block_n, block_k, x.device)
+        split_k = split_k or dispatch.split_k(n_out, k, block_n, block_k, x.device)
         # float32 inputs keep float32 codes: their products promise float32 accuracy
         half = lookup_mode == "half" and x.dtype != torch.float32
         grid = (triton.cdiv(n_out, block_n), split_k)
@@ -274,7 +222,7 @@ class PreparedWeight:
         block_m = max(16, min(block_m, triton.next_power_of_2(m)))
         programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
         if cover:
-            split_k = max(split_k, _covering_splits(programs, x.device))
+            split_k = max(split_k, dispatch.covering_splits(programs, x.device))
         split_k = max(1, min(split_k, k // (8 * block_k)))  # at least 8 K tiles per split
         grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
         return ProductLaunch(
