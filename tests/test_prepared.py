@@ -276,6 +276,25 @@ def test_direct_launches_match_the_jit_launch_bit_for_bit():
 
 
 @gpu
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_the_op_launches_shared_products_directly_for_each_weight_bit_for_bit(rows):
+    """The op path (one launch kept per weight layout, each call binding its weight): after the
+    first call, every weight of the layout launches directly with its own pointers, and each
+    result is that weight's own product (split K sums in any order: equal up to rounding)."""
+    weights = [_prepared_weight(4096, 4096)[0] for _ in range(3)]
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    own = [prepared.linear(x) for prepared in weights]  # each through the JIT, launches of its own
+    for _ in range(2):
+        for prepared, expected in zip(weights, own, strict=True):
+            out = kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(4096, 4096), **_op_arguments(prepared))
+            assert torch.equal(out, expected)
+    shared = next(
+        launches for layout, launches in kernels.linear._layout_launches.items() if layout[1:3] == (4096, 4096)
+    )
+    assert all(launch.launch.compiled is not None for launch in shared.values())
+
+
+@gpu
 def test_chunked_decodes_launch_directly_and_match_the_jit_bit_for_bit():
     prepared, _ = _prepared_weight(4096, 4096)
     x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)

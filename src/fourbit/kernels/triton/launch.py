@@ -174,10 +174,13 @@ class ProductLaunch:
             x = self.prepare_input(x)
         workspace, counters = self._split_buffers() if self.tiles else (out, out)  # (out: never read)
         launch = self.launch
-        if before is None and launch.direct():
+        if launch.direct():
+            # a shared launch's weights are specialized alike (``PreparedWeight.layout``): the
+            # binary the first weight compiled serves this one's pointers
+            weight = self.pointers if before is None else pointers(before)
             output = out.data_ptr()
             launch.run(
-                x.data_ptr(), *self.pointers, output if bias is None else bias.data_ptr(), output,
+                x.data_ptr(), *weight, output if bias is None else bias.data_ptr(), output,
                 workspace.data_ptr(), counters.data_ptr(), *self.after,
             )  # fmt: skip
             return out
