@@ -277,7 +277,7 @@ def test_direct_launches_match_the_jit_launch_bit_for_bit():
 
 @gpu
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_the_op_launches_shared_products_directly_for_each_weight_bit_for_bit(rows):
+def test_the_op_launches_shared_products_directly_for_each_weight(rows):
     """The op path (one launch kept per weight layout, each call binding its weight): after the
     first call, every weight of the layout launches directly with its own pointers, and each
     result is that weight's own product (split K sums in any order: equal up to rounding)."""
@@ -287,7 +287,7 @@ def test_the_op_launches_shared_products_directly_for_each_weight_bit_for_bit(ro
     for _ in range(2):
         for prepared, expected in zip(weights, own, strict=True):
             out = kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(4096, 4096), **_op_arguments(prepared))
-            assert torch.equal(out, expected)
+            assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
     shared = next(
         launches for layout, launches in kernels.linear._layout_launches.items() if layout[1:3] == (4096, 4096)
     )
