@@ -167,72 +167,41 @@ def _(
 linear_4bit = torch.ops.fourbit.linear_4bit
 
 
-class _Linear4bitFunction(torch.autograd.Function):
-    """The op's gradient: for A (grad @ W, W dequantized in grad's dtype) and the bias; none for
-    the packed weight and its statistics."""
+def _linear_4bit_setup_context(ctx, inputs, output) -> None:
+    _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = (
+        inputs
+    )
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
+    ctx.blocksize, ctx.shape, ctx.nested_blocksize = blocksize, shape, nested_blocksize
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
-    @staticmethod
-    def forward(*inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            return linear_4bit(*inputs)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = (
-            inputs
+def _linear_4bit_backward(ctx, grad: Tensor):
+    """Gradients for A (grad @ W, W dequantized in grad's dtype) and bias; none for the packed weight."""
+    packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize_4bit(
+            packed,
+            absmax,
+            code,
+            ctx.blocksize,
+            ctx.shape,
+            grad.dtype,
+            nested_absmax,
+            nested_code,
+            nested_offset,
+            ctx.nested_blocksize,
         )
-        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
-        ctx.blocksize, ctx.shape, ctx.nested_blocksize = blocksize, shape, nested_blocksize
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
-        grad_A = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(
-                packed, absmax, code, ctx.blocksize, ctx.shape, grad.dtype, nested_absmax, nested_code, nested_offset,
-                ctx.nested_blocksize,
-            )  # fmt: skip
-            grad_A = grad @ weight
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
+        grad_A = grad @ weight
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
 
 
-#: The kernel of ``fourbit::linear_4bit`` per device type (besides its dispatcher registration).
-_linear_kernels: dict[str, Callable[..., Tensor]] = {}
-
-
-def _linear_4bit_autograd(
-    A: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    code: Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    bias: Optional[Tensor] = None,
-    nested_absmax: Optional[Tensor] = None,
-    nested_code: Optional[Tensor] = None,
-    nested_offset: Optional[Tensor] = None,
-    nested_blocksize: int = NESTED_BLOCKSIZE,
-) -> Tensor:
-    """The op's autograd kernel. A call with a gradient to record goes through
-    ``_Linear4bitFunction``; a call on plain tensors that records none (a compiled graph's, or
-    inference) runs the device's kernel at once, which saves the dispatcher a second pass into
-    Python; anything else (fake tensors, subclasses, modes) goes on below autograd."""
-    inputs = (A, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset,
-              nested_blocksize)  # fmt: skip
-    if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
-        return _Linear4bitFunction.apply(*inputs)
-    kernel = _linear_kernels.get(A.device.type)
-    if kernel is not None and _plain_eager(A, bias) and _no_dispatch_subclass(packed, absmax, code, nested_absmax):
-        return kernel(*inputs)
-    with torch._C._AutoDispatchBelowAutograd():
-        return linear_4bit(*inputs)
-
-
-_LIBRARY.impl("linear_4bit", _linear_4bit_autograd, "Autograd")
+torch.library.register_autograd(
+    "fourbit::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup_context, lib=_LIBRARY
+)
 
 
 #: Per device type, the class that prepares one weight's product for that device's kernels
@@ -252,15 +221,6 @@ def _plain_eager(A: Tensor, bias: Optional[Tensor]) -> bool:
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
     )
-
-
-_TENSOR_DISPATCH = Tensor.__torch_dispatch__
-
-
-def _no_dispatch_subclass(*tensors: Optional[Tensor]) -> bool:
-    """Whether none of ``tensors`` is a subclass with its own ``__torch_dispatch__`` (a DTensor, a
-    fake or functional tensor), which must see the op below autograd."""
-    return all(tensor is None or type(tensor).__torch_dispatch__ is _TENSOR_DISPATCH for tensor in tensors)
 
 
 class PreparedLinear:
@@ -354,7 +314,6 @@ def _register_triton_kernels() -> None:
     _register("quantize_blockwise", "cuda", triton_kernels.quantize_blockwise)
     _register("dequantize_4bit", "cuda", triton_kernels.dequantize_4bit)
     _LIBRARY.impl("linear_4bit", triton_kernels.linear_4bit, "CUDA")
-    _linear_kernels["cuda"] = triton_kernels.linear_4bit
 
 
 def _register_cpu_kernels() -> None:
@@ -366,7 +325,6 @@ def _register_cpu_kernels() -> None:
     _register("quantize_4bit", "cpu", cpu.quantize_4bit)
     _register("dequantize_4bit", "cpu", cpu.dequantize_4bit)
     _LIBRARY.impl("linear_4bit", cpu.linear_4bit, "CPU")
-    _linear_kernels["cpu"] = cpu.linear_4bit
 
 
 _register_cpu_kernels()
