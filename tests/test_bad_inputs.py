@@ -241,3 +241,18 @@ def test_one_validation_serves_dicts_and_operations(weight, no_kernel, corrupt, 
         F4.dequantize_4bit(packed, state)
     with pytest.raises(ValueError, match=message):
         QuantState.from_dict(state.as_dict(), "cpu")
+
+
+@pytest.mark.parametrize("missing", ["nested_code", "nested_offset", "nested_absmax"])
+def test_an_op_given_part_of_the_nested_statistics_names_what_is_missing(missing):
+    """The raw ops take nested statistics as three tensors that come together: a call with one left
+    out is refused by name, on every device's kernel, before anything reads it."""
+    packed, state = F4.quantize_4bit(torch.randn(64, 64), quant_type="nf4", compress_statistics=True)
+    arguments = F4.op_arguments(state, packed.device)
+    arguments[missing] = None
+    with pytest.raises(ValueError, match=f"together; \\['{missing}'\\] missing"):
+        torch.ops.fourbit.linear_4bit(torch.randn(2, 64), packed, blocksize=64, shape=[64, 64], **arguments)
+    with pytest.raises(ValueError, match=f"\\['{missing}'\\] missing"):
+        torch.ops.fourbit.dequantize_4bit(packed, blocksize=64, shape=[64, 64], dtype=torch.float32, **arguments)
+    with pytest.raises(ValueError, match=f"\\['{missing}'\\] missing"):
+        reference.dequantize_4bit(packed, blocksize=64, shape=[64, 64], dtype=torch.float32, **arguments)

@@ -118,8 +118,17 @@ class NestedStatistics(NamedTuple):
         offset: torch.Tensor | None,
         blocksize: int = NESTED_BLOCKSIZE,
     ) -> NestedStatistics | None:
-        """From an op's four flat arguments: None for a weight without nested statistics."""
-        return None if absmax is None else cls(absmax, code, offset, blocksize)
+        """From an op's four flat arguments: None for a weight without nested statistics. The three
+        tensors come together or not at all."""
+        if absmax is None and code is None and offset is None:
+            return None
+        tensors = {"nested_absmax": absmax, "nested_code": code, "nested_offset": offset}
+        missing = [name for name, value in tensors.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"nested statistics need nested_absmax, nested_code and nested_offset together; {missing} missing"
+            )
+        return cls(absmax, code, offset, blocksize)
 
 
 def nested_op_arguments(nested: NestedStatistics | None) -> dict[str, Any]:
