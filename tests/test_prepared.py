@@ -203,6 +203,18 @@ def test_the_op_shares_launches_between_weights_of_one_layout_and_binds_each_wei
     assert other_layout._launches is not first._launches
 
 
+def test_weights_share_launches_only_when_their_tensors_match_in_dtype_and_alignment():
+    """A shared launch is launched directly with another weight's pointers, so the layout key
+    holds everything Triton specializes a pointer on: dtype and 16-byte alignment."""
+    prepared, _ = _prepared_weight(40, 256, nested=False)
+    args = (prepared.packed, prepared.absmax, prepared.code, 64, (40, 256))
+    assert kernels.PreparedWeight(*args).layout() == prepared.layout()
+    other_dtype = kernels.PreparedWeight(prepared.packed, prepared.absmax.bfloat16(), *args[2:])
+    assert other_dtype.layout() != prepared.layout()
+    shifted = torch.cat([prepared.absmax.new_zeros(1), prepared.absmax])[1:]  # 4 bytes off
+    assert kernels.PreparedWeight(prepared.packed, shifted, *args[2:]).layout() != prepared.layout()
+
+
 def test_the_op_serves_each_weight_its_own_product_through_shared_launches():
     weights = [_prepared_weight(40, 256) for _ in range(3)]
     x = torch.randn(3, 256, device=TRITON_DEVICE)

@@ -133,11 +133,11 @@ class PreparedWeight:
         self._chunk_plans: dict[torch.dtype, list] = {}
 
     def layout(self) -> tuple:
-        """Everything a launch depends on besides the input: the device, the sizes and the 16-byte
-        alignment of each tensor (Triton specializes on it)."""
+        """Everything a launch depends on besides the input: the device, the sizes, and the dtype
+        and 16-byte alignment of each tensor (Triton specializes on both)."""
         tensors = (self.bytes, self.absmax, self.code, *self.statistics)
-        alignment = tuple(tensor.data_ptr() % 16 for tensor in tensors)
-        return (self.bytes.device, self.n_out, self.k, self.blocksize, self.nested, self.nested_blocksize, alignment)
+        pointers = tuple((tensor.dtype, tensor.data_ptr() % 16) for tensor in tensors)
+        return (self.bytes.device, self.n_out, self.k, self.blocksize, self.nested, self.nested_blocksize, pointers)
 
     def share_launches(self) -> None:
         """Use (and fill) the launches kept for every weight of this layout, binding this weight's
@@ -153,7 +153,13 @@ class PreparedWeight:
         """``A @ W.T + bias`` in A's dtype (``bias`` already in A's dtype)."""
         if config is None:
             # everything Triton specializes on that can differ between calls
-            key = (A.shape, A.stride(), A.dtype, A.data_ptr() % 16, -1 if bias is None else bias.data_ptr() % 16)
+            key = (
+                A.shape,
+                A.stride(),
+                A.dtype,
+                A.data_ptr() % 16,
+                None if bias is None else (bias.dtype, bias.data_ptr() % 16),
+            )
             launch = self._launches.get(key)
             if launch is not None:
                 return launch(A, bias, launch.bind(self) if self._shared else None)
