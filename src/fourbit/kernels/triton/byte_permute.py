@@ -6,8 +6,8 @@ split into their high and low bytes ("planes"), each a 16-entry byte table held 
 registers: two ``prmt`` look the four low-three-bit indices up in both halves of a plane and a
 third picks each byte's half by the index's top bit. Two more ``prmt`` interleave the planes into
 16-bit values: 2.75 integer instructions per weight, where a gather from a table in memory costs
-a load per weight. PTX runs only on NVIDIA GPUs: under the Triton interpreter, callers use the
-gather path instead.
+a load per weight. The PTX text comes from ``ptx.decode_asm``. PTX runs only on NVIDIA GPUs:
+under the Triton interpreter, callers use the gather path instead.
 """
 
 from __future__ import annotations
@@ -15,57 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .ptx import decode_asm
 
-def decode_word_ptx(word: str, pairs: tuple[str, str, str, str], planes: tuple[str, ...]) -> str:
-    """PTX that decodes the little-endian int32 register ``word`` (byte j holds element 2j in its
-    high nibble and element 2j + 1 in its low one) into four 32-bit ``pairs`` of 16-bit values,
-    elements (0, 1), (2, 3), (4, 5), (6, 7), the lower element in the low half. ``planes`` names
-    the eight ``plane_words`` (four of high bytes, then four of low bytes). Uses the scratch
-    registers ``s, c, t, u, hi, lo`` (declared by ``DECODE_SCRATCH``).
-
-    Each half word is four nibbles: ``s`` holds their low three bits as ``prmt`` selectors, ``c``
-    picks byte i from the first (0-3) or second (4-7) half of a plane by nibble i's top bit.
-    Nibble i selects byte i of ``hi``/``lo``; the last ``prmt`` of each pair puts an element's
-    low and high byte side by side (nibble 1, element 0, in the low half).
-    """
-    h0, h1, h2, h3, l0, l1, l2, l3 = planes
-
-    def half(first: str, second: str) -> str:
-        return (
-            f"prmt.b32 t, {h0}, {h1}, s;\nprmt.b32 u, {h2}, {h3}, s;\nprmt.b32 hi, t, u, c;\n"
-            f"prmt.b32 t, {l0}, {l1}, s;\nprmt.b32 u, {l2}, {l3}, s;\nprmt.b32 lo, t, u, c;\n"
-            f"prmt.b32 {first}, lo, hi, 0x4051;\nprmt.b32 {second}, lo, hi, 0x6273;\n"
-        )
-
-    return (
-        f"and.b32 s, {word}, 0x77777777;\nshr.u32 t, {word}, 1;\nand.b32 t, t, 0x44444444;\n"
-        "or.b32 c, t, 0x3210;\n"
-        + half(pairs[0], pairs[1])
-        + "shr.u32 s, s, 16;\nshr.u32 c, c, 16;\nor.b32 c, c, 0x3210;\n"
-        + half(pairs[2], pairs[3])
-    )
-
-
-#: Declarations of the scratch registers ``decode_word_ptx`` uses.
-DECODE_SCRATCH = ".reg .b32 s, c, t, u, hi, lo;\n"
-
-
-def _decode_asm() -> str:
-    """PTX for one int32 word of packed data ($8): its eight elements as 16-bit values $0 .. $7,
-    looked up in the plane words $9 .. $16."""
-    planes = tuple(f"${i}" for i in range(9, 17))
-    unpack = "".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p{i};\n" for i in range(4))
-    return (
-        "{\n"
-        + DECODE_SCRATCH
-        + ".reg .b32 p0, p1, p2, p3;\n"
-        + decode_word_ptx("$8", ("p0", "p1", "p2", "p3"), planes)
-        + unpack
-        + "}\n"
-    )
-
-
-_DECODE_ASM = tl.constexpr(_decode_asm())
+_DECODE_ASM = tl.constexpr(decode_asm())
 
 _CONSTRAINTS = tl.constexpr("=h," * 8 + "r" + ",r" * 8)
 

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
-from .fragment_ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
 from .launch import ProductLaunch
+from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
 
 #: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
 #: iteration (the absmax of an iteration's steps is read at once).

@@ -23,6 +23,7 @@ from .. import reference
 from ..derived import derived
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from .common import INTERPRETED
+from .ptx import lane_table_entry_ptx, lane_table_fill_ptx
 from .tuning import QUANTIZE, QuantizeConfig
 
 #: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit
@@ -48,39 +49,11 @@ def _max_with_nan(a, b):
 _COLUMNS = 16
 
 
-def _lane_table_fill_ptx() -> str:
-    """PTX that copies the cell table (operand $1, a global address) into the shared lane table.
-    Every thread runs it once; warp ``w`` stores entries ``w, w + warps, ...``, lanes ``l`` and
-    ``l + 16`` the same column."""
-    entries = 2 * CELLS_PER_SIGN
-    return "\n".join(
-        [
-            f".shared .align 16 .b64 fourbit_cell_table[{entries * _COLUMNS}];",
-            "{",
-            ".reg .b32 column, entry, warps, a;\n.reg .b64 p, v;\n.reg .pred more;",
-            f"mov.u32 column, %laneid;\nand.b32 column, column, {_COLUMNS - 1};",
-            "mov.u32 entry, %tid.x;\nshr.u32 entry, entry, 5;\nmov.u32 warps, %ntid.x;\nshr.u32 warps, warps, 5;",
-            "fourbit_cell_table_fill:",
-            "mul.wide.u32 p, entry, 8;\nadd.s64 p, p, $1;\nld.global.nc.b64 v, [p];",
-            f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, entry, {8 * _COLUMNS}, a;\nmad.lo.u32 a, column, 8, a;",
-            "st.shared.b64 [a], v;",
-            f"add.u32 entry, entry, warps;\nsetp.lt.u32 more, entry, {entries};\n@more bra fourbit_cell_table_fill;",
-            "bar.sync 0;",
-            "mov.u32 $0, column;",
-            "}",
-        ]
-    )
-
-
 #: reference.ABSMAX_FLOOR, as the kernels see it
 ABSMAX_FLOOR = tl.constexpr(reference.ABSMAX_FLOOR)
 
-_LANE_TABLE_FILL = tl.constexpr(_lane_table_fill_ptx())
-_LANE_TABLE_ENTRY = tl.constexpr(
-    f"{{\n.reg .b32 a, l;\nmov.u32 l, %laneid;\nand.b32 l, l, {_COLUMNS - 1};\n"
-    f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, l, 8, a;\nmad.lo.u32 a, $1, {8 * _COLUMNS}, a;\n"
-    "ld.shared.b64 $0, [a];\n}"
-)
+_LANE_TABLE_FILL = tl.constexpr(lane_table_fill_ptx(2 * CELLS_PER_SIGN, _COLUMNS))
+_LANE_TABLE_ENTRY = tl.constexpr(lane_table_entry_ptx(_COLUMNS))
 
 
 @triton.jit

@@ -1,12 +1,78 @@
-"""The PTX text of the fragment kernel (``fragments``): the shared table of code pairs, one
-64-column step of ``mma.sync`` products, and the nested-code lookup. Plain string builders, so
-that the text can be read and tested without a GPU."""
+"""The PTX text the Triton kernels inline, built in one place by plain string builders, so that
+it can be read and tested without a GPU:
+
+* the byte-permute decode of a packed word into 16-bit values (``byte_permute``, and inside the
+  fragment kernel's steps);
+* the fragment kernel's (``fragments``) shared table of code pairs, one 64-column step of
+  ``mma.sync`` products, and the nested-code lookup;
+* the quantizer's (``quantize``) shared lane table: its fill and one entry's read.
+"""
 
 from __future__ import annotations
 
-from .byte_permute import DECODE_SCRATCH, decode_word_ptx
+__all__ = [
+    "DECODE_SCRATCH",
+    "PAIRS",
+    "TABLE_WORDS",
+    "decode_asm",
+    "decode_word_ptx",
+    "lane_table_entry_ptx",
+    "lane_table_fill_ptx",
+    "nested_code_ptx",
+    "step_constraints",
+    "step_ptx",
+    "table_ptx",
+]
 
-__all__ = ["PAIRS", "TABLE_WORDS", "nested_code_ptx", "step_constraints", "step_ptx", "table_ptx"]
+
+def decode_word_ptx(word: str, pairs: tuple[str, str, str, str], planes: tuple[str, ...]) -> str:
+    """PTX that decodes the little-endian int32 register ``word`` (byte j holds element 2j in its
+    high nibble and element 2j + 1 in its low one) into four 32-bit ``pairs`` of 16-bit values,
+    elements (0, 1), (2, 3), (4, 5), (6, 7), the lower element in the low half. ``planes`` names
+    the eight ``plane_words`` (four of high bytes, then four of low bytes). Uses the scratch
+    registers ``s, c, t, u, hi, lo`` (declared by ``DECODE_SCRATCH``).
+
+    Each half word is four nibbles: ``s`` holds their low three bits as ``prmt`` selectors, ``c``
+    picks byte i from the first (0-3) or second (4-7) half of a plane by nibble i's top bit.
+    Nibble i selects byte i of ``hi``/``lo``; the last ``prmt`` of each pair puts an element's
+    low and high byte side by side (nibble 1, element 0, in the low half).
+    """
+    h0, h1, h2, h3, l0, l1, l2, l3 = planes
+
+    def half(first: str, second: str) -> str:
+        return (
+            f"prmt.b32 t, {h0}, {h1}, s;\nprmt.b32 u, {h2}, {h3}, s;\nprmt.b32 hi, t, u, c;\n"
+            f"prmt.b32 t, {l0}, {l1}, s;\nprmt.b32 u, {l2}, {l3}, s;\nprmt.b32 lo, t, u, c;\n"
+            f"prmt.b32 {first}, lo, hi, 0x4051;\nprmt.b32 {second}, lo, hi, 0x6273;\n"
+        )
+
+    return (
+        f"and.b32 s, {word}, 0x77777777;\nshr.u32 t, {word}, 1;\nand.b32 t, t, 0x44444444;\n"
+        "or.b32 c, t, 0x3210;\n"
+        + half(pairs[0], pairs[1])
+        + "shr.u32 s, s, 16;\nshr.u32 c, c, 16;\nor.b32 c, c, 0x3210;\n"
+        + half(pairs[2], pairs[3])
+    )
+
+
+#: Declarations of the scratch registers ``decode_word_ptx`` uses.
+DECODE_SCRATCH = ".reg .b32 s, c, t, u, hi, lo;\n"
+
+
+def decode_asm() -> str:
+    """PTX for one int32 word of packed data ($8): its eight elements as 16-bit values $0 .. $7,
+    looked up in the plane words $9 .. $16."""
+    planes = tuple(f"${i}" for i in range(9, 17))
+    unpack = "".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p{i};\n" for i in range(4))
+    return (
+        "{\n"
+        + DECODE_SCRATCH
+        + ".reg .b32 p0, p1, p2, p3;\n"
+        + decode_word_ptx("$8", ("p0", "p1", "p2", "p3"), planes)
+        + unpack
+        + "}\n"
+    )
+
 
 #: 32-bit words of the shared table: 256 byte values x 32 lanes of code pairs, then the 256
 #: float32 codes of nested statistics.
@@ -97,4 +163,37 @@ def nested_code_ptx() -> str:
     return (
         f"{{\n.reg .b32 a;\nmov.u32 a, fourbit_code_table;\nmad.lo.u32 a, $1, 4, a;\n"
         f"ld.shared.f32 $0, [a + {4 * PAIRS}];\n}}"
+    )
+
+
+def lane_table_fill_ptx(entries: int, columns: int) -> str:
+    """The quantizer's PTX that copies its cell table of ``entries`` 64-bit entries (operand $1, a
+    global address) into the shared lane table of ``columns`` columns. Every thread runs it once;
+    warp ``w`` stores entries ``w, w + warps, ...``, lanes ``l`` and ``l + columns`` the same column."""
+    return "\n".join(
+        [
+            f".shared .align 16 .b64 fourbit_cell_table[{entries * columns}];",
+            "{",
+            ".reg .b32 column, entry, warps, a;\n.reg .b64 p, v;\n.reg .pred more;",
+            f"mov.u32 column, %laneid;\nand.b32 column, column, {columns - 1};",
+            "mov.u32 entry, %tid.x;\nshr.u32 entry, entry, 5;\nmov.u32 warps, %ntid.x;\nshr.u32 warps, warps, 5;",
+            "fourbit_cell_table_fill:",
+            "mul.wide.u32 p, entry, 8;\nadd.s64 p, p, $1;\nld.global.nc.b64 v, [p];",
+            f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, entry, {8 * columns}, a;\nmad.lo.u32 a, column, 8, a;",
+            "st.shared.b64 [a], v;",
+            f"add.u32 entry, entry, warps;\nsetp.lt.u32 more, entry, {entries};\n@more bra fourbit_cell_table_fill;",
+            "bar.sync 0;",
+            "mov.u32 $0, column;",
+            "}",
+        ]
+    )
+
+
+def lane_table_entry_ptx(columns: int) -> str:
+    """The quantizer's PTX that reads entry $1 of the shared lane table (``lane_table_fill_ptx``)
+    from this lane's column into $0."""
+    return (
+        f"{{\n.reg .b32 a, l;\nmov.u32 l, %laneid;\nand.b32 l, l, {columns - 1};\n"
+        f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, l, 8, a;\nmad.lo.u32 a, $1, {8 * columns}, a;\n"
+        "ld.shared.b64 $0, [a];\n}"
     )
