@@ -3,8 +3,9 @@
     python benchmarks/tune_triton.py                # NF4, bf16, blocksize 64, nested statistics
     python benchmarks/tune_triton.py --quantize     # the 4-bit quantizer's tile sizes
 
-Prints, for each weight shape and input row count, every candidate's median time (CUDA graph
-replays, so launch overhead does not hide the kernel) and the best one, next to bf16 cuBLAS.
+Prints the bandwidth of a 1 GiB device copy, then, for each weight shape and input row count,
+every candidate's median time (CUDA graph replays, so launch overhead does not hide the kernel)
+and the best one, next to bf16 cuBLAS.
 The winners go into the named-tuple tables of fourbit/kernels/triton/tuning.py (FRAGMENT_TABLE,
 GEMV_TABLE, FUSED_TABLE, WIDE_CONFIG; "chunked": decode + cuBLAS). With ``--quantize``: the
 quantizer's (elements per tile, warps, programs per multiprocessor) next to a copy of the input,
@@ -87,6 +88,25 @@ def tune_quantize(shapes: list[str], rep: int) -> None:
             print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / copy:5.2f}x copy  same={same}  {candidate!r}")
 
 
+def device_copy() -> str:
+    """The eager copy of a 1 GiB buffer (median of 20): the memory bandwidth the kernels are held to."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    milliseconds = sorted(times)[len(times) // 2]
+    rate = 2 * source.numel() / milliseconds / 1e9
+    return f"1 GiB device copy, eager: {milliseconds:.3f} ms, {rate:.2f} TB/s read + write"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "28672x8192"])
@@ -101,6 +121,7 @@ def main() -> None:
     if args.quantize:
         tune_quantize(args.shapes, args.rep)
         return
+    print(device_copy())
     for text in args.shapes:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")

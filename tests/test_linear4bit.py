@@ -282,6 +282,35 @@ def test_linear4bit_torch_compile(device, quant_type, compute_dtype, compress_st
     torch.testing.assert_close(x.grad, grad_ref)
 
 
+@pytest.mark.gpu
+def test_compiled_cuda_graphs_read_the_state_in_place_and_follow_a_reload():
+    """Under torch.compile's CUDA graphs (transformers' compiled generate uses them), a CUDA
+    state's tensors are static inputs: replays read them in place instead of copying them, at
+    every batch size, and a reloaded layer is computed with its new statistics."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+
+    def layer():
+        return bnb.nn.Linear4bit(256, 256, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+
+    net = torch.nn.Sequential(layer(), layer(), layer()).cuda()
+    for module in net:
+        state = module.weight.quant_state
+        for tensor in (state.absmax, state.offset, state.state2.absmax, state.state2.code):
+            assert getattr(tensor, "_dynamo_static_input_type", None), "a CUDA state tensor is not marked static"
+    compiled = torch.compile(net, mode="reduce-overhead")
+    with torch.no_grad():
+        for rows in (1, 8, 1, 8):
+            x = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
+            for _ in range(3):
+                out = compiled(x).clone()
+            torch.testing.assert_close(out, net(x))
+        net[1].load_state_dict(layer().cuda().state_dict())
+        for _ in range(3):
+            out = compiled(x).clone()
+        torch.testing.assert_close(out, net(x))
+
+
 # --------------------------------------------------------------------------- fourbit's own
 
 

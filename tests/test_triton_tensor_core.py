@@ -116,3 +116,14 @@ def test_register_fragment_kernel_refuses_unaligned_k():
                 (1, k),
             )
             fragments.fragment_launch(weight, x[:, :k], False, (4, 0), 1)
+
+
+@pytest.mark.parametrize(
+    "programs, processors, splits", [(224, 132, 1), (132, 132, 1), (448, 132, 1), (64, 132, 5), (16, 132, 17)]
+)
+def test_the_fragment_kernel_splits_k_only_when_its_programs_leave_multiprocessors_idle(programs, processors, splits):
+    """A grid that covers the multiprocessors runs unsplit; a smaller one is split for two
+    programs per multiprocessor (before the weight's K caps it)."""
+    from fourbit.kernels.triton import fragments
+
+    assert fragments.fragment_splits(programs, processors) == splits

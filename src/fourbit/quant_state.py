@@ -356,6 +356,20 @@ class QuantState:
         tensors[packed_state_key(self.quant_type)] = pack_dict_to_tensor(scalars)
         return tensors
 
+    def mark_static_for_cuda_graphs(self) -> None:
+        """Mark the state's CUDA tensors as static inputs of compiled graphs (with a guard on
+        their addresses). Unmarked, CUDA-graph replays under ``torch.compile`` copy every one of
+        them into the graph's own input buffers on each call, and replacing them recompiles."""
+        tensors = [self.absmax, self.code, self.offset]
+        if self.state2 is not None:
+            tensors += [self.state2.absmax, self.state2.code]
+        cuda = [t for t in tensors if isinstance(t, Tensor) and t.device.type == "cuda"]
+        if cuda:
+            import torch._dynamo  # only once there is a CUDA state: it costs a second to import
+
+            for tensor in cuda:
+                torch._dynamo.mark_static_address(tensor)
+
     def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device`` in place (returns self for chaining)."""
         self.absmax = self.absmax.to(device)

@@ -207,10 +207,12 @@ class Params4bit(torch.nn.Parameter):
 
     def share_state_with_module(self) -> None:
         """Record this weight's QuantState and storage dtype on its owning module: the one place the
-        module's copy is written (FSDP2 reads the module's copy once the weight is sharded)."""
+        module's copy is written (FSDP2 reads the module's copy once the weight is sharded). A CUDA
+        state is also marked static for compiled CUDA graphs (``QuantState.mark_static_for_cuda_graphs``)."""
         if self.module is not None and self.quant_state is not None:
             torch.nn.Module.__setattr__(self.module, "quant_state", self.quant_state)
             torch.nn.Module.__setattr__(self.module, "quant_storage", self.quant_storage)
+            self.quant_state.mark_static_for_cuda_graphs()
 
     def _with_data(self, data: Tensor) -> Params4bit:
         """A Params4bit over ``data`` with every attribute of this one (the QuantState shared)."""

@@ -375,7 +375,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, int], processors: int):
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
     like the 2-d ``x`` (``supported``); ``config`` is (num_warps, SPLIT_K), SPLIT_K 0 meaning
-    enough K splits for two programs per multiprocessor."""
+    ``fragment_splits``."""
     warps, split_k = config
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not _aligned(k, blocksize):
@@ -390,7 +390,7 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     tiles = triton.cdiv(m, TILE_ROWS)
     programs = triton.cdiv(n_out, 16 * warps)
     if not split_k:
-        split_k = triton.cdiv(2 * processors, programs)
+        split_k = fragment_splits(programs, processors)
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
@@ -401,6 +401,13 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         _int64_rows if aligned else _aligned_int64_rows,
     )  # fmt: skip
+
+
+def fragment_splits(programs: int, processors: int) -> int:
+    """The K splits of ``programs`` row programs: none when they cover the multiprocessors, else
+    enough for two programs on each. Splitting a covering grid costs more in partial sums than it
+    gains (an H200 ran 14336x4096 at 1-16 rows 10-15% faster unsplit than in two splits)."""
+    return 1 if programs >= processors else triton.cdiv(2 * processors, programs)
 
 
 def _fragment_tensors(weight) -> tuple:

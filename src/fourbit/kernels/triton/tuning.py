@@ -70,7 +70,7 @@ class WideConfig(NamedTuple):
 
 class FragmentConfig(NamedTuple):
     """The register-fragment kernel (``fragments``), for 16-bit inputs and blocksizes of 64 and
-    more. ``split_k`` 0: enough K splits for two programs per multiprocessor."""
+    more. ``split_k`` 0: ``fragments.fragment_splits``."""
 
     max_rows: int
     num_warps: int
