@@ -36,7 +36,7 @@ for stage in $STAGES; do
         # the long files run as several processes each, every one taking every count-th test
         # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 450 s,
         # the others 140-200 s
-        shards=${SHARDS:-"test_triton_tensor_core=5 test_triton=3 test_triton_quantize=3 test_cpu_kernels=3 test_linear4bit=2 test_cli=2"}
+        shards=${SHARDS:-"test_triton_tensor_core=5 test_triton=3 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_cli=2"}
         for file in $(printf '%s\n' $files | awk '!seen[$0]++'); do
           count=1
           for entry in $shards; do [ "${entry%=*}" = "$(basename "$file" .py)" ] && count=${entry#*=}; done
