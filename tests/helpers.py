@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
 import torch
+
+import fourbit as bnb
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
 STORAGES = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+TRUE_FALSE = [False, True]
 
 
 def describe_dtype(dtype: torch.dtype) -> str:
@@ -92,3 +96,43 @@ def run_without_bitsandbytes(code: str, timeout: float = 240) -> str:
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done.stdout
+
+
+def id_formatter(label: str):
+    return lambda value: f"{label}={value}"
+
+
+def torch_save_to_buffer(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def torch_load_from_buffer(buffer: io.BytesIO, weights_only: bool = False):
+    buffer.seek(0)
+    obj = torch.load(buffer, weights_only=weights_only)
+    buffer.seek(0)
+    return obj
+
+
+def make_linear4bit(layer, quant_type, compress_statistics, bias, quant_storage=torch.uint8):
+    """A Linear4bit on meta that takes ``layer``'s weights (quantized by a later .to(device)), built
+    the way upstream's test builds it."""
+    quantized = bnb.nn.Linear4bit(
+        layer.in_features,
+        layer.out_features,
+        bias=bias,
+        compute_dtype=None,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        device="meta",
+    )
+    # as upstream: the assigned Params4bit keeps its default compress_statistics=True
+    quantized.weight = bnb.nn.Params4bit(
+        data=layer.weight, quant_type=quant_type, requires_grad=False, quant_storage=quant_storage
+    )
+    if bias:
+        quantized.bias = torch.nn.Parameter(layer.bias)
+    return quantized

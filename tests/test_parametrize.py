@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-from helpers import available_devices, describe_dtype
+from helpers import TRUE_FALSE, available_devices, describe_dtype
 
 import fourbit.functional as F
 from fourbit.kernels import reference
@@ -24,7 +24,6 @@ from fourbit.nn.parametrize import (
     replace_parameter_4bit_prequantized,
 )
 
-TRUE_FALSE = [False, True]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EXPECTED_ERRORS = {
     "nf4": {64: {"abs": 0.072792, "rel": 0.203299}, 128: {"abs": 0.076835, "rel": 0.215252},
