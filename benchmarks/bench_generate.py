@@ -14,8 +14,9 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
   ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
   the host is out of the way.
 
-Prints tokens/s (new tokens over the whole ``generate`` time, prefill included) and the peak
-memory during generation, with the ratios of fourbit to bf16 and to bitsandbytes.
+Prints tokens/s (new tokens over the whole ``generate`` time, prefill included) and, on a GPU,
+the peak memory during generation, with the ratios of fourbit to bf16 and to bitsandbytes; then
+each model's memory after loading (on the CPU: the bytes of its tensors and 4-bit statistics).
 """
 
 from __future__ import annotations
@@ -63,6 +64,22 @@ def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device
         setattr(model.model.layers.get_submodule(parent_name) if parent_name else model.model.layers, child, layer)
         del linear
     gc.collect()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers and of its 4-bit weights' statistics (what
+    ``memory_allocated`` would count; the CPU has no allocator statistics)."""
+
+    def state_bytes(state) -> int:
+        if state is None:
+            return 0
+        tensors = [value for value in vars(state).values() if isinstance(value, torch.Tensor)]
+        return sum(t.nbytes for t in tensors) + state_bytes(getattr(state, "state2", None))
+
+    total = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+    return total + sum(
+        state_bytes(getattr(m.weight, "quant_state", None)) for m in model.modules() if hasattr(m, "weight")
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -227,7 +244,7 @@ def main() -> None:
         if library is not None:
             quantize(model, library, dtype, device)
         _sync(device)
-        memory[name] = torch.cuda.memory_allocated(device) / 2**30 if cuda else float("nan")
+        memory[name] = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) / 2**30
         first_tokens: dict[int, list] = {}  # per batch, the tokens of the first mode that ran
         for mode in modes:
             for batch in args.batches:
@@ -239,7 +256,8 @@ def main() -> None:
                 results[(name, mode, batch)] = (tokens_per_s, peak)
                 reference = first_tokens.setdefault(batch, tokens)
                 same = (torch.tensor(tokens) == torch.tensor(reference)).float().mean().item()
-                line = f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, peak {peak:.2f} GiB, "
+                line = f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, "
+                line += f"peak {peak:.2f} GiB, " if cuda else ""
                 line += f"{same:.0%} of tokens as in {modes[0]}"
                 if mode == "lean" and reference is not tokens:
                     line += f" ({forced_agreement(model, batch, args, device, reference):.0%} teacher-forced)"
@@ -259,7 +277,7 @@ def main() -> None:
         for batch in args.batches:
             cells = [results.get((name, mode, batch)) for name in ("bf16", "bitsandbytes", "fourbit")]
             speed = [f"{cell[0]:.1f}" if cell else "-" for cell in cells]
-            peaks = " / ".join(f"{cell[1]:.2f}" if cell else "-" for cell in cells)
+            peaks = " / ".join(f"{cell[1]:.2f}" if cell and cell[1] == cell[1] else "-" for cell in cells)  # nan: CPU
             ratio = lambda a, b: f"{a[0] / b[0]:.2f}x" if a and b else "-"  # noqa: E731
             print(f"| {mode} | {batch} | {' | '.join(speed)} | {ratio(cells[2], cells[0])} | "
                   f"{ratio(cells[2], cells[1])} | {peaks} |")  # fmt: skip
