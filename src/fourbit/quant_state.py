@@ -357,9 +357,10 @@ class QuantState:
         return tensors
 
     def mark_static_for_cuda_graphs(self) -> None:
-        """Mark the state's CUDA tensors as static inputs of compiled graphs (with a guard on
-        their addresses). Unmarked, CUDA-graph replays under ``torch.compile`` copy every one of
-        them into the graph's own input buffers on each call, and replacing them recompiles."""
+        """Mark the state's CUDA tensors as static inputs of compiled graphs. Unmarked, CUDA-graph
+        replays under ``torch.compile`` copy every one of them into the graph's own input buffers
+        on each call; marked, they are read in place, and a replaced tensor (another address)
+        makes cudagraph trees record again (``mark_static_address`` without a guard)."""
         tensors = [self.absmax, self.code, self.offset]
         if self.state2 is not None:
             tensors += [self.state2.absmax, self.state2.code]
@@ -368,7 +369,7 @@ class QuantState:
             import torch._dynamo  # only once there is a CUDA state: it costs a second to import
 
             for tensor in cuda:
-                torch._dynamo.mark_static_address(tensor)
+                torch._dynamo.mark_static_address(tensor, guard=False)
 
     def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device`` in place (returns self for chaining)."""
