@@ -31,12 +31,12 @@ for stage in $STAGES; do
         jobs=${JOBS:-10}
         export THREADS=$(( ($(nproc) + jobs - 1) / jobs ))
         # the slow files first, so that none starts last
-        files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_triton.py tests/test_triton_quantize.py \
+        files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_triton_tiled.py tests/test_triton.py tests/test_triton_quantize.py \
           tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_cli.py tests/test_bnb_compat.py tests/test_*.py)}
         # the long files run as several processes each, every one taking every count-th test
         # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 450 s,
         # the others 140-200 s
-        shards=${SHARDS:-"test_triton_tensor_core=5 test_triton=3 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_cli=2"}
+        shards=${SHARDS:-"test_triton_tensor_core=5 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_cli=2"}
         for file in $(printf '%s\n' $files | awk '!seen[$0]++'); do
           count=1
           for entry in $shards; do [ "${entry%=*}" = "$(basename "$file" .py)" ] && count=${entry#*=}; done

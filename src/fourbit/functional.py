@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
+from . import layout, ops
 from .formats import (
     DEFAULT_BLOCKSIZE,
     FLOAT_DTYPES,
@@ -54,6 +54,8 @@ __all__ = [
     "get_4bit_type",
     "op_arguments",
     "pack_dict_to_tensor",
+    "packed_for_device",
+    "packed_rows",
     "prepare_linear",
     "prepared_key",
     "quantize_4bit",
@@ -288,9 +290,10 @@ def dequantize_4bit(
         )
     check_4bit_state(A, quant_state)
     check_out(out, quant_state.shape, quant_state.dtype)
+    packed = packed_rows(A, quant_state)
     result = ops.run(
         "dequantize_4bit",
-        A,
+        packed,
         blocksize=quant_state.blocksize,
         shape=list(quant_state.shape),
         dtype=quant_state.dtype,
@@ -325,6 +328,22 @@ def dequantize_nf4(
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
 
 
+def packed_rows(A: Tensor, quant_state: QuantState) -> Tensor:
+    """The packed bytes ``A`` of ``quant_state`` in bitsandbytes' rows: a converted copy when the
+    state is tiled (``fourbit.layout``), else ``A`` itself. What checkpoints and pickles hold."""
+    return layout.untile(A, quant_state.shape) if quant_state.tiled else A
+
+
+def packed_for_device(A: Tensor, quant_state: QuantState) -> Tensor:
+    """The packed bytes ``A`` (in rows) of ``quant_state`` in the layout its device's kernels read
+    fastest: a tiled copy where ``ops.prefers_tiles`` (``quant_state.tiled`` is then set), else
+    ``A`` itself. ``A`` is not modified."""
+    if not quant_state.tiled and ops.prefers_tiles(A.device, quant_state.shape, quant_state.blocksize):
+        A = layout.tile(A, quant_state.shape)
+        quant_state.tiled = True
+    return A
+
+
 def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
     """Raise a clear error unless ``A`` can be multiplied by the 4-bit weight of ``state`` (N, K)."""
     check_tensor(A, name)
@@ -353,8 +372,9 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
             raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
         bias = bias.to(A.dtype)
     return torch.ops.fourbit.linear_4bit(
-        A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, **op_arguments(state, A.device)
-    )
+        A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, tiled=state.tiled,
+        **op_arguments(state, A.device),
+    )  # fmt: skip
 
 
 def gemv_4bit(

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from . import layout
 from .formats import NESTED_BLOCKSIZE, NestedStatistics, nested_op_arguments, num_blocks, packed_nbytes
 from .kernels import reference
 
@@ -31,6 +32,7 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_blockwise",
     "linear_4bit",
+    "prefers_tiles",
     "quantize_4bit",
     "quantize_blockwise",
     "run",
@@ -120,7 +122,7 @@ _LIBRARY = torch.library.Library("fourbit", "FRAGMENT")
 _LIBRARY.define(
     "linear_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor code, SymInt blocksize, SymInt[] shape, "
     "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
-    f"SymInt nested_blocksize={NESTED_BLOCKSIZE}) -> Tensor"
+    f"SymInt nested_blocksize={NESTED_BLOCKSIZE}, bool tiled=False) -> Tensor"
 )
 
 
@@ -136,11 +138,32 @@ def _linear_4bit_reference(
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
+    tiled: bool = False,
 ) -> Tensor:
-    """``A @ W.T + bias`` in A's dtype, for the packed 4-bit weight ``W`` of ``shape`` (N, K)."""
+    """``A @ W.T + bias`` in A's dtype, for the packed 4-bit weight ``W`` of ``shape`` (N, K),
+    stored in rows or (``tiled``) in ``layout``'s tiles."""
     return reference.linear_4bit(
-        A, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize
-    )
+        A, _rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
+        nested_offset, nested_blocksize,
+    )  # fmt: skip
+
+
+def _rows(packed: Tensor, shape: Sequence[int], tiled: bool) -> Tensor:
+    """The packed bytes in bitsandbytes' rows: a tiled weight converted (a copy), else as given."""
+    return layout.untile(packed, shape) if tiled else packed
+
+
+def _taking_rows(kernel: Callable) -> Callable:
+    """A ``linear_4bit`` kernel of rows only, made to take tiled weights too (converted per call)."""
+
+    def linear_4bit_rows(A, packed, absmax, code, blocksize, shape, bias=None, nested_absmax=None, nested_code=None,
+                         nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
+        return kernel(
+            A, _rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
+            nested_offset, nested_blocksize,
+        )  # fmt: skip
+
+    return linear_4bit_rows
 
 
 _LIBRARY.impl("linear_4bit", _linear_4bit_reference, "CompositeExplicitAutograd")
@@ -159,6 +182,7 @@ def _(
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
+    tiled: bool = False,
 ) -> Tensor:
     return A.new_empty((*A.shape[:-1], shape[0]))
 
@@ -168,11 +192,10 @@ linear_4bit = torch.ops.fourbit.linear_4bit
 
 
 def _linear_4bit_setup_context(ctx, inputs, output) -> None:
-    _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = (
-        inputs
-    )
+    _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset = inputs[:10]
+    nested_blocksize, tiled = inputs[10:]
     ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
-    ctx.blocksize, ctx.shape, ctx.nested_blocksize = blocksize, shape, nested_blocksize
+    ctx.blocksize, ctx.shape, ctx.nested_blocksize, ctx.tiled = blocksize, shape, nested_blocksize, tiled
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
@@ -182,7 +205,7 @@ def _linear_4bit_backward(ctx, grad: Tensor):
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = dequantize_4bit(
-            packed,
+            _rows(packed, ctx.shape, ctx.tiled),
             absmax,
             code,
             ctx.blocksize,
@@ -196,7 +219,7 @@ def _linear_4bit_backward(ctx, grad: Tensor):
         grad_A = grad @ weight
     if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
+    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -207,6 +230,23 @@ torch.library.register_autograd(
 #: Per device type, the class that prepares one weight's product for that device's kernels
 #: (``PreparedWeight(packed, absmax, code, blocksize, shape, nested)`` with ``.linear(A, bias)``).
 _prepared_kernels: dict[str, Callable[..., Any]] = {}
+#: Device types whose kernels read tiled weights (``fourbit.layout``; their prepared kernels take
+#: ``tiled=``); other devices' kernels read rows, and a tiled weight is converted for them.
+_reads_tiles: set[str] = set()
+#: Per device type, whether a weight of a (shape, blocksize) is better kept tiled on a device.
+_tiling_rules: dict[str, Callable[[torch.device, Sequence[int], int], bool]] = {}
+
+
+def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) -> bool:
+    """Whether a 4-bit weight of ``shape`` and ``blocksize`` is kept tiled on ``device``: its
+    kernels read tiles faster there and FOURBIT_TILED_LAYOUT is not "0"."""
+    rule = _tiling_rules.get(device.type)
+    return (
+        rule is not None
+        and layout.can_tile(shape)
+        and os.environ.get("FOURBIT_TILED_LAYOUT", "") != "0"
+        and rule(device, shape, blocksize)
+    )
 
 
 def _plain_eager(A: Tensor, bias: Optional[Tensor]) -> bool:
@@ -240,13 +280,20 @@ class PreparedLinear:
         blocksize: int,
         shape: Sequence[int],
         nested: Optional[NestedStatistics] = None,
+        tiled: bool = False,
     ) -> None:
         self.packed = packed
         self.arguments = dict(
-            absmax=absmax, code=code, blocksize=blocksize, shape=list(shape), **nested_op_arguments(nested)
+            absmax=absmax, code=code, blocksize=blocksize, shape=list(shape), **nested_op_arguments(nested), tiled=tiled
         )
-        prepare = _prepared_kernels.get(packed.device.type)
-        self.kernel = prepare(packed, absmax, code, blocksize, shape, nested) if prepare is not None else None
+        device = packed.device.type
+        prepare = _prepared_kernels.get(device)
+        if prepare is None or (tiled and device not in _reads_tiles):
+            self.kernel = None  # the op converts a tiled weight for kernels of rows
+        elif tiled:
+            self.kernel = prepare(packed, absmax, code, blocksize, shape, nested, tiled=True)
+        else:
+            self.kernel = prepare(packed, absmax, code, blocksize, shape, nested)
 
     def __call__(self, A: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         kernel = self.kernel
@@ -310,6 +357,8 @@ def _register_triton_kernels() -> None:
     from .kernels import triton as triton_kernels
 
     _prepared_kernels["cuda"] = triton_kernels.PreparedWeight
+    _reads_tiles.add("cuda")
+    _tiling_rules["cuda"] = triton_kernels.prefers_tiles
     _register("quantize_4bit", "cuda", triton_kernels.quantize_4bit)
     _register("quantize_blockwise", "cuda", triton_kernels.quantize_blockwise)
     _register("dequantize_4bit", "cuda", triton_kernels.dequantize_4bit)
@@ -324,7 +373,7 @@ def _register_cpu_kernels() -> None:
     _prepared_kernels["cpu"] = cpu.prepare
     _register("quantize_4bit", "cpu", cpu.quantize_4bit)
     _register("dequantize_4bit", "cpu", cpu.dequantize_4bit)
-    _LIBRARY.impl("linear_4bit", cpu.linear_4bit, "CPU")
+    _LIBRARY.impl("linear_4bit", _taking_rows(cpu.linear_4bit), "CPU")
 
 
 _register_cpu_kernels()

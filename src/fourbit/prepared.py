@@ -60,20 +60,21 @@ def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
         raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
     packed = B.data if isinstance(B, torch.nn.Parameter) else B
     arguments = weight_arguments(state, B.device)
-    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, **arguments)
+    prepared = ops.PreparedLinear(packed, blocksize=state.blocksize, shape=state.shape, tiled=state.tiled, **arguments)
     prepared.state = state  # keeps the ids in prepared_key from being reused
     return prepared
 
 
 def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
     """What a ``prepare_linear`` result depends on: where the packed bytes are, the identity of
-    the state and of each of its tensors, and the version of the code tables (derived tables)."""
+    the state, its layout and each of its tensors, and the version of the code tables (derived tables)."""
     inner = state.state2
     code = state.code
     with torch._C.DisableTorchFunctionSubclass():  # Params4bit's torch-function hook costs more than the read
         pointer = B.data_ptr()
     return (
         pointer,
+        state.tiled,
         id(state),
         id(state.absmax),
         id(code),

@@ -3,6 +3,7 @@ forms of it (``as_dict``/``from_dict``, the packed JSON entry ``quant_state.bits
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, num_blocks, packed_nbytes
+from .layout import can_tile
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
@@ -131,7 +133,14 @@ class QuantState:
 
     With nested statistics (``state2`` set), ``absmax`` holds uint8 codes of the centred
     per-block absmax, ``offset`` their mean and ``state2`` the 8-bit quantization state.
+    ``tiled`` says that the packed bytes it describes are in the tiled runtime layout
+    (``fourbit.layout``) rather than bitsandbytes' rows; it is never saved, and equality
+    compares the statistics only.
     """
+
+    #: Whether the packed bytes are tiled (``fourbit.layout``); a class default, so that states
+    #: pickled before the attribute existed read False.
+    tiled: bool = False
 
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = tuple(f"{PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
@@ -190,7 +199,7 @@ class QuantState:
         dtype = dtype_name(self.dtype) if self.dtype is not None else None
         return (
             f"QuantState(quant_type={self.quant_type!r}, shape={shape}, dtype={dtype}, "
-            f"blocksize={self.blocksize}, nested={self.nested})"
+            f"blocksize={self.blocksize}, nested={self.nested}{', tiled=True' if self.tiled else ''})"
         )
 
     @classmethod
@@ -301,6 +310,8 @@ class QuantState:
                 raise ValueError(f"{name}.shape is not set")
         if packed is not None:
             _check_packed(packed, self, name)
+        if self.tiled and not can_tile(self.shape):
+            raise ValueError(f"{name} is tiled, but a weight of shape {tuple(self.shape)} has no tiled layout")
         blocks = num_blocks(prod(self.shape), self.blocksize) if self.shape is not None else None
         if not isinstance(self.absmax, Tensor) or (blocks is not None and self.absmax.numel() != blocks):
             found = self.absmax.numel() if isinstance(self.absmax, Tensor) else type(self.absmax).__name__
@@ -370,6 +381,23 @@ class QuantState:
 
             for tensor in cuda:
                 torch._dynamo.mark_static_address(tensor, guard=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without ``tiled``: what pickles the packed bytes (``Params4bit``) stores them
+        in rows, so an unpickled state describes rows."""
+        return {name: value for name, value in self.__dict__.items() if name != "tiled"}
+
+    def __copy__(self) -> QuantState:
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantState:
+        """A deep copy keeps ``tiled``: it goes with a copy of the same bytes (``Params4bit``)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device`` in place (returns self for chaining)."""

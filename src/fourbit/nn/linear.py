@@ -180,6 +180,8 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         state = self._current_quant_state()
+        if state is not None and state.tiled:  # checkpoints hold bitsandbytes' rows
+            destination[f"{prefix}weight"] = F4.packed_rows(self.weight.detach(), state)
         if state is not None:
             for key, value in state.as_dict(packed=True).items():
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()

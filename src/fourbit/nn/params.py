@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F4
+from .. import ops
 from ..formats import DEFAULT_BLOCKSIZE
 from ..validation import check_settings
 
@@ -119,8 +120,12 @@ class Params4bit(torch.nn.Parameter):
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # The attributes go in the third slot: pickle records the new object before restoring
-        # them, so the cycle param -> module -> param resolves to one object.
-        return _rebuild_params4bit, (self.data, self.requires_grad), self.__getstate__()
+        # them, so the cycle param -> module -> param resolves to one object. The bytes go in
+        # rows, as the pickled QuantState describes them (``QuantState.__getstate__``).
+        state = self.__getstate__()
+        if self.quant_state is not None:
+            state["data"] = F4.packed_rows(self.data, self.quant_state)
+        return _rebuild_params4bit, (state["data"], self.requires_grad), state
 
     def __copy__(self) -> Params4bit:
         """A shallow copy: shares the packed storage and the very same QuantState."""
@@ -160,6 +165,7 @@ class Params4bit(torch.nn.Parameter):
         state = F4.QuantState.from_dict(quantized_stats, device=device)
         packed = data.to(device)
         F4.check_4bit_state(packed, state, name="quantized_stats")
+        packed = F4.packed_for_device(packed, state)
         self = cls(
             packed,
             requires_grad=requires_grad,
@@ -199,7 +205,7 @@ class Params4bit(torch.nn.Parameter):
             quant_type=self.quant_type,
             quant_storage=self.quant_storage,
         )
-        self.data = packed
+        self.data = F4.packed_for_device(packed, state)
         self.quant_state = state
         self.bnb_quantized = True
         self.share_state_with_module()
@@ -243,9 +249,15 @@ class Params4bit(torch.nn.Parameter):
                     self.data = self.data.to(dtype=dtype)
                 return self._quantize(device)
             return self._with_data(super().to(device=device, dtype=dtype, non_blocking=non_blocking))
-        if self.quant_state is not None and device is not None:
-            self.quant_state.to(device)
-        return self._with_data(super().to(device=device, non_blocking=non_blocking))
+        state = self.quant_state
+        if state is None or device is None:
+            return self._with_data(super().to(device=device, non_blocking=non_blocking))
+        data = self.data
+        if state.tiled and not ops.prefers_tiles(device, state.shape, state.blocksize):
+            data = F4.packed_rows(data, state)  # converted where the bytes are, before the copy
+            state.tiled = False
+        state.to(device)
+        return self._with_data(F4.packed_for_device(data.to(device, non_blocking=non_blocking), state))
 
     def cpu(self) -> Params4bit:
         return self.to(device="cpu")
@@ -268,8 +280,18 @@ class Params4bit(torch.nn.Parameter):
     def double(self) -> Tensor:
         return self._keep_if_quantized(torch.float64)
 
+    def to_rows(self) -> None:
+        """Store the packed bytes in bitsandbytes' rows from now on (a tiled weight is converted in
+        place); sharding does this, as tiles cannot be split into row ranges."""
+        state = self.quant_state
+        if state is not None and state.tiled:
+            self.data = F4.packed_rows(self.data, state)
+            state.tiled = False
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _PIECEWISE and isinstance(args[0], Params4bit):
+            args[0].to_rows()
         result = super().__torch_function__(func, types, args, kwargs or {})
         if func in _PIECEWISE:
             source = args[0]

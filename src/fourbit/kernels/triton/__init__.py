@@ -7,7 +7,16 @@ checks their logic without a GPU.
 
 from . import linear
 from .dequantize import dequantize_4bit
+from .fragments import prefers_tiles
 from .linear import PreparedWeight, linear_4bit
 from .quantize import quantize_4bit, quantize_blockwise
 
-__all__ = ["PreparedWeight", "dequantize_4bit", "linear", "linear_4bit", "quantize_4bit", "quantize_blockwise"]
+__all__ = [
+    "PreparedWeight",
+    "dequantize_4bit",
+    "linear",
+    "linear_4bit",
+    "prefers_tiles",
+    "quantize_4bit",
+    "quantize_blockwise",
+]

@@ -31,6 +31,27 @@ def nested_arguments(absmax: torch.Tensor, nested: NestedStatistics | None) -> t
 
 
 @triton.jit
+def tile_row_words(rows, K, TILED: tl.constexpr):
+    """int32 offset of each weight row's word at column 0: in bitsandbytes' rows, or (``TILED``)
+    in ``fourbit.layout``'s tiles of 16 rows by 64 columns, where a row's 8 words of a tile are
+    contiguous and tiles follow one another along K. ``column_words`` goes on from there."""
+    if TILED:
+        return (rows // 16).to(tl.int64) * (K // 64) * 128 + (rows % 16) * 8
+    else:
+        return rows.to(tl.int64) * (K // 8)
+
+
+@triton.jit
+def column_words(column, TILED: tl.constexpr):
+    """int32 offset, past ``tile_row_words``, of a row's word at ``column`` (a multiple of 8); the
+    row's words up to the next multiple of 64 columns follow it in both layouts."""
+    if TILED:
+        return (column // 64) * 128 + (column % 64) // 8
+    else:
+        return column // 8
+
+
+@triton.jit
 def block_scale(
     absmax_ptr,
     block,

@@ -69,12 +69,21 @@ def _dequantize_words_kernel(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     WORDS_PER_PROGRAM: tl.constexpr,
+    K,
+    TILED: tl.constexpr,
 ):
-    """8 elements per int32 word, written as 8 consecutive outputs (element count a multiple of 8)."""
+    """8 elements per int32 word, written as 8 consecutive outputs (element count a multiple of 8).
+    ``TILED`` words (whole row groups of ``fourbit.layout``'s tiles, rows of K columns) are read
+    in memory order and written where their rows put them."""
     pid = tl.program_id(0)
-    word = pid.to(tl.int64) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
-    in_range = word < n_words
-    words = tl.load(words_ptr + word, mask=in_range, other=0)
+    stored = pid.to(tl.int64) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
+    in_range = stored < n_words
+    words = tl.load(words_ptr + stored, mask=in_range, other=0)
+    if TILED:  # tile t = (row group, step), its word i = (row in group, word in step)
+        tile, i = stored // 128, stored % 128
+        word = ((tile // (K // 64)) * 16 + i // 8) * (K // 8) + (tile % (K // 64)) * 8 + i % 8
+    else:
+        word = stored
     values = tl.load(code_ptr + ((words[:, None] >> word_shifts()[None, :]) & 15))
     scale = block_scale(
         absmax_ptr, (8 * word) // BLOCKSIZE, in_range, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
@@ -100,7 +109,10 @@ class DequantizeLaunch:
         shape: Sequence[int],
         dtype: torch.dtype,
         nested: NestedStatistics | None = None,
+        tiled: bool = False,
     ) -> None:
+        """``tiled``: ``packed`` holds whole row groups of ``fourbit.layout``'s tiles (``shape``
+        2-D, as ``layout.can_tile`` requires)."""
         self.shape, self.dtype, self.device = tuple(shape), dtype, packed.device
         n = prod(self.shape)
         data = packed.reshape(-1).view(torch.uint8)
@@ -110,11 +122,11 @@ class DequantizeLaunch:
         self.launch: KernelLaunch | None = None
         if not n:
             return
-        if n % 8 == 0 and data.storage_offset() % 4 == 0:
+        if tiled or (n % 8 == 0 and data.storage_offset() % 4 == 0):
             grid = (triton.cdiv(n // 8, WORDS_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_words_kernel, grid, options, self.device)
             self.before = (data.view(torch.int32), absmax, table, *statistics)
-            self.after = (n // 8, blocksize, *specialized, WORDS_PER_PROGRAM)
+            self.after = (n // 8, blocksize, *specialized, WORDS_PER_PROGRAM, self.shape[-1], tiled)
         else:
             grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)

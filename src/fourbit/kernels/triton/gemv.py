@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import block_scale, decode_weight_tile, word_shifts, write_output
+from .common import block_scale, column_words, decode_weight_tile, tile_row_words, word_shifts, write_output
 
 
 @triton.jit
@@ -39,9 +39,11 @@ def gemv_words_kernel(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     """Rows of W start on word and block boundaries (K % 8 == 0, K % BLOCKSIZE == 0): a tile is
-    ``[BLOCK_N, BLOCK_K // 8]`` int32 words; each block's partial sum is scaled once.
+    ``[BLOCK_N, BLOCK_K // 8]`` int32 words (in rows, or ``TILED``: ``tile_row_words``); each
+    block's partial sum is scaled once.
 
     With SPLIT_K > 1 the K range is shared by several programs (``write_output``).
     """
@@ -53,7 +55,6 @@ def gemv_words_kernel(
     n_mask = offs_n < N
     offs_r = tl.arange(0, ROWS)
     shifts = word_shifts()
-    row_words = offs_n.to(tl.int64)[:, None] * (K // 8)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_chunk
@@ -61,7 +62,8 @@ def gemv_words_kernel(
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
-        words = tl.load(w_ptr + row_words + offs_w[None, :], mask=w_mask, other=0)
+        offsets = tile_row_words(offs_n, K, TILED)[:, None] + column_words(8 * offs_w, TILED)[None, :]
+        words = tl.load(w_ptr + offsets, mask=w_mask, other=0)
         nibbles = (words[:, :, None] >> shifts[None, None, :]) & 15
         values = tl.reshape(tl.load(code_ptr + nibbles).to(tl.float32), (BLOCK_N, SUB, SPAN))
         offs_k = k0 + tl.arange(0, BLOCK_K)

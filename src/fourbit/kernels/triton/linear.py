@@ -22,6 +22,7 @@ import torch
 import triton
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
+from ...layout import TILE_ROWS
 from ..derived import derived
 from . import dispatch, fragments
 from .common import nested_arguments
@@ -72,9 +73,11 @@ def linear_4bit(
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
+    tiled: bool = False,
     config: Sequence | str | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``reference.linear_4bit``; ``config`` overrides ``choose_config`` (tuning).
+    """Same contract as ``ops.linear_4bit`` (``tiled``: the weight is in ``fourbit.layout``'s
+    tiles); ``config`` overrides ``choose_config`` (tuning).
 
     A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
     (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
@@ -84,7 +87,7 @@ def linear_4bit(
     tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
     nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
-    weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, shared_workspace=False)
+    weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, shared_workspace=False, tiled=tiled)
     weight.share_launches()
     return weight.linear(A, bias, config)
 
@@ -117,8 +120,10 @@ class PreparedWeight:
         shape: Sequence[int],
         nested: NestedStatistics | None = None,
         shared_workspace: bool = True,
+        tiled: bool = False,
     ) -> None:
         self.packed = packed
+        self.tiled = tiled
         self.shared_workspace = shared_workspace
         self.absmax = absmax
         self.code = code.float()
@@ -137,7 +142,8 @@ class PreparedWeight:
         and 16-byte alignment of each tensor (Triton specializes on both)."""
         tensors = (self.bytes, self.absmax, self.code, *self.statistics)
         pointers = tuple((tensor.dtype, tensor.data_ptr() % 16) for tensor in tensors)
-        return (self.bytes.device, self.n_out, self.k, self.blocksize, self.nested, self.nested_blocksize, pointers)
+        sizes = (self.n_out, self.k, self.blocksize, self.nested, self.nested_blocksize, self.tiled)
+        return (self.bytes.device, *sizes, pointers)
 
     def share_launches(self) -> None:
         """Use (and fill) the launches kept for every weight of this layout, binding this weight's
@@ -205,7 +211,7 @@ class PreparedWeight:
         rows, block_n, block_k, split_k, num_warps, lookup_mode = config
         if lookup_mode not in ("half", "gather"):
             raise ValueError(f"the CUDA-core kernel's lookup is 'half' or 'gather', got {lookup_mode!r}")
-        words = k % 8 == 0 and k % blocksize == 0
+        words = k % 8 == 0 and k % blocksize == 0  # always so for a tiled weight
         block_k = max(16, min(block_k, triton.next_power_of_2(k)))
         kernel = gemv_words_kernel if words else gemv_any_kernel
         split_k = split_k or dispatch.split_k(n_out, k, block_n, block_k, x.device)
@@ -215,7 +221,7 @@ class PreparedWeight:
         return ProductLaunch(
             kernel, grid, {"num_warps": num_warps}, self, _gemv_tensors(words, half),
             (m, n_out, k, x.stride(0), n_out, rows, block_n, block_k, split_k, blocksize, self.nested,
-             self.nested_blocksize, has_bias),
+             self.nested_blocksize, has_bias, *((self.tiled,) if words else ())),
             m, n_out, x.dtype, x.device, grid[0] if split_k > 1 else 0,
         )  # fmt: skip
 
@@ -224,7 +230,7 @@ class PreparedWeight:
         the configured ones until the programs cover the multiprocessors twice."""
         block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
         m, n_out, k = x.shape[0], self.n_out, self.k
-        block_k = min(block_k, k & -k)  # a power of two dividing K
+        block_k = 64 if self.tiled else min(block_k, k & -k)  # a power of two dividing K (tiled: 64)
         block_m = max(16, min(block_m, triton.next_power_of_2(m)))
         programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
         if cover:
@@ -233,8 +239,8 @@ class PreparedWeight:
         grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
         return ProductLaunch(
             decode_dot_kernel, grid, {"num_warps": num_warps, "num_stages": num_stages}, self, _word_tensors,
-            (m, n_out, k, x.stride(0), k // 8, n_out, block_n, block_m, block_k, split_k, self.blocksize,
-             self.nested, self.nested_blocksize, scale_weights, has_bias),
+            (m, n_out, k, x.stride(0), n_out, block_n, block_m, block_k, split_k, self.blocksize,
+             self.nested, self.nested_blocksize, scale_weights, has_bias, self.tiled),
             m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         )  # fmt: skip
 
@@ -255,9 +261,12 @@ class PreparedWeight:
     def _plan_chunks(self, dtype: torch.dtype) -> list[tuple[int, int, DequantizeLaunch]]:
         """The row ranges of the chunks and the prepared decode of each into ``dtype``."""
         n_out, k, blocksize = self.n_out, self.k, self.blocksize
-        # a chunk must start on a packed byte, an absmax block and (nested) a group of absmax codes
+        # a chunk must start on a packed byte, an absmax block, (nested) a group of absmax codes and
+        # (tiled) a row group of tiles
         unit = blocksize * (self.nested_blocksize if self.nested else 1)
         step = unit // math.gcd(k, unit)
+        if self.tiled:
+            step = math.lcm(step, TILE_ROWS)
         rows_per_chunk = max(step, CHUNK_BYTES // (k * dtype.itemsize) // step * step)
         plan = []
         for start in range(0, n_out, rows_per_chunk):
@@ -268,7 +277,7 @@ class PreparedWeight:
                 nested = nested._replace(absmax=nested.absmax[first // unit :])
             decode = DequantizeLaunch(
                 self.bytes[first // 2 : -(-last // 2)], self.absmax[first // blocksize : -(-last // blocksize)],
-                self.code, blocksize, (stop - start, k), dtype, nested,
+                self.code, blocksize, (stop - start, k), dtype, nested, self.tiled,
             )  # fmt: skip
             plan.append((start, stop, decode))
         return plan

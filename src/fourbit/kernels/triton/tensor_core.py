@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .byte_permute import decode_words, plane_words
-from .common import absmax_from_stored, stored_absmax, write_output
+from .common import absmax_from_stored, stored_absmax, tile_row_words, write_output
 
 
 @triton.jit
@@ -26,7 +26,6 @@ def decode_dot_kernel(
     N,
     K,
     stride_xm,
-    stride_wn,
     stride_om,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -37,6 +36,7 @@ def decode_dot_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     SCALE_WEIGHTS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     """``out.T = W @ x.T`` on the tensor cores, W decoded in registers by byte permutes.
 
@@ -44,7 +44,8 @@ def decode_dot_kernel(
     for one input row. A K tile is ``SUB`` dots of ``SUB_K`` columns, each inside one absmax
     block; a dot's product is scaled per weight row (few input rows), or (``SCALE_WEIGHTS``, many
     rows) the decoded weights are scaled and the dot accumulates in place. The stored absmax of
-    the next tile is loaded one iteration ahead. Rows start on words (``stride_wn`` words).
+    the next tile is loaded one iteration ahead. The weight is in rows or ``TILED``
+    (``fourbit.layout``; then SUB_K is 64), K a multiple of 8.
     """
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
     SUB: tl.constexpr = BLOCK_K // SUB_K
@@ -56,7 +57,7 @@ def decode_dot_kernel(
     offs_s = tl.arange(0, SUB)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    row_words = offs_n.to(tl.int64)[:, None] * stride_wn
+    row_words = tile_row_words(offs_n, K, TILED)[:, None]
     row_blocks = offs_n.to(tl.int64)[:, None] * (K // BLOCKSIZE)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
@@ -74,7 +75,12 @@ def decode_dot_kernel(
         )  # fmt: skip
         for sub in tl.static_range(SUB):
             k = k0 + sub * SUB_K
-            words = tl.load(w_ptr + row_words + (k // 8 + tl.arange(0, SUB_K // 8))[None, :], mask=n_mask[:, None])
+            if TILED:  # SUB_K is 64: a dot's words are one tile row, 128-word aligned per tile
+                tl.static_assert(SUB_K == 64)
+                start = (k // 64) * 128
+            else:
+                start = k // 8
+            words = tl.load(w_ptr + row_words + (start + tl.arange(0, SUB_K // 8))[None, :], mask=n_mask[:, None])
             weight = decode_words(words, planes, x_ptr.dtype.element_ty)
             x_tile = x_ptr + offs_m[:, None] * stride_xm + (k + tl.arange(0, SUB_K))[None, :]
             x = tl.load(x_tile, mask=m_mask[:, None], other=0.0)
