@@ -6,10 +6,10 @@
 Prints the bandwidth of a 1 GiB device copy, then, for each weight shape and input row count,
 every candidate's median time (CUDA graph replays, so launch overhead does not hide the kernel)
 and the best one, next to bf16 cuBLAS.
-The winners go into the named-tuple tables of fourbit/kernels/triton/tuning.py (FRAGMENT_TABLE,
-GEMV_TABLE, FUSED_TABLE, WIDE_CONFIG; "chunked": decode + cuBLAS). With ``--quantize``: the
-quantizer's (elements per tile, warps, programs per multiprocessor) next to a copy of the input,
-for ``tuning.QUANTIZE``.
+The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
+``fragments``, ``gemv``, ``fused`` and ``wide`` entries; "chunked": decode + cuBLAS); the tables
+this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
+warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from triton.testing import do_bench_cudagraph
 
 import fourbit.functional as F4
 from fourbit.formats import get_4bit_type
-from fourbit.kernels.triton import fragments, gemv, tensor_core
+from fourbit.kernels.triton import fragments, gemv, tensor_core, tuning
 from fourbit.kernels.triton import linear as triton_linear
 from fourbit.kernels.triton import quantize as triton_quantize
 from fourbit.kernels.triton.tuning import QuantizeConfig
@@ -72,7 +72,7 @@ QUANTIZE_CANDIDATES = [
 
 def tune_quantize(shapes: list[str], rep: int) -> None:
     """Time each QUANTIZE_CANDIDATES entry (NF4, bf16 input, blocksize 64), printed as the
-    ``tuning.QUANTIZE`` value it would be; every candidate's output must equal the current table's."""
+    tables' ``quantize`` value it would be; every candidate's output must equal the current table's."""
     code = get_4bit_type("nf4", device="cuda")
     for text in shapes:
         n, k = (int(part) for part in text.split("x"))
@@ -118,6 +118,8 @@ def main() -> None:
         "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused", "wide"], help="kernel kinds to time"
     )
     args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)} uses the tables tuned on: {tuning.for_device(device).tuned_on}")
     if args.quantize:
         tune_quantize(args.shapes, args.rep)
         return

@@ -133,20 +133,21 @@ def test_kernel_choice_follows_rows_dtype_and_device():
 
 @pytest.mark.parametrize("processors", [66, 132])
 def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
-    """Beyond the tensor-core table, up to WIDE_ROWS rows run the batch-wide tiles when their
-    programs occupy WIDE_MIN_COVERAGE of the multiprocessors, and decode + cuBLAS otherwise; more
+    """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles when their
+    programs occupy ``wide_min_coverage`` of the multiprocessors, and decode + cuBLAS otherwise; more
     rows always decode + cuBLAS. (The kernel's support is forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
     monkeypatch.setattr(dispatch, "processors", lambda device: processors)
-    most_fused = tuning.FUSED_TABLE[-1].max_rows
-    wide = tuning.WIDE_CONFIG
-    enough = math.ceil(tuning.WIDE_MIN_COVERAGE * processors) * wide.block_n  # weight rows that fill it
-    for rows in (most_fused + 1, tuning.WIDE_ROWS):
+    tables = tuning.for_device(torch.device(DEVICE))
+    most_fused = tables.fused[-1].max_rows
+    wide = tables.wide
+    enough = math.ceil(tables.wide_min_coverage * processors) * wide.block_n  # weight rows that fill it
+    for rows in (most_fused + 1, tables.wide_rows):
         x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
         assert dispatch.choose_config(x, enough, 4096, 64) == wide
         assert dispatch.choose_config(x, enough - wide.block_n, 4096, 64) == "chunked"
         assert dispatch.choose_config(x, 8 * enough, 4096, 64) == wide
-    assert dispatch.choose_config(torch.zeros(tuning.WIDE_ROWS + 1, 4096), 8 * enough, 4096, 64) == "chunked"
+    assert dispatch.choose_config(torch.zeros(tables.wide_rows + 1, 4096), 8 * enough, 4096, 64) == "chunked"
     assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * enough, 4096, 64)[0] == "fused"
 
 
@@ -192,3 +193,33 @@ def test_derived_tables_are_not_kept_from_a_graph_capture():
     with torch.cuda.stream(stream), torch.cuda.graph(graph):
         derived(code, "test-capture", lambda table: table * 2)
     assert (id(code), "test-capture") not in _entries
+
+
+@pytest.mark.parametrize(
+    "name, capability, expected",
+    [
+        ("NVIDIA H200", (9, 0), "H200"),
+        ("NVIDIA H200 NVL", (9, 0), "H200"),
+        ("NVIDIA H100 80GB HBM3", (9, 0), "HOPPER"),
+        ("NVIDIA H100 PCIe", (9, 0), "HOPPER"),
+        ("NVIDIA GH200 480GB", (9, 0), "HOPPER"),  # a Hopper without tables of its own
+        ("NVIDIA A100-SXM4-80GB", (8, 0), "GENERIC"),
+        ("NVIDIA GeForce RTX 4090", (8, 9), "GENERIC"),
+        ("NVIDIA B200", (10, 0), "GENERIC"),
+    ],
+)
+def test_each_gpu_gets_its_own_tables_or_the_nearest_safe_ones(name, capability, expected):
+    tables = tuning.tables_for(name, capability)
+    assert tables is getattr(tuning, expected)
+    assert tables.tuned_on
+
+
+def test_the_generic_tables_keep_the_batch_wide_tiles_small():
+    """The one difference from the Hopper tables: batch-wide tiles that fit any GPU's shared memory."""
+    generic, hopper = tuning.GENERIC, tuning.HOPPER
+    assert generic._replace(wide=hopper.wide, tuned_on=hopper.tuned_on) == hopper
+    assert generic.wide.block_m * generic.wide.num_stages < hopper.wide.block_m * hopper.wide.num_stages
+
+
+def test_a_cpu_device_reads_the_hopper_tables():
+    assert tuning.for_device(torch.device("cpu")) is tuning.HOPPER

@@ -36,7 +36,7 @@ pytestmark = NEEDS_TRITON
         ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
         ("fused", 128, 64, 64, 2, 4, 4, True),
         ("fused", 64, 16, 256, 3, 4, 3, True),
-        tuning.WIDE_CONFIG,
+        tuning.HOPPER.wide,
         ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
     ],
     ids=str,

@@ -39,7 +39,7 @@ GPU_CONFIGS = [
     ("fragments", 2, 3),
     ("fused", 128, 16, 64, 1, 4, 4, False),
     ("fused", 128, 64, 64, 2, 4, 4, True),
-    tuning.WIDE_CONFIG,
+    tuning.HOPPER.wide,
     (4, 16, 512, 0, 4, "half"),
     "chunked",
 ]

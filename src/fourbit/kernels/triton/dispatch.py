@@ -1,36 +1,37 @@
 """Which Triton product runs: the kernel and tile configuration for an input and weight shape
-(``choose_config``, from the ``tuning`` tables) and the K splits that fill the GPU."""
+(``choose_config``, from the device's ``tuning`` tables) and the K splits that fill the GPU."""
 
 from __future__ import annotations
 
 import torch
 import triton
 
-from . import fragments
+from . import fragments, tuning
 from .common import INTERPRETED
-from .tuning import FRAGMENT_TABLE, FUSED_TABLE, GEMV_TABLE, WIDE_CONFIG, WIDE_MIN_COVERAGE, WIDE_ROWS
 
 
 def choose_config(
     x: torch.Tensor, n_out: int, k: int, blocksize: int, packed: torch.Tensor | None = None
 ) -> tuple | str:
     """The kernel and tile configuration for input rows ``x`` (2-d) against an ``n_out x k``
-    weight (packed in ``packed``, when given): a ``FRAGMENT_TABLE``, ``FUSED_TABLE`` or
-    ``GEMV_TABLE`` entry, ``WIDE_CONFIG``, or ``"chunked"``."""
+    weight (packed in ``packed``, when given), from the device's ``tuning.KernelTables``: a
+    ``fragments``, ``fused`` or ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``."""
     rows = x.shape[0]
+    tables = tuning.for_device(x.device)
     if not INTERPRETED and fragments.supported(x, k, blocksize, packed):
-        entry = next((entry for entry in FRAGMENT_TABLE if rows <= entry[0]), None)
+        entry = next((entry for entry in tables.fragments if rows <= entry[0]), None)
         if entry:
             return ("fragments", *entry[1:])
     if fused_supported(x, k, blocksize):
-        entry = next((entry for entry in FUSED_TABLE if rows <= entry[0]), None)
+        entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:
             return ("fused", *entry[1:])
-        wide_programs = triton.cdiv(n_out, WIDE_CONFIG[1]) * triton.cdiv(rows, WIDE_CONFIG[2])
-        if rows <= WIDE_ROWS and wide_programs >= WIDE_MIN_COVERAGE * processors(x.device):
-            return WIDE_CONFIG
+        wide = tables.wide
+        wide_programs = triton.cdiv(n_out, wide.block_n) * triton.cdiv(rows, wide.block_m)
+        if rows <= tables.wide_rows and wide_programs >= tables.wide_min_coverage * processors(x.device):
+            return wide
         return "chunked"
-    return next((entry[1:] for entry in GEMV_TABLE if rows <= entry[0]), "chunked")
+    return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
 
 
 def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:

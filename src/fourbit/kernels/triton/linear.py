@@ -83,7 +83,7 @@ def linear_4bit(
     (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
     num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
     only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)`` tuple the same kernel
-    without K splits (``WIDE_CONFIG``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
+    without K splits (``KernelTables.wide``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
     tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
     nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
@@ -206,7 +206,7 @@ class PreparedWeight:
         return self._gemv(x, bias is not None, config)
 
     def _gemv(self, x: torch.Tensor, has_bias: bool, config: Sequence) -> ProductLaunch:
-        """The CUDA-core multiply-accumulate kernel (``GEMV_TABLE`` entry ``config``)."""
+        """The CUDA-core multiply-accumulate kernel (a ``KernelTables.gemv`` entry ``config``)."""
         m, n_out, k, blocksize = x.shape[0], self.n_out, self.k, self.blocksize
         rows, block_n, block_k, split_k, num_warps, lookup_mode = config
         if lookup_mode not in ("half", "gather"):

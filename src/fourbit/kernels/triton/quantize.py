@@ -22,9 +22,10 @@ from ...formats import num_blocks, packed_nbytes
 from .. import reference
 from ..derived import derived
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
+from . import tuning
 from .common import INTERPRETED
 from .ptx import lane_table_entry_ptx, lane_table_fill_ptx
-from .tuning import QUANTIZE, QuantizeConfig
+from .tuning import QuantizeConfig
 
 #: The quantizer looks each scaled value up in a table of cells of magnitudes: float32 bit
 #: patterns sharing the exponent and the top ``CELL_MANTISSA_BITS`` of the mantissa, so a cell
@@ -233,7 +234,7 @@ def _quantizer_tables(code: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return cells, exact.to(torch.int32).view(1), midpoints, _nibble_words(order)
 
 
-def program_limit(device: torch.device, config: QuantizeConfig = QUANTIZE) -> int:
+def program_limit(device: torch.device, config: QuantizeConfig) -> int:
     """Programs of a persistent launch: ``config.programs_per_sm`` per multiprocessor. The
     interpreter (CPU tensors) counts as one multiprocessor, so that CI runs programs of many tiles."""
     if device.type != "cuda":
@@ -242,9 +243,16 @@ def program_limit(device: torch.device, config: QuantizeConfig = QUANTIZE) -> in
 
 
 def quantize_4bit(
-    A: torch.Tensor, code: torch.Tensor, blocksize: int, quant_storage: torch.dtype, config: QuantizeConfig = QUANTIZE
+    A: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    quant_storage: torch.dtype,
+    config: QuantizeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``reference.quantize_4bit``; ``config`` overrides ``tuning.QUANTIZE`` (tuning)."""
+    """Same contract as ``reference.quantize_4bit``; ``config`` overrides the device's
+    ``tuning.KernelTables.quantize`` (tuning)."""
+    if config is None:
+        config = tuning.for_device(A.device).quantize
     flat = A.reshape(-1).contiguous()
     n = flat.numel()
     packed = torch.empty(packed_nbytes(n), dtype=torch.uint8, device=A.device)

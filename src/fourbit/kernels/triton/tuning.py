@@ -1,29 +1,34 @@
-"""Tile configurations of the Triton kernels, one named-tuple table per kernel family.
+"""Tile configurations of the Triton kernels: one ``KernelTables`` per GPU they were tuned on.
 
 Measured with ``benchmarks/tune_triton.py`` on an H100 and kept on the H200, where the same
-entries measured best or within noise (history: docs/performance.md); a GPU whose best values
-differ gets its own tables here, chosen by device name. ``tune_triton.py`` prints rows in these
-types, ready to paste.
+entries measured best or within noise (history: docs/performance.md). ``for_device`` picks a
+device's tables by its name; a GPU without tables of its own gets the Hopper tables when it is a
+Hopper, else ``GENERIC``, whose tiles fit the shared memory of every supported GPU.
+``tune_triton.py`` prints rows in these types, ready to paste into a new GPU's tables.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import NamedTuple
+
+import torch
 
 __all__ = [
     "CHUNK_BYTES",
-    "FRAGMENT_TABLE",
-    "FUSED_TABLE",
-    "GEMV_TABLE",
-    "QUANTIZE",
-    "WIDE_CONFIG",
-    "WIDE_MIN_COVERAGE",
-    "WIDE_ROWS",
+    "GENERIC",
+    "H200",
+    "HOPPER",
+    "TABLES",
     "FragmentConfig",
     "FusedConfig",
     "GemvConfig",
+    "KernelTables",
     "QuantizeConfig",
     "WideConfig",
+    "for_device",
+    "tables_for",
 ]
 
 
@@ -85,32 +90,75 @@ class QuantizeConfig(NamedTuple):
     programs_per_sm: int
 
 
-#: The first entry whose ``max_rows`` covers the input's rows is used; more rows than the last
-#: entry's decode in chunks and use cuBLAS.
-GEMV_TABLE: tuple[GemvConfig, ...] = (
-    GemvConfig(1, 1, 16, 1024, 0, 4, "half"),
-    GemvConfig(2, 2, 16, 512, 0, 4, "half"),
-    GemvConfig(4, 4, 16, 512, 0, 4, "half"),
+class KernelTables(NamedTuple):
+    """Every tuned choice of the product kernels and the quantizer for one GPU (``tuned_on``).
+
+    In each row table the first entry whose ``max_rows`` covers the input's rows is used. Rows
+    beyond ``gemv`` decode in chunks and use cuBLAS; rows beyond ``fused`` up to ``wide_rows``
+    run ``wide`` when its programs number at least ``wide_min_coverage`` of the
+    multiprocessors (one program fills a multiprocessor, so the path pays only for weights with
+    enough rows: on an H100 it beat decode + cuBLAS 1.2-2x from 8192 weight rows up and lost at
+    4096), otherwise decode + cuBLAS."""
+
+    tuned_on: str
+    gemv: tuple[GemvConfig, ...]
+    fused: tuple[FusedConfig, ...]
+    wide: WideConfig
+    wide_rows: int
+    wide_min_coverage: float
+    fragments: tuple[FragmentConfig, ...]
+    quantize: QuantizeConfig
+
+
+HOPPER = KernelTables(
+    tuned_on="NVIDIA H100 80GB HBM3",
+    gemv=(
+        GemvConfig(1, 1, 16, 1024, 0, 4, "half"),
+        GemvConfig(2, 2, 16, 512, 0, 4, "half"),
+        GemvConfig(4, 4, 16, 512, 0, 4, "half"),
+    ),
+    fused=(
+        FusedConfig(16, 128, 16, 64, 4, 4, 4, False),
+        FusedConfig(32, 128, 32, 64, 4, 4, 4, False),
+        FusedConfig(64, 128, 64, 64, 1, 4, 4, False),
+    ),
+    wide=WideConfig("wide", 128, 256, 64, 8, 3),
+    wide_rows=256,
+    wide_min_coverage=0.4,
+    fragments=(FragmentConfig(16, 4, 0),),
+    quantize=QuantizeConfig(tile_elements=4096, warps=8, programs_per_sm=4),
 )
 
-#: As GEMV_TABLE; rows beyond the last entry run WIDE_CONFIG or decode in chunks.
-FUSED_TABLE: tuple[FusedConfig, ...] = (
-    FusedConfig(16, 128, 16, 64, 4, 4, 4, False),
-    FusedConfig(32, 128, 32, 64, 4, 4, 4, False),
-    FusedConfig(64, 128, 64, 64, 1, 4, 4, False),
-)
+#: The H200 measured the Hopper entries best or within noise (docs/performance.md).
+H200 = HOPPER._replace(tuned_on="NVIDIA H200")
 
-#: Rows beyond FUSED_TABLE up to WIDE_ROWS run WIDE_CONFIG when its programs number at least
-#: WIDE_MIN_COVERAGE of the multiprocessors (one program fills a multiprocessor, so the path pays
-#: only for weights with enough rows: on an H100 it beat decode + cuBLAS 1.2-2x from 8192 weight
-#: rows up and lost at 4096); otherwise decode + cuBLAS.
-WIDE_CONFIG = WideConfig("wide", 128, 256, 64, 8, 3)
-WIDE_ROWS = 256
-WIDE_MIN_COVERAGE = 0.4
+#: GPUs without tables of their own, and not Hoppers: the Hopper entries with batch-wide tiles of
+#: 128 input rows in two stages. Triton 3.9 builds the Hopper batch-wide tiles with 90 KiB of
+#: shared memory for compute capability 8.x and 110 KiB for 9.0, these with 37-41 KiB; GPUs of
+#: capability 8.6, 8.9 and 12.0 give a program at most 99 KiB.
+GENERIC = HOPPER._replace(tuned_on="no GPU: the nearest safe tables", wide=WideConfig("wide", 128, 128, 64, 8, 2))
 
-FRAGMENT_TABLE: tuple[FragmentConfig, ...] = (FragmentConfig(16, 4, 0),)
+#: Tables by a word of the device name (``torch.cuda.get_device_name``), checked in order.
+TABLES: dict[str, KernelTables] = {"H200": H200, "H100": HOPPER}
 
-QUANTIZE = QuantizeConfig(tile_elements=4096, warps=8, programs_per_sm=4)
+
+def tables_for(name: str, capability: tuple[int, int]) -> KernelTables:
+    """The tables of a GPU called ``name`` (a whole word of it names a tuned GPU), else the
+    Hopper tables for compute capability 9.x, else ``GENERIC``."""
+    for word, tables in TABLES.items():
+        if re.search(rf"\b{word}\b", name):
+            return tables
+    return HOPPER if capability[0] == 9 else GENERIC
+
+
+@functools.cache
+def for_device(device: torch.device) -> KernelTables:
+    """The tables of ``device``'s GPU, read once per device; the Hopper tables off the GPU (the
+    Triton interpreter runs the kernels on CPU tensors)."""
+    if device.type != "cuda":
+        return HOPPER
+    return tables_for(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
 
 #: Bytes of decoded weight per chunk on the many-rows path (decode + cuBLAS).
 CHUNK_BYTES = 64 << 20
