@@ -14,7 +14,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import STORAGES, describe_dtype
+from helpers import STORAGES, available_devices, describe_dtype
 
 import fourbit.functional as F4
 from fourbit import layout, ops
@@ -197,3 +197,32 @@ def test_the_environment_can_keep_weights_in_rows(tiles_on_cpu, monkeypatch):
     monkeypatch.setenv("FOURBIT_TILED_LAYOUT", "0")
     layer = Linear4bit(256, 48, quant_type="nf4").to("cpu")
     assert not layer.weight.quant_state.tiled
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_a_tiled_weight_saves_and_reloads_bitsandbytes_bytes(device, nested, tmp_path, monkeypatch):
+    """Quantize tiled (the CUDA default; forced on the CPU), save, load into a fresh layer (tiled
+    again), save again: both files hold exactly what bitsandbytes' Linear4bit saves."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if device == "cpu":
+        monkeypatch.setitem(ops._tiling_rules, "cpu", lambda device, shape, blocksize: True)
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(512, 96, dtype=torch.bfloat16)
+    theirs = bnb.nn.Linear4bit(512, 96, compress_statistics=nested, quant_type="nf4")
+    theirs.load_state_dict(dense.state_dict())
+    expected = theirs.to(device).state_dict()
+    ours = Linear4bit(512, 96, compress_statistics=nested, quant_type="nf4")
+    ours.load_state_dict(dense.state_dict())
+    ours = ours.to(device)
+    assert ours.weight.quant_state.tiled
+    path = tmp_path / "layer.pt"
+    torch.save(ours.state_dict(), path)
+    fresh = Linear4bit(512, 96, compress_statistics=nested, quant_type="nf4", device="meta")
+    fresh.load_state_dict(torch.load(path, weights_only=True, map_location=device), assign=True)
+    fresh = fresh.to(device)
+    assert fresh.weight.quant_state.tiled
+    for saved in (torch.load(path, weights_only=True), fresh.state_dict()):
+        assert list(saved) == list(expected)
+        for key, value in expected.items():
+            assert torch.equal(saved[key].cpu().view(torch.uint8), value.cpu().view(torch.uint8)), key
