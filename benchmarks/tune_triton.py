@@ -3,7 +3,8 @@
     python benchmarks/tune_triton.py                # NF4, bf16, blocksize 64, nested statistics
     python benchmarks/tune_triton.py --quantize     # the 4-bit quantizer's tile sizes
 
-Prints the bandwidth of a 1 GiB device copy, then, for each weight shape and input row count,
+Prints the bandwidth of a 1 GiB device copy, then, for each weight shape (tiled as a Linear4bit
+on this GPU tiles it, unless ``--layout rows``) and input row count,
 every candidate's median time (CUDA graph replays, so launch overhead does not hide the kernel)
 and the best one, next to bf16 cuBLAS.
 The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
@@ -117,6 +118,10 @@ def main() -> None:
     parser.add_argument(
         "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused", "wide"], help="kernel kinds to time"
     )
+    parser.add_argument(
+        "--layout", choices=["tiles", "rows"], default="tiles",
+        help="the weight's layout: tiled where Linear4bit tiles it (the CUDA default), or rows",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)} uses the tables tuned on: {tuning.for_device(device).tuned_on}")
@@ -128,11 +133,15 @@ def main() -> None:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
-        tensors = F4.op_arguments(state, weight.device)
+        expected_weight = F4.dequantize_4bit(packed, state).double()
+        if args.layout == "tiles":
+            packed = F4.packed_for_device(packed, state)  # tiled where a Linear4bit would be
+        tensors = {**F4.op_arguments(state, weight.device), "tiled": state.tiled}
+        print(f"{text}: weight {'tiled' if state.tiled else 'in rows'}")
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cublas = do_bench_cudagraph(partial(torch.matmul, x, weight.t()), rep=args.rep, return_mode="median")
-            expected = x.double() @ F4.dequantize_4bit(packed, state).double().t()
+            expected = x.double() @ expected_weight.t()
             kinds = {
                 "gemv": [c for c in GEMV_CANDIDATES if rows <= c[0] <= max(1, 2 * rows)],
                 "chunked": ["chunked"],
