@@ -4,6 +4,10 @@ Built from float data it is not yet quantized; ``.to(device)`` (also ``.cuda()``
 quantizes it on that device, in place, as bitsandbytes does. Once quantized it keeps its packed
 bytes and QuantState through ``.to()``, dtype casts, ``copy``, ``deepcopy``, pickle, and
 ``torch.chunk`` / ``torch.split`` (which FSDP2 uses to shard parameters).
+
+On a device whose kernels read tiles faster (``ops.prefers_tiles``: CUDA), the packed bytes are
+kept in ``fourbit.layout``'s tiles (``quant_state.tiled``); pickles, moves to other devices and
+sharding store bitsandbytes' rows.
 """
 
 from __future__ import annotations
