@@ -69,19 +69,19 @@ def _dequantize_words_kernel(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     WORDS_PER_PROGRAM: tl.constexpr,
-    K,
-    TILED: tl.constexpr,
+    TILED_STEPS: tl.constexpr,
 ):
     """8 elements per int32 word, written as 8 consecutive outputs (element count a multiple of 8).
-    ``TILED`` words (whole row groups of ``fourbit.layout``'s tiles, rows of K columns) are read
-    in memory order and written where their rows put them."""
+    With ``TILED_STEPS`` (K // 64, not 0) the words are whole row groups of ``fourbit.layout``'s
+    tiles, read in memory order and written where their rows put them; a constant, so that the
+    64-bit divisions by it compile to multiplications."""
     pid = tl.program_id(0)
     stored = pid.to(tl.int64) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
     in_range = stored < n_words
     words = tl.load(words_ptr + stored, mask=in_range, other=0)
-    if TILED:  # tile t = (row group, step), its word i = (row in group, word in step)
+    if TILED_STEPS:  # tile t = (row group, step), its word i = (row in group, word in step)
         tile, i = stored // 128, stored % 128
-        word = ((tile // (K // 64)) * 16 + i // 8) * (K // 8) + (tile % (K // 64)) * 8 + i % 8
+        word = ((tile // TILED_STEPS) * 16 + i // 8) * (TILED_STEPS * 8) + (tile % TILED_STEPS) * 8 + i % 8
     else:
         word = stored
     values = tl.load(code_ptr + ((words[:, None] >> word_shifts()[None, :]) & 15))
@@ -126,7 +126,7 @@ class DequantizeLaunch:
             grid = (triton.cdiv(n // 8, WORDS_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_words_kernel, grid, options, self.device)
             self.before = (data.view(torch.int32), absmax, table, *statistics)
-            self.after = (n // 8, blocksize, *specialized, WORDS_PER_PROGRAM, self.shape[-1], tiled)
+            self.after = (n // 8, blocksize, *specialized, WORDS_PER_PROGRAM, self.shape[-1] // 64 if tiled else 0)
         else:
             grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)
