@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fourbit.functional as F4
 import fourbit.ops as ops_module
+from fourbit import layout
 from fourbit.formats import create_dynamic_map, get_4bit_type
 
 
@@ -50,6 +51,11 @@ def _cases():
             (x, packed, state.absmax, state.code, 64, [48, 96], torch.randn(48, requires_grad=True)),
             extra,
         )
+    # a weight in fourbit.layout's tiles: the op reads it as the tiles it is
+    packed, state = F4.quantize_4bit(torch.randn(48, 128), quant_type="nf4")
+    tiled = layout.tile(packed, (48, 128))
+    x = torch.randn(5, 128, requires_grad=True)
+    yield "linear_4bit", (x, tiled, state.absmax, state.code, 64, [48, 128], None), {"tiled": True}
 
 
 @pytest.mark.parametrize("case", list(_cases()), ids=lambda case: case[0])
