@@ -56,6 +56,7 @@ def _cases():
     tiled = layout.tile(packed, (48, 128))
     x = torch.randn(5, 128, requires_grad=True)
     yield "linear_4bit", (x, tiled, state.absmax, state.code, 64, [48, 128], None), {"tiled": True}
+    yield "dequantize_4bit", (tiled, state.absmax, state.code, 64, [48, 128], torch.float16), {"tiled": True}
 
 
 @pytest.mark.parametrize("case", list(_cases()), ids=lambda case: case[0])

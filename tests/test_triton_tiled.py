@@ -102,3 +102,19 @@ def test_the_chunked_decode_of_tiles_writes_every_row_where_it_belongs(nested, m
     arguments = (absmax, code, blocksize, (n, k))
     out = kernels.linear_4bit(x, layout.tile(packed, (n, k)), *arguments, **extra, tiled=True, config="chunked")
     assert torch.equal(out, kernels.linear_4bit(x, packed, *arguments, **extra, config="chunked"))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=describe_dtype)
+def test_dequantize_reads_tiles_bit_for_bit(nested, dtype):
+    """The dequantize op's kernel decodes a tiled weight to exactly the values of the same weight
+    in rows, also from tiles that do not start on a 4-byte boundary (converted first)."""
+    for n, k, blocksize in WEIGHTS[:3]:
+        code, packed, absmax, extra, _ = _weights("nf4", n, k, blocksize, nested)
+        arguments = (absmax, code, blocksize, (n, k), dtype)
+        expected = kernels.dequantize_4bit(packed, *arguments, **extra)
+        tiled = layout.tile(packed, (n, k))
+        assert torch.equal(kernels.dequantize_4bit(tiled, *arguments, **extra, tiled=True), expected)
+        shifted = torch.empty(tiled.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:]
+        shifted.copy_(tiled.reshape(-1))
+        assert torch.equal(kernels.dequantize_4bit(shifted, *arguments, **extra, tiled=True), expected)

@@ -290,13 +290,13 @@ def dequantize_4bit(
         )
     check_4bit_state(A, quant_state)
     check_out(out, quant_state.shape, quant_state.dtype)
-    packed = packed_rows(A, quant_state)
     result = ops.run(
         "dequantize_4bit",
-        packed,
+        A,
         blocksize=quant_state.blocksize,
         shape=list(quant_state.shape),
         dtype=quant_state.dtype,
+        tiled=quant_state.tiled,
         **op_arguments(quant_state, A.device),
     )
     if out is not None:

@@ -40,6 +40,37 @@ __all__ = [
 ]
 
 
+def _rows(packed: Tensor, shape: Sequence[int], tiled: bool) -> Tensor:
+    """The packed bytes in bitsandbytes' rows: a tiled weight converted (a copy), else as given."""
+    return layout.untile(packed, shape) if tiled else packed
+
+
+def _decoding_rows(kernel: Callable) -> Callable:
+    """A ``dequantize_4bit`` kernel of rows only, made to take tiled weights too (converted first)."""
+
+    def dequantize_4bit_rows(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
+                             nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
+        return kernel(
+            _rows(packed, shape, tiled), absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
+            nested_offset, nested_blocksize,
+        )  # fmt: skip
+
+    return dequantize_4bit_rows
+
+
+def _taking_rows(kernel: Callable) -> Callable:
+    """A ``linear_4bit`` kernel of rows only, made to take tiled weights too (converted per call)."""
+
+    def linear_4bit_rows(A, packed, absmax, code, blocksize, shape, bias=None, nested_absmax=None, nested_code=None,
+                         nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
+        return kernel(
+            A, _rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
+            nested_offset, nested_blocksize,
+        )  # fmt: skip
+
+    return linear_4bit_rows
+
+
 @torch.library.custom_op("fourbit::quantize_4bit", mutates_args=())
 def quantize_4bit(A: Tensor, code: Tensor, blocksize: int, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
     """Blockwise 4-bit quantization of ``A`` against the 16-entry ``code``: (packed, absmax)."""
@@ -65,11 +96,14 @@ def dequantize_4bit(
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
+    tiled: bool = False,
 ) -> Tensor:
-    """Decode packed 4-bit data to ``dtype`` of ``shape``; nested statistics are decoded on the way."""
-    return reference.dequantize_4bit(
-        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
-    )
+    """Decode packed 4-bit data (in rows, or ``tiled`` in ``layout``'s tiles) to ``dtype`` of
+    ``shape``; nested statistics are decoded on the way."""
+    return _decoding_rows(reference.dequantize_4bit)(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize,
+        tiled,
+    )  # fmt: skip
 
 
 @dequantize_4bit.register_fake
@@ -84,6 +118,7 @@ def _(
     nested_code: Optional[Tensor] = None,
     nested_offset: Optional[Tensor] = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
+    tiled: bool = False,
 ) -> Tensor:
     return packed.new_empty(tuple(shape), dtype=dtype)
 
@@ -148,24 +183,6 @@ def _linear_4bit_reference(
     )  # fmt: skip
 
 
-def _rows(packed: Tensor, shape: Sequence[int], tiled: bool) -> Tensor:
-    """The packed bytes in bitsandbytes' rows: a tiled weight converted (a copy), else as given."""
-    return layout.untile(packed, shape) if tiled else packed
-
-
-def _taking_rows(kernel: Callable) -> Callable:
-    """A ``linear_4bit`` kernel of rows only, made to take tiled weights too (converted per call)."""
-
-    def linear_4bit_rows(A, packed, absmax, code, blocksize, shape, bias=None, nested_absmax=None, nested_code=None,
-                         nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
-        return kernel(
-            A, _rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
-            nested_offset, nested_blocksize,
-        )  # fmt: skip
-
-    return linear_4bit_rows
-
-
 _LIBRARY.impl("linear_4bit", _linear_4bit_reference, "CompositeExplicitAutograd")
 
 
@@ -205,7 +222,7 @@ def _linear_4bit_backward(ctx, grad: Tensor):
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = dequantize_4bit(
-            _rows(packed, ctx.shape, ctx.tiled),
+            packed,
             absmax,
             code,
             ctx.blocksize,
@@ -215,6 +232,7 @@ def _linear_4bit_backward(ctx, grad: Tensor):
             nested_code,
             nested_offset,
             ctx.nested_blocksize,
+            ctx.tiled,
         )
         grad_A = grad @ weight
     if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
@@ -312,7 +330,7 @@ _OPS = {
 _kernels: dict[tuple[str, str], Callable] = {}
 _REFERENCE: dict[str, Callable] = {
     "quantize_4bit": reference.quantize_4bit,
-    "dequantize_4bit": reference.dequantize_4bit,
+    "dequantize_4bit": _decoding_rows(reference.dequantize_4bit),
     "quantize_blockwise": reference.quantize_blockwise,
     "dequantize_blockwise": reference.dequantize_blockwise,
 }
@@ -372,7 +390,7 @@ def _register_cpu_kernels() -> None:
 
     _prepared_kernels["cpu"] = cpu.prepare
     _register("quantize_4bit", "cpu", cpu.quantize_4bit)
-    _register("dequantize_4bit", "cpu", cpu.dequantize_4bit)
+    _register("dequantize_4bit", "cpu", _decoding_rows(cpu.dequantize_4bit))
     _LIBRARY.impl("linear_4bit", _taking_rows(cpu.linear_4bit), "CPU")
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import layout
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics, packed_nbytes
 from .. import reference
 from ..derived import derived
@@ -155,7 +156,10 @@ def dequantize_4bit(
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``reference.dequantize_4bit``."""
+    """Same contract as ``ops.dequantize_4bit``: tiled weights are decoded from their tiles."""
     nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
-    return DequantizeLaunch(packed, absmax, code, blocksize, shape, dtype, nested)()
+    if tiled and packed.storage_offset() * packed.element_size() % 4:  # the word kernel reads int32 words
+        packed, tiled = layout.untile(packed, shape), False
+    return DequantizeLaunch(packed, absmax, code, blocksize, shape, dtype, nested, tiled)()
