@@ -65,14 +65,18 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [("fragments", 4, 1), ("fragments", 2, 3), ("fragments", 8, 0)], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [("fragments", 4, 1), ("fragments", 2, 3), ("fragments", 8, 0), ("fragments", 4, 1, 4), ("fragments", 4, 3, 3)],
+    ids=str,
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_register_fragment_kernel_configurations(config, dtype, nested):
     """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
     ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not
-    divide K, nested statistics whose blocks span rows, and strided inputs, against a float64
-    reference."""
+    divide K, programs starting at rotated K offsets, nested statistics whose blocks span rows,
+    and strided inputs, against a float64 reference."""
     for quant_type, (n, k, blocksize) in itertools.product(
         ["nf4", "fp4"],
         [

@@ -7,7 +7,7 @@ checks their logic without a GPU.
 
 from . import linear
 from .dequantize import dequantize_4bit
-from .fragments import prefers_tiles
+from .dispatch import prefers_tiles
 from .linear import PreparedWeight, linear_4bit
 from .quantize import quantize_4bit, quantize_blockwise
 

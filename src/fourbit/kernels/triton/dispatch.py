@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import triton
 
@@ -18,7 +21,7 @@ def choose_config(
     ``fragments``, ``fused`` or ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``."""
     rows = x.shape[0]
     tables = tuning.for_device(x.device)
-    if not INTERPRETED and fragments.supported(x, k, blocksize, packed):
+    if not INTERPRETED and fragments_supported(x, k, blocksize, packed):
         entry = next((entry for entry in tables.fragments if rows <= entry[0]), None)
         if entry:
             return ("fragments", *entry[1:])
@@ -62,3 +65,43 @@ def covering_splits(programs: int, device: torch.device) -> int:
     ``programs`` programs per split (on an H100, 9 splits measured 18-47% slower than 8, and 3 at
     64 rows 23% slower than 2)."""
     return 1 << (triton.cdiv(2 * processors(device), programs).bit_length() - 1)
+
+
+def fragments_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
+    """Whether the fragment kernel takes this product: at most ``8 * MAX_TILES`` rows of 16-bit
+    input on an NVIDIA GPU of compute capability 8.0 or newer, blocksizes of 64 and more, K a
+    multiple of the blocksize and of 256 (``fragments.aligned``), and packed data (when given) that starts
+    on 16 bytes and holds fewer than 2**35 weights (int32 indices)."""
+    return (
+        x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cuda"
+        and x.shape[0] <= fragments.TILE_ROWS * fragments.MAX_TILES
+        and blocksize >= fragments.STEP
+        and fragments.aligned(k, blocksize)
+        and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
+        and torch.version.hip is None
+        and _capability(x.device) >= (8, 0)
+    )
+
+
+def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) -> bool:
+    """Whether a weight of ``shape`` (N, K) and ``blocksize`` is better kept in ``fourbit.layout``'s
+    tiles on ``device``: the fragment kernel takes its few-row products there
+    (``fragments_supported``) and reads tiles as one run per warp (an H200 read 28672x8192 in
+    31 us so, against 48 us in rows). The other product kernels read tiles as fast as rows."""
+    n, k = shape
+    return (
+        device.type == "cuda"
+        and not INTERPRETED
+        and blocksize >= fragments.STEP
+        and fragments.aligned(k, blocksize)
+        and n * k // 2 < 2**34
+        and torch.version.hip is None
+        and _capability(device) >= (8, 0)
+    )
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, read once (each read costs microseconds of host time)."""
+    return torch.cuda.get_device_capability(device)

@@ -25,15 +25,12 @@ other kernels.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from .byte_permute import plane_words
-from .common import INTERPRETED, finish_split, last_of_split, store_output
+from .common import finish_split, last_of_split, store_output
 from .launch import ProductLaunch
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
 
@@ -193,7 +190,7 @@ def _group_scales(
     NESTED_BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
     """The absmax of a row group's four steps from column ``k``: four for row g, four for g + 8.
-    The blocks of the four steps lie in one block of nested statistics (``_aligned``)."""
+    The blocks of the four steps lie in one block of nested statistics (``aligned``)."""
     g0, g1, g2, g3, h0, h1, h2, h3 = stored
     _, _, blocks_g, blocks_h, mask_g, mask_h = rows
     nested_g = 0.0
@@ -278,6 +275,22 @@ def _finish_group(
 
 
 @triton.jit
+def _placed(column, k_start, k_stop, iterations, shift, ROTATE: tl.constexpr):
+    """Where the program reads its logical column ``column``, and the stop that masks the read as
+    ``k_stop`` masks the logical column. With ROTATE > 1 the program's 256-column iterations
+    start ``shift`` iterations in and wrap around, so that programs running side by side read
+    different columns of their rows."""
+    if ROTATE > 1:
+        offset = column - k_start
+        turn = offset // 256 + shift
+        turn -= iterations * (turn >= iterations).to(tl.int32)
+        actual = k_start + turn * 256 + offset % 256
+        return actual, actual + (k_stop - column)
+    else:
+        return column, k_stop
+
+
+@triton.jit
 def _fragment_mma_kernel(
     x_ptr,
     w_ptr,
@@ -305,6 +318,7 @@ def _fragment_mma_kernel(
     HAS_BIAS: tl.constexpr,
     WORDS: tl.constexpr,
     TILED: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
     (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run).
@@ -313,7 +327,8 @@ def _fragment_mma_kernel(
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
     says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
     iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
-    Indices are int32 (``supported`` bounds the weight's size).
+    With ROTATE > 1, programs start their K range at one of ROTATE offsets (``_placed``).
+    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size).
     """
     thread = _thread_index(tl.arange(0, 32 * WARPS))
     lane = thread % 32
@@ -328,20 +343,29 @@ def _fragment_mma_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
-    second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
-    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    iterations = (k_stop - k_start) // 256
+    shift = (tl.program_id(0) % ROTATE) * iterations // ROTATE
+    start, start_stop = _placed(k_start, k_start, k_stop, iterations, shift, ROTATE)
+    first = _word_loads(w_ptr, rows, quad, start, start_stop, TILED)
+    at, stop = _placed(k_start + 64, k_start, k_stop, iterations, shift, ROTATE)
+    second = _word_loads(w_ptr, rows, quad, at, stop, TILED)
+    stored = _stored_group(absmax_ptr, rows, start, start_stop, BLOCKSIZE, WORDS)
     zero = tl.zeros((32 * WARPS,), dtype=tl.float32)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     for k in range(k_start, k_stop, 64 * 4):
-        scales = _group_scales(stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
-        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        here, _ = _placed(k, k_start, k_stop, iterations, shift, ROTATE)
+        scales = _group_scales(
+            stored, rows, here, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+        )
+        at, stop = _placed(k + 256, k_start, k_stop, iterations, shift, ROTATE)
+        stored = _stored_group(absmax_ptr, rows, at, stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
-            column = k + 64 * step
-            inputs = _inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, column < k_stop, TILES)
+            column = here + 64 * step
+            inputs = _inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, k + 64 * step < k_stop, TILES)
             words = first
             first = second
-            second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
+            at, stop = _placed(k + 64 * step + 128, k_start, k_stop, iterations, shift, ROTATE)
+            second = _word_loads(w_ptr, rows, quad, at, stop, TILED)
             acc = _step(acc, words, inputs, scales[step], scales[4 + step], table, TILES, FLOAT16)
     if SPLIT_K == 1:
         _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, 1, HAS_BIAS)
@@ -351,68 +375,30 @@ def _fragment_mma_kernel(
             _finish_group(out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES, HAS_BIAS)
 
 
-def _aligned(k: int, blocksize: int) -> bool:
+def aligned(k: int, blocksize: int) -> bool:
     """Whether K is a multiple of the blocksize and of an iteration's 256 columns. Then every
     iteration's absmax blocks lie in one block of nested statistics (whose size is a multiple of
     4), which the kernel reads once per iteration."""
     return k % max(blocksize, GROUP_STEPS * STEP) == 0
 
 
-def supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
-    """Whether ``fragment_linear`` takes this product: at most ``8 * MAX_TILES`` rows of 16-bit
-    input on an NVIDIA GPU of compute capability 8.0 or newer, blocksizes of 64 and more, K a
-    multiple of the blocksize and of 256 (``_aligned``), and packed data (when given) that starts
-    on 16 bytes and holds fewer than 2**35 weights (int32 indices)."""
-    return (
-        x.dtype in (torch.bfloat16, torch.float16)
-        and x.device.type == "cuda"
-        and x.shape[0] <= TILE_ROWS * MAX_TILES
-        and blocksize >= STEP
-        and _aligned(k, blocksize)
-        and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
-        and torch.version.hip is None
-        and _capability(x.device) >= (8, 0)
-    )
-
-
-def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) -> bool:
-    """Whether a weight of ``shape`` (N, K) and ``blocksize`` is better kept in ``fourbit.layout``'s
-    tiles on ``device``: the fragment kernel takes its few-row products there (``supported``), and
-    reads tiles as one run per warp (an H200 read 28672x8192 in 31 us so, against 48 us in rows).
-    The other product kernels read tiles as fast as rows."""
-    n, k = shape
-    return (
-        device.type == "cuda"
-        and not INTERPRETED
-        and blocksize >= STEP
-        and _aligned(k, blocksize)
-        and n * k // 2 < 2**34
-        and torch.version.hip is None
-        and _capability(device) >= (8, 0)
-    )
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    """The device's compute capability, read once (each read costs microseconds of host time)."""
-    return torch.cuda.get_device_capability(device)
-
-
-def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, int], processors: int):
+def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int):
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
-    like the 2-d ``x`` (``supported``); ``config`` is (num_warps, SPLIT_K), SPLIT_K 0 meaning
-    ``fragment_splits``."""
-    warps, split_k = config
+    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K[,
+    ROTATE]), SPLIT_K 0 meaning ``fragment_splits``, ROTATE the K offsets programs start at
+    (``_placed``; 1 by default)."""
+    warps, split_k, *rest = config
+    rotate = rest[0] if rest else 1
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
-    if blocksize < STEP or not _aligned(k, blocksize):
+    if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(
             f"the fragment kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)"
         )
     m = x.shape[0]
     # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and keeps
     # them in one thread each (see _stored_row)
-    aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
-    stride_xm = x.stride(0) if aligned else k
+    rows_aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
+    stride_xm = x.stride(0) if rows_aligned else k
     tiles = triton.cdiv(m, TILE_ROWS)
     programs = triton.cdiv(n_out, 16 * warps)
     if not split_k:
@@ -423,9 +409,9 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     return ProductLaunch(
         _fragment_mma_kernel, (programs, split_k), {"num_warps": warps}, weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled),
+         x.dtype == torch.float16, has_bias, words, weight.tiled, rotate),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
-        _int64_rows if aligned else _aligned_int64_rows,
+        _int64_rows if rows_aligned else _aligned_int64_rows,
     )  # fmt: skip
 
 

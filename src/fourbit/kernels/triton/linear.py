@@ -80,7 +80,7 @@ def linear_4bit(
     tiles); ``config`` overrides ``choose_config`` (tuning).
 
     A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
-    (``fragments.supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
+    (``dispatch.fragments_supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
     num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
     only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)`` tuple the same kernel
     without K splits (``KernelTables.wide``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
