@@ -14,7 +14,8 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
   ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
   the host is out of the way.
 
-Prints tokens/s (new tokens over the whole ``generate`` time, prefill included) and, on a GPU,
+Each library runs in a process of its own when several are named. Prints tokens/s (new tokens
+over the whole ``generate`` time, prefill included) and, on a GPU,
 the peak memory during generation, with the ratios of fourbit to bf16 and to bitsandbytes; then
 each model's memory after loading (on the CPU: the bytes of its tensors and 4-bit statistics).
 """
@@ -24,6 +25,11 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -209,6 +215,60 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
     return batch * args.new_tokens / seconds, peak, tokens
 
 
+def run_library(name: str, args, device: torch.device, layers: int, shapes: dict, modes: list) -> dict:
+    """Every mode and batch for one library's model: {"results": {(mode, batch): (tokens/s, peak
+    GiB)}, "memory": GiB after loading}, or {} when the library cannot be imported."""
+    cuda = device.type == "cuda"
+    library = None
+    if name != "bf16":
+        try:
+            library = importlib.import_module(name)
+        except Exception as error:  # bitsandbytes absent, or without a native library here
+            print(f"skipping {name}: {error}")
+            return {}
+    model = build_model(layers, device, shapes, torch.bfloat16)
+    if library is not None:
+        quantize(model, library, torch.bfloat16, device)
+    _sync(device)
+    memory = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) / 2**30
+    results = {}
+    first_tokens: dict[int, list] = {}  # per batch, the tokens of the first mode that ran
+    for mode in modes:
+        for batch in args.batches:
+            try:
+                tokens_per_s, peak, tokens = measure(model, mode, batch, args, device)
+            except Exception as error:
+                print(f"{name} {mode} batch {batch} failed: {type(error).__name__}: {str(error)[:300]}")
+                continue
+            results[(mode, batch)] = (tokens_per_s, peak)
+            reference = first_tokens.setdefault(batch, tokens)
+            same = (torch.tensor(tokens) == torch.tensor(reference)).float().mean().item()
+            line = f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, "
+            line += f"peak {peak:.2f} GiB, " if cuda else ""
+            line += f"{same:.0%} of tokens as in {modes[0]}"
+            if mode == "lean" and reference is not tokens:
+                line += f" ({forced_agreement(model, batch, args, device, reference):.0%} teacher-forced)"
+            print(line, flush=True)
+    return {"results": results, "memory": memory}
+
+
+def run_isolated(name: str) -> dict:
+    """``run_library`` in a fresh Python process (this script, given only ``name``): a library
+    measured after another in one process inherits its compiled graphs, caches and allocator
+    state, which measurably slowed whichever ran later."""
+    argv = [arg for arg in sys.argv[1:]]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "result.json")
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--libraries", name, "--result-file", path]
+        subprocess.run(command, check=True)
+        with open(path) as file:
+            saved = json.load(file)
+    if not saved:
+        return {}
+    results = {(mode, int(batch)): tuple(cell) for mode, batch, *cell in saved["results"]}
+    return {"results": results, "memory": saved["memory"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -221,6 +281,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -229,44 +290,21 @@ def main() -> None:
     layers = args.layers or (8 if cuda else 4)
     shapes = GPU_SHAPES if cuda else CPU_SHAPES
     modes = args.modes or (["eager", "compiled", "lean"] if cuda else ["eager"])
-    dtype = torch.bfloat16
+    if args.result_file:
+        measured = run_library(args.libraries[0], args, device, layers, shapes, modes)
+        cells = [[mode, batch, *cell] for (mode, batch), cell in measured.get("results", {}).items()]
+        with open(args.result_file, "w") as file:
+            json.dump({"results": cells, "memory": measured["memory"]} if measured else {}, file)
+        return
     results: dict[tuple[str, str, int], tuple[float, float]] = {}
     memory: dict[str, float] = {}
     for name in args.libraries:
-        library = None
-        if name != "bf16":
-            try:
-                library = importlib.import_module(name)
-            except Exception as error:  # bitsandbytes absent, or without a native library here
-                print(f"skipping {name}: {error}")
-                continue
-        model = build_model(layers, device, shapes, dtype)
-        if library is not None:
-            quantize(model, library, dtype, device)
-        _sync(device)
-        memory[name] = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) / 2**30
-        first_tokens: dict[int, list] = {}  # per batch, the tokens of the first mode that ran
-        for mode in modes:
-            for batch in args.batches:
-                try:
-                    tokens_per_s, peak, tokens = measure(model, mode, batch, args, device)
-                except Exception as error:
-                    print(f"{name} {mode} batch {batch} failed: {type(error).__name__}: {str(error)[:300]}")
-                    continue
-                results[(name, mode, batch)] = (tokens_per_s, peak)
-                reference = first_tokens.setdefault(batch, tokens)
-                same = (torch.tensor(tokens) == torch.tensor(reference)).float().mean().item()
-                line = f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, "
-                line += f"peak {peak:.2f} GiB, " if cuda else ""
-                line += f"{same:.0%} of tokens as in {modes[0]}"
-                if mode == "lean" and reference is not tokens:
-                    line += f" ({forced_agreement(model, batch, args, device, reference):.0%} teacher-forced)"
-                print(line)
-        del model
-        gc.collect()
-        torch._dynamo.reset()
-        if cuda:
-            torch.cuda.empty_cache()
+        measured = (
+            run_isolated(name) if len(args.libraries) > 1 else run_library(name, args, device, layers, shapes, modes)
+        )
+        if measured:
+            results.update({(name, *key): cell for key, cell in measured["results"].items()})
+            memory[name] = measured["memory"]
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n# generate: {layers} layers, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; {where}, "
           f"torch {torch.__version__}\n")  # fmt: skip

@@ -56,12 +56,10 @@ WIDE_CANDIDATES = [
     ("wide", 128, 128, 64, 4, 4), ("wide", 256, 128, 64, 8, 3),
 ]  # fmt: skip
 
-# ("fragments", num_warps, SPLIT_K[, ROTATE]): the register-fragment kernel, up to 16 rows; SPLIT_K 0 = automatic,
-# ROTATE the K offsets its programs start at
+# ("fragments", num_warps, SPLIT_K): the register-fragment kernel, up to 16 rows; SPLIT_K 0 = automatic
 FRAGMENT_CANDIDATES = [
-    ("fragments", 4, 0), ("fragments", 4, 1), ("fragments", 4, 2), ("fragments", 4, 4), ("fragments", 2, 0),
-    ("fragments", 2, 4), ("fragments", 8, 0), ("fragments", 8, 2),
-    ("fragments", 4, 1, 2), ("fragments", 4, 1, 4), ("fragments", 4, 1, 8), ("fragments", 4, 0, 4),
+    ("fragments", 4, 0), ("fragments", 4, 1), ("fragments", 4, 2), ("fragments", 4, 3), ("fragments", 4, 4),
+    ("fragments", 2, 0), ("fragments", 2, 1), ("fragments", 2, 2), ("fragments", 8, 0), ("fragments", 8, 2),
 ]  # fmt: skip
 
 QUANTIZE_CANDIDATES = [

@@ -37,7 +37,6 @@ else:
 GPU_CONFIGS = [
     ("fragments", 4, 1),
     ("fragments", 2, 3),
-    ("fragments", 4, 1, 4),
     ("fused", 128, 16, 64, 1, 4, 4, False),
     ("fused", 128, 64, 64, 2, 4, 4, True),
     tuning.HOPPER.wide,

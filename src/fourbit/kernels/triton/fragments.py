@@ -275,22 +275,6 @@ def _finish_group(
 
 
 @triton.jit
-def _placed(column, k_start, k_stop, iterations, shift, ROTATE: tl.constexpr):
-    """Where the program reads its logical column ``column``, and the stop that masks the read as
-    ``k_stop`` masks the logical column. With ROTATE > 1 the program's 256-column iterations
-    start ``shift`` iterations in and wrap around, so that programs running side by side read
-    different columns of their rows."""
-    if ROTATE > 1:
-        offset = column - k_start
-        turn = offset // 256 + shift
-        turn -= iterations * (turn >= iterations).to(tl.int32)
-        actual = k_start + turn * 256 + offset % 256
-        return actual, actual + (k_stop - column)
-    else:
-        return column, k_stop
-
-
-@triton.jit
 def _fragment_mma_kernel(
     x_ptr,
     w_ptr,
@@ -318,7 +302,6 @@ def _fragment_mma_kernel(
     HAS_BIAS: tl.constexpr,
     WORDS: tl.constexpr,
     TILED: tl.constexpr,
-    ROTATE: tl.constexpr,
 ):
     """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
     (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run).
@@ -327,7 +310,6 @@ def _fragment_mma_kernel(
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
     says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
     iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
-    With ROTATE > 1, programs start their K range at one of ROTATE offsets (``_placed``).
     Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size).
     """
     thread = _thread_index(tl.arange(0, 32 * WARPS))
@@ -343,29 +325,20 @@ def _fragment_mma_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    iterations = (k_stop - k_start) // 256
-    shift = (tl.program_id(0) % ROTATE) * iterations // ROTATE
-    start, start_stop = _placed(k_start, k_start, k_stop, iterations, shift, ROTATE)
-    first = _word_loads(w_ptr, rows, quad, start, start_stop, TILED)
-    at, stop = _placed(k_start + 64, k_start, k_stop, iterations, shift, ROTATE)
-    second = _word_loads(w_ptr, rows, quad, at, stop, TILED)
-    stored = _stored_group(absmax_ptr, rows, start, start_stop, BLOCKSIZE, WORDS)
+    first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
+    second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
+    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
     zero = tl.zeros((32 * WARPS,), dtype=tl.float32)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     for k in range(k_start, k_stop, 64 * 4):
-        here, _ = _placed(k, k_start, k_stop, iterations, shift, ROTATE)
-        scales = _group_scales(
-            stored, rows, here, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
-        )
-        at, stop = _placed(k + 256, k_start, k_stop, iterations, shift, ROTATE)
-        stored = _stored_group(absmax_ptr, rows, at, stop, BLOCKSIZE, WORDS)
+        scales = _group_scales(stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
-            column = here + 64 * step
-            inputs = _inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, k + 64 * step < k_stop, TILES)
+            column = k + 64 * step
+            inputs = _inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, column < k_stop, TILES)
             words = first
             first = second
-            at, stop = _placed(k + 64 * step + 128, k_start, k_stop, iterations, shift, ROTATE)
-            second = _word_loads(w_ptr, rows, quad, at, stop, TILED)
+            second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
             acc = _step(acc, words, inputs, scales[step], scales[4 + step], table, TILES, FLOAT16)
     if SPLIT_K == 1:
         _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, 1, HAS_BIAS)
@@ -384,11 +357,9 @@ def aligned(k: int, blocksize: int) -> bool:
 
 def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int):
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
-    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K[,
-    ROTATE]), SPLIT_K 0 meaning ``fragment_splits``, ROTATE the K offsets programs start at
-    (``_placed``; 1 by default)."""
-    warps, split_k, *rest = config
-    rotate = rest[0] if rest else 1
+    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K),
+    SPLIT_K 0 meaning ``fragment_splits``."""
+    warps, split_k = config
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(
@@ -409,17 +380,28 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     return ProductLaunch(
         _fragment_mma_kernel, (programs, split_k), {"num_warps": warps}, weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, rotate),
+         x.dtype == torch.float16, has_bias, words, weight.tiled),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         _int64_rows if rows_aligned else _aligned_int64_rows,
     )  # fmt: skip
 
 
+#: Programs of the fragment kernel (4 warps: about 90 registers a thread, 34 KiB of shared
+#: memory) that one multiprocessor holds at once.
+RESIDENT_PROGRAMS = 5
+
+
 def fragment_splits(programs: int, processors: int) -> int:
-    """The K splits of ``programs`` row programs: none when they cover the multiprocessors, else
-    enough for two programs on each. Splitting a covering grid costs more in partial sums than it
-    gains (an H200 ran 14336x4096 at 1-16 rows 10-15% faster unsplit than in two splits)."""
-    return 1 if programs >= processors else triton.cdiv(2 * processors, programs)
+    """The K splits of ``programs`` row programs: enough for two programs on each multiprocessor
+    when they leave some idle; two when they cover each three times or more but all fit at once
+    (``RESIDENT_PROGRAMS``), as then some multiprocessors hold one program more than others and
+    finish last, while twice as many programs are spread by the scheduler as others finish (an
+    H200 ran 28672x8192, 448 programs on 132 multiprocessors, 4% faster at 1 row and 28% at 16);
+    else none, as partial sums cost more than the split gains (14336x4096, 224 programs, ran
+    10-15% faster unsplit)."""
+    if programs < processors:
+        return triton.cdiv(2 * processors, programs)
+    return 2 if 3 * processors <= programs <= RESIDENT_PROGRAMS * processors else 1
 
 
 def _fragment_tensors(weight) -> tuple:

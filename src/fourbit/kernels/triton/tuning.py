@@ -75,13 +75,11 @@ class WideConfig(NamedTuple):
 
 class FragmentConfig(NamedTuple):
     """The register-fragment kernel (``fragments``), for 16-bit inputs and blocksizes of 64 and
-    more. ``split_k`` 0: ``fragments.fragment_splits``. ``rotate``: how many K offsets programs
-    start at (``fragments._placed``; 1: all at the start)."""
+    more. ``split_k`` 0: ``fragments.fragment_splits``."""
 
     max_rows: int
     num_warps: int
     split_k: int
-    rotate: int = 1
 
 
 class QuantizeConfig(NamedTuple):
