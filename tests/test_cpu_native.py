@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import describe_dtype
 
 import fourbit.functional as F4
 from fourbit.formats import NestedStatistics
@@ -178,6 +179,21 @@ def test_results_do_not_depend_on_threads_and_concurrent_calls_agree():
     for worker in workers:
         worker.join()
     assert len(results) == 4 and all(torch.equal(result, single) for result in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
+def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
+    """The vector kernels (1-12 rows: passes of eight, four and fewer) sum every row the same way,
+    so a row's result does not depend on the batch it came in. With AMX, bfloat16 batches of two
+    rows and more run on the tile unit, which is compared from two rows on."""
+    packed, arguments = _weight((64, 1024), "nf4", 64, True)
+    prepared = _prepared(packed, 64, (64, 1024), arguments)
+    x = torch.randn(cpu.FUSED_MAX_ROWS, 1024).to(dtype)
+    together = prepared.linear(x)
+    smallest = 2 if variant == "amx" and dtype == torch.bfloat16 else 1
+    for rows in (smallest, 3, 5, 8, 9):
+        assert torch.equal(prepared.linear(x[:rows]), together[:rows]), rows
+    assert torch.equal(prepared.linear(x[-smallest:]), together[-smallest:])
 
 
 def test_the_fast_path_changes_nothing_the_user_can_read():
