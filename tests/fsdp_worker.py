@@ -222,8 +222,9 @@ def main() -> None:
     results = {str(storage): check_storage(example, storage, rank, world, device, shared[0]) for storage in storages}
     results["integer_parameter_error"] = integer_error
     results["unquantized_error"] = unquantized_error(device)
-    # uint8 where this torch's FSDP2 shards it
-    results["assigned_params4bit"] = assigned_params4bit(device, torch.bfloat16 if integer_error else torch.uint8)
+    # bfloat16, and uint8 where this torch's FSDP2 shards it
+    assigned = [torch.bfloat16] + ([] if integer_error else [torch.uint8])
+    results["assigned_params4bit"] = {str(storage): assigned_params4bit(device, storage) for storage in assigned}
     if device.type == "cuda":
         results["moved_by_fully_shard"] = moved_by_fully_shard(device)
     results["mixed_precision"] = mixed_precision(example, device)
