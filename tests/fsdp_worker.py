@@ -110,13 +110,14 @@ def check_storage(example, storage: torch.dtype, rank: int, world: int, device: 
 
 def mixed_precision(example, device: torch.device) -> dict:
     """An FSDP2 MixedPrecisionPolicy casts floating parameters: bf16-stored 4-bit weights under a bf16
-    policy are not cast and work; float32-stored ones would be, and Linear4bit refuses them."""
+    policy are not cast and work; 16-bit ones are gathered as bytes (PackedShard), so fp16 storage
+    is not cast either; float32-stored ones would be, and Linear4bit refuses them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     tokens = example.batch(7, 2).to(device)
     outcome = {}
-    for storage in (torch.bfloat16, torch.float32):
+    for storage in (torch.bfloat16, torch.float16, torch.float32):
         model = example.build_model(quant_storage=storage, device=device)
         for block in model.blocks:
             fully_shard(block, mesh=mesh_of(device), mp_policy=policy)
@@ -178,9 +179,17 @@ def moved_by_fully_shard(device: torch.device) -> str:
         return "ok" if torch.equal(layer(x), reference(x)) else "different"
 
 
+def signalling_nans(packed: torch.Tensor) -> int:
+    """How many elements of ``packed`` (bytes viewed as bfloat16) are signalling-NaN bit patterns,
+    which a copy through float32 would change."""
+    bits = packed.reshape(-1).view(torch.int16).int() & 0xFFFF
+    return int((((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0) & ((bits & 0x40) == 0)).sum())
+
+
 def assigned_params4bit(device: torch.device, storage: torch.dtype) -> str:
     """A Params4bit assigned to ``Linear4bit.weight`` (transformers' and peft's pattern), moved to
-    the device, then sharded: the forward matches the unsharded layer."""
+    the device, then sharded: the gathered bytes and the forward match the unsharded layer. Its
+    bf16 view holds signalling-NaN patterns, which FSDP2's CUDA all-gather of bf16 would change."""
     from torch.distributed.fsdp import fully_shard
 
     from fourbit.nn import Linear4bit, Params4bit
@@ -194,13 +203,35 @@ def assigned_params4bit(device: torch.device, storage: torch.dtype) -> str:
         return layer.to(device)
 
     layer, reference = build(), build()
+    if signalling_nans(reference.weight.data) == 0:
+        return "the weight holds no signalling-NaN pattern: the check would prove nothing"
     fully_shard(layer, mesh=mesh_of(device))
+    gathered = {}
+    layer.register_forward_pre_hook(lambda module, args: gathered.update(weight=module.weight.detach().clone()))
     x = torch.randn(3, 64, device=device)
     try:
         with torch.no_grad():
-            return "ok" if torch.equal(layer(x), reference(x)) else "different"
+            output = layer(x)
     except RuntimeError as error:
         return str(error)
+    if not same_bytes(gathered["weight"], reference.weight.data):
+        return "gathered bytes differ"
+    with torch.no_grad():
+        return "ok" if torch.equal(output, reference(x)) else "different"
+
+
+def uneven_16bit_error(device: torch.device) -> str:
+    """fully_shard of a bf16-stored weight whose packed rows do not split evenly: a clear error."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fourbit.nn import Linear4bit
+
+    layer = Linear4bit(6, 2, bias=False, quant_type="nf4", quant_storage=torch.bfloat16).to(device)  # 3 rows
+    try:
+        fully_shard(layer, mesh=mesh_of(device))
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 def main() -> None:
@@ -225,6 +256,7 @@ def main() -> None:
     # bfloat16, and uint8 where this torch's FSDP2 shards it
     assigned = [torch.bfloat16] + ([] if integer_error else [torch.uint8])
     results["assigned_params4bit"] = {str(storage): assigned_params4bit(device, storage) for storage in assigned}
+    results["uneven_16bit_error"] = uneven_16bit_error(device)
     if device.type == "cuda":
         results["moved_by_fully_shard"] = moved_by_fully_shard(device)
     results["mixed_precision"] = mixed_precision(example, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -86,7 +87,9 @@ def check(results: dict, device: str, backend: str) -> None:
     assert "move the model to its device" in results["unquantized_error"]
     expected = {"torch.bfloat16": "ok"} | ({} if results["integer_parameter_error"] else {"torch.uint8": "ok"})
     assert results["assigned_params4bit"] == expected
+    assert "split its 3 packed torch.bfloat16 rows unevenly over 2 processes" in results["uneven_16bit_error"]
     assert results["mixed_precision"]["torch.bfloat16"] == "ok torch.bfloat16"
+    assert results["mixed_precision"]["torch.float16"] == "ok torch.bfloat16"
     if device == "cuda":
         assert results["moved_by_fully_shard"] == "ok"
     assert "cast the packed bytes" in results["mixed_precision"]["torch.float32"]
@@ -100,3 +103,24 @@ def test_fsdp2_on_two_cpu_processes(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_fsdp2_on_two_gpus(tmp_path):
     check(run_worker(tmp_path, cpu=False), "cuda", "nccl")
+
+
+def test_a_packed_shard_is_gathered_as_its_bytes():
+    """The all-gather hooks move raw bytes: signalling-NaN patterns in a bf16 view survive, and the
+    gathered weight keeps its storage dtype whatever dtype a mixed-precision policy asks for."""
+    from fourbit.nn.sharded import PackedShard
+
+    packed = torch.tensor([0x7F9A, 0x1234, -0x0066, 0x7FC1], dtype=torch.int16).view(torch.bfloat16).reshape(4, 1)
+    shard = packed.as_subclass(PackedShard)
+    (gather_input,), metadata = shard.fsdp_pre_all_gather(None)
+    assert gather_input.dtype == torch.uint8
+    assert type(gather_input) is torch.Tensor
+    world = torch.cat([gather_input, gather_input])  # what two processes' inputs gather into
+    weight, inner = shard.fsdp_post_all_gather((world,), metadata, torch.float32)
+    assert weight.dtype == torch.bfloat16 and weight.shape == (8, 1)
+    assert torch.equal(weight.view(torch.int16), torch.cat([packed, packed]).view(torch.int16))
+    assert inner == (world,)
+    assert shard.fsdp_post_all_gather((world,), metadata, torch.float32, out=weight) is None
+    assert type(torch.narrow(shard, 0, 0, 2)) is PackedShard  # views FSDP2 takes keep the hooks
+    restored = pickle.loads(pickle.dumps(shard))
+    assert type(restored) is torch.Tensor and torch.equal(restored.view(torch.int16), packed.view(torch.int16))

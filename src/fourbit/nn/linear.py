@@ -73,11 +73,14 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
     def __setattr__(self, name: str, value: Any) -> None:
         """A ``Params4bit`` assigned as the weight (transformers' and peft's pattern) is tied to this
         layer, so that quantizing it on ``.to(device)`` also records the state here (FSDP2 reads the
-        layer's copy once the weight is sharded)."""
+        layer's copy once the weight is sharded). A sharded weight FSDP2 assigns is gathered exactly."""
         super().__setattr__(name, value)
-        if name == "weight" and isinstance(value, Params4bit):
-            value.module = self
-            value.share_state_with_module()
+        if name == "weight":
+            if isinstance(value, Params4bit):
+                value.module = self
+                value.share_state_with_module()
+            else:
+                self._gather_bytes_exactly(value)
 
     def extra_repr(self) -> str:
         weight = self.weight
