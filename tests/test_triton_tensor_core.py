@@ -124,7 +124,7 @@ def test_register_fragment_kernel_refuses_unaligned_k():
 
 @pytest.mark.parametrize(
     "programs, processors, splits",
-    [(224, 132, 1), (132, 132, 1), (395, 132, 1), (396, 132, 2), (448, 132, 2), (660, 132, 2), (661, 132, 1),
+    [(224, 132, 1), (132, 132, 1), (395, 132, 1), (396, 132, 2), (448, 132, 2), (528, 132, 2), (529, 132, 1),
      (896, 132, 1), (64, 132, 5), (16, 132, 17)],
 )  # fmt: skip
 def test_the_fragment_kernel_splits_k_where_its_programs_leave_multiprocessors_idle_or_unevenly_loaded(

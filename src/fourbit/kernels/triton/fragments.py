@@ -386,9 +386,10 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     )  # fmt: skip
 
 
-#: Programs of the fragment kernel (4 warps: about 90 registers a thread, 34 KiB of shared
-#: memory) that one multiprocessor holds at once.
-RESIDENT_PROGRAMS = 5
+#: Programs of the fragment kernel that one multiprocessor holds at once: 4 warps of 127
+#: registers a thread (Triton 3.6 on an H200, measured with Nsight Compute; Triton 3.9's ptxas
+#: needs 86) and 34 KiB of shared memory each. Capping registers to fit 5 or 6 was slower.
+RESIDENT_PROGRAMS = 4
 
 
 def fragment_splits(programs: int, processors: int) -> int:

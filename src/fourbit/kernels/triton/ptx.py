@@ -85,23 +85,31 @@ def table_ptx() -> str:
     lane's address in it. Pair entry ``32 * v + lane`` holds the two 16-bit codes of packed byte
     value ``v`` (high nibble in the low half), looked up by byte permutes in the plane words
     $1 .. $8; after the pairs come the nested codes, of which each thread stores the ones among
-    $9 .. $12 (codes ``tid``, ``tid + threads``, ...) that exist."""
+    $9 .. $12 (codes ``tid``, ``tid + threads``, ...) that exist.
+
+    Thread ``tid`` fills lanes ``4j .. 4j + 3`` (``j = tid % 8``) of values ``tid / 8``, then every
+    ``threads / 8`` more: one decode gives four values, each stored to its four lanes by one
+    16-byte store, so a thread stores 16-byte words a quarter as often as 4-byte ones."""
     planes = tuple(f"${i}" for i in range(1, 9))
+    stores = []
+    for q in range(4):  # value v + q * slots, row stride 128 bytes
+        if q:
+            stores.append("mad.lo.u32 a, slots, 128, a;")
+        stores.append(f"st.shared.v4.b32 [a], {{q{q}, q{q}, q{q}, q{q}}};")
     return "\n".join(
         [
             f".shared .align 16 .b32 fourbit_code_table[{TABLE_WORDS}];",
             "{",
-            DECODE_SCRATCH + ".reg .b32 q<4>, v, warps, word, a, tid, threads;\n.reg .pred more;",
-            "mov.u32 tid, %tid.x;\nmov.u32 threads, %ntid.x;\nshr.u32 v, tid, 5;\nshr.u32 warps, threads, 5;",
+            DECODE_SCRATCH + ".reg .b32 q<4>, v, slots, word, a, tid, threads, column;\n.reg .pred more;",
+            "mov.u32 tid, %tid.x;\nmov.u32 threads, %ntid.x;\nshr.u32 v, tid, 3;\nshr.u32 slots, threads, 3;",
             "mov.u32 a, fourbit_code_table;\nmov.u32 t, %laneid;\nmad.lo.u32 $0, t, 4, a;",
+            "and.b32 column, tid, 7;\nmad.lo.u32 column, column, 16, a;",
             "fourbit_code_table_pairs:",
-            "mul.lo.u32 word, v, 0x01010101;\nmad.lo.u32 word, warps, 0x03020100, word;",  # v, v + W, v + 2W, v + 3W
+            "mul.lo.u32 word, v, 0x01010101;\nmad.lo.u32 word, slots, 0x03020100, word;",  # v, v + S, v + 2S, v + 3S
             decode_word_ptx("word", ("q0", "q1", "q2", "q3"), planes),
-            "mad.lo.u32 a, v, 128, $0;\nst.shared.b32 [a], q0;",
-            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q1;",
-            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q2;",
-            "mad.lo.u32 a, warps, 128, a;\nst.shared.b32 [a], q3;",
-            "mad.lo.u32 v, warps, 4, v;\nsetp.lt.u32 more, v, 256;\n@more bra fourbit_code_table_pairs;",
+            "mad.lo.u32 a, v, 128, column;",
+            *stores,
+            "mad.lo.u32 v, slots, 4, v;\nsetp.lt.u32 more, v, 256;\n@more bra fourbit_code_table_pairs;",
             f"mov.u32 a, fourbit_code_table;\nmad.lo.u32 a, tid, 4, a;\nadd.u32 a, a, {4 * PAIRS};",
             *(
                 f"mad.lo.u32 v, threads, {i}, tid;\nsetp.lt.u32 more, v, 256;\n"
