@@ -10,7 +10,7 @@ instruction are input rows, up to 8 per tile). Each packed byte is read once.
 
 Decoding is a shared-memory lookup per packed byte: a table of the two 16-bit codes of each of
 the 256 byte values, one column per lane so that a warp's 32 lookups never share a bank (32 KiB
-per program, filled once by byte permutes, ``byte_permute``). Byte permutes alone (2.75 integer
+per program, filled once by byte permutes, ``byte_permute``, and 16-byte stores). Byte permutes alone (2.75 integer
 instructions per weight) left the integer pipe the limit. A 64-column step of a row lies in one
 absmax block (blocksizes of 64 and more), so its products are scaled once per row; the absmax of
 four steps is read at once and nested statistics are decoded through the same shared memory.
