@@ -15,10 +15,12 @@ import pytest
 import torch
 from helpers import available_devices as devices
 
+import fourbit
 import fourbit.functional as F4
 from fourbit.formats import nested_op_arguments
 from fourbit.nn import Linear4bit, Params4bit
 from fourbit.prepared import weight_arguments
+from fourbit.quant_state import PREPARED_ATTRIBUTE
 
 ON_GPU = torch.cuda.is_available()
 
@@ -143,6 +145,68 @@ def test_prepare_linear_checks_the_weight_once():
     torch.testing.assert_close(prepared(torch.ones(1, 64)), torch.ones(1, 64) @ F4.dequantize_4bit(packed, state).t())
     assert F4.prepared_key(packed, state) == F4.prepared_key(packed, state)
     assert isinstance(Params4bit(weight), torch.nn.Parameter)
+
+
+def _functional_case(device: str, seed: int = 0):
+    torch.manual_seed(seed)
+    packed, state = F4.quantize_4bit(torch.randn(96, 256, device=device), quant_type="nf4", compress_statistics=True)
+    return packed, state
+
+
+def _check_functional(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    expected = x @ F4.dequantize_4bit(packed, state).to(x.dtype).t()
+    with torch.no_grad():
+        result = fourbit.matmul_4bit(x, packed.t(), state)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+    return result
+
+
+@pytest.mark.parametrize("device", devices())
+def test_functional_products_are_prepared_once_per_state_and_rebuilt_when_it_changes(device, monkeypatch):
+    """matmul_4bit keeps its prepared product on the state, as Linear4bit keeps its own."""
+    built = []
+    prepare = F4.prepare_linear
+    monkeypatch.setattr(F4, "prepare_linear", lambda B, state: built.append(1) or prepare(B, state))
+    packed, state = _functional_case(device)
+    x = torch.randn(3, 256, device=device)
+    _check_functional(x, packed, state)
+    _check_functional(x, packed, state)  # a fresh .t() view of the same bytes
+    assert len(built) == 1
+    other_packed, other_state = _functional_case(device, seed=1)
+    state.absmax = other_state.absmax  # a replaced statistics tensor
+    _check_functional(x, packed, state)
+    _check_functional(x, other_packed, state)  # other packed bytes
+    state.state2.absmax = state.state2.absmax * 2
+    _check_functional(x, other_packed, state)
+    assert len(built) == 4
+    state.blocksize = 4096  # a changed setting is checked again when rebuilt
+    with pytest.raises(ValueError):
+        fourbit.matmul_4bit(x, other_packed.t(), state)
+
+
+def test_the_functional_preparation_is_not_copied_pickled_or_compared():
+    packed, state = _functional_case("cpu")
+    x = torch.randn(2, 256)
+    result = _check_functional(x, packed, state)
+    assert PREPARED_ATTRIBUTE in state.__dict__
+    for clone in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert PREPARED_ATTRIBUTE not in clone.__dict__
+        assert clone == state
+        with torch.no_grad():
+            assert torch.equal(fourbit.matmul_4bit(x, packed.t(), clone), result)
+
+
+def test_an_input_on_another_device_than_the_weight_is_refused_with_a_clear_error():
+    """Not a crash in the kernel, which would read the other device's pointer."""
+    layer = _layer("cpu")
+    packed, state = _functional_case("cpu")
+    on_meta = torch.randn(2, 256, device="meta")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input is on meta.*weight is on cpu"):
+        layer(on_meta)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input is on meta.*weight is on cpu"):
+        fourbit.matmul_4bit(on_meta, packed.t(), state)
+    with pytest.raises(ValueError, match="bias on meta"):
+        fourbit.matmul_4bit(torch.randn(2, 256), packed.t(), state, bias=torch.zeros(96, device="meta"))
 
 
 # --------------------------------------------------------------------------- Triton launches

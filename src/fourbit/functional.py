@@ -27,7 +27,7 @@ from .formats import (
     packed_nbytes,
 )
 from .prepared import cached_4bit_code, op_arguments, prepare_linear, prepared_key
-from .quant_state import QuantState, check_4bit_state, pack_dict_to_tensor, unpack_tensor_to_dict
+from .quant_state import PREPARED_ATTRIBUTE, QuantState, check_4bit_state, pack_dict_to_tensor, unpack_tensor_to_dict
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
@@ -58,6 +58,7 @@ __all__ = [
     "packed_rows",
     "prepare_linear",
     "prepared_key",
+    "prepared_product",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",
@@ -362,19 +363,36 @@ def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
 def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:
     """``A @ dequantize(B).T + bias`` through the ``fourbit::linear_4bit`` op, after checking arguments.
 
-    ``bias`` is cast to A's dtype. Differentiable in ``A`` and ``bias``.
+    ``bias`` is cast to A's dtype. Differentiable in ``A`` and ``bias``. Outside torch.compile the
+    weight's product is prepared once and kept on ``state`` (``prepared_product``), as
+    ``Linear4bit`` keeps its own: later calls check only ``A`` and ``bias``.
     """
-    check_4bit_state(B, state)
     check_linear_input(A, state)
     if bias is not None:
         check_tensor(bias, "bias")
         if bias.shape != (state.shape[0],):
             raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
         bias = bias.to(A.dtype)
+    if not torch.compiler.is_compiling():
+        return prepared_product(B, state)(A, bias)
+    check_4bit_state(B, state)
     return torch.ops.fourbit.linear_4bit(
         A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, tiled=state.tiled,
         **op_arguments(state, A.device),
     )  # fmt: skip
+
+
+def prepared_product(B: Tensor, state: QuantState) -> ops.PreparedLinear:
+    """The product with the packed weight ``B`` of ``state``, prepared once (``prepare_linear``)
+    and kept on ``state``; rebuilt when ``B``'s bytes or view, the state's identity, layout,
+    tensors or settings change, and checked whenever it is (re)built."""
+    key = (*prepared_key(B, state), tuple(B.shape), state.blocksize, tuple(state.shape), state.quant_type)
+    cached = state.__dict__.get(PREPARED_ATTRIBUTE)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    prepared = prepare_linear(B, state)
+    state.__dict__[PREPARED_ATTRIBUTE] = (key, prepared)
+    return prepared
 
 
 def gemv_4bit(

@@ -301,6 +301,7 @@ class PreparedLinear:
         tiled: bool = False,
     ) -> None:
         self.packed = packed
+        self.device = packed.device
         self.arguments = dict(
             absmax=absmax, code=code, blocksize=blocksize, shape=list(shape), **nested_op_arguments(nested), tiled=tiled
         )
@@ -314,6 +315,9 @@ class PreparedLinear:
             self.kernel = prepare(packed, absmax, code, blocksize, shape, nested)
 
     def __call__(self, A: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        if A.device != self.device or (bias is not None and bias.device != self.device):
+            where = f"the input is on {A.device}" + (f", the bias on {bias.device}" if bias is not None else "")
+            raise ValueError(f"{where}, but the 4-bit weight is on {self.device}: move them to one device")
         kernel = self.kernel
         if kernel is not None and _plain_eager(A, bias):
             return kernel.linear(A, bias)

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_PACKED_STATE_BYTES",
     "PACKED_KEY_PREFIX",
     "PACKED_STATE_MARKER",
+    "PREPARED_ATTRIBUTE",
     "STATISTICS_KEYS",
     "QuantState",
     "check_4bit_state",
@@ -41,6 +42,10 @@ __all__ = [
 # The state-dict layout of a 4-bit tensor ``W`` (bitsandbytes'): ``W`` holds the packed codes,
 # ``W.<statistic>`` each of STATISTICS_KEYS it has, and ``W.quant_state.bitsandbytes__<type>`` the
 # remaining QuantState fields as JSON bytes. Every module reads the layout from here.
+
+#: Where ``functional.prepared_product`` keeps a state's prepared product: never copied, pickled
+#: or compared.
+PREPARED_ATTRIBUTE = "_prepared_product"
 
 #: The tensors of a QuantState beside the packed codes (the nested two only with nested statistics).
 STATISTICS_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -382,21 +387,25 @@ class QuantState:
             for tensor in cuda:
                 torch._dynamo.mark_static_address(tensor, guard=False)
 
+    def _attributes(self) -> dict[str, Any]:
+        """``__dict__`` without the product ``functional.prepared_product`` keeps here."""
+        return {name: value for name, value in self.__dict__.items() if name != PREPARED_ATTRIBUTE}
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without ``tiled``: what pickles the packed bytes (``Params4bit``) stores them
         in rows, so an unpickled state describes rows."""
-        return {name: value for name, value in self.__dict__.items() if name != "tiled"}
+        return {name: value for name, value in self._attributes().items() if name != "tiled"}
 
     def __copy__(self) -> QuantState:
         clone = type(self).__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+        clone.__dict__.update(self._attributes())
         return clone
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantState:
         """A deep copy keeps ``tiled``: it goes with a copy of the same bytes (``Params4bit``)."""
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        clone.__dict__.update(copy.deepcopy(self._attributes(), memo))
         return clone
 
     def to(self, device: torch.device | str) -> QuantState:
