@@ -45,7 +45,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline void store1
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dequantize_blocks_avx512(
     const Weight& w, int64_t first_block, int64_t last_block, void* out, int32_t dtype, bool stream) {
   const __m512 table = _mm512_loadu_ps(w.table);
-  const __m512i low_nibble = _mm512_set1_epi32(15);
   const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   float scales[MAX_RUN];
@@ -55,7 +54,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dequantize_bl
     for (int64_t e = b * w.blocksize; e < (b + 1) * w.blocksize; e += 32) {
       __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + e / 2)));
       __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled);
-      __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(v, low_nibble), scaled);
+      __m512 odd = _mm512_permutexvar_ps(v, scaled);  // vpermps reads the index's low four bits
       store16_avx512(out, e, _mm512_permutex2var_ps(even, first_half, odd), dtype, stream);
       store16_avx512(out, e + 16, _mm512_permutex2var_ps(even, second_half, odd), dtype, stream);
     }

@@ -62,15 +62,15 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 round_to_avx2(__m256 v, i
 }
 
 // One group of 16 packed bytes (32 weights) against ROWS input rows: high nibbles meet the even
-// inputs, low nibbles the odd ones. Accumulators are indexed by constants only, so they stay
-// in registers.
+// inputs, low nibbles the odd ones. vpermps reads only the low four bits of each index, so the
+// low nibble needs no mask. Accumulators are indexed by constants only, so they stay in registers.
 template <int ROWS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline void group_avx512(
     const uint8_t* bytes, const float* even, const float* odd, int64_t stride, __m512 scaled, __m512* acc_hi,
     __m512* acc_lo) {
   __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
   __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled);
-  __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), scaled);
+  __m512 lo = _mm512_permutexvar_ps(v, scaled);
   for (int r = 0; r < ROWS; ++r) {
     acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(even + r * stride), acc_hi[r]);
     acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(odd + r * stride), acc_lo[r]);
