@@ -1,9 +1,11 @@
-"""The PTX of the byte-permute decoder, executed by a small emulator of the instructions it uses.
+"""The PTX of the byte-permute decoder and of the fragment kernel's table fill, executed by a
+small emulator of the instructions they use.
 
-The decoder's inline assembly runs only on NVIDIA GPUs (tests/test_triton.py checks it there).
-Here the same text is interpreted instruction by instruction on random words, so CI checks its
-selectors and byte orders without a GPU; ``plane_words`` runs as a Triton kernel (interpreted
-without a GPU).
+The inline assembly runs only on NVIDIA GPUs (tests/test_triton.py and
+tests/test_triton_tensor_core.py check it there). Here the same text is interpreted instruction
+by instruction (the decoder on random words, the fill for every thread of a program), so CI
+checks selectors, byte orders and table addresses without a GPU; ``plane_words`` runs as a
+Triton kernel (interpreted without a GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import triton.language as tl  # noqa: E402
 
 from fourbit.formats import get_4bit_type  # noqa: E402
 from fourbit.kernels.triton.byte_permute import _DECODE_ASM, plane_words  # noqa: E402
+from fourbit.kernels.triton.ptx import PAIRS, TABLE_WORDS, table_ptx  # noqa: E402
 
 MASK = 0xFFFFFFFF
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py interprets Triton without a GPU
@@ -117,3 +120,88 @@ def test_plane_words_split_each_rounded_code_into_bytes(quant_type, dtype):
         word, byte = divmod(entry, 4)
         assert (words[word] >> (8 * byte)) & 0xFF == value >> 8
         assert (words[4 + word] >> (8 * byte)) & 0xFF == value & 0xFF
+
+
+def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
+    """Execute ``asm`` (labels, predicated branches and stores, shared-memory stores) as one thread
+    whose special registers (``%tid.x`` ...) and symbol addresses are ``special``; stores land in
+    ``shared`` (byte address -> 32-bit word)."""
+    lines = [line.strip().rstrip(";") for line in asm.splitlines()]
+    lines = [line for line in lines if line and line not in "{}" and not line.startswith((".reg", ".shared"))]
+    labels = {line[:-1]: i for i, line in enumerate(lines) if line.endswith(":")}
+    regs = dict(inputs)
+
+    def value(token: str) -> int:
+        token = token.strip()
+        if token in special:
+            return special[token]
+        return int(token, 0) & MASK if token[0].isdigit() else regs[token]
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.endswith(":") or line.startswith("bar.sync"):
+            continue
+        predicate = None
+        if line.startswith("@"):
+            predicate, line = line.split(None, 1)
+            if not regs[predicate[1:]]:
+                continue
+        op, operands = line.split(None, 1)
+        if op == "bra":
+            i = labels[operands.strip()]
+            continue
+        if op.startswith("st.shared"):
+            address, data = re.fullmatch(r"\[(\S+)\], \{?([^}]*)\}?", operands).groups()
+            base = value(address)
+            for offset, word in enumerate(data.split(",")):
+                shared[base + 4 * offset] = value(word)
+            continue
+        dest, *args = (part.strip() for part in operands.split(","))
+        args = [value(arg) for arg in args]
+        if op in ("mov.u32", "mov.b32"):
+            regs[dest] = args[0]
+        elif op == "and.b32":
+            regs[dest] = args[0] & args[1]
+        elif op == "or.b32":
+            regs[dest] = args[0] | args[1]
+        elif op == "shr.u32":
+            regs[dest] = args[0] >> args[1]
+        elif op == "add.u32":
+            regs[dest] = (args[0] + args[1]) & MASK
+        elif op == "mul.lo.u32":
+            regs[dest] = (args[0] * args[1]) & MASK
+        elif op == "mad.lo.u32":
+            regs[dest] = (args[0] * args[1] + args[2]) & MASK
+        elif op == "setp.lt.u32":
+            regs[dest] = args[0] < args[1]
+        elif op == "prmt.b32":
+            regs[dest] = _prmt(*args)
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return regs
+
+
+@pytest.mark.parametrize("threads", [64, 128, 256])
+def test_the_fragment_table_fill_gives_every_lane_every_pair_and_the_nested_codes(threads):
+    """Every thread of a program runs the fill: entry 32 v + lane of the table holds byte value v's
+    two codes (high nibble in the low half) whatever the program's size, each lane gets its own
+    column's address, the nested codes follow the pairs, and nothing is written outside. (Each
+    thread stores four nested codes, so a program needs two warps or more: fragment_launch.)"""
+    code = get_4bit_type("nf4")
+    planes = _planes(code, torch.bfloat16)
+    nested = [((0x3F000000 + i) & MASK) for i in range(256)]  # any 32-bit patterns, one per code
+    base = 1024  # the table's shared address; any multiple of 16
+    bits = [int(b) & 0xFFFF for b in code.to(torch.bfloat16).view(torch.int16).tolist()]
+    shared: dict[int, int] = {}
+    for tid in range(threads):
+        inputs = {f"${i + 1}": planes[i] for i in range(8)}
+        inputs |= {f"${9 + i}": nested[tid + i * threads] if tid + i * threads < 256 else 0 for i in range(4)}
+        special = {"%tid.x": tid, "%ntid.x": threads, "%laneid": tid % 32, "fourbit_code_table": base}
+        regs = _run_thread(table_ptx(), inputs, special, shared)
+        assert regs["$0"] == base + 4 * (tid % 32)
+    expected = {base + 4 * (32 * v + lane): bits[v >> 4] | bits[v & 15] << 16 for v in range(256) for lane in range(32)}
+    expected |= {base + 4 * PAIRS + 4 * i: nested[i] for i in range(256)}
+    assert shared == expected
+    assert max(shared) < base + 4 * TABLE_WORDS

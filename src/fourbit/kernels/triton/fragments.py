@@ -360,6 +360,8 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K),
     SPLIT_K 0 meaning ``fragment_splits``."""
     warps, split_k = config
+    if warps < 2:  # each thread stores four of the 256 nested codes into the table
+        raise ValueError(f"the fragment kernel needs at least 2 warps a program, got {warps}")
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(
