@@ -63,34 +63,7 @@ def _prmt(a: int, b: int, selector: int) -> int:
 def _run(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     """Execute the straight-line PTX ``asm`` with operands ``$n`` bound from ``inputs``; returns
     every register, 16-bit outputs included."""
-    regs = dict(inputs)
-
-    def value(token: str) -> int:
-        token = token.strip()
-        return int(token, 0) & MASK if token[0].isdigit() else regs[token]
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, operands = line.split(None, 1)
-        if op == "mov.b32":  # mov.b32 {lo, hi}, pair
-            low, high, pair = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)", operands).groups()
-            regs[low], regs[high] = value(pair) & 0xFFFF, value(pair) >> 16
-            continue
-        dest, *args = (part.strip() for part in operands.split(","))
-        args = [value(arg) for arg in args]
-        if op == "and.b32":
-            regs[dest] = args[0] & args[1]
-        elif op == "or.b32":
-            regs[dest] = args[0] | args[1]
-        elif op == "shr.u32":
-            regs[dest] = args[0] >> args[1]
-        elif op == "prmt.b32":
-            regs[dest] = _prmt(*args)
-        else:
-            raise AssertionError(f"the emulator does not know {op}")
-    return regs
+    return _run_thread(asm, inputs, {}, {})
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -123,7 +96,7 @@ def test_plane_words_split_each_rounded_code_into_bytes(quant_type, dtype):
 
 
 def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
-    """Execute ``asm`` (labels, predicated branches and stores, shared-memory stores) as one thread
+    """Execute ``asm`` (straight-line, or with labels, predicated branches and stores) as one thread
     whose special registers (``%tid.x`` ...) and symbol addresses are ``special``; stores land in
     ``shared`` (byte address -> 32-bit word)."""
     lines = [line.strip().rstrip(";") for line in asm.splitlines()]
@@ -157,6 +130,11 @@ def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], share
             base = value(address)
             for offset, word in enumerate(data.split(",")):
                 shared[base + 4 * offset] = value(word)
+            continue
+        unpack = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)", operands)
+        if op == "mov.b32" and unpack:  # mov.b32 {lo, hi}, pair
+            low, high, pair = unpack.groups()
+            regs[low], regs[high] = value(pair) & 0xFFFF, value(pair) >> 16
             continue
         dest, *args = (part.strip() for part in operands.split(","))
         args = [value(arg) for arg in args]
