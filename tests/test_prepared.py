@@ -209,6 +209,20 @@ def test_an_input_on_another_device_than_the_weight_is_refused_with_a_clear_erro
         fourbit.matmul_4bit(torch.randn(2, 256), packed.t(), state, bias=torch.zeros(96, device="meta"))
 
 
+@pytest.mark.parametrize("device", devices())
+def test_weights_quantized_in_inference_mode_work_in_and_out_of_it(device):
+    """Inference tensors have no version counter; a prepared product keyed on one must not need it."""
+    x = torch.randn(2, 96, device=device)
+    with torch.inference_mode():
+        layer = Linear4bit(96, 48, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        packed, state = F4.quantize_4bit(torch.randn(48, 96, device=device), quant_type="nf4")
+        inside = layer(x), fourbit.matmul_4bit(x, packed.t(), state), F4.dequantize_4bit(packed, state)
+    with torch.no_grad():  # its parameters are inference tensors: autograd may not save them, as for nn.Linear
+        outside = layer(x), fourbit.matmul_4bit(x, packed.t(), state), F4.dequantize_4bit(packed, state)
+    for a, b in zip(inside, outside, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- Triton launches
 
 triton = pytest.importorskip("triton")

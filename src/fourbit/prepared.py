@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import ops
 from .formats import NestedStatistics, get_4bit_type, nested_op_arguments
+from .kernels.derived import version
 from .quant_state import QuantState, check_4bit_state
 
 __all__ = ["cached_4bit_code", "op_arguments", "prepare_linear", "prepared_key", "weight_arguments"]
@@ -78,7 +79,7 @@ def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
         id(state),
         id(state.absmax),
         id(code),
-        code._version if code is not None else -1,
+        version(code) if code is not None else -1,
         id(state.offset),
         id(inner),
         id(inner.absmax) if inner is not None else 0,

@@ -21,15 +21,21 @@ T = TypeVar("T")
 _entries: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
 
 
+def version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter; 0 for an inference tensor, which has none (it can change in
+    place only inside inference mode)."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
 def derived(code: torch.Tensor, name: str, build: Callable[[torch.Tensor], T]) -> T:
     """``build(code)``, computed once per code tensor, version and ``name``."""
     key = (id(code), name)
     entry = _entries.get(key)
-    if entry is not None and entry[0]() is code and entry[1] == code._version:
+    if entry is not None and entry[0]() is code and entry[1] == version(code):
         return entry[2]
     value = build(code)
     if not (code.is_cuda and torch.cuda.is_current_stream_capturing()):
         if len(_entries) > 256:
             _entries.clear()
-        _entries[key] = (weakref.ref(code), code._version, value)
+        _entries[key] = (weakref.ref(code), version(code), value)
     return value

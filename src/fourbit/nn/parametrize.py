@@ -29,6 +29,7 @@ import torch.nn.utils.parametrize as P
 from torch import Tensor, nn
 
 from .. import functional as F4
+from ..kernels.derived import version
 from ..quant_state import PACKED_STATE_MARKER
 from .params import Params4bit
 
@@ -68,7 +69,7 @@ class Dequantize4bitParametrization(nn.Module):
     def forward(self, quantized_param: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or _forward_cache.depth == 0:
             return F4.dequantize_4bit(quantized_param, self.quant_state)
-        key = (id(self), quantized_param.data_ptr(), quantized_param._version)
+        key = (id(self), quantized_param.data_ptr(), version(quantized_param))
         value = _forward_cache.values.get(key)
         if value is None:
             value = F4.dequantize_4bit(quantized_param, self.quant_state)
