@@ -2,10 +2,12 @@
 grids), built on the device once per code tensor and reused: eager calls then run only their
 kernels.
 
-Entries are keyed by the code tensor itself (a weak reference) and its version counter, so a
-table freed and another allocated at its address, or a table changed in place, is rebuilt.
-Nothing is cached while a CUDA graph is being captured: a tensor made there holds its values
-only once the graph is replayed.
+Entries are keyed by the code's memory (address, dtype, shape, strides), so that another view of
+the same values finds them: a compiled backward receives a code table saved by its forward as a
+new view in every call. Each entry holds a weak reference to the tensor that owns the memory (a
+view's base), and the version counter views share, so a table freed and another allocated at its
+address, or a table changed in place, is rebuilt. Nothing is cached while a CUDA graph is being
+captured: a tensor made there holds its values only once the graph is replayed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 T = TypeVar("T")
 
-_entries: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
+_entries: dict[tuple[object, ...], tuple[weakref.ref, int, int, object]] = {}
 
 
 def version(tensor: torch.Tensor) -> int:
@@ -27,15 +29,23 @@ def version(tensor: torch.Tensor) -> int:
     return 0 if tensor.is_inference() else tensor._version
 
 
+def _memory_key(code: torch.Tensor, name: str) -> tuple[object, ...]:
+    return (code.device, code.data_ptr(), code.dtype, tuple(code.shape), code.stride(), name)
+
+
 def derived(code: torch.Tensor, name: str, build: Callable[[torch.Tensor], T]) -> T:
-    """``build(code)``, computed once per code tensor, version and ``name``."""
-    key = (id(code), name)
+    """``build(code)``, computed once per code memory, version and ``name``."""
+    key = _memory_key(code, name)
+    owner = code if code._base is None else code._base  # alive, the memory at the key is the code's
     entry = _entries.get(key)
-    if entry is not None and entry[0]() is code and entry[1] == version(code):
-        return entry[2]
+    if entry is not None:
+        entry_owner = entry[0]()
+        # the owner alive and still over the memory it had (``.data`` not replaced), unchanged
+        if entry_owner is not None and entry_owner.data_ptr() == entry[1] and entry[2] == version(code):
+            return entry[3]
     value = build(code)
     if not (code.is_cuda and torch.cuda.is_current_stream_capturing()):
         if len(_entries) > 256:
             _entries.clear()
-        _entries[key] = (weakref.ref(code), version(code), value)
+        _entries[key] = (weakref.ref(owner), owner.data_ptr(), version(code), value)
     return value
