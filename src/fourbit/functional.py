@@ -27,7 +27,15 @@ from .formats import (
     packed_nbytes,
 )
 from .prepared import cached_4bit_code, op_arguments, prepare_linear, prepared_key
-from .quant_state import PREPARED_ATTRIBUTE, QuantState, check_4bit_state, pack_dict_to_tensor, unpack_tensor_to_dict
+from .quant_state import (
+    PREPARED_ATTRIBUTE,
+    QuantState,
+    check_4bit_state,
+    check_packed_bytes,
+    pack_dict_to_tensor,
+    unpack_tensor_to_dict,
+)
+from .state_buffer import buffer_op_arguments, current_statistics_buffer
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
@@ -375,11 +383,24 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
         bias = bias.to(A.dtype)
     if not torch.compiler.is_compiling():
         return prepared_product(B, state)(A, bias)
-    check_4bit_state(B, state)
     return torch.ops.fourbit.linear_4bit(
         A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, tiled=state.tiled,
-        **op_arguments(state, A.device),
+        **_traced_statistics(B, state, A.device),
     )  # fmt: skip
+
+
+def _traced_statistics(B: Tensor, state: QuantState, device: torch.device) -> dict[str, Any]:
+    """The op arguments of ``state``'s statistics in a traced call, after checking ``B`` against
+    it: sliced from its statistics buffer when it has one (checked when built), so that the trace
+    reads one tensor of statistics rather than five (``fourbit.state_buffer``)."""
+    buffer = current_statistics_buffer(state)
+    if buffer is None:
+        check_4bit_state(B, state)
+        return op_arguments(state, device)
+    check_packed_bytes(B, state)
+    if B.device != buffer.device:
+        raise ValueError(f"quant_state is on {buffer.device} but the packed data is on {B.device}")
+    return buffer_op_arguments(buffer, state)
 
 
 def prepared_product(B: Tensor, state: QuantState) -> ops.PreparedLinear:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, num_blocks, packed_nbytes
 from .layout import can_tile
+from .state_buffer import IN_PARENT_BUFFER_ATTRIBUTE, STATISTICS_BUFFER_ATTRIBUTE
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
@@ -32,6 +33,7 @@ __all__ = [
     "STATISTICS_KEYS",
     "QuantState",
     "check_4bit_state",
+    "check_packed_bytes",
     "pack_dict_to_tensor",
     "packed_state_key",
     "quant_type_of_packed_key",
@@ -126,6 +128,10 @@ def _tensor_entry(entries: Mapping[str, Any], key: str, numel: int | None = None
     return value
 
 
+#: The attributes whose replacement invalidates a statistics buffer.
+_STATISTICS_FIELDS = frozenset({"absmax", "code", "offset", "state2"})
+
+
 def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
     """Equal within 1e-6 (bitsandbytes' comparison), wherever the tensors live; None equals only None."""
     if a is None or b is None:
@@ -146,6 +152,10 @@ class QuantState:
     #: Whether the packed bytes are tiled (``fourbit.layout``); a class default, so that states
     #: pickled before the attribute existed read False.
     tiled: bool = False
+    #: The buffer the statistics are views of (``fourbit.state_buffer``), if any.
+    _statistics_buffer: Tensor | None = None
+    #: Whether this nested state's tensors are views of its parent's buffer.
+    _in_parent_buffer: bool = False
 
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = tuple(f"{PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
@@ -182,6 +192,13 @@ class QuantState:
         self.quant_type = quant_type
         self.offset = offset
         self.state2 = state2
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Replacing a statistic drops the buffer its tensors were views of (``fourbit.state_buffer``)."""
+        if name in _STATISTICS_FIELDS:
+            self.__dict__.pop(STATISTICS_BUFFER_ATTRIBUTE, None)
+            self.__dict__.pop(IN_PARENT_BUFFER_ATTRIBUTE, None)
+        object.__setattr__(self, name, value)
 
     @property
     def nested(self) -> bool:
@@ -314,7 +331,7 @@ class QuantState:
             if self.shape is None:
                 raise ValueError(f"{name}.shape is not set")
         if packed is not None:
-            _check_packed(packed, self, name)
+            check_packed_bytes(packed, self, name)
         if self.tiled and not can_tile(self.shape):
             raise ValueError(f"{name} is tiled, but a weight of shape {tuple(self.shape)} has no tiled layout")
         blocks = num_blocks(prod(self.shape), self.blocksize) if self.shape is not None else None
@@ -368,6 +385,8 @@ class QuantState:
         if not packed or self.quant_type is None:
             return entries
         tensors = {key: value for key, value in entries.items() if isinstance(value, Tensor)}
+        if self._statistics_buffer is not None:  # views of one buffer: copies, which safetensors can save
+            tensors = {key: value.clone() for key, value in tensors.items()}
         scalars = {key: value for key, value in entries.items() if not isinstance(value, Tensor)}
         tensors[packed_state_key(self.quant_type)] = pack_dict_to_tensor(scalars)
         return tensors
@@ -380,6 +399,8 @@ class QuantState:
         tensors = [self.absmax, self.code, self.offset]
         if self.state2 is not None:
             tensors += [self.state2.absmax, self.state2.code]
+        if self._statistics_buffer is not None:
+            tensors.append(self._statistics_buffer)
         cuda = [t for t in tensors if isinstance(t, Tensor) and t.device.type == "cuda"]
         if cuda:
             import torch._dynamo  # only once there is a CUDA state: it costs a second to import
@@ -393,8 +414,18 @@ class QuantState:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without ``tiled``: what pickles the packed bytes (``Params4bit``) stores them
-        in rows, so an unpickled state describes rows."""
-        return {name: value for name, value in self._attributes().items() if name != "tiled"}
+        in rows, so an unpickled state describes rows. Statistics that are views of a buffer are
+        pickled as copies of their own, without it: ``torch.save`` refuses views of one storage
+        in two dtypes, and plain pickle would not keep them shared."""
+        attributes = self._attributes()
+        viewed = attributes.pop(STATISTICS_BUFFER_ATTRIBUTE, None) is not None
+        viewed |= attributes.pop(IN_PARENT_BUFFER_ATTRIBUTE, False)
+        attributes.pop("tiled", None)
+        if viewed:
+            for name in _STATISTICS_FIELDS:
+                if isinstance(attributes.get(name), Tensor):
+                    attributes[name] = attributes[name].clone()
+        return attributes
 
     def __copy__(self) -> QuantState:
         clone = type(self).__new__(type(self))
@@ -446,8 +477,9 @@ def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> N
     state.validate(packed, name)
 
 
-def _check_packed(packed: Tensor, state: QuantState, name: str) -> None:
-    """The packed bytes' storage dtype and count against ``state.shape``."""
+def check_packed_bytes(packed: Tensor, state: QuantState, name: str = "quant_state") -> None:
+    """Raise a clear error unless ``packed`` has a storage dtype and holds the bytes ``state.shape``
+    needs (the part of ``check_4bit_state`` that reads no tensor of the state)."""
     if packed.dtype not in QUANT_STORAGE_DTYPES:
         raise ValueError(
             f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"

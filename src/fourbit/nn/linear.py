@@ -171,7 +171,11 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
         self._drop_prepared()  # it holds the packed data this move replaces
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        weight = self._parameters.get("weight")
+        if isinstance(weight, Params4bit):
+            weight.share_state_with_module()  # the moved state: its buffer and static marks again
+        return result
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import functional as F4
 from .. import ops
 from ..formats import DEFAULT_BLOCKSIZE
+from ..state_buffer import build_statistics_buffer, current_statistics_buffer
 from ..validation import check_settings
 
 __all__ = ["Params4bit"]
@@ -217,12 +218,17 @@ class Params4bit(torch.nn.Parameter):
 
     def share_state_with_module(self) -> None:
         """Record this weight's QuantState and storage dtype on its owning module: the one place the
-        module's copy is written (FSDP2 reads the module's copy once the weight is sharded). A CUDA
-        state is also marked static for compiled CUDA graphs (``QuantState.mark_static_for_cuda_graphs``)."""
-        if self.module is not None and self.quant_state is not None:
-            torch.nn.Module.__setattr__(self.module, "quant_state", self.quant_state)
+        module's copy is written (FSDP2 reads the module's copy once the weight is sharded). The
+        state's statistics are gathered in one buffer, which compiled calls read instead of five
+        tensors (``fourbit.state_buffer``), and a CUDA state is marked static for compiled CUDA
+        graphs (``QuantState.mark_static_for_cuda_graphs``)."""
+        state = self.quant_state
+        if self.module is not None and state is not None:
+            torch.nn.Module.__setattr__(self.module, "quant_state", state)
             torch.nn.Module.__setattr__(self.module, "quant_storage", self.quant_storage)
-            self.quant_state.mark_static_for_cuda_graphs()
+            if current_statistics_buffer(state) is None:
+                build_statistics_buffer(state)
+            state.mark_static_for_cuda_graphs()
 
     def _with_data(self, data: Tensor) -> Params4bit:
         """A Params4bit over ``data`` with every attribute of this one (the QuantState shared)."""

@@ -1,0 +1,155 @@
+"""A 4-bit QuantState's statistics in one float32 buffer, the state's tensors views of it.
+
+Before each call of a compiled function, torch.compile checks guards on what the trace read from
+Python objects: for every tensor its dtype, shape, strides and device. A nested state has five
+tensors (absmax codes, code table, offset, nested absmax and nested code table). A layer whose
+trace reads one buffer, and slices it inside the graph where the state's shape and blocksizes
+say, has one. The views keep in-place changes visible to both. Replacing one of the state's
+tensors drops the buffer (``QuantState.__setattr__``); a traced call then reads them one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .formats import NESTED_BLOCKSIZE, QUANT_TYPES, num_blocks
+
+__all__ = [
+    "ALIGNMENT",
+    "IN_PARENT_BUFFER_ATTRIBUTE",
+    "STATISTICS_BUFFER_ATTRIBUTE",
+    "buffer_op_arguments",
+    "build_statistics_buffer",
+    "current_statistics_buffer",
+]
+
+#: Where a QuantState keeps the buffer its statistics are views of.
+STATISTICS_BUFFER_ATTRIBUTE = "_statistics_buffer"
+#: Set (True) on a nested state whose tensors are views of its parent's buffer.
+IN_PARENT_BUFFER_ATTRIBUTE = "_in_parent_buffer"
+#: Every view starts at a multiple of this many float32 elements (16 bytes), where kernels may
+#: load vectors.
+ALIGNMENT = 4
+_CODE_SIZE, _NESTED_CODE_SIZE = 16, 256
+
+
+def _aligned(count: int) -> int:
+    return -(-count // ALIGNMENT) * ALIGNMENT
+
+
+def _views(buffer: Tensor, blocks: int, nested_blocks: int | None) -> tuple[Tensor, ...]:
+    """(absmax, code) or (absmax, code, offset, nested absmax, nested code) as views of ``buffer``,
+    for ``blocks`` 4-bit blocks and (nested) ``nested_blocks`` blocks of their absmax. Float32
+    elements: code table [0, 16), absmax from 16 (uint8 codes four to an element when nested),
+    then, each aligned, the offset, the nested absmax and the nested code table."""
+    code = buffer[:_CODE_SIZE]
+    if nested_blocks is None:
+        return buffer[_CODE_SIZE : _CODE_SIZE + blocks], code
+    absmax_end = _CODE_SIZE + -(-blocks // 4)
+    absmax = buffer[_CODE_SIZE:absmax_end].view(torch.uint8)[:blocks]
+    offset_start = _aligned(absmax_end)
+    nested_start = offset_start + ALIGNMENT
+    nested_code_start = _aligned(nested_start + nested_blocks)
+    nested_absmax = buffer[nested_start : nested_start + nested_blocks]
+    nested_code = buffer[nested_code_start : nested_code_start + _NESTED_CODE_SIZE]
+    return absmax, code, buffer[offset_start], nested_absmax, nested_code
+
+
+def _size(blocks: int, nested_blocks: int | None) -> int:
+    if nested_blocks is None:
+        return _CODE_SIZE + blocks
+    return _aligned(_aligned(_CODE_SIZE + -(-blocks // 4)) + ALIGNMENT + nested_blocks) + _NESTED_CODE_SIZE
+
+
+def _block_counts(state: Any) -> tuple[int, int | None]:
+    """The state's 4-bit blocks and, when nested, the blocks of their absmax."""
+    blocks = num_blocks(int(torch.Size(state.shape).numel()), state.blocksize)
+    return blocks, num_blocks(blocks, state.state2.blocksize) if state.state2 is not None else None
+
+
+def _packable(state: Any) -> bool:
+    """Whether the state is valid and its tensors have the dtypes and shapes the buffer holds, on
+    one real device."""
+    absmax, code = state.absmax, state.code
+    if state.quant_type not in QUANT_TYPES or not isinstance(absmax, Tensor) or not isinstance(code, Tensor):
+        return False
+    tensors = [absmax, code]
+    if code.dtype != torch.float32 or code.shape != (_CODE_SIZE,) or absmax.dim() != 1:
+        return False
+    if state.state2 is None:
+        if absmax.dtype != torch.float32:
+            return False
+    else:
+        offset, inner = state.offset, state.state2
+        tensors += [offset, inner.absmax, inner.code]
+        if absmax.dtype != torch.uint8 or not all(isinstance(tensor, Tensor) for tensor in tensors[2:]):
+            return False
+        if offset.dtype != torch.float32 or offset.dim() != 0:
+            return False
+        if inner.absmax.dtype != torch.float32 or inner.absmax.dim() != 1:
+            return False
+        if inner.code.dtype != torch.float32 or inner.code.shape != (_NESTED_CODE_SIZE,):
+            return False
+    device = absmax.device
+    if device.type == "meta" or any(tensor.device != device or tensor.requires_grad for tensor in tensors):
+        return False
+    try:
+        state.validate()
+    except (ValueError, TypeError):
+        return False  # its operations raise the error where it is used
+    return True
+
+
+def build_statistics_buffer(state: Any) -> bool:
+    """Copy a 4-bit ``state``'s statistics into one buffer and make its tensors views of it.
+
+    Returns False, changing nothing, when the state is invalid, has no statistics or holds them in
+    other dtypes, shapes or devices (its tensors are then read one by one).
+    """
+    if not _packable(state):
+        return False
+    blocks, nested_blocks = _block_counts(state)
+    inner = state.state2
+    sources = (state.absmax, state.code) if inner is None else (
+        state.absmax, state.code, state.offset, inner.absmax, inner.code,
+    )  # fmt: skip
+    with torch.inference_mode(False):  # a normal tensor even when built in inference mode: it has a version
+        buffer = torch.zeros(_size(blocks, nested_blocks), dtype=torch.float32, device=state.absmax.device)
+        views = _views(buffer, blocks, nested_blocks)
+        for view, source in zip(views, sources, strict=True):
+            view.copy_(source)
+    state.absmax, state.code = views[:2]  # each drops any older buffer (QuantState.__setattr__)
+    if inner is not None:
+        state.offset = views[2]
+        inner.absmax, inner.code = views[3:]
+        inner.__dict__[IN_PARENT_BUFFER_ATTRIBUTE] = True
+    state.__dict__[STATISTICS_BUFFER_ATTRIBUTE] = buffer
+    return True
+
+
+def current_statistics_buffer(state: Any) -> Tensor | None:
+    """The state's buffer while its tensors are still the buffer's views, else None. Reads no
+    tensor of the state, so a traced call that uses the buffer guards on it alone."""
+    buffer = getattr(state, STATISTICS_BUFFER_ATTRIBUTE, None)
+    if buffer is None or (state.state2 is not None and not getattr(state.state2, IN_PARENT_BUFFER_ATTRIBUTE)):
+        return None
+    return buffer
+
+
+def buffer_op_arguments(buffer: Tensor, state: Any) -> dict[str, Any]:
+    """The ``torch.ops.fourbit`` keyword arguments of ``state``'s statistics (``prepared.op_arguments``'
+    form): sliced from its ``buffer``, where the state's shape and blocksizes place them, except
+    the code table. That one is the state's own view, the tensor the kernels' derived tables are
+    kept for (``kernels.derived``): a slice made in each call would find none, and build one
+    inside CUDA graph trees' memory pool."""
+    blocks, nested_blocks = _block_counts(state)
+    views = _views(buffer, blocks, nested_blocks)
+    if nested_blocks is None:
+        return {"absmax": views[0], "code": state.code, "nested_absmax": None, "nested_code": None,
+                "nested_offset": None, "nested_blocksize": NESTED_BLOCKSIZE}  # fmt: skip
+    absmax, _, offset, nested_absmax, nested_code = views
+    return {"absmax": absmax, "code": state.code, "nested_absmax": nested_absmax, "nested_code": nested_code,
+            "nested_offset": offset, "nested_blocksize": state.state2.blocksize}  # fmt: skip
