@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .functional import QuantState, check_4bit_state
-from .quant_state import PACKED_STATE_MARKER, STATISTICS_KEYS
+from .state_dict_layout import PACKED_STATE_MARKER, STATISTICS_KEYS
 
 __all__ = [
     "FORMAT_NAME",

@@ -16,7 +16,7 @@ from . import checkpoint
 from . import functional as F4
 from .formats import DEFAULT_BLOCKSIZE
 from .nn import Linear4bit
-from .quant_state import quant_type_of_packed_key
+from .state_dict_layout import quant_type_of_packed_key
 
 __all__ = ["LoadReport", "load_quantized", "parent_of"]
 

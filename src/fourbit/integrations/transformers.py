@@ -21,7 +21,7 @@ from torch import nn
 from ..convert import dequantize_model, quantize_model
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, packed_nbytes
 from ..nn import Linear4bit, Params4bit
-from ..quant_state import STATISTICS_KEYS, packed_state_key
+from ..state_dict_layout import STATISTICS_KEYS, packed_state_key
 from ..validation import check_settings
 
 try:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import functional as F4
 from ..kernels.derived import version
-from ..quant_state import PACKED_STATE_MARKER
+from ..state_dict_layout import PACKED_STATE_MARKER
 from .params import Params4bit
 
 __all__ = [
