@@ -71,7 +71,7 @@ def test_the_statistics_become_views_of_one_buffer_with_the_same_values(device, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nested", TRUE_FALSE, ids=id_formatter("nested"))
-def test_a_compiled_call_reads_the_statistics_buffer_alone(device, nested):
+def test_a_compiled_call_reads_the_buffer_and_the_code_table(device, nested):
     layer = _layer(device, nested)
     inputs: list[int] = []
 
@@ -83,7 +83,7 @@ def test_a_compiled_call_reads_the_statistics_buffer_alone(device, nested):
     with torch.no_grad():
         out = torch.compile(layer, fullgraph=True, backend=counting_backend)(x)
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
-    assert inputs == [3], "the input, the packed weight and the statistics buffer"
+    assert inputs == [4], "the input, the packed weight, the statistics buffer and the code table (a view of it)"
 
     torch._dynamo.reset()
     layer.weight.quant_state.absmax = layer.weight.quant_state.absmax.clone()  # no longer a view

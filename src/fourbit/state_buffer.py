@@ -141,14 +141,16 @@ def current_statistics_buffer(state: Any) -> Tensor | None:
 
 def buffer_op_arguments(buffer: Tensor, state: Any) -> dict[str, Any]:
     """The ``torch.ops.fourbit`` keyword arguments of ``state``'s statistics (``prepared.op_arguments``'
-    form), sliced from its ``buffer`` where the state's shape and blocksizes place them. The code
-    table's slice finds the tables derived from the state's own view (``kernels.derived`` keys them
-    by memory)."""
+    form): sliced from its ``buffer``, where the state's shape and blocksizes place them, except
+    the code table. That one is the state's own view, a graph input marked static. A slice made
+    in the graph would reach a compiled backward as an ordinary input, which CUDA graph trees copy
+    into their memory pool; the kernels' tables derived from that copy (``kernels.derived``) would
+    then be built there and outlive the graph."""
     blocks, nested_blocks = _block_counts(state)
     views = _views(buffer, blocks, nested_blocks)
     if nested_blocks is None:
-        return {"absmax": views[0], "code": views[1], "nested_absmax": None, "nested_code": None,
+        return {"absmax": views[0], "code": state.code, "nested_absmax": None, "nested_code": None,
                 "nested_offset": None, "nested_blocksize": NESTED_BLOCKSIZE}  # fmt: skip
-    absmax, code, offset, nested_absmax, nested_code = views
-    return {"absmax": absmax, "code": code, "nested_absmax": nested_absmax, "nested_code": nested_code,
+    absmax, _, offset, nested_absmax, nested_code = views
+    return {"absmax": absmax, "code": state.code, "nested_absmax": nested_absmax, "nested_code": nested_code,
             "nested_offset": offset, "nested_blocksize": state.state2.blocksize}  # fmt: skip
