@@ -142,16 +142,19 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         if not self.compute_type_is_set:
             self.set_compute_type(x)
             self.compute_type_is_set = True
-        input_dtype = x.dtype
+        # dtypes held in locals: after a kernel has streamed a weight through the caches, each
+        # tensor attribute read runs cold (docs/performance.md)
+        input_dtype = dtype = x.dtype
         if self.compute_dtype is not None and input_dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        if isinstance(weight, Params4bit) and x.dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
+            dtype = self.compute_dtype
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        if isinstance(weight, Params4bit) and dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
             out = self._prepared_product(weight)(x, bias)
         else:
             out = matmul_4bit(x, weight, self._forward_quant_state(), bias=bias)
-        return out if out.dtype == input_dtype else out.to(input_dtype)
+        return out if dtype == input_dtype else out.to(input_dtype)
 
     def _prepared_product(self, weight: Params4bit) -> Any:
         """The weight's product prepared once (``functional.prepare_linear``), rebuilt when the

@@ -112,7 +112,10 @@ class PreparedWeight:
             return compiled.linear_4bit(A, *self.arguments, bias, *(self.nested or ()))
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
-        x = A.reshape(-1, self.k)
+        shape = A.shape
+        # a 2-D input as it is: right after a kernel has streamed the weight through the caches,
+        # every torch call runs cold, a reshape's view about 40 us (docs/performance.md)
+        x = A if len(shape) == 2 else A.reshape(-1, self.k)
         rows = x.shape[0]
         isa = native.isa()
         if isa == native.AMX and A.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -122,7 +125,7 @@ class PreparedWeight:
             return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
         if not x.is_contiguous():
             x = x.contiguous()
-        out = native.empty((*A.shape[:-1], self.n_out), A.dtype)
+        out = native.empty((*shape[:-1], self.n_out), A.dtype)
         if rows:
             bias_pointer = None if bias is None else bias.contiguous().data_ptr()
             self._linear(
