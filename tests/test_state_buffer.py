@@ -159,6 +159,18 @@ def test_replacing_a_statistic_drops_the_buffer_and_compiled_calls_use_the_new_o
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_move_to_the_device_the_layer_is_on_keeps_the_buffer(device):
+    layer = _layer(device)
+    state = layer.weight.quant_state
+    buffer = current_statistics_buffer(state)
+    tensors = _state_tensors(state)
+    layer.to(device)
+    state.to(device)
+    assert layer.weight.quant_state is state and current_statistics_buffer(state) is buffer
+    assert all(a is b for a, b in zip(_state_tensors(state), tensors, strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_move_builds_the_buffer_again(device):
     layer = _layer(device)
     state = layer.weight.quant_state

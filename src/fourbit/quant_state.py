@@ -393,12 +393,15 @@ class QuantState:
         return clone
 
     def to(self, device: torch.device | str) -> QuantState:
-        """Move every tensor to ``device`` in place (returns self for chaining)."""
-        self.absmax = self.absmax.to(device)
-        if self.code is not None:
-            self.code = self.code.to(device)
+        """Move every tensor to ``device`` in place (returns self for chaining). Tensors already
+        there stay as they are, so a state whose statistics share a buffer keeps it."""
+        names = ("absmax", "code", "offset") if self.nested else ("absmax", "code")
+        for name in names:
+            tensor = getattr(self, name)
+            moved = tensor.to(device) if tensor is not None else None
+            if moved is not tensor:
+                setattr(self, name, moved)
         if self.nested:
-            self.offset = self.offset.to(device)
             self.state2.to(device)
         return self
 
