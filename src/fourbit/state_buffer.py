@@ -6,6 +6,8 @@ tensors (absmax codes, code table, offset, nested absmax and nested code table).
 trace reads one buffer, and slices it inside the graph where the state's shape and blocksizes
 say, has one. The views keep in-place changes visible to both. Replacing one of the state's
 tensors drops the buffer (``QuantState.__setattr__``); a traced call then reads them one by one.
+Swapping a statistic's storage underneath it (``tensor.data = ...``, ``tensor.set_(...)``) is not
+seen: compiled calls would keep reading the buffer. Assign the attribute instead.
 """
 
 from __future__ import annotations
