@@ -4,7 +4,8 @@ Before each call of a compiled function, torch.compile checks guards on what the
 Python objects: for every tensor its dtype, shape, strides and device. A nested state has five
 tensors (absmax codes, code table, offset, nested absmax and nested code table). A layer whose
 trace reads one buffer, and slices it inside the graph where the state's shape and blocksizes
-say, has one. The views keep in-place changes visible to both. Replacing one of the state's
+say, has two: the buffer and the code table (``buffer_op_arguments`` says why that one is passed
+as it is). The views keep in-place changes visible to both. Replacing one of the state's
 tensors drops the buffer (``QuantState.__setattr__``); a traced call then reads them one by one.
 Swapping a statistic's storage underneath it (``tensor.data = ...``, ``tensor.set_(...)``) is not
 seen: compiled calls would keep reading the buffer. Assign the attribute instead.
