@@ -29,23 +29,21 @@ def version(tensor: torch.Tensor) -> int:
     return 0 if tensor.is_inference() else tensor._version
 
 
-def _memory_key(code: torch.Tensor, name: str) -> tuple[object, ...]:
-    return (code.device, code.data_ptr(), code.dtype, tuple(code.shape), code.stride(), name)
-
-
 def derived(code: torch.Tensor, name: str, build: Callable[[torch.Tensor], T]) -> T:
     """``build(code)``, computed once per code memory, version and ``name``."""
-    key = _memory_key(code, name)
-    owner = code if code._base is None else code._base  # alive, the memory at the key is the code's
+    # the memory: address and layout, and the device index (-1 on the CPU), as CUDA addresses
+    # are unique across devices
+    key = (code.data_ptr(), code.get_device(), code.dtype, code.shape, code.stride(), name)
     entry = _entries.get(key)
     if entry is not None:
-        entry_owner = entry[0]()
+        owner = entry[0]()
         # the owner alive and still over the memory it had (``.data`` not replaced), unchanged
-        if entry_owner is not None and entry_owner.data_ptr() == entry[1] and entry[2] == version(code):
+        if owner is not None and owner.data_ptr() == entry[1] and entry[2] == version(code):
             return entry[3]
     value = build(code)
     if not (code.is_cuda and torch.cuda.is_current_stream_capturing()):
         if len(_entries) > 256:
             _entries.clear()
+        owner = code if code._base is None else code._base  # alive, the memory at the key is the code's
         _entries[key] = (weakref.ref(owner), owner.data_ptr(), version(code), value)
     return value
