@@ -48,6 +48,30 @@ def test_compiled_cuda_graphs_read_the_state_in_place_and_follow_a_reload():
         torch.testing.assert_close(out, net(x))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16], ids=describe_dtype)
+def test_a_layer_first_called_under_compiled_cuda_graphs_forward_and_backward(compute_dtype):
+    """No eager call first: the tables the kernels derive from the code table (the decode table
+    of the many-rows path and of the gradient, the float16 table) were built when the layer was
+    moved, not during the CUDA-graph warmup, whose memory pool must hold nothing kept."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        *[bnb.nn.Linear4bit(256, 256, bias=False, compute_dtype=compute_dtype, quant_type="nf4") for _ in range(2)]
+    ).cuda()
+    compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(16, 256, dtype=compute_dtype, device="cuda", requires_grad=True)
+    for _ in range(3):
+        out = compiled(x)
+        out.sum().backward()
+    gradient = x.grad.clone() / 3
+    x.grad = None
+    expected = net(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gradient, x.grad)
+
+
 def _quantized_layer(quant_type="nf4", compress_statistics=True, bias=True, device="cpu"):
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48, bias=bias)

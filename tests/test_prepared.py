@@ -407,3 +407,17 @@ def test_launches_on_another_stream_use_their_own_workspace():
     torch.cuda.synchronize()
     for result in results + plain:
         torch.testing.assert_close(result, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_a_layer_builds_its_derived_tables_when_moved():
+    """Moving a Linear4bit to a device builds the tables its products and gradient derive from
+    the code table, so that no compiled call builds them inside a CUDA graph's memory pool."""
+    from fourbit.kernels import derived as cache
+
+    def never(code):
+        raise AssertionError("not built ahead")
+
+    layer = Linear4bit(64, 32, compute_dtype=torch.float16).to("cpu")
+    code = layer.weight.quant_state.code
+    assert torch.equal(cache.derived(code, "decode", never), code + 0.0)
+    assert torch.equal(cache.derived(code, "float16", never), code.half())

@@ -208,6 +208,25 @@ def test_derived_tables_are_shared_by_views_of_one_code_and_dropped_with_its_mem
     assert torch.equal(derived(buffer[:16], "test-views", build), code_table("fp4") * 2) and len(builds) == 4
 
 
+def test_derived_tables_of_many_live_codes_are_all_kept_and_freed_ones_dropped():
+    """A model has one code table per layer: past the first limit every live one keeps its
+    tables, while those of freed code tables are dropped when the cache fills."""
+    from fourbit.kernels import derived as cache
+
+    def never(code):
+        raise AssertionError("built again")
+
+    codes = [code_table("nf4") for _ in range(600)]
+    tables = [cache.derived(code, "test-many", lambda table: table * 2) for code in codes]
+    assert all(cache.derived(code, "test-many", never) is table for code, table in zip(codes, tables, strict=True))
+    del codes, tables
+    kept = [code_table("fp4") for _ in range(cache._limit)]  # enough new entries to reach the limit
+    for code in kept:
+        cache.derived(code, "test-fill", lambda table: table * 2)
+    assert not any("test-many" in key for key in cache._entries)
+    assert all(torch.equal(cache.derived(code, "test-fill", never), code * 2) for code in kept)
+
+
 @pytest.mark.gpu
 def test_derived_tables_are_not_kept_from_a_graph_capture():
     from fourbit.kernels.derived import _entries, derived

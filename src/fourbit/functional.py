@@ -26,7 +26,7 @@ from .formats import (
     num_blocks,
     packed_nbytes,
 )
-from .prepared import cached_4bit_code, op_arguments, prepare_linear, prepared_key
+from .prepared import cached_4bit_code, op_arguments, prepare_code_tables, prepare_linear, prepared_key
 from .quant_state import (
     PREPARED_ATTRIBUTE,
     QuantState,
@@ -64,6 +64,7 @@ __all__ = [
     "pack_dict_to_tensor",
     "packed_for_device",
     "packed_rows",
+    "prepare_code_tables",
     "prepare_linear",
     "prepared_key",
     "prepared_product",

@@ -12,16 +12,32 @@ from torch import Tensor
 
 from . import ops
 from .formats import NestedStatistics, get_4bit_type, nested_op_arguments
-from .kernels.derived import version
+from .kernels.derived import prepare_product_tables, version
 from .quant_state import QuantState, check_4bit_state
 
-__all__ = ["cached_4bit_code", "op_arguments", "prepare_linear", "prepared_key", "weight_arguments"]
+__all__ = [
+    "cached_4bit_code",
+    "op_arguments",
+    "prepare_code_tables",
+    "prepare_linear",
+    "prepared_key",
+    "weight_arguments",
+]
 
 
 @functools.cache
 def cached_4bit_code(quant_type: str, device: torch.device) -> Tensor:
     """The 4-bit code table of ``quant_type`` on ``device``, made once per device."""
     return get_4bit_type(quant_type, device=device)
+
+
+def prepare_code_tables(state: QuantState) -> None:
+    """Build now the tables the kernels derive from ``state``'s code table (``kernels.derived``),
+    so that no compiled call builds them inside a CUDA graph's memory pool. Nothing for a state
+    without a real code tensor."""
+    code = state.code
+    if isinstance(code, Tensor) and code.device.type != "meta" and code.dtype == torch.float32:
+        prepare_product_tables(code)
 
 
 def weight_arguments(state: QuantState, device: torch.device) -> dict[str, Any]:

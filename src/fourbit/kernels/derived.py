@@ -6,8 +6,11 @@ Entries are keyed by the code's memory (address, dtype, shape, strides), so that
 the same values finds them: a compiled backward receives a code table saved by its forward as a
 new view in every call. Each entry holds a weak reference to the tensor that owns the memory (a
 view's base), and the version counter views share, so a table freed and another allocated at its
-address, or a table changed in place, is rebuilt. Nothing is cached while a CUDA graph is being
-captured: a tensor made there holds its values only once the graph is replayed.
+address, or a table changed in place, is rebuilt. Entries of freed code tables are dropped when
+the cache fills; live ones are all kept (a model has one code table per layer). Nothing is
+cached while a CUDA graph is being captured: a tensor made there holds its values only once the
+graph is replayed. ``prepare_product_tables`` builds a code table's product tables ahead, outside
+any compiled call.
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ from typing import TypeVar
 
 import torch
 
+from . import reference
+
+__all__ = ["decode_table", "derived", "float16_table", "prepare_product_tables", "version"]
+
 T = TypeVar("T")
 
 _entries: dict[tuple[object, ...], tuple[weakref.ref, int, int, object]] = {}
+#: Entries kept before those of freed code tables are dropped; doubles past what stays alive, so
+#: that a model with many code tables (one per layer) keeps all of them.
+_MIN_LIMIT = 256
+_limit = _MIN_LIMIT
 
 
 def version(tensor: torch.Tensor) -> int:
@@ -42,8 +53,34 @@ def derived(code: torch.Tensor, name: str, build: Callable[[torch.Tensor], T]) -
             return entry[3]
     value = build(code)
     if not (code.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if len(_entries) > 256:
-            _entries.clear()
         owner = code if code._base is None else code._base  # alive, the memory at the key is the code's
-        _entries[key] = (weakref.ref(owner), owner.data_ptr(), version(code), value)
+        _store(key, (weakref.ref(owner), owner.data_ptr(), version(code), value))
     return value
+
+
+def _store(key: tuple[object, ...], entry: tuple[weakref.ref, int, int, object]) -> None:
+    """Keep ``entry``; at the limit, first drop the entries whose code tables were freed."""
+    global _limit
+    if len(_entries) >= _limit:
+        for stale in [known for known, (owner, *_) in _entries.items() if owner() is None]:
+            del _entries[stale]
+        _limit = max(_MIN_LIMIT, 2 * len(_entries))
+    _entries[key] = entry
+
+
+def decode_table(code: torch.Tensor) -> torch.Tensor:
+    """The code table the decode kernels read: its zero entries as +0.0 (``reference.decode_table``)."""
+    return derived(code, "decode", reference.decode_table)
+
+
+def float16_table(code: torch.Tensor) -> torch.Tensor:
+    """The code table in float16, which the CUDA-core products read for half inputs."""
+    return derived(code, "float16", torch.Tensor.half)
+
+
+def prepare_product_tables(code: torch.Tensor) -> None:
+    """Build the tables a product or its gradient derives from ``code``, ahead of any call. A
+    first call under ``torch.compile(mode="reduce-overhead")`` would otherwise build them during
+    the CUDA-graph warmup, inside the graph's memory pool, where a kept table is an error."""
+    decode_table(code)
+    float16_table(code)

@@ -18,7 +18,7 @@ import torch
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from .. import reference
-from ..derived import derived
+from ..derived import decode_table
 from . import compiled, native
 
 __all__ = [
@@ -70,7 +70,7 @@ class PreparedWeight:
         # everything the library reads must stay alive as long as the pointers do
         self._keep = [
             packed.reshape(-1).view(torch.uint8),
-            derived(code, "decode", reference.decode_table).contiguous(),
+            decode_table(code).contiguous(),
         ]
         weight = native.Weight(self._keep[0].data_ptr(), self._keep[1].data_ptr())
         weight.blocksize = blocksize

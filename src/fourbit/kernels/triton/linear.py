@@ -23,7 +23,7 @@ import triton
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from ...layout import TILE_ROWS
-from ..derived import derived
+from ..derived import float16_table
 from . import dispatch, fragments
 from .common import nested_arguments
 from .dequantize import DequantizeLaunch
@@ -55,7 +55,7 @@ def _gemv_tensors(words: bool, half: bool) -> Callable[[PreparedWeight], tuple]:
 
     def bind(weight: PreparedWeight) -> tuple:
         data = weight.bytes.view(torch.int32) if words else weight.bytes
-        table = derived(weight.code, "float16", torch.Tensor.half) if half else weight.code
+        table = float16_table(weight.code) if half else weight.code
         return (data, weight.absmax, table, *weight.statistics)
 
     return bind
