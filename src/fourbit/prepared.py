@@ -34,9 +34,9 @@ def cached_4bit_code(quant_type: str, device: torch.device) -> Tensor:
 def prepare_code_tables(state: QuantState) -> None:
     """Build now the tables the kernels derive from ``state``'s code table (``kernels.derived``),
     so that no compiled call builds them inside a CUDA graph's memory pool. Nothing for a state
-    without a real code tensor."""
+    without a plain float32 code tensor with data (meta, fake and other subclasses have none)."""
     code = state.code
-    if isinstance(code, Tensor) and code.device.type != "meta" and code.dtype == torch.float32:
+    if type(code) is Tensor and code.device.type != "meta" and code.dtype == torch.float32:
         prepare_product_tables(code)
 
 
