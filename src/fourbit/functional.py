@@ -393,7 +393,7 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
 def _traced_statistics(B: Tensor, state: QuantState, device: torch.device) -> dict[str, Any]:
     """The op arguments of ``state``'s statistics in a traced call, after checking ``B`` against
     it: sliced from its statistics buffer when it has one (checked when built), so that the trace
-    reads one tensor of statistics rather than five (``fourbit.state_buffer``)."""
+    reads the buffer and the code table rather than up to five tensors (``fourbit.state_buffer``)."""
     buffer = current_statistics_buffer(state)
     if buffer is None:
         check_4bit_state(B, state)

@@ -219,10 +219,10 @@ class Params4bit(torch.nn.Parameter):
     def share_state_with_module(self) -> None:
         """Record this weight's QuantState and storage dtype on its owning module: the one place the
         module's copy is written (FSDP2 reads the module's copy once the weight is sharded). The
-        state's statistics are gathered in one buffer, which compiled calls read instead of five
-        tensors (``fourbit.state_buffer``), the tables the kernels derive from its code table are
-        built (``functional.prepare_code_tables``), and a CUDA state is marked static for compiled
-        CUDA graphs (``QuantState.mark_static_for_cuda_graphs``)."""
+        state's statistics are gathered in one buffer, which compiled calls read with the code
+        table instead of up to five tensors (``fourbit.state_buffer``); the tables the kernels
+        derive from the code table are built (``functional.prepare_code_tables``); and a CUDA state
+        is marked static for compiled CUDA graphs (``QuantState.mark_static_for_cuda_graphs``)."""
         state = self.quant_state
         if self.module is not None and state is not None:
             torch.nn.Module.__setattr__(self.module, "quant_state", state)
