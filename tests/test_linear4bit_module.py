@@ -17,6 +17,7 @@ from helpers import (
 )
 
 import fourbit as bnb
+import fourbit.functional as F
 
 
 @pytest.mark.gpu
@@ -49,11 +50,11 @@ def test_compiled_cuda_graphs_read_the_state_in_place_and_follow_a_reload():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16], ids=describe_dtype)
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=describe_dtype)
 def test_a_layer_first_called_under_compiled_cuda_graphs_forward_and_backward(compute_dtype):
     """No eager call first: the tables the kernels derive from the code table (the decode table
-    of the many-rows path and of the gradient, the float16 table) were built when the layer was
-    moved, not during the CUDA-graph warmup, whose memory pool must hold nothing kept."""
+    of the many-rows path and of the gradient, the float16 table) are built outside the
+    CUDA-graph warmup's memory pool, which must hold nothing kept."""
     torch.compiler.reset()
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -62,14 +63,32 @@ def test_a_layer_first_called_under_compiled_cuda_graphs_forward_and_backward(co
     compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(16, 256, dtype=compute_dtype, device="cuda", requires_grad=True)
     for _ in range(3):
+        x.grad = None  # a gradient kept from the last step would be graph memory, overwritten
         out = compiled(x)
         out.sum().backward()
-    gradient = x.grad.clone() / 3
+        out, gradient = out.clone(), x.grad.clone()
     x.grad = None
     expected = net(x)
     expected.sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(gradient, x.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
+def test_a_functional_product_first_called_under_compiled_cuda_graphs(compute_dtype, rows):
+    """A state straight from ``quantize_4bit``, whose tables nothing built ahead, used first
+    inside a compiled call with CUDA graphs: its derived tables are built outside the graph pool."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    weight, state = F.quantize_4bit(torch.randn(256, 256, device="cuda", dtype=compute_dtype), quant_type="nf4")
+    product = torch.compile(lambda a: bnb.matmul_4bit(a, weight.t(), state), mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(rows, 256, dtype=compute_dtype, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            out = product(x).clone()
+        torch.testing.assert_close(out, bnb.matmul_4bit(x, weight.t(), state))
 
 
 def _quantized_layer(quant_type="nf4", compress_statistics=True, bias=True, device="cpu"):

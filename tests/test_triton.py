@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
@@ -237,6 +238,33 @@ def test_derived_tables_are_not_kept_from_a_graph_capture():
     with torch.cuda.stream(stream), torch.cuda.graph(graph):
         derived(code, "test-capture", lambda table: table * 2)
     assert not any("test-capture" in key for key in _entries)
+
+
+@pytest.mark.gpu
+def test_cuda_tables_are_built_on_a_helper_thread_on_the_callers_stream():
+    """Outside a capture a CUDA table is built off the calling thread (whose allocations a
+    CUDA-graph warmup sends to the graph's pool), on the caller's stream; a table that needs
+    another builds it in place, and a build's error reaches the caller."""
+    from fourbit.kernels.derived import derived
+
+    code = code_table("nf4")
+    seen = {}
+
+    def build(table):
+        seen["thread"], seen["stream"] = threading.current_thread(), torch.cuda.current_stream()
+        return derived(table, "test-inner", lambda inner: inner * 3) * 2
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        table = derived(code, "test-helper", build)
+    assert seen["thread"] is not threading.current_thread() and seen["stream"] == stream
+    assert torch.equal(table, code * 6)
+
+    def refuse(table):
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        derived(code, "test-error", refuse)
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,19 @@ view's base), and the version counter views share, so a table freed and another 
 address, or a table changed in place, is rebuilt. Entries of freed code tables are dropped when
 the cache fills; live ones are all kept (a model has one code table per layer). Nothing is
 cached while a CUDA graph is being captured: a tensor made there holds its values only once the
-graph is replayed. ``prepare_product_tables`` builds a code table's product tables ahead, outside
-any compiled call.
+graph is replayed. Outside a capture, CUDA tables are built on a helper thread: torch.compile's
+CUDA-graph warmup sends the calling thread's allocations to the graph's memory pool, where a kept
+table is an error. ``prepare_product_tables`` builds a code table's product tables ahead.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -32,6 +37,8 @@ _entries: dict[tuple[object, ...], tuple[weakref.ref, int, int, object]] = {}
 #: that a model with many code tables (one per layer) keeps all of them.
 _MIN_LIMIT = 256
 _limit = _MIN_LIMIT
+#: The helper thread's name; a table built there that needs another builds it in place.
+_HELPER_NAME = "fourbit-derived"
 
 
 def version(tensor: torch.Tensor) -> int:
@@ -51,11 +58,34 @@ def derived(code: torch.Tensor, name: str, build: Callable[[torch.Tensor], T]) -
         # the owner alive and still over the memory it had (``.data`` not replaced), unchanged
         if owner is not None and owner.data_ptr() == entry[1] and entry[2] == version(code):
             return entry[3]
-    value = build(code)
-    if not (code.is_cuda and torch.cuda.is_current_stream_capturing()):
+    capturing = code.is_cuda and torch.cuda.is_current_stream_capturing()
+    off_thread = code.is_cuda and not capturing and not threading.current_thread().name.startswith(_HELPER_NAME)
+    value = _build_off_thread(code, build) if off_thread else build(code)
+    if not capturing:
         owner = code if code._base is None else code._base  # alive, the memory at the key is the code's
         _store(key, (weakref.ref(owner), owner.data_ptr(), version(code), value))
     return value
+
+
+def _build_off_thread(code: torch.Tensor, build: Callable[[torch.Tensor], T]) -> T:
+    """``build(code)`` on a helper thread, on the caller's device and stream: its memory comes
+    from the caching allocator's ordinary pool even when the caller's goes to a CUDA graph's."""
+    device, stream = code.device, torch.cuda.current_stream(code.device)
+
+    def run() -> T:
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            return build(code)
+
+    return _helper().submit(run).result()
+
+
+@functools.cache
+def _helper() -> ThreadPoolExecutor:
+    """The one thread that builds CUDA tables, started at the first."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=_HELPER_NAME)
+
+
+os.register_at_fork(after_in_child=_helper.cache_clear)  # a child has no helper thread
 
 
 def _store(key: tuple[object, ...], entry: tuple[weakref.ref, int, int, object]) -> None:
