@@ -85,7 +85,8 @@ def _helper() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=_HELPER_NAME)
 
 
-os.register_at_fork(after_in_child=_helper.cache_clear)  # a child has no helper thread
+if hasattr(os, "register_at_fork"):  # POSIX: a forked child has no helper thread
+    os.register_at_fork(after_in_child=_helper.cache_clear)
 
 
 def _store(key: tuple[object, ...], entry: tuple[weakref.ref, int, int, object]) -> None:
