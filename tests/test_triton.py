@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 
 import pytest
@@ -265,6 +266,30 @@ def test_cuda_tables_are_built_on_a_helper_thread_on_the_callers_stream():
 
     with pytest.raises(ValueError, match="refused"):
         derived(code, "test-error", refuse)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_a_table_helper_of_its_own():
+    """The helper thread that builds CUDA tables does not survive a fork: a child that used the
+    parent's executor would wait forever on a thread it does not have."""
+    from fourbit.kernels import derived
+
+    parent = derived._helper()
+    assert parent.submit(lambda: 7).result() == 7
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's teardown
+        try:
+            helper = derived._helper()
+            ok = helper is not parent and helper.submit(lambda: 7).result(timeout=30) == 7
+        except BaseException:
+            ok = False
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
 
 
 @pytest.mark.parametrize(
