@@ -56,10 +56,12 @@ WIDE_CANDIDATES = [
     ("wide", 128, 128, 64, 4, 4), ("wide", 256, 128, 64, 8, 3),
 ]  # fmt: skip
 
-# ("fragments", num_warps, SPLIT_K): the register-fragment kernel, up to 16 rows; SPLIT_K 0 = automatic
+# ("fragments", num_warps, SPLIT_K, K_WARPS): the register-fragment kernel, up to 16 rows; SPLIT_K 0 =
+# automatic (fragment_grid.fragment_parts), K_WARPS the warps sharing a row group's K (1 if left out)
 FRAGMENT_CANDIDATES = [
-    ("fragments", 4, 0), ("fragments", 4, 1), ("fragments", 4, 2), ("fragments", 4, 3), ("fragments", 4, 4),
-    ("fragments", 2, 0), ("fragments", 2, 1), ("fragments", 2, 2), ("fragments", 8, 0), ("fragments", 8, 2),
+    ("fragments", 4, 0), ("fragments", 4, 1), ("fragments", 4, 2), ("fragments", 4, 4), ("fragments", 2, 0),
+    ("fragments", 8, 0), ("fragments", 4, 1, 4), ("fragments", 4, 1, 2), ("fragments", 8, 1, 8),
+    ("fragments", 8, 1, 4), ("fragments", 4, 2, 4), ("fragments", 4, 4, 4), ("fragments", 2, 1, 2),
 ]  # fmt: skip
 
 QUANTIZE_CANDIDATES = [

@@ -67,7 +67,15 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "config",
-    [("fragments", 4, 1), ("fragments", 2, 3), ("fragments", 8, 0), ("fragments", 4, 2)],
+    [
+        ("fragments", 4, 1),
+        ("fragments", 2, 3),
+        ("fragments", 8, 0),
+        ("fragments", 4, 2),
+        ("fragments", 4, 1, 4),
+        ("fragments", 8, 3, 2),
+        ("fragments", 2, 0, 2),
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
@@ -75,8 +83,8 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
 def test_register_fragment_kernel_configurations(config, dtype, nested):
     """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
     ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not
-    divide K, nested statistics whose blocks span rows,
-    and strided inputs, against a float64 reference."""
+    divide K, warps sharing K (some with no columns left), nested statistics whose blocks span
+    rows, and strided inputs, against a float64 reference."""
     for quant_type, (n, k, blocksize) in itertools.product(
         ["nf4", "fp4"],
         [
@@ -122,6 +130,36 @@ def test_register_fragment_kernel_refuses_unaligned_k():
             fragments.fragment_launch(weight, x[:, :k], False, (4, 0), 1)
 
 
+def test_register_fragment_kernel_refuses_k_warps_that_do_not_divide_its_warps():
+    """K warps must divide a program's warps: each row group is taken by the same number."""
+    from fourbit.kernels.triton import fragments
+
+    weight = kernels.linear.PreparedWeight(
+        torch.zeros(256 * 64 // 2, dtype=torch.uint8), torch.ones(256), code_table("nf4"), 64, (64, 256)
+    )
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    for config in [(4, 1, 3), (2, 0, 4), (4, 1, -1)]:
+        with pytest.raises(ValueError, match="K warps"):
+            fragments.fragment_launch(weight, x, False, config, 1)
+
+
+@pytest.mark.parametrize(
+    "row_groups, k, parts",
+    [(64, 4096, (4, 1)), (256, 4096, (4, 1)), (384, 4096, (4, 1)), (896, 4096, (2, 1)), (1792, 8192, (2, 1)),
+     (256, 14336, (4, 1)), (16, 256, (1, 1)), (16, 512, (2, 1)), (16, 1024, (4, 1)), (6000, 4096, (2, 1)),
+     (64, 14336, (1, 17)), (16, 14336, (1, 66))],
+)  # fmt: skip
+def test_the_fragment_kernel_shares_k_among_a_programs_warps_unless_few_rows_have_a_long_k(row_groups, k, parts):
+    """Four warps share each row group where the row programs alone would leave multiprocessors
+    idle, two where they cover them, never more than K's iterations, and K is not split across
+    programs; few row groups with a long K are split across programs instead (the split count is
+    capped by K at launch). A given number of K warps is kept."""
+    from fourbit.kernels.triton import fragment_grid
+
+    assert fragment_grid.fragment_parts(row_groups, k, 4, 132) == parts
+    assert fragment_grid.fragment_parts(row_groups, k, 4, 132, k_warps=1) == (1, 1)
+
+
 @pytest.mark.parametrize(
     "programs, processors, splits",
     [(224, 132, 1), (132, 132, 1), (395, 132, 1), (396, 132, 2), (448, 132, 2), (528, 132, 2), (529, 132, 1),
@@ -133,6 +171,6 @@ def test_the_fragment_kernel_splits_k_where_its_programs_leave_multiprocessors_i
     """A grid that covers the multiprocessors once or twice, or more than they hold at once, runs
     unsplit; one that covers them three times or more and fits at once is split in two; a smaller
     one is split for two programs per multiprocessor (before the weight's K caps it)."""
-    from fourbit.kernels.triton import fragments
+    from fourbit.kernels.triton import fragment_grid
 
-    assert fragments.fragment_splits(programs, processors) == splits
+    assert fragment_grid.fragment_splits(programs, processors) == splits

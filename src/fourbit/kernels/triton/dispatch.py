@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from . import fragments, tuning
+from . import fragment_grid, fragments, tuning
 from .common import INTERPRETED
 
 
@@ -70,14 +70,14 @@ def covering_splits(programs: int, device: torch.device) -> int:
 def fragments_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
     """Whether the fragment kernel takes this product: at most ``8 * MAX_TILES`` rows of 16-bit
     input on an NVIDIA GPU of compute capability 8.0 or newer, blocksizes of 64 and more, K a
-    multiple of the blocksize and of 256 (``fragments.aligned``), and packed data (when given) that starts
+    multiple of the blocksize and of 256 (``fragment_grid.aligned``), and packed data (when given) that starts
     on 16 bytes and holds fewer than 2**35 weights (int32 indices)."""
     return (
         x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cuda"
         and x.shape[0] <= fragments.TILE_ROWS * fragments.MAX_TILES
-        and blocksize >= fragments.STEP
-        and fragments.aligned(k, blocksize)
+        and blocksize >= fragment_grid.STEP
+        and fragment_grid.aligned(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
         and torch.version.hip is None
         and _capability(x.device) >= (8, 0)
@@ -93,8 +93,8 @@ def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) ->
     return (
         device.type == "cuda"
         and not INTERPRETED
-        and blocksize >= fragments.STEP
-        and fragments.aligned(k, blocksize)
+        and blocksize >= fragment_grid.STEP
+        and fragment_grid.aligned(k, blocksize)
         and n * k // 2 < 2**34
         and torch.version.hip is None
         and _capability(device) >= (8, 0)

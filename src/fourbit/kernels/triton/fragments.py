@@ -15,6 +15,11 @@ instructions per weight) left the integer pipe the limit. A 64-column step of a 
 absmax block (blocksizes of 64 and more), so its products are scaled once per row; the absmax of
 four steps is read at once and nested statistics are decoded through the same shared memory.
 
+A program's warps take 16 weight rows each, or (``K_WARPS``) share row groups, each warp taking a
+part of K; Triton's reduction sums the parts through shared memory before the store. K may also
+be split across programs, whose partial sums meet in a float32 workspace (``fragment_parts``
+says why that is kept for tuning only).
+
 Each program works on 1-d tiles of ``32 * num_warps`` elements, one per thread (Triton's layout
 for such a tile); lane and row indices come from the thread index the hardware reports. Every
 load must keep that layout: a 2-d load that Triton spreads across threads makes it recompute the
@@ -31,13 +36,9 @@ import triton.language as tl
 
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
+from .fragment_grid import GROUP_STEPS, STEP, aligned, fragment_parts
 from .launch import ProductLaunch
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
-
-#: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
-#: iteration (the absmax of an iteration's steps is read at once).
-STEP = 64
-GROUP_STEPS = 4
 
 #: Input rows of one instruction tile (its ``n`` side); a program takes up to ``MAX_TILES``.
 TILE_ROWS = 8
@@ -275,6 +276,35 @@ def _finish_group(
 
 
 @triton.jit
+def _sum_warps(value, ROW_GROUPS: tl.constexpr, K_WARPS: tl.constexpr):
+    """The sums over the K parts of one accumulator: element i of ``value`` is thread i's, and
+    thread i's warp takes part ``i // (32 * ROW_GROUPS)`` of the columns."""
+    return tl.sum(tl.reshape(value, (K_WARPS, 32 * ROW_GROUPS)), axis=0)
+
+
+@triton.jit
+def _sum_k_warps(acc, program_row, ROW_GROUPS: tl.constexpr, K_WARPS: tl.constexpr, TILES: tl.constexpr):
+    """The accumulators summed over the warps that split the program's columns, with each sum's
+    first row and quad (as ``_store_group`` takes them, for element j of the sums: row group
+    ``j // 32``, lane ``j % 32``)."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc
+    j = tl.arange(0, 32 * ROW_GROUPS)
+    lane = j % 32
+    a0 = _sum_warps(a0, ROW_GROUPS, K_WARPS)
+    a1 = _sum_warps(a1, ROW_GROUPS, K_WARPS)
+    a2 = _sum_warps(a2, ROW_GROUPS, K_WARPS)
+    a3 = _sum_warps(a3, ROW_GROUPS, K_WARPS)
+    if TILES == 2:
+        a4 = _sum_warps(a4, ROW_GROUPS, K_WARPS)
+        a5 = _sum_warps(a5, ROW_GROUPS, K_WARPS)
+        a6 = _sum_warps(a6, ROW_GROUPS, K_WARPS)
+        a7 = _sum_warps(a7, ROW_GROUPS, K_WARPS)
+    else:  # never stored (_store_group)
+        a4, a5, a6, a7 = a0, a1, a2, a3
+    return (a0, a1, a2, a3, a4, a5, a6, a7), program_row + (j // 32) * 16 + lane // 4, lane % 4
+
+
+@triton.jit
 def _fragment_mma_kernel(
     x_ptr,
     w_ptr,
@@ -302,9 +332,11 @@ def _fragment_mma_kernel(
     HAS_BIAS: tl.constexpr,
     WORDS: tl.constexpr,
     TILED: tl.constexpr,
+    K_WARPS: tl.constexpr,
 ):
     """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
-    (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run).
+    (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run), and
+    ``K_WARPS`` warps take the same rows, each a part of the program's columns.
 
     ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
@@ -312,15 +344,25 @@ def _fragment_mma_kernel(
     iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
     Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size).
     """
+    ROW_GROUPS: tl.constexpr = WARPS // K_WARPS
     thread = _thread_index(tl.arange(0, 32 * WARPS))
     lane = thread % 32
     group = lane // 4
     quad = lane % 4
-    first_row = tl.program_id(0) * (16 * WARPS) + (thread // 32) * 16 + group
+    warp = thread // 32
+    first_row = tl.program_id(0) * (16 * ROW_GROUPS) + (warp % ROW_GROUPS) * 16 + group
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), 256) * 256
-    k_start = tl.program_id(1) * k_chunk
-    k_stop = tl.minimum(K, k_start + k_chunk)
+    program_start = tl.program_id(1) * k_chunk
+    program_stop = tl.minimum(K, program_start + k_chunk)
+    if K_WARPS == 1:
+        k_start = program_start
+        k_stop = program_stop
+        k_count = k_stop - k_start
+    else:  # the program's warps share its columns: warp // ROW_GROUPS takes the part of that index
+        k_count = tl.cdiv(tl.cdiv(k_chunk, K_WARPS), 256) * 256
+        k_start = program_start + (warp // ROW_GROUPS) * k_count
+        k_stop = tl.minimum(program_stop, k_start + k_count)
     table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 32 * WARPS)
     offset = 0.0
     if NESTED:
@@ -330,7 +372,8 @@ def _fragment_mma_kernel(
     stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
     zero = tl.zeros((32 * WARPS,), dtype=tl.float32)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero)
-    for k in range(k_start, k_stop, 64 * 4):
+    for k_offset in range(0, k_count, 64 * 4):
+        k = k_start + k_offset
         scales = _group_scales(stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
@@ -340,6 +383,8 @@ def _fragment_mma_kernel(
             first = second
             second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
             acc = _step(acc, words, inputs, scales[step], scales[4 + step], table, TILES, FLOAT16)
+    if K_WARPS > 1:
+        acc, first_row, quad = _sum_k_warps(acc, tl.program_id(0) * (16 * ROW_GROUPS), ROW_GROUPS, K_WARPS, TILES)
     if SPLIT_K == 1:
         _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, 1, HAS_BIAS)
     else:
@@ -348,18 +393,15 @@ def _fragment_mma_kernel(
             _finish_group(out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES, HAS_BIAS)
 
 
-def aligned(k: int, blocksize: int) -> bool:
-    """Whether K is a multiple of the blocksize and of an iteration's 256 columns. Then every
-    iteration's absmax blocks lie in one block of nested statistics (whose size is a multiple of
-    4), which the kernel reads once per iteration."""
-    return k % max(blocksize, GROUP_STEPS * STEP) == 0
-
-
 def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int):
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
-    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K),
-    SPLIT_K 0 meaning ``fragment_splits``."""
-    warps, split_k = config
+    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K) or
+    (num_warps, SPLIT_K, K_WARPS). SPLIT_K 0 lets ``fragment_parts`` choose both (and K_WARPS,
+    when given, is kept); otherwise K_WARPS defaults to 1."""
+    warps, split_k, *rest = config
+    k_warps = rest[0] if rest else 0
+    if k_warps < 0 or (k_warps and warps % k_warps):
+        raise ValueError(f"the fragment kernel's K warps ({k_warps}) must divide its warps ({warps})")
     if warps < 2:  # each thread stores four of the 256 nested codes into the table
         raise ValueError(f"the fragment kernel needs at least 2 warps a program, got {warps}")
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
@@ -373,38 +415,20 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     rows_aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
     stride_xm = x.stride(0) if rows_aligned else k
     tiles = triton.cdiv(m, TILE_ROWS)
-    programs = triton.cdiv(n_out, 16 * warps)
     if not split_k:
-        split_k = fragment_splits(programs, processors)
+        k_warps, split_k = fragment_parts(triton.cdiv(n_out, 16), k, warps, processors, k_warps)
+    k_warps = k_warps or 1
+    programs = triton.cdiv(n_out, 16 * (warps // k_warps))
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
     return ProductLaunch(
         _fragment_mma_kernel, (programs, split_k), {"num_warps": warps}, weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled),
+         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         _int64_rows if rows_aligned else _aligned_int64_rows,
     )  # fmt: skip
-
-
-#: Programs of the fragment kernel that one multiprocessor holds at once: 4 warps of 127
-#: registers a thread (Triton 3.6 on an H200, measured with Nsight Compute; Triton 3.9's ptxas
-#: needs 86) and 34 KiB of shared memory each. Capping registers to fit 5 or 6 was slower.
-RESIDENT_PROGRAMS = 4
-
-
-def fragment_splits(programs: int, processors: int) -> int:
-    """The K splits of ``programs`` row programs: enough for two programs on each multiprocessor
-    when they leave some idle; two when they cover each three times or more but all fit at once
-    (``RESIDENT_PROGRAMS``), as then some multiprocessors hold one program more than others and
-    finish last, while twice as many programs are spread by the scheduler as others finish (an
-    H200 ran 28672x8192, 448 programs on 132 multiprocessors, 4% faster at 1 row and 28% at 16);
-    else none, as partial sums cost more than the split gains (14336x4096, 224 programs, ran
-    10-15% faster unsplit)."""
-    if programs < processors:
-        return triton.cdiv(2 * processors, programs)
-    return 2 if 3 * processors <= programs <= RESIDENT_PROGRAMS * processors else 1
 
 
 def _fragment_tensors(weight) -> tuple:

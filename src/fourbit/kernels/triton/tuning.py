@@ -75,11 +75,13 @@ class WideConfig(NamedTuple):
 
 class FragmentConfig(NamedTuple):
     """The register-fragment kernel (``fragments``), for 16-bit inputs and blocksizes of 64 and
-    more. ``split_k`` 0: ``fragments.fragment_splits``."""
+    more. ``split_k`` 0: ``fragment_grid.fragment_parts`` chooses the split and, unless given
+    (non-zero), the warps sharing each row group's K."""
 
     max_rows: int
     num_warps: int
     split_k: int
+    k_warps: int = 0
 
 
 class QuantizeConfig(NamedTuple):

@@ -1,0 +1,64 @@
+"""How the fragment kernel's work is laid over a GPU: its step geometry, which K it takes, and how
+many warps and programs share each group of 16 weight rows (``fragments`` launches it)."""
+
+from __future__ import annotations
+
+import triton
+
+__all__ = ["GROUP_STEPS", "RESIDENT_PROGRAMS", "STEP", "aligned", "fragment_parts", "fragment_splits"]
+
+#: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
+#: iteration (the absmax of an iteration's steps is read at once).
+STEP = 64
+GROUP_STEPS = 4
+
+
+def aligned(k: int, blocksize: int) -> bool:
+    """Whether K is a multiple of the blocksize and of an iteration's 256 columns. Then every
+    iteration's absmax blocks lie in one block of nested statistics (whose size is a multiple of
+    4), which the kernel reads once per iteration."""
+    return k % max(blocksize, GROUP_STEPS * STEP) == 0
+
+
+#: Programs of the fragment kernel that one multiprocessor holds at once: 4 warps of 127
+#: registers a thread (Triton 3.6 on an H200, measured with Nsight Compute; Triton 3.9's ptxas
+#: needs 86) and 34 KiB of shared memory each. Capping registers to fit 5 or 6 was slower.
+RESIDENT_PROGRAMS = 4
+
+
+def fragment_splits(programs: int, processors: int) -> int:
+    """The K splits of ``programs`` row programs: enough for two programs on each multiprocessor
+    when they leave some idle; two when they cover each three times or more but all fit at once
+    (``RESIDENT_PROGRAMS``), as then some multiprocessors hold one program more than others and
+    finish last, while twice as many programs are spread by the scheduler as others finish (an
+    H200 ran 28672x8192, 448 programs on 132 multiprocessors, 4% faster at 1 row and 28% at 16);
+    else none, as partial sums cost more than the split gains (14336x4096, 224 programs, ran
+    10-15% faster unsplit)."""
+    if programs < processors:
+        return triton.cdiv(2 * processors, programs)
+    return 2 if 3 * processors <= programs <= RESIDENT_PROGRAMS * processors else 1
+
+
+def fragment_parts(row_groups: int, k: int, warps: int, processors: int, k_warps: int = 0) -> tuple[int, int]:
+    """(K warps, K splits) for ``row_groups`` groups of 16 weight rows: the parts of K that a
+    program's warps share (summed in the program, through shared memory), and the programs each
+    row group is split over (summed across programs: atomics, a counter and the last program's
+    write-out, three round trips to L2 that cost a small product more than the split gains).
+
+    Where ``fragment_splits`` would split K three ways or more, the program's warps take a row
+    group together; where it would split less (the row programs cover the multiprocessors), two
+    warps share each. Only when those programs still leave multiprocessors idle and each warp
+    would take more than four iterations (few rows, long K) is K split across programs instead.
+    An H200 at one row took 4096x4096 from 8.0 to 5.5 us and 28672x8192 from 46.9 to 44.8, and
+    1024x14336 at 9.6 us shared against 8.1 split (docs/performance.md). ``k_warps`` (non-zero)
+    is kept, unsplit."""
+    if k_warps:
+        return k_warps, 1
+    splits = fragment_splits(triton.cdiv(row_groups, warps), processors)
+    k_warps = warps if splits >= 3 else max(1, warps // 2)
+    iteration = GROUP_STEPS * STEP
+    while k_warps > 1 and k < k_warps * iteration:  # each warp takes whole iterations
+        k_warps //= 2
+    if triton.cdiv(row_groups * k_warps, warps) < processors and k > k_warps * 4 * iteration:
+        return 1, splits
+    return k_warps, 1
