@@ -182,6 +182,28 @@ def test_results_do_not_depend_on_threads_and_concurrent_calls_agree():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
+def test_inputs_of_any_rank_and_layout_give_the_rows_of_a_2d_input(dtype):
+    """A contiguous input of any rank is read in place, a strided one copied, many rows chunked:
+    each gives, row for row, what its rows as one contiguous 2-D input give, in its own shape."""
+    packed, arguments = _weight((64, 256), "nf4", 64, True)
+    prepared = _prepared(packed, 64, (64, 256), arguments)
+    bias = torch.randn(64).to(dtype)
+    base = torch.randn(4, 2, 3, 512).to(dtype)
+    inputs = [
+        base[..., :256].contiguous(),  # 3 leading dimensions, contiguous
+        base[..., ::2],  # strided rows
+        base[..., :256].transpose(0, 1),  # leading dimensions out of order
+        base[0, 0, 0, :256].contiguous(),  # one row, 1-D
+        torch.randn(2, cpu.AMX_MAX_ROWS + 1, 256).to(dtype),  # past the fused kernels: chunked
+    ]
+    for x in inputs:
+        out = prepared.linear(x, bias)
+        expected = prepared.linear(x.reshape(-1, 256).contiguous(), bias)
+        assert out.shape == (*x.shape[:-1], 64) and out.is_contiguous()
+        torch.testing.assert_close(out.reshape(-1, 64), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
 def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
     """The vector kernels (1-12 rows: passes of eight, four and fewer) sum every row the same way,
     so a row's result does not depend on the batch it came in. With AMX, bfloat16 batches of two

@@ -113,17 +113,19 @@ class PreparedWeight:
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
         shape = A.shape
-        # a 2-D input as it is: right after a kernel has streamed the weight through the caches,
-        # every torch call runs cold, a reshape's view about 40 us (docs/performance.md)
-        x = A if len(shape) == 2 else A.reshape(-1, self.k)
-        rows = x.shape[0]
+        # a contiguous input as it is (its rows are prod(shape[:-1])): right after a kernel has
+        # streamed the weight through the caches, every torch call runs cold, a reshape's view
+        # about 40 us (docs/performance.md)
+        contiguous = A.is_contiguous()
+        x = A if contiguous or len(shape) == 2 else A.reshape(-1, self.k)
+        rows = prod(shape[:-1])
         isa = native.isa()
         if isa == native.AMX and A.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
             isa = native.AMX - 1  # float32 products in bfloat16 parts only where torch allows them
         amx = isa == native.AMX and A.dtype in (torch.bfloat16, torch.float32) and self._amx_shape
         if rows > (AMX_MAX_ROWS if amx else FUSED_MAX_ROWS):
-            return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
-        if not x.is_contiguous():
+            return self._chunked(x.reshape(-1, self.k), bias).view(*shape[:-1], self.n_out)
+        if not contiguous:
             x = x.contiguous()
         out = native.empty((*shape[:-1], self.n_out), A.dtype)
         if rows:
