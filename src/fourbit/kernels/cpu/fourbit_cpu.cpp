@@ -161,11 +161,15 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   }
   const int64_t work = n_out * k * (m < 4 ? m : 4);
   const int32_t used = work < (int64_t(1) << 18) ? 1 : threads;  // small products: no parallel region
+  // each row's packed bytes are asked for `ahead` rows before they are read (the hardware
+  // prefetchers stop at page boundaries and start late on each thread's run of rows)
+  const int64_t row_bytes = (k + 1) / 2, ahead = row_bytes >= PREFETCH_AHEAD_BYTES ? 1 : PREFETCH_AHEAD_BYTES / row_bytes;
 #pragma omp parallel num_threads(used) if (used > 1)
   {
     std::vector<float> sums(m);
 #pragma omp for schedule(static)
     for (int64_t n = first; n < n_out; ++n) {
+      if (n + ahead < n_out) prefetch_bytes(w->packed + (n + ahead) * k / 2, row_bytes);
       if (whole_blocks)
         dot_all_rows(*w, n, k, inputs, m, sums.data(), dtype, isa);
       else
