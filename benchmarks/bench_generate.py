@@ -54,9 +54,14 @@ def build_model(layers: int, device: torch.device, shapes: dict, dtype: torch.dt
     return model.eval()
 
 
-def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device) -> None:
-    """Every ``nn.Linear`` of the decoder layers becomes ``library.nn.Linear4bit`` (NF4, nested)."""
-    targets = [(name, module) for name, module in model.model.layers.named_modules() if isinstance(module, nn.Linear)]
+def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device, lm_head: bool = False) -> None:
+    """Every ``nn.Linear`` of the decoder layers becomes ``library.nn.Linear4bit`` (NF4, nested);
+    with ``lm_head``, the output projection too, as gpt-fast and torchao quantize it (transformers'
+    quantization configs keep it in 16 bits)."""
+    targets = [(f"model.layers.{name}", module) for name, module in model.model.layers.named_modules()
+               if isinstance(module, nn.Linear)]  # fmt: skip
+    if lm_head:
+        targets.append(("lm_head", model.lm_head))
     for name, linear in targets:
         layer = library.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=dtype, quant_type="nf4", compress_statistics=True,
@@ -67,7 +72,7 @@ def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device
             layer.bias = linear.bias
         layer = layer.to(device)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.model.layers.get_submodule(parent_name) if parent_name else model.model.layers, child, layer)
+        setattr(model.get_submodule(parent_name), child, layer)
         del linear
     gc.collect()
 
@@ -228,7 +233,7 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
             return {}
     model = build_model(layers, device, shapes, torch.bfloat16)
     if library is not None:
-        quantize(model, library, torch.bfloat16, device)
+        quantize(model, library, torch.bfloat16, device, lm_head=args.quantize_lm_head)
     _sync(device)
     memory = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) / 2**30
     results = {}
@@ -280,6 +285,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the output projection too (gpt-fast and torchao do; transformers does not)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
     args = parser.parse_args()
@@ -306,8 +313,9 @@ def main() -> None:
             results.update({(name, *key): cell for key, cell in measured["results"].items()})
             memory[name] = measured["memory"]
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n# generate: {layers} layers, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; {where}, "
-          f"torch {torch.__version__}\n")  # fmt: skip
+    head = "4-bit lm_head" if args.quantize_lm_head else "bf16 lm_head"
+    print(f"\n# generate: {layers} layers, {head}, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; "
+          f"{where}, torch {torch.__version__}\n")  # fmt: skip
     print("| mode | batch | bf16 tok/s | bnb tok/s | fourbit tok/s | fourbit/bf16 | fourbit/bnb | "
           "peak GiB bf16 / bnb / fourbit |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---|")
