@@ -13,7 +13,7 @@ from helpers import TRUE_FALSE, available_devices, id_formatter
 
 import fourbit as bnb
 import fourbit.functional as F4
-from fourbit.state_buffer import current_statistics_buffer
+from fourbit.state_buffer import current_statistics_buffer, traced_arguments
 
 DEVICES = available_devices()
 
@@ -83,14 +83,57 @@ def test_a_compiled_call_reads_the_buffer_and_the_code_table(device, nested):
     with torch.no_grad():
         out = torch.compile(layer, fullgraph=True, backend=counting_backend)(x)
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
-    assert inputs == [4], "the input, the packed weight, the statistics buffer and the code table (a view of it)"
+    assert inputs == [3], "the input, the packed weight and the statistics buffer (the code table sliced from it)"
+
+    torch._dynamo.reset()
+    inputs.clear()
+    x.requires_grad_(True)
+    out = torch.compile(layer, fullgraph=True, backend=counting_backend)(x)
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    assert inputs == [4], "a differentiable call reads the state's own code table (a view of the buffer) too"
 
     torch._dynamo.reset()
     layer.weight.quant_state.absmax = layer.weight.quant_state.absmax.clone()  # no longer a view
     inputs.clear()
+    x.requires_grad_(False)
     with torch.no_grad():
         torch.compile(layer, fullgraph=True, backend=counting_backend)(x)
     assert inputs == [7 if nested else 4], "the input, the packed weight and the state's tensors one by one"
+
+
+@pytest.mark.parametrize("nested", TRUE_FALSE, ids=id_formatter("nested"))
+def test_a_compiled_call_guards_only_the_traced_arguments_of_the_state(nested):
+    """Dynamo checks a guard for every attribute a trace reads before each compiled call; of the
+    state, the trace reads its traced arguments (one tuple of plain values and the buffer) and,
+    when nested, the nested state's flag, not its shape, blocksizes or layout one by one."""
+    layer = _layer("cpu", nested)
+    names: list[str] = []
+
+    def record(entries):
+        names.extend(entry.name for entry in entries)
+        return [True] * len(entries)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="eager", options={"guard_filter_fn": record})
+    with torch.no_grad():
+        compiled(torch.randn(2, 96))
+    state_reads = {name.split(".quant_state", 1)[1] for name in names if ".quant_state" in name}
+    allowed = {"", "._traced_arguments", "._traced_arguments[0]", "._traced_arguments[2]", ".state2"}
+    assert state_reads and state_reads <= allowed | {".state2._in_parent_buffer"}, sorted(state_reads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assigning_an_attribute_of_the_state_drops_its_traced_arguments(device):
+    layer, x, compiled, before = _compiled_and_called(device)
+    state = layer.weight.quant_state
+    assert traced_arguments(state) is not None
+    state.blocksize = state.blocksize
+    assert traced_arguments(state) is None and current_statistics_buffer(state) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), before, rtol=0, atol=0)  # traced again, reading the attributes
+    layer.weight.share_state_with_module()  # as every load and move does
+    assert traced_arguments(state) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), before, rtol=0, atol=0)
 
 
 def _compiled_and_called(device: str):

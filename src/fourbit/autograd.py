@@ -45,7 +45,7 @@ def matmul_4bit(
 def _quantized_as_k_by_n(A: object, state: QuantState) -> bool:
     """Whether the weight was quantized from its (in, out) transpose: A's last dimension matches the
     state's first and not its second (square weights are read as (out, in))."""
-    shape = getattr(state, "shape", None)
+    shape = functional.weight_shape(state) if isinstance(state, QuantState) else getattr(state, "shape", None)
     return (
         isinstance(A, Tensor)
         and A.dim() > 0

@@ -10,6 +10,7 @@ composing the 4-bit and the 8-bit ops, exactly as bitsandbytes does.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,10 +33,17 @@ from .quant_state import (
     QuantState,
     check_4bit_state,
     check_packed_bytes,
+    check_packed_size,
     pack_dict_to_tensor,
     unpack_tensor_to_dict,
 )
-from .state_buffer import buffer_op_arguments, current_statistics_buffer
+from .state_buffer import (
+    buffer_op_arguments,
+    current_statistics_buffer,
+    traced_arguments,
+    traced_op_arguments,
+    traced_shape,
+)
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
@@ -354,18 +362,26 @@ def packed_for_device(A: Tensor, quant_state: QuantState) -> Tensor:
     return A
 
 
+def weight_shape(state: QuantState) -> Sequence[int]:
+    """The shape of ``state``'s weight. Inside a trace it comes from the state's traced arguments
+    when it keeps them (``fourbit.state_buffer``), which compiled calls check with one guard."""
+    traced = traced_arguments(state) if torch.compiler.is_compiling() else None
+    return traced_shape(traced) if traced is not None else state.shape
+
+
 def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
     """Raise a clear error unless ``A`` can be multiplied by the 4-bit weight of ``state`` (N, K)."""
     check_tensor(A, name)
     if A.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} has dtype {dtype_name(A.dtype)}; 4-bit matmul supports {dtype_names(FLOAT_DTYPES)}")
-    if len(state.shape) != 2:
-        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
-    if A.dim() == 0 or A.shape[-1] != state.shape[1]:
+    shape = weight_shape(state)
+    if len(shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(shape)}")
+    if A.dim() == 0 or A.shape[-1] != shape[1]:
         got = A.shape[-1] if A.dim() else "a scalar"
         raise ValueError(
-            f"{name} has last dimension {got} but the 4-bit weight {tuple(state.shape)} expects in_features="
-            f"{state.shape[1]}; a weight quantized as (in, out) must be re-quantized from its transpose"
+            f"{name} has last dimension {got} but the 4-bit weight {tuple(shape)} expects in_features="
+            f"{shape[1]}; a weight quantized as (in, out) must be re-quantized from its transpose"
         )
 
 
@@ -379,15 +395,23 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
     check_linear_input(A, state)
     if bias is not None:
         check_tensor(bias, "bias")
-        if bias.shape != (state.shape[0],):
-            raise ValueError(f"bias must have shape ({state.shape[0]},), got {tuple(bias.shape)}")
+        out_features = weight_shape(state)[0]
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         bias = bias.to(A.dtype)
     if not torch.compiler.is_compiling():
         return prepared_product(B, state)(A, bias)
-    return torch.ops.fourbit.linear_4bit(
-        A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, tiled=state.tiled,
-        **_traced_statistics(B, state, A.device),
-    )  # fmt: skip
+    traced = traced_arguments(state)
+    if traced is None:
+        return torch.ops.fourbit.linear_4bit(
+            A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, tiled=state.tiled,
+            **_traced_statistics(B, state, A.device),
+        )  # fmt: skip
+    check_packed_size(B, traced_shape(traced))
+    if B.device != traced[0].device:
+        raise ValueError(f"quant_state is on {traced[0].device} but the packed data is on {B.device}")
+    differentiable = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    return torch.ops.fourbit.linear_4bit(A, B, bias=bias, **traced_op_arguments(traced, own_code=differentiable))
 
 
 def _traced_statistics(B: Tensor, state: QuantState, device: torch.device) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, num_blocks, packed_nbytes
 from .layout import can_tile
-from .state_buffer import IN_PARENT_BUFFER_ATTRIBUTE, STATISTICS_BUFFER_ATTRIBUTE
+from .state_buffer import IN_PARENT_BUFFER_ATTRIBUTE, STATISTICS_BUFFER_ATTRIBUTE, TRACED_ARGUMENTS_ATTRIBUTE
 from .state_dict_layout import (
     MAX_PACKED_STATE_BYTES,
     PACKED_KEY_PREFIX,
@@ -44,6 +44,7 @@ __all__ = [
     "QuantState",
     "check_4bit_state",
     "check_packed_bytes",
+    "check_packed_size",
     "pack_dict_to_tensor",
     "packed_state_key",
     "quant_type_of_packed_key",
@@ -109,6 +110,8 @@ class QuantState:
     _statistics_buffer: Tensor | None = None
     #: Whether this nested state's tensors are views of its parent's buffer.
     _in_parent_buffer: bool = False
+    #: What a traced call reads of the state (``fourbit.state_buffer.traced_arguments``), if kept.
+    _traced_arguments: tuple | None = None
 
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = tuple(f"{PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
@@ -147,7 +150,10 @@ class QuantState:
         self.state2 = state2
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Replacing a statistic drops the buffer its tensors were views of (``fourbit.state_buffer``)."""
+        """Replacing a statistic drops the buffer its tensors were views of, and assigning any
+        public attribute drops the traced arguments (``fourbit.state_buffer``)."""
+        if not name.startswith("_"):
+            self.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
         if name in _STATISTICS_FIELDS:
             self.__dict__.pop(STATISTICS_BUFFER_ATTRIBUTE, None)
             self.__dict__.pop(IN_PARENT_BUFFER_ATTRIBUTE, None)
@@ -373,6 +379,7 @@ class QuantState:
         attributes = self._attributes()
         viewed = attributes.pop(STATISTICS_BUFFER_ATTRIBUTE, None) is not None
         viewed |= attributes.pop(IN_PARENT_BUFFER_ATTRIBUTE, False)
+        attributes.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
         attributes.pop("tiled", None)
         if viewed:
             for name in _STATISTICS_FIELDS:
@@ -436,14 +443,20 @@ def check_4bit_state(packed: Tensor, state: Any, name: str = "quant_state") -> N
 def check_packed_bytes(packed: Tensor, state: QuantState, name: str = "quant_state") -> None:
     """Raise a clear error unless ``packed`` has a storage dtype and holds the bytes ``state.shape``
     needs (the part of ``check_4bit_state`` that reads no tensor of the state)."""
+    check_packed_size(packed, state.shape, name)
+
+
+def check_packed_size(packed: Tensor, shape: Sequence[int], name: str = "quant_state") -> None:
+    """Raise a clear error unless ``packed`` has a storage dtype and holds the bytes of a weight of
+    ``shape`` (``name`` is the state whose shape it is)."""
     if packed.dtype not in QUANT_STORAGE_DTYPES:
         raise ValueError(
             f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
         )
-    numel = prod(state.shape)
+    numel = prod(shape)
     nbytes = packed.numel() * packed.element_size()
     if nbytes != packed_nbytes(numel):
         raise ValueError(
-            f"packed data holds {nbytes} bytes but {name}.shape={tuple(state.shape)} ({numel} values) "
+            f"packed data holds {nbytes} bytes but {name}.shape={tuple(shape)} ({numel} values) "
             f"needs {packed_nbytes(numel)}"
         )

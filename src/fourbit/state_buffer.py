@@ -9,6 +9,12 @@ as it is). The views keep in-place changes visible to both. Replacing one of the
 tensors drops the buffer (``QuantState.__setattr__``); a traced call then reads them one by one.
 Swapping a statistic's storage underneath it (``tensor.data = ...``, ``tensor.set_(...)``) is not
 seen: compiled calls would keep reading the buffer. Assign the attribute instead.
+
+Each guard costs a compiled call host time, and dynamo guards every attribute a trace reads:
+the state's shape, blocksizes, layout and nested state added a dozen guards a layer. So a state
+with a buffer also keeps its ``traced_arguments``: the buffer, the code table and one tuple of
+plain values, which a compiled call checks in one comparison. Assigning any public attribute of
+the state drops them; the trace then reads the attributes one by one.
 """
 
 from __future__ import annotations
@@ -24,15 +30,22 @@ __all__ = [
     "ALIGNMENT",
     "IN_PARENT_BUFFER_ATTRIBUTE",
     "STATISTICS_BUFFER_ATTRIBUTE",
+    "TRACED_ARGUMENTS_ATTRIBUTE",
     "buffer_op_arguments",
     "build_statistics_buffer",
+    "build_traced_arguments",
     "current_statistics_buffer",
+    "traced_arguments",
+    "traced_op_arguments",
+    "traced_shape",
 ]
 
 #: Where a QuantState keeps the buffer its statistics are views of.
 STATISTICS_BUFFER_ATTRIBUTE = "_statistics_buffer"
 #: Set (True) on a nested state whose tensors are views of its parent's buffer.
 IN_PARENT_BUFFER_ATTRIBUTE = "_in_parent_buffer"
+#: Where a QuantState keeps what a traced call reads of it (``build_traced_arguments``).
+TRACED_ARGUMENTS_ATTRIBUTE = "_traced_arguments"
 #: Every view starts at a multiple of this many float32 elements (16 bytes), where kernels may
 #: load vectors.
 ALIGNMENT = 4
@@ -130,7 +143,22 @@ def build_statistics_buffer(state: Any) -> bool:
         inner.absmax, inner.code = views[3:]
         inner.__dict__[IN_PARENT_BUFFER_ATTRIBUTE] = True
     state.__dict__[STATISTICS_BUFFER_ATTRIBUTE] = buffer
+    build_traced_arguments(state)
     return True
+
+
+def build_traced_arguments(state: Any) -> None:
+    """Keep on ``state`` what a traced call reads of it, ``(buffer, code, layout)``: its buffer,
+    its code table and one tuple of plain values (blocks, nested blocks, blocksize, nested
+    blocksize, out_features, in_features, tiled). Does nothing unless the state has a buffer."""
+    buffer = current_statistics_buffer(state)
+    if buffer is None:
+        return
+    blocks, nested_blocks = _block_counts(state)
+    nested_blocksize = state.state2.blocksize if state.state2 is not None else NESTED_BLOCKSIZE
+    out_features, in_features = state.shape
+    layout = (blocks, nested_blocks, state.blocksize, nested_blocksize, out_features, in_features, bool(state.tiled))
+    state.__dict__[TRACED_ARGUMENTS_ATTRIBUTE] = (buffer, state.code, layout)
 
 
 def current_statistics_buffer(state: Any) -> Tensor | None:
@@ -140,6 +168,42 @@ def current_statistics_buffer(state: Any) -> Tensor | None:
     if buffer is None or (state.state2 is not None and not getattr(state.state2, IN_PARENT_BUFFER_ATTRIBUTE)):
         return None
     return buffer
+
+
+def traced_arguments(state: Any) -> tuple[Tensor, Tensor, tuple] | None:
+    """The state's ``(buffer, code, layout)`` (``build_traced_arguments``) while they still
+    describe it, else None. Reads one attribute of the state and, when nested, its nested state's
+    flag (replacing a nested statistic drops only that flag)."""
+    traced = getattr(state, TRACED_ARGUMENTS_ATTRIBUTE, None)
+    if traced is None or (state.state2 is not None and not getattr(state.state2, IN_PARENT_BUFFER_ATTRIBUTE)):
+        return None
+    return traced
+
+
+def traced_shape(traced: tuple[Tensor, Tensor, tuple]) -> tuple[int, int]:
+    """The (out_features, in_features) of a state's ``traced_arguments``."""
+    return traced[2][4], traced[2][5]
+
+
+def traced_op_arguments(traced: tuple[Tensor, Tensor, tuple], own_code: bool) -> dict[str, Any]:
+    """The ``torch.ops.fourbit`` keyword arguments (all but the input, the packed weight and the
+    bias) from a state's ``traced_arguments``. The code table is the state's own view with
+    ``own_code`` (a call that may be differentiated: ``buffer_op_arguments`` says why), else a
+    slice of the buffer, so that the call reads one tensor of statistics."""
+    buffer, code, layout = traced
+    blocks, nested_blocks, blocksize, nested_blocksize, out_features, in_features, tiled = layout
+    views = _views(buffer, blocks, nested_blocks)
+    arguments = {
+        "absmax": views[0],
+        "code": code if own_code else views[1],
+        "blocksize": blocksize,
+        "shape": [out_features, in_features],
+        "nested_blocksize": nested_blocksize,
+        "tiled": tiled,
+    }
+    if nested_blocks is None:
+        return {**arguments, "nested_absmax": None, "nested_code": None, "nested_offset": None}
+    return {**arguments, "nested_absmax": views[3], "nested_code": views[4], "nested_offset": views[2]}
 
 
 def buffer_op_arguments(buffer: Tensor, state: Any) -> dict[str, Any]:

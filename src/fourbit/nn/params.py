@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import functional as F4
 from .. import ops
 from ..formats import DEFAULT_BLOCKSIZE
-from ..state_buffer import build_statistics_buffer, current_statistics_buffer
+from ..state_buffer import build_statistics_buffer, build_traced_arguments, current_statistics_buffer
 from ..validation import check_settings
 
 __all__ = ["Params4bit"]
@@ -220,15 +220,18 @@ class Params4bit(torch.nn.Parameter):
         """Record this weight's QuantState and storage dtype on its owning module: the one place the
         module's copy is written (FSDP2 reads the module's copy once the weight is sharded). The
         state's statistics are gathered in one buffer, which compiled calls read with the code
-        table instead of up to five tensors (``fourbit.state_buffer``); the tables the kernels
-        derive from the code table are built (``functional.prepare_code_tables``); and a CUDA state
-        is marked static for compiled CUDA graphs (``QuantState.mark_static_for_cuda_graphs``)."""
+        table and one tuple of plain values instead of up to five tensors and a dozen attributes
+        (``fourbit.state_buffer``); the tables the kernels derive from the code table are built
+        (``functional.prepare_code_tables``); and a CUDA state is marked static for compiled CUDA
+        graphs (``QuantState.mark_static_for_cuda_graphs``)."""
         state = self.quant_state
         if self.module is not None and state is not None:
             torch.nn.Module.__setattr__(self.module, "quant_state", state)
             torch.nn.Module.__setattr__(self.module, "quant_storage", self.quant_storage)
             if current_statistics_buffer(state) is None:
                 build_statistics_buffer(state)
+            else:
+                build_traced_arguments(state)  # the layout or shape may have changed since
             F4.prepare_code_tables(state)
             state.mark_static_for_cuda_graphs()
 
