@@ -285,8 +285,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantize-lm-head", action="store_true",
-                        help="quantize the output projection too (gpt-fast and torchao do; transformers does not)")
+    parser.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize the output projection too (gpt-fast and torchao do; transformers does not)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
     args = parser.parse_args()
