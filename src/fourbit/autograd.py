@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import functional
 from .functional import QuantState
+from .state_buffer import weight_shape
 from .validation import check_out
 
 __all__ = ["matmul_4bit"]
@@ -45,7 +46,7 @@ def matmul_4bit(
 def _quantized_as_k_by_n(A: object, state: QuantState) -> bool:
     """Whether the weight was quantized from its (in, out) transpose: A's last dimension matches the
     state's first and not its second (square weights are read as (out, in))."""
-    shape = functional.weight_shape(state) if isinstance(state, QuantState) else getattr(state, "shape", None)
+    shape = weight_shape(state) if isinstance(state, QuantState) else getattr(state, "shape", None)
     return (
         isinstance(A, Tensor)
         and A.dim() > 0

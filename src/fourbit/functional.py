@@ -10,7 +10,6 @@ composing the 4-bit and the 8-bit ops, exactly as bitsandbytes does.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,24 +31,17 @@ from .quant_state import (
     PREPARED_ATTRIBUTE,
     QuantState,
     check_4bit_state,
-    check_packed_bytes,
-    check_packed_size,
     pack_dict_to_tensor,
     unpack_tensor_to_dict,
 )
-from .state_buffer import (
-    buffer_op_arguments,
-    current_statistics_buffer,
-    traced_arguments,
-    traced_op_arguments,
-    traced_shape,
-)
+from .state_buffer import traced_arguments, traced_op_arguments, traced_shape, weight_shape
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
     check_blockwise_code,
     check_float_input,
     check_out,
+    check_packed_size,
     check_quant_storage,
     check_quant_type,
     check_tensor,
@@ -362,13 +354,6 @@ def packed_for_device(A: Tensor, quant_state: QuantState) -> Tensor:
     return A
 
 
-def weight_shape(state: QuantState) -> Sequence[int]:
-    """The shape of ``state``'s weight. Inside a trace it comes from the state's traced arguments
-    when it keeps them (``fourbit.state_buffer``), which compiled calls check with one guard."""
-    traced = traced_arguments(state) if torch.compiler.is_compiling() else None
-    return traced_shape(traced) if traced is not None else state.shape
-
-
 def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
     """Raise a clear error unless ``A`` can be multiplied by the 4-bit weight of ``state`` (N, K)."""
     check_tensor(A, name)
@@ -401,31 +386,23 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
         bias = bias.to(A.dtype)
     if not torch.compiler.is_compiling():
         return prepared_product(B, state)(A, bias)
+    differentiable = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    return torch.ops.fourbit.linear_4bit(A, B, bias=bias, **_traced_op_arguments(B, state, differentiable))
+
+
+def _traced_op_arguments(B: Tensor, state: QuantState, differentiable: bool) -> dict[str, Any]:
+    """The op's keyword arguments for ``state`` in a traced call, after checking ``B`` against it:
+    from its traced arguments when it keeps them (``fourbit.state_buffer``), so that the trace
+    reads one tuple of plain values and the buffer, else from its attributes one by one."""
     traced = traced_arguments(state)
     if traced is None:
-        return torch.ops.fourbit.linear_4bit(
-            A, B, blocksize=state.blocksize, shape=list(state.shape), bias=bias, tiled=state.tiled,
-            **_traced_statistics(B, state, A.device),
-        )  # fmt: skip
+        check_4bit_state(B, state)
+        settings = {"blocksize": state.blocksize, "shape": list(state.shape), "tiled": state.tiled}
+        return {**settings, **op_arguments(state, B.device)}
     check_packed_size(B, traced_shape(traced))
     if B.device != traced[0].device:
         raise ValueError(f"quant_state is on {traced[0].device} but the packed data is on {B.device}")
-    differentiable = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
-    return torch.ops.fourbit.linear_4bit(A, B, bias=bias, **traced_op_arguments(traced, own_code=differentiable))
-
-
-def _traced_statistics(B: Tensor, state: QuantState, device: torch.device) -> dict[str, Any]:
-    """The op arguments of ``state``'s statistics in a traced call, after checking ``B`` against
-    it: sliced from its statistics buffer when it has one (checked when built), so that the trace
-    reads the buffer and the code table rather than up to five tensors (``fourbit.state_buffer``)."""
-    buffer = current_statistics_buffer(state)
-    if buffer is None:
-        check_4bit_state(B, state)
-        return op_arguments(state, device)
-    check_packed_bytes(B, state)
-    if B.device != buffer.device:
-        raise ValueError(f"quant_state is on {buffer.device} but the packed data is on {B.device}")
-    return buffer_op_arguments(buffer, state)
+    return traced_op_arguments(traced, own_code=differentiable)
 
 
 def prepared_product(B: Tensor, state: QuantState) -> ops.PreparedLinear:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, num_blocks, packed_nbytes
+from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES, num_blocks
 from .layout import can_tile
 from .state_buffer import IN_PARENT_BUFFER_ATTRIBUTE, STATISTICS_BUFFER_ATTRIBUTE, TRACED_ARGUMENTS_ATTRIBUTE
 from .state_dict_layout import (
@@ -29,6 +29,7 @@ from .state_dict_layout import (
 from .validation import (
     check_blocksize,
     check_blockwise_blocksize,
+    check_packed_size,
     check_quant_type,
     check_tensor,
     dtype_name,
@@ -44,7 +45,6 @@ __all__ = [
     "QuantState",
     "check_4bit_state",
     "check_packed_bytes",
-    "check_packed_size",
     "pack_dict_to_tensor",
     "packed_state_key",
     "quant_type_of_packed_key",
@@ -444,19 +444,3 @@ def check_packed_bytes(packed: Tensor, state: QuantState, name: str = "quant_sta
     """Raise a clear error unless ``packed`` has a storage dtype and holds the bytes ``state.shape``
     needs (the part of ``check_4bit_state`` that reads no tensor of the state)."""
     check_packed_size(packed, state.shape, name)
-
-
-def check_packed_size(packed: Tensor, shape: Sequence[int], name: str = "quant_state") -> None:
-    """Raise a clear error unless ``packed`` has a storage dtype and holds the bytes of a weight of
-    ``shape`` (``name`` is the state whose shape it is)."""
-    if packed.dtype not in QUANT_STORAGE_DTYPES:
-        raise ValueError(
-            f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
-        )
-    numel = prod(shape)
-    nbytes = packed.numel() * packed.element_size()
-    if nbytes != packed_nbytes(numel):
-        raise ValueError(
-            f"packed data holds {nbytes} bytes but {name}.shape={tuple(shape)} ({numel} values) "
-            f"needs {packed_nbytes(numel)}"
-        )

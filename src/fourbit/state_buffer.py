@@ -19,6 +19,7 @@ the state drops them; the trace then reads the attributes one by one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,13 +32,13 @@ __all__ = [
     "IN_PARENT_BUFFER_ATTRIBUTE",
     "STATISTICS_BUFFER_ATTRIBUTE",
     "TRACED_ARGUMENTS_ATTRIBUTE",
-    "buffer_op_arguments",
     "build_statistics_buffer",
     "build_traced_arguments",
     "current_statistics_buffer",
     "traced_arguments",
     "traced_op_arguments",
     "traced_shape",
+    "weight_shape",
 ]
 
 #: Where a QuantState keeps the buffer its statistics are views of.
@@ -185,11 +186,20 @@ def traced_shape(traced: tuple[Tensor, Tensor, tuple]) -> tuple[int, int]:
     return traced[2][4], traced[2][5]
 
 
+def weight_shape(state: Any) -> Sequence[int]:
+    """The shape of ``state``'s weight; inside a trace, from its traced arguments when it keeps
+    them, which compiled calls check with one guard rather than three."""
+    traced = traced_arguments(state) if torch.compiler.is_compiling() else None
+    return traced_shape(traced) if traced is not None else state.shape
+
+
 def traced_op_arguments(traced: tuple[Tensor, Tensor, tuple], own_code: bool) -> dict[str, Any]:
     """The ``torch.ops.fourbit`` keyword arguments (all but the input, the packed weight and the
-    bias) from a state's ``traced_arguments``. The code table is the state's own view with
-    ``own_code`` (a call that may be differentiated: ``buffer_op_arguments`` says why), else a
-    slice of the buffer, so that the call reads one tensor of statistics."""
+    bias) from a state's ``traced_arguments``: its statistics sliced from the buffer in the graph.
+    With ``own_code`` (a call that may be differentiated) the code table is the state's own view,
+    a graph input marked static: a slice made in the graph would reach a compiled backward as an
+    ordinary input, which CUDA graph trees copy into their memory pool, and the kernels' tables
+    derived from that copy (``kernels.derived``) would be built there and outlive the graph."""
     buffer, code, layout = traced
     blocks, nested_blocks, blocksize, nested_blocksize, out_features, in_features, tiled = layout
     views = _views(buffer, blocks, nested_blocks)
@@ -204,20 +214,3 @@ def traced_op_arguments(traced: tuple[Tensor, Tensor, tuple], own_code: bool) ->
     if nested_blocks is None:
         return {**arguments, "nested_absmax": None, "nested_code": None, "nested_offset": None}
     return {**arguments, "nested_absmax": views[3], "nested_code": views[4], "nested_offset": views[2]}
-
-
-def buffer_op_arguments(buffer: Tensor, state: Any) -> dict[str, Any]:
-    """The ``torch.ops.fourbit`` keyword arguments of ``state``'s statistics (``prepared.op_arguments``'
-    form): sliced from its ``buffer``, where the state's shape and blocksizes place them, except
-    the code table. That one is the state's own view, a graph input marked static. A slice made
-    in the graph would reach a compiled backward as an ordinary input, which CUDA graph trees copy
-    into their memory pool; the kernels' tables derived from that copy (``kernels.derived``) would
-    then be built there and outlive the graph."""
-    blocks, nested_blocks = _block_counts(state)
-    views = _views(buffer, blocks, nested_blocks)
-    if nested_blocks is None:
-        return {"absmax": views[0], "code": state.code, "nested_absmax": None, "nested_code": None,
-                "nested_offset": None, "nested_blocksize": NESTED_BLOCKSIZE}  # fmt: skip
-    absmax, _, offset, nested_absmax, nested_code = views
-    return {"absmax": absmax, "code": state.code, "nested_absmax": nested_absmax, "nested_code": nested_code,
-            "nested_offset": offset, "nested_blocksize": state.state2.blocksize}  # fmt: skip

@@ -4,6 +4,7 @@ names the argument, what it got and what is allowed."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "check_blockwise_code",
     "check_float_input",
     "check_out",
+    "check_packed_size",
     "check_quant_storage",
     "check_quant_type",
     "check_settings",
@@ -106,3 +108,19 @@ def check_blockwise_blocksize(blocksize: Any, name: str = "blocksize") -> None:
     """8-bit blockwise quantization takes any positive block size, as bitsandbytes' CPU path does."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"{name} must be a positive integer, got {blocksize!r}")
+
+
+def check_packed_size(packed: Tensor, shape: Sequence[int], name: str = "quant_state") -> None:
+    """Raise a clear error unless ``packed`` has a storage dtype and holds the bytes of a weight of
+    ``shape`` (``name`` is the state whose shape it is)."""
+    if packed.dtype not in QUANT_STORAGE_DTYPES:
+        raise ValueError(
+            f"packed 4-bit data has dtype {dtype_name(packed.dtype)}; allowed: {dtype_names(QUANT_STORAGE_DTYPES)}"
+        )
+    numel = prod(shape)
+    nbytes = packed.numel() * packed.element_size()
+    if nbytes != packed_nbytes(numel):
+        raise ValueError(
+            f"packed data holds {nbytes} bytes but {name}.shape={tuple(shape)} ({numel} values) "
+            f"needs {packed_nbytes(numel)}"
+        )
