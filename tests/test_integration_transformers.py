@@ -275,3 +275,33 @@ def test_a_float_layer_in_a_prequantized_checkpoint_is_quantized_on_load(tmp_pat
     reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=FourbitConfig(), dtype=torch.float32)
     assert torch.equal(layer.weight, reference.model.layers[1].mlp.down_proj.weight)
     assert torch.equal(_logits(reloaded), _logits(reference))
+
+
+def test_compiled_generate_with_module_guards_skipped_gives_eager_tokens(tmp_path: Path):
+    """transformers' compiled decoding with torch's ``skip_guard_on_all_nn_modules_unsafe``
+    (docs/transformers.md, "Compiled generation"): the tokens of eager decoding, and no guard
+    left on a 4-bit layer's weight or state."""
+    from transformers import CompileConfig
+
+    path = save_tiny_llama(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=FourbitConfig(), dtype=torch.float32)
+    model.eval()
+    kept: list[str] = []
+
+    def skip_module_guards(entries):
+        keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+        kept.extend(entry.name for entry, kept_one in zip(entries, keep, strict=True) if kept_one)
+        return keep
+
+    guards = {"guard_filter_fn": skip_module_guards}
+    config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None, options=guards)
+    config._compile_all_devices = True  # transformers compiles decoding on CUDA only, unless told
+    options = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    torch.compiler.reset()
+    with torch.no_grad():
+        eager = model.generate(IDS, **options)
+        compiled = model.generate(IDS, compile_config=config, **options)
+    assert hasattr(model, "_compiled_call"), "decoding ran compiled"
+    assert torch.equal(compiled, eager)
+    on_layers = [name for name in kept if not name.startswith("G[") and ("quant_state" in name or "_proj" in name)]
+    assert kept and not on_layers, on_layers[:5]
