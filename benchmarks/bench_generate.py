@@ -9,7 +9,9 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
 
 - ``eager``: greedy ``generate`` with the default dynamic cache;
 - ``compiled``: greedy ``generate`` with ``cache_implementation="static"``, which transformers
-  compiles itself (``torch.compile``, CUDA graphs on a GPU);
+  compiles itself (``torch.compile``, CUDA graphs on a GPU); with ``--skip-module-guards``, through
+  a ``CompileConfig`` whose guard filter is torch's ``skip_guard_on_all_nn_modules_unsafe``
+  (docs/transformers.md, "Compiled generation");
 - ``lean``: a gpt-fast style loop: static cache, eager prefill, then the one-token step under
   ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
   the host is out of the way.
@@ -210,6 +212,8 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
         runner = lambda: run_lean(model, prompt, args.new_tokens, device)  # noqa: E731
     else:
         options = {"cache_implementation": "static"} if mode == "compiled" else {}
+        if mode == "compiled" and args.skip_module_guards:
+            options["compile_config"] = _compile_config_without_module_guards()
         runner = lambda: run_generate(model, prompt, args.new_tokens, device, **options)  # noqa: E731
     for _ in range(args.warmup):
         runner()
@@ -218,6 +222,15 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
     seconds, tokens = min((runner() for _ in range(args.repeats)), key=lambda result: result[0])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return batch * args.new_tokens / seconds, peak, tokens
+
+
+def _compile_config_without_module_guards():
+    """transformers' default compile settings (``mode="reduce-overhead"``, spelled as the option it
+    sets: torch.compile takes a mode or options) with module guards skipped."""
+    from transformers import CompileConfig
+
+    guards = {"triton.cudagraphs": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return CompileConfig(mode=None, options=guards)
 
 
 def run_library(name: str, args, device: torch.device, layers: int, shapes: dict, modes: list) -> dict:
@@ -290,6 +303,11 @@ def main() -> None:
         action="store_true",
         help="quantize the output projection too (gpt-fast and torchao do; transformers does not)",
     )
+    parser.add_argument(
+        "--skip-module-guards",
+        action="store_true",
+        help="compiled mode: skip dynamo's guards on modules (a model that does not change)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
     args = parser.parse_args()
@@ -317,6 +335,7 @@ def main() -> None:
             memory[name] = measured["memory"]
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     head = "4-bit lm_head" if args.quantize_lm_head else "bf16 lm_head"
+    head += ", module guards skipped" if args.skip_module_guards else ""
     print(f"\n# generate: {layers} layers, {head}, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; "
           f"{where}, torch {torch.__version__}\n")  # fmt: skip
     print("| mode | batch | bf16 tok/s | bnb tok/s | fourbit tok/s | fourbit/bf16 | fourbit/bnb | "
