@@ -14,7 +14,13 @@ from torch import Tensor
 
 from .formats import BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_TYPES, num_blocks
 from .layout import can_tile
-from .state_buffer import IN_PARENT_BUFFER_ATTRIBUTE, STATISTICS_BUFFER_ATTRIBUTE, TRACED_ARGUMENTS_ATTRIBUTE
+from .state_buffer import (
+    BUFFER_PARENT_ATTRIBUTE,
+    STATISTICS_BUFFER_ATTRIBUTE,
+    TRACED_ARGUMENTS_ATTRIBUTE,
+    drop_statistics_buffer,
+    relink_copied_buffer,
+)
 from .state_dict_layout import (
     MAX_PACKED_STATE_BYTES,
     PACKED_KEY_PREFIX,
@@ -108,8 +114,8 @@ class QuantState:
     tiled: bool = False
     #: The buffer the statistics are views of (``fourbit.state_buffer``), if any.
     _statistics_buffer: Tensor | None = None
-    #: Whether this nested state's tensors are views of its parent's buffer.
-    _in_parent_buffer: bool = False
+    #: A weak reference to the state whose buffer this nested state's tensors are views of, if any.
+    _buffer_parent: Any = None
     #: What a traced call reads of the state (``fourbit.state_buffer.traced_arguments``), if kept.
     _traced_arguments: tuple | None = None
 
@@ -155,8 +161,7 @@ class QuantState:
         if not name.startswith("_"):
             self.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
         if name in _STATISTICS_FIELDS:
-            self.__dict__.pop(STATISTICS_BUFFER_ATTRIBUTE, None)
-            self.__dict__.pop(IN_PARENT_BUFFER_ATTRIBUTE, None)
+            drop_statistics_buffer(self)
         object.__setattr__(self, name, value)
 
     @property
@@ -378,7 +383,7 @@ class QuantState:
         in two dtypes, and plain pickle would not keep them shared."""
         attributes = self._attributes()
         viewed = attributes.pop(STATISTICS_BUFFER_ATTRIBUTE, None) is not None
-        viewed |= attributes.pop(IN_PARENT_BUFFER_ATTRIBUTE, False)
+        viewed |= attributes.pop(BUFFER_PARENT_ATTRIBUTE, None) is not None
         attributes.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
         attributes.pop("tiled", None)
         if viewed:
@@ -390,6 +395,7 @@ class QuantState:
     def __copy__(self) -> QuantState:
         clone = type(self).__new__(type(self))
         clone.__dict__.update(self._attributes())
+        relink_copied_buffer(self, clone, deep=False)
         return clone
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantState:
@@ -397,6 +403,7 @@ class QuantState:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__dict__.update(copy.deepcopy(self._attributes(), memo))
+        relink_copied_buffer(self, clone, deep=True)
         return clone
 
     def to(self, device: torch.device | str) -> QuantState:

@@ -6,7 +6,8 @@ tensors (absmax codes, code table, offset, nested absmax and nested code table).
 trace reads one buffer, and slices it inside the graph where the state's shape and blocksizes
 say, has two: the buffer and the code table (``buffer_op_arguments`` says why that one is passed
 as it is). The views keep in-place changes visible to both. Replacing one of the state's
-tensors drops the buffer (``QuantState.__setattr__``); a traced call then reads them one by one.
+tensors drops the buffer, a nested state's tensors its parent's too (``drop_statistics_buffer``);
+a traced call then reads them one by one.
 Swapping a statistic's storage underneath it (``tensor.data = ...``, ``tensor.set_(...)``) is not
 seen: compiled calls would keep reading the buffer. Assign the attribute instead.
 
@@ -19,6 +20,7 @@ the state drops them; the trace then reads the attributes one by one.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,12 +31,14 @@ from .formats import NESTED_BLOCKSIZE, QUANT_TYPES, num_blocks
 
 __all__ = [
     "ALIGNMENT",
-    "IN_PARENT_BUFFER_ATTRIBUTE",
+    "BUFFER_PARENT_ATTRIBUTE",
     "STATISTICS_BUFFER_ATTRIBUTE",
     "TRACED_ARGUMENTS_ATTRIBUTE",
     "build_statistics_buffer",
     "build_traced_arguments",
     "current_statistics_buffer",
+    "drop_statistics_buffer",
+    "relink_copied_buffer",
     "traced_arguments",
     "traced_op_arguments",
     "traced_shape",
@@ -43,8 +47,9 @@ __all__ = [
 
 #: Where a QuantState keeps the buffer its statistics are views of.
 STATISTICS_BUFFER_ATTRIBUTE = "_statistics_buffer"
-#: Set (True) on a nested state whose tensors are views of its parent's buffer.
-IN_PARENT_BUFFER_ATTRIBUTE = "_in_parent_buffer"
+#: Where a nested state whose tensors are views of its parent's buffer keeps a weak reference to
+#: that parent (``drop_statistics_buffer``).
+BUFFER_PARENT_ATTRIBUTE = "_buffer_parent"
 #: Where a QuantState keeps what a traced call reads of it (``build_traced_arguments``).
 TRACED_ARGUMENTS_ATTRIBUTE = "_traced_arguments"
 #: Every view starts at a multiple of this many float32 elements (16 bytes), where kernels may
@@ -142,7 +147,7 @@ def build_statistics_buffer(state: Any) -> bool:
     if inner is not None:
         state.offset = views[2]
         inner.absmax, inner.code = views[3:]
-        inner.__dict__[IN_PARENT_BUFFER_ATTRIBUTE] = True
+        inner.__dict__[BUFFER_PARENT_ATTRIBUTE] = weakref.ref(state)
     state.__dict__[STATISTICS_BUFFER_ATTRIBUTE] = buffer
     build_traced_arguments(state)
     return True
@@ -162,23 +167,46 @@ def build_traced_arguments(state: Any) -> None:
     state.__dict__[TRACED_ARGUMENTS_ATTRIBUTE] = (buffer, state.code, layout)
 
 
+def drop_statistics_buffer(state: Any) -> None:
+    """Forget the buffer ``state``'s statistics were views of, and its traced arguments: one of
+    its statistics is being replaced. For a nested state, its parent's buffer no longer holds all
+    of the parent's statistics either, so the parent's are forgotten too."""
+    state.__dict__.pop(STATISTICS_BUFFER_ATTRIBUTE, None)
+    state.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
+    parent = state.__dict__.pop(BUFFER_PARENT_ATTRIBUTE, None)
+    parent = parent() if parent is not None else None
+    if parent is not None:
+        parent.__dict__.pop(STATISTICS_BUFFER_ATTRIBUTE, None)
+        parent.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
+
+
+def relink_copied_buffer(original: Any, clone: Any, deep: bool) -> None:
+    """Keep a copy of ``original`` within the rules above. A shallow copy of a nested state shares
+    its nested state, whose replaced statistics would drop only the original's buffer: the copy
+    forgets its buffer and reads its tensors one by one. A deep copy's nested state, whose tensors
+    are views of the copy's buffer, points at the copy."""
+    inner = clone.__dict__.get("state2")
+    if inner is None:
+        return
+    if not deep:
+        clone.__dict__.pop(STATISTICS_BUFFER_ATTRIBUTE, None)
+        clone.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
+        return
+    parent = inner.__dict__.get(BUFFER_PARENT_ATTRIBUTE)
+    if parent is not None and parent() is original:
+        inner.__dict__[BUFFER_PARENT_ATTRIBUTE] = weakref.ref(clone)
+
+
 def current_statistics_buffer(state: Any) -> Tensor | None:
     """The state's buffer while its tensors are still the buffer's views, else None. Reads no
     tensor of the state, so a traced call that uses the buffer guards on it alone."""
-    buffer = getattr(state, STATISTICS_BUFFER_ATTRIBUTE, None)
-    if buffer is None or (state.state2 is not None and not getattr(state.state2, IN_PARENT_BUFFER_ATTRIBUTE)):
-        return None
-    return buffer
+    return getattr(state, STATISTICS_BUFFER_ATTRIBUTE, None)
 
 
 def traced_arguments(state: Any) -> tuple[Tensor, Tensor, tuple] | None:
     """The state's ``(buffer, code, layout)`` (``build_traced_arguments``) while they still
-    describe it, else None. Reads one attribute of the state and, when nested, its nested state's
-    flag (replacing a nested statistic drops only that flag)."""
-    traced = getattr(state, TRACED_ARGUMENTS_ATTRIBUTE, None)
-    if traced is None or (state.state2 is not None and not getattr(state.state2, IN_PARENT_BUFFER_ATTRIBUTE)):
-        return None
-    return traced
+    describe it, else None. Reads one attribute of the state."""
+    return getattr(state, TRACED_ARGUMENTS_ATTRIBUTE, None)
 
 
 def traced_shape(traced: tuple[Tensor, Tensor, tuple]) -> tuple[int, int]:
