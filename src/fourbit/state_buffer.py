@@ -1,23 +1,21 @@
 """A 4-bit QuantState's statistics in one float32 buffer, the state's tensors views of it.
 
 Before each call of a compiled function, torch.compile checks guards on what the trace read from
-Python objects: for every tensor its dtype, shape, strides and device. A nested state has five
-tensors (absmax codes, code table, offset, nested absmax and nested code table). A layer whose
-trace reads one buffer, and slices it inside the graph where the state's shape and blocksizes
-say, has two: the buffer and the code table (``buffer_op_arguments`` says why that one is passed
-as it is). The views keep in-place changes visible to both. Replacing one of the state's
-tensors drops the buffer, a nested state's tensors its parent's too (``drop_statistics_buffer``);
-a traced call then reads them one by one.
-Swapping a statistic's storage underneath it (``tensor.data = ...``, ``tensor.set_(...)``) is not
-seen: compiled calls would keep reading the buffer. Assign the attribute instead.
+Python objects: for every tensor its dtype, shape, strides and device, and every attribute's
+value. A nested state has five tensors (absmax codes, code table, offset, nested absmax and
+nested code table) and a dozen attributes a call reads. So a state with a buffer also keeps its
+``traced_arguments``: the buffer, the code table and one tuple of plain values (blocks,
+blocksizes, shape, layout). A compiled call reads those, slices the buffer inside the graph, and
+dynamo checks the buffer and the tuple (and the code table in a call that may be differentiated:
+``traced_op_arguments`` says why).
 
-Each guard costs a compiled call host time, and dynamo guards every attribute a trace reads:
-the state's shape, blocksizes, layout and nested state added a dozen guards a layer. So a state
-with a buffer also keeps its ``traced_arguments``: the buffer, the code table and one tuple of
-plain values, which a compiled call checks in one comparison. Assigning any public attribute of
-the state drops them; the trace then reads the attributes one by one.
+The views keep in-place changes visible to both. Replacing one of the state's tensors drops the
+buffer, a nested state's tensors its parent's too (``drop_statistics_buffer``), and assigning any
+public attribute of the state drops its traced arguments; a traced call then reads the state's
+attributes and tensors one by one. Swapping a statistic's storage underneath it
+(``tensor.data = ...``, ``tensor.set_(...)``) is not seen: compiled calls would keep reading the
+buffer. Assign the attribute instead.
 """
-
 from __future__ import annotations
 
 import weakref
