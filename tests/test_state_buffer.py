@@ -148,8 +148,7 @@ def test_a_shallow_copy_of_a_nested_state_sees_its_shared_nested_state_replaced(
         state.state2.absmax = state.state2.absmax * 2  # shared by both states
         assert current_statistics_buffer(state) is None and traced_arguments(state) is None
         after = compiled(x)
-    assert not torch.equal(before, after)
-    torch.testing.assert_close(after, x @ F4.dequantize_4bit(layer.weight.data, clone).T, rtol=1e-5, atol=1e-5)
+    _assert_changed_to_the_states_product(before, after, x, layer.weight.data, clone)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,6 +175,12 @@ def test_a_nested_state_moved_into_another_buffer_drops_the_first_parents(device
     layer.weight.share_state_with_module()  # builds the second's buffer around the shared nested state
     assert traced_arguments(second) is not None
     assert traced_arguments(first) is None and current_statistics_buffer(first) is None
+
+
+def _assert_changed_to_the_states_product(before, after, x, packed, state) -> None:
+    """A compiled call after a change gave something new: the product with what ``state`` holds now."""
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, x @ F4.dequantize_4bit(packed, state).T, rtol=1e-5, atol=1e-5)
 
 
 def _compiled_and_called(device: str):
@@ -239,8 +244,7 @@ def test_replacing_a_statistic_drops_the_buffer_and_compiled_calls_use_the_new_o
         setattr(owner, name, value)
         assert current_statistics_buffer(state) is None
         after = compiled(x)
-    assert not torch.equal(before, after)
-    torch.testing.assert_close(after, x @ F4.dequantize_4bit(layer.weight.data, state).T, rtol=1e-5, atol=1e-5)
+    _assert_changed_to_the_states_product(before, after, x, layer.weight.data, state)
 
 
 @pytest.mark.parametrize("device", DEVICES)
