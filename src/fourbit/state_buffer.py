@@ -16,6 +16,7 @@ attributes and tensors one by one. Swapping a statistic's storage underneath it
 (``tensor.data = ...``, ``tensor.set_(...)``) is not seen: compiled calls would keep reading the
 buffer. Assign the attribute instead.
 """
+
 from __future__ import annotations
 
 import weakref
