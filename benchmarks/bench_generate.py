@@ -270,21 +270,47 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
     return {"results": results, "memory": memory}
 
 
-def run_isolated(name: str) -> dict:
-    """``run_library`` in a fresh Python process (this script, given only ``name``): a library
-    measured after another in one process inherits its compiled graphs, caches and allocator
-    state, which measurably slowed whichever ran later."""
-    argv = [arg for arg in sys.argv[1:]]
+def run_isolated(script: str, args, run_library, device: torch.device, layers: int, shapes: dict, modes: list) -> dict:
+    """Each of ``args.libraries`` measured by ``run_library`` (which returns {"results": {(mode,
+    batch): cell}, "memory": GiB}), as {(library, mode, batch): cell}, with each library's memory
+    in ``args.memory``. When several are named, each runs in a fresh Python process (``script``
+    given that one library and ``--result-file``): a library measured after another in one
+    process inherits its compiled graphs, caches and allocator state, which measurably slowed
+    whichever ran later. In such a child process, this writes the library's cells to the result
+    file and exits."""
+    if args.result_file:
+        measured = run_library(args.libraries[0], args, device, layers, shapes, modes)
+        cells = [[mode, batch, *cell] for (mode, batch), cell in measured.get("results", {}).items()]
+        with open(args.result_file, "w") as file:
+            json.dump({"results": cells, "memory": measured["memory"]} if measured else {}, file)
+        sys.exit(0)
+    results: dict[tuple[str, str, int], tuple] = {}
+    args.memory = {}
+    for name in args.libraries:
+        if len(args.libraries) == 1:
+            measured = run_library(name, args, device, layers, shapes, modes)
+        else:
+            measured = _run_child(script, name)
+        if measured:
+            results.update({(name, *key): cell for key, cell in measured["results"].items()})
+            args.memory[name] = measured["memory"]
+    return results
+
+
+def _run_child(script: str, name: str) -> dict:
+    """``script`` with this process's arguments, for library ``name`` alone, in a new process."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "result.json")
-        command = [sys.executable, os.path.abspath(__file__), *argv, "--libraries", name, "--result-file", path]
+        command = [sys.executable, os.path.abspath(script), *sys.argv[1:], "--libraries", name, "--result-file", path]
         subprocess.run(command, check=True)
         with open(path) as file:
             saved = json.load(file)
     if not saved:
         return {}
-    results = {(mode, int(batch)): tuple(cell) for mode, batch, *cell in saved["results"]}
-    return {"results": results, "memory": saved["memory"]}
+    return {
+        "results": {(mode, int(batch)): tuple(cell) for mode, batch, *cell in saved["results"]},
+        "memory": saved["memory"],
+    }
 
 
 def main() -> None:
@@ -318,21 +344,8 @@ def main() -> None:
     layers = args.layers or (8 if cuda else 4)
     shapes = GPU_SHAPES if cuda else CPU_SHAPES
     modes = args.modes or (["eager", "compiled", "lean"] if cuda else ["eager"])
-    if args.result_file:
-        measured = run_library(args.libraries[0], args, device, layers, shapes, modes)
-        cells = [[mode, batch, *cell] for (mode, batch), cell in measured.get("results", {}).items()]
-        with open(args.result_file, "w") as file:
-            json.dump({"results": cells, "memory": measured["memory"]} if measured else {}, file)
-        return
-    results: dict[tuple[str, str, int], tuple[float, float]] = {}
-    memory: dict[str, float] = {}
-    for name in args.libraries:
-        measured = (
-            run_isolated(name) if len(args.libraries) > 1 else run_library(name, args, device, layers, shapes, modes)
-        )
-        if measured:
-            results.update({(name, *key): cell for key, cell in measured["results"].items()})
-            memory[name] = measured["memory"]
+    results = run_isolated(__file__, args, run_library, device, layers, shapes, modes)
+    memory = args.memory
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     head = "4-bit lm_head" if args.quantize_lm_head else "bf16 lm_head"
     head += ", module guards skipped" if args.skip_module_guards else ""

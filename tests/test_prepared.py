@@ -124,7 +124,8 @@ def test_copies_and_pickles_do_not_carry_the_preparation():
 
 @pytest.mark.parametrize("device", devices())
 def test_the_prepared_and_the_dispatched_product_agree_with_and_without_grad(device):
-    """Inference skips the dispatcher; inputs that need gradients go through the op."""
+    """Both skip the dispatcher: inference calls the kernel, an input that needs gradients the
+    kernel's autograd function (tests/test_eager_autograd.py)."""
     layer = _layer(device)
     x = torch.randn(4, 256, device=device)
     with torch.no_grad():

@@ -267,27 +267,65 @@ def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) ->
     )
 
 
-def _plain_eager(A: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether a product may skip the dispatcher: eager mode, plain tensors, no gradient to
-    record, and no torch function or dispatch mode that would want to see the op."""
+#: How an eager product reaches its prepared kernel (``_eager_route``).
+_DIRECT, _AUTOGRAD = 1, 2
+
+
+def _eager_route(A: Tensor, bias: Optional[Tensor]) -> Optional[int]:
+    """How a product may skip the dispatcher: straight to the kernel (``_DIRECT``: no gradient to
+    record) or through ``_PreparedProduct`` (``_AUTOGRAD``); None (the op) under torch.compile,
+    for tensor subclasses, or with a torch function or dispatch mode that would want to see the
+    op."""
     if type(A) is not Tensor or (bias is not None and type(bias) not in (Tensor, torch.nn.Parameter)):
-        return False
+        return None
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack() != 0
+    ):
+        return None
     if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return (
-        not torch.compiler.is_compiling()
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
+        return _AUTOGRAD
+    return _DIRECT
+
+
+class _PreparedProduct(torch.autograd.Function):
+    """The op's gradient formula in eager autograd, on a prepared kernel: the forward is the
+    kernel's product and the backward decodes the weight with the kernel's decode built once, so
+    that a training step pays neither the dispatcher nor a per-call setup of the kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, A: Tensor, bias: Optional[Tensor], prepared: "PreparedLinear") -> Tensor:
+        ctx.prepared = prepared
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.pointer = prepared.packed.data_ptr()
+        ctx.save_for_backward(prepared.packed)  # as the op saves it: autograd checks its version
+        return prepared.kernel.linear(A, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
+        (packed,) = ctx.saved_tensors
+        grad_A = grad_bias = None
+        if ctx.needs_input_grad[0]:  # grad has A's dtype
+            prepared = ctx.prepared
+            if packed.data_ptr() == ctx.pointer:
+                weight = prepared.kernel.dequantize(grad.dtype)
+            else:  # the bytes moved since the forward (FSDP2 frees and gathers them again)
+                weight = dequantize_4bit(packed, dtype=grad.dtype, **prepared.arguments)
+            grad_A = grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_A, grad_bias, None
 
 
 class PreparedLinear:
     """``A @ W.T + bias`` for one packed 4-bit weight, with what its kernel needs derived once.
 
-    Where the weight's device has a prepared kernel, an eager call on plain tensors that records
-    no gradient goes straight to it (an output allocation and a launch). Every other call, under
-    torch.compile, autograd, tensor subclasses or modes, goes through ``fourbit::linear_4bit``
-    with the arguments built here once. The tensors are the caller's: rebuild after replacing them.
+    Where the weight's device has a prepared kernel, an eager call on plain tensors goes straight
+    to it (an output allocation and a launch), through ``_PreparedProduct`` when it records a
+    gradient. Every other call, under torch.compile, tensor subclasses or modes, goes through
+    ``fourbit::linear_4bit`` with the arguments built here once. The tensors are the caller's:
+    rebuild after replacing them.
     """
 
     def __init__(
@@ -318,9 +356,12 @@ class PreparedLinear:
         if A.device != self.device or (bias is not None and bias.device != self.device):
             where = f"the input is on {A.device}" + (f", the bias on {bias.device}" if bias is not None else "")
             raise ValueError(f"{where}, but the 4-bit weight is on {self.device}: move them to one device")
-        kernel = self.kernel
-        if kernel is not None and _plain_eager(A, bias):
-            return kernel.linear(A, bias)
+        if self.kernel is not None:
+            route = _eager_route(A, bias)
+            if route == _DIRECT:
+                return self.kernel.linear(A, bias)
+            if route == _AUTOGRAD:
+                return _PreparedProduct.apply(A, bias, self)
         return linear_4bit(A, self.packed, bias=bias, **self.arguments)
 
 

@@ -26,7 +26,7 @@ from ...layout import TILE_ROWS
 from ..derived import float16_table
 from . import dispatch, fragments
 from .common import nested_arguments
-from .dequantize import DequantizeLaunch
+from .dequantize import DequantizeLaunch, dequantize_4bit
 from .gemv import gemv_any_kernel, gemv_words_kernel
 from .launch import ProductLaunch
 from .tensor_core import decode_dot_kernel
@@ -136,6 +136,7 @@ class PreparedWeight:
         self._launches: dict[tuple, ProductLaunch] = {}
         self._shared = False
         self._chunk_plans: dict[torch.dtype, list] = {}
+        self._decodes: dict[torch.dtype, DequantizeLaunch] = {}
 
     def layout(self) -> tuple:
         """Everything a launch depends on besides the input: the device, the sizes, and the dtype
@@ -191,6 +192,20 @@ class PreparedWeight:
             before, launch.before, launch.pointers = launch.before, None, None  # it keeps no weight alive
             return launch(A, bias, before)
         return launch(A, bias)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight decoded to ``dtype``, in rows whatever its layout (a gradient's
+        product with it), through a decode launch built once per dtype."""
+        decode = self._decodes.get(dtype)
+        if decode is None:
+            if self.tiled and self.bytes.storage_offset() % 4:  # the word kernel reads int32 words
+                return dequantize_4bit(self.packed, self.absmax, self.code, self.blocksize, (self.n_out, self.k), dtype,
+                                       *self.nested_statistics or (), tiled=True)  # fmt: skip
+            decode = self._decodes[dtype] = DequantizeLaunch(
+                self.packed, self.absmax, self.code, self.blocksize, (self.n_out, self.k), dtype,
+                self.nested_statistics, self.tiled,
+            )  # fmt: skip
+        return decode()
 
     def _prepare(self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str) -> ProductLaunch | None:
         """The launch of ``config`` for inputs like ``x`` (None for the chunked path)."""
