@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate train" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -83,6 +83,8 @@ for stage in $STAGES; do
         2>&1 | tee "$OUT/generate.md"
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
         2>&1 | tee "$OUT/generate_compiled.md" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate)" >&2; exit 2 ;;
+    train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries
+      "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 2>&1 | tee "$OUT/train.md" ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, train)" >&2; exit 2 ;;
   esac
 done

@@ -126,3 +126,24 @@ def test_packed_bytes_moved_before_the_backward_are_decoded_where_they_are_now()
     old.fill_(0)  # what another layer's gather might leave there
     out.sum().backward()
     torch.testing.assert_close(x.grad, F4.dequantize_4bit(packed, state).sum(0).expand(2, 256))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("wrap", ["checkpoint", "save_on_cpu"])
+def test_checkpointed_and_offloaded_activations_give_the_same_gradients(device, wrap):
+    """Activation checkpointing recomputes the forward in the backward; ``save_on_cpu`` hands the
+    backward copies of what the forward saved (the packed bytes elsewhere)."""
+    layer = _layer(device)
+    x = torch.randn(6, 256, device=device)
+    plain = x.clone().requires_grad_()
+    layer(plain).square().sum().backward()
+    expected_bias_grad, layer.bias.grad = layer.bias.grad, None
+    leaf = x.clone().requires_grad_()
+    if wrap == "checkpoint":
+        out = torch.utils.checkpoint.checkpoint(layer, leaf, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            out = layer(leaf)
+    out.square().sum().backward()
+    assert torch.equal(leaf.grad, plain.grad)
+    assert torch.equal(layer.bias.grad, expected_bias_grad)
