@@ -79,6 +79,22 @@ def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device
     gc.collect()
 
 
+def library_model(name: str, layers: int, device: torch.device, shapes: dict, lm_head: bool = False):
+    """The bf16 model, its projections quantized by library ``name`` unless it is "bf16"
+    (``quantize``); None, with a line saying why, when the library cannot be imported."""
+    library = None
+    if name != "bf16":
+        try:
+            library = importlib.import_module(name)
+        except Exception as error:  # bitsandbytes absent, or without a native library here
+            print(f"skipping {name}: {error}")
+            return None
+    model = build_model(layers, device, shapes, torch.bfloat16)
+    if library is not None:
+        quantize(model, library, torch.bfloat16, device, lm_head=lm_head)
+    return model
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers and of its 4-bit weights' statistics (what
     ``memory_allocated`` would count; the CPU has no allocator statistics)."""
@@ -237,16 +253,9 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
     """Every mode and batch for one library's model: {"results": {(mode, batch): (tokens/s, peak
     GiB)}, "memory": GiB after loading}, or {} when the library cannot be imported."""
     cuda = device.type == "cuda"
-    library = None
-    if name != "bf16":
-        try:
-            library = importlib.import_module(name)
-        except Exception as error:  # bitsandbytes absent, or without a native library here
-            print(f"skipping {name}: {error}")
-            return {}
-    model = build_model(layers, device, shapes, torch.bfloat16)
-    if library is not None:
-        quantize(model, library, torch.bfloat16, device, lm_head=args.quantize_lm_head)
+    model = library_model(name, layers, device, shapes, lm_head=args.quantize_lm_head)
+    if model is None:
+        return {}
     _sync(device)
     memory = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) / 2**30
     results = {}
@@ -313,13 +322,30 @@ def _run_child(script: str, name: str) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every end-to-end benchmark of the Llama model takes."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, help="decoder layers (default 8 on a GPU, 4 on the CPU)")
+    parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
+
+
+def model_settings(args) -> tuple[torch.device, int, dict]:
+    """(device, decoder layers, model shapes) from ``add_model_arguments``' options; sets the
+    CPU threads."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    return device, args.layers or (8 if cuda else 4), GPU_SHAPES if cuda else CPU_SHAPES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "compiled", "lean"])
-    parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"])
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
@@ -334,15 +360,9 @@ def main() -> None:
         action="store_true",
         help="compiled mode: skip dynamo's guards on modules (a model that does not change)",
     )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
-    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device, layers, shapes = model_settings(args)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    layers = args.layers or (8 if cuda else 4)
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
     modes = args.modes or (["eager", "compiled", "lean"] if cuda else ["eager"])
     results = run_isolated(__file__, args, run_library, device, layers, shapes, modes)
     memory = args.memory

@@ -20,12 +20,11 @@ bitsandbytes.
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
 
 import torch
-from bench_generate import CPU_SHAPES, GPU_SHAPES, build_model, quantize, run_isolated
+from bench_generate import add_model_arguments, library_model, model_settings, run_isolated
 
 #: The projections a QLoRA recipe adapts: all of them.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,16 +35,9 @@ def adapted_model(name: str, args, device: torch.device, layers: int, shapes: di
     the library cannot be imported."""
     from peft import LoraConfig
 
-    library = None
-    if name != "bf16":
-        try:
-            library = importlib.import_module(name)
-        except Exception as error:  # bitsandbytes absent, or without a native library here
-            print(f"skipping {name}: {error}")
-            return None
-    model = build_model(layers, device, shapes, torch.bfloat16)
-    if library is not None:
-        quantize(model, library, torch.bfloat16, device)
+    model = library_model(name, layers, device, shapes)
+    if model is None:
+        return None
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
     if name == "fourbit":
         from fourbit.integrations.peft import get_peft_model
@@ -106,24 +98,16 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, help="decoder layers (default 8 on a GPU, 4 on the CPU)")
+    add_model_arguments(parser)
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="sequences a step (default 1 4)")
     parser.add_argument("--sequence", type=int, help="tokens a sequence (default 512 on a GPU, 128 on the CPU)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
-    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device, layers, shapes = model_settings(args)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    layers = args.layers or (8 if cuda else 4)
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
     args.batches = args.batches or [1, 4]
     args.sequence = args.sequence or (512 if cuda else 128)
     results = run_isolated(__file__, args, run_library, device, layers, shapes, ["train"])
