@@ -287,6 +287,8 @@ def dequantize_4bit(
     2-D result, as in bitsandbytes.
     """
     check_tensor(A, "A")
+    if out is None and _decodes_prepared(A, quant_state):
+        return prepared_product(A, quant_state).dequantize(quant_state.dtype)
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit requires both absmax and out when quant_state is not provided")
@@ -314,6 +316,19 @@ def dequantize_4bit(
     if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and result.dim() == 2:
         return result.t()
     return result
+
+
+def _decodes_prepared(A: Tensor, state: QuantState | None) -> bool:
+    """Whether ``dequantize_4bit`` may decode through the state's prepared product (its decode
+    launch built once): eager, a 2-D weight of a float dtype, packed as a column of bytes."""
+    return (
+        isinstance(state, QuantState)
+        and len(state.shape) == 2
+        and state.dtype in FLOAT_DTYPES
+        and A.dim() == 2
+        and A.shape[1] == 1
+        and not torch.compiler.is_compiling()
+    )
 
 
 def dequantize_fp4(
@@ -407,9 +422,11 @@ def _traced_op_arguments(B: Tensor, state: QuantState, differentiable: bool) -> 
 
 def prepared_product(B: Tensor, state: QuantState) -> ops.PreparedLinear:
     """The product with the packed weight ``B`` of ``state``, prepared once (``prepare_linear``)
-    and kept on ``state``; rebuilt when ``B``'s bytes or view, the state's identity, layout,
-    tensors or settings change, and checked whenever it is (re)built."""
-    key = (*prepared_key(B, state), tuple(B.shape), state.blocksize, tuple(state.shape), state.quant_type)
+    and kept on ``state``; rebuilt when ``B``'s bytes (not its view: ``matmul_4bit`` takes the
+    transpose that ``dequantize_4bit`` does not), the state's identity, layout, tensors or settings
+    change, and checked whenever it is (re)built."""
+    size = B.numel() * B.element_size()
+    key = (*prepared_key(B, state), size, state.blocksize, tuple(state.shape), state.quant_type)
     cached = state.__dict__.get(PREPARED_ATTRIBUTE)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -364,6 +364,13 @@ class PreparedLinear:
                 return _PreparedProduct.apply(A, bias, self)
         return linear_4bit(A, self.packed, bias=bias, **self.arguments)
 
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The weight decoded to ``dtype``, in rows (N, K): by the prepared kernel's decode (built
+        once per dtype) in eager mode on plain tensors, else by the op."""
+        if self.kernel is not None and _plain_eager_tensors([self.packed]):
+            return self.kernel.dequantize(dtype)
+        return dequantize_4bit(self.packed, dtype=dtype, **self.arguments)
+
 
 _OPS = {
     "quantize_4bit": quantize_4bit,
