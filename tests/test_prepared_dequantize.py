@@ -78,3 +78,18 @@ def test_a_changed_state_or_new_bytes_are_decoded_as_they_are_now(device):
 def test_a_transposed_packed_view_still_gives_the_transposed_result():
     packed, state = _weight("cpu")
     assert torch.equal(F4.dequantize_4bit(packed.t(), state), F4.dequantize_4bit(packed, state).t())
+
+
+def test_assigning_a_state_attribute_releases_the_tensors_its_preparation_held():
+    import gc
+    import weakref
+
+    packed, state = _weight("cpu")
+    old_absmax = state.state2.absmax
+    F4.dequantize_4bit(packed, state)
+    held = weakref.ref(packed)
+    state.state2.absmax = old_absmax.clone()  # the nested state's own preparation is not involved
+    state.absmax = state.absmax.clone()
+    del packed
+    gc.collect()
+    assert held() is None

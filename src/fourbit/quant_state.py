@@ -157,9 +157,11 @@ class QuantState:
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Replacing a statistic drops the buffer its tensors were views of, and assigning any
-        public attribute drops the traced arguments (``fourbit.state_buffer``)."""
+        public attribute drops the traced arguments (``fourbit.state_buffer``) and the prepared
+        product, which holds the tensors it was built from (``functional.prepared_product``)."""
         if not name.startswith("_"):
             self.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
+            self.__dict__.pop(PREPARED_ATTRIBUTE, None)
         if name in _STATISTICS_FIELDS:
             drop_statistics_buffer(self)
         object.__setattr__(self, name, value)
