@@ -38,7 +38,9 @@ def adapted_model(name: str, args, device: torch.device, layers: int, shapes: di
     model = library_model(name, layers, device, shapes)
     if model is None:
         return None
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
+    config = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS, use_dora=args.dora
+    )
     if name == "fourbit":
         from fourbit.integrations.peft import get_peft_model
     else:
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="sequences a step (default 1 4)")
     parser.add_argument("--sequence", type=int, help="tokens a sequence (default 512 on a GPU, 128 on the CPU)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (peft's use_dora) instead of LoRA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -112,8 +115,10 @@ def main() -> None:
     args.sequence = args.sequence or (512 if cuda else 128)
     results = run_isolated(__file__, args, run_library, device, layers, shapes, ["train"])
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
-    print(f"\n# QLoRA training step: {layers} layers, LoRA rank {args.rank} on every projection, "
+    checkpointing = (", DoRA" if args.dora else "") + (
+        ", gradient checkpointing" if args.gradient_checkpointing else ""
+    )
+    print(f"\n# QLoRA training step: {layers} layers, adapters of rank {args.rank} on every projection, "
           f"{args.sequence} tokens a sequence{checkpointing}; {where}, torch {torch.__version__}\n")  # fmt: skip
     print("| batch | bf16 ms | bnb ms | fourbit ms | fourbit tok/s | fourbit/bf16 time | fourbit/bnb time | "
           "peak GiB bf16 / bnb / fourbit |")  # fmt: skip
