@@ -120,6 +120,31 @@ def test_a_compiled_call_guards_only_the_traced_arguments_of_the_state(nested):
     assert state_reads == {"", "._traced_arguments", "._traced_arguments[0]", "._traced_arguments[2]"}
 
 
+def test_a_compiled_layer_guards_none_of_its_own_methods_or_sizes():
+    """Of the module itself, the trace reads only what decides the computation: its type, its
+    parameters and its compute dtype settings (state lookups are functions, not methods, whose
+    absence from the instance dict dynamo would check per layer; the input's size is checked
+    against the state's guarded shape)."""
+    layer = _layer("cpu", True)
+    guards: list[tuple[str, str]] = []
+
+    def record(entries):
+        guards.extend((entry.name, entry.guard_type) for entry in entries)
+        return [True] * len(entries)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="eager", options={"guard_filter_fn": record})
+    with torch.no_grad():
+        compiled(torch.randn(2, 96))
+    own = {(name, kind) for name, kind in guards if name == "self" or name.startswith("self.")}
+    own = {(name, kind) for name, kind in own if not name.startswith("self._parameters[")}
+    assert own == {
+        ("self", "TYPE_MATCH"),
+        ("self._parameters", "TYPE_MATCH"),
+        ("self.compute_dtype", "CONSTANT_MATCH"),
+        ("self.compute_type_is_set", "CONSTANT_MATCH"),
+    }
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_assigning_an_attribute_of_the_state_drops_its_traced_arguments(device):
     layer, x, compiled, before = _compiled_and_called(device)

@@ -31,6 +31,38 @@ _SLOW_FP16_WARNING = (
 )
 
 
+def current_quant_state(module: nn.Module, weight: Any) -> F4.QuantState | None:
+    """``weight``'s QuantState, or ``module``'s copy when the weight is not a Params4bit (FSDP2
+    replaces it by a DTensor shard and, in forward, by the gathered packed bytes). A function,
+    not a method: a compiled forward then guards it once, not once per layer."""
+    state = getattr(weight, "quant_state", None)
+    return state if state is not None else module.quant_state
+
+
+def forward_quant_state(module: nn.Module, weight: Any) -> F4.QuantState:
+    """The QuantState ``module`` computes with; a clear error when there is none or the bytes
+    were cast."""
+    name = type(module).__name__
+    if isinstance(weight, Params4bit) and not weight.bnb_quantized:
+        raise RuntimeError(
+            f"{name} weight is not quantized yet: move the module to a device first "
+            "(module.to('cpu') or module.cuda()), or load a quantized state dict"
+        )
+    state = current_quant_state(module, weight)
+    if state is None and not isinstance(weight, Params4bit):
+        raise RuntimeError(UNQUANTIZED_SHARD_ERROR)
+    if state is None:
+        raise RuntimeError(f"{name} weight has lost its quantization state")
+    if not isinstance(weight, Params4bit) and weight.dtype != module.quant_storage:
+        raise RuntimeError(
+            f"{name} packed weight arrived as {weight.dtype}, but it is stored as "
+            f"{module.quant_storage}: something cast the packed bytes (for example an FSDP2 MixedPrecisionPolicy "
+            "whose param_dtype differs from quant_storage). Use quant_storage=torch.uint8, which is never cast, "
+            "or a param_dtype equal to quant_storage"
+        )
+    return state
+
+
 class Linear4bit(ShardedWeightSupport, nn.Linear):
     """A linear layer whose weight is stored in 4 bits (QLoRA's NF4 or FP4).
 
@@ -99,32 +131,12 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
                 warnings.warn(_SLOW_FP16_WARNING.format(compute_dtype=self.compute_dtype), stacklevel=3)
 
     def _current_quant_state(self) -> F4.QuantState | None:
-        """The weight's QuantState, or the module's copy when the weight is not a Params4bit (FSDP2
-        replaces it by a DTensor shard and, in forward, by the gathered packed bytes)."""
-        state = getattr(self.weight, "quant_state", None)
-        return state if state is not None else self.quant_state
+        """The weight's QuantState, or the module's copy (``current_quant_state``)."""
+        return current_quant_state(self, self.weight)
 
     def _forward_quant_state(self) -> F4.QuantState:
-        """The QuantState to compute with; a clear error when there is none or the bytes were cast."""
-        weight = self.weight
-        if isinstance(weight, Params4bit) and not weight.bnb_quantized:
-            raise RuntimeError(
-                f"{type(self).__name__} weight is not quantized yet: move the module to a device first "
-                "(module.to('cpu') or module.cuda()), or load a quantized state dict"
-            )
-        state = self._current_quant_state()
-        if state is None and not isinstance(weight, Params4bit):
-            raise RuntimeError(UNQUANTIZED_SHARD_ERROR)
-        if state is None:
-            raise RuntimeError(f"{type(self).__name__} weight has lost its quantization state")
-        if not isinstance(weight, Params4bit) and weight.dtype != self.quant_storage:
-            raise RuntimeError(
-                f"{type(self).__name__} packed weight arrived as {weight.dtype}, but it is stored as "
-                f"{self.quant_storage}: something cast the packed bytes (for example an FSDP2 MixedPrecisionPolicy "
-                "whose param_dtype differs from quant_storage). Use quant_storage=torch.uint8, which is never cast, "
-                "or a param_dtype equal to quant_storage"
-            )
-        return state
+        """The QuantState to compute with, or a clear error (``forward_quant_state``)."""
+        return forward_quant_state(self, self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         parameters = self._parameters  # read without nn.Module.__getattr__, which costs more
@@ -133,8 +145,10 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         except KeyError:  # a parametrization or a replaced attribute took them out of _parameters
             weight, bias = self.weight, self.bias
         if isinstance(weight, Params4bit) and not weight.bnb_quantized:
-            self._forward_quant_state()  # raises: not quantized yet
-        if x.shape[-1] != self.in_features:
+            forward_quant_state(self, weight)  # raises: not quantized yet
+        # compiled, the product checks the input against the state's shape (which the trace
+        # guards anyway), so that the trace reads no attribute of its own for it
+        if not torch.compiler.is_compiling() and x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects inputs with last dimension in_features={self.in_features}, "
                 f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
@@ -153,7 +167,7 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         if isinstance(weight, Params4bit) and dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
             out = self._prepared_product(weight)(x, bias)
         else:
-            out = matmul_4bit(x, weight, self._forward_quant_state(), bias=bias)
+            out = matmul_4bit(x, weight, forward_quant_state(self, weight), bias=bias)
         return out if dtype == input_dtype else out.to(input_dtype)
 
     def _prepared_product(self, weight: Params4bit) -> Any:
