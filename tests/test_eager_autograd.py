@@ -147,3 +147,19 @@ def test_checkpointed_and_offloaded_activations_give_the_same_gradients(device, 
     out.square().sum().backward()
     assert torch.equal(leaf.grad, plain.grad)
     assert torch.equal(layer.bias.grad, expected_bias_grad)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_batched_non_contiguous_input_gets_the_op_gradients(device):
+    layer = _layer(device, dtype=torch.bfloat16)
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    x = torch.randn(256, 3, 4, device=device, dtype=torch.bfloat16).permute(1, 2, 0)  # (3, 4, 256), strided
+    expected_out, expected_grad, expected_bias_grad = _through_the_op(layer, x.detach().requires_grad_())
+    layer.bias.grad = None
+    leaf = x.detach().requires_grad_()
+    out = layer(leaf)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=out.dtype).reshape(out.shape))
+    assert out.shape == (3, 4, 96) and leaf.grad.shape == (3, 4, 256)
+    torch.testing.assert_close(out.detach(), expected_out, rtol=1e-2, atol=1e-2)
+    assert torch.equal(leaf.grad, expected_grad)
+    assert torch.equal(layer.bias.grad, expected_bias_grad)
