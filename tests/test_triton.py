@@ -153,6 +153,45 @@ def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors,
     assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * enough, 4096, 64)[0] == "fused"
 
 
+def test_large_weights_read_many_input_rows_in_fragment_order(monkeypatch):
+    """On an H200, the fragment kernel copies its inputs into fragment order from the table's row
+    counts on, for weights of the table's sizes; small weights and few rows read the rows in place
+    (``tuning.PermuteRule``). (The kernel's support is forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: True)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+    def permuted(rows: int, n: int, k: int) -> int:
+        config = dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64)
+        assert config[:4] == ("fragments", 4, 0, 0)
+        return config[4]
+
+    assert [permuted(rows, 28672, 8192) for rows in (1, 4, 5, 8, 9, 16)] == [0, 0, 1, 1, 1, 1]
+    assert [permuted(rows, 28672, 4096) for rows in (8, 9, 16)] == [0, 1, 1]
+    assert [permuted(rows, 14336, 4096) for rows in (8, 9, 16)] == [0, 0, 0]
+    assert [permuted(rows, 4096, 4096) for rows in (1, 8, 16)] == [0, 0, 0]
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)  # not measured there
+    assert permuted(16, 28672, 8192) == 0
+
+
+def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():
+    """``InputPermute``: lane l's words of tile t at step s are row 8t + l // 4's words
+    16s + 4 (l % 4) .. + 3, in two halves 64 words apart; rows past the input are zeros."""
+    from fourbit.kernels.triton.fragment_inputs import InputPermute
+
+    k = 256
+    for rows, tiles in [(3, 1), (8, 1), (11, 2), (16, 2)]:
+        x = torch.randn(rows, 2 * k, device=DEVICE).to(torch.bfloat16)[:, :k]  # rows 2k apart
+        copy = InputPermute(tiles, k, torch.device(DEVICE))(x).cpu()
+        words = x.contiguous().view(torch.int64).cpu()
+        for step, tile, lane in itertools.product(range(k // 64), range(tiles), range(32)):
+            row = 8 * tile + lane // 4
+            columns = 16 * step + 4 * (lane % 4) + torch.arange(4)
+            expected = words[row, columns] if row < rows else torch.zeros(4, dtype=torch.int64)
+            start = ((step * tiles + tile) * 64 + lane) * 2
+            assert torch.equal(copy[[start, start + 1, start + 64, start + 65]], expected), (rows, step, tile, lane)
+
+
 def test_covering_splits_are_powers_of_two_that_cover_the_gpu_at_most_twice(monkeypatch):
     """Automatic K splits: the power of two at or below what gives every multiprocessor two programs."""
     monkeypatch.setattr(dispatch, "processors", lambda device: 132)

@@ -75,6 +75,9 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
         ("fragments", 4, 1, 4),
         ("fragments", 8, 3, 2),
         ("fragments", 2, 0, 2),
+        ("fragments", 4, 1, 1, 1),
+        ("fragments", 8, 3, 2, 1),
+        ("fragments", 4, 0, 0, 1),
     ],
     ids=str,
 )
@@ -110,6 +113,23 @@ def test_register_fragment_kernel_configurations(config, dtype, nested):
             error = ((out.double() - expected).norm() / expected.norm()).item()
             assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
             assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+def test_inputs_in_fragment_order_give_the_same_bits(dtype):
+    """The fragment kernel reading its inputs from the copy in fragment order gives the products
+    it gives reading the rows, bit for bit, for every row count it takes and strided inputs."""
+    n, k, blocksize = 272, 1024, 64
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+    absmax, extra = nested_statistics(absmax, True)
+    for rows in range(1, 17):
+        x = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)[:, :k]
+        for config in [("fragments", 4, 1, 1), ("fragments", 4, 1, 2), ("fragments", 2, 1, 1)]:
+            rows_read = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=config)
+            copied = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=(*config, 1))
+            assert torch.equal(rows_read, copied), (rows, config)
 
 
 def test_register_fragment_kernel_refuses_unaligned_k():

@@ -38,12 +38,15 @@ GPU_CONFIGS = [
     ("fragments", 4, 1),
     ("fragments", 2, 3),
     ("fragments", 4, 1, 4),
+    ("fragments", 4, 1, 2, 1),
     ("fused", 128, 16, 64, 1, 4, 4, False),
     ("fused", 128, 64, 64, 2, 4, 4, True),
     tuning.HOPPER.wide,
     (4, 16, 512, 0, 4, "half"),
     "chunked",
 ]
+#: The forced configurations that sum nothing across programs, so tiles give the same bits as rows.
+UNSPLIT_CONFIGS = (("fragments", 4, 1), ("fragments", 4, 1, 4), ("fragments", 4, 1, 2, 1))
 
 
 @functools.cache
@@ -83,7 +86,7 @@ def test_every_kernel_reads_tiles_as_it_reads_rows(config, dtype, nested):
             arguments = (absmax, code, blocksize, (n, k), bias)
             out = kernels.linear_4bit(x, tiled, *arguments, **extra, tiled=True, config=config)
             expected = kernels.linear_4bit(x, packed, *arguments, **extra, config=config)
-            if config in (("fragments", 4, 1), ("fragments", 4, 1, 4)) or INTERPRETED:  # nothing summed across programs
+            if config in UNSPLIT_CONFIGS or INTERPRETED:  # nothing summed across programs
                 assert torch.equal(out, expected), (quant_type, n, k, blocksize, rows)
             else:  # K splits add in any order; decode + cuBLAS chunks the rows differently
                 torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

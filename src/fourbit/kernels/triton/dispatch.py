@@ -24,7 +24,8 @@ def choose_config(
     if not INTERPRETED and fragments_supported(x, k, blocksize, packed):
         entry = next((entry for entry in tables.fragments if rows <= entry[0]), None)
         if entry:
-            return ("fragments", *entry[1:])
+            permuted = any(rows >= rule.min_rows and n_out * k >= rule.min_elements for rule in tables.fragment_permute)
+            return ("fragments", entry.num_warps, entry.split_k, entry.k_warps, int(permuted))
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:

@@ -37,6 +37,7 @@ import triton.language as tl
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
 from .fragment_grid import GROUP_STEPS, STEP, aligned, fragment_parts
+from .fragment_inputs import InputPermute, permuted_inputs, row_inputs
 from .launch import ProductLaunch
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
 
@@ -78,30 +79,6 @@ def _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16: tl.constexpr, NESTED
         _TABLE, "=r," + "r," * 8 + "f,f,f,f", [p0 + thread * 0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3],
         tl.int32, False, 1,
     )  # fmt: skip
-
-
-@triton.jit
-def _input_columns(x_ptr, row, M, stride_xm, column, live):
-    """The four int64 words (four 16-bit values each) of input row ``row`` from int64 column
-    ``column`` on, as two 16-byte loads per thread; zeros for rows beyond M and where not
-    ``live``."""
-    start = x_ptr + row.to(tl.int64)[:, None] * stride_xm + column[:, None] + tl.arange(0, 2)[None, :]
-    mask = ((row < M) & live)[:, None]
-    w0, w1 = tl.split(tl.load(start, mask=mask, other=0))
-    w2, w3 = tl.split(tl.load(start + 2, mask=mask, other=0))
-    return w0, w1, w2, w3
-
-
-@triton.jit
-def _inputs(x_ptr, group, M, stride_xm, column, live, TILES: tl.constexpr):
-    """The input operands of one step for this lane: four int64 words per tile of input rows
-    (rows ``group`` and ``group + 8``; the second four repeat the first when TILES == 1)."""
-    a0, a1, a2, a3 = _input_columns(x_ptr, group, M, stride_xm, column, live)
-    if TILES == 2:
-        b0, b1, b2, b3 = _input_columns(x_ptr, group + 8, M, stride_xm, column, live)
-    else:
-        b0, b1, b2, b3 = a0, a1, a2, a3
-    return a0, a1, a2, a3, b0, b1, b2, b3
 
 
 @triton.jit
@@ -333,10 +310,12 @@ def _fragment_mma_kernel(
     WORDS: tl.constexpr,
     TILED: tl.constexpr,
     K_WARPS: tl.constexpr,
+    PERMUTED: tl.constexpr,
 ):
     """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
     (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run), and
-    ``K_WARPS`` warps take the same rows, each a part of the program's columns.
+    ``K_WARPS`` warps take the same rows, each a part of the program's columns. ``PERMUTED``: x
+    is ``fragment_inputs.InputPermute``'s copy, not the rows.
 
     ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
@@ -378,7 +357,10 @@ def _fragment_mma_kernel(
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
             column = k + 64 * step
-            inputs = _inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, column < k_stop, TILES)
+            if PERMUTED:
+                inputs = permuted_inputs(x_ptr, lane, column // 64, column < k_stop, TILES)
+            else:
+                inputs = row_inputs(x_ptr, group, M, stride_xm, column // 4 + quad * 4, column < k_stop, TILES)
             words = first
             first = second
             second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
@@ -395,11 +377,14 @@ def _fragment_mma_kernel(
 
 def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int):
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
-    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K) or
-    (num_warps, SPLIT_K, K_WARPS). SPLIT_K 0 lets ``fragment_parts`` choose both (and K_WARPS,
-    when given, is kept); otherwise K_WARPS defaults to 1."""
+    like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K),
+    (num_warps, SPLIT_K, K_WARPS) or (num_warps, SPLIT_K, K_WARPS, PERMUTED). SPLIT_K 0 lets
+    ``fragment_parts`` choose both (and K_WARPS, when non-zero, is kept); otherwise K_WARPS
+    defaults to 1. PERMUTED (0 or 1) reads the inputs from a copy in fragment order
+    (``fragment_inputs``)."""
     warps, split_k, *rest = config
     k_warps = rest[0] if rest else 0
+    permuted = bool(rest[1]) if len(rest) > 1 else False
     if k_warps < 0 or (k_warps and warps % k_warps):
         raise ValueError(f"the fragment kernel's K warps ({k_warps}) must divide its warps ({warps})")
     if warps < 2:  # each thread stores four of the 256 nested codes into the table
@@ -425,9 +410,9 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     return ProductLaunch(
         _fragment_mma_kernel, (programs, split_k), {"num_warps": warps}, weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps),
+         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
-        _int64_rows if rows_aligned else _aligned_int64_rows,
+        InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows,
     )  # fmt: skip
 
 

@@ -84,6 +84,15 @@ class FragmentConfig(NamedTuple):
     k_warps: int = 0
 
 
+class PermuteRule(NamedTuple):
+    """The fragment kernel reads its inputs from a copy in fragment order
+    (``fragment_inputs.InputPermute``, one kernel more) from ``min_rows`` input rows on, for
+    weights of at least ``min_elements`` elements (out_features x in_features)."""
+
+    min_rows: int
+    min_elements: int
+
+
 class QuantizeConfig(NamedTuple):
     """The persistent 4-bit quantizer: elements per tile, warps per program, programs per multiprocessor."""
 
@@ -110,6 +119,7 @@ class KernelTables(NamedTuple):
     wide_min_coverage: float
     fragments: tuple[FragmentConfig, ...]
     quantize: QuantizeConfig
+    fragment_permute: tuple[PermuteRule, ...] = ()
 
 
 HOPPER = KernelTables(
@@ -131,8 +141,12 @@ HOPPER = KernelTables(
     quantize=QuantizeConfig(tile_elements=4096, warps=8, programs_per_sm=4),
 )
 
-#: The H200 measured the Hopper entries best or within noise (docs/performance.md).
-H200 = HOPPER._replace(tuned_on="NVIDIA H200")
+#: The H200 measured the Hopper entries best or within noise (docs/performance.md). Inputs in
+#: fragment order, CUDA graph replays, NF4 bf16: 28672x8192 at 16 rows 62.4 us against 70.3,
+#: 28672x4096 33.3 against 37.1, 128256x4096 at 8 rows 110.8 against 122.0; 14336x4096 at 16
+#: rows 19.1 against 21.3, left out as eager calls there pay the copy's launch in host time;
+#: 4096x4096 at 16 rows 8.9 against 8.3, and slower below 5 rows.
+H200 = HOPPER._replace(tuned_on="NVIDIA H200", fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27)))
 
 #: GPUs without tables of their own, and not Hoppers: the Hopper entries with batch-wide tiles of
 #: 128 input rows in two stages. Triton 3.9 builds the Hopper batch-wide tiles with 90 KiB of
