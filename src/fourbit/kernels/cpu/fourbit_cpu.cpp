@@ -164,18 +164,33 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   // each row's packed bytes are asked for `ahead` rows before they are read (the hardware
   // prefetchers stop at page boundaries and start late on each thread's run of rows)
   const int64_t row_bytes = (k + 1) / 2, ahead = row_bytes >= PREFETCH_AHEAD_BYTES ? 1 : PREFETCH_AHEAD_BYTES / row_bytes;
+  // bfloat16 rows with AVX512-BF16 from two on: two weight rows share each pass over the inputs
+  // (dot_all_rows_bf16); one row keeps the kernel of two sums a row (dot_rows_bf16_split)
+  const bool paired = whole_blocks && !inputs.even16.empty() && m >= 2;
+  const int64_t together = paired ? 2 : 1;
 #pragma omp parallel num_threads(used) if (used > 1)
   {
-    std::vector<float> sums(m);
+    std::vector<float> sums(together * m);
 #pragma omp for schedule(static)
-    for (int64_t n = first; n < n_out; ++n) {
-      if (n + ahead < n_out) prefetch_bytes(w->packed + (n + ahead) * k / 2, row_bytes);
-      if (whole_blocks)
+    for (int64_t i = 0; i < (n_out - first + together - 1) / together; ++i) {
+      const int64_t n = first + i * together, rows = n_out - n < together ? n_out - n : together;
+      for (int64_t j = 0; j < rows; ++j)
+        if (n + j + ahead < n_out) prefetch_bytes(w->packed + (n + j + ahead) * k / 2, row_bytes);
+#if FOURBIT_X86
+      if (paired && rows == 2)
+        dot_all_rows_bf16<2>(*w, n, k, inputs, m, sums.data());
+      else if (paired)
+        dot_all_rows_bf16<1>(*w, n, k, inputs, m, sums.data());
+      else
+#endif
+          if (whole_blocks)
         dot_all_rows(*w, n, k, inputs, m, sums.data(), dtype, isa);
       else
         dot_any(*w, n, k, x, dtype, m, sums.data());
-      const float b = bias ? load_value(bias, n, dtype) : 0.0f;
-      for (int64_t r = 0; r < m; ++r) store_value(out, r * n_out + n, sums[r] + b, dtype);
+      for (int64_t j = 0; j < rows; ++j) {
+        const float b = bias ? load_value(bias, n + j, dtype) : 0.0f;
+        for (int64_t r = 0; r < m; ++r) store_value(out, r * n_out + n + j, sums[j * m + r] + b, dtype);
+      }
     }
   }
 }
