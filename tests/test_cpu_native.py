@@ -77,6 +77,26 @@ def test_dequantize_of_nan_and_infinite_statistics_matches_the_reference(variant
         assert torch.equal(_bits(got), _bits(expected)), dtype
 
 
+@pytest.mark.parametrize("entries", [256, 200], ids=["full-table", "short-table"])
+def test_every_nested_code_decodes_as_the_reference(variant, entries):
+    """Each 8-bit code of the nested statistics, through the kernels' table lookup (a permute tree
+    on AVX-512), including a table shorter than 256 entries (codes stay below its length)."""
+    packed, arguments = _weight((64, 512), "nf4", 64, True)  # 512 blocks: two nested groups
+    generator = torch.Generator().manual_seed(1)
+    arguments["nested_code"] = torch.randn(entries, generator=generator)
+    arguments["absmax"] = (torch.arange(512) * 7 % entries).to(torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = reference.dequantize_4bit(packed, blocksize=64, shape=(64, 512), dtype=dtype, **arguments)
+        got = cpu.dequantize_4bit(packed, blocksize=64, shape=(64, 512), dtype=dtype, **arguments)
+        assert torch.equal(_bits(got), _bits(expected)), dtype
+        for rows in (1, 3):  # the one-row kernel and the kernel of several
+            x = torch.randn(rows, 512, generator=generator).to(dtype)
+            product = cpu.linear_4bit(x, packed, blocksize=64, shape=(64, 512), **arguments)
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+            truth = x.double() @ expected.double().t()
+            torch.testing.assert_close(product.double(), truth, rtol=tolerance, atol=tolerance * 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(96, 256), (1, 512), (40, 77), (7, 4096)], ids=str)
 def test_the_product_is_within_the_reference_tolerance(variant, dtype, shape):

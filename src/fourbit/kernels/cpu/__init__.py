@@ -78,7 +78,9 @@ class PreparedWeight:
             weight.absmax = self._held(absmax.float()).data_ptr()
         else:
             weight.qabsmax = self._held(absmax).data_ptr()
-            weight.nested_code = self._held(nested.code.float()).data_ptr()
+            # 256 entries, one for every 8-bit code: the kernels load the whole table
+            code = nested.code.float().reshape(-1)[:256]
+            weight.nested_code = self._held(torch.nn.functional.pad(code, (0, 256 - code.numel()))).data_ptr()
             weight.nested_absmax = self._held(nested.absmax.float()).data_ptr()
             weight.offset = self._held(nested.offset.float().reshape(1)).data_ptr()
             weight.nested_blocksize = nested.blocksize

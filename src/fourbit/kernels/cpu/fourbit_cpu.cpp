@@ -161,26 +161,35 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   }
   const int64_t work = n_out * k * (m < 4 ? m : 4);
   const int32_t used = work < (int64_t(1) << 18) ? 1 : threads;  // small products: no parallel region
-  // each row's packed bytes are asked for `ahead` rows before they are read (the hardware
-  // prefetchers stop at page boundaries and start late on each thread's run of rows)
-  const int64_t row_bytes = (k + 1) / 2, ahead = row_bytes >= PREFETCH_AHEAD_BYTES ? 1 : PREFETCH_AHEAD_BYTES / row_bytes;
   // bfloat16 rows with AVX512-BF16 from two on: two weight rows share each pass over the inputs
-  // (dot_all_rows_bf16); one row keeps the kernel of two sums a row (dot_rows_bf16_split)
+  // (dot_all_rows_bf16); one row keeps its own kernel (dot_rows_bf16_split)
   const bool paired = whole_blocks && !inputs.even16.empty() && m >= 2;
-  const int64_t together = paired ? 2 : 1;
+  // one float32 row with AVX-512 (float16 and bfloat16 without AVX512-BF16 too): two weight rows a
+  // pass as well (dot_row_pair_avx512), each summed as alone
+  const bool paired_one = whole_blocks && !inputs.even.empty() && m == 1 && isa >= AVX512;
+  const int64_t together = paired || paired_one ? 2 : 1;
+  // the packed bytes of rows `ahead` further on are asked for while a row is read (the hardware
+  // prefetchers stop at page boundaries and start late on each thread's run of rows): whole
+  // groups of `together` rows, at least PREFETCH_AHEAD_BYTES ahead
+  const int64_t row_bytes = (k + 1) / 2, group_bytes = together * row_bytes;
+  const int64_t ahead = (PREFETCH_AHEAD_BYTES + group_bytes - 1) / group_bytes;
+  inputs.ahead = ahead * group_bytes;
 #pragma omp parallel num_threads(used) if (used > 1)
   {
     std::vector<float> sums(together * m);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < (n_out - first + together - 1) / together; ++i) {
       const int64_t n = first + i * together, rows = n_out - n < together ? n_out - n : together;
-      for (int64_t j = 0; j < rows; ++j)
-        if (n + j + ahead < n_out) prefetch_bytes(w->packed + (n + j + ahead) * k / 2, row_bytes);
+      if (!whole_blocks)  // the vector kernels prefetch as they read (prefetch_block)
+        for (int64_t j = 0; j < rows; ++j)
+          if (n + j + ahead < n_out) prefetch_bytes(w->packed + (n + j + ahead) * k / 2, row_bytes);
 #if FOURBIT_X86
       if (paired && rows == 2)
         dot_all_rows_bf16<2>(*w, n, k, inputs, m, sums.data());
       else if (paired)
         dot_all_rows_bf16<1>(*w, n, k, inputs, m, sums.data());
+      else if (paired_one && rows == 2)
+        dot_row_pair_avx512(*w, n, k, inputs, sums.data(), dtype);
       else
 #endif
           if (whole_blocks)
