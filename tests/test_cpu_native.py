@@ -225,8 +225,8 @@ def test_inputs_of_any_rank_and_layout_give_the_rows_of_a_2d_input(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
 def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
-    """The vector kernels (1-12 rows: passes of eight, four and fewer) sum every row the same way,
-    so a row's result does not depend on the batch it came in. bfloat16 batches of two rows and
+    """The vector kernels (1-12 rows: passes of four and fewer) sum every row the same way, so a
+    row's result does not depend on the batch it came in. bfloat16 batches of two rows and
     more run on the tile unit (AMX) or take two weight rows a pass (AVX512-BF16), with one sum per
     row instead of two, and are compared from two rows on."""
     packed, arguments = _weight((64, 1024), "nf4", 64, True)
@@ -241,17 +241,21 @@ def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
 def test_a_weight_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
-    """Weight rows taken two at a time (bfloat16 with AVX512-BF16) or one: the last row of an odd
-    count, taken alone, gives the bits it gives beside another row."""
+    """Weight rows taken four at a time (float32 sums with AVX-512), two (bfloat16 with
+    AVX512-BF16) or one: dropping the first rows regroups the others, and every row keeps its bits,
+    for one input row and several."""
     k, blocksize = 1024, 64
     packed, arguments = _weight((7, k), "nf4", blocksize, False)
     rows = packed.view(7, k // 2)
     absmax = arguments["absmax"].view(7, k // blocksize)
-    x = torch.randn(5, k).to(dtype)
-    seven = _prepared(packed, blocksize, (7, k), arguments).linear(x)
-    six = {**arguments, "absmax": absmax[1:].reshape(-1).clone()}
-    last_six = _prepared(rows[1:].reshape(-1, 1).clone(), blocksize, (6, k), six).linear(x)
-    assert torch.equal(seven[:, 1:], last_six)
+    for inputs in (1, 5):
+        x = torch.randn(inputs, k).to(dtype)
+        seven = _prepared(packed, blocksize, (7, k), arguments).linear(x)
+        for dropped in (1, 2, 3):
+            left = 7 - dropped
+            state = {**arguments, "absmax": absmax[dropped:].reshape(-1).clone()}
+            rest = _prepared(rows[dropped:].reshape(-1, 1).clone(), blocksize, (left, k), state).linear(x)
+            assert torch.equal(seven[:, dropped:], rest), (inputs, dropped)
 
 
 def test_the_fast_path_changes_nothing_the_user_can_read():

@@ -63,72 +63,65 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 round_to_avx2(__m256 v, i
   return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
-// One group of 16 packed bytes (32 weights) against ROWS input rows: high nibbles meet the even
-// inputs, low nibbles the odd ones. vpermps reads only the low four bits of each index, so the
-// low nibble needs no mask. Accumulators are indexed by constants only, so they stay in registers.
-template <int ROWS>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline void group_avx512(
-    const uint8_t* bytes, const float* even, const float* odd, int64_t stride, __m512 scaled, __m512* acc_hi,
-    __m512* acc_lo) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled);
-  __m512 lo = _mm512_permutexvar_ps(v, scaled);
-  for (int r = 0; r < ROWS; ++r) {
-    acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(even + r * stride), acc_hi[r]);
-    acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(odd + r * stride), acc_lo[r]);
-  }
-}
-
-// Two accumulators per row (high and low nibbles), which keep enough adds in flight and leave
-// registers for eight rows; every row is summed the same way whatever the rows beside it.
-template <int ROWS>
+// float32 sums with AVX-512 (float32 and float16 inputs, bfloat16 without AVX512-BF16): WEIGHTS
+// weight rows (1-4) against ROWS input rows (1-4). A group of 16 packed bytes is 32 weights a row;
+// high nibbles meet the even inputs, low nibbles the odd ones (vpermps reads only the low four
+// bits of each index, so the low nibble needs no mask). Each (weight, input) row pair has one sum,
+// the high nibbles' product then the low ones' each group, the same whatever rows share the pass:
+// a row's bits depend on neither its batch nor the weight rows beside it. Four weight rows a pass
+// read each input once for four, where one weight row and eight input rows read 2 KB of inputs
+// from L2 per block (27 ns a block on a Zen 4 core); at one input row, four sums are in flight.
+template <int ROWS, int WEIGHTS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx512(const Weight& w, int64_t n,
                                                                                     int64_t k, const Inputs& x,
-                                                                                    int64_t m0, float* sums,
+                                                                                    int64_t m0, float* sums, int64_t m,
                                                                                     int32_t dtype) {
   const __m512 table = _mm512_loadu_ps(w.table);
-  __m512 a0[ROWS], a1[ROWS];
-  for (int r = 0; r < ROWS; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 32, stride = x.half;
-  const uint8_t* bytes = w.packed + first * w.blocksize / 2;
-  const float* even = x.even.data() + m0 * stride;
-  const float* odd = x.odd.data() + m0 * stride;
-  float scales[MAX_RUN];
-  block_scales_avx512(w, first, blocks, scales);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m512 scaled = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[b])), dtype);
-    prefetch_block(bytes, w.blocksize / 2, b, x.ahead);
-    for (int64_t g = 0; g < groups; ++g, bytes += 16, even += 16, odd += 16)
-      group_avx512<ROWS>(bytes, even, odd, stride, scaled, a0, a1);
-  }
-  for (int r = 0; r < ROWS; ++r) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-}
-
-// One input row against weight rows n and n + 1: each pair of sums as dot_rows_avx512<1> sums it
-// (so the bits are the same), four dependent chains in flight instead of two. With two, one row
-// waited on the additions' latency: 3.4 ns a 64-weight block on a Zen 4 core.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_row_pair_avx512(const Weight& w, int64_t n,
-                                                                                        int64_t k, const Inputs& x,
-                                                                                        float* sums, int32_t dtype) {
-  const __m512 table = _mm512_loadu_ps(w.table);
-  __m512 a0[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, a1[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[WEIGHTS][ROWS];
+  for (int i = 0; i < WEIGHTS; ++i)
+    for (int r = 0; r < ROWS; ++r) acc[i][r] = _mm512_setzero_ps();
   const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 32, stride = x.half;
   const int64_t step = w.blocksize / 2, row_bytes = k / 2;
   const uint8_t* bytes = w.packed + first * step;
-  const float* even = x.even.data();
-  const float* odd = x.odd.data();
-  float scales[2][MAX_RUN];
-  for (int i = 0; i < 2; ++i) block_scales_avx512(w, first + i * blocks, blocks, scales[i]);
+  const float* even = x.even.data() + m0 * stride;
+  const float* odd = x.odd.data() + m0 * stride;
+  float scales[WEIGHTS][MAX_RUN];
+  for (int i = 0; i < WEIGHTS; ++i) block_scales_avx512(w, first + i * blocks, blocks, scales[i]);
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512 scaled[2];
-    for (int i = 0; i < 2; ++i) {
+    __m512 scaled[WEIGHTS];
+    for (int i = 0; i < WEIGHTS; ++i) {
       scaled[i] = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[i][b])), dtype);
       prefetch_block(bytes + i * row_bytes, step, b, x.ahead);
     }
-    for (int64_t g = 0; g < groups; ++g, bytes += 16, even += 16, odd += 16)
-      for (int i = 0; i < 2; ++i) group_avx512<1>(bytes + i * row_bytes, even, odd, stride, scaled[i], a0 + i, a1 + i);
+    for (int64_t g = 0; g < groups; ++g, bytes += 16, even += 16, odd += 16) {
+      __m512 hi[WEIGHTS], lo[WEIGHTS];
+      for (int i = 0; i < WEIGHTS; ++i) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + i * row_bytes)));
+        hi[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), scaled[i]);
+        lo[i] = _mm512_permutexvar_ps(v, scaled[i]);
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 e = _mm512_loadu_ps(even + r * stride), o = _mm512_loadu_ps(odd + r * stride);
+        for (int i = 0; i < WEIGHTS; ++i) acc[i][r] = _mm512_fmadd_ps(lo[i], o, _mm512_fmadd_ps(hi[i], e, acc[i][r]));
+      }
+    }
   }
-  for (int i = 0; i < 2; ++i) sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+  for (int i = 0; i < WEIGHTS; ++i)
+    for (int r = 0; r < ROWS; ++r) sums[i * m + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+// WEIGHTS weight rows against every input row: passes of four input rows, then the rest.
+template <int WEIGHTS>
+void dot_all_rows_avx512(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums,
+                         int32_t dtype) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m; m0 += 4) dot_rows_avx512<4, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
+  switch (m - m0) {
+    case 3: dot_rows_avx512<3, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
+    case 2: dot_rows_avx512<2, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
+    case 1: dot_rows_avx512<1, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
+    default: break;
+  }
 }
 
 template <int ROWS>
@@ -179,11 +172,11 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int
 // bfloat16 inputs with AVX512-BF16: a block's scaled table is rounded to bfloat16 (the weights the
 // reference multiplies) and duplicated into 32 lanes, so that vpermw decodes 32 weights from the
 // low five bits of each byte (the fifth bit picks the duplicate) and vdpbf16ps multiplies 32
-// weight and input pairs, accumulating in float32. Blocks of 64 and more. WEIGHTS (1 or 2) weight
+// weight and input pairs, accumulating in float32. Blocks of 64 and more. WEIGHTS (1-4) weight
 // rows share each input load: with one input load per product, the loads limited eight rows
-// (an AMD Zen 4 core: 12.3 ns per 64-weight block of one weight row, 6.4 for two). Each (weight,
-// input) row pair has one sum, the high nibbles' product then the low ones', the same whatever
-// the rows beside it.
+// (an AMD Zen 4 core: 12.3 ns per 64-weight block of one weight row, 6.4 for two; in the whole
+// product at 8 rows, four took 7.3 ns a block against 7.7 for two). Each (weight, input) row pair
+// has one sum, the high nibbles' product then the low ones', the same whatever rows share the pass.
 template <int ROWS, int WEIGHTS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), always_inline)) inline void block_bf16(
     const uint8_t* bytes, int64_t row_bytes, const uint16_t* even, const uint16_t* odd, int64_t stride,
@@ -297,11 +290,13 @@ void dot_rows_bf16_split(const Weight& w, int64_t n, int64_t k, const Inputs& x,
 }
 
 // WEIGHTS weight rows against every input row (bfloat16 inputs with AVX512-BF16, blocks of 64
-// and more, two input rows or more): passes of eight input rows, four and fewer, as dot_all_rows.
+// and more, two input rows or more): passes of eight input rows (four with more than two weight
+// rows, for registers), four and fewer.
 template <int WEIGHTS>
 void dot_all_rows_bf16(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums) {
   int64_t m0 = 0;
-  for (; m0 + 8 <= m; m0 += 8) dot_rows_bf16<8, WEIGHTS>(w, n, k, x, m0, sums + m0, m);
+  if constexpr (WEIGHTS <= 2)
+    for (; m0 + 8 <= m; m0 += 8) dot_rows_bf16<8, WEIGHTS>(w, n, k, x, m0, sums + m0, m);
   for (; m0 + 4 <= m; m0 += 4) dot_rows_bf16<4, WEIGHTS>(w, n, k, x, m0, sums + m0, m);
   switch (m - m0) {
     case 3: dot_rows_bf16<3, WEIGHTS>(w, n, k, x, m0, sums + m0, m); break;
@@ -317,22 +312,18 @@ void dot_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0
               int32_t isa) {
 #if FOURBIT_X86
   if (isa >= AVX512_BF16 && dtype == BF16 && w.blocksize % 64 == 0) return dot_rows_bf16_split<ROWS>(w, n, k, x, m0, sums);
-  if (isa >= AVX512) return dot_rows_avx512<ROWS>(w, n, k, x, m0, sums, dtype);
   if constexpr (ROWS <= 4)
     if (isa == AVX2) return dot_rows_avx2<ROWS>(w, n, k, x, m0, sums, dtype);
 #endif
   if constexpr (ROWS <= 4) dot_rows_portable<ROWS>(w, n, k, x, m0, sums, dtype);
 }
 
-// Input rows per pass over a weight row, which share its decode: eight with AVX-512 (32 vector
-// registers; measured 7-9% faster than two passes of four at 8-12 rows), else four.
+// One weight row against every input row, four input rows a pass, which share its decode (AVX2,
+// portable, and one bfloat16 row with AVX512-BF16; float32 sums with AVX-512 take
+// dot_all_rows_avx512).
 void dot_all_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums, int32_t dtype,
                   int32_t isa) {
   int64_t m0 = 0;
-#if FOURBIT_X86
-  if (isa >= AVX512)
-    for (; m0 + 8 <= m; m0 += 8) dot_rows<8>(w, n, k, x, m0, sums + m0, dtype, isa);
-#endif
   for (; m0 + 4 <= m; m0 += 4) dot_rows<4>(w, n, k, x, m0, sums + m0, dtype, isa);
   switch (m - m0) {
     case 3: dot_rows<3>(w, n, k, x, m0, sums + m0, dtype, isa); break;
