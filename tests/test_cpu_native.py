@@ -227,8 +227,8 @@ def test_inputs_of_any_rank_and_layout_give_the_rows_of_a_2d_input(dtype):
 def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
     """The vector kernels (1-12 rows: passes of four and fewer) sum every row the same way, so a
     row's result does not depend on the batch it came in. bfloat16 batches of two rows and
-    more run on the tile unit (AMX) or take two weight rows a pass (AVX512-BF16), with one sum per
-    row instead of two, and are compared from two rows on."""
+    more run on the tile unit (AMX) or take two or four weight rows a pass (AVX512-BF16), with one
+    sum per row instead of two, and are compared from two rows on."""
     packed, arguments = _weight((64, 1024), "nf4", 64, True)
     prepared = _prepared(packed, 64, (64, 1024), arguments)
     x = torch.randn(cpu.FUSED_MAX_ROWS, 1024).to(dtype)
@@ -241,14 +241,14 @@ def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
 def test_a_weight_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
-    """Weight rows taken four at a time (float32 sums with AVX-512), two (bfloat16 with
-    AVX512-BF16) or one: dropping the first rows regroups the others, and every row keeps its bits,
-    for one input row and several."""
+    """Weight rows taken four at a time (AVX-512; two from eight bfloat16 rows with AVX512-BF16)
+    or one: dropping the first rows regroups the others, and every row keeps its bits, for one
+    input row and several."""
     k, blocksize = 1024, 64
     packed, arguments = _weight((7, k), "nf4", blocksize, False)
     rows = packed.view(7, k // 2)
     absmax = arguments["absmax"].view(7, k // blocksize)
-    for inputs in (1, 5):
+    for inputs in (1, 5, 9):
         x = torch.randn(inputs, k).to(dtype)
         seven = _prepared(packed, blocksize, (7, k), arguments).linear(x)
         for dropped in (1, 2, 3):

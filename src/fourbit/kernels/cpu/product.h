@@ -2,6 +2,8 @@
 
 #pragma once
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace {
@@ -85,12 +87,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx5
   const uint8_t* bytes = w.packed + first * step;
   const float* even = x.even.data() + m0 * stride;
   const float* odd = x.odd.data() + m0 * stride;
-  float scales[WEIGHTS][MAX_RUN];
-  for (int i = 0; i < WEIGHTS; ++i) block_scales_avx512(w, first + i * blocks, blocks, scales[i]);
+  float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
+  block_scales_avx512(w, first, WEIGHTS * blocks, scales);
   for (int64_t b = 0; b < blocks; ++b) {
     __m512 scaled[WEIGHTS];
     for (int i = 0; i < WEIGHTS; ++i) {
-      scaled[i] = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[i][b])), dtype);
+      scaled[i] = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[i * blocks + b])), dtype);
       prefetch_block(bytes + i * row_bytes, step, b, x.ahead);
     }
     for (int64_t g = 0; g < groups; ++g, bytes += 16, even += 16, odd += 16) {
@@ -214,13 +216,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
   const uint8_t* bytes = w.packed + first * step;
   const uint16_t* even = x.even16.data() + m0 * stride;
   const uint16_t* odd = x.odd16.data() + m0 * stride;
-  float scales[WEIGHTS][MAX_RUN];
-  for (int i = 0; i < WEIGHTS; ++i) block_scales_avx512(w, first + i * blocks, blocks, scales[i]);
+  float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
+  block_scales_avx512(w, first, WEIGHTS * blocks, scales);
   for (int64_t b = 0; b < blocks; ++b, bytes += step, even += step, odd += step) {
     __m512i tables[WEIGHTS];
     for (int i = 0; i < WEIGHTS; ++i) {
       prefetch_block(bytes + i * (k / 2), step, b, x.ahead);
-      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[i][b]));
+      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[i * blocks + b]));
       tables[i] = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
     }
     block_bf16<ROWS, WEIGHTS>(bytes, k / 2, even, odd, stride, groups, tables, acc);
@@ -229,64 +231,51 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
     for (int r = 0; r < ROWS; ++r) sums[i * m + r] = _mm512_reduce_add_ps(acc[i][r]);
 }
 
-// One block of ROWS input rows with AVX512-BF16: the high nibbles' products into one sum, the
-// low ones' into another (the decode of block_bf16, one weight row). GROUPS: the block's groups
-// of 64 weights when known at compile time (blocksize 64), else 0.
-template <int ROWS, int GROUPS>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), always_inline)) inline void block_bf16_split(
-    const uint8_t* bytes, const uint16_t* even, const uint16_t* odd, int64_t stride, int64_t blocksize, __m512 table,
-    float scale, __m512* hi_sums, __m512* lo_sums) {
-  const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scale));
-  const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
-  const int64_t groups = GROUPS ? GROUPS : blocksize / 64;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * g)));
-    const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t);
-    const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, t);
-    for (int r = 0; r < ROWS; ++r) {
-      hi_sums[r] = _mm512_dpbf16_ps(hi_sums[r], hi, (__m512bh)_mm512_loadu_si512(even + r * stride + 32 * g));
-      lo_sums[r] = _mm512_dpbf16_ps(lo_sums[r], lo, (__m512bh)_mm512_loadu_si512(odd + r * stride + 32 * g));
+// One input row against weight rows [n, n + WEIGHTS) with AVX512-BF16 (the decode of block_bf16):
+// two sums a weight row, the high nibbles' products and the low ones'. One input row gives
+// nothing else to overlap, so several weight rows keep enough vdpbf16ps chains in flight (with
+// one, a Zen 4 core waited on the instruction's latency), and a pass's scales come from one call
+// (for one weight row of 1024 weights, their table and setup cost 1.7 ns a block). GROUPS: a
+// block's groups of 64 weights when known at compile time (blocksize 64), else 0.
+template <int WEIGHTS, int GROUPS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void dot_row_bf16_blocks(const Weight& w,
+                                                                                                  int64_t n, int64_t k,
+                                                                                                  const Inputs& x,
+                                                                                                  float* sums) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const int64_t blocks = k / w.blocksize, first = n * blocks, step = w.blocksize / 2, row_bytes = k / 2;
+  const int64_t groups = GROUPS ? GROUPS : w.blocksize / 64;
+  const uint8_t* bytes = w.packed + first * step;
+  const uint16_t* even = x.even16.data();
+  const uint16_t* odd = x.odd16.data();
+  __m512 hi_sums[WEIGHTS], lo_sums[WEIGHTS];
+  for (int i = 0; i < WEIGHTS; ++i) hi_sums[i] = lo_sums[i] = _mm512_setzero_ps();
+  float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
+  block_scales_avx512(w, first, WEIGHTS * blocks, scales);
+  for (int64_t b = 0; b < blocks; ++b, bytes += step, even += step, odd += step) {
+    __m512i t[WEIGHTS];
+    for (int i = 0; i < WEIGHTS; ++i) {
+      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[i * blocks + b]));
+      t[i] = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
+      prefetch_block(bytes + i * row_bytes, step, b, x.ahead);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512bh e = (__m512bh)_mm512_loadu_si512(even + 32 * g), o = (__m512bh)_mm512_loadu_si512(odd + 32 * g);
+      for (int i = 0; i < WEIGHTS; ++i) {
+        const __m512i v =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + i * row_bytes + 32 * g)));
+        hi_sums[i] = _mm512_dpbf16_ps(hi_sums[i], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t[i]), e);
+        lo_sums[i] = _mm512_dpbf16_ps(lo_sums[i], (__m512bh)_mm512_permutexvar_epi16(v, t[i]), o);
+      }
     }
   }
+  for (int i = 0; i < WEIGHTS; ++i) sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(hi_sums[i], lo_sums[i]));
 }
 
-// One input row with AVX512-BF16. One row gives nothing else to overlap, so its sum is split four
-// ways, high and low nibbles of even and odd blocks: four dependent vdpbf16ps chains in flight
-// (with two, a Zen 4 core waited on the instruction's latency).
-template <int ROWS, int GROUPS>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void dot_rows_bf16_split_blocks(
-    const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums) {
-  const __m512 table = _mm512_loadu_ps(w.table);
-  const int64_t blocks = k / w.blocksize, first = n * blocks, step = w.blocksize / 2, stride = x.half;
-  const uint8_t* bytes = w.packed + first * step;
-  const uint16_t* even = x.even16.data() + m0 * stride;
-  const uint16_t* odd = x.odd16.data() + m0 * stride;
-  __m512 acc[4][ROWS];
-  for (int i = 0; i < 4; ++i)
-    for (int r = 0; r < ROWS; ++r) acc[i][r] = _mm512_setzero_ps();
-  float scales[MAX_RUN];
-  block_scales_avx512(w, first, blocks, scales);
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2, bytes += 2 * step, even += 2 * step, odd += 2 * step) {
-    prefetch_block(bytes, step, b, x.ahead);
-    prefetch_block(bytes + step, step, b + 1, x.ahead);
-    block_bf16_split<ROWS, GROUPS>(bytes, even, odd, stride, w.blocksize, table, scales[b], acc[0], acc[1]);
-    block_bf16_split<ROWS, GROUPS>(bytes + step, even + step, odd + step, stride, w.blocksize, table, scales[b + 1],
-                                   acc[2], acc[3]);
-  }
-  if (b < blocks) {
-    prefetch_block(bytes, step, b, x.ahead);
-    block_bf16_split<ROWS, GROUPS>(bytes, even, odd, stride, w.blocksize, table, scales[b], acc[0], acc[1]);
-  }
-  for (int r = 0; r < ROWS; ++r)
-    sums[r] = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r])));
-}
-
-template <int ROWS>
-void dot_rows_bf16_split(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums) {
-  if (w.blocksize == 64) return dot_rows_bf16_split_blocks<ROWS, 1>(w, n, k, x, m0, sums);
-  dot_rows_bf16_split_blocks<ROWS, 0>(w, n, k, x, m0, sums);
+template <int WEIGHTS>
+void dot_row_bf16(const Weight& w, int64_t n, int64_t k, const Inputs& x, float* sums) {
+  if (w.blocksize == 64) return dot_row_bf16_blocks<WEIGHTS, 1>(w, n, k, x, sums);
+  dot_row_bf16_blocks<WEIGHTS, 0>(w, n, k, x, sums);
 }
 
 // WEIGHTS weight rows against every input row (bfloat16 inputs with AVX512-BF16, blocks of 64
@@ -307,20 +296,29 @@ void dot_all_rows_bf16(const Weight& w, int64_t n, int64_t k, const Inputs& x, i
 }
 #endif
 
+// f(std::integral_constant<int, rows>{}) for the 1-4 weight rows of a pass, so that kernels take
+// the count as a template argument.
+template <typename F>
+void dispatch_weights(int64_t rows, F&& f) {
+  switch (rows) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 template <int ROWS>
 void dot_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m0, float* sums, int32_t dtype,
               int32_t isa) {
 #if FOURBIT_X86
-  if (isa >= AVX512_BF16 && dtype == BF16 && w.blocksize % 64 == 0) return dot_rows_bf16_split<ROWS>(w, n, k, x, m0, sums);
-  if constexpr (ROWS <= 4)
-    if (isa == AVX2) return dot_rows_avx2<ROWS>(w, n, k, x, m0, sums, dtype);
+  if (isa == AVX2) return dot_rows_avx2<ROWS>(w, n, k, x, m0, sums, dtype);
 #endif
-  if constexpr (ROWS <= 4) dot_rows_portable<ROWS>(w, n, k, x, m0, sums, dtype);
+  dot_rows_portable<ROWS>(w, n, k, x, m0, sums, dtype);
 }
 
-// One weight row against every input row, four input rows a pass, which share its decode (AVX2,
-// portable, and one bfloat16 row with AVX512-BF16; float32 sums with AVX-512 take
-// dot_all_rows_avx512).
+// One weight row against every input row, four input rows a pass, which share its decode (AVX2
+// and portable; AVX-512 takes dot_all_rows_avx512, dot_all_rows_bf16 and dot_row_bf16).
 void dot_all_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums, int32_t dtype,
                   int32_t isa) {
   int64_t m0 = 0;
