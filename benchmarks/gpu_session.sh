@@ -9,7 +9,7 @@
 # well; each gets nproc/JOBS threads), longest-known files first, and prints each file's wall time,
 # the total and the failures (per-file logs in $OUT/test_logs.tgz; a file still running after
 # FILE_TIMEOUT seconds, default 480, is stopped and reported with exit 124);
-# FILES replaces the file list (ALL=1 keeps the CPU-only files, left out by default);
+# FILES replaces the file list (ALL=1 keeps the CPU-only files and the other files' CPU cases, left out by default);
 # PYTEST_ARGS replaces it with one process running those arguments.
 set -uo pipefail
 OUT=${OUT:-/tmp/fourbit-gpu}
@@ -39,9 +39,11 @@ for stage in $STAGES; do
         # the others 140-200 s
         shards=${SHARDS:-"test_triton_tensor_core=5 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_cli=2"}
         # files that exercise no GPU (CI runs them on every push; their compiles of the CPU path
-        # take a sixth of the suite's work here): left out unless ALL=1 or FILES names them
+        # take a sixth of the suite's work here): left out unless ALL=1 or FILES names them; the
+        # CPU cases of the other files' device parameter too (FOURBIT_TEST_DEVICES, tests/helpers.py)
         if [ -z "${FILES:-}" ] && [ "${ALL:-0}" != 1 ]; then
           files=$(printf '%s\n' $files | grep -v -E '/test_(cpu_kernels|cpu_native|demo|test_shards)\.py$')
+          export FOURBIT_TEST_DEVICES=${FOURBIT_TEST_DEVICES:-cuda}
         fi
         for file in $(printf '%s\n' $files | awk '!seen[$0]++'); do
           count=1

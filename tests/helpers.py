@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 
 import torch
 
@@ -22,8 +23,17 @@ def describe_dtype(dtype: torch.dtype) -> str:
 
 
 def available_devices() -> list[str]:
-    """'cpu', plus 'cuda' when a GPU is present."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    """'cpu', plus 'cuda' when a GPU is present; FOURBIT_TEST_DEVICES (for example "cuda") keeps
+    only the devices it names, so that the GPU session need not repeat the CPU cases CI runs."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    chosen = os.environ.get("FOURBIT_TEST_DEVICES")
+    if not chosen:
+        return devices
+    names = [name.strip() for name in chosen.split(",") if name.strip()]
+    unknown = sorted(set(names) - {"cpu", "cuda"})
+    if unknown:
+        raise ValueError(f"FOURBIT_TEST_DEVICES names unknown devices {unknown}: use cpu, cuda or both")
+    return [device for device in devices if device in names]
 
 
 def canonical(tensor: torch.Tensor, zero_sign: bool = False) -> torch.Tensor:

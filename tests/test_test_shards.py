@@ -1,5 +1,6 @@
 """FOURBIT_TEST_SHARD (conftest.py), which the GPU session uses to run a long file as several
-processes: the shards are disjoint, dealt round, and together run every test once."""
+processes: the shards are disjoint, dealt round, and together run every test once. And
+FOURBIT_TEST_DEVICES (helpers.available_devices), with which it leaves the CPU cases to CI."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import available_devices
 
 FILE = Path(__file__).resolve().parent / "test_formats.py"
 
@@ -38,3 +41,16 @@ def test_shards_are_dealt_round_and_cover_every_test_once():
 def test_a_malformed_shard_is_a_usage_error(shard):
     with pytest.raises(ValueError, match="FOURBIT_TEST_SHARD"):
         collected(shard)
+
+
+def test_test_devices_keep_only_the_devices_named(monkeypatch):
+    monkeypatch.delenv("FOURBIT_TEST_DEVICES", raising=False)
+    everything = available_devices()
+    assert everything[0] == "cpu" and ("cuda" in everything) == torch.cuda.is_available()
+    monkeypatch.setenv("FOURBIT_TEST_DEVICES", "cuda")
+    assert available_devices() == [device for device in everything if device == "cuda"]
+    monkeypatch.setenv("FOURBIT_TEST_DEVICES", "cpu, cuda")
+    assert available_devices() == everything
+    monkeypatch.setenv("FOURBIT_TEST_DEVICES", "gpu")
+    with pytest.raises(ValueError, match="unknown devices"):
+        available_devices()
