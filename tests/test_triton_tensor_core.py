@@ -18,6 +18,7 @@ from triton_cases import (
     NEEDS_TRITON,
     code_table,
     nested_statistics,
+    pairwise_cases,
 )
 
 from fourbit.kernels import reference
@@ -27,22 +28,19 @@ from fourbit.kernels.triton import tuning
 pytestmark = NEEDS_TRITON
 
 
+TENSOR_CORE_CONFIGS = [
+    ("fused", 128, 16, 64, 1, 4, 4, False),
+    ("fused", 128, 16, 64, 4, 4, 3, False),
+    ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
+    ("fused", 128, 64, 64, 2, 4, 4, True),
+    ("fused", 64, 16, 256, 3, 4, 3, True),
+    tuning.HOPPER.wide,
+    ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "config",
-    [
-        ("fused", 128, 16, 64, 1, 4, 4, False),
-        ("fused", 128, 16, 64, 4, 4, 3, False),
-        ("fused", 64, 32, 128, 1, 4, 3, False),  # two absmax blocks per K tile
-        ("fused", 128, 64, 64, 2, 4, 4, True),
-        ("fused", 64, 16, 256, 3, 4, 3, True),
-        tuning.HOPPER.wide,
-        ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
-    ],
-    ids=str,
-)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
-@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases(TENSOR_CORE_CONFIGS))
 def test_tensor_core_kernel_configurations(config, dtype, nested):
     """The byte-permute + tensor-core kernel, forced, over partial tiles in every dimension, every
     K-tile/absmax-block relation, split K, both scaling modes and batch-wide tiles, against a
@@ -64,25 +62,22 @@ def test_tensor_core_kernel_configurations(config, dtype, nested):
             assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
 
 
+FRAGMENT_CONFIGS = [
+    ("fragments", 4, 1),
+    ("fragments", 2, 3),
+    ("fragments", 8, 0),
+    ("fragments", 4, 2),
+    ("fragments", 4, 1, 4),
+    ("fragments", 8, 3, 2),
+    ("fragments", 2, 0, 2),
+    ("fragments", 4, 1, 1, 1),
+    ("fragments", 8, 3, 2, 1),
+    ("fragments", 4, 0, 0, 1),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "config",
-    [
-        ("fragments", 4, 1),
-        ("fragments", 2, 3),
-        ("fragments", 8, 0),
-        ("fragments", 4, 2),
-        ("fragments", 4, 1, 4),
-        ("fragments", 8, 3, 2),
-        ("fragments", 2, 0, 2),
-        ("fragments", 4, 1, 1, 1),
-        ("fragments", 8, 3, 2, 1),
-        ("fragments", 4, 0, 0, 1),
-    ],
-    ids=str,
-)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
-@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases(FRAGMENT_CONFIGS))
 def test_register_fragment_kernel_configurations(config, dtype, nested):
     """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
     ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not

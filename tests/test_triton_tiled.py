@@ -16,7 +16,7 @@ from helpers import describe_dtype
 
 pytest.importorskip("triton")
 
-from triton_cases import DEVICE, INTERPRETED, NEEDS_TRITON, ON_GPU, code_table, nested_statistics
+from triton_cases import DEVICE, INTERPRETED, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
 
 from fourbit import layout
 from fourbit.kernels import reference
@@ -70,9 +70,16 @@ def _rows_for(config) -> tuple[int, ...]:
     return (1, 4)
 
 
-@pytest.mark.parametrize("config", GPU_CONFIGS if ON_GPU else [None], ids=str)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
-@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+#: Forced configurations on a GPU (pairwise: triton_cases.pairwise_cases); the interpreter runs
+#: the library's own choice with every dtype and statistics.
+TILE_CASES = (
+    pairwise_cases(GPU_CONFIGS)
+    if ON_GPU
+    else [(None, dtype, nested) for dtype in (torch.bfloat16, torch.float16) for nested in (False, True)]
+)
+
+
+@pytest.mark.parametrize(("config", "dtype", "nested"), TILE_CASES)
 def test_every_kernel_reads_tiles_as_it_reads_rows(config, dtype, nested):
     """The same products from the tiled bytes as from rows (bit for bit where nothing is summed
     across programs), and both close to a float64 reference."""

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_same_bits
+from helpers import assert_same_bits, describe_dtype
 
 from fourbit.formats import create_dynamic_map, get_4bit_type
 from fourbit.kernels import reference
@@ -61,3 +61,16 @@ def close_or_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
         torch.testing.assert_close(actual, expected, rtol=2**-7, atol=0, equal_nan=True)
     else:
         assert_same_bits(actual, expected)
+
+
+def pairwise_cases(configs) -> list:
+    """(config, dtype, nested) cases for forced-configuration tests: each configuration in both
+    16-bit dtypes, plain statistics with one and nested with the other, alternating, so that every
+    pair of configuration, dtype and statistics runs in half the cases of the full product (each
+    case compiles kernels of its own, which is most of the GPU suite's time)."""
+    cases = []
+    for index, config in enumerate(configs):
+        for dtype, nested in ((torch.bfloat16, index % 2 == 1), (torch.float16, index % 2 == 0)):
+            name = f"{config}-{describe_dtype(dtype)}-{'nested' if nested else 'plain'}"
+            cases.append(pytest.param(config, dtype, nested, id=name))
+    return cases
