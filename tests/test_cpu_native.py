@@ -225,8 +225,8 @@ def test_inputs_of_any_rank_and_layout_give_the_rows_of_a_2d_input(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
 def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
-    """The vector kernels (1-12 rows: passes of four and fewer) sum every row the same way, so a
-    row's result does not depend on the batch it came in. bfloat16 batches of two rows and
+    """The vector kernels (1-12 rows, in passes of up to four or eight) sum every row the same
+    way, so a row's result does not depend on the batch it came in. bfloat16 batches of two rows and
     more run on the tile unit (AMX) or take two or four weight rows a pass (AVX512-BF16), with one
     sum per row instead of two, and are compared from two rows on."""
     packed, arguments = _weight((64, 1024), "nf4", 64, True)
