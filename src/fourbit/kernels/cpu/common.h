@@ -93,6 +93,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m51
                               _mm512_mask_blend_ps(bit6, quarter[2], quarter[3]));
 }
 
+// Eight entries of the 16-entry table (low = entries 0-7, high = 8-15) at the nibbles in the low
+// four bits of each index; higher bits are ignored (vpermps reads the low three, and the blend
+// takes bit 3 shifted to the sign), so a low nibble needs no mask.
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 lookup_avx2(__m256i index, __m256 low,
+                                                                                  __m256 high) {
+  const __m256 a = _mm256_permutevar8x32_ps(low, index), b = _mm256_permutevar8x32_ps(high, index);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
 // block_scales, sixteen nested scales at a time, with the same two roundings (the nested table
 // has 256 entries: NativeWeight pads shorter ones).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_scales_avx512(const Weight& w, int64_t first,

@@ -61,12 +61,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dequantize_bl
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) inline __m256 lookup_avx2(__m256i index, __m256 low, __m256 high) {
-  __m256 a = _mm256_permutevar8x32_ps(low, index);
-  __m256 b = _mm256_permutevar8x32_ps(high, index);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
-}
-
 __attribute__((target("avx2,fma,f16c"))) inline void store8_avx2(void* out, int64_t e, __m256 v, int32_t dtype) {
   if (dtype == F32) {
     _mm256_storeu_ps(static_cast<float*>(out) + e, v);
@@ -86,7 +80,6 @@ __attribute__((target("avx2,fma,f16c"))) inline void store8_avx2(void* out, int6
 __attribute__((target("avx2,fma,f16c"))) void dequantize_blocks_avx2(const Weight& w, int64_t first_block,
                                                                       int64_t last_block, void* out, int32_t dtype) {
   const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
-  const __m256i low_nibble = _mm256_set1_epi32(15);
   float scales[MAX_RUN];
   block_scales(w, first_block, last_block - first_block, scales);
   for (int64_t b = first_block; b < last_block; ++b) {
@@ -95,7 +88,7 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_blocks_avx2(const Weigh
     for (int64_t e = b * w.blocksize; e < (b + 1) * w.blocksize; e += 16) {
       __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.packed + e / 2)));
       __m256 even = lookup_avx2(_mm256_srli_epi32(v, 4), scaled_low, scaled_high);
-      __m256 odd = lookup_avx2(_mm256_and_si256(v, low_nibble), scaled_low, scaled_high);
+      __m256 odd = lookup_avx2(v, scaled_low, scaled_high);  // the low nibble needs no mask
       // interleave: unpack within 128-bit lanes, then put the lanes in order
       __m256 a = _mm256_unpacklo_ps(even, odd), c = _mm256_unpackhi_ps(even, odd);
       store8_avx2(out, e, _mm256_permute2f128_ps(a, c, 0x20), dtype);

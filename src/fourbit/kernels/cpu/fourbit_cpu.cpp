@@ -168,7 +168,8 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   const bool fours = whole_blocks && !inputs.even.empty() && isa >= AVX512;
   // (from eight bfloat16 rows, two: passes of eight input rows then fit the registers, and
   // measured 4-10% faster at 8 rows for K up to 3584, 5% slower at 4096)
-  const int64_t together = bf16_rows && m >= 8 ? 2 : bf16_rows || fours ? 4 : 1;
+  const bool avx2 = whole_blocks && !inputs.even.empty() && isa == AVX2;  // two weight rows a pass
+  const int64_t together = bf16_rows && m >= 8 ? 2 : bf16_rows || fours ? 4 : avx2 ? 2 : 1;
   // the packed bytes of rows `ahead` further on are asked for while a row is read (the hardware
   // prefetchers stop at page boundaries and start late on each thread's run of rows): whole
   // groups of `together` rows, at least PREFETCH_AHEAD_BYTES ahead
@@ -193,10 +194,14 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
         dispatch_weights(rows, [&](auto weights) {
           dot_all_rows_avx512<decltype(weights)::value>(*w, n, k, inputs, m, sums.data(), dtype);
         });
+      else if (avx2)
+        dispatch_weights<2>(rows, [&](auto weights) {
+          dot_all_rows_avx2<decltype(weights)::value>(*w, n, k, inputs, m, sums.data(), dtype);
+        });
       else
 #endif
           if (whole_blocks)
-        dot_all_rows(*w, n, k, inputs, m, sums.data(), dtype, isa);
+        dot_all_rows(*w, n, k, inputs, m, sums.data(), dtype);
       else
         dot_any(*w, n, k, x, dtype, m, sums.data());
       for (int64_t j = 0; j < rows; ++j) {
