@@ -174,6 +174,39 @@ def test_float32_products_use_bfloat16_parts_only_where_torch_allows_them(monkey
     torch.testing.assert_close(split[1:].double(), truth, rtol=1e-4, atol=4e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_float32_products_use_one_bfloat16_product_only_at_medium_precision(variant, rows):
+    """At torch's "medium" float32 matmul precision the AVX512-BF16 kernels round float32 inputs
+    and decoded weights to bfloat16 and sum their products in float32 (the output stays float32);
+    "high" and "highest" keep float32 products, and so do the variants without AVX512-BF16."""
+    shape = (40, 1024)
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments)
+    prepared = _prepared(packed, 64, shape, arguments)
+    x = torch.randn(rows, shape[1])
+    bias = torch.randn(shape[0])
+    precision = torch.get_float32_matmul_precision()
+    try:
+        results = {}
+        for setting in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            results[setting] = prepared.linear(x, bias)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert results["medium"].dtype == torch.float32
+    if variant == "amx" and rows >= 4:  # the tile unit's three products (the test above)
+        return
+    assert torch.equal(results["high"], results["highest"])
+    if variant not in ("avx512_bf16", "amx"):
+        assert torch.equal(results["medium"], results["highest"])
+        return
+    rounded = x.bfloat16().double() @ weight.bfloat16().double().t() + bias.double()
+    exact = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(results["medium"].double(), rounded, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(results["medium"].double(), exact, rtol=1e-5, atol=1e-4)  # bfloat16 parts ran
+    torch.testing.assert_close(results["highest"].double(), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_an_empty_batch_gives_an_empty_output():
     packed, arguments = _weight((16, 64), "nf4", 64, False)
     out = cpu.linear_4bit(torch.empty(0, 64), packed, blocksize=64, shape=(16, 64), **arguments)

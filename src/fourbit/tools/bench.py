@@ -270,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--float32-matmul-precision",
         choices=["highest", "high", "medium"],
         help="torch.set_float32_matmul_precision for every column (fourbit's float32 CPU products take "
-        "bfloat16 parts on AMX below 'highest')",
+        "bfloat16 parts on AMX below 'highest', and on AVX512-BF16 at 'medium')",
     )
     parser.add_argument("--threads", type=_thread_count, help="torch.set_num_threads for every column (CPU)")
 

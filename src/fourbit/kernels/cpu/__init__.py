@@ -122,8 +122,12 @@ class PreparedWeight:
         x = A if contiguous or len(shape) == 2 else A.reshape(-1, self.k)
         rows = prod(shape[:-1])
         isa = native.isa()
-        if isa == native.AMX and A.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-            isa = native.AMX - 1  # float32 products in bfloat16 parts only where torch allows them
+        if A.dtype == torch.float32:  # float32 products in bfloat16 parts only where torch allows them
+            precision = torch.get_float32_matmul_precision()
+            if isa == native.AMX and precision == "highest":
+                isa = native.AMX - 1
+            elif precision == "medium":
+                dtype_code = native.F32_BF16
         amx = isa == native.AMX and A.dtype in (torch.bfloat16, torch.float32) and self._amx_shape
         if rows > (AMX_MAX_ROWS if amx else FUSED_MAX_ROWS):
             return self._chunked(x.reshape(-1, self.k), bias).view(*shape[:-1], self.n_out)

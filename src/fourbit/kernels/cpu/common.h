@@ -31,7 +31,9 @@
 
 namespace {
 
-enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+// F32_BF16: float32 inputs and outputs whose products may use bfloat16 parts (the product's own
+// code, as torch allows at the "medium" float32 matmul precision; never a tensor's dtype)
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2, F32_BF16 = 3 };
 enum Isa : int32_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 4 };
 
 // The smallest absmax a quantize divides by (reference.ABSMAX_FLOOR): all-zero blocks code to zero.

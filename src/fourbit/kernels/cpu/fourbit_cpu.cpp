@@ -124,9 +124,14 @@ void fourbit_dequantize(const Weight* w, int64_t numel, void* out, int32_t dtype
 }
 
 // out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for the packed weight W of shape (n_out, k);
-// x, out and bias are contiguous rows of `dtype`, float32 accumulation.
+// x, out and bias are contiguous rows of `dtype`, float32 accumulation. F32_BF16: float32 rows
+// whose inputs and weights the AVX512-BF16 kernels round to bfloat16 (one product each, as
+// torch's "medium" precision allows); AMX tiles split them into three bfloat16 products, as for
+// F32, and other kernels multiply in float32.
 void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, int64_t m, const void* bias, void* out,
                     int32_t dtype, int32_t isa, int32_t threads) {
+  const bool bf16_parts = dtype == F32_BF16;
+  if (bf16_parts) dtype = F32;
   const bool whole_blocks = k % w->blocksize == 0 && w->blocksize % 32 == 0 && k / w->blocksize <= MAX_RUN;
   int64_t first = 0;  // the first weight row left to the vector kernels
 #if FOURBIT_AMX
@@ -141,13 +146,21 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   Inputs inputs;
   if (whole_blocks) {
     inputs.half = k / 2;
-    if (isa >= AVX512_BF16 && dtype == BF16 && w->blocksize % 64 == 0) {
-      const uint16_t* values = static_cast<const uint16_t*>(x);
+    if (isa >= AVX512_BF16 && (dtype == BF16 || bf16_parts) && w->blocksize % 64 == 0) {
       inputs.even16.resize(m * inputs.half);
       inputs.odd16.resize(m * inputs.half);
-      for (int64_t i = 0; i < m * inputs.half; ++i) {
-        inputs.even16[i] = values[2 * i];
-        inputs.odd16[i] = values[2 * i + 1];
+      if (bf16_parts) {
+        const float* values = static_cast<const float*>(x);
+        for (int64_t i = 0; i < m * inputs.half; ++i) {
+          inputs.even16[i] = to_bf16(values[2 * i]);
+          inputs.odd16[i] = to_bf16(values[2 * i + 1]);
+        }
+      } else {
+        const uint16_t* values = static_cast<const uint16_t*>(x);
+        for (int64_t i = 0; i < m * inputs.half; ++i) {
+          inputs.even16[i] = values[2 * i];
+          inputs.odd16[i] = values[2 * i + 1];
+        }
       }
     } else {
       inputs.even.resize(m * inputs.half);

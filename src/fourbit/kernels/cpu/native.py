@@ -30,6 +30,7 @@ import torch
 
 __all__ = [
     "AMX",
+    "F32_BF16",
     "ISA_NAMES",
     "MAX_RUN",
     "Weight",
@@ -55,6 +56,9 @@ AMX = ISA_NAMES.index("amx")
 #: Blocks of one weight row the product kernels take (``MAX_RUN`` in the source).
 MAX_RUN = 512
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: The product's code for float32 rows that may be multiplied in bfloat16 (torch's "medium"
+#: float32 matmul precision): one bfloat16 product each on AVX512-BF16, three on AMX tiles.
+F32_BF16 = 3
 
 
 class Weight(ctypes.Structure):
