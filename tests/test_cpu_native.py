@@ -77,6 +77,28 @@ def test_dequantize_of_nan_and_infinite_statistics_matches_the_reference(variant
         assert torch.equal(_bits(got), _bits(expected)), dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_products_of_nan_and_infinite_statistics_match_the_reference(variant, dtype):
+    """A block whose scale is NaN or infinite (infinity times the table's zero is NaN) gives the
+    NaN and infinite outputs the reference's decoded weight gives, and leaves the other weight
+    rows alone, in the one-row kernels and those of several rows."""
+    shape = (8, 256)  # four blocks a row: rows 0 and 1 hold the bad blocks
+    packed, arguments = _weight(shape, "nf4", 64, False)
+    arguments["absmax"] = arguments["absmax"].clone()
+    arguments["absmax"][1] = float("nan")
+    arguments["absmax"][6] = float("inf")
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
+    for rows in (1, 3, 8):
+        x = torch.rand(rows, shape[1]).add(0.5).to(dtype)  # positive: no inf - inf from the inputs
+        out = cpu.linear_4bit(x, packed, blocksize=64, shape=shape, **arguments)
+        truth = x.double() @ weight.double().t()
+        assert torch.equal(out.isnan(), truth.isnan()), rows
+        assert torch.equal(out.isinf(), truth.isinf()), rows
+        assert out[:, 2:].isfinite().all()
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[:, 2:].double(), truth[:, 2:], rtol=tolerance, atol=tolerance * 4)
+
+
 @pytest.mark.parametrize("entries", [256, 200], ids=["full-table", "short-table"])
 def test_every_nested_code_decodes_as_the_reference(variant, entries):
     """Each 8-bit code of the nested statistics, through the kernels' table lookup (a permute tree

@@ -2,6 +2,7 @@
 
 #pragma once
 
+#include <cmath>
 #include <type_traits>
 
 #include "common.h"
@@ -44,14 +45,22 @@ void dot_rows_portable(const Weight& w, int64_t n, int64_t k, const Inputs& x, i
 }
 
 #if FOURBIT_X86
-// Sixteen float32 values rounded to `dtype` and widened again (NaN kept).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 round_to_avx512(__m512 v, int32_t dtype) {
+// A block's scaled table (the table times `scale`) rounded to `dtype` and widened again (NaN
+// kept). Only a scale that is not finite makes NaN entries (infinity times the table's zero), so
+// finite scales skip that check: 4% of a bfloat16 row on Zen 4 (AVX-512 without its BF16
+// instructions). The AVX2 kernel's own timings move by 5% with code layout alone, more than
+// such a branch could gain there, so round_to_avx2 checks every table.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 scaled_table_avx512(__m512 table,
+                                                                                               float scale,
+                                                                                               int32_t dtype) {
+  const __m512 v = _mm512_mul_ps(table, _mm512_set1_ps(scale));
   if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   if (dtype != BF16) return v;
   __m512i u = _mm512_castps_si512(v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
                                _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  if (std::isfinite(scale)) return _mm512_castsi512_ps(r);
   return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
 }
 
@@ -92,7 +101,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx5
   for (int64_t b = 0; b < blocks; ++b) {
     __m512 scaled[WEIGHTS];
     for (int i = 0; i < WEIGHTS; ++i) {
-      scaled[i] = round_to_avx512(_mm512_mul_ps(table, _mm512_set1_ps(scales[i * blocks + b])), dtype);
+      scaled[i] = scaled_table_avx512(table, scales[i * blocks + b], dtype);
       prefetch_block(bytes + i * row_bytes, step, b, x.ahead);
     }
     for (int64_t g = 0; g < groups; ++g, bytes += 16, even += 16, odd += 16) {
