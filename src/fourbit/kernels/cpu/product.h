@@ -18,6 +18,19 @@ struct Inputs {
   int64_t ahead = 0;  // how far past the packed bytes being read the kernels prefetch (prefetch_block)
 };
 
+// f(std::integral_constant<int, rows>{}, m0) over input rows [m0, m): passes of four rows, then
+// the rest, so that kernels take the rows of a pass as a template argument.
+template <typename F>
+void passes_of_four(int64_t m0, int64_t m, F&& f) {
+  for (; m0 + 4 <= m; m0 += 4) f(std::integral_constant<int, 4>{}, m0);
+  switch (m - m0) {
+    case 3: f(std::integral_constant<int, 3>{}, m0); break;
+    case 2: f(std::integral_constant<int, 2>{}, m0); break;
+    case 1: f(std::integral_constant<int, 1>{}, m0); break;
+    default: break;
+  }
+}
+
 // The dot products of weight row n with rows [m0, m0 + rows) of the inputs (K a multiple of the
 // blocksize, the blocksize a multiple of 32).
 template <int ROWS>
@@ -125,14 +138,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dot_rows_avx5
 template <int WEIGHTS>
 void dot_all_rows_avx512(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums,
                          int32_t dtype) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= m; m0 += 4) dot_rows_avx512<4, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
-  switch (m - m0) {
-    case 3: dot_rows_avx512<3, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
-    case 2: dot_rows_avx512<2, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
-    case 1: dot_rows_avx512<1, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
-    default: break;
-  }
+  passes_of_four(0, m, [&](auto rows, int64_t m0) {
+    dot_rows_avx512<decltype(rows)::value, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
+  });
 }
 
 // float32 sums with AVX2 (every input dtype): WEIGHTS weight rows (1-2) against ROWS input rows
@@ -189,14 +197,9 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int
 template <int WEIGHTS>
 void dot_all_rows_avx2(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums,
                        int32_t dtype) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= m; m0 += 4) dot_rows_avx2<4, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
-  switch (m - m0) {
-    case 3: dot_rows_avx2<3, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
-    case 2: dot_rows_avx2<2, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
-    case 1: dot_rows_avx2<1, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype); break;
-    default: break;
-  }
+  passes_of_four(0, m, [&](auto rows, int64_t m0) {
+    dot_rows_avx2<decltype(rows)::value, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
+  });
 }
 
 // bfloat16 inputs with AVX512-BF16: a block's scaled table is rounded to bfloat16 (the weights the
@@ -314,13 +317,9 @@ void dot_all_rows_bf16(const Weight& w, int64_t n, int64_t k, const Inputs& x, i
   int64_t m0 = 0;
   if constexpr (WEIGHTS <= 2)
     for (; m0 + 8 <= m; m0 += 8) dot_rows_bf16<8, WEIGHTS>(w, n, k, x, m0, sums + m0, m);
-  for (; m0 + 4 <= m; m0 += 4) dot_rows_bf16<4, WEIGHTS>(w, n, k, x, m0, sums + m0, m);
-  switch (m - m0) {
-    case 3: dot_rows_bf16<3, WEIGHTS>(w, n, k, x, m0, sums + m0, m); break;
-    case 2: dot_rows_bf16<2, WEIGHTS>(w, n, k, x, m0, sums + m0, m); break;
-    case 1: dot_rows_bf16<1, WEIGHTS>(w, n, k, x, m0, sums + m0, m); break;
-    default: break;
-  }
+  passes_of_four(m0, m, [&](auto rows, int64_t first) {
+    dot_rows_bf16<decltype(rows)::value, WEIGHTS>(w, n, k, x, first, sums + first, m);
+  });
 }
 #endif
 
@@ -339,14 +338,9 @@ void dispatch_weights(int64_t rows, F&& f) {
 // One weight row against every input row, four input rows a pass, which share its decode (the
 // portable kernel; AVX2 and AVX-512 take several weight rows a pass).
 void dot_all_rows(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums, int32_t dtype) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= m; m0 += 4) dot_rows_portable<4>(w, n, k, x, m0, sums + m0, dtype);
-  switch (m - m0) {
-    case 3: dot_rows_portable<3>(w, n, k, x, m0, sums + m0, dtype); break;
-    case 2: dot_rows_portable<2>(w, n, k, x, m0, sums + m0, dtype); break;
-    case 1: dot_rows_portable<1>(w, n, k, x, m0, sums + m0, dtype); break;
-    default: break;
-  }
+  passes_of_four(0, m, [&](auto rows, int64_t m0) {
+    dot_rows_portable<decltype(rows)::value>(w, n, k, x, m0, sums + m0, dtype);
+  });
 }
 
 // Any shape: element by element (K not a multiple of the blocksize, small or odd blocksizes).
