@@ -280,13 +280,14 @@ def test_inputs_of_any_rank_and_layout_give_the_rows_of_a_2d_input(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
 def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
-    """The vector kernels (1-12 rows, in passes of up to four or eight) sum every row the same
-    way, so a row's result does not depend on the batch it came in. bfloat16 batches of two rows and
-    more run on the tile unit (AMX) or take two or four weight rows a pass (AVX512-BF16), with one
-    sum per row instead of two, and are compared from two rows on."""
+    """The vector kernels (up to ``cpu.fused_max_rows`` rows, in passes of up to four or eight)
+    sum every row the same way, so a row's result does not depend on the batch it came in.
+    bfloat16 batches of two rows and more run on the tile unit (AMX) or take two or four weight
+    rows a pass (AVX512-BF16), with one sum per row instead of two, and are compared from two
+    rows on."""
     packed, arguments = _weight((64, 1024), "nf4", 64, True)
     prepared = _prepared(packed, 64, (64, 1024), arguments)
-    x = torch.randn(cpu.FUSED_MAX_ROWS, 1024).to(dtype)
+    x = torch.randn(cpu.fused_max_rows(native.isa(), dtype), 1024).to(dtype)
     together = prepared.linear(x)
     smallest = 2 if variant in ("amx", "avx512_bf16") and dtype == torch.bfloat16 else 1
     for rows in (smallest, 3, 5, 8, 9):
@@ -396,10 +397,12 @@ def test_an_unknown_variant_name_is_rejected(monkeypatch):
     native.refresh_isa()
 
 
-@pytest.mark.parametrize("rows", [20, cpu.AMX_MAX_ROWS + 20, cpu.COLUMN_SLICE_ROWS + 20])
+@pytest.mark.parametrize(
+    "rows", [cpu.fused_max_rows(_BEST, torch.bfloat16) + 8, cpu.AMX_MAX_ROWS + 20, cpu.COLUMN_SLICE_ROWS + 20]
+)
 def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
-    """Rows past the fused kernels' limits (12, or 128 with AMX): transposed chunk outputs below
-    COLUMN_SLICE_ROWS, column slices from it."""
+    """Rows past the fused kernels' limits (``cpu.fused_max_rows``, or 128 with AMX): transposed
+    chunk outputs below COLUMN_SLICE_ROWS, column slices from it."""
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 1 << 21)
     calls = []
     chunked = cpu.PreparedWeight._chunked
@@ -416,6 +419,37 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
     # the chunked path ran unless the rows fit the AMX kernel
     assert calls == ([] if native.isa() == native.AMX and rows <= cpu.AMX_MAX_ROWS else [1])
+
+
+def test_the_register_decoding_limit_follows_the_variant_and_dtype():
+    """The AVX-512 kernels take more rows than the AVX2 and portable ones before decode + GEMM;
+    bfloat16 only with AVX512-BF16, float16 the most (torch's float16 GEMM is slow on CPUs)."""
+    assert cpu.fused_max_rows(native.ISA_NAMES.index("avx2"), torch.float32) == cpu.FUSED_MAX_ROWS
+    assert cpu.fused_max_rows(native.ISA_NAMES.index("portable"), torch.float16) == cpu.FUSED_MAX_ROWS
+    assert cpu.fused_max_rows(native.AVX512, torch.bfloat16) == cpu.FUSED_MAX_ROWS
+    for isa in (native.AVX512, native.AVX512_BF16, native.AMX):
+        for dtype in (torch.float32, torch.float16):
+            assert cpu.fused_max_rows(isa, dtype) == cpu.AVX512_FUSED_MAX_ROWS[dtype] > cpu.FUSED_MAX_ROWS
+    assert cpu.fused_max_rows(native.AVX512_BF16, torch.bfloat16) == cpu.AVX512_FUSED_MAX_ROWS[torch.bfloat16]
+
+
+@pytest.mark.parametrize("rows", [13, 24, 25])
+def test_rows_past_twelve_take_the_register_kernels_where_they_win(monkeypatch, variant, rows):
+    """Whether a product of ``rows`` rows decodes chunks for the GEMM follows ``fused_max_rows``
+    of the running variant, and both paths give the reference's product."""
+    calls = []
+    chunked = cpu.PreparedWeight._chunked
+    monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
+    shape = (48, 512)
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    prepared = _prepared(packed, 64, shape, arguments)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments)
+    x = torch.randn(rows, shape[1])
+    out = prepared.linear(x)
+    torch.testing.assert_close(out.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=4e-4)
+    amx = native.isa() == native.AMX and rows >= 4 and torch.get_float32_matmul_precision() != "highest"
+    expected = [] if amx or rows <= cpu.fused_max_rows(native.isa(), torch.float32) else [1]
+    assert calls == expected
 
 
 @pytest.mark.parametrize("first_block", [0, 3, 256, 300])

@@ -23,17 +23,26 @@ from . import compiled, native
 
 __all__ = [
     "AMX_MAX_ROWS",
+    "AVX512_FUSED_MAX_ROWS",
     "FUSED_MAX_ROWS",
     "PreparedWeight",
     "dequantize_4bit",
+    "fused_max_rows",
     "linear_4bit",
     "prepare",
     "quantize_4bit",
 ]
 
 #: Input rows up to which the product decodes the weight in registers; beyond, decoded chunks of
-#: the weight go to torch's GEMM, which reuses each weight value across many rows.
+#: the weight go to torch's GEMM, which reuses each weight value across many rows. The AVX2 and
+#: portable kernels take one or two weight rows a pass and keep this limit.
 FUSED_MAX_ROWS = 12
+#: The same for the AVX-512 kernels, which take several weight rows a pass (bfloat16 inputs only
+#: with AVX512-BF16; without it bfloat16 keeps ``FUSED_MAX_ROWS``). Measured on 2 Zen 4 cores
+#: (4096x4096, 11008x4096, 4096x1024, 1024x1024; docs/performance.md): float32 and bfloat16
+#: 1.1-2.3x faster than decode + GEMM at 16-24 rows, even to slower from 32; float16 2.7-3x
+#: faster up to 128 rows, as torch's own float16 GEMM is slow on CPUs without float16 arithmetic.
+AVX512_FUSED_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 24, torch.float16: 128}
 #: The same for bfloat16 inputs on CPUs with AMX (``native.AMX``), whose kernel decodes each weight
 #: row once for all input rows and multiplies on the tile unit: measured faster than decode +
 #: GEMM up to 128 rows (4096x4096, 2 cores; docs/performance.md). float32 inputs take it too when
@@ -47,6 +56,13 @@ AMX_MAX_ROWS = 128
 CHUNK_BYTES = 1 << 23
 #: Input rows from which each chunk's GEMM writes output columns in place (see ``_chunked``).
 COLUMN_SLICE_ROWS = 256
+
+
+def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
+    """The most input rows the register-decoding product takes for variant ``isa`` and ``dtype``."""
+    if isa >= native.AVX512_BF16 or (isa == native.AVX512 and dtype != torch.bfloat16):
+        return AVX512_FUSED_MAX_ROWS[dtype]
+    return FUSED_MAX_ROWS
 
 
 class PreparedWeight:
@@ -129,7 +145,7 @@ class PreparedWeight:
             elif precision == "medium":
                 dtype_code = native.F32_BF16
         amx = isa == native.AMX and A.dtype in (torch.bfloat16, torch.float32) and self._amx_shape
-        if rows > (AMX_MAX_ROWS if amx else FUSED_MAX_ROWS):
+        if rows > (AMX_MAX_ROWS if amx else fused_max_rows(isa, A.dtype)):
             return self._chunked(x.reshape(-1, self.k), bias).view(*shape[:-1], self.n_out)
         if not contiguous:
             x = x.contiguous()

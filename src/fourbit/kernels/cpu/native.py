@@ -30,6 +30,8 @@ import torch
 
 __all__ = [
     "AMX",
+    "AVX512",
+    "AVX512_BF16",
     "F32_BF16",
     "ISA_NAMES",
     "MAX_RUN",
@@ -52,6 +54,8 @@ OPENMP = ("-fopenmp",)
 NO_AMX = ("-DFOURBIT_NO_AMX",)
 ISA_NAMES = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 #: The variant with AMX tiles (bfloat16 products of several rows).
+AVX512 = ISA_NAMES.index("avx512")
+AVX512_BF16 = ISA_NAMES.index("avx512_bf16")
 AMX = ISA_NAMES.index("amx")
 #: Blocks of one weight row the product kernels take (``MAX_RUN`` in the source).
 MAX_RUN = 512
