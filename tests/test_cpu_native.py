@@ -124,7 +124,7 @@ def test_every_nested_code_decodes_as_the_reference(variant, entries):
 def test_the_product_is_within_the_reference_tolerance(variant, dtype, shape):
     packed, arguments = _weight(shape, "nf4", 64, True)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
-    for rows in (1, 3, 4, 9, 17):  # register rows of one, several passes, and the decode + GEMM path
+    for rows in (1, 3, 4, 9, 17, 130):  # register rows of one, several passes; decode + GEMM past fused_max_rows
         x = torch.randn(rows, shape[1]).to(dtype)
         bias = torch.randn(shape[0]).to(dtype)
         out = cpu.linear_4bit(x, packed, blocksize=64, shape=shape, bias=bias, **arguments)
