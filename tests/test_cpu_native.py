@@ -423,14 +423,47 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
 
 def test_the_register_decoding_limit_follows_the_variant_and_dtype():
     """The AVX-512 kernels take more rows than the AVX2 and portable ones before decode + GEMM;
-    bfloat16 only with AVX512-BF16, float16 the most (torch's float16 GEMM is slow on CPUs)."""
+    bfloat16 only with AVX512-BF16."""
+    assert cpu.AVX512_FUSED_MAX_ROWS > cpu.FUSED_MAX_ROWS
     assert cpu.fused_max_rows(native.ISA_NAMES.index("avx2"), torch.float32) == cpu.FUSED_MAX_ROWS
     assert cpu.fused_max_rows(native.ISA_NAMES.index("portable"), torch.float16) == cpu.FUSED_MAX_ROWS
     assert cpu.fused_max_rows(native.AVX512, torch.bfloat16) == cpu.FUSED_MAX_ROWS
     for isa in (native.AVX512, native.AVX512_BF16, native.AMX):
         for dtype in (torch.float32, torch.float16):
-            assert cpu.fused_max_rows(isa, dtype) == cpu.AVX512_FUSED_MAX_ROWS[dtype] > cpu.FUSED_MAX_ROWS
-    assert cpu.fused_max_rows(native.AVX512_BF16, torch.bfloat16) == cpu.AVX512_FUSED_MAX_ROWS[torch.bfloat16]
+            assert cpu.fused_max_rows(isa, dtype) == cpu.AVX512_FUSED_MAX_ROWS
+    assert cpu.fused_max_rows(native.AVX512_BF16, torch.bfloat16) == cpu.AVX512_FUSED_MAX_ROWS
+
+
+@pytest.mark.parametrize("chunk_bytes", [cpu.CHUNK_BYTES, 1 << 16], ids=["one-chunk", "chunks"])
+def test_float16_rows_past_the_register_limit_multiply_in_float32_without_float16_gemms(monkeypatch, chunk_bytes):
+    """Decode + GEMM of float16 rows: the chunk decoded in float16 (the reference's weights) and,
+    where oneDNN has no float16 GEMM, multiplied in float32; the output is float16 either way
+    (written by columns in one chunk, transposed from several)."""
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", chunk_bytes)
+    shape = (300, 512)
+    packed, arguments = _weight(shape, "nf4", 64, True)
+    prepared = _prepared(packed, 64, shape, arguments)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float16, **arguments)
+    x = torch.randn(40, shape[1]).half()
+    bias = torch.randn(shape[0]).half()
+    truth = x.double() @ weight.double().t() + bias.double()
+    seen = []
+    addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        seen.append(args[1].dtype)
+        return addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", spy)
+    for gemm in (torch.float32, torch.float16):
+        monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype, gemm=gemm: gemm if dtype == torch.float16 else dtype)
+        monkeypatch.setattr(cpu, "FUSED_MAX_ROWS", 4)
+        monkeypatch.setattr(cpu, "AVX512_FUSED_MAX_ROWS", 4)
+        out = prepared.linear(x, bias)
+        assert out.dtype == torch.float16 and out.shape == (40, shape[0]) and out.is_contiguous()
+        torch.testing.assert_close(out.double(), truth, rtol=2e-3, atol=2e-3)
+        assert seen[-1] == gemm
+    assert cpu.gemm_dtype(torch.bfloat16) == torch.bfloat16 and cpu.gemm_dtype(torch.float32) == torch.float32
 
 
 @pytest.mark.parametrize("rows", [13, 24, 25])

@@ -28,6 +28,7 @@ __all__ = [
     "PreparedWeight",
     "dequantize_4bit",
     "fused_max_rows",
+    "gemm_dtype",
     "linear_4bit",
     "prepare",
     "quantize_4bit",
@@ -39,10 +40,9 @@ __all__ = [
 FUSED_MAX_ROWS = 12
 #: The same for the AVX-512 kernels, which take several weight rows a pass (bfloat16 inputs only
 #: with AVX512-BF16; without it bfloat16 keeps ``FUSED_MAX_ROWS``). Measured on 2 Zen 4 cores
-#: (4096x4096, 11008x4096, 4096x1024, 1024x1024; docs/performance.md): float32 and bfloat16
-#: 1.1-2.3x faster than decode + GEMM at 16-24 rows, even to slower from 32; float16 2.7-3x
-#: faster up to 128 rows, as torch's own float16 GEMM is slow on CPUs without float16 arithmetic.
-AVX512_FUSED_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 24, torch.float16: 128}
+#: (4096x4096, 11008x4096, 4096x1024, 1024x1024, float32, bfloat16 and float16; docs/performance.md):
+#: 1.1-2.3x faster than decode + GEMM at 16-24 rows, even or slower from 32.
+AVX512_FUSED_MAX_ROWS = 24
 #: The same for bfloat16 inputs on CPUs with AMX (``native.AMX``), whose kernel decodes each weight
 #: row once for all input rows and multiplies on the tile unit: measured faster than decode +
 #: GEMM up to 128 rows (4096x4096, 2 cores; docs/performance.md). float32 inputs take it too when
@@ -58,10 +58,19 @@ CHUNK_BYTES = 1 << 23
 COLUMN_SLICE_ROWS = 256
 
 
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's GEMM takes for ``dtype`` rows on the many-rows path: float32 for float16
+    where oneDNN has no float16 GEMM (it then ran 3.5x slower than float32 on a Zen 4), else ``dtype``."""
+    if dtype != torch.float16:
+        return dtype
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return torch.float16 if supported is not None and supported() else torch.float32
+
+
 def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
     """The most input rows the register-decoding product takes for variant ``isa`` and ``dtype``."""
     if isa >= native.AVX512_BF16 or (isa == native.AVX512 and dtype != torch.bfloat16):
-        return AVX512_FUSED_MAX_ROWS[dtype]
+        return AVX512_FUSED_MAX_ROWS
     return FUSED_MAX_ROWS
 
 
@@ -163,24 +172,35 @@ class PreparedWeight:
         cache and hand each chunk to torch's GEMM. From ``COLUMN_SLICE_ROWS`` input rows on, each
         chunk's GEMM writes its columns of the output in place (BLAS takes a column slice: its
         rows are a fixed stride apart); with fewer rows, narrow column slices multiply slowly, so
-        each chunk writes its rows of the transposed output and one copy turns it around."""
+        each chunk writes its rows of the transposed output and one copy turns it around.
+
+        float16 on a CPU without float16 GEMMs (``gemm_dtype``): the chunk is decoded in float16,
+        as the reference decodes it, widened, and multiplied in float32 with the widened input;
+        the output is rounded to float16 once."""
+        dtype, gemm = x.dtype, gemm_dtype(x.dtype)
+        if bias is not None:
+            bias = bias.to(gemm)
+        x = x.to(gemm)
         n_out, k = self.n_out, self.k
         blocksize = self.arguments[3]
         # chunks start on a packed byte, an absmax block and (nested) a group of absmax codes
         unit = blocksize * (self.nested.blocksize if self.nested is not None else 1)
         step = unit // math.gcd(k, unit)
         rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
-        buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=x.dtype)
-        code, isa, threads = native.dtype_code(x.dtype), native.isa(), torch.get_num_threads()
+        buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=dtype)
+        wide = buffer if gemm == dtype else torch.empty(buffer.shape, dtype=gemm)
+        code, isa, threads = native.dtype_code(dtype), native.isa(), torch.get_num_threads()
         by_columns = x.shape[0] >= COLUMN_SLICE_ROWS or rows_per_chunk >= n_out
         if by_columns:
-            out = native.empty((x.shape[0], n_out), x.dtype)
+            out = native.empty((x.shape[0], n_out), gemm)
         else:
-            out, x = native.empty((n_out, x.shape[0]), x.dtype), x.t()
+            out, x = native.empty((n_out, x.shape[0]), gemm), x.t()
         for start in range(0, n_out, rows_per_chunk):
             stop = min(n_out, start + rows_per_chunk)
             weight = buffer[: stop - start]
             self._dequantize_range(self._pointer, start * k, (stop - start) * k, weight.data_ptr(), code, isa, threads)
+            if wide is not buffer:
+                weight = wide[: stop - start].copy_(weight)
             if by_columns:
                 left, right, target, part = (
                     x,
@@ -195,7 +215,8 @@ class PreparedWeight:
                 torch.mm(left, right, out=target)
             else:
                 torch.addmm(part, left, right, out=target)
-        return out if by_columns else out.t().contiguous()
+        out = out if by_columns else out.t()
+        return out.contiguous() if out.dtype == dtype else out.to(dtype, memory_format=torch.contiguous_format)
 
 
 def quantize_4bit(
