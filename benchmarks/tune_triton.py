@@ -46,6 +46,11 @@ FUSED_CANDIDATES = [
     ("fused", 128, 64, 64, 0, 4, 4, False), ("fused", 128, 64, 64, 4, 4, 4, False),
     ("fused", 128, 64, 64, 0, 4, 4, True), ("fused", 128, 128, 64, 0, 4, 4, True),
     ("fused", 128, 128, 64, 0, 8, 4, True), ("fused", 128, 128, 64, 2, 4, 4, True),
+    ("fused", 64, 32, 64, 0, 4, 4, False), ("fused", 64, 32, 64, 2, 4, 4, False),
+    ("fused", 64, 64, 64, 0, 4, 4, False), ("fused", 64, 64, 64, 2, 4, 4, False),
+    ("fused", 64, 64, 64, 4, 4, 4, False), ("fused", 64, 64, 64, 2, 4, 3, False),
+    ("fused", 64, 64, 64, 2, 4, 6, False), ("fused", 128, 64, 64, 2, 4, 4, False),
+    ("fused", 128, 64, 64, 2, 8, 4, False), ("fused", 64, 64, 64, 1, 4, 4, False),
 ]  # fmt: skip
 
 # ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): the tensor-core kernel without K splits, for more
