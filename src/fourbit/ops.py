@@ -271,6 +271,19 @@ def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) ->
 _DIRECT, _AUTOGRAD = 1, 2
 
 
+#: Whether a profiler listens (one C call, about 40 ns).
+_profiling = torch._C._autograd._profiler_enabled
+
+
+def _recorded(name: str, kernel: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``kernel(*args, **kwargs)``, recorded as op ``name`` when a profiler listens: the eager
+    paths that skip the dispatcher would otherwise leave their time unnamed in its trace."""
+    if not _profiling():
+        return kernel(*args, **kwargs)
+    with torch.profiler.record_function(name):
+        return kernel(*args, **kwargs)
+
+
 def _eager_route(A: Tensor, bias: Optional[Tensor]) -> Optional[int]:
     """How a product may skip the dispatcher: straight to the kernel (``_DIRECT``: no gradient to
     record) or through ``_PreparedProduct`` (``_AUTOGRAD``); None (the op) under torch.compile,
@@ -300,7 +313,7 @@ class _PreparedProduct(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.pointer = prepared.packed.data_ptr()
         ctx.save_for_backward(prepared.packed)  # as the op saves it: autograd checks its version
-        return prepared.kernel.linear(A, bias)
+        return _recorded("fourbit::linear_4bit", prepared.kernel.linear, A, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
@@ -309,7 +322,7 @@ class _PreparedProduct(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # grad has A's dtype
             prepared = ctx.prepared
             if packed.data_ptr() == ctx.pointer:
-                weight = prepared.kernel.dequantize(grad.dtype)
+                weight = _recorded("fourbit::dequantize_4bit", prepared.kernel.dequantize, grad.dtype)
             else:  # the bytes moved since the forward (FSDP2 frees and gathers them again)
                 weight = dequantize_4bit(packed, dtype=grad.dtype, **prepared.arguments)
             grad_A = grad @ weight
@@ -359,6 +372,8 @@ class PreparedLinear:
         if self.kernel is not None:
             route = _eager_route(A, bias)
             if route == _DIRECT:
+                if _profiling():
+                    return _recorded("fourbit::linear_4bit", self.kernel.linear, A, bias)
                 return self.kernel.linear(A, bias)
             if route == _AUTOGRAD:
                 return _PreparedProduct.apply(A, bias, self)
@@ -368,7 +383,7 @@ class PreparedLinear:
         """The weight decoded to ``dtype``, in rows (N, K): by the prepared kernel's decode (built
         once per dtype) in eager mode on plain tensors, else by the op."""
         if self.kernel is not None and _plain_eager_tensors([self.packed]):
-            return self.kernel.dequantize(dtype)
+            return _recorded("fourbit::dequantize_4bit", self.kernel.dequantize, dtype)
         return dequantize_4bit(self.packed, dtype=dtype, **self.arguments)
 
 
@@ -406,7 +421,7 @@ def run(name: str, *args: Any, **kwargs: Any) -> Any:
     tensors = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, Tensor)]
     if all(type(tensor) is Tensor for tensor in tensors) and _plain_eager_tensors(tensors):
         kernel = _kernels.get((name, tensors[0].device.type)) or _REFERENCE[name]
-        return kernel(*args, **kwargs)
+        return _recorded(f"fourbit::{name}", kernel, *args, **kwargs)
     return getattr(torch.ops.fourbit, name)(*args, **kwargs)
 
 
