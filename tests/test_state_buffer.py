@@ -145,6 +145,27 @@ def test_a_compiled_layer_guards_none_of_its_own_methods_or_sizes():
     }
 
 
+def test_compiled_layers_guard_no_layer_against_another():
+    """Each layer adds its own guards and none that compare it with the other layers: reading a
+    layer's class name on the way through (for an error message) made dynamo check the first
+    layer's type against every other layer's, in Python, before each call."""
+    torch.manual_seed(0)
+    layers = [bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4") for _ in range(4)]
+    model = torch.nn.Sequential(*layers).to("cpu")
+    names: list[str] = []
+
+    def record(entries):
+        names.extend(entry.name for entry in entries)
+        return [True] * len(entries)
+
+    compiled = torch.compile(model, fullgraph=True, backend="eager", options={"guard_filter_fn": record})
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    assert names, "the guard filter saw the trace's guards"
+    assert not [name for name in names if name.startswith("type(")]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_assigning_an_attribute_of_the_state_drops_its_traced_arguments(device):
     layer, x, compiled, before = _compiled_and_called(device)

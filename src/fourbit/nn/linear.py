@@ -41,21 +41,21 @@ def current_quant_state(module: nn.Module, weight: Any) -> F4.QuantState | None:
 
 def forward_quant_state(module: nn.Module, weight: Any) -> F4.QuantState:
     """The QuantState ``module`` computes with; a clear error when there is none or the bytes
-    were cast."""
-    name = type(module).__name__
+    were cast. The module's class name is read only to raise: under torch.compile, reading it on
+    the way through guarded each layer's type against every other layer's, in Python."""
     if isinstance(weight, Params4bit) and not weight.bnb_quantized:
         raise RuntimeError(
-            f"{name} weight is not quantized yet: move the module to a device first "
+            f"{type(module).__name__} weight is not quantized yet: move the module to a device first "
             "(module.to('cpu') or module.cuda()), or load a quantized state dict"
         )
     state = current_quant_state(module, weight)
     if state is None and not isinstance(weight, Params4bit):
         raise RuntimeError(UNQUANTIZED_SHARD_ERROR)
     if state is None:
-        raise RuntimeError(f"{name} weight has lost its quantization state")
+        raise RuntimeError(f"{type(module).__name__} weight has lost its quantization state")
     if not isinstance(weight, Params4bit) and weight.dtype != module.quant_storage:
         raise RuntimeError(
-            f"{name} packed weight arrived as {weight.dtype}, but it is stored as "
+            f"{type(module).__name__} packed weight arrived as {weight.dtype}, but it is stored as "
             f"{module.quant_storage}: something cast the packed bytes (for example an FSDP2 MixedPrecisionPolicy "
             "whose param_dtype differs from quant_storage). Use quant_storage=torch.uint8, which is never cast, "
             "or a param_dtype equal to quant_storage"
