@@ -15,12 +15,23 @@ tensor is in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["TILE_COLUMNS", "TILE_ROWS", "can_tile", "tile", "untile"]
+from .formats import NESTED_BLOCKSIZE
+
+__all__ = [
+    "TILE_COLUMNS",
+    "TILE_ROWS",
+    "as_rows",
+    "can_tile",
+    "decoding_tiles_too",
+    "multiplying_tiles_too",
+    "tile",
+    "untile",
+]
 
 #: Rows and columns of one tile (a warp's 16 weight rows, one 64-column step of the fragment kernel).
 TILE_ROWS = 16
@@ -67,3 +78,34 @@ def untile(packed: Tensor, shape: Sequence[int]) -> Tensor:
     data = data.reshape(n // TILE_ROWS, k // TILE_COLUMNS, 2, 8, _TILE_ROW_WORDS * _WORD_BYTES)
     rows = data.permute(0, 2, 3, 1, 4).contiguous()
     return rows.view(packed.dtype).reshape(packed.shape)
+
+
+def as_rows(packed: Tensor, shape: Sequence[int], tiled: bool) -> Tensor:
+    """The packed bytes in bitsandbytes' rows: a ``tiled`` weight converted (a copy), else as given."""
+    return untile(packed, shape) if tiled else packed
+
+
+def decoding_tiles_too(kernel: Callable) -> Callable:
+    """A ``dequantize_4bit`` kernel of rows only, made to take tiled weights too (converted first)."""
+
+    def dequantize_4bit_rows(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
+                             nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
+        return kernel(
+            as_rows(packed, shape, tiled), absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
+            nested_offset, nested_blocksize,
+        )  # fmt: skip
+
+    return dequantize_4bit_rows
+
+
+def multiplying_tiles_too(kernel: Callable) -> Callable:
+    """A ``linear_4bit`` kernel of rows only, made to take tiled weights too (converted per call)."""
+
+    def linear_4bit_rows(A, packed, absmax, code, blocksize, shape, bias=None, nested_absmax=None, nested_code=None,
+                         nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
+        return kernel(
+            A, as_rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
+            nested_offset, nested_blocksize,
+        )  # fmt: skip
+
+    return linear_4bit_rows

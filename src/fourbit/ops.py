@@ -40,37 +40,6 @@ __all__ = [
 ]
 
 
-def _rows(packed: Tensor, shape: Sequence[int], tiled: bool) -> Tensor:
-    """The packed bytes in bitsandbytes' rows: a tiled weight converted (a copy), else as given."""
-    return layout.untile(packed, shape) if tiled else packed
-
-
-def _decoding_rows(kernel: Callable) -> Callable:
-    """A ``dequantize_4bit`` kernel of rows only, made to take tiled weights too (converted first)."""
-
-    def dequantize_4bit_rows(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
-                             nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
-        return kernel(
-            _rows(packed, shape, tiled), absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
-            nested_offset, nested_blocksize,
-        )  # fmt: skip
-
-    return dequantize_4bit_rows
-
-
-def _taking_rows(kernel: Callable) -> Callable:
-    """A ``linear_4bit`` kernel of rows only, made to take tiled weights too (converted per call)."""
-
-    def linear_4bit_rows(A, packed, absmax, code, blocksize, shape, bias=None, nested_absmax=None, nested_code=None,
-                         nested_offset=None, nested_blocksize=NESTED_BLOCKSIZE, tiled=False):  # fmt: skip
-        return kernel(
-            A, _rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
-            nested_offset, nested_blocksize,
-        )  # fmt: skip
-
-    return linear_4bit_rows
-
-
 @torch.library.custom_op("fourbit::quantize_4bit", mutates_args=())
 def quantize_4bit(A: Tensor, code: Tensor, blocksize: int, quant_storage: torch.dtype) -> tuple[Tensor, Tensor]:
     """Blockwise 4-bit quantization of ``A`` against the 16-entry ``code``: (packed, absmax)."""
@@ -100,7 +69,7 @@ def dequantize_4bit(
 ) -> Tensor:
     """Decode packed 4-bit data (in rows, or ``tiled`` in ``layout``'s tiles) to ``dtype`` of
     ``shape``; nested statistics are decoded on the way."""
-    return _decoding_rows(reference.dequantize_4bit)(
+    return layout.decoding_tiles_too(reference.dequantize_4bit)(
         packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize,
         tiled,
     )  # fmt: skip
@@ -178,7 +147,7 @@ def _linear_4bit_reference(
     """``A @ W.T + bias`` in A's dtype, for the packed 4-bit weight ``W`` of ``shape`` (N, K),
     stored in rows or (``tiled``) in ``layout``'s tiles."""
     return reference.linear_4bit(
-        A, _rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
+        A, layout.as_rows(packed, shape, tiled), absmax, code, blocksize, shape, bias, nested_absmax, nested_code,
         nested_offset, nested_blocksize,
     )  # fmt: skip
 
@@ -397,7 +366,7 @@ _OPS = {
 _kernels: dict[tuple[str, str], Callable] = {}
 _REFERENCE: dict[str, Callable] = {
     "quantize_4bit": reference.quantize_4bit,
-    "dequantize_4bit": _decoding_rows(reference.dequantize_4bit),
+    "dequantize_4bit": layout.decoding_tiles_too(reference.dequantize_4bit),
     "quantize_blockwise": reference.quantize_blockwise,
     "dequantize_blockwise": reference.dequantize_blockwise,
 }
@@ -457,8 +426,8 @@ def _register_cpu_kernels() -> None:
 
     _prepared_kernels["cpu"] = cpu.prepare
     _register("quantize_4bit", "cpu", cpu.quantize_4bit)
-    _register("dequantize_4bit", "cpu", _decoding_rows(cpu.dequantize_4bit))
-    _LIBRARY.impl("linear_4bit", _taking_rows(cpu.linear_4bit), "CPU")
+    _register("dequantize_4bit", "cpu", layout.decoding_tiles_too(cpu.dequantize_4bit))
+    _LIBRARY.impl("linear_4bit", layout.multiplying_tiles_too(cpu.linear_4bit), "CPU")
 
 
 _register_cpu_kernels()
