@@ -383,6 +383,21 @@ def main() -> None:
             print(f"| {mode} | {batch} | {' | '.join(speed)} | {ratio(cells[2], cells[0])} | "
                   f"{ratio(cells[2], cells[1])} | {peaks} |")  # fmt: skip
     print("\nmodel memory after loading, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+    if "compiled" in modes and "lean" in modes:
+        print_step_split(results, args.batches)
+
+
+def print_step_split(results: dict, batches: list) -> None:
+    """ms a step in transformers' compiled loop and in the lean loop, and their difference: the
+    lean loop replays one CUDA graph a token, so the difference is the host time that transformers'
+    loop (which reads a result back every token) and dynamo's guard check add to each step."""
+    print("\nms a step: compiled / lean / compiled minus lean (host time per token in transformers' loop)")
+    for name in ("bf16", "bitsandbytes", "fourbit"):
+        for batch in batches:
+            compiled, lean = results.get((name, "compiled", batch)), results.get((name, "lean", batch))
+            if compiled and lean:
+                step, replay = 1e3 * batch / compiled[0], 1e3 * batch / lean[0]
+                print(f"  {name}, batch {batch}: {step:.2f} / {replay:.2f} / {step - replay:.2f}")
 
 
 if __name__ == "__main__":
