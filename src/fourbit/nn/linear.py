@@ -41,8 +41,8 @@ def current_quant_state(module: nn.Module, weight: Any) -> F4.QuantState | None:
 
 def forward_quant_state(module: nn.Module, weight: Any) -> F4.QuantState:
     """The QuantState ``module`` computes with; a clear error when there is none or the bytes
-    were cast. The module's class name is read only to raise: under torch.compile, reading it on
-    the way through guarded each layer's type against every other layer's, in Python."""
+    were cast. The module's class name is read only to raise: read on every call, it would make a
+    compiled forward guard each layer's type against every other layer's, in Python."""
     if isinstance(weight, Params4bit) and not weight.bnb_quantized:
         raise RuntimeError(
             f"{type(module).__name__} weight is not quantized yet: move the module to a device first "
