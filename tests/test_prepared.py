@@ -302,6 +302,25 @@ def test_the_op_serves_each_weight_its_own_product_through_shared_launches():
         torch.testing.assert_close(out, x @ dense.t(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_chunked_product_chooses_its_path_once_per_input_signature(monkeypatch):
+    """Inputs that take the chunked path (decode + cuBLAS; 300 rows take it on every device) are
+    remembered like a kernel's launch: the next call with the same signature neither chooses
+    nor prepares a configuration again, and gives the same product."""
+    from fourbit.kernels.triton import dispatch
+
+    chosen: list[int] = []
+    choose = dispatch.choose_config
+    monkeypatch.setattr(dispatch, "choose_config", lambda x, *args: chosen.append(x.shape[0]) or choose(x, *args))
+    prepared, dense = _prepared_weight(40, 256)
+    x = torch.randn(300, 256, device=TRITON_DEVICE)
+    first = prepared.linear(x)
+    assert chosen == [300] and kernels.linear.CHUNKED in prepared._launches.values()
+    torch.testing.assert_close(first, x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(prepared.linear(x), first) and chosen == [300]
+    assert torch.equal(prepared.linear(x.view(3, 100, 256)), first.view(3, 100, 40)) and chosen == [300, 300]
+    assert torch.equal(prepared.linear(x[:299]), first[:299]) and chosen == [300, 300, 299]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_chunked_path_plans_its_decodes_once_per_dtype(dtype, monkeypatch):
     monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 64 * 256 * dtype.itemsize)  # 64 rows a chunk
@@ -382,7 +401,8 @@ def test_the_op_launches_shared_products_directly_for_each_weight(rows):
     shared = next(
         launches for layout, launches in kernels.linear._layout_launches.items() if layout[1:3] == (4096, 4096)
     )
-    assert all(launch.launch.compiled is not None for launch in shared.values())
+    kernel_launches = [launch for launch in shared.values() if launch is not kernels.linear.CHUNKED]
+    assert all(launch.launch.compiled is not None for launch in kernel_launches)
 
 
 @gpu

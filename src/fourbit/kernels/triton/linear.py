@@ -32,6 +32,10 @@ from .launch import ProductLaunch
 from .tensor_core import decode_dot_kernel
 from .tuning import CHUNK_BYTES
 
+#: What a weight's launch cache keeps for inputs that take the chunked path (decode + cuBLAS):
+#: a marker, so that such calls skip choosing and preparing a configuration each time.
+CHUNKED = object()
+
 
 @functools.cache
 def _flatten_rows(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -168,6 +172,8 @@ class PreparedWeight:
                 None if bias is None else (bias.dtype, bias.data_ptr() % 16),
             )
             launch = self._launches.get(key)
+            if launch is CHUNKED:
+                return self._chunked_rows(A, bias)
             if launch is not None:
                 return launch(A, bias, launch.bind(self) if self._shared else None)
         n_out, k = self.n_out, self.k
@@ -179,15 +185,15 @@ class PreparedWeight:
             return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
         launch = self._prepare(x, bias, config or dispatch.choose_config(x, n_out, k, self.blocksize, self.packed))
         if launch is None:
+            if config is None:  # later calls like this one go straight to the chunks
+                self._remember(key, CHUNKED)
             return self._chunked(x, bias).view(*A.shape[:-1], n_out)
         launch.out_shape = (*A.shape[:-1], n_out)
         launch.shared = self.shared_workspace
         if x.data_ptr() != A.data_ptr():  # the rows are a copy: every call makes it
             launch.prepare_input = _after(_flatten_rows(k), launch.prepare_input)
         if config is None:
-            if len(self._launches) >= self.MAX_LAUNCHES:
-                self._launches.clear()
-            self._launches[key] = launch
+            self._remember(key, launch)
         if self._shared:
             before, launch.before, launch.pointers = launch.before, None, None  # it keeps no weight alive
             return launch(A, bias, before)
@@ -258,6 +264,19 @@ class PreparedWeight:
              self.nested, self.nested_blocksize, scale_weights, has_bias, self.tiled),
             m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         )  # fmt: skip
+
+    def _remember(self, key: tuple, launch: ProductLaunch | object) -> None:
+        """Keep ``launch`` (or ``CHUNKED``) for calls whose inputs match ``key``."""
+        if len(self._launches) >= self.MAX_LAUNCHES:
+            self._launches.clear()
+        self._launches[key] = launch
+
+    def _chunked_rows(self, A: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The chunked product of ``A``'s rows (at least one), shaped like ``A`` with N columns."""
+        x = A.reshape(-1, self.k)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return self._chunked(x, bias).view(*A.shape[:-1], self.n_out)
 
     def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Decode CHUNK_BYTES of weight rows at a time; cuBLAS writes each product into its columns."""
