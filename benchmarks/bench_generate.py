@@ -16,8 +16,10 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
   ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
   the host is out of the way.
 
-Each library runs in a process of its own when several are named. Prints tokens/s (new tokens
-over the whole ``generate`` time, prefill included) and, on a GPU,
+Each library runs in a process of its own when several are named; ``--rounds N`` runs those
+processes N times, taking turns, and reports each cell's median round with the range of the
+rounds' own ratios (a process's speed can move by 20% from one to the next). Prints tokens/s
+(new tokens over the whole ``generate`` time, prefill included) and, on a GPU,
 the peak memory during generation, with the ratios of fourbit to bf16 and to bitsandbytes; then
 each model's memory after loading (on the CPU: the bytes of its tensors and 4-bit statistics).
 """
@@ -29,6 +31,7 @@ import gc
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -282,28 +285,54 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
 def run_isolated(script: str, args, run_library, device: torch.device, layers: int, shapes: dict, modes: list) -> dict:
     """Each of ``args.libraries`` measured by ``run_library`` (which returns {"results": {(mode,
     batch): cell}, "memory": GiB}), as {(library, mode, batch): cell}, with each library's memory
-    in ``args.memory``. When several are named, each runs in a fresh Python process (``script``
-    given that one library and ``--result-file``): a library measured after another in one
-    process inherits its compiled graphs, caches and allocator state, which measurably slowed
-    whichever ran later. In such a child process, this writes the library's cells to the result
-    file and exits."""
+    in ``args.memory``. When several are named, or ``args.rounds`` is above 1, each runs in a
+    fresh Python process (``script`` given that one library and ``--result-file``): a library
+    measured after another in one process inherits its compiled graphs, caches and allocator
+    state, which measurably slowed whichever ran later. The libraries take turns for
+    ``args.rounds`` rounds; each key's cell is its median round (by the cell's first field) and
+    ``args.rounds_results`` keeps every round's cells. In a child process, this writes the
+    library's cells to the result file and exits."""
     if args.result_file:
         measured = run_library(args.libraries[0], args, device, layers, shapes, modes)
         cells = [[mode, batch, *cell] for (mode, batch), cell in measured.get("results", {}).items()]
         with open(args.result_file, "w") as file:
             json.dump({"results": cells, "memory": measured["memory"]} if measured else {}, file)
         sys.exit(0)
-    results: dict[tuple[str, str, int], tuple] = {}
+    rounds = getattr(args, "rounds", 1)
+    per_round: dict[tuple[str, str, int], list[tuple]] = {}
     args.memory = {}
-    for name in args.libraries:
-        if len(args.libraries) == 1:
-            measured = run_library(name, args, device, layers, shapes, modes)
-        else:
-            measured = _run_child(script, name)
-        if measured:
-            results.update({(name, *key): cell for key, cell in measured["results"].items()})
-            args.memory[name] = measured["memory"]
-    return results
+    for _ in range(rounds):
+        for name in args.libraries:
+            if len(args.libraries) == 1 and rounds == 1:
+                measured = run_library(name, args, device, layers, shapes, modes)
+            else:
+                measured = _run_child(script, name)
+            if measured:
+                for key, cell in measured["results"].items():
+                    per_round.setdefault((name, *key), []).append(cell)
+                args.memory[name] = measured["memory"]
+    args.rounds_results = per_round
+    return {key: median_cell(cells) for key, cells in per_round.items()}
+
+
+def median_cell(cells: list[tuple]) -> tuple:
+    """The cell of the median round by its first field (the lower middle one of an even count): a
+    measured cell, not a mix of rounds."""
+    return sorted(cells, key=lambda cell: cell[0])[(len(cells) - 1) // 2]
+
+
+def ratio_text(args, results: dict, a: tuple, b: tuple, field: int = 0) -> str:
+    """Field ``field`` of cell ``a`` over cell ``b`` (keys of ``results``), of their median
+    rounds; with several rounds, followed by the range of the ratios within each round (the two
+    ran one after the other there)."""
+    if a not in results or b not in results:
+        return "-"
+    text = f"{results[a][field] / results[b][field]:.2f}x"
+    rounds_a, rounds_b = args.rounds_results[a], args.rounds_results[b]
+    if len(rounds_a) > 1 and len(rounds_a) == len(rounds_b):
+        ratios = [x[field] / y[field] for x, y in zip(rounds_a, rounds_b, strict=True)]
+        text += f" ({min(ratios):.2f}-{max(ratios):.2f}, median {statistics.median(ratios):.2f})"
+    return text
 
 
 def _run_child(script: str, name: str) -> dict:
@@ -328,6 +357,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, help="decoder layers (default 8 on a GPU, 4 on the CPU)")
     parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on the CPU")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each library's process this many times, taking turns; report the median round",
+    )
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # one library, run by run_isolated
 
 
@@ -369,6 +404,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     head = "4-bit lm_head" if args.quantize_lm_head else "bf16 lm_head"
     head += ", module guards skipped" if args.skip_module_guards else ""
+    head += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# generate: {layers} layers, {head}, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; "
           f"{where}, torch {torch.__version__}\n")  # fmt: skip
     print("| mode | batch | bf16 tok/s | bnb tok/s | fourbit tok/s | fourbit/bf16 | fourbit/bnb | "
@@ -379,9 +415,9 @@ def main() -> None:
             cells = [results.get((name, mode, batch)) for name in ("bf16", "bitsandbytes", "fourbit")]
             speed = [f"{cell[0]:.1f}" if cell else "-" for cell in cells]
             peaks = " / ".join(f"{cell[1]:.2f}" if cell and cell[1] == cell[1] else "-" for cell in cells)  # nan: CPU
-            ratio = lambda a, b: f"{a[0] / b[0]:.2f}x" if a and b else "-"  # noqa: E731
-            print(f"| {mode} | {batch} | {' | '.join(speed)} | {ratio(cells[2], cells[0])} | "
-                  f"{ratio(cells[2], cells[1])} | {peaks} |")  # fmt: skip
+            fourbit = ("fourbit", mode, batch)
+            over = [ratio_text(args, results, fourbit, (name, mode, batch)) for name in ("bf16", "bitsandbytes")]
+            print(f"| {mode} | {batch} | {' | '.join(speed)} | {' | '.join(over)} | {peaks} |")
     print("\nmodel memory after loading, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
     if "compiled" in modes and "lean" in modes:
         print_step_split(results, args.batches)

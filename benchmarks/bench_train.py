@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from bench_generate import add_model_arguments, library_model, model_settings, run_isolated
+from bench_generate import add_model_arguments, library_model, model_settings, ratio_text, run_isolated
 
 #: The projections a QLoRA recipe adapts: all of them.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,11 +115,12 @@ def main() -> None:
     args.sequence = args.sequence or (512 if cuda else 128)
     results = run_isolated(__file__, args, run_library, device, layers, shapes, ["train"])
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    checkpointing = (", DoRA" if args.dora else "") + (
+    settings = (", DoRA" if args.dora else "") + (
         ", gradient checkpointing" if args.gradient_checkpointing else ""
     )
+    settings += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# QLoRA training step: {layers} layers, adapters of rank {args.rank} on every projection, "
-          f"{args.sequence} tokens a sequence{checkpointing}; {where}, torch {torch.__version__}\n")  # fmt: skip
+          f"{args.sequence} tokens a sequence{settings}; {where}, torch {torch.__version__}\n")  # fmt: skip
     print("| batch | bf16 ms | bnb ms | fourbit ms | fourbit tok/s | fourbit/bf16 time | fourbit/bnb time | "
           "peak GiB bf16 / bnb / fourbit |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -128,9 +129,9 @@ def main() -> None:
         times = [f"{cell[2]:.1f}" if cell else "-" for cell in cells]
         speed = f"{cells[2][0]:.0f}" if cells[2] else "-"
         peaks = " / ".join(f"{cell[1]:.2f}" if cell and cell[1] == cell[1] else "-" for cell in cells)  # nan: CPU
-        ratio = lambda a, b: f"{a[2] / b[2]:.2f}x" if a and b else "-"  # noqa: E731
-        print(f"| {batch} | {' | '.join(times)} | {speed} | {ratio(cells[2], cells[0])} | "
-              f"{ratio(cells[2], cells[1])} | {peaks} |")  # fmt: skip
+        fourbit = ("fourbit", "train", batch)
+        over = [ratio_text(args, results, fourbit, (name, "train", batch), 2) for name in ("bf16", "bitsandbytes")]
+        print(f"| {batch} | {' | '.join(times)} | {speed} | {' | '.join(over)} | {peaks} |")
 
 
 if __name__ == "__main__":
