@@ -115,9 +115,7 @@ def main() -> None:
     args.sequence = args.sequence or (512 if cuda else 128)
     results = run_isolated(__file__, args, run_library, device, layers, shapes, ["train"])
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    settings = (", DoRA" if args.dora else "") + (
-        ", gradient checkpointing" if args.gradient_checkpointing else ""
-    )
+    settings = (", DoRA" if args.dora else "") + (", gradient checkpointing" if args.gradient_checkpointing else "")
     settings += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# QLoRA training step: {layers} layers, adapters of rank {args.rank} on every projection, "
           f"{args.sequence} tokens a sequence{settings}; {where}, torch {torch.__version__}\n")  # fmt: skip

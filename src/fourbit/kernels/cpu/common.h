@@ -209,17 +209,24 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 }
 
 // Packed bytes ahead of the weight row being read that the vector products prefetch (a few rows of
-// small K, one of large): measured inside transformers' generate, see fourbit_linear.
+// small K, one of large): measured inside transformers' generate, see fourbit_linear. Prefetches
+// into L2 reach further (PREFETCH_L2_AHEAD_BYTES).
 constexpr int64_t PREFETCH_AHEAD_BYTES = 2048;
+constexpr int64_t PREFETCH_L2_AHEAD_BYTES = 4096;
+// __builtin_prefetch's locality for prefetches into L1 (prefetcht0) and into L2 only (prefetcht1).
+// A template argument, not a runtime choice: GCC 12 dropped every prefetch of a kernel whose
+// locality depended on a flag.
+constexpr int PREFETCH_L1 = 3, PREFETCH_L2 = 2;
 
 // One prefetch per 64 packed bytes read, `ahead` bytes past block b's `step` bytes at `bytes`:
 // spread over the row, where asking for a whole row before it (32 prefetches at once for 4096
 // weights) cost a Zen 4 core 8% of a one-row product whose weight sat in L3.
+template <int LOCALITY = PREFETCH_L1>
 inline void prefetch_block(const uint8_t* bytes, int64_t step, int64_t b, int64_t ahead) {
   if (step >= 64) {
-    for (int64_t j = 0; j < step; j += 64) __builtin_prefetch(bytes + ahead + j, 0, 3);
+    for (int64_t j = 0; j < step; j += 64) __builtin_prefetch(bytes + ahead + j, 0, LOCALITY);
   } else if (((b * step) & 63) == 0) {
-    __builtin_prefetch(bytes + ahead, 0, 3);
+    __builtin_prefetch(bytes + ahead, 0, LOCALITY);
   }
 }
 

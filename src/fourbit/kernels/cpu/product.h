@@ -16,7 +16,11 @@ struct Inputs {
   std::vector<uint16_t, CacheLineAllocator<uint16_t>> even16, odd16;  // bfloat16 inputs, kept as they are
   int64_t half;  // K / 2
   int64_t ahead = 0;  // how far past the packed bytes being read the kernels prefetch (prefetch_block)
+  bool prefetch_l2 = false;  // the bfloat16 kernels prefetch into L2 only (fourbit_linear says why)
 };
+
+// The most bfloat16 input rows whose products prefetch the weight into L2 only (Inputs::prefetch_l2).
+constexpr int64_t PREFETCH_L2_MAX_ROWS = 2;
 
 // f(std::integral_constant<int, rows>{}, m0) over input rows [m0, m): passes of four rows, then
 // the rest, so that kernels take the rows of a pass as a template argument.
@@ -232,7 +236,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), always_i
 }
 
 // Weight rows [n, n + WEIGHTS) against input rows [m0, m0 + ROWS): row i's sums at sums + i * m.
-template <int ROWS, int WEIGHTS>
+// LOCALITY: where the weight rows ahead are prefetched to (prefetch_block).
+template <int ROWS, int WEIGHTS, int LOCALITY>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void dot_rows_bf16(const Weight& w, int64_t n,
                                                                                              int64_t k,
                                                                                              const Inputs& x,
@@ -252,7 +257,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
   for (int64_t b = 0; b < blocks; ++b, bytes += step, even += step, odd += step) {
     __m512i tables[WEIGHTS];
     for (int i = 0; i < WEIGHTS; ++i) {
-      prefetch_block(bytes + i * (k / 2), step, b, x.ahead);
+      prefetch_block<LOCALITY>(bytes + i * (k / 2), step, b, x.ahead);
       const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[i * blocks + b]));
       tables[i] = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
     }
@@ -267,8 +272,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
 // nothing else to overlap, so several weight rows keep enough vdpbf16ps chains in flight (with
 // one, a Zen 4 core waited on the instruction's latency), and a pass's scales come from one call
 // (for one weight row of 1024 weights, their table and setup cost 1.7 ns a block). GROUPS: a
-// block's groups of 64 weights when known at compile time (blocksize 64), else 0.
-template <int WEIGHTS, int GROUPS>
+// block's groups of 64 weights when known at compile time (blocksize 64), else 0. LOCALITY: as
+// dot_rows_bf16's.
+template <int WEIGHTS, int GROUPS, int LOCALITY>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void dot_row_bf16_blocks(const Weight& w,
                                                                                                   int64_t n, int64_t k,
                                                                                                   const Inputs& x,
@@ -288,7 +294,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
     for (int i = 0; i < WEIGHTS; ++i) {
       const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scales[i * blocks + b]));
       t[i] = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
-      prefetch_block(bytes + i * row_bytes, step, b, x.ahead);
+      prefetch_block<LOCALITY>(bytes + i * row_bytes, step, b, x.ahead);
     }
     for (int64_t g = 0; g < groups; ++g) {
       const __m512bh e = (__m512bh)_mm512_loadu_si512(even + 32 * g), o = (__m512bh)_mm512_loadu_si512(odd + 32 * g);
@@ -303,10 +309,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void do
   for (int i = 0; i < WEIGHTS; ++i) sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(hi_sums[i], lo_sums[i]));
 }
 
+template <int WEIGHTS, int LOCALITY>
+void dot_row_bf16_prefetching(const Weight& w, int64_t n, int64_t k, const Inputs& x, float* sums) {
+  if (w.blocksize == 64) return dot_row_bf16_blocks<WEIGHTS, 1, LOCALITY>(w, n, k, x, sums);
+  dot_row_bf16_blocks<WEIGHTS, 0, LOCALITY>(w, n, k, x, sums);
+}
+
 template <int WEIGHTS>
 void dot_row_bf16(const Weight& w, int64_t n, int64_t k, const Inputs& x, float* sums) {
-  if (w.blocksize == 64) return dot_row_bf16_blocks<WEIGHTS, 1>(w, n, k, x, sums);
-  dot_row_bf16_blocks<WEIGHTS, 0>(w, n, k, x, sums);
+  if (x.prefetch_l2) return dot_row_bf16_prefetching<WEIGHTS, PREFETCH_L2>(w, n, k, x, sums);
+  dot_row_bf16_prefetching<WEIGHTS, PREFETCH_L1>(w, n, k, x, sums);
 }
 
 // WEIGHTS weight rows against every input row (bfloat16 inputs with AVX512-BF16, blocks of 64
@@ -316,9 +328,12 @@ template <int WEIGHTS>
 void dot_all_rows_bf16(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums) {
   int64_t m0 = 0;
   if constexpr (WEIGHTS <= 2)
-    for (; m0 + 8 <= m; m0 += 8) dot_rows_bf16<8, WEIGHTS>(w, n, k, x, m0, sums + m0, m);
+    for (; m0 + 8 <= m; m0 += 8) dot_rows_bf16<8, WEIGHTS, PREFETCH_L1>(w, n, k, x, m0, sums + m0, m);
   passes_of_four(m0, m, [&](auto rows, int64_t first) {
-    dot_rows_bf16<decltype(rows)::value, WEIGHTS>(w, n, k, x, first, sums + first, m);
+    constexpr int ROWS = decltype(rows)::value;
+    if constexpr (ROWS <= PREFETCH_L2_MAX_ROWS)
+      if (x.prefetch_l2) return dot_rows_bf16<ROWS, WEIGHTS, PREFETCH_L2>(w, n, k, x, first, sums + first, m);
+    dot_rows_bf16<ROWS, WEIGHTS, PREFETCH_L1>(w, n, k, x, first, sums + first, m);
   });
 }
 #endif
