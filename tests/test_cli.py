@@ -135,6 +135,27 @@ def test_bench_takes_a_thread_count_and_refuses_a_bad_one(capsys):
         torch.set_num_threads(before)
 
 
+def test_bench_cold_reads_memory_before_every_timed_call(monkeypatch, capsys):
+    from fourbit.tools import bench
+
+    monkeypatch.setattr(bench, "FLUSH_BYTES", 1 << 20)
+    bench._flush_caches()
+    assert bench._flush_buffer[0].numel() * 8 == 1 << 20  # the buffer read is the size asked for
+    flushes: list[int] = []
+    monkeypatch.setattr(bench, "_flush_caches", lambda: flushes.append(bench.FLUSH_BYTES))
+    arguments = ["--device", "cpu", "--shapes", "64x128", "--dtypes", "float32", "--batches", "1", "--min-time", "0.01",
+                 "--no-bnb"]  # fmt: skip
+    bench.main([*arguments, "--cold", "2"])
+    assert "2 MiB read before each" in capsys.readouterr().out
+    assert len(flushes) >= 5 * 6 and set(flushes) == {2 << 20}  # six timed columns, five calls or more each
+    flushes.clear()
+    bench.main(arguments)
+    assert not flushes and "read before each" not in capsys.readouterr().out
+    for device, cold in [("cuda", "2"), ("cpu", "-1")]:
+        with pytest.raises(SystemExit, match="only the CPU"):
+            bench.main(["--device", device, "--cold", cold])
+
+
 # --------------------------------------------------------------------------- bad input
 
 

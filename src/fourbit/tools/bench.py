@@ -38,6 +38,18 @@ class Row:
 
 #: Time CUDA work by replaying a CUDA graph (no Python or launch overhead) instead of eager calls.
 CUDA_GRAPHS = False
+#: CPU: bytes read between timed calls, so that each call finds its weight in memory, not in the
+#: caches, as a model's layer does every token (0: calls follow each other, the weight stays
+#: cached when it fits). triton's ``do_bench`` already clears the GPU's L2 before each call.
+FLUSH_BYTES = 0
+_flush_buffer: list[torch.Tensor] = []
+
+
+def _flush_caches() -> None:
+    """Read FLUSH_BYTES of a buffer of their own (kept between calls)."""
+    if not _flush_buffer or _flush_buffer[0].numel() * 8 != FLUSH_BYTES:
+        _flush_buffer[:] = [torch.ones(FLUSH_BYTES // 8, dtype=torch.int64)]
+    _flush_buffer[0].sum()
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
@@ -52,6 +64,8 @@ def _median_ms(fn: Callable[[], object], device: torch.device, min_time: float) 
     samples: list[float] = []
     deadline = time.perf_counter() + min_time
     while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
+        if FLUSH_BYTES:
+            _flush_caches()
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -273,6 +287,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bfloat16 parts on AMX below 'highest', and on AVX512-BF16 at 'medium')",
     )
     parser.add_argument("--threads", type=_thread_count, help="torch.set_num_threads for every column (CPU)")
+    parser.add_argument(
+        "--cold",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="CPU: read this many MiB between timed calls (more than the last-level cache), so that every "
+        "column finds its weight in memory, as a model's layers do each token",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -283,9 +305,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Run the benchmark described by parsed options and print its table."""
-    global CUDA_GRAPHS
+    global CUDA_GRAPHS, FLUSH_BYTES
     device = torch.device(args.device)
+    if args.cold < 0 or (args.cold and device.type != "cpu"):
+        raise SystemExit(
+            f"--cold takes a positive number of MiB and only the CPU (got {args.cold} on {device.type}); "
+            "triton's do_bench already clears the GPU's L2 before each call"
+        )
     CUDA_GRAPHS = args.cuda_graphs
+    FLUSH_BYTES = args.cold << 20
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.threads is not None:
@@ -308,6 +336,8 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.threads is not None:
         settings += f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     timing = "CUDA graph replays" if CUDA_GRAPHS else "eager calls"
+    if FLUSH_BYTES:
+        timing += f", {args.cold} MiB read before each (weights from memory)"
     copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}; {timing}\n")
     if copy_gbps:
