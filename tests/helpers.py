@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 
+import pytest
 import torch
 
 import fourbit as bnb
@@ -146,3 +147,30 @@ def make_linear4bit(layer, quant_type, compress_statistics, bias, quant_storage=
     if bias:
         quantized.bias = torch.nn.Parameter(layer.bias)
     return quantized
+
+
+#: torch.compile traces through ``Params4bit`` (a tensor subclass with its own
+#: ``__torch_function__``) from torch 2.8; older dynamo treats it as an opaque object and breaks the
+#: graph at every 4-bit layer (bitsandbytes' own compile test skips fullgraph below 2.8 alike).
+FULLGRAPH_TORCH = torch.__version__ >= (2, 8)
+needs_fullgraph = pytest.mark.skipif(
+    not FULLGRAPH_TORCH, reason=f"compiling 4-bit layers without graph breaks needs torch 2.8, not {torch.__version__}"
+)
+
+
+def import_transformers():
+    """transformers, or a skip where it is missing or refuses this torch (transformers 5 needs
+    torch 2.6 and leaves itself half-imported on older torch)."""
+    transformers = pytest.importorskip("transformers")
+    if not transformers.utils.is_torch_available():
+        reason = f"transformers {transformers.__version__} does not support torch {torch.__version__}"
+        pytest.skip(reason, allow_module_level=True)
+    return transformers
+
+
+#: The guard-set assertions of ``test_state_buffer`` hold from torch 2.11 (checked there and on 2.13);
+#: torch 2.8 guards one more traced argument, which costs time, not correctness.
+needs_guard_filter = pytest.mark.skipif(
+    torch.__version__ < (2, 11),
+    reason=f"the exact guard sets are checked from torch 2.11, not {torch.__version__}",
+)

@@ -24,7 +24,7 @@ import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BLOCKSIZES, DTYPES, STORAGES, describe_dtype
+from helpers import BLOCKSIZES, DTYPES, STORAGES, describe_dtype, import_transformers
 
 import fourbit
 import fourbit.functional as F4
@@ -277,7 +277,7 @@ def test_transformers_bitsandbytes_checkpoint_matches_and_loads(tmp_path):
     ``load_quantized`` gives a fresh float model the bitsandbytes model's outputs (to bf16-level
     tolerance: bitsandbytes' CPU 4-bit matmul differs from an fp32 product by up to 2e-3 per layer
     here, while fourbit's equals ``F.linear`` with the dequantized weight exactly)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = import_transformers()
     pytest.importorskip("accelerate")
     from safetensors.torch import load_file
 

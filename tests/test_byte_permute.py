@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import describe_dtype
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", minversion="3.6")  # fourbit.ops.MIN_TRITON
 import triton.language as tl  # noqa: E402
 
 from fourbit.formats import get_4bit_type  # noqa: E402

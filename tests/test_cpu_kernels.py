@@ -19,6 +19,8 @@ from fourbit.kernels.cpu import compiled as cpu
 @pytest.fixture
 def small_tensors_compile(monkeypatch):
     """Let small test tensors take the compiled path (it is shape-independent)."""
+    if not cpu.SUPPORTED:
+        pytest.skip(f"the compiled CPU path needs torch 2.6 or newer (torch {torch.__version__} runs the reference)")
     monkeypatch.setenv("FOURBIT_CPU_NATIVE", "0")  # this file tests the compiled path the native one precedes
     monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
     monkeypatch.setattr(cpu, "_failed", False)
@@ -114,6 +116,19 @@ def test_a_variant_that_fails_later_uses_the_reference_for_that_call_only(small_
     assert cpu.compile_enabled()
     monkeypatch.setitem(cpu._compiled, "quantize_4bit", compiled)
     assert torch.equal(cpu.quantize_4bit(data, code, 64, torch.uint8)[0], packed)
+
+
+def test_torch_before_2_6_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "SUPPORTED", False)
+    monkeypatch.setattr(cpu, "MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu, "_compiled_function", lambda name, function: pytest.fail("compiled on old torch"))
+    assert not cpu.compile_enabled()
+    data = _weights(torch.bfloat16)
+    code = F4.get_4bit_type("nf4")
+    packed, absmax = cpu.quantize_4bit(data, code, 64, torch.uint8)
+    expected_packed, expected_absmax = reference.quantize_4bit(data, code, 64, torch.uint8)
+    assert torch.equal(packed, expected_packed)
+    assert_same_bits(absmax, expected_absmax)
 
 
 def test_failed_compilation_falls_back_to_the_reference(small_tensors_compile, monkeypatch):

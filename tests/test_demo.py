@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import import_transformers
 
 from fourbit.tools import demo
 
-transformers = pytest.importorskip("transformers")
+transformers = import_transformers()
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
 

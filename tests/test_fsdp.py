@@ -95,6 +95,9 @@ def check(results: dict, device: str, backend: str) -> None:
     assert "cast the packed bytes" in results["mixed_precision"]["torch.float32"]
 
 
+@pytest.mark.skipif(
+    torch.__version__ < (2, 8), reason="FSDP2 before torch 2.8 needs one dtype for all of a module's parameters"
+)
 def test_fsdp2_on_two_cpu_processes(tmp_path):
     check(run_worker(tmp_path, cpu=True), "cpu", "gloo")
 

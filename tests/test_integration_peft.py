@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_without_bitsandbytes, save_tiny_llama
+from helpers import import_transformers, run_without_bitsandbytes, save_tiny_llama
 from torch import nn
 
-pytest.importorskip("transformers")
+import_transformers()
 pytest.importorskip("peft")
-from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, prepare_model_for_kbit_training  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
-from fourbit.convert import dequantize_layer, quantize_model
-from fourbit.integrations import peft as fourbit_peft
-from fourbit.integrations.transformers import FourbitConfig
-from fourbit.nn import Linear4bit
+from fourbit.convert import dequantize_layer, quantize_model  # noqa: E402
+from fourbit.integrations import peft as fourbit_peft  # noqa: E402
+from fourbit.integrations.transformers import FourbitConfig  # noqa: E402
+from fourbit.nn import Linear4bit  # noqa: E402
 
 IDS = torch.arange(64).reshape(4, 16) % 128
 

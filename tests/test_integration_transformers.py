@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_without_bitsandbytes, save_tiny_llama
+from helpers import import_transformers, needs_fullgraph, run_without_bitsandbytes, save_tiny_llama
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
+transformers = import_transformers()
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 from fourbit.convert import quantize_model  # noqa: E402
@@ -277,6 +277,7 @@ def test_a_float_layer_in_a_prequantized_checkpoint_is_quantized_on_load(tmp_pat
     assert torch.equal(_logits(reloaded), _logits(reference))
 
 
+@needs_fullgraph
 def test_compiled_generate_with_module_guards_skipped_gives_eager_tokens(tmp_path: Path):
     """transformers' compiled decoding with torch's ``skip_guard_on_all_nn_modules_unsafe``
     (docs/transformers.md, "Compiled generation"): the tokens of eager decoding, and no guard

@@ -14,7 +14,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import STORAGES, available_devices, describe_dtype
+from helpers import STORAGES, available_devices, describe_dtype, needs_fullgraph
 
 import fourbit.functional as F4
 from fourbit import layout, ops
@@ -110,6 +110,7 @@ def test_a_tiled_layer_computes_what_a_layer_in_rows_does_and_saves_bitsandbytes
     assert state.tiled, "saving must not change the layer"
 
 
+@needs_fullgraph
 def test_a_tiled_layer_trains_through_its_input_and_compiles_without_graph_breaks():
     rows, tiled = _layers()
     x = torch.randn(3, 256, requires_grad=True)

@@ -12,6 +12,7 @@ from helpers import (
     describe_dtype,
     id_formatter,
     make_linear4bit,
+    needs_fullgraph,
     torch_load_from_buffer,
     torch_save_to_buffer,
 )
@@ -99,6 +100,7 @@ def _quantized_layer(quant_type="nf4", compress_statistics=True, bias=True, devi
     return layer, quantized.to(device)
 
 
+@needs_fullgraph
 def test_no_graph_break_in_forward_and_backward():
     _, layer = _quantized_layer()
     x = torch.randn(4, 64, requires_grad=True)

@@ -137,3 +137,13 @@ def test_run_goes_through_the_op_for_fake_tensors_and_gradients():
         assert len(calls) == 1  # gradients recorded: through the op (whose kernel is the registered one)
     finally:
         ops_module._kernels[("quantize_4bit", "cpu")] = original
+
+
+def test_triton_older_than_the_verified_minimum_is_not_used(monkeypatch):
+    monkeypatch.delenv("FOURBIT_DISABLE_TRITON", raising=False)
+    monkeypatch.setattr(ops_module, "triton_version", lambda: (3, 3))
+    assert not ops_module.triton_enabled()
+    monkeypatch.setattr(ops_module, "triton_version", lambda: ops_module.MIN_TRITON)
+    assert ops_module.triton_enabled()
+    monkeypatch.setattr(ops_module, "triton_version", lambda: None)
+    assert not ops_module.triton_enabled()

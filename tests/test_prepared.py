@@ -226,7 +226,7 @@ def test_weights_quantized_in_inference_mode_work_in_and_out_of_it(device):
 
 # --------------------------------------------------------------------------- Triton launches
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", minversion="3.6")  # fourbit.ops.MIN_TRITON
 from fourbit.kernels import triton as kernels  # noqa: E402
 from fourbit.kernels.triton import launch  # noqa: E402
 

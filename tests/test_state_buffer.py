@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import TRUE_FALSE, available_devices, id_formatter
+from helpers import TRUE_FALSE, available_devices, id_formatter, needs_fullgraph, needs_guard_filter
 
 import fourbit as bnb
 import fourbit.functional as F4
@@ -69,6 +69,7 @@ def test_the_statistics_become_views_of_one_buffer_with_the_same_values(device, 
     assert state == expected
 
 
+@needs_fullgraph
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nested", TRUE_FALSE, ids=id_formatter("nested"))
 def test_a_compiled_call_reads_the_buffer_and_the_code_table(device, nested):
@@ -101,6 +102,8 @@ def test_a_compiled_call_reads_the_buffer_and_the_code_table(device, nested):
     assert inputs == [7 if nested else 4], "the input, the packed weight and the state's tensors one by one"
 
 
+@needs_fullgraph
+@needs_guard_filter
 @pytest.mark.parametrize("nested", TRUE_FALSE, ids=id_formatter("nested"))
 def test_a_compiled_call_guards_only_the_traced_arguments_of_the_state(nested):
     """Dynamo checks a guard for every attribute a trace reads before each compiled call; of the
@@ -120,6 +123,8 @@ def test_a_compiled_call_guards_only_the_traced_arguments_of_the_state(nested):
     assert state_reads == {"", "._traced_arguments", "._traced_arguments[0]", "._traced_arguments[2]"}
 
 
+@needs_fullgraph
+@needs_guard_filter
 def test_a_compiled_layer_guards_none_of_its_own_methods_or_sizes():
     """Of the module itself, the trace reads only what decides the computation: its type, its
     parameters and its compute dtype settings (state lookups are functions, not methods, whose
@@ -145,6 +150,8 @@ def test_a_compiled_layer_guards_none_of_its_own_methods_or_sizes():
     }
 
 
+@needs_fullgraph
+@needs_guard_filter
 def test_compiled_layers_guard_no_layer_against_another():
     """Each layer adds its own guards and none that compare it with the other layers: reading a
     layer's class name on the way through (for an error message) made dynamo check the first
@@ -166,6 +173,7 @@ def test_compiled_layers_guard_no_layer_against_another():
     assert not [name for name in names if name.startswith("type(")]
 
 
+@needs_fullgraph
 @pytest.mark.parametrize("device", DEVICES)
 def test_assigning_an_attribute_of_the_state_drops_its_traced_arguments(device):
     layer, x, compiled, before = _compiled_and_called(device)
@@ -181,6 +189,7 @@ def test_assigning_an_attribute_of_the_state_drops_its_traced_arguments(device):
         torch.testing.assert_close(compiled(x), before, rtol=0, atol=0)
 
 
+@needs_fullgraph
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_shallow_copy_of_a_nested_state_sees_its_shared_nested_state_replaced(device):
     layer = _layer(device)
@@ -238,6 +247,7 @@ def _compiled_and_called(device: str):
         return layer, x, compiled, compiled(x)
 
 
+@needs_fullgraph
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nested", TRUE_FALSE, ids=id_formatter("nested"))
 def test_compiled_backward_calls_reuse_the_code_tables_derived_tables(device, nested):
@@ -258,6 +268,7 @@ def test_compiled_backward_calls_reuse_the_code_tables_derived_tables(device, ne
     torch.testing.assert_close(x.grad, 3 * expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_fullgraph
 @pytest.mark.parametrize("device", DEVICES)
 def test_in_place_changes_reach_compiled_and_eager_calls_alike(device):
     layer, x, compiled, before = _compiled_and_called(device)
@@ -272,6 +283,7 @@ def test_in_place_changes_reach_compiled_and_eager_calls_alike(device):
     torch.testing.assert_close(after, x @ F4.dequantize_4bit(layer.weight.data, state).T, rtol=1e-5, atol=1e-5)
 
 
+@needs_fullgraph
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("replaced", ["absmax", "code", "offset", "state2", "state2.absmax", "state2.code"])
 def test_replacing_a_statistic_drops_the_buffer_and_compiled_calls_use_the_new_one(device, replaced):
@@ -344,6 +356,7 @@ def test_copies_pickles_and_state_dicts_of_a_layer_with_a_buffer(device):
     torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
 
 
+@needs_fullgraph
 def test_states_the_buffer_cannot_hold_keep_their_tensors():
     layer = _layer("cpu", nested=False)
     state = layer.weight.quant_state

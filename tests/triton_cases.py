@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import assert_same_bits, describe_dtype
 
+from fourbit import ops
 from fourbit.formats import create_dynamic_map, get_4bit_type
 from fourbit.kernels import reference
 
@@ -22,7 +23,13 @@ ON_GPU = torch.cuda.is_available()  # without a GPU, conftest.py turns on TRITON
 DEVICE = "cuda" if ON_GPU else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: The mark of every Triton test module.
-NEEDS_TRITON = pytest.mark.skipif(not ON_GPU and not INTERPRETED, reason="needs a GPU or TRITON_INTERPRET=1")
+NEEDS_TRITON = [
+    pytest.mark.skipif(not ON_GPU and not INTERPRETED, reason="needs a GPU or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(
+        (ops.triton_version() or (0,)) < ops.MIN_TRITON,
+        reason=f"fourbit's Triton kernels need Triton {ops.MIN_TRITON}, found {ops.triton_version()}",
+    ),
+]
 
 QUANT_SHAPES = [(1,), (7,), (3, 37), (130,), (2, 97), (5, 7, 9), (300, 64)]
 if ON_GPU:

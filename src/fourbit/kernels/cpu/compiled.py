@@ -20,7 +20,7 @@ import torch
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from .. import reference
 
-__all__ = ["MIN_NUMEL", "compile_enabled", "dequantize_4bit", "linear_4bit", "quantize_4bit"]
+__all__ = ["MIN_NUMEL", "SUPPORTED", "compile_enabled", "dequantize_4bit", "linear_4bit", "quantize_4bit"]
 
 #: Smaller tensors take the reference path: compiling would cost more than it saves.
 MIN_NUMEL = 1 << 20
@@ -31,9 +31,16 @@ _succeeded: set[str] = set()  # names whose compiled function has run
 _warned: set[str] = set()  # names whose later failure was reported
 
 
+#: inductor before torch 2.6 compiles these functions to other bits than the reference's (all-zero
+#: and special-valued blocks quantized differently, seen with torch 2.5.1), so older torch runs the
+#: reference instead.
+SUPPORTED = torch.__version__ >= "2.6"
+
+
 def compile_enabled() -> bool:
-    """Whether the compiled path may run (FOURBIT_CPU_COMPILE unset or 1, and no earlier failure)."""
-    return not _failed and os.environ.get("FOURBIT_CPU_COMPILE", "1") not in ("0", "")
+    """Whether the compiled path may run (torch 2.6 or newer, FOURBIT_CPU_COMPILE unset or 1, and no
+    earlier failure)."""
+    return SUPPORTED and not _failed and os.environ.get("FOURBIT_CPU_COMPILE", "1") not in ("0", "")
 
 
 def _quantize_sorted(x: torch.Tensor, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import triton
-from triton import knobs
+
+try:
+    from triton import knobs
+except ImportError:  # Triton before 3.4 keeps the launch hooks on CompiledKernel
+    knobs = None
 
 from .common import INTERPRETED
 
@@ -206,8 +210,8 @@ class ProductLaunch:
 def _hooked() -> bool:
     """Whether something (a profiler) listens to Triton's launches: then they go through the JIT,
     which calls the hooks. Triton 3.5 and newer keep the hooks in (possibly empty) chains."""
-    runtime = knobs.runtime
-    return _listening(runtime.launch_enter_hook) or _listening(runtime.launch_exit_hook)
+    hooks = triton.compiler.CompiledKernel if knobs is None else knobs.runtime
+    return _listening(hooks.launch_enter_hook) or _listening(hooks.launch_exit_hook)
 
 
 def _listening(hook: object) -> bool:
