@@ -119,24 +119,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_generate(model, prompt: torch.Tensor, new_tokens: int, device: torch.device, **options) -> tuple[float, list]:
-    """Seconds for one greedy ``generate`` of ``new_tokens`` tokens, and the tokens."""
+def run_generate(
+    model, prompt: torch.Tensor, new_tokens: int, device: torch.device, **options
+) -> tuple[float, list, float]:
+    """Seconds for one greedy ``generate`` of ``new_tokens`` tokens, the tokens, and NaN (its
+    decode steps are not timed apart from its prefill)."""
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              **options)  # fmt: skip
     _sync(device)
-    return time.perf_counter() - start, out[:, prompt.shape[1] :].tolist()
+    return time.perf_counter() - start, out[:, prompt.shape[1] :].tolist(), float("nan")
 
 
 def run_lean(
     model, prompt: torch.Tensor, new_tokens: int, device: torch.device, forced: list | None = None
-) -> tuple[float, list]:
-    """Seconds for a gpt-fast style greedy loop, and the tokens: static cache, eager prefill, then
-    the one-token step compiled (``torch.compile``, no graph break) and, on a GPU, captured once
-    into a CUDA graph that every token replays. With ``forced`` tokens, each step takes the
-    forced token before it instead of its own prediction (teacher forcing)."""
+) -> tuple[float, list, float]:
+    """Seconds for a gpt-fast style greedy loop, the tokens, and the seconds of one decode step
+    (the loop after the prefill, per step): static cache, eager prefill, then the one-token step
+    compiled (``torch.compile``, no graph break) and, on a GPU, captured once into a CUDA graph
+    that every token replays. With ``forced`` tokens, each step takes the forced token before it
+    instead of its own prediction (teacher forcing)."""
     from transformers import StaticCache
 
     batch, length = prompt.shape
@@ -158,14 +162,16 @@ def run_lean(
     with torch.no_grad():
         token = lean.eager(prompt, torch.arange(length, device=device))  # eager prefill
         tokens.append(token)
+        _sync(device)
+        decode_start = time.perf_counter()
         for step_index, index in enumerate(range(length, length + new_tokens - 1)):
             if forced is not None:
                 token = torch.tensor(forced, device=device)[:, step_index : step_index + 1]
             token = lean(token, index)
             tokens.append(token)
     _sync(device)
-    seconds = time.perf_counter() - start
-    return seconds, torch.cat(tokens, 1).tolist()
+    end = time.perf_counter()
+    return end - start, torch.cat(tokens, 1).tolist(), (end - decode_start) / max(1, new_tokens - 1)
 
 
 class _LeanStep:
@@ -219,12 +225,13 @@ def forced_agreement(model, batch: int, args, device: torch.device, reference: l
     (free-running greedy tokens of a random model part ways at the first near-tie)."""
     torch.manual_seed(1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
-    _, predicted = run_lean(model, prompt, args.new_tokens, device, forced=reference)
+    _, predicted, _ = run_lean(model, prompt, args.new_tokens, device, forced=reference)
     return (torch.tensor(predicted) == torch.tensor(reference)).float().mean().item()
 
 
-def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[float, float, list]:
-    """(tokens/s, peak GiB during generation, tokens) for one mode and batch, after warm-up runs."""
+def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[float, float, float, list]:
+    """(tokens/s, peak GiB during generation, ms a decode step or NaN, tokens) for one mode and
+    batch, after warm-up runs: the fastest of the repeats."""
     torch.manual_seed(1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
     if mode == "lean":
@@ -238,9 +245,9 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
         runner()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, tokens = min((runner() for _ in range(args.repeats)), key=lambda result: result[0])
+    seconds, tokens, step = min((runner() for _ in range(args.repeats)), key=lambda result: result[0])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return batch * args.new_tokens / seconds, peak, tokens
+    return batch * args.new_tokens / seconds, peak, 1e3 * step, tokens
 
 
 def _compile_config_without_module_guards():
@@ -254,7 +261,8 @@ def _compile_config_without_module_guards():
 
 def run_library(name: str, args, device: torch.device, layers: int, shapes: dict, modes: list) -> dict:
     """Every mode and batch for one library's model: {"results": {(mode, batch): (tokens/s, peak
-    GiB)}, "memory": GiB after loading}, or {} when the library cannot be imported."""
+    GiB, ms a decode step or NaN)}, "memory": GiB after loading}, or {} when the library cannot be
+    imported."""
     cuda = device.type == "cuda"
     model = library_model(name, layers, device, shapes, lm_head=args.quantize_lm_head)
     if model is None:
@@ -266,11 +274,11 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
     for mode in modes:
         for batch in args.batches:
             try:
-                tokens_per_s, peak, tokens = measure(model, mode, batch, args, device)
+                tokens_per_s, peak, step, tokens = measure(model, mode, batch, args, device)
             except Exception as error:
                 print(f"{name} {mode} batch {batch} failed: {type(error).__name__}: {str(error)[:300]}")
                 continue
-            results[(mode, batch)] = (tokens_per_s, peak)
+            results[(mode, batch)] = (tokens_per_s, peak, step)
             reference = first_tokens.setdefault(batch, tokens)
             same = (torch.tensor(tokens) == torch.tensor(reference)).float().mean().item()
             line = f"{name:13s} {mode:9s} batch {batch:3d}: {tokens_per_s:9.1f} tokens/s, "
@@ -419,8 +427,21 @@ def main() -> None:
             over = [ratio_text(args, results, fourbit, (name, mode, batch)) for name in ("bf16", "bitsandbytes")]
             print(f"| {mode} | {batch} | {' | '.join(speed)} | {' | '.join(over)} | {peaks} |")
     print("\nmodel memory after loading, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+    if "lean" in modes:
+        print_lean_steps(args, results)
     if "compiled" in modes and "lean" in modes:
         print_step_split(results, args.batches)
+
+
+def print_lean_steps(args, results: dict) -> None:
+    """The lean loop's decode steps alone, ms a step: its tokens/s above include the eager prefill,
+    which is bound by host time; the steps replay one CUDA graph each, so they show the GPU work."""
+    print("\nlean loop, ms a decode step (prefill excluded): bf16 / bnb / fourbit, fourbit's speed over bf16's")
+    for batch in args.batches:
+        cells = [results.get((name, "lean", batch)) for name in ("bf16", "bitsandbytes", "fourbit")]
+        steps = " / ".join(f"{cell[2]:.3f}" if cell else "-" for cell in cells)
+        ratio = ratio_text(args, results, ("bf16", "lean", batch), ("fourbit", "lean", batch), 2)
+        print(f"  batch {batch}: {steps}, {ratio}")
 
 
 def print_step_split(results: dict, batches: list) -> None:

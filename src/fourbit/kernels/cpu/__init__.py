@@ -18,7 +18,6 @@ import torch
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from .. import reference
-from ..derived import decode_table
 from . import compiled, native
 
 __all__ = [
@@ -76,8 +75,10 @@ def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
 
 class PreparedWeight:
     """One packed weight's native arguments, gathered once: a product or a dequantize is then one
-    call into the library. The tensors are the caller's (only a 16-entry float32 table is derived,
-    from ``code``); whoever keeps one rebuilds it when the weight's tensors are replaced."""
+    call into the library. The tensors are the caller's (converted copies only where the library
+    takes another dtype or a contiguous array); whoever keeps one rebuilds it when the weight's
+    tensors are replaced. ``borrowed`` says that it read every tensor where it lies, so that its
+    pointers stay right for any tensors at the same addresses (``_op_prepared``)."""
 
     def __init__(
         self,
@@ -88,26 +89,31 @@ class PreparedWeight:
         shape: Sequence[int],
         nested: NestedStatistics | None = None,
     ) -> None:
-        self.arguments = (packed, absmax, code, blocksize, tuple(shape))
+        self.arguments: tuple | None = (packed, absmax, code, blocksize, tuple(shape))
         self.nested = nested
+        self.blocksize, self.shape = blocksize, tuple(shape)
+        self.nested_blocksize = nested.blocksize if nested is not None else 1
         self.n_out, self.k = (int(size) for size in shape) if len(shape) == 2 else (0, 0)
         self.numel = prod(shape)
         # everything the library reads must stay alive as long as the pointers do
-        self._keep = [
-            packed.reshape(-1).view(torch.uint8),
-            decode_table(code).contiguous(),
-        ]
-        weight = native.Weight(self._keep[0].data_ptr(), self._keep[1].data_ptr())
+        self._keep: list[torch.Tensor] = []
+        self.borrowed = True
+        # the library turns the table's zeros into +0.0 itself (the reference's decode table)
+        weight = native.Weight(
+            self._held(packed.reshape(-1).view(torch.uint8), packed), self._held(code.float().reshape(-1), code)
+        )
         weight.blocksize = blocksize
         if nested is None:
-            weight.absmax = self._held(absmax.float()).data_ptr()
+            weight.absmax = self._held(absmax.float(), absmax)
         else:
-            weight.qabsmax = self._held(absmax).data_ptr()
+            weight.qabsmax = self._held(absmax, absmax)
             # 256 entries, one for every 8-bit code: the kernels load the whole table
-            code = nested.code.float().reshape(-1)[:256]
-            weight.nested_code = self._held(torch.nn.functional.pad(code, (0, 256 - code.numel()))).data_ptr()
-            weight.nested_absmax = self._held(nested.absmax.float()).data_ptr()
-            weight.offset = self._held(nested.offset.float().reshape(1)).data_ptr()
+            code = nested.code.float().reshape(-1)
+            if code.numel() < 256:
+                code = torch.nn.functional.pad(code, (0, 256 - code.numel()))
+            weight.nested_code = self._held(code, nested.code)
+            weight.nested_absmax = self._held(nested.absmax.float(), nested.absmax)
+            weight.offset = self._held(nested.offset.float().reshape(1), nested.offset)
             weight.nested_blocksize = nested.blocksize
         self._weight = weight
         self._pointer = ctypes.byref(weight)
@@ -120,14 +126,23 @@ class PreparedWeight:
         self._linear, self._dequantize = library.fourbit_linear, library.fourbit_dequantize
         self._dequantize_range = library.fourbit_dequantize_range
 
-    def _held(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _held(self, tensor: torch.Tensor, source: torch.Tensor) -> int:
+        """The address of ``tensor`` (made from the caller's ``source``) as one contiguous array, kept alive."""
         tensor = tensor.contiguous()
         self._keep.append(tensor)
-        return tensor
+        self.borrowed = self.borrowed and tensor.data_ptr() == source.data_ptr()
+        return tensor.data_ptr()
+
+    def release(self) -> None:
+        """Drop every reference to the caller's tensors (``borrowed`` weights only): the pointers
+        then read whatever lies at those addresses when called."""
+        if not self.borrowed:
+            raise RuntimeError("a weight with converted copies must keep them")
+        self._keep, self.arguments, self.nested = [], None, None
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight decoded to ``dtype`` (float32, bfloat16 or float16)."""
-        out = native.empty(tuple(self.arguments[4]), dtype)
+        out = native.empty(self.shape, dtype)
         code = native.dtype_code(dtype)
         self._dequantize(self._pointer, self.numel, out.data_ptr(), code, native.isa(), torch.get_num_threads())
         return out
@@ -136,6 +151,8 @@ class PreparedWeight:
         """``A @ W.T + bias`` in A's dtype; float32 accumulation."""
         dtype_code = native.dtype_code(A.dtype)
         if dtype_code is None or self.n_out == 0:
+            if self.arguments is None:
+                raise RuntimeError("a released weight takes only the library's dtypes (see _op_prepared)")
             return compiled.linear_4bit(A, *self.arguments, bias, *(self.nested or ()))
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
@@ -182,9 +199,9 @@ class PreparedWeight:
             bias = bias.to(gemm)
         x = x.to(gemm)
         n_out, k = self.n_out, self.k
-        blocksize = self.arguments[3]
+        blocksize = self.blocksize
         # chunks start on a packed byte, an absmax block and (nested) a group of absmax codes
-        unit = blocksize * (self.nested.blocksize if self.nested is not None else 1)
+        unit = blocksize * self.nested_blocksize
         step = unit // math.gcd(k, unit)
         rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
         buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=dtype)
@@ -241,6 +258,45 @@ def quantize_4bit(
     return packed.view(quant_storage).unsqueeze(1), absmax
 
 
+#: The op path's prepared weights whose tensors are read where they lie (``PreparedWeight.borrowed``),
+#: by those tensors' addresses and layouts (``_op_key``). Under torch.compile every product comes
+#: through the op, with new aliases of the same tensors each call; gathering the pointers again
+#: took about 40 us a call on a 2-core CPU. A kept weight holds no tensor, only addresses that
+#: are part of its key, so it reads whatever tensors lie there now.
+_op_weights: dict[tuple, PreparedWeight] = {}
+#: Weights kept before the op path starts over (a model has a few hundred).
+OP_WEIGHTS_LIMIT = 4096
+
+
+def _op_key(tensors: Sequence[torch.Tensor], blocksize: int, shape: Sequence[int], nested_blocksize: int) -> tuple:
+    """What a borrowed ``PreparedWeight`` of ``tensors`` depends on: their addresses and layouts,
+    and the weight's sizes."""
+    layouts = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors)
+    return (blocksize, tuple(shape), nested_blocksize, layouts)
+
+
+def _op_prepared(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    nested: NestedStatistics | None,
+) -> PreparedWeight:
+    """The prepared weight of an op call: a kept one for tensors it reads where they lie, else a new one."""
+    tensors = (packed, absmax, code) if nested is None else (packed, absmax, code, *nested[:3])
+    key = _op_key(tensors, blocksize, shape, nested.blocksize if nested is not None else 1)
+    prepared = _op_weights.get(key)
+    if prepared is None:
+        prepared = PreparedWeight(packed, absmax, code, blocksize, shape, nested)
+        if prepared.borrowed:
+            prepared.release()
+            if len(_op_weights) >= OP_WEIGHTS_LIMIT:
+                _op_weights.clear()
+            _op_weights[key] = prepared
+    return prepared
+
+
 def prepare(*arguments, **options) -> PreparedWeight | None:
     """A ``PreparedWeight`` when the native library is available, else None (the op path)."""
     return PreparedWeight(*arguments, **options) if native.available() else None
@@ -261,7 +317,7 @@ def dequantize_4bit(
     """Same contract as ``reference.dequantize_4bit``."""
     if native.dtype_code(dtype) is not None and native.available():
         nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
-        return PreparedWeight(packed, absmax, code, blocksize, shape, nested).dequantize(dtype)
+        return _op_prepared(packed, absmax, code, blocksize, shape, nested).dequantize(dtype)
     return compiled.dequantize_4bit(
         packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
     )
@@ -281,9 +337,9 @@ def linear_4bit(
     nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Same contract as ``reference.linear_4bit``."""
-    if native.available():
+    if native.available() and native.dtype_code(A.dtype) is not None and len(shape) == 2 and shape[0]:
         nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
-        return PreparedWeight(packed, absmax, code, blocksize, shape, nested).linear(A, bias)
+        return _op_prepared(packed, absmax, code, blocksize, shape, nested).linear(A, bias)
     return compiled.linear_4bit(
         A, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize
     )

@@ -45,7 +45,7 @@ constexpr int64_t MAX_RUN = 512;
 // One packed weight: the packed bytes, the 16-entry float32 table and its statistics.
 struct Weight {
   const uint8_t* packed;
-  const float* table;          // 16 entries, zeros as +0.0
+  const float* table;          // 16 entries (the entry points make its zeros +0.0)
   const float* absmax;         // float32 scale per block, or null when nested
   const uint8_t* qabsmax;      // nested: 8-bit codes of the scales
   const float* nested_code;    // nested: 256-entry table
@@ -54,6 +54,15 @@ struct Weight {
   int64_t nested_blocksize;
   int64_t blocksize;
 };
+
+// `w` reading its 16-entry table from `table`, a copy with every zero as +0.0, as the reference's
+// decode table has them (FP4's -0 code decodes as +0): callers may pass the code table itself.
+inline Weight with_clean_table(const Weight& w, float* table) {
+  for (int j = 0; j < 16; ++j) table[j] = w.table[j] == 0.0f ? 0.0f : w.table[j];
+  Weight clean = w;
+  clean.table = table;
+  return clean;
+}
 
 inline float block_scale(const Weight& w, int64_t block) {
   if (w.absmax) return w.absmax[block];

@@ -107,6 +107,9 @@ void fourbit_dequantize_range(const Weight* w, int64_t first, int64_t count, voi
 
 // Decode the first `numel` elements of a packed weight into `out` (of `dtype`).
 void fourbit_dequantize(const Weight* w, int64_t numel, void* out, int32_t dtype, int32_t isa, int32_t threads) {
+  float table[16];
+  const Weight clean = with_clean_table(*w, table);
+  w = &clean;
   const int64_t whole = numel / w->blocksize;
   const int64_t chunk = 64;  // blocks per task
   const int64_t tasks = (whole + chunk - 1) / chunk;
@@ -130,6 +133,9 @@ void fourbit_dequantize(const Weight* w, int64_t numel, void* out, int32_t dtype
 // F32, and other kernels multiply in float32.
 void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, int64_t m, const void* bias, void* out,
                     int32_t dtype, int32_t isa, int32_t threads) {
+  float table[16];
+  const Weight clean = with_clean_table(*w, table);
+  w = &clean;
   const bool bf16_parts = dtype == F32_BF16;
   if (bf16_parts) dtype = F32;
   const bool whole_blocks = k % w->blocksize == 0 && w->blocksize % 32 == 0 && k / w->blocksize <= MAX_RUN;

@@ -342,13 +342,15 @@ def _fragment_mma_kernel(
         k_count = tl.cdiv(tl.cdiv(k_chunk, K_WARPS), 256) * 256
         k_start = program_start + (warp // ROW_GROUPS) * k_count
         k_stop = tl.minimum(program_stop, k_start + k_count)
-    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 32 * WARPS)
-    offset = 0.0
-    if NESTED:
-        offset = tl.load(nested_offset_ptr)
+    # the first packed words and statistics are asked for before the table is filled, so that
+    # their memory latency overlaps the fill (whose barrier would otherwise come first)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
     stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(nested_offset_ptr)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 32 * WARPS)
     zero = tl.zeros((32 * WARPS,), dtype=tl.float32)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     for k_offset in range(0, k_count, 64 * 4):
