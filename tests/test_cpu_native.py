@@ -364,18 +364,19 @@ def test_the_register_decoding_limit_follows_the_variant_and_dtype():
     assert cpu.fused_max_rows(native.AVX512_BF16, torch.bfloat16) == cpu.AVX512_FUSED_MAX_ROWS
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=describe_dtype)
 @pytest.mark.parametrize("chunk_bytes", [cpu.CHUNK_BYTES, 1 << 16], ids=["one-chunk", "chunks"])
-def test_float16_rows_past_the_register_limit_multiply_in_float32_without_float16_gemms(monkeypatch, chunk_bytes):
-    """Decode + GEMM of float16 rows: the chunk decoded in float16 (the reference's weights) and,
-    where oneDNN has no float16 GEMM, multiplied in float32; the output is float16 either way
-    (written by columns in one chunk, transposed from several)."""
+def test_16_bit_rows_past_the_register_limit_multiply_in_float32_without_16_bit_gemms(monkeypatch, dtype, chunk_bytes):
+    """Decode + GEMM of 16-bit rows: the chunk decoded in the input's dtype (the reference's
+    weights) and, where oneDNN has no GEMM of that dtype, multiplied in float32; the output has
+    the input's dtype either way (written by columns in one chunk, transposed from several)."""
     monkeypatch.setattr(cpu, "CHUNK_BYTES", chunk_bytes)
     shape = (300, 512)
     packed, arguments = _weight(shape, "nf4", 64, True)
     prepared = _prepared(packed, 64, shape, arguments)
-    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float16, **arguments)
-    x = torch.randn(40, shape[1]).half()
-    bias = torch.randn(shape[0]).half()
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
+    x = torch.randn(40, shape[1]).to(dtype)
+    bias = torch.randn(shape[0]).to(dtype)
     truth = x.double() @ weight.double().t() + bias.double()
     seen = []
     addmm = torch.addmm
@@ -385,15 +386,22 @@ def test_float16_rows_past_the_register_limit_multiply_in_float32_without_float1
         return addmm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "addmm", spy)
-    for gemm in (torch.float32, torch.float16):
-        monkeypatch.setattr(cpu, "gemm_dtype", lambda dtype, gemm=gemm: gemm if dtype == torch.float16 else dtype)
+    tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2  # the output's rounding
+    for gemm in (torch.float32, dtype):
+        monkeypatch.setattr(cpu, "gemm_dtype", lambda d, gemm=gemm: gemm if d == dtype else d)
         monkeypatch.setattr(cpu, "FUSED_MAX_ROWS", 4)
         monkeypatch.setattr(cpu, "AVX512_FUSED_MAX_ROWS", 4)
         out = prepared.linear(x, bias)
-        assert out.dtype == torch.float16 and out.shape == (40, shape[0]) and out.is_contiguous()
-        torch.testing.assert_close(out.double(), truth, rtol=2e-3, atol=2e-3)
+        assert out.dtype == dtype and out.shape == (40, shape[0]) and out.is_contiguous()
+        torch.testing.assert_close(out.double(), truth, rtol=tolerance, atol=tolerance)
         assert seen[-1] == gemm
-    assert cpu.gemm_dtype(torch.bfloat16) == torch.bfloat16 and cpu.gemm_dtype(torch.float32) == torch.float32
+
+
+def test_16_bit_gemms_are_used_where_onednn_has_them():
+    for dtype, probe in ((torch.float16, "_is_mkldnn_fp16_supported"), (torch.bfloat16, "_is_mkldnn_bf16_supported")):
+        has = getattr(torch.ops.mkldnn, probe, None)
+        assert cpu.gemm_dtype(dtype) == (dtype if has is not None and has() else torch.float32)
+    assert cpu.gemm_dtype(torch.float32) == torch.float32
 
 
 @pytest.mark.parametrize("rows", [13, 24, 25])

@@ -10,6 +10,7 @@ natively and hand it to torch's matrix multiply.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Sequence
 from math import prod
@@ -57,13 +58,16 @@ CHUNK_BYTES = 1 << 23
 COLUMN_SLICE_ROWS = 256
 
 
+@functools.cache
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype torch's GEMM takes for ``dtype`` rows on the many-rows path: float32 for float16
-    where oneDNN has no float16 GEMM (it then ran 3.5x slower than float32 on a Zen 4), else ``dtype``."""
-    if dtype != torch.float16:
+    """The dtype torch's GEMM takes for ``dtype`` rows on the many-rows path: float32 for a 16-bit
+    dtype that oneDNN has no GEMM for on this CPU (its fallback ran 3.5x slower than float32 for
+    float16 on a Zen 4, and 4x slower for bfloat16 on an AVX2-only EPYC), else ``dtype``."""
+    probe = {torch.float16: "_is_mkldnn_fp16_supported", torch.bfloat16: "_is_mkldnn_bf16_supported"}.get(dtype)
+    if probe is None:
         return dtype
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
-    return torch.float16 if supported is not None and supported() else torch.float32
+    supported = getattr(torch.ops.mkldnn, probe, None)
+    return dtype if supported is not None and supported() else torch.float32
 
 
 def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
@@ -191,9 +195,9 @@ class PreparedWeight:
         rows are a fixed stride apart); with fewer rows, narrow column slices multiply slowly, so
         each chunk writes its rows of the transposed output and one copy turns it around.
 
-        float16 on a CPU without float16 GEMMs (``gemm_dtype``): the chunk is decoded in float16,
-        as the reference decodes it, widened, and multiplied in float32 with the widened input;
-        the output is rounded to float16 once."""
+        A 16-bit dtype on a CPU without GEMMs of it (``gemm_dtype``): the chunk is decoded in that
+        dtype, as the reference decodes it, widened, and multiplied in float32 with the widened
+        input; the output is rounded to the dtype once."""
         dtype, gemm = x.dtype, gemm_dtype(x.dtype)
         if bias is not None:
             bias = bias.to(gemm)
