@@ -42,6 +42,15 @@ void fourbit_quantize(const void* x, int32_t dtype, int64_t blocks, int64_t bloc
         quantize_blocks_avx512<F16>(x, first, last, blocksize, midpoints, order, packed, absmax);
       continue;
     }
+    if (isa == AVX2 && blocksize % 16 == 0) {
+      if (dtype == F32)
+        quantize_blocks_avx2<F32>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      else if (dtype == BF16)
+        quantize_blocks_avx2<BF16>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      else
+        quantize_blocks_avx2<F16>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      continue;
+    }
 #endif
     if (dtype == F32)
       quantize_blocks(static_cast<const float*>(x), first, last, blocksize, midpoints, order, packed, absmax,
