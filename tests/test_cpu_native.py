@@ -75,13 +75,15 @@ def test_dequantize_of_nan_and_infinite_statistics_matches_the_reference(variant
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_products_of_nan_and_infinite_statistics_match_the_reference(variant, dtype):
-    """A block whose scale is NaN or infinite (infinity times the table's zero is NaN) gives the
-    NaN and infinite outputs the reference's decoded weight gives, and leaves the other weight
-    rows alone, in the one-row kernels and those of several rows."""
-    shape = (8, 256)  # four blocks a row: rows 0 and 1 hold the bad blocks
+    """A block whose scale is NaN (of any payload, which rounding must not carry into the sign)
+    or infinite (infinity times the table's zero is NaN) gives the NaN and infinite outputs the
+    reference's decoded weight gives, and leaves the other weight rows alone, in the one-row
+    kernels and those of several rows."""
+    shape = (8, 256)  # four blocks a row: rows 0-2 hold the bad blocks
     packed, arguments = _weight(shape, "nf4", 64, False)
     arguments["absmax"] = arguments["absmax"].clone()
     arguments["absmax"][1] = float("nan")
+    arguments["absmax"][9] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # all payload bits
     arguments["absmax"][6] = float("inf")
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
     for rows in (1, 3, 8):
@@ -90,9 +92,9 @@ def test_products_of_nan_and_infinite_statistics_match_the_reference(variant, dt
         truth = x.double() @ weight.double().t()
         assert torch.equal(out.isnan(), truth.isnan()), rows
         assert torch.equal(out.isinf(), truth.isinf()), rows
-        assert out[:, 2:].isfinite().all()
+        assert out[:, 3:].isfinite().all()
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(out[:, 2:].double(), truth[:, 2:], rtol=tolerance, atol=tolerance * 4)
+        torch.testing.assert_close(out[:, 3:].double(), truth[:, 3:], rtol=tolerance, atol=tolerance * 4)
 
 
 @pytest.mark.parametrize("entries", [256, 200], ids=["full-table", "short-table"])

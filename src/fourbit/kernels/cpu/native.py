@@ -47,7 +47,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("fourbit_cpu.cpp")
 #: The headers it includes (the kernels), hashed with it into the cached library's name.
-HEADERS = ("common.h", "dequantize.h", "product.h", "quantize.h", "amx.h")
+HEADERS = ("common.h", "dequantize.h", "product.h", "product_avx2.h", "quantize.h", "amx.h")
 #: No fused multiply-add contraction: scales must round exactly as the reference's.
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 OPENMP = ("-fopenmp",)

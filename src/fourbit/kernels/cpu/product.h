@@ -14,6 +14,7 @@ namespace {
 struct Inputs {
   std::vector<float, CacheLineAllocator<float>> even, odd;
   std::vector<uint16_t, CacheLineAllocator<uint16_t>> even16, odd16;  // bfloat16 inputs, kept as they are
+  std::vector<float, CacheLineAllocator<float>> grouped;  // AVX2's 16-bit products: rows of K (grouped_position)
   int64_t half;  // K / 2
   int64_t ahead = 0;  // how far past the packed bytes being read the kernels prefetch (prefetch_block)
   bool prefetch_l2 = false;  // the bfloat16 kernels prefetch into L2 only (fourbit_linear says why)
@@ -65,8 +66,7 @@ void dot_rows_portable(const Weight& w, int64_t n, int64_t k, const Inputs& x, i
 // A block's scaled table (the table times `scale`) rounded to `dtype` and widened again (NaN
 // kept). Only a scale that is not finite makes NaN entries (infinity times the table's zero), so
 // finite scales skip that check: 4% of a bfloat16 row on Zen 4 (AVX-512 without its BF16
-// instructions). The AVX2 kernel's own timings move by 5% with code layout alone, more than
-// such a branch could gain there, so round_to_avx2 checks every table.
+// instructions).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 scaled_table_avx512(__m512 table,
                                                                                                float scale,
                                                                                                int32_t dtype) {
@@ -79,16 +79,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 scal
                                _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
   if (std::isfinite(scale)) return _mm512_castsi512_ps(r);
   return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
-}
-
-__attribute__((target("avx2,fma,f16c"))) inline __m256 round_to_avx2(__m256 v, int32_t dtype) {
-  if (dtype == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  if (dtype != BF16) return v;
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
-                               _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
 // float32 sums with AVX-512 (float32 and float16 inputs, bfloat16 without AVX512-BF16): WEIGHTS
@@ -144,65 +134,6 @@ void dot_all_rows_avx512(const Weight& w, int64_t n, int64_t k, const Inputs& x,
                          int32_t dtype) {
   passes_of_four(0, m, [&](auto rows, int64_t m0) {
     dot_rows_avx512<decltype(rows)::value, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
-  });
-}
-
-// float32 sums with AVX2 (every input dtype): WEIGHTS weight rows (1-2) against ROWS input rows
-// (1-4), one sum per (weight, input) row pair, as dot_rows_avx512 (the same order whatever rows
-// share the pass). A group of 8 packed bytes is 16 weights a row, looked up by lookup_avx2. Two
-// weight rows a pass read each input once for both; with one, four input rows kept 16 sums and
-// spilled the 16 registers (a Zen 4 core forced to AVX2, 4096x4096: 15% faster from 4 rows).
-template <int ROWS, int WEIGHTS>
-__attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int64_t n, int64_t k, const Inputs& x,
-                                                            int64_t m0, float* sums, int64_t m, int32_t dtype) {
-  const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
-  __m256 acc[WEIGHTS][ROWS];
-  for (int i = 0; i < WEIGHTS; ++i)
-    for (int r = 0; r < ROWS; ++r) acc[i][r] = _mm256_setzero_ps();
-  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 16, stride = x.half;
-  const int64_t step = w.blocksize / 2, row_bytes = k / 2;
-  const uint8_t* bytes = w.packed + first * step;
-  const float* even = x.even.data() + m0 * stride;
-  const float* odd = x.odd.data() + m0 * stride;
-  float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
-  block_scales(w, first, WEIGHTS * blocks, scales);
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256 scaled_low[WEIGHTS], scaled_high[WEIGHTS];
-    for (int i = 0; i < WEIGHTS; ++i) {
-      const __m256 scale = _mm256_set1_ps(scales[i * blocks + b]);
-      scaled_low[i] = round_to_avx2(_mm256_mul_ps(low, scale), dtype);
-      scaled_high[i] = round_to_avx2(_mm256_mul_ps(high, scale), dtype);
-      prefetch_block(bytes + i * row_bytes, step, b, x.ahead);
-    }
-    for (int64_t g = 0; g < groups; ++g, bytes += 8, even += 8, odd += 8) {
-      __m256 hi[WEIGHTS], lo[WEIGHTS];
-      for (int i = 0; i < WEIGHTS; ++i) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i * row_bytes)));
-        hi[i] = lookup_avx2(_mm256_srli_epi32(v, 4), scaled_low[i], scaled_high[i]);
-        lo[i] = lookup_avx2(v, scaled_low[i], scaled_high[i]);
-      }
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256 e = _mm256_loadu_ps(even + r * stride), o = _mm256_loadu_ps(odd + r * stride);
-        for (int i = 0; i < WEIGHTS; ++i) acc[i][r] = _mm256_fmadd_ps(lo[i], o, _mm256_fmadd_ps(hi[i], e, acc[i][r]));
-      }
-    }
-  }
-  for (int i = 0; i < WEIGHTS; ++i)
-    for (int r = 0; r < ROWS; ++r) {
-      const __m256 total = acc[i][r];
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      s = _mm_add_ss(s, _mm_movehdup_ps(s));
-      sums[i * m + r] = _mm_cvtss_f32(s);
-    }
-}
-
-// WEIGHTS weight rows against every input row with AVX2: passes of four input rows, then the rest.
-template <int WEIGHTS>
-void dot_all_rows_avx2(const Weight& w, int64_t n, int64_t k, const Inputs& x, int64_t m, float* sums,
-                       int32_t dtype) {
-  passes_of_four(0, m, [&](auto rows, int64_t m0) {
-    dot_rows_avx2<decltype(rows)::value, WEIGHTS>(w, n, k, x, m0, sums + m0, m, dtype);
   });
 }
 
