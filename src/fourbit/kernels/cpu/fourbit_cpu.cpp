@@ -34,22 +34,21 @@ void fourbit_quantize(const void* x, int32_t dtype, int64_t blocks, int64_t bloc
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t first = t * chunk, last = first + chunk < blocks ? first + chunk : blocks;
 #if FOURBIT_X86
+    const auto by_dtype = [&](auto kernel) {  // kernel(std::integral_constant<int32_t, dtype>)
+      if (dtype == F32) return kernel(std::integral_constant<int32_t, F32>{});
+      if (dtype == BF16) return kernel(std::integral_constant<int32_t, BF16>{});
+      kernel(std::integral_constant<int32_t, F16>{});
+    };
     if (isa >= AVX512 && blocksize % 16 == 0) {
-      if (dtype == F32)
-        quantize_blocks_avx512<F32>(x, first, last, blocksize, midpoints, order, packed, absmax);
-      else if (dtype == BF16)
-        quantize_blocks_avx512<BF16>(x, first, last, blocksize, midpoints, order, packed, absmax);
-      else
-        quantize_blocks_avx512<F16>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      by_dtype([&](auto d) {
+        quantize_blocks_avx512<decltype(d)::value>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      });
       continue;
     }
     if (isa == AVX2 && blocksize % 16 == 0) {
-      if (dtype == F32)
-        quantize_blocks_avx2<F32>(x, first, last, blocksize, midpoints, order, packed, absmax);
-      else if (dtype == BF16)
-        quantize_blocks_avx2<BF16>(x, first, last, blocksize, midpoints, order, packed, absmax);
-      else
-        quantize_blocks_avx2<F16>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      by_dtype([&](auto d) {
+        quantize_blocks_avx2<decltype(d)::value>(x, first, last, blocksize, midpoints, order, packed, absmax);
+      });
       continue;
     }
 #endif
