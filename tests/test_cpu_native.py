@@ -393,6 +393,7 @@ def test_16_bit_rows_past_the_register_limit_multiply_in_float32_without_16_bit_
         monkeypatch.setattr(cpu, "gemm_dtype", lambda d, gemm=gemm: gemm if d == dtype else d)
         monkeypatch.setattr(cpu, "FUSED_MAX_ROWS", 4)
         monkeypatch.setattr(cpu, "AVX512_FUSED_MAX_ROWS", 4)
+        monkeypatch.setattr(cpu, "AMX_MAX_ROWS", 4)  # bfloat16 rows go to the tile unit otherwise
         out = prepared.linear(x, bias)
         assert out.dtype == dtype and out.shape == (40, shape[0]) and out.is_contiguous()
         torch.testing.assert_close(out.double(), truth, rtol=tolerance, atol=tolerance)
