@@ -2,6 +2,7 @@
 
     python benchmarks/tune_triton.py                # NF4, bf16, blocksize 64, nested statistics
     python benchmarks/tune_triton.py --quantize     # the 4-bit quantizer's tile sizes
+    python benchmarks/tune_triton.py --dequantize   # the 4-bit decode's program sizes
 
 Prints the bandwidth of a 1 GiB device copy, then, for each weight shape (tiled as a Linear4bit
 on this GPU tiles it, unless ``--layout rows``) and input row count,
@@ -11,6 +12,8 @@ The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.
 ``fragments``, ``gemv``, ``fused`` and ``wide`` entries; "chunked": decode + cuBLAS); the tables
 this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
 warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.
+With ``--dequantize``: the decode's (packed words per program, warps) against the copy rate, for
+the tables' ``dequantize``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 import fourbit.functional as F4
-from fourbit.formats import get_4bit_type
+from fourbit import layout
+from fourbit.formats import NestedStatistics, get_4bit_type
 from fourbit.kernels.triton import fragments, gemv, tensor_core, tuning
 from fourbit.kernels.triton import linear as triton_linear
 from fourbit.kernels.triton import quantize as triton_quantize
-from fourbit.kernels.triton.tuning import QuantizeConfig
+from fourbit.kernels.triton.dequantize import DequantizeLaunch
+from fourbit.kernels.triton.tuning import DequantizeConfig, QuantizeConfig
 
 # (ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup); SPLIT_K 0 = automatic
 GEMV_CANDIDATES = [
@@ -78,6 +83,33 @@ QUANTIZE_CANDIDATES = [
 ]  # fmt: skip
 
 
+DEQUANTIZE_CANDIDATES = [
+    DequantizeConfig(*candidate)
+    for candidate in [(128, 2), (128, 4), (256, 4), (256, 8), (512, 4), (512, 8), (512, 16), (1024, 8)]
+]
+
+
+def tune_dequantize(shapes: list[str], rep: int, tiled: bool) -> None:
+    """Time each DEQUANTIZE_CANDIDATES entry (NF4 with nested statistics, bf16 output), against the
+    bytes it moves at the copy rate; every candidate's output must equal the current table's."""
+    rate = copy_rate()
+    for text in shapes:
+        n, k = (int(part) for part in text.split("x"))
+        packed, state = F4.quantize_4bit(torch.randn(n, k, device="cuda"), quant_type="nf4", compress_statistics=True)
+        if tiled:
+            packed = layout.tile(packed, (n, k))
+        nested = (state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
+        arguments = (packed, state.absmax, state.code, 64, (n, k), torch.bfloat16, NestedStatistics(*nested), tiled)
+        expected = DequantizeLaunch(*arguments)()
+        floor = n * k * 2.5 / rate  # packed bytes read, bf16 written
+        print(f"{text} ({'tiles' if tiled else 'rows'}): {floor * 1e6:.1f} us at the copy rate")
+        for candidate in DEQUANTIZE_CANDIDATES:
+            run = DequantizeLaunch(*arguments, config=candidate)
+            same = torch.equal(run(), expected)
+            seconds = do_bench_cudagraph(run, rep=rep, return_mode="median") / 1e3
+            print(f"  {seconds * 1e6:8.1f} us  {floor / seconds:4.0%} of the copy rate  same={same}  {candidate!r}")
+
+
 def tune_quantize(shapes: list[str], rep: int) -> None:
     """Time each QUANTIZE_CANDIDATES entry (NF4, bf16 input, blocksize 64), printed as the
     tables' ``quantize`` value it would be; every candidate's output must equal the current table's."""
@@ -96,8 +128,9 @@ def tune_quantize(shapes: list[str], rep: int) -> None:
             print(f"  {milliseconds * 1e3:8.1f} us  {milliseconds / copy:5.2f}x copy  same={same}  {candidate!r}")
 
 
-def device_copy() -> str:
-    """The eager copy of a 1 GiB buffer (median of 20): the memory bandwidth the kernels are held to."""
+def copy_rate() -> float:
+    """Bytes read and written a second by the eager copy of a 1 GiB buffer (median of 20): the
+    memory bandwidth the kernels are held to."""
     source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     target = torch.empty_like(source)
     for _ in range(3):
@@ -110,9 +143,12 @@ def device_copy() -> str:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    milliseconds = sorted(times)[len(times) // 2]
-    rate = 2 * source.numel() / milliseconds / 1e9
-    return f"1 GiB device copy, eager: {milliseconds:.3f} ms, {rate:.2f} TB/s read + write"
+    return 2 * source.numel() / (sorted(times)[len(times) // 2] / 1e3)
+
+
+def device_copy() -> str:
+    """The copy rate, as a line of the report."""
+    return f"1 GiB device copy, eager: {copy_rate() / 1e12:.2f} TB/s read + write"
 
 
 def main() -> None:
@@ -122,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=200, help="milliseconds of timing per candidate")
     parser.add_argument("--top", type=int, default=4, help="candidates listed per case")
     parser.add_argument("--quantize", action="store_true", help="tune the 4-bit quantizer instead")
+    parser.add_argument("--dequantize", action="store_true", help="tune the 4-bit decode instead")
     parser.add_argument(
         "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused", "wide"], help="kernel kinds to time"
     )
@@ -134,6 +171,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(device)} uses the tables tuned on: {tuning.for_device(device).tuned_on}")
     if args.quantize:
         tune_quantize(args.shapes, args.rep)
+        return
+    if args.dequantize:
+        tune_dequantize(args.shapes, args.rep, tiled=args.layout == "tiles")
         return
     print(device_copy())
     for text in args.shapes:

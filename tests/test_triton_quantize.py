@@ -25,9 +25,11 @@ from triton_cases import (
     sample,
 )
 
+from fourbit import layout
 from fourbit.formats import create_dynamic_map, get_4bit_type
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
+from fourbit.kernels.triton import tuning
 
 pytestmark = NEEDS_TRITON
 
@@ -154,6 +156,31 @@ def test_dequantize_is_bit_exact(dtype, quant_type, nested):
         absmax, extra = nested_statistics(absmax, nested)
         expected = reference.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, **extra)
         close_or_exact(kernels.dequantize_4bit(packed, absmax, code, blocksize, shape, dtype, **extra), expected)
+
+
+#: Every word-kernel program size in the tables, and one of 16 words a thread.
+DEQUANTIZE_CONFIGS = sorted(
+    {tables.dequantize for tables in tuning.TABLES.values()} | {tuning.DequantizeConfig(1024, 2)}
+)
+
+
+@pytest.mark.parametrize("config", DEQUANTIZE_CONFIGS, ids=lambda config: "{}x{}".format(*config))
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_dequantize_is_bit_exact_with_every_tuned_program_size(config, nested, monkeypatch):
+    """The word kernel's program size and warps (``tuning.KernelTables.dequantize``, per GPU)
+    change only how the words are spread: rows and tiles decode to the reference's values."""
+    tables = tuning.HOPPER._replace(dequantize=config)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tables)
+    code = code_table("nf4")
+    n, k = (1040, 4160) if ON_GPU else (48, 320)  # words for a partial last program of 256 and more
+    for dtype in (torch.bfloat16, torch.float32):
+        data = sample((n, k), dtype, special=False)
+        packed, absmax = reference.quantize_4bit(data, code, 64, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        expected = reference.dequantize_4bit(packed, absmax, code, 64, (n, k), dtype, **extra)
+        close_or_exact(kernels.dequantize_4bit(packed, absmax, code, 64, (n, k), dtype, **extra), expected)
+        tiled = layout.tile(packed, (n, k))
+        close_or_exact(kernels.dequantize_4bit(tiled, absmax, code, 64, (n, k), dtype, **extra, tiled=True), expected)
 
 
 @pytest.mark.parametrize("storage", STORAGES, ids=describe_dtype)

@@ -16,12 +16,12 @@ import triton.language as tl
 from ... import layout
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics, packed_nbytes
 from ..derived import decode_table
+from . import tuning
 from .common import block_scale, nested_arguments, word_shifts
 from .launch import KernelLaunch, pointers
 
-#: Packed words per program of the word kernel (H100 sweep: 96% of copy bandwidth; 256: 85%,
-#: 2048: 75%) and packed bytes per program of the any-length kernel.
-WORDS_PER_PROGRAM = 512
+#: Packed bytes per program of the any-length kernel (the word kernel's program size is tuned per
+#: GPU: ``tuning.KernelTables.dequantize``).
 BYTES_PER_PROGRAM = 1024
 
 
@@ -110,9 +110,10 @@ class DequantizeLaunch:
         dtype: torch.dtype,
         nested: NestedStatistics | None = None,
         tiled: bool = False,
+        config: tuning.DequantizeConfig | None = None,
     ) -> None:
         """``tiled``: ``packed`` holds whole row groups of ``fourbit.layout``'s tiles (``shape``
-        2-D, as ``layout.can_tile`` requires)."""
+        2-D, as ``layout.can_tile`` requires). ``config`` overrides the device's tables (tuning)."""
         self.shape, self.dtype, self.device = tuple(shape), dtype, packed.device
         n = prod(self.shape)
         data = packed.reshape(-1).view(torch.uint8)
@@ -123,10 +124,11 @@ class DequantizeLaunch:
         if not n:
             return
         if tiled or (n % 8 == 0 and data.storage_offset() % 4 == 0):
-            grid = (triton.cdiv(n // 8, WORDS_PER_PROGRAM),)
-            self.launch = KernelLaunch(_dequantize_words_kernel, grid, options, self.device)
+            words, warps = config or tuning.for_device(self.device).dequantize
+            grid = (triton.cdiv(n // 8, words),)
+            self.launch = KernelLaunch(_dequantize_words_kernel, grid, {**options, "num_warps": warps}, self.device)
             self.before = (data.view(torch.int32), absmax, table, *statistics)
-            self.after = (n // 8, blocksize, *specialized, WORDS_PER_PROGRAM, self.shape[-1] // 64 if tiled else 0)
+            self.after = (n // 8, blocksize, *specialized, words, self.shape[-1] // 64 if tiled else 0)
         else:
             grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
             self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)

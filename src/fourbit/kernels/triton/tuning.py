@@ -21,6 +21,7 @@ __all__ = [
     "H200",
     "HOPPER",
     "TABLES",
+    "DequantizeConfig",
     "FragmentConfig",
     "FusedConfig",
     "GemvConfig",
@@ -101,6 +102,15 @@ class QuantizeConfig(NamedTuple):
     programs_per_sm: int
 
 
+class DequantizeConfig(NamedTuple):
+    """The word kernel of the 4-bit decode: packed int32 words (8 weights each) per program, and
+    warps per program. The decode feeds the many-rows products (decode + cuBLAS) and
+    ``dequantize_4bit``."""
+
+    words_per_program: int
+    num_warps: int
+
+
 class KernelTables(NamedTuple):
     """Every tuned choice of the product kernels and the quantizer for one GPU (``tuned_on``).
 
@@ -120,6 +130,8 @@ class KernelTables(NamedTuple):
     fragments: tuple[FragmentConfig, ...]
     quantize: QuantizeConfig
     fragment_permute: tuple[PermuteRule, ...] = ()
+    #: (an H100 sweep of 256-2048 words with 4 warps: 512 reached 96% of the copy bandwidth)
+    dequantize: DequantizeConfig = DequantizeConfig(words_per_program=512, num_warps=4)
 
 
 HOPPER = KernelTables(
@@ -146,7 +158,13 @@ HOPPER = KernelTables(
 #: 28672x4096 33.3 against 37.1, 128256x4096 at 8 rows 110.8 against 122.0; 14336x4096 at 16
 #: rows 19.1 against 21.3, left out as eager calls there pay the copy's launch in host time;
 #: 4096x4096 at 16 rows 8.9 against 8.3, and slower below 5 rows.
-H200 = HOPPER._replace(tuned_on="NVIDIA H200", fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27)))
+#: The decode with one packed word a thread (256 words, 8 warps) measured 1.1-1.4x faster there
+#: than the Hopper entry, outputs identical: 28672x8192 in bf16 174 us against 239.
+H200 = HOPPER._replace(
+    tuned_on="NVIDIA H200",
+    fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27)),
+    dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
+)
 
 #: GPUs without tables of their own, and not Hoppers: the Hopper entries with batch-wide tiles of
 #: 128 input rows in two stages. Triton 3.9 builds the Hopper batch-wide tiles with 90 KiB of
