@@ -135,22 +135,30 @@ def test_bench_takes_a_thread_count_and_refuses_a_bad_one(capsys):
         torch.set_num_threads(before)
 
 
-def test_bench_cold_reads_memory_before_every_timed_call(monkeypatch, capsys):
+def test_bench_cold_takes_turns_over_copies_of_each_weight(monkeypatch, capsys):
+    """--cold MIB: each column's calls rotate over copies of its own weight that fill MIB, so that
+    none finds its weight cached; without it, one weight each."""
+    from fourbit.nn import Linear4bit
     from fourbit.tools import bench
 
-    monkeypatch.setattr(bench, "FLUSH_BYTES", 1 << 20)
-    bench._flush_caches()
-    assert bench._flush_buffer[0].numel() * 8 == 1 << 20  # the buffer read is the size asked for
-    flushes: list[int] = []
-    monkeypatch.setattr(bench, "_flush_caches", lambda: flushes.append(bench.FLUSH_BYTES))
-    arguments = ["--device", "cpu", "--shapes", "64x128", "--dtypes", "float32", "--batches", "1", "--min-time", "0.01",
-                 "--no-bnb"]  # fmt: skip
-    bench.main([*arguments, "--cold", "2"])
-    assert "2 MiB read before each" in capsys.readouterr().out
-    assert len(flushes) >= 5 * 6 and set(flushes) == {2 << 20}  # six timed columns, five calls or more each
-    flushes.clear()
+    timed: list[list] = []
+    monkeypatch.setattr(bench, "_median_ms", lambda fns, device, min_time: timed.append(list(fns)) or 1.0)
+    arguments = ["--device", "cpu", "--shapes", "64x128", "--dtypes", "float32", "--batches", "1", "--no-bnb"]
+    bench.main([*arguments, "--cold", "1"])
+    assert "1 MiB of weight copies" in capsys.readouterr().out
+    dense = 64 * 128 * 4
+    quantize, quantize_copy, dequantize, dequantize_copy, matmul, matmul_torch, layer, layer_torch = timed
+    assert len(quantize) == len(quantize_copy) == len(dequantize_copy) == len(matmul_torch) == len(layer_torch)
+    assert len(quantize) == -(-(1 << 20) // dense)
+    assert len(dequantize) == len(matmul) == len(layer) > len(quantize)  # packed copies are smaller
+    modules = [fn.func for fn in layer]
+    assert all(isinstance(module, Linear4bit) for module in modules)
+    assert len({module.weight.data_ptr() for module in modules}) == len(modules)  # every copy its own bytes
+    assert len({fn.args[0].data_ptr() for fn in quantize}) == len(quantize)
+    timed.clear()
     bench.main(arguments)
-    assert not flushes and "read before each" not in capsys.readouterr().out
+    assert "weight copies" not in capsys.readouterr().out
+    assert [len(fns) for fns in timed] == [1] * 8
     for device, cold in [("cuda", "2"), ("cpu", "-1")]:
         with pytest.raises(SystemExit, match="only the CPU"):
             bench.main(["--device", device, "--cold", cold])

@@ -38,34 +38,36 @@ class Row:
 
 #: Time CUDA work by replaying a CUDA graph (no Python or launch overhead) instead of eager calls.
 CUDA_GRAPHS = False
-#: CPU: bytes read between timed calls, so that each call finds its weight in memory, not in the
-#: caches, as a model's layer does every token (0: calls follow each other, the weight stays
-#: cached when it fits). triton's ``do_bench`` already clears the GPU's L2 before each call.
-FLUSH_BYTES = 0
-_flush_buffer: list[torch.Tensor] = []
+#: CPU: bytes of weights each column's timed calls take turns over, so that each call finds its
+#: weight in memory, not in the caches, as a model's layer does every token (0: one weight, which
+#: stays cached when it fits). Copies, not a buffer read between calls: that read also evicts the
+#: code, the Python objects and the page tables that a model keeps warm, and it charged a 1.8 MB
+#: product on a 2-core CPU 0.2 ms more than rotating through copies (docs/performance.md).
+#: triton's ``do_bench`` already clears the GPU's L2 before each call.
+COLD_BYTES = 0
 
 
-def _flush_caches() -> None:
-    """Read FLUSH_BYTES of a buffer of their own (kept between calls)."""
-    if not _flush_buffer or _flush_buffer[0].numel() * 8 != FLUSH_BYTES:
-        _flush_buffer[:] = [torch.ones(FLUSH_BYTES // 8, dtype=torch.int64)]
-    _flush_buffer[0].sum()
+def _copies(make: Callable[[], object], nbytes: int) -> list:
+    """``make()`` once, or (``COLD_BYTES``) as many times as ``nbytes`` each takes to fill it."""
+    count = max(1, -(-COLD_BYTES // max(1, nbytes))) if COLD_BYTES else 1
+    return [make() for _ in range(count)]
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
-    """Median time of ``fn`` in milliseconds (triton's do_bench on CUDA, repeated timing on CPU)."""
+def _median_ms(fns: Sequence[Callable[[], object]], device: torch.device, min_time: float) -> float:
+    """Median time of a call in milliseconds, taking turns over ``fns`` (triton's do_bench of the
+    first on CUDA, repeated timing on CPU)."""
     if device.type == "cuda":
         from triton.testing import do_bench, do_bench_cudagraph
 
         if CUDA_GRAPHS:
-            return float(do_bench_cudagraph(fn, rep=max(100, int(min_time * 1000)), return_mode="median"))
-        return float(do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median"))
-    fn()
+            return float(do_bench_cudagraph(fns[0], rep=max(100, int(min_time * 1000)), return_mode="median"))
+        return float(do_bench(fns[0], warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median"))
+    for fn in fns:  # first calls: a layer may prepare itself
+        fn()
     samples: list[float] = []
     deadline = time.perf_counter() + min_time
-    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
-        if FLUSH_BYTES:
-            _flush_caches()
+    while len(samples) < max(5, len(fns)) or (time.perf_counter() < deadline and len(samples) < max(200, len(fns))):
+        fn = fns[len(samples) % len(fns)]
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -98,74 +100,87 @@ def _shape_rows(
     packed, state = F4.quantize_4bit(weight, **options)
     theirs = bnb_functional.quantize_4bit(weight, **options) if bnb_functional is not None else None
 
-    def time_it(fn: Callable[[], object] | None) -> float | None:
-        if fn is None:
+    def time_it(fns: list) -> float | None:
+        if not fns:
             return None
         try:
-            return _median_ms(fn, device, min_time)
+            return _median_ms(fns, device, min_time)
         except RuntimeError as error:  # e.g. a library call that cannot be captured in a CUDA graph
-            print(f"not timed: {getattr(fn, 'func', fn)}: {str(error).splitlines()[0][:100]}")
+            print(f"not timed: {getattr(fns[0], 'func', fns[0])}: {str(error).splitlines()[0][:100]}")
             return None
 
-    copy_ms = time_it(weight.clone)
     dense_bytes = weight.numel() * weight.element_size()
     stored_bytes = sum(t.numel() * t.element_size() for t in (packed, *state.as_dict(packed=True).values()))
+    # each column's weights, copied for COLD_BYTES; a dense copy is also what quantize reads
+    weights = [weight, *_copies(weight.clone, dense_bytes)[1:]]
+    ours = [(packed, state), *_copies(partial(F4.quantize_4bit, weight, **options), stored_bytes)[1:]]
+    theirs_all = []
+    if theirs is not None:
+        theirs_all = [theirs, *_copies(partial(bnb_functional.quantize_4bit, weight, **options), stored_bytes)[1:]]
+    bnb_quantize = bnb_functional.quantize_4bit if theirs else None
     rows = [
         Row(
-            "quantize", shape, name, "-", time_it(partial(F4.quantize_4bit, weight, **options)), copy_ms,
-            time_it(partial(bnb_functional.quantize_4bit, weight, **options) if theirs else None),
+            "quantize", shape, name, "-", time_it([partial(F4.quantize_4bit, w, **options) for w in weights]),
+            time_it([w.clone for w in weights]),
+            time_it([partial(bnb_quantize, w, **options) for w in weights] if bnb_quantize else []),
             dense_bytes + stored_bytes,
         ),
         Row(
-            "dequantize", shape, name, "-", time_it(partial(F4.dequantize_4bit, packed, state)), copy_ms,
-            time_it(partial(bnb_functional.dequantize_4bit, *theirs) if theirs else None),
+            "dequantize", shape, name, "-", time_it([partial(F4.dequantize_4bit, *pair) for pair in ours]),
+            time_it([w.clone for w in weights]),
+            time_it([partial(bnb_functional.dequantize_4bit, *pair) for pair in theirs_all]),
             dense_bytes + stored_bytes,
         ),
     ]  # fmt: skip
-    layers = _layers(weight, options, bnb)
+    layers = {"torch": [_dense_layer(w) for w in weights]}
+    for library, make in _quantized_layers(bnb).items():
+        layers[library] = _copies(partial(make, weight, options), stored_bytes)
     for batch in batches:
         x = torch.randn(batch, k, dtype=dtype, device=device)
         moved = stored_bytes + batch * (n + k) * weight.element_size()
         with torch.inference_mode():
             rows.append(
                 Row(
-                    "matmul_4bit", shape, name, str(batch), time_it(partial(matmul_4bit, x, packed.t(), state)),
-                    time_it(partial(torch.matmul, x, weight.t())),
-                    time_it(partial(bnb.matmul_4bit, x, theirs[0].t(), theirs[1]) if theirs else None), moved,
+                    "matmul_4bit", shape, name, str(batch),
+                    time_it([partial(matmul_4bit, x, p.t(), s) for p, s in ours]),
+                    time_it([partial(torch.matmul, x, w.t()) for w in weights]),
+                    time_it([partial(bnb.matmul_4bit, x, p.t(), s) for p, s in theirs_all]), moved,
                 )
             )  # fmt: skip
             rows.append(
                 Row(
-                    "Linear4bit", shape, name, str(batch), time_it(partial(layers["fourbit"], x)),
-                    time_it(partial(layers["torch"], x)),
-                    time_it(partial(layers["bnb"], x) if "bnb" in layers else None), moved,
+                    "Linear4bit", shape, name, str(batch), time_it([partial(layer, x) for layer in layers["fourbit"]]),
+                    time_it([partial(layer, x) for layer in layers["torch"]]),
+                    time_it([partial(layer, x) for layer in layers.get("bnb", [])]), moved,
                 )
             )  # fmt: skip
     return rows
 
 
-def _layers(weight: torch.Tensor, options: dict, bnb) -> dict[str, torch.nn.Module]:
-    """The dense nn.Linear of ``weight`` and its fourbit (and bitsandbytes) Linear4bit versions."""
-    from ..nn import Linear4bit
-
+def _dense_layer(weight: torch.Tensor) -> torch.nn.Linear:
+    """An inference ``nn.Linear`` holding (a copy of) ``weight``."""
     n, k = weight.shape
     dense = torch.nn.Linear(k, n, bias=False, dtype=weight.dtype, device=weight.device)
     dense.weight.data.copy_(weight)
-    layers: dict[str, torch.nn.Module] = {"torch": dense}
-    settings = dict(
-        bias=False,
-        compute_dtype=weight.dtype,
-        compress_statistics=options["compress_statistics"],
-        quant_type=options["quant_type"],
-    )
-    candidates = [("fourbit", Linear4bit)] + ([("bnb", bnb.nn.Linear4bit)] if bnb is not None else [])
-    for name, cls in candidates:
-        layer = cls(k, n, **settings)
-        layer.load_state_dict(dense.state_dict())
-        layers[name] = layer.to(weight.device)
-    for layer in layers.values():
-        layer.eval()  # inference, as served: bitsandbytes repacks its CPU weight only in eval mode
-    return layers
+    return dense.eval()
+
+
+def _quantized_layers(bnb) -> dict[str, Callable[[torch.Tensor, dict], torch.nn.Module]]:
+    """Makers of fourbit's (and bitsandbytes') ``Linear4bit`` of a dense weight."""
+    from ..nn import Linear4bit
+
+    classes = {"fourbit": Linear4bit, **({"bnb": bnb.nn.Linear4bit} if bnb is not None else {})}
+    return {name: partial(_quantized_layer, cls) for name, cls in classes.items()}
+
+
+def _quantized_layer(cls: type, weight: torch.Tensor, options: dict) -> torch.nn.Module:
+    """``cls(...)`` (a ``Linear4bit``) loaded with ``weight`` and moved to its device, in eval mode
+    (inference, as served: bitsandbytes repacks its CPU weight only in eval mode)."""
+    n, k = weight.shape
+    layer = cls(k, n, bias=False, compute_dtype=weight.dtype, compress_statistics=options["compress_statistics"],
+                quant_type=options["quant_type"])  # fmt: skip
+    layer.load_state_dict({"weight": weight})
+    return layer.to(weight.device).eval()
 
 
 def run(
@@ -292,8 +307,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="MIB",
-        help="CPU: read this many MiB between timed calls (more than the last-level cache), so that every "
-        "column finds its weight in memory, as a model's layers do each token",
+        help="CPU: each column takes turns over copies of its weight filling this many MiB (more than the "
+        "last-level cache), so that every call finds its weight in memory, as a model's layers do each token",
     )
 
 
@@ -305,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Run the benchmark described by parsed options and print its table."""
-    global CUDA_GRAPHS, FLUSH_BYTES
+    global CUDA_GRAPHS, COLD_BYTES
     device = torch.device(args.device)
     if args.cold < 0 or (args.cold and device.type != "cpu"):
         raise SystemExit(
@@ -313,7 +328,7 @@ def run_from_args(args: argparse.Namespace) -> None:
             "triton's do_bench already clears the GPU's L2 before each call"
         )
     CUDA_GRAPHS = args.cuda_graphs
-    FLUSH_BYTES = args.cold << 20
+    COLD_BYTES = args.cold << 20
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.threads is not None:
@@ -336,8 +351,8 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.threads is not None:
         settings += f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     timing = "CUDA graph replays" if CUDA_GRAPHS else "eager calls"
-    if FLUSH_BYTES:
-        timing += f", {args.cold} MiB read before each (weights from memory)"
+    if COLD_BYTES:
+        timing += f", each column taking turns over {args.cold} MiB of weight copies (weights from memory)"
     copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}; {timing}\n")
     if copy_gbps:
