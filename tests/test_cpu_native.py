@@ -62,6 +62,32 @@ def test_dequantize_is_bit_identical_for_every_variant(variant, quant_type, nest
             assert torch.equal(_bits(got), _bits(expected)), (shape, dtype)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_the_widened_decode_gives_the_16_bit_values_as_float32(variant, nested, blocksize):
+    """The many-rows path's decode for a float32 GEMM of 16-bit rows: each range's values rounded
+    to bfloat16 or float16 as the reference decodes them, then widened, bit for bit, for ranges
+    over several runs of a thread, from the weight's start or from a later block."""
+    shape = (96, 4096)  # 24 nested groups of blocksize 64: runs of 16384 elements and a short one
+    packed, arguments = _weight(shape, "nf4", blocksize, nested)
+    arguments["absmax"] = arguments["absmax"].clone()
+    if not nested:
+        arguments["absmax"][3] = float("nan")  # a block of NaN
+    prepared = _prepared(packed, blocksize, shape, arguments)
+    numel = shape[0] * shape[1]
+    for dtype in (torch.bfloat16, torch.float16):
+        expected = reference.dequantize_4bit(packed, blocksize=blocksize, shape=shape, dtype=dtype, **arguments)
+        for first, count in [(0, numel), (blocksize * 3, numel - blocksize * 3), (8192, 3 * 16384 + blocksize)]:
+            if first % blocksize or ((first + count) % blocksize and first + count != numel):
+                continue
+            out = torch.full((count,), 7.0)
+            prepared._dequantize_range_widened(
+                prepared._pointer, first, count, out.data_ptr(), native.dtype_code(dtype), native.isa(), 2
+            )
+            wanted = expected.reshape(-1)[first : first + count].float()
+            assert torch.equal(_bits(out), _bits(wanted)), (dtype, first, count)
+
+
 def test_dequantize_of_nan_and_infinite_statistics_matches_the_reference(variant):
     packed, arguments = _weight((8, 128), "nf4", 64, False)
     arguments["absmax"] = arguments["absmax"].clone()

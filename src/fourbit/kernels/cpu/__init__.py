@@ -129,6 +129,7 @@ class PreparedWeight:
         library = native.library()
         self._linear, self._dequantize = library.fourbit_linear, library.fourbit_dequantize
         self._dequantize_range = library.fourbit_dequantize_range
+        self._dequantize_range_widened = library.fourbit_dequantize_range_widened
 
     def _held(self, tensor: torch.Tensor, source: torch.Tensor) -> int:
         """The address of ``tensor`` (made from the caller's ``source``) as one contiguous array, kept alive."""
@@ -196,8 +197,9 @@ class PreparedWeight:
         each chunk writes its rows of the transposed output and one copy turns it around.
 
         A 16-bit dtype on a CPU without GEMMs of it (``gemm_dtype``): the chunk is decoded in that
-        dtype, as the reference decodes it, widened, and multiplied in float32 with the widened
-        input; the output is rounded to the dtype once."""
+        dtype, as the reference decodes it, and widened to float32 as it is decoded
+        (``fourbit_dequantize_range_widened``), then multiplied in float32 with the widened input;
+        the output is rounded to the dtype once."""
         dtype, gemm = x.dtype, gemm_dtype(x.dtype)
         if bias is not None:
             bias = bias.to(gemm)
@@ -208,8 +210,8 @@ class PreparedWeight:
         unit = blocksize * self.nested_blocksize
         step = unit // math.gcd(k, unit)
         rows_per_chunk = max(step, CHUNK_BYTES // (k * x.element_size()) // step * step)
-        buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=dtype)
-        wide = buffer if gemm == dtype else torch.empty(buffer.shape, dtype=gemm)
+        buffer = torch.empty((min(rows_per_chunk, n_out), k), dtype=gemm)
+        decode = self._dequantize_range if gemm == dtype else self._dequantize_range_widened
         code, isa, threads = native.dtype_code(dtype), native.isa(), torch.get_num_threads()
         by_columns = x.shape[0] >= COLUMN_SLICE_ROWS or rows_per_chunk >= n_out
         if by_columns:
@@ -219,9 +221,7 @@ class PreparedWeight:
         for start in range(0, n_out, rows_per_chunk):
             stop = min(n_out, start + rows_per_chunk)
             weight = buffer[: stop - start]
-            self._dequantize_range(self._pointer, start * k, (stop - start) * k, weight.data_ptr(), code, isa, threads)
-            if wide is not buffer:
-                weight = wide[: stop - start].copy_(weight)
+            decode(self._pointer, start * k, (stop - start) * k, weight.data_ptr(), code, isa, threads)
             if by_columns:
                 left, right, target, part = (
                     x,

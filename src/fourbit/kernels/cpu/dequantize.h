@@ -106,6 +106,28 @@ void dequantize_blocks_portable(const Weight& w, int64_t first_block, int64_t la
       store_value(out, e, w.table[index_at(w.packed, e)] * scales[b - first_block], dtype);
 }
 
+#if FOURBIT_X86
+__attribute__((target("avx2,fma,f16c"))) void widen_avx2(const uint16_t* values, int64_t count, float* out,
+                                                          int32_t dtype) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + i));
+    const __m256 wide = dtype == BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+                                      : _mm256_cvtph_ps(v);
+    _mm256_storeu_ps(out + i, wide);
+  }
+  for (; i < count; ++i) out[i] = load_value(values, i, dtype);
+}
+#endif
+
+// `count` bfloat16 or float16 values (`dtype`) written as float32: exact, every value fits.
+void widen(const uint16_t* values, int64_t count, float* out, int32_t dtype, int32_t isa) {
+#if FOURBIT_X86
+  if (isa >= AVX2) return widen_avx2(values, count, out, dtype);
+#endif
+  for (int64_t i = 0; i < count; ++i) out[i] = load_value(values, i, dtype);
+}
+
 void dequantize_blocks(const Weight& w, int64_t first_block, int64_t last_block, void* out, int32_t dtype,
                        int32_t isa, bool stream) {
 #if FOURBIT_X86

@@ -252,6 +252,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fourbit_dequantize.restype = None
     lib.fourbit_dequantize_range.argtypes = [ctypes.POINTER(Weight), i64, i64, pointer, i32, i32, i32]
     lib.fourbit_dequantize_range.restype = None
+    lib.fourbit_dequantize_range_widened.argtypes = [ctypes.POINTER(Weight), i64, i64, pointer, i32, i32, i32]
+    lib.fourbit_dequantize_range_widened.restype = None
     lib.fourbit_linear.argtypes = [ctypes.POINTER(Weight), i64, i64, pointer, i64, pointer, pointer, i32, i32, i32]
     lib.fourbit_linear.restype = None
     lib.fourbit_quantize.argtypes = [pointer, i32, i64, i64, pointer, pointer, pointer, pointer, i32, i32]
