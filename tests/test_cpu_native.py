@@ -381,9 +381,11 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
 
 def test_the_register_decoding_limit_follows_the_variant_and_dtype():
     """The AVX-512 kernels take more rows than the AVX2 and portable ones before decode + GEMM;
-    bfloat16 only with AVX512-BF16."""
-    assert cpu.AVX512_FUSED_MAX_ROWS > cpu.FUSED_MAX_ROWS
+    bfloat16 only with AVX512-BF16. AVX2 takes more 16-bit rows than float32 ones."""
+    assert cpu.AVX512_FUSED_MAX_ROWS > cpu.AVX2_16_BIT_FUSED_MAX_ROWS > cpu.FUSED_MAX_ROWS
     assert cpu.fused_max_rows(native.ISA_NAMES.index("avx2"), torch.float32) == cpu.FUSED_MAX_ROWS
+    for dtype in (torch.bfloat16, torch.float16):
+        assert cpu.fused_max_rows(native.ISA_NAMES.index("avx2"), dtype) == cpu.AVX2_16_BIT_FUSED_MAX_ROWS
     assert cpu.fused_max_rows(native.ISA_NAMES.index("portable"), torch.float16) == cpu.FUSED_MAX_ROWS
     assert cpu.fused_max_rows(native.AVX512, torch.bfloat16) == cpu.FUSED_MAX_ROWS
     for isa in (native.AVX512, native.AVX512_BF16, native.AMX):
@@ -450,6 +452,32 @@ def test_rows_past_twelve_take_the_register_kernels_where_they_win(monkeypatch, 
     amx = native.isa() == native.AMX and rows >= 4 and torch.get_float32_matmul_precision() != "highest"
     expected = [] if amx or rows <= cpu.fused_max_rows(native.isa(), torch.float32) else [1]
     assert calls == expected
+
+
+@pytest.mark.skipif(_BEST < native.AVX2, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+@pytest.mark.parametrize("rows", [13, 16, 17])
+def test_avx2_decodes_16_bit_rows_in_registers_up_to_its_limit(monkeypatch, dtype, rows):
+    """On AVX2, bfloat16 and float16 products of 13-16 rows take the register kernel, more rows
+    decode + GEMM; both give the reference's product within the output's rounding."""
+    monkeypatch.setenv("FOURBIT_CPU_ISA", "avx2")
+    native.refresh_isa()
+    try:
+        calls = []
+        chunked = cpu.PreparedWeight._chunked
+        monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
+        shape = (48, 512)
+        packed, arguments = _weight(shape, "nf4", 64, True)
+        prepared = _prepared(packed, 64, shape, arguments)
+        weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
+        x = torch.randn(rows, shape[1]).to(dtype)
+        tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2  # the output's rounding
+        truth = x.double() @ weight.double().t()
+        torch.testing.assert_close(prepared.linear(x).double(), truth, rtol=tolerance, atol=tolerance)
+        assert calls == ([] if rows <= cpu.AVX2_16_BIT_FUSED_MAX_ROWS else [1])
+    finally:
+        monkeypatch.undo()
+        native.refresh_isa()
 
 
 @pytest.mark.parametrize("first_block", [0, 3, 256, 300])

@@ -23,6 +23,7 @@ from . import compiled, native
 
 __all__ = [
     "AMX_MAX_ROWS",
+    "AVX2_16_BIT_FUSED_MAX_ROWS",
     "AVX512_FUSED_MAX_ROWS",
     "FUSED_MAX_ROWS",
     "PreparedWeight",
@@ -38,6 +39,10 @@ __all__ = [
 #: the weight go to torch's GEMM, which reuses each weight value across many rows. The AVX2 and
 #: portable kernels take one or two weight rows a pass and keep this limit.
 FUSED_MAX_ROWS = 12
+#: The same for bfloat16 and float16 inputs on AVX2, whose byte-shuffle kernel (product_avx2.h)
+#: beat decode + a float32 GEMM (no 16-bit GEMM there) 1.3-2.2x at 13-14 rows and 1.0-1.35x at 16
+#: (2 AVX2-only Zen 3 cores: 4096x4096, 3584x1024, 1024x3584; docs/performance.md).
+AVX2_16_BIT_FUSED_MAX_ROWS = 16
 #: The same for the AVX-512 kernels, which take several weight rows a pass (bfloat16 inputs only
 #: with AVX512-BF16; without it bfloat16 keeps ``FUSED_MAX_ROWS``). Measured on 2 Zen 4 cores
 #: (4096x4096, 11008x4096, 4096x1024, 1024x1024, float32, bfloat16 and float16; docs/performance.md):
@@ -74,6 +79,8 @@ def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
     """The most input rows the register-decoding product takes for variant ``isa`` and ``dtype``."""
     if isa >= native.AVX512_BF16 or (isa == native.AVX512 and dtype != torch.bfloat16):
         return AVX512_FUSED_MAX_ROWS
+    if isa == native.AVX2 and dtype in (torch.bfloat16, torch.float16):
+        return AVX2_16_BIT_FUSED_MAX_ROWS
     return FUSED_MAX_ROWS
 
 

@@ -53,7 +53,9 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-mat
 OPENMP = ("-fopenmp",)
 NO_AMX = ("-DFOURBIT_NO_AMX",)
 ISA_NAMES = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
-#: The variant with AMX tiles (bfloat16 products of several rows).
+#: The variants by their index in ISA_NAMES (the native library's numbering); AMX: tiles that
+#: multiply bfloat16 products of several rows.
+AVX2 = ISA_NAMES.index("avx2")
 AVX512 = ISA_NAMES.index("avx512")
 AVX512_BF16 = ISA_NAMES.index("avx512_bf16")
 AMX = ISA_NAMES.index("amx")
