@@ -37,11 +37,11 @@ __all__ = [
 
 #: Input rows up to which the product decodes the weight in registers; beyond, decoded chunks of
 #: the weight go to torch's GEMM, which reuses each weight value across many rows. The AVX2 and
-#: portable kernels take one or two weight rows a pass and keep this limit.
+#: portable kernels take one or two weight rows a pass and keep this limit (AVX2 float32 rows).
 FUSED_MAX_ROWS = 12
 #: The same for bfloat16 and float16 inputs on AVX2, whose byte-shuffle kernel (product_avx2.h)
-#: beat decode + a float32 GEMM (no 16-bit GEMM there) 1.3-2.2x at 13-14 rows and 1.0-1.35x at 16
-#: (2 AVX2-only Zen 3 cores: 4096x4096, 3584x1024, 1024x3584; docs/performance.md).
+#: beat decode + a float32 GEMM (no 16-bit GEMM there) 1.2-2.2x at 13-14 rows, and at 16 rows by
+#: up to 1.35x (bfloat16) or evenly (float16) (2 AVX2-only Zen 3 cores; docs/performance.md).
 AVX2_16_BIT_FUSED_MAX_ROWS = 16
 #: The same for the AVX-512 kernels, which take several weight rows a pass (bfloat16 inputs only
 #: with AVX512-BF16; without it bfloat16 keeps ``FUSED_MAX_ROWS``). Measured on 2 Zen 4 cores
