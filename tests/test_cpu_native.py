@@ -435,20 +435,26 @@ def test_16_bit_gemms_are_used_where_onednn_has_them():
     assert cpu.gemm_dtype(torch.float32) == torch.float32
 
 
-@pytest.mark.parametrize("rows", [13, 24, 25])
-def test_rows_past_twelve_take_the_register_kernels_where_they_win(monkeypatch, variant, rows):
-    """Whether a product of ``rows`` rows decodes chunks for the GEMM follows ``fused_max_rows``
-    of the running variant, and both paths give the reference's product."""
+def _product_and_path(monkeypatch, rows, dtype):
+    """A 48x512 product of ``rows`` rows of ``dtype``: its output and the float64 product with the
+    reference's weights, and whether it decoded chunks for a GEMM ([1]) or not ([])."""
     calls = []
     chunked = cpu.PreparedWeight._chunked
     monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
     shape = (48, 512)
     packed, arguments = _weight(shape, "nf4", 64, True)
     prepared = _prepared(packed, 64, shape, arguments)
-    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments)
-    x = torch.randn(rows, shape[1])
-    out = prepared.linear(x)
-    torch.testing.assert_close(out.double(), x.double() @ weight.double().t(), rtol=1e-4, atol=4e-4)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
+    x = torch.randn(rows, shape[1]).to(dtype)
+    return prepared.linear(x).double(), x.double() @ weight.double().t(), calls
+
+
+@pytest.mark.parametrize("rows", [13, 24, 25])
+def test_rows_past_twelve_take_the_register_kernels_where_they_win(monkeypatch, variant, rows):
+    """Whether a product of ``rows`` rows decodes chunks for the GEMM follows ``fused_max_rows``
+    of the running variant, and both paths give the reference's product."""
+    out, truth, calls = _product_and_path(monkeypatch, rows, torch.float32)
+    torch.testing.assert_close(out, truth, rtol=1e-4, atol=4e-4)
     amx = native.isa() == native.AMX and rows >= 4 and torch.get_float32_matmul_precision() != "highest"
     expected = [] if amx or rows <= cpu.fused_max_rows(native.isa(), torch.float32) else [1]
     assert calls == expected
@@ -463,17 +469,9 @@ def test_avx2_decodes_16_bit_rows_in_registers_up_to_its_limit(monkeypatch, dtyp
     monkeypatch.setenv("FOURBIT_CPU_ISA", "avx2")
     native.refresh_isa()
     try:
-        calls = []
-        chunked = cpu.PreparedWeight._chunked
-        monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
-        shape = (48, 512)
-        packed, arguments = _weight(shape, "nf4", 64, True)
-        prepared = _prepared(packed, 64, shape, arguments)
-        weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
-        x = torch.randn(rows, shape[1]).to(dtype)
+        out, truth, calls = _product_and_path(monkeypatch, rows, dtype)
         tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2  # the output's rounding
-        truth = x.double() @ weight.double().t()
-        torch.testing.assert_close(prepared.linear(x).double(), truth, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(out, truth, rtol=tolerance, atol=tolerance)
         assert calls == ([] if rows <= cpu.AVX2_16_BIT_FUSED_MAX_ROWS else [1])
     finally:
         monkeypatch.undo()
