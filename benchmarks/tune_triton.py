@@ -58,12 +58,13 @@ FUSED_CANDIDATES = [
     ("fused", 128, 64, 64, 2, 8, 4, False), ("fused", 64, 64, 64, 1, 4, 4, False),
 ]  # fmt: skip
 
-# ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages): the tensor-core kernel without K splits, for more
-# than 16 rows (BLOCK_M is clipped to the rows)
+# ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K]): the tensor-core kernel with weights
+# scaled before the dot, for more than 16 rows (BLOCK_M is clipped to the rows; SPLIT_K 1 if left out)
 WIDE_CANDIDATES = [
     ("wide", 128, 256, 64, 8, 3), ("wide", 128, 256, 64, 8, 4), ("wide", 128, 256, 64, 8, 2),
     ("wide", 64, 256, 64, 8, 3), ("wide", 64, 256, 64, 8, 4), ("wide", 128, 128, 64, 8, 4),
-    ("wide", 128, 128, 64, 4, 4), ("wide", 256, 128, 64, 8, 3),
+    ("wide", 128, 128, 64, 4, 4), ("wide", 256, 128, 64, 8, 3), ("wide", 128, 256, 64, 8, 3, 2),
+    ("wide", 128, 256, 64, 8, 3, 4), ("wide", 128, 256, 64, 8, 3, 8), ("wide", 128, 128, 64, 4, 3, 8),
 ]  # fmt: skip
 
 # ("fragments", num_warps, SPLIT_K, K_WARPS): the register-fragment kernel, up to 16 rows; SPLIT_K 0 =

@@ -164,6 +164,28 @@ def test_bench_cold_takes_turns_over_copies_of_each_weight(monkeypatch, capsys):
             bench.main(["--device", device, "--cold", cold])
 
 
+def test_copy_bandwidth_is_measured():
+    from fourbit.tools import bench
+
+    assert bench.copy_bandwidth_gbps(torch.device("cpu"), nbytes=1 << 20) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_bench_runs_on_cuda(graphs, capsys):
+    """The CUDA table, eager or replayed as CUDA graphs, with the copy bandwidth it reports."""
+    from fourbit.tools import bench
+
+    arguments = ["--device", "cuda", "--shapes", "256x512", "--dtypes", "bfloat16", "--batches", "1", "64"]
+    try:
+        bench.main([*arguments, "--min-time", "0.01", "--no-bnb", *(["--cuda-graphs"] if graphs else [])])
+    finally:
+        bench.CUDA_GRAPHS = False
+    out = capsys.readouterr().out
+    assert "256x512" in out and "measured copy bandwidth" in out
+    assert ("CUDA graph replays" in out) == graphs
+
+
 # --------------------------------------------------------------------------- bad input
 
 

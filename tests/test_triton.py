@@ -135,22 +135,36 @@ def test_kernel_choice_follows_rows_dtype_and_device():
 
 @pytest.mark.parametrize("processors", [66, 132])
 def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
-    """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles when their
-    programs occupy ``wide_min_coverage`` of the multiprocessors, and decode + cuBLAS otherwise; more
-    rows always decode + cuBLAS. (The kernel's support is forced, so this runs without a GPU.)"""
+    """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles: split K as
+    many times as one wave holds when that fills ``wide_split_fill`` of it with splits of
+    ``wide_split_columns`` columns or more, else unsplit when the programs cover
+    ``wide_min_coverage`` of the multiprocessors; otherwise decode + cuBLAS, as always for more
+    rows. (The kernel's support is forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
     monkeypatch.setattr(dispatch, "processors", lambda device: processors)
     tables = tuning.for_device(torch.device(DEVICE))
     most_fused = tables.fused[-1].max_rows
-    wide = tables.wide
-    enough = math.ceil(tables.wide_min_coverage * processors) * wide.block_n  # weight rows that fill it
+    wide, columns = tables.wide, tables.wide_split_columns
+    covering = math.ceil(tables.wide_min_coverage * processors)  # programs that fill it unsplit
     for rows in (most_fused + 1, tables.wide_rows):
         x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
-        assert dispatch.choose_config(x, enough, 4096, 64) == wide
-        assert dispatch.choose_config(x, enough - wide.block_n, 4096, 64) == "chunked"
-        assert dispatch.choose_config(x, 8 * enough, 4096, 64) == wide
-    assert dispatch.choose_config(torch.zeros(tables.wide_rows + 1, 4096), 8 * enough, 4096, 64) == "chunked"
-    assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * enough, 4096, 64)[0] == "fused"
+
+        def choose(programs: int, k: int, x: torch.Tensor = x) -> tuple | str:
+            return dispatch.choose_config(x, programs * wide.block_n, k, 64)
+
+        assert choose(covering, 4096) == wide
+        assert choose(8 * covering, 64 * columns) == wide  # more than a wave: never split
+        assert choose(covering - 1, 64 * columns) == "chunked"  # two splits would fill 80% of the wave
+        assert choose(16, columns) == "chunked"  # its splits would be too narrow
+        for programs in (4, 32):
+            split = choose(programs, 64 * columns)
+            assert split == wide._replace(split_k=processors // programs), (programs, split)
+            assert tables.wide_split_fill * processors <= programs * split.split_k <= processors
+    assert (
+        dispatch.choose_config(torch.zeros(tables.wide_rows + 1, 4096), 8 * covering * wide.block_n, 4096, 64)
+        == "chunked"
+    )
+    assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * covering * wide.block_n, 4096, 64)[0] == "fused"
 
 
 def test_large_weights_read_many_input_rows_in_fragment_order(monkeypatch):

@@ -36,6 +36,7 @@ TENSOR_CORE_CONFIGS = [
     ("fused", 64, 16, 256, 3, 4, 3, True),
     tuning.HOPPER.wide,
     ("wide", 64, 64, 128, 4, 3),  # two absmax blocks per K tile, input rows beyond one tile
+    ("wide", 128, 256, 64, 8, 3, 4),  # K split four ways
 ]
 
 

@@ -235,7 +235,7 @@ def format_table(rows: Sequence[Row], copy_gbps: float | None = None) -> str:
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
     source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    milliseconds = _median_ms(source.clone, device, 0.5)
+    milliseconds = _median_ms([source.clone], device, 0.5)
     return 2 * nbytes / milliseconds / 1e6
 
 

@@ -30,12 +30,29 @@ def choose_config(
         entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:
             return ("fused", *entry[1:])
-        wide = tables.wide
-        wide_programs = triton.cdiv(n_out, wide.block_n) * triton.cdiv(rows, wide.block_m)
-        if rows <= tables.wide_rows and wide_programs >= tables.wide_min_coverage * processors(x.device):
-            return wide
+        if rows <= tables.wide_rows:
+            return wide_config(tables, rows, n_out, k, processors(x.device))
         return "chunked"
     return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
+
+
+def wide_config(tables: tuning.KernelTables, rows: int, n_out: int, k: int, processors: int) -> tuple | str:
+    """The batch-wide tiles for ``rows`` input rows against an ``n_out x k`` weight. Too few
+    programs for the ``processors`` split K as many times as one wave holds, when that fills
+    ``wide_split_fill`` of it and each split keeps ``wide_split_columns`` columns; unsplit
+    programs run when they cover ``wide_min_coverage``; otherwise ``"chunked"``."""
+    wide = tables.wide
+    programs = triton.cdiv(n_out, wide.block_n) * triton.cdiv(rows, wide.block_m)
+    splits = processors // programs
+    if (
+        splits > 1
+        and programs * splits >= tables.wide_split_fill * processors
+        and k // splits >= tables.wide_split_columns
+    ):
+        return wide._replace(split_k=splits)
+    if programs >= tables.wide_min_coverage * processors:
+        return wide
+    return "chunked"
 
 
 def fused_supported(x: torch.Tensor, k: int, blocksize: int) -> bool:

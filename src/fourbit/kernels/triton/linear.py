@@ -4,12 +4,12 @@ Up to 16 rows of 16-bit input (blocksizes of 64 and more, K a multiple of 256) r
 ``fragments``: ``mma.sync`` with each lane's operand fragment decoded through a shared-memory
 table of code pairs. Up to 64 rows otherwise run a tensor-core kernel that decodes each packed
 word in registers with byte permutes (``byte_permute``), and up to 256 rows run it with
-batch-wide tiles when the weight has rows enough to occupy the GPU; none writes the decoded
-weight out. Other few-row inputs (float32, K not a multiple of the blocksize, the interpreter)
-run a CUDA-core multiply-accumulate kernel with a table lookup. The remaining cases (prefill,
-training, small weights under many rows) decode the weight in chunks of rows with the dequantize
-kernel and hand each chunk to cuBLAS: the extra memory is one chunk, never the whole decoded
-weight.
+batch-wide tiles when the weight has rows enough to occupy the GPU, or columns enough to split
+K until it does; none writes the decoded weight out. Other few-row inputs (float32, K not a
+multiple of the blocksize, the interpreter) run a CUDA-core multiply-accumulate kernel with a
+table lookup. The remaining cases (prefill, training, small weights under many rows) decode the
+weight in chunks of rows with the dequantize kernel and hand each chunk to cuBLAS: the extra
+memory is one chunk, never the whole decoded weight.
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def linear_4bit(
     A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
     (``dispatch.fragments_supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
     num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
-    only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages)`` tuple the same kernel
-    without K splits (``KernelTables.wide``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
+    only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K])`` tuple the
+    same kernel with weights scaled before the dot and SPLIT_K K splits (default 1; fewer where a
+    split would keep under 8 K tiles; ``tuning.WideConfig``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
     tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
     nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
@@ -220,8 +221,9 @@ class PreparedWeight:
         if isinstance(config, tuple) and config[0] == "fused":
             return self._fused(x, bias is not None, config[1:])
         if isinstance(config, tuple) and config[0] == "wide":
-            block_n, block_m, block_k, warps, stages = config[1:]
-            return self._fused(x, bias is not None, (block_n, block_m, block_k, 1, warps, stages, True), cover=False)
+            block_n, block_m, block_k, warps, stages, splits = (*config[1:], 1)[:6]
+            config = (block_n, block_m, block_k, splits, warps, stages, True)
+            return self._fused(x, bias is not None, config, cover=False)
         if config == "chunked":
             return None
         return self._gemv(x, bias is not None, config)
@@ -247,7 +249,7 @@ class PreparedWeight:
         )  # fmt: skip
 
     def _fused(self, x: torch.Tensor, has_bias: bool, config: Sequence, cover: bool = True) -> ProductLaunch:
-        """The tensor-core kernel; with ``cover``, K splits are added (``_covering_splits``) beyond
+        """The tensor-core kernel; with ``cover``, K splits are added (``dispatch.covering_splits``) beyond
         the configured ones until the programs cover the multiprocessors twice."""
         block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
         m, n_out, k = x.shape[0], self.n_out, self.k

@@ -64,7 +64,8 @@ class FusedConfig(NamedTuple):
 
 class WideConfig(NamedTuple):
     """The tensor-core kernel with batch-wide tiles: one program per ``block_n`` weight rows and
-    ``block_m`` input rows, no K split, weights scaled before the dot."""
+    ``block_m`` input rows (and K split), weights scaled before the dot. The tables keep
+    ``split_k`` 1; ``dispatch.choose_config`` splits K for weights with too few rows."""
 
     kind: str
     block_n: int
@@ -72,6 +73,7 @@ class WideConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
 class FragmentConfig(NamedTuple):
@@ -119,7 +121,11 @@ class KernelTables(NamedTuple):
     run ``wide`` when its programs number at least ``wide_min_coverage`` of the
     multiprocessors (one program fills a multiprocessor, so the path pays only for weights with
     enough rows: on an H100 it beat decode + cuBLAS 1.2-2x from 8192 weight rows up and lost at
-    4096), otherwise decode + cuBLAS."""
+    4096). Programs too few for one wave split K as many times as the wave holds, when that
+    fills ``wide_split_fill`` of it and each split keeps at least ``wide_split_columns`` columns
+    (on an H200, 96-256 rows of 4096x14336, 5120x13824 and 8192x28672 ran 1.2-1.6x faster so
+    than unsplit or by decode + cuBLAS; splits of 1024-2048 columns, or filling 73% of the wave,
+    lost at 256 rows); otherwise decode + cuBLAS."""
 
     tuned_on: str
     gemv: tuple[GemvConfig, ...]
@@ -127,6 +133,8 @@ class KernelTables(NamedTuple):
     wide: WideConfig
     wide_rows: int
     wide_min_coverage: float
+    wide_split_columns: int
+    wide_split_fill: float
     fragments: tuple[FragmentConfig, ...]
     quantize: QuantizeConfig
     fragment_permute: tuple[PermuteRule, ...] = ()
@@ -149,6 +157,8 @@ HOPPER = KernelTables(
     wide=WideConfig("wide", 128, 256, 64, 8, 3),
     wide_rows=256,
     wide_min_coverage=0.4,
+    wide_split_columns=2560,
+    wide_split_fill=0.85,
     fragments=(FragmentConfig(16, 4, 0),),
     quantize=QuantizeConfig(tile_elements=4096, warps=8, programs_per_sm=4),
 )
