@@ -14,11 +14,18 @@ from .common import INTERPRETED
 
 
 def choose_config(
-    x: torch.Tensor, n_out: int, k: int, blocksize: int, packed: torch.Tensor | None = None
+    x: torch.Tensor,
+    n_out: int,
+    k: int,
+    blocksize: int,
+    packed: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> tuple | str:
     """The kernel and tile configuration for input rows ``x`` (2-d) against an ``n_out x k``
     weight (packed in ``packed``, when given), from the device's ``tuning.KernelTables``: a
-    ``fragments``, ``fused`` or ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``."""
+    ``fragments``, ``fused`` or ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``.
+    With ``deterministic`` the batch-wide tiles never split K (``linear.PreparedWeight._prepare``
+    keeps the other kernels' automatic splits within their programs)."""
     rows = x.shape[0]
     tables = tuning.for_device(x.device)
     if not INTERPRETED and fragments_supported(x, k, blocksize, packed):
@@ -31,21 +38,25 @@ def choose_config(
         if entry:
             return ("fused", *entry[1:])
         if rows <= tables.wide_rows:
-            return wide_config(tables, rows, n_out, k, processors(x.device))
+            return wide_config(tables, rows, n_out, k, processors(x.device), deterministic)
         return "chunked"
     return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
 
 
-def wide_config(tables: tuning.KernelTables, rows: int, n_out: int, k: int, processors: int) -> tuple | str:
+def wide_config(
+    tables: tuning.KernelTables, rows: int, n_out: int, k: int, processors: int, deterministic: bool = False
+) -> tuple | str:
     """The batch-wide tiles for ``rows`` input rows against an ``n_out x k`` weight. Too few
     programs for the ``processors`` split K as many times as one wave holds, when that fills
-    ``wide_split_fill`` of it and each split keeps ``wide_split_columns`` columns; unsplit
-    programs run when they cover ``wide_min_coverage``; otherwise ``"chunked"``."""
+    ``wide_split_fill`` of it and each split keeps ``wide_split_columns`` columns (never when
+    ``deterministic``); unsplit programs run when they cover ``wide_min_coverage``; otherwise
+    ``"chunked"``."""
     wide = tables.wide
     programs = triton.cdiv(n_out, wide.block_n) * triton.cdiv(rows, wide.block_m)
     splits = processors // programs
     if (
-        splits > 1
+        not deterministic
+        and splits > 1
         and programs * splits >= tables.wide_split_fill * processors
         and k // splits >= tables.wide_split_columns
     ):

@@ -39,7 +39,9 @@ def fragment_splits(programs: int, processors: int) -> int:
     return 2 if 3 * processors <= programs <= RESIDENT_PROGRAMS * processors else 1
 
 
-def fragment_parts(row_groups: int, k: int, warps: int, processors: int, k_warps: int = 0) -> tuple[int, int]:
+def fragment_parts(
+    row_groups: int, k: int, warps: int, processors: int, k_warps: int = 0, across_programs: bool = True
+) -> tuple[int, int]:
     """(K warps, K splits) for ``row_groups`` groups of 16 weight rows: the parts of K that a
     program's warps share (summed in the program, through shared memory), and the programs each
     row group is split over (summed across programs: atomics, a counter and the last program's
@@ -51,7 +53,8 @@ def fragment_parts(row_groups: int, k: int, warps: int, processors: int, k_warps
     would take more than four iterations (few rows, long K) is K split across programs instead.
     An H200 at one row took 4096x4096 from 8.0 to 5.5 us and 28672x8192 from 46.9 to 44.8, and
     1024x14336 at 9.6 us shared against 8.1 split (docs/performance.md). ``k_warps`` (non-zero)
-    is kept, unsplit."""
+    is kept, unsplit; without ``across_programs`` K is never split across programs (a fixed order
+    of sums)."""
     if k_warps:
         return k_warps, 1
     splits = fragment_splits(triton.cdiv(row_groups, warps), processors)
@@ -59,6 +62,6 @@ def fragment_parts(row_groups: int, k: int, warps: int, processors: int, k_warps
     iteration = GROUP_STEPS * STEP
     while k_warps > 1 and k < k_warps * iteration:  # each warp takes whole iterations
         k_warps //= 2
-    if triton.cdiv(row_groups * k_warps, warps) < processors and k > k_warps * 4 * iteration:
+    if across_programs and triton.cdiv(row_groups * k_warps, warps) < processors and k > k_warps * 4 * iteration:
         return 1, splits
     return k_warps, 1

@@ -377,13 +377,15 @@ def _fragment_mma_kernel(
             _finish_group(out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES, HAS_BIAS)
 
 
-def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int):
+def fragment_launch(
+    weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int, deterministic: bool = False
+):
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
     like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K),
     (num_warps, SPLIT_K, K_WARPS) or (num_warps, SPLIT_K, K_WARPS, PERMUTED). SPLIT_K 0 lets
-    ``fragment_parts`` choose both (and K_WARPS, when non-zero, is kept); otherwise K_WARPS
-    defaults to 1. PERMUTED (0 or 1) reads the inputs from a copy in fragment order
-    (``fragment_inputs``)."""
+    ``fragment_parts`` choose both (and K_WARPS, when non-zero, is kept; with ``deterministic``
+    it splits K only among a program's warps); otherwise K_WARPS defaults to 1. PERMUTED (0 or 1)
+    reads the inputs from a copy in fragment order (``fragment_inputs``)."""
     warps, split_k, *rest = config
     k_warps = rest[0] if rest else 0
     permuted = bool(rest[1]) if len(rest) > 1 else False
@@ -403,7 +405,7 @@ def fragment_launch(weight, x: torch.Tensor, has_bias: bool, config: tuple[int, 
     stride_xm = x.stride(0) if rows_aligned else k
     tiles = triton.cdiv(m, TILE_ROWS)
     if not split_k:
-        k_warps, split_k = fragment_parts(triton.cdiv(n_out, 16), k, warps, processors, k_warps)
+        k_warps, split_k = fragment_parts(triton.cdiv(n_out, 16), k, warps, processors, k_warps, not deterministic)
     k_warps = k_warps or 1
     programs = triton.cdiv(n_out, 16 * (warps // k_warps))
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))

@@ -163,14 +163,17 @@ class PreparedWeight:
 
     def linear(self, A: torch.Tensor, bias: torch.Tensor | None = None, config: Sequence | str | None = None):
         """``A @ W.T + bias`` in A's dtype (``bias`` already in A's dtype)."""
+        deterministic = torch.are_deterministic_algorithms_enabled()
         if config is None:
-            # everything Triton specializes on that can differ between calls
+            # everything Triton specializes on that can differ between calls, and the choice of
+            # products that sum partial products across programs (whose order varies)
             key = (
                 A.shape,
                 A.stride(),
                 A.dtype,
                 A.data_ptr() % 16,
                 None if bias is None else (bias.dtype, bias.data_ptr() % 16),
+                deterministic,
             )
             launch = self._launches.get(key)
             if launch is CHUNKED:
@@ -184,7 +187,11 @@ class PreparedWeight:
         m = x.shape[0]
         if not (m and n_out):
             return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
-        launch = self._prepare(x, bias, config or dispatch.choose_config(x, n_out, k, self.blocksize, self.packed))
+        if config is None:
+            chosen = dispatch.choose_config(x, n_out, k, self.blocksize, self.packed, deterministic)
+            launch = self._prepare(x, bias, chosen, deterministic)
+        else:
+            launch = self._prepare(x, bias, config)
         if launch is None:
             if config is None:  # later calls like this one go straight to the chunks
                 self._remember(key, CHUNKED)
@@ -214,11 +221,18 @@ class PreparedWeight:
             )  # fmt: skip
         return decode()
 
-    def _prepare(self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str) -> ProductLaunch | None:
-        """The launch of ``config`` for inputs like ``x`` (None for the chunked path)."""
+    def _prepare(
+        self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str, deterministic: bool = False
+    ) -> ProductLaunch | None:
+        """The launch of ``config`` for inputs like ``x`` (None for the chunked path). With
+        ``deterministic``, automatic K splits stay within a program (the same sums in the same
+        order on every call): none across programs, whose partial sums meet by atomics."""
         if isinstance(config, tuple) and config[0] == "fragments":
-            return fragments.fragment_launch(self, x, bias is not None, config[1:], dispatch.processors(x.device))
+            processors = dispatch.processors(x.device)
+            return fragments.fragment_launch(self, x, bias is not None, config[1:], processors, deterministic)
         if isinstance(config, tuple) and config[0] == "fused":
+            if deterministic:
+                return self._fused(x, bias is not None, (*config[1:4], 1, *config[5:]), cover=False)
             return self._fused(x, bias is not None, config[1:])
         if isinstance(config, tuple) and config[0] == "wide":
             block_n, block_m, block_k, warps, stages, splits = (*config[1:], 1)[:6]
@@ -226,10 +240,11 @@ class PreparedWeight:
             return self._fused(x, bias is not None, config, cover=False)
         if config == "chunked":
             return None
-        return self._gemv(x, bias is not None, config)
+        return self._gemv(x, bias is not None, config, deterministic)
 
-    def _gemv(self, x: torch.Tensor, has_bias: bool, config: Sequence) -> ProductLaunch:
-        """The CUDA-core multiply-accumulate kernel (a ``KernelTables.gemv`` entry ``config``)."""
+    def _gemv(self, x: torch.Tensor, has_bias: bool, config: Sequence, deterministic: bool = False) -> ProductLaunch:
+        """The CUDA-core multiply-accumulate kernel (a ``KernelTables.gemv`` entry ``config``;
+        its automatic K split is one split with ``deterministic``)."""
         m, n_out, k, blocksize = x.shape[0], self.n_out, self.k, self.blocksize
         rows, block_n, block_k, split_k, num_warps, lookup_mode = config
         if lookup_mode not in ("half", "gather"):
@@ -237,7 +252,7 @@ class PreparedWeight:
         words = k % 8 == 0 and k % blocksize == 0  # always so for a tiled weight
         block_k = max(16, min(block_k, triton.next_power_of_2(k)))
         kernel = gemv_words_kernel if words else gemv_any_kernel
-        split_k = split_k or dispatch.split_k(n_out, k, block_n, block_k, x.device)
+        split_k = split_k or (1 if deterministic else dispatch.split_k(n_out, k, block_n, block_k, x.device))
         # float32 inputs keep float32 codes: their products promise float32 accuracy
         half = lookup_mode == "half" and x.dtype != torch.float32
         grid = (triton.cdiv(n_out, block_n), split_k)
