@@ -1,6 +1,6 @@
 """The end-to-end benchmarks run as documented, at the smallest sizes: each prints its table with
-a number in fourbit's cell. (Their timings mean nothing here; a benchmark that stops before its
-table went unnoticed once.)"""
+a number in fourbit's cell. Their timings mean nothing here; what counts is that each runs to its
+table."""
 
 from __future__ import annotations
 
