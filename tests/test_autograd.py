@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, describe_dtype
+from helpers import DTYPES, available_devices, describe_dtype
 
 import fourbit
 import fourbit.functional as F4
@@ -68,6 +68,30 @@ def test_empty_inputs(shape):
     assert out.shape == (*shape[:-1], 40)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=describe_dtype)
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_a_weight_without_columns_gives_the_bias(device, dtype, rows):
+    """K = 0 is an empty sum: every product path (few rows, many rows, the op, the layer) gives the
+    bias, as ``F.linear`` does, and gradients of the right shapes (the CPU kernels divided by K)."""
+    layer = fourbit.nn.Linear4bit(0, 8, compute_dtype=dtype, quant_type="nf4").to(device)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(8.0))
+    x = torch.randn(rows, 0, dtype=dtype, device=device, requires_grad=True)
+    expected = torch.arange(8.0, device=device).to(dtype).expand(rows, 8)
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad.shape == (rows, 0) and layer.bias.grad.tolist() == [float(rows)] * 8
+    state = layer.weight.quant_state
+    with torch.no_grad():
+        functional = fourbit.matmul_4bit(x.detach(), layer.weight.t(), state, bias=layer.bias)
+        compiled = torch.compile(lambda a: fourbit.matmul_4bit(a, layer.weight.t(), state, bias=layer.bias))
+        through_op = compiled(x.detach())
+    torch.testing.assert_close(functional, expected, rtol=0, atol=0)
+    torch.testing.assert_close(through_op, expected, rtol=0, atol=0)
 
 
 def test_out_argument_and_missing_state():

@@ -77,6 +77,18 @@ def test_linear_handles_leading_dimensions_and_empty_inputs():
     )
 
 
+@pytest.mark.parametrize("rows", [1, 300])
+def test_a_weight_without_columns_gives_the_bias(rows):
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(24, 0, device=DEVICE), code, 64, torch.uint8)
+    x = torch.randn(rows, 0, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(24, device=DEVICE).bfloat16()
+    out = kernels.linear_4bit(x, packed, absmax, code, 64, (24, 0), bias)
+    assert torch.equal(out, bias.expand(rows, 24))
+    zeros = torch.zeros(rows, 24, dtype=x.dtype, device=DEVICE)
+    assert torch.equal(kernels.linear_4bit(x, packed, absmax, code, 64, (24, 0)), zeros)
+
+
 @pytest.mark.parametrize(
     "config",
     [

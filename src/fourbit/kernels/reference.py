@@ -170,3 +170,10 @@ def linear_4bit(
         packed, absmax, code, blocksize, shape, A.dtype, nested_absmax, nested_code, nested_offset, nested_blocksize
     )
     return F.linear(A, weight, bias)
+
+
+def product_without_columns(A: torch.Tensor, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``A @ W.T + bias`` for a weight of ``n_out`` rows and no columns: the bias, or zeros, in A's
+    dtype, as ``F.linear`` gives. Kernels that size their work by K take this instead."""
+    out = A.new_zeros((*A.shape[:-1], n_out))
+    return out if bias is None else out + bias.to(A.dtype)

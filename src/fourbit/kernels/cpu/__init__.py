@@ -168,6 +168,8 @@ class PreparedWeight:
             return compiled.linear_4bit(A, *self.arguments, bias, *(self.nested or ()))
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
+        if self.k == 0:  # the kernels size their prefetches and chunks by K
+            return reference.product_without_columns(A, self.n_out, bias)
         shape = A.shape
         # a contiguous input as it is (its rows are prod(shape[:-1])): right after a kernel has
         # streamed the weight through the caches, every torch call runs cold, a reshape's view

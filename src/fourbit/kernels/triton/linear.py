@@ -23,6 +23,7 @@ import triton
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from ...layout import TILE_ROWS
+from .. import reference
 from ..derived import float16_table
 from . import dispatch, fragments
 from .common import nested_arguments
@@ -181,6 +182,8 @@ class PreparedWeight:
             if launch is not None:
                 return launch(A, bias, launch.bind(self) if self._shared else None)
         n_out, k = self.n_out, self.k
+        if not k:  # nothing to launch, and no reshape of A to (-1, 0)
+            return reference.product_without_columns(A, n_out, bias)
         x = A.reshape(-1, k)
         if x.stride(-1) != 1:
             x = x.contiguous()
