@@ -253,3 +253,23 @@ def test_quantize_model_names_layers_that_already_hold_4bit_weights():
     model[1].weight = packed  # a plain Linear holding a quantized parameter
     report = convert.quantize_model(model)
     assert report.converted == ["0"] and report.skipped["1"] == "already holds a 4-bit weight"
+
+
+def test_a_failed_move_to_meta_leaves_the_layer_working():
+    """``Module.to("meta")`` cannot wrap a 4-bit weight in a ``Parameter`` (as in bitsandbytes);
+    the layer's QuantState must not have gone to the meta device on the way. The parameter's own
+    move gives a meta copy of the state."""
+    layer = fourbit.nn.Linear4bit(64, 32, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 64)
+    expected = layer(x)
+    state = layer.weight.quant_state
+    with pytest.raises(RuntimeError, match="Parameter"):
+        layer.to("meta")
+    assert layer.weight.quant_state is state and state.absmax.device.type == "cpu"
+    assert state.state2.absmax.device.type == "cpu"
+    assert torch.equal(layer(x), expected)
+    moved = layer.weight.to("meta")
+    assert moved.device.type == "meta" and moved.quant_state is not state
+    assert moved.quant_state.absmax.device.type == "meta" and moved.quant_state.state2.absmax.device.type == "meta"
+    assert moved.quant_state.shape == state.shape and state.absmax.device.type == "cpu"
+    assert torch.equal(layer(x), expected)

@@ -255,7 +255,9 @@ class Params4bit(torch.nn.Parameter):
         Unquantized: a non-meta device quantizes in place and returns self; otherwise a plain move
         or cast. Quantized: the packed data and QuantState move to the device; a dtype is ignored,
         because casting packed bytes would destroy them (``model.half()`` leaves 4-bit weights
-        intact).
+        intact). To the meta device the QuantState is copied, not moved: the state this parameter
+        and its layer hold keeps its tensors (``Module.to("meta")`` fails, as bitsandbytes' does,
+        when it wraps the result in a ``Parameter``, and leaves the layer as it was).
         """
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         if not self.bnb_quantized:
@@ -267,6 +269,10 @@ class Params4bit(torch.nn.Parameter):
         state = self.quant_state
         if state is None or device is None:
             return self._with_data(super().to(device=device, non_blocking=non_blocking))
+        if device.type == "meta":
+            moved = self._with_data(super().to(device=device))
+            moved.quant_state = copy.deepcopy(state).to(device)
+            return moved
         data = self.data
         if state.tiled and not ops.prefers_tiles(device, state.shape, state.blocksize):
             data = F4.packed_rows(data, state)  # converted where the bytes are, before the copy
