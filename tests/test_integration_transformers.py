@@ -240,6 +240,17 @@ def test_config_dicts_round_trip_and_validate():
         FourbitConfig.from_bitsandbytes({"quant_method": "bitsandbytes", "load_in_8bit": True})
 
 
+def test_skip_modules_takes_one_name_or_a_list_of_names():
+    """A single string is one module name, not its characters (each of which would match
+    nearly every module); anything else than names is refused."""
+    assert FourbitConfig(skip_modules="lm_head").skip_modules == ["lm_head"]
+    assert FourbitConfig(skip_modules=("lm_head", "model.layers.1")).skip_modules == ["lm_head", "model.layers.1"]
+    assert FourbitConfig(skip_modules=[]).skip_modules == [] and FourbitConfig().skip_modules is None
+    for wrong in (3, ["lm_head", 3]):
+        with pytest.raises(TypeError, match="skip_modules"):
+            FourbitConfig(skip_modules=wrong)
+
+
 def test_import_fourbit_imports_no_integration():
     out = run_without_bitsandbytes(
         """

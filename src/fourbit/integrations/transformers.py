@@ -12,7 +12,7 @@ Checkpoints written by transformers + bitsandbytes load through ``from_pretraine
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -71,6 +71,18 @@ def _dtype(value: Any, name: str, allowed: tuple[torch.dtype, ...]) -> torch.dty
     return dtype
 
 
+def _module_names(value: Any) -> list[str] | None:
+    """``skip_modules`` as a list of names: None stays None, and one string is one name (not its
+    characters, each of which would match nearly every module)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable) or not all(isinstance(name, str) for name in value):
+        raise TypeError(f"skip_modules must be a module name or a list of them, got {value!r}")
+    return list(value)
+
+
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -84,7 +96,8 @@ class FourbitConfig(QuantizationConfigMixin):
         compute_dtype: dtype of the products; None takes it from each layer's first input.
         quant_storage: dtype the packed bytes are viewed as (uint8, or a float dtype for FSDP).
         blocksize: 4-bit block size; bitsandbytes reads only 64.
-        skip_modules: module names kept in full precision (a name covers the modules under it).
+        skip_modules: module names kept in full precision (a name covers the modules under it; one
+            string is one name).
             None keeps the output head and tied weights; a list replaces that default, as
             bitsandbytes' ``llm_int8_skip_modules`` does (name the head too to keep it).
         serialize_as: "fourbit" writes ``quant_method: fourbit`` to config.json (reloads with
@@ -99,7 +112,7 @@ class FourbitConfig(QuantizationConfigMixin):
         compute_dtype: torch.dtype | str | None = None,
         quant_storage: torch.dtype | str = torch.uint8,
         blocksize: int = DEFAULT_BLOCKSIZE,
-        skip_modules: list[str] | None = None,
+        skip_modules: list[str] | str | None = None,
         serialize_as: str = "fourbit",
         **kwargs: Any,
     ) -> None:
@@ -112,7 +125,7 @@ class FourbitConfig(QuantizationConfigMixin):
         self.compute_dtype = _dtype(compute_dtype, "compute_dtype", FLOAT_DTYPES)
         self.quant_storage = _dtype(quant_storage, "quant_storage", QUANT_STORAGE_DTYPES)
         self.blocksize = blocksize
-        self.skip_modules = None if skip_modules is None else [str(name) for name in skip_modules]
+        self.skip_modules = _module_names(skip_modules)
         self.serialize_as = serialize_as
         check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=self.quant_storage)
         if serialize_as not in _SERIALIZE_AS:
