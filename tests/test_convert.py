@@ -51,6 +51,8 @@ def test_matches_whole_names_and_trailing_parts():
     assert convert.matches("blocks.1.up", ["blocks.1.*"])
     assert not convert.matches("model.lm_head_extra", ["lm_head"])
     assert not convert.matches("blocks.1.up", [])
+    assert convert.matches("model.lm_head", "lm_head")  # one string is one pattern, not its characters
+    assert not convert.matches("l", "lm_head")
 
 
 def test_quantize_model_replaces_linears_and_reports():
@@ -261,7 +263,8 @@ def test_quantize_checkpoint_refuses_bad_input_before_writing(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"'blocks.0.extra' has dtype torch.float64"):
         convert.quantize_checkpoint(source, destination, progress=False)
     assert not destination.exists()
-    convert.quantize_checkpoint(source, destination, skip=("extra",), progress=False)
+    reports = convert.quantize_checkpoint(source, destination, skip="extra", progress=False)
+    assert not next(report for report in reports if report.name == "blocks.0.extra").quantized
     with pytest.raises(checkpoint.CheckpointError, match="exists"):
         convert.quantize_checkpoint(source, destination, progress=False)
     with pytest.raises(ValueError, match="quant_type"):

@@ -24,13 +24,15 @@ from .validation import check_settings
 __all__ = ["DEFAULT_CHECKPOINT_SKIP", "TensorReport", "matches", "progress_bar", "quantize_checkpoint"]
 
 
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """Whether a module or tensor name matches any pattern.
+def matches(name: str, patterns: Iterable[str] | str) -> bool:
+    """Whether a module or tensor name matches any pattern (one string is one pattern).
 
     A pattern is a shell-style glob (``*``, ``?``, ``[...]``) matched against the whole dotted name
     or against any trailing part of it, so ``"lm_head"`` matches ``"model.lm_head"`` and
     ``"*attention*"`` matches ``"encoder.layer.0.attention.self.query"``.
     """
+    if isinstance(patterns, str):
+        patterns = (patterns,)
     parts = name.split(".")
     suffixes = [".".join(parts[i:]) for i in range(len(parts))]
     return any(fnmatchcase(suffix, pattern) for pattern in patterns for suffix in suffixes)
@@ -105,7 +107,7 @@ def quantize_checkpoint(
     quant_type: str = "nf4",
     blocksize: int = DEFAULT_BLOCKSIZE,
     compress_statistics: bool = True,
-    skip: Sequence[str] = DEFAULT_CHECKPOINT_SKIP,
+    skip: Sequence[str] | str = DEFAULT_CHECKPOINT_SKIP,
     quant_storage: torch.dtype = torch.uint8,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
