@@ -57,6 +57,15 @@ def test_writer_leaves_nothing_behind_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_writer_names_a_path_it_cannot_write_before_reading_any_tensor(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="is a directory"):
+        checkpoint.save_state_dict({"a": torch.ones(2)}, tmp_path / "folder")
+    with pytest.raises(checkpoint.CheckpointError, match="no such directory"):
+        checkpoint.save_state_dict({"a": torch.ones(2)}, tmp_path / "missing" / "out.safetensors")
+    assert [path.name for path in tmp_path.iterdir()] == ["folder"] and not any((tmp_path / "folder").iterdir())
+
+
 def test_writer_rejects_bad_tensors(tmp_path):
     writer = checkpoint.SafetensorsWriter(tmp_path / "out.safetensors")
     writer.add("a", torch.ones(2))

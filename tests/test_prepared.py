@@ -211,6 +211,16 @@ def test_an_input_on_another_device_than_the_weight_is_refused_with_a_clear_erro
 
 
 @pytest.mark.parametrize("device", devices())
+def test_a_bias_of_the_wrong_length_is_refused_before_a_kernel_reads_it(device):
+    """The prepared kernels read out_features bias values wherever the bias lies."""
+    layer = _layer(device)
+    layer.bias.data = torch.randn(5, device=device)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"bias must have shape \(96,\), got \(5,\)"):
+            layer(torch.randn(2, 256, device=device, requires_grad=grad))
+
+
+@pytest.mark.parametrize("device", devices())
 def test_weights_quantized_in_inference_mode_work_in_and_out_of_it(device):
     """Inference tensors have no version counter; a prepared product keyed on one must not need it."""
     x = torch.randn(2, 96, device=device)

@@ -103,6 +103,10 @@ class SafetensorsWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise TypeError("safetensors metadata must map str to str")
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a directory: name the file to write")
+        if not self.path.parent.is_dir():
+            raise CheckpointError(f"{self.path.parent}: no such directory")
         self._entries: dict[str, dict[str, Any]] = {}
         self._offset = 0
         self._spool = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in close/abort)

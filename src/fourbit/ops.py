@@ -346,6 +346,7 @@ class PreparedLinear:
     ) -> None:
         self.packed = packed
         self.device = packed.device
+        self.bias_shape = (shape[0],)
         self.arguments = dict(
             absmax=absmax, code=code, blocksize=blocksize, shape=list(shape), **nested_op_arguments(nested), tiled=tiled
         )
@@ -362,6 +363,8 @@ class PreparedLinear:
         if A.device != self.device or (bias is not None and bias.device != self.device):
             where = f"the input is on {A.device}" + (f", the bias on {bias.device}" if bias is not None else "")
             raise ValueError(f"{where}, but the 4-bit weight is on {self.device}: move them to one device")
+        if bias is not None and bias.shape != self.bias_shape:  # the kernels read bias_shape[0] values
+            raise ValueError(f"bias must have shape {self.bias_shape}, got {tuple(bias.shape)}")
         if self.kernel is not None:
             route = _eager_route(A, bias)
             if route == _DIRECT:
