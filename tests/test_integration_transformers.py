@@ -241,8 +241,8 @@ def test_config_dicts_round_trip_and_validate():
 
 
 def test_skip_modules_takes_one_name_or_a_list_of_names():
-    """A single string is one module name, not its characters (each of which would match
-    nearly every module); anything else than names is refused."""
+    """A single string is one module name, not its characters (which name no module, so the one
+    meant was quantized); anything but names is refused."""
     assert FourbitConfig(skip_modules="lm_head").skip_modules == ["lm_head"]
     assert FourbitConfig(skip_modules=("lm_head", "model.layers.1")).skip_modules == ["lm_head", "model.layers.1"]
     assert FourbitConfig(skip_modules=[]).skip_modules == [] and FourbitConfig().skip_modules is None

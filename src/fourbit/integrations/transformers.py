@@ -73,7 +73,7 @@ def _dtype(value: Any, name: str, allowed: tuple[torch.dtype, ...]) -> torch.dty
 
 def _module_names(value: Any) -> list[str] | None:
     """``skip_modules`` as a list of names: None stays None, and one string is one name (not its
-    characters, each of which would match nearly every module)."""
+    characters, which name no module and would leave the named one quantized)."""
     if value is None:
         return None
     if isinstance(value, str):
