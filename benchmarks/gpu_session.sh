@@ -81,10 +81,12 @@ for stage in $STAGES; do
       "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 2>&1 |
         tee "$OUT/host.md" ;;
     generate)  # end to end: eager and the lean loop, then transformers' compiled decoding
+      # (GENERATE_ARGS, for example "--rounds 4": eager rates spread 80-144 tokens/s between processes of
+      # identical code on an H200's host, so a target needs several rounds)
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes eager lean --warmup 1 --repeats 2 \
-        2>&1 | tee "$OUT/generate.md"
+        ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/generate.md"
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
-        2>&1 | tee "$OUT/generate_compiled.md" ;;
+        ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/generate_compiled.md" ;;
     train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries
       "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 2>&1 | tee "$OUT/train.md" ;;
     *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, train)" >&2; exit 2 ;;
