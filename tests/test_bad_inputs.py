@@ -34,9 +34,9 @@ def weight():
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.bool, torch.uint8, torch.int8])
 def test_unsupported_input_dtype(no_kernel, dtype):
     data = torch.zeros(64, dtype=dtype)
-    with pytest.raises(ValueError, match=f"dtype {str(dtype).removeprefix('torch.')}.*float16, bfloat16, float32"):
+    with pytest.raises(ValueError, match=f"dtype {str(dtype).removeprefix('torch.')}; 4-bit quantization supports"):
         F4.quantize_4bit(data)
-    with pytest.raises(ValueError, match="float16, bfloat16, float32"):
+    with pytest.raises(ValueError, match="8-bit blockwise quantization supports float16, bfloat16, float32"):
         F4.quantize_blockwise(data)
 
 

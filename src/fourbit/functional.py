@@ -102,7 +102,7 @@ def quantize_blockwise(
     centred absmax again. ``out`` and ``absmax``, when given, receive the results (bitsandbytes'
     legacy arguments).
     """
-    check_float_input(A)
+    check_float_input(A, what="8-bit blockwise quantization")
     check_blockwise_blocksize(blocksize)
     if code is None:
         code = _cached_dynamic_map(A.device)

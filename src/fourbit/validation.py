@@ -41,12 +41,10 @@ def check_tensor(value: Any, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def check_float_input(A: Any, name: str = "A") -> None:
+def check_float_input(A: Any, name: str = "A", what: str = "4-bit quantization") -> None:
     check_tensor(A, name)
     if A.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} has dtype {dtype_name(A.dtype)}; 4-bit quantization supports {dtype_names(FLOAT_DTYPES)}"
-        )
+        raise ValueError(f"{name} has dtype {dtype_name(A.dtype)}; {what} supports {dtype_names(FLOAT_DTYPES)}")
 
 
 def check_blocksize(blocksize: Any, allowed: Sequence[int] = BLOCKSIZES, name: str = "blocksize") -> None:
