@@ -13,10 +13,12 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import available_devices as devices
 
 import fourbit
 import fourbit.functional as F4
+import fourbit.ops as ops
 from fourbit.formats import nested_op_arguments
 from fourbit.nn import Linear4bit, Params4bit
 from fourbit.prepared import weight_arguments
@@ -228,10 +230,33 @@ def test_weights_quantized_in_inference_mode_work_in_and_out_of_it(device):
         layer = Linear4bit(96, 48, compute_dtype=torch.float32, quant_type="nf4").to(device)
         packed, state = F4.quantize_4bit(torch.randn(48, 96, device=device), quant_type="nf4")
         inside = layer(x), fourbit.matmul_4bit(x, packed.t(), state), F4.dequantize_4bit(packed, state)
-    with torch.no_grad():  # its parameters are inference tensors: autograd may not save them, as for nn.Linear
+    with torch.no_grad():
         outside = layer(x), fourbit.matmul_4bit(x, packed.t(), state), F4.dequantize_4bit(packed, state)
     for a, b in zip(inside, outside, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("rows", [1, 5])
+def test_weights_quantized_in_inference_mode_train_outside_it(device, rows):
+    """A LoRA step on a base quantized under ``torch.inference_mode`` (as bitsandbytes allows; an
+    ``nn.Linear`` made there refuses): the weight's inference tensors are never saved for backward."""
+    with torch.inference_mode():
+        layer = Linear4bit(96, 48, compute_dtype=torch.float32, quant_type="nf4").to(device)
+    weight = F4.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    through_layer = torch.randn(rows, 96, device=device, requires_grad=True)
+    through_matmul = through_layer.detach().clone().requires_grad_()
+    through_op = through_layer.detach().clone().requires_grad_()
+    prepared = layer._prepared_product(layer.weight)
+    for out in (
+        layer(through_layer),
+        fourbit.matmul_4bit(through_matmul, layer.weight.t(), layer.weight.quant_state, bias=layer.bias),
+        ops.linear_4bit(through_op, prepared.packed, bias=layer.bias, **prepared.arguments),
+    ):
+        out.square().sum().backward()
+    expected = (2 * F.linear(through_layer.detach(), weight, layer.bias)) @ weight
+    for leaf in (through_layer, through_matmul, through_op):
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- Triton launches

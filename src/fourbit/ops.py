@@ -201,17 +201,34 @@ def _(
 linear_4bit = torch.ops.fourbit.linear_4bit
 
 
+def _save_for_backward(ctx: Any, *tensors: Optional[Tensor]) -> None:
+    """Saves the weight's tensors for the backward. Inference tensors (a weight quantized or loaded
+    under ``torch.inference_mode``) cannot be saved; they cannot change outside inference mode
+    either, so they are kept on ``ctx`` without autograd's version check, as bitsandbytes keeps its
+    weight."""
+    if any(tensor is not None and tensor.is_inference() for tensor in tensors):
+        ctx.kept_tensors = tensors
+    else:
+        ctx.save_for_backward(*tensors)
+
+
+def _saved_tensors(ctx: Any) -> tuple[Optional[Tensor], ...]:
+    """What ``_save_for_backward`` kept."""
+    kept = getattr(ctx, "kept_tensors", None)
+    return kept if kept is not None else ctx.saved_tensors
+
+
 def _linear_4bit_setup_context(ctx, inputs, output) -> None:
     _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset = inputs[:10]
     nested_blocksize, tiled = inputs[10:]
-    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
+    _save_for_backward(ctx, packed, absmax, code, nested_absmax, nested_code, nested_offset)
     ctx.blocksize, ctx.shape, ctx.nested_blocksize, ctx.tiled = blocksize, shape, nested_blocksize, tiled
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _linear_4bit_backward(ctx, grad: Tensor):
     """Gradients for A (grad @ W, W dequantized in grad's dtype) and bias; none for the packed weight."""
-    packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    packed, absmax, code, nested_absmax, nested_code, nested_offset = _saved_tensors(ctx)
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = dequantize_4bit(
@@ -305,12 +322,12 @@ class _PreparedProduct(torch.autograd.Function):
         ctx.prepared = prepared
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.pointer = prepared.packed.data_ptr()
-        ctx.save_for_backward(prepared.packed)  # as the op saves it: autograd checks its version
+        _save_for_backward(ctx, prepared.packed)  # as the op saves it: autograd checks its version
         return _recorded("fourbit::linear_4bit", prepared.kernel.linear, A, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
-        (packed,) = ctx.saved_tensors
+        (packed,) = _saved_tensors(ctx)
         grad_A = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad has A's dtype
             prepared = ctx.prepared
