@@ -10,6 +10,7 @@ import fourbit.functional as F4
 import fourbit.ops as ops_module
 from fourbit import layout
 from fourbit.formats import create_dynamic_map, get_4bit_type
+from fourbit.kernels import triton_support
 
 
 def _weight_args(nested: bool, storage: torch.dtype = torch.uint8):
@@ -141,9 +142,9 @@ def test_run_goes_through_the_op_for_fake_tensors_and_gradients():
 
 def test_triton_older_than_the_verified_minimum_is_not_used(monkeypatch):
     monkeypatch.delenv("FOURBIT_DISABLE_TRITON", raising=False)
-    monkeypatch.setattr(ops_module, "triton_version", lambda: (3, 3))
+    monkeypatch.setattr(triton_support, "triton_version", lambda: (3, 3))
     assert not ops_module.triton_enabled()
-    monkeypatch.setattr(ops_module, "triton_version", lambda: ops_module.MIN_TRITON)
+    monkeypatch.setattr(triton_support, "triton_version", lambda: ops_module.MIN_TRITON)
     assert ops_module.triton_enabled()
-    monkeypatch.setattr(ops_module, "triton_version", lambda: None)
+    monkeypatch.setattr(triton_support, "triton_version", lambda: None)
     assert not ops_module.triton_enabled()
