@@ -1,6 +1,7 @@
 """Building the native CPU kernels (fourbit.kernels.cpu.native): compiled once and cached across
-processes, one warning and the fallback when nothing compiles, a toolchain without AMX, the
-switches that turn them off or pick a variant, and what the build hash covers."""
+processes, one warning and the fallback when nothing compiles, a private temporary folder when the
+cache folder cannot be written, a toolchain without AMX, the switches that turn them off or pick a
+variant, and what the build hash covers."""
 
 from __future__ import annotations
 
@@ -48,6 +49,37 @@ def test_a_failing_compiler_warns_once_and_falls_back(tmp_path):
     assert result.stdout.split() == ["False", "None", "True"], result.stderr
     assert result.stderr.count("native CPU kernels could not be built") == 1
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_an_unwritable_cache_folder_builds_in_a_private_temporary_folder(tmp_path):
+    """A read-only home still gets the native kernels: the build goes to <tempdir>/fourbit-<uid>."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # FOURBIT_CACHE_DIR below a file cannot be created
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    report = _REPORT + "print(native.build_info()['path'])\n"
+    result = _python(report, FOURBIT_CACHE_DIR=str(blocker / "cache"), TMPDIR=str(temporary))
+    available, compiled, path = result.stdout.split()
+    assert (available, compiled) == ("True", "True"), result.stderr
+    fallback = temporary / f"fourbit-{os.getuid()}"
+    assert os.path.dirname(path) == str(fallback)
+    assert fallback.stat().st_mode & 0o077 == 0  # private to the user
+    assert result.stderr.count("cannot keep compiled CPU kernels in") == 1
+    assert "could not be built" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_temporary_folder_others_can_write_is_refused(tmp_path):
+    """In a shared temporary directory, a library from a folder anyone can write could be anyone's."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    temporary = tmp_path / "tmp"
+    (temporary / f"fourbit-{os.getuid()}").mkdir(parents=True)
+    (temporary / f"fourbit-{os.getuid()}").chmod(0o777)
+    result = _python(_REPORT, FOURBIT_CACHE_DIR=str(blocker / "cache"), TMPDIR=str(temporary))
+    assert result.stdout.split() == ["False", "None"], result.stderr
+    assert "writable by other users" in result.stderr
+    assert not list(temporary.rglob("*.so"))
 
 
 def test_a_toolchain_without_amx_builds_the_other_variants(tmp_path):

@@ -167,7 +167,7 @@ def build_info() -> dict[str, object]:
 
 def cache_dir() -> Path:
     """Where compiled libraries are kept: ``$FOURBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fourbit``
-    or ``~/.cache/fourbit``."""
+    or ``~/.cache/fourbit``; when that cannot be written, ``<tempdir>/fourbit-<uid>``."""
     root = os.environ.get("FOURBIT_CACHE_DIR")
     if root:
         return Path(root)
@@ -207,12 +207,16 @@ def _load() -> ctypes.CDLL:
     # a compiler without OpenMP still gives single-threaded kernels; an assembler that does not know
     # AMX's instructions, the kernels without them
     variants = [(*openmp, *amx) for openmp in (OPENMP, ()) for amx in ((), NO_AMX)]
+    folder, writable = cache_dir(), None  # a cached library is loaded from wherever it is
     for index, extra in enumerate(variants):
         flags = (*FLAGS, *extra)
         digest = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                              platform.machine().encode()])).hexdigest()[:16]  # fmt: skip
-        path = cache_dir() / f"fourbit_cpu-{digest}.so"
+        path = folder / f"fourbit_cpu-{digest}.so"
         compiled, seconds = False, 0.0
+        if not path.exists():
+            writable = writable or _writable_folder(folder)
+            path = writable / path.name
         if not path.exists():
             start = time.perf_counter()
             error = _compile(compiler, flags, path)
@@ -227,6 +231,41 @@ def _load() -> ctypes.CDLL:
                      openmp=OPENMP[0] in extra)  # fmt: skip
         return lib
     raise AssertionError("unreachable")
+
+
+def _writable_folder(folder: Path) -> Path:
+    """``folder`` when it can be created and written; else a folder of this user's in the system's
+    temporary directory (as inductor falls back to), with one warning naming both. A read-only
+    home directory (containers, cluster nodes) then still gets the native kernels."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+        problem = "not writable"
+    except OSError as error:
+        problem = f"{type(error).__name__}: {error}"
+    fallback = Path(tempfile.gettempdir()) / f"fourbit-{_user_tag()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    if hasattr(os, "getuid"):  # a shared temporary directory: load only from a folder no one else can write
+        status = fallback.stat()
+        if status.st_uid != os.getuid() or status.st_mode & 0o022:
+            raise PermissionError(f"{fallback} is writable by other users; cannot keep compiled kernels there")
+    warnings.warn(
+        f"fourbit: cannot keep compiled CPU kernels in {folder} ({problem}); using {fallback} "
+        "(set FOURBIT_CACHE_DIR to choose)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return fallback
+
+
+def _user_tag() -> str:
+    """This user's id for a folder name: the uid where there is one, else the login name."""
+    if hasattr(os, "getuid"):
+        return str(os.getuid())
+    import getpass
+
+    return getpass.getuser()
 
 
 def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> str | None:
