@@ -1,5 +1,6 @@
 """Building the native CPU kernels (fourbit.kernels.cpu.native): compiled once and cached across
-processes, one warning and the fallback when nothing compiles, a private temporary folder when the
+processes (and built again when the cached file is damaged), one warning and the fallback when
+nothing compiles, a private temporary folder when the
 cache folder cannot be written, a toolchain without AMX, the switches that turn them off or pick a
 variant, and what the build hash covers."""
 
@@ -49,6 +50,17 @@ def test_a_failing_compiler_warns_once_and_falls_back(tmp_path):
     assert result.stdout.split() == ["False", "None", "True"], result.stderr
     assert result.stderr.count("native CPU kernels could not be built") == 1
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    first = _python(_REPORT, FOURBIT_CACHE_DIR=str(tmp_path))
+    assert first.stdout.split() == ["True", "True"], first.stderr
+    (library,) = tmp_path.glob("fourbit_cpu-*.so")
+    library.write_bytes(library.read_bytes()[:4096])  # truncated, as a full disk might leave it
+    second = _python(_REPORT, FOURBIT_CACHE_DIR=str(tmp_path))
+    assert second.stdout.split() == ["True", "True"], second.stderr  # compiled again, and used
+    third = _python(_REPORT, FOURBIT_CACHE_DIR=str(tmp_path))
+    assert third.stdout.split() == ["True", "False"], third.stderr
 
 
 def test_an_unwritable_cache_folder_builds_in_a_private_temporary_folder(tmp_path):

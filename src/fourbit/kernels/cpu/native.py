@@ -18,6 +18,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -214,10 +215,12 @@ def _load() -> ctypes.CDLL:
                                              platform.machine().encode()])).hexdigest()[:16]  # fmt: skip
         path = folder / f"fourbit_cpu-{digest}.so"
         compiled, seconds = False, 0.0
-        if not path.exists():
+        lib = _open(path)
+        if lib is None:
             writable = writable or _writable_folder(folder)
             path = writable / path.name
-        if not path.exists():
+            lib = _open(path)
+        if lib is None:
             start = time.perf_counter()
             error = _compile(compiler, flags, path)
             if error is not None:
@@ -225,12 +228,40 @@ def _load() -> ctypes.CDLL:
                     continue
                 raise RuntimeError(error)
             compiled, seconds = True, time.perf_counter() - start
-        lib = ctypes.CDLL(str(path))
+            lib = ctypes.CDLL(str(path))
         _declare(lib)
         _info.update(path=str(path), compiled=compiled, seconds=seconds, isa=lib.fourbit_cpu_isa(),
                      openmp=OPENMP[0] in extra)  # fmt: skip
         return lib
     raise AssertionError("unreachable")
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    """The cached library at ``path``; None when there is none, or when it is damaged (cut short,
+    or refused by the loader), so that it is built again."""
+    if not path.exists() or not _whole(path):
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        return None
+
+
+def _whole(path: Path) -> bool:
+    """Whether an ELF library holds everything its header promises. The loader maps a file cut
+    short as if whole, and the process dies of SIGBUS where it reads past the end, so that is
+    checked first (the section headers come last); other formats are left to the loader."""
+    with open(path, "rb") as file:
+        header = file.read(64)
+    if header[:4] != b"\x7fELF":
+        return True
+    if len(header) < 52:
+        return False
+    # e_shoff, then e_shentsize and e_shnum: at 40 and 58 in a 64-bit header, 32 and 46 in a 32-bit one
+    order, wide = "<" if header[5] == 1 else ">", header[4] == 2
+    (offset,) = struct.unpack_from(order + ("Q" if wide else "I"), header, 40 if wide else 32)
+    size, count = struct.unpack_from(order + "HH", header, 58 if wide else 46)
+    return offset + size * count <= path.stat().st_size
 
 
 def _writable_folder(folder: Path) -> Path:
