@@ -189,6 +189,27 @@ def test_bench_runs_on_cuda(graphs, capsys):
 # --------------------------------------------------------------------------- bad input
 
 
+def test_quantize_and_inspect_a_sharded_folder(float_checkpoint, tmp_path):
+    tensors = load_file(float_checkpoint)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    names = sorted(tensors)
+    save_file({name: tensors[name] for name in names[:3]}, folder / "model-00001-of-00002.safetensors")
+    save_file({name: tensors[name] for name in names[3:]}, folder / "model-00002-of-00002.safetensors")
+    (folder / "config.json").write_text("{}")
+    out = tmp_path / "nf4"
+    result = fourbit("quantize", folder, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-3].split()[:2] == ["quantized", "2"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    inspected = fourbit("inspect", out)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "4-bit tensors: 2" in inspected.stdout and "other tensors: 4" in inspected.stdout
+
+
 def test_missing_file(tmp_path):
     out = tmp_path / "q.safetensors"
     assert_one_line_error(fourbit("quantize", tmp_path / "absent.safetensors", "-o", out), "no such file")

@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -89,6 +90,13 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: Python has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class SafetensorsWriter:
     """Writes a safetensors file one tensor at a time, never holding more than one in memory.
 
@@ -144,6 +152,7 @@ class SafetensorsWriter:
                 out.write(header)
                 while chunk := self._spool.read(1 << 24):
                     out.write(chunk)
+            os.chmod(partial, 0o666 & ~_umask())  # mkstemp's file is its owner's alone; open()'s is not
             os.replace(partial, self.path)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
@@ -328,22 +337,34 @@ def _read(handle: Any, path: str | os.PathLike, name: str) -> Tensor:
 def describe(path: str | os.PathLike) -> CheckpointDescription:
     """Read a checkpoint's structure: every 4-bit weight's QuantState (validated) and the rest.
 
-    Raises CheckpointError when a 4-bit weight's statistics are corrupt.
+    ``path`` is one file, or a sharded checkpoint (its folder or index, ``checkpoint_files``), whose
+    4-bit weights may keep their statistics in another shard. Raises CheckpointError when a 4-bit
+    weight's statistics are corrupt.
     """
-    with open_file(path) as handle:
-        names = list(handle.keys())
-        metadata = dict(handle.metadata() or {})
+    files = checkpoint_files(path)
+    with ExitStack() as stack:
+        handles = [(stack.enter_context(open_file(file)), file) for file in files]
+        owners = {name: owner for owner in handles for name in owner[0].keys()}  # noqa: SIM118
+
+        def read(name: str) -> Tensor:
+            handle, file = owners[name]
+            return _read(handle, file, name)
+
+        names = list(owners)
+        metadata = dict(handles[0][0].metadata() or {})
         groups = quantized_groups(names)
         grouped = {name for stats in groups.values() for name in stats} | set(groups)
         quantized = []
         for weight, stats in groups.items():
-            packed = _read(handle, path, weight)
-            entries = {name[len(weight) + 1 :]: _read(handle, path, name) for name in stats}
+            packed = read(weight)
+            entries = {name[len(weight) + 1 :]: read(name) for name in stats}
             try:
                 state = QuantState.from_dict(entries, device="cpu")
                 check_4bit_state(packed, state, name="quant_state")  # what loading checks
             except (ValueError, TypeError) as error:
-                raise CheckpointError(f"{path}: corrupt 4-bit statistics for {weight!r}: {error}") from error
+                raise CheckpointError(
+                    f"{owners[weight][1]}: corrupt 4-bit statistics for {weight!r}: {error}"
+                ) from error
             nbytes = sum(t.numel() * t.element_size() for t in (packed, *entries.values()))
             quantized.append(
                 QuantizedTensorInfo(
@@ -360,6 +381,6 @@ def describe(path: str | os.PathLike) -> CheckpointDescription:
         other = []
         for name in names:
             if name not in grouped:
-                tensor = _read(handle, path, name)  # memory-mapped: nothing is read
+                tensor = read(name)  # memory-mapped: nothing is read
                 other.append((name, tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size()))
     return CheckpointDescription(quantized, other, metadata)

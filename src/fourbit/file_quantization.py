@@ -5,13 +5,18 @@ full precision.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
+import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -120,6 +125,10 @@ def quantize_checkpoint(
     written one at a time; the output appears only when complete. Every tensor is checked before
     anything is written. Raises CheckpointError for a missing or corrupt input, an existing output
     (unless ``overwrite``), or a 2-D floating tensor of a dtype 4-bit quantization does not support.
+
+    A sharded checkpoint (a folder of safetensors files, or its ``model.safetensors.index.json``)
+    becomes a folder at ``destination`` holding each shard quantized under its own name, and a new
+    index when the source had one; the checkpoint's other files (config, tokenizer) are not copied.
     """
     check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
     destination = Path(destination)
@@ -127,6 +136,13 @@ def quantize_checkpoint(
         raise checkpoint.CheckpointError(f"{destination} exists (pass --force / overwrite=True to replace it)")
     if not destination.parent.is_dir():
         raise checkpoint.CheckpointError(f"{destination.parent}: no such directory")
+    source = Path(source)
+    if source.is_dir() or source.name.endswith(".json"):
+        settings = dict(quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
+                        skip=skip, quant_storage=quant_storage, device=device, progress=progress)  # fmt: skip
+        return _quantize_shards(source, destination, settings)
+    if destination.is_dir():
+        raise checkpoint.CheckpointError(f"{destination} is a folder: name the file to write")
     with checkpoint.open_file(source) as handle:
         names = list(handle.keys())
         groups = checkpoint.quantized_groups(names)
@@ -170,3 +186,50 @@ def quantize_checkpoint(
                 reports.append(TensorReport(name, tuple(tensor.shape), tensor.dtype, False, nbytes, nbytes))
             advance()
     return reports
+
+
+def _quantize_shards(source: Path, destination: Path, settings: dict[str, Any]) -> list[TensorReport]:
+    """``quantize_checkpoint`` for a sharded checkpoint: every shard into a staging folder beside
+    ``destination``, the index, then the folder renamed into place, so that a failure leaves
+    nothing at ``destination`` (and an output being replaced stays whole until the new one is)."""
+    files = checkpoint.checkpoint_files(source)
+    indexed = source.name.endswith(".json") or (source / checkpoint.SHARD_INDEX_NAME).is_file()
+    if len({file.name for file in files}) < len(files):
+        raise checkpoint.CheckpointError(f"{source}: two shards share a file name")
+    staging = destination.parent / f".{destination.name}-{uuid.uuid4().hex[:12]}.partial"
+    staging.mkdir()  # the mode a plain folder gets (mkdtemp's is its owner's alone)
+    try:
+        reports, weight_map = [], {}
+        for file in files:
+            reports += quantize_checkpoint(file, staging / file.name, **settings)
+            with checkpoint.open_file(staging / file.name) as handle:
+                weight_map.update(dict.fromkeys(handle.keys(), file.name))
+        if indexed:
+            total = sum(report.bytes_after for report in reports)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / checkpoint.SHARD_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        _move_into_place(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return reports
+
+
+def _move_into_place(staging: Path, destination: Path) -> None:
+    """Rename ``staging`` to ``destination``; an existing output is set aside first and removed
+    only once the new one is in place."""
+    if not destination.exists():
+        staging.rename(destination)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{destination.name}-old-", dir=destination.parent)) / destination.name
+    destination.rename(aside)
+    try:
+        staging.rename(destination)
+    except BaseException:
+        aside.rename(destination)
+        raise
+    if aside.is_dir():
+        shutil.rmtree(aside.parent, ignore_errors=True)
+    else:
+        aside.unlink()
+        aside.parent.rmdir()

@@ -155,11 +155,17 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
         description=(
             "Quantize every 2-D floating tensor of a safetensors checkpoint to 4 bits, in bitsandbytes' key "
             "layout. 1-D tensors (biases, norms), non-float tensors and tensors matching --skip are kept as "
-            "they are. Tensors are processed one at a time; the output appears only when complete."
+            "they are. Tensors are processed one at a time; the output appears only when complete. A sharded "
+            "checkpoint (a model folder, or its model.safetensors.index.json) becomes a folder of quantized "
+            "shards with a new index; the folder's other files (config, tokenizer) are not copied."
         ),
     )
-    parser.add_argument("input", help="the checkpoint to quantize (.safetensors)")
-    parser.add_argument("-o", "--output", required=True, help="where to write the quantized checkpoint")
+    parser.add_argument(
+        "input", help="the checkpoint to quantize: a .safetensors file, a folder of them, or their index .json"
+    )
+    parser.add_argument(
+        "-o", "--output", required=True, help="where to write the quantized checkpoint (a folder for a sharded one)"
+    )
     parser.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES, help="4-bit data type (default: nf4)")
     parser.add_argument(
         "--blocksize", type=int, default=DEFAULT_BLOCKSIZE, choices=BLOCKSIZES, help="values per absmax (default: 64)"
@@ -182,7 +188,7 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
         "--quant-storage", default="uint8", choices=list(_STORAGE_DTYPES), help="dtype the packed bytes are stored as"
     )
     parser.add_argument("--device", default="cpu", help="device to quantize on (default: cpu)")
-    parser.add_argument("-f", "--force", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("-f", "--force", action="store_true", help="replace the output if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(handler=_quantize)
 
@@ -196,7 +202,7 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
             "bytes) with totals, and say whether fourbit or another bitsandbytes-format writer made it."
         ),
     )
-    parser.add_argument("checkpoint", help="a .safetensors file")
+    parser.add_argument("checkpoint", help="a .safetensors file, a folder of them, or their index .json")
     parser.add_argument("--all", action="store_true", help="also list the tensors that are not 4-bit")
     parser.set_defaults(handler=_inspect)
 
