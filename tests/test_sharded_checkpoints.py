@@ -88,6 +88,19 @@ def test_an_existing_output_folder_is_replaced_only_when_asked(tmp_path):
     assert _files(tmp_path) == ["float", "nf4"]
 
 
+@pytest.mark.parametrize("target", ["the folder", "its parent"])
+def test_an_output_that_would_delete_the_input_is_refused(tmp_path, target):
+    """Shards are written, not the folder's other files: replacing the input would lose them."""
+    (tmp_path / "models").mkdir()
+    source = _sharded(tmp_path / "models" / "float")
+    (source / "config.json").write_text("{}")
+    out = source if target == "the folder" else source.parent
+    before = _files(source)
+    with pytest.raises(checkpoint.CheckpointError, match="holds the checkpoint being quantized"):
+        quantize_checkpoint(source / INDEX, out, overwrite=True, progress=False)
+    assert _files(source) == before and _files(tmp_path / "models") == ["float"]
+
+
 def test_a_file_cannot_be_written_over_a_folder(tmp_path):
     (tmp_path / "out").mkdir()
     source = tmp_path / "one.safetensors"

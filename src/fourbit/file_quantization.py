@@ -131,13 +131,18 @@ def quantize_checkpoint(
     index when the source had one; the checkpoint's other files (config, tokenizer) are not copied.
     """
     check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
-    destination = Path(destination)
+    source, destination = Path(source), Path(destination)
+    sharded = source.is_dir() or source.name.endswith(".json")
+    if sharded and (source if source.is_dir() else source.parent).resolve().is_relative_to(destination.resolve()):
+        raise checkpoint.CheckpointError(
+            f"{destination} holds the checkpoint being quantized: replacing it would delete the input and the "
+            "folder's other files (config, tokenizer); write the output elsewhere"
+        )
     if destination.exists() and not overwrite:
         raise checkpoint.CheckpointError(f"{destination} exists (pass --force / overwrite=True to replace it)")
     if not destination.parent.is_dir():
         raise checkpoint.CheckpointError(f"{destination.parent}: no such directory")
-    source = Path(source)
-    if source.is_dir() or source.name.endswith(".json"):
+    if sharded:
         settings = dict(quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
                         skip=skip, quant_storage=quant_storage, device=device, progress=progress)  # fmt: skip
         return _quantize_shards(source, destination, settings)

@@ -52,7 +52,7 @@ def format_quantize_summary(reports: Sequence[TensorReport]) -> str:
 
 def _quantize(args: argparse.Namespace) -> int:
     source, destination = Path(args.input), Path(args.output)
-    if source.resolve() == destination.resolve() and not args.force:
+    if source.is_file() and source.resolve() == destination.resolve() and not args.force:
         raise checkpoint.CheckpointError("the output would replace the input (pass --force to allow it)")
     if args.device is not None:
         _check_device(args.device)
