@@ -121,6 +121,15 @@ def test_a_sharded_checkpoint_is_described_whole(tmp_path):
         assert [entry[0] for entry in description.other] == ["bias"]
 
 
+def test_a_sharded_checkpoint_loads_as_one_state_dict(tmp_path):
+    folder = _sharded(tmp_path / "float")
+    expected = {key: value for tensors in SHARDS.values() for key, value in tensors.items()}
+    for given in (folder, folder / INDEX):
+        loaded = checkpoint.load_state_dict(given)
+        assert sorted(loaded) == sorted(expected)
+        assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
 def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     """Checkpoints are shared: not readable by their owner alone, as a temporary file would be."""
     out = tmp_path / "q.safetensors"

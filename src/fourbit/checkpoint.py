@@ -268,12 +268,13 @@ def iter_tensors(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 
 
 def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Load a whole safetensors checkpoint as a state dict (tensors memory-mapped on the CPU).
+    """Load a whole safetensors checkpoint as a state dict (tensors memory-mapped on the CPU): one
+    file, or a sharded checkpoint's files (its folder or index, ``checkpoint_files``).
 
     The result loads with ``Linear4bit.load_state_dict`` / ``fourbit.convert.load_quantized``,
     and (for a file from bitsandbytes or transformers) holds bitsandbytes' keys unchanged.
     """
-    return dict(iter_tensors(path, device))
+    return {name: tensor for file in checkpoint_files(path) for name, tensor in iter_tensors(file, device)}
 
 
 # --------------------------------------------------------------------------- structure
