@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -116,13 +116,27 @@ class MergeError:
         return self.rms / self.weight_rms if self.weight_rms else 0.0
 
 
+class _Unmerged(NamedTuple):
+    """What a first merge replaced in a 4-bit base layer, for an exact unmerge: the packed weight
+    (kept on the CPU, so that merging costs no accelerator memory), the bias, and the merged weight
+    that was put in (an unmerge restores only while that one is still in place)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    merged: Tensor
+
+
 class LoraLinear4bit(LoraLinear):
     """peft's LoRA ``Linear`` around a fourbit ``Linear4bit``.
 
     Forward is peft's. DoRA decodes the base weight with fourbit. ``merge`` dequantizes the base
     weight, adds the adapters (DoRA's scaling included) and quantizes the sum again with the same
-    settings, recording the error in ``merge_error``; ``unmerge`` does the reverse. A base layer
-    that is no longer 4-bit (see ``merge_and_unload(requantize=False)``) merges as peft's ``Linear``.
+    settings, recording the error in ``merge_error``. ``unmerge`` puts back the very weight the
+    first merge replaced (kept on the CPU meanwhile), so that cycles of ``merge_adapter`` and
+    ``unmerge_adapter`` (trl's syncs to vLLM) leave the base weight bit for bit as it was, where
+    subtracting and re-quantizing again would let each cycle's rounding add up; when the weight
+    was replaced since, it subtracts the adapters and re-quantizes. A base layer that is no longer
+    4-bit (see ``merge_and_unload(requantize=False)``) merges as peft's ``Linear``.
     """
 
     merge_error: MergeError | None = None
@@ -159,7 +173,14 @@ class LoraLinear4bit(LoraLinear):
                 bias = bias + self.lora_B[name].bias.detach().float()
         if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
             raise ValueError(f"NaNs or infinities in the merged weights: adapters {names} seem to be broken")
+        replaced = base.weight
+        kept_bias = None if base.bias is None else base.bias.detach().clone()
         self._replace_base(base, weight, bias)
+        if not self.merged_adapters:  # the weight before any merge: moved off its device only now
+            kept = replaced if replaced.device.type == "cpu" else replaced.to("cpu")
+            self.__dict__["_unmerged"] = _Unmerged(kept, kept_bias, base.weight)
+        elif self.__dict__.get("_unmerged") is not None:
+            self.__dict__["_unmerged"] = self._unmerged._replace(merged=base.weight)
         self.merged_adapters.extend(names)
         return None
 
@@ -169,6 +190,17 @@ class LoraLinear4bit(LoraLinear):
             return super().unmerge()
         if not self.merged:
             logger.warning("unmerge: no adapter is merged")
+            return None
+        unmerged = self.__dict__.pop("_unmerged", None)
+        if unmerged is not None and base.weight is unmerged.merged:
+            for name in self.merged_adapters:
+                if name in self.lora_variant:
+                    self._cache_pop(f"{name}-weight_norm")
+            self.merged_adapters.clear()
+            base.weight = unmerged.weight.to(unmerged.merged.device)
+            base.weight.share_state_with_module()
+            if unmerged.bias is not None:
+                base.bias.data = unmerged.bias
             return None
         weight = _dequantized_weight(base).float()
         bias = base.bias.detach().float() if base.bias is not None else None
