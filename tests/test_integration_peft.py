@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import import_transformers, run_without_bitsandbytes, save_tiny_llama
+from helpers import available_devices, import_transformers, run_without_bitsandbytes, save_tiny_llama
 from torch import nn
 
 import_transformers()
@@ -126,6 +126,42 @@ def test_merge_unmerge_cycles_leave_the_base_bit_for_bit(float_checkpoint: str, 
     assert all(torch.equal(after[key], before[key]) for key in before), "the base changed"
     assert torch.equal(_logits(model), adapted)
     assert (merged - adapted).abs().max().item() < 0.5  # merged: one re-quantization away
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = Linear4bit(256, 512, quant_type="nf4", compute_dtype=torch.bfloat16)
+        self.down = Linear4bit(512, 256, quant_type="nf4", compute_dtype=torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(x))
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merge_unmerge_cycles_keep_the_bytes_on_every_device(device: str, use_dora: bool):
+    """On an accelerator the replaced weight waits on the CPU and comes back in the device's
+    layout (tiled on CUDA): the same bytes, the same outputs."""
+    torch.manual_seed(0)
+    model = _TwoLayers().to(device)
+    packed = [model.up.weight.data.clone(), model.down.weight.data.clone()]
+    state = _state(model)
+    config = LoraConfig(r=8, target_modules=["up", "down"], init_lora_weights=False, use_dora=use_dora)
+    adapted = fourbit_peft.get_peft_model(model, fourbit_peft.register_lora(config))
+    x = torch.randn(3, 256, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = adapted(x)
+        for _ in range(2):
+            adapted.merge_adapter()
+            adapted.unmerge_adapter()
+        actual = adapted(x)
+    assert torch.equal(actual, expected)
+    bases = [adapted.base_model.model.up.base_layer, adapted.base_model.model.down.base_layer]
+    for base, before in zip(bases, packed, strict=True):
+        assert base.weight.device.type == device and torch.equal(base.weight.data, before)
+    unloaded = _state(adapted.unload())
+    assert all(torch.equal(unloaded[key], value) for key, value in state.items())
 
 
 def test_an_unmerge_after_the_weight_was_replaced_subtracts_the_adapters(float_checkpoint: str):
