@@ -164,6 +164,16 @@ def test_merge_unmerge_cycles_keep_the_bytes_on_every_device(device: str, use_do
     assert all(torch.equal(unloaded[key], value) for key, value in state.items())
 
 
+def test_merge_and_unload_keeps_no_copy_of_the_replaced_weights(float_checkpoint: str):
+    """The layers are unloaded right after their merge: keeping what they replaced, for an
+    unmerge that cannot come, would hold a second 4-bit model in host memory until the end."""
+    model, _ = _trained(float_checkpoint, use_dora=False, steps=1)
+    adapted = [module for module in model.modules() if isinstance(module, fourbit_peft.LoraLinear4bit)]
+    fourbit_peft.merge_and_unload(model)
+    assert adapted and all(module.merged for module in adapted)
+    assert not [module for module in adapted if "_unmerged" in module.__dict__ or "_keep_unmerged" in module.__dict__]
+
+
 def test_an_unmerge_after_the_weight_was_replaced_subtracts_the_adapters(float_checkpoint: str):
     """A weight replaced while merged (loaded, moved) is not the one the merge put in: the
     adapters are subtracted from it and the difference re-quantized, as before."""

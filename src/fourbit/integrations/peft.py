@@ -176,8 +176,8 @@ class LoraLinear4bit(LoraLinear):
         replaced = base.weight
         kept_bias = None if base.bias is None else base.bias.detach().clone()
         self._replace_base(base, weight, bias)
-        if not self.merged_adapters:  # the weight before any merge: moved off its device only now
-            kept = replaced if replaced.device.type == "cpu" else replaced.to("cpu")
+        if not self.merged_adapters and self.__dict__.get("_keep_unmerged", True):  # the weight before any merge
+            kept = replaced if replaced.device.type == "cpu" else replaced.to("cpu")  # moved only now
             self.__dict__["_unmerged"] = _Unmerged(kept, kept_bias, base.weight)
         elif self.__dict__.get("_unmerged") is not None:
             self.__dict__["_unmerged"] = self._unmerged._replace(merged=base.weight)
@@ -303,7 +303,13 @@ def merge_and_unload(
             base = module.get_base_layer()
             if isinstance(base, Linear4bit):
                 module.base_layer = dequantize_layer(base, dtype)
-    merged = model.merge_and_unload(safe_merge=safe_merge)
+    for module in adapted.values():  # unloaded right after: nothing to unmerge, nothing to keep
+        module.__dict__["_keep_unmerged"] = False
+    try:
+        merged = model.merge_and_unload(safe_merge=safe_merge)
+    finally:
+        for module in adapted.values():
+            module.__dict__.pop("_keep_unmerged", None)
     if requantize:
         report.requantized = {
             name.removeprefix("base_model.model."): module.merge_error
