@@ -137,6 +137,29 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_scales_avx512(co
     i = end;
   }
 }
+
+// block_scales, eight nested scales at a time (a gather from the 256-entry nested table), with the
+// same two roundings.
+__attribute__((target("avx2,fma,f16c"))) void block_scales_avx2(const Weight& w, int64_t first, int64_t count,
+                                                                float* out) {
+  if (w.absmax) {
+    std::memcpy(out, w.absmax + first, count * sizeof(float));
+    return;
+  }
+  const __m256 offset = _mm256_set1_ps(*w.offset);
+  for (int64_t i = 0; i < count;) {
+    const int64_t group = (first + i) / w.nested_blocksize;
+    const int64_t end = std::min(count, (group + 1) * w.nested_blocksize - first);  // this group's last
+    const __m256 scale = _mm256_set1_ps(w.nested_absmax[group]);
+    for (; i + 8 <= end; i += 8) {
+      const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.qabsmax + first + i)));
+      const __m256 decoded = _mm256_i32gather_ps(w.nested_code, codes, 4);
+      _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_mul_ps(decoded, scale), offset));
+    }
+    for (; i < end; ++i) out[i] = block_scale(w, first + i);
+  }
+}
+
 #endif
 
 inline uint32_t bits_of(float f) {

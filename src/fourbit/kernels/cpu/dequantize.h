@@ -81,7 +81,7 @@ __attribute__((target("avx2,fma,f16c"))) void dequantize_blocks_avx2(const Weigh
                                                                       int64_t last_block, void* out, int32_t dtype) {
   const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
   float scales[MAX_RUN];
-  block_scales(w, first_block, last_block - first_block, scales);
+  block_scales_avx2(w, first_block, last_block - first_block, scales);
   for (int64_t b = first_block; b < last_block; ++b) {
     const __m256 scale = _mm256_set1_ps(scales[b - first_block]);
     const __m256 scaled_low = _mm256_mul_ps(low, scale), scaled_high = _mm256_mul_ps(high, scale);

@@ -33,7 +33,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int
   const float* even = x.even.data() + m0 * stride;
   const float* odd = x.odd.data() + m0 * stride;
   float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
-  block_scales(w, first, WEIGHTS * blocks, scales);
+  block_scales_avx2(w, first, WEIGHTS * blocks, scales);
   for (int64_t b = 0; b < blocks; ++b) {
     __m256 scaled_low[WEIGHTS], scaled_high[WEIGHTS];
     for (int i = 0; i < WEIGHTS; ++i) {
@@ -135,7 +135,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2_16(const Weight& w, 
   const uint8_t* bytes = w.packed + first * step;
   const float* inputs = x.grouped.data() + m0 * k;
   float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
-  block_scales(w, first, WEIGHTS * blocks, scales);
+  block_scales_avx2(w, first, WEIGHTS * blocks, scales);
   for (int64_t b = 0; b < blocks; ++b) {
     __m256i low_bytes[WEIGHTS], high_bytes[WEIGHTS];
     for (int i = 0; i < WEIGHTS; ++i) {
