@@ -212,6 +212,27 @@ def test_skip_modules_and_dequantize(tmp_path: Path):
     torch.testing.assert_close(_logits(model), quantized_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_a_head_tied_to_the_embedding_stays_float_when_every_layer_is_asked_for(tmp_path: Path):
+    """skip_modules=[] asks for every Linear layer, but a head tied to the input embedding cannot
+    be 4-bit (transformers ties it to the float embedding after loading, which left a Linear4bit
+    holding a float weight that failed at its first forward): it is kept, with a warning naming
+    it, and the model computes, saves and reloads as the default configuration's does."""
+    path = save_tiny_llama(tmp_path / "float", tie_word_embeddings=True)
+    default = AutoModelForCausalLM.from_pretrained(path, quantization_config=FourbitConfig(), dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"lm_head: its weight is tied to model\.embed_tokens\.weight"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=FourbitConfig(skip_modules=[]), dtype=torch.float32
+        )
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
+    logits = _logits(model)
+    torch.testing.assert_close(logits, _logits(default), rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "nf4")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
+
+
 def test_config_dicts_round_trip_and_validate():
     config = FourbitConfig(quant_type="fp4", compress_statistics=False, compute_dtype="bfloat16", blocksize=128)
     again = FourbitConfig.from_dict(config.to_dict())

@@ -12,6 +12,7 @@ Checkpoints written by transformers + bitsandbytes load through ``from_pretraine
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -99,7 +100,8 @@ class FourbitConfig(QuantizationConfigMixin):
         skip_modules: module names kept in full precision (a name covers the modules under it; one
             string is one name).
             None keeps the output head and tied weights; a list replaces that default, as
-            bitsandbytes' ``llm_int8_skip_modules`` does (name the head too to keep it).
+            bitsandbytes' ``llm_int8_skip_modules`` does (name the head too to keep it), except
+            that a layer tied to another module's weight always stays (with a warning).
         serialize_as: "fourbit" writes ``quant_method: fourbit`` to config.json (reloads with
             fourbit); "bitsandbytes" writes bitsandbytes' 4-bit config, so transformers +
             bitsandbytes reload the saved model too (fourbit does, through ``from_pretrained``).
@@ -247,6 +249,31 @@ class _LoadPrequantized(ConversionOps):
         return {"weight": weight}
 
 
+def _tied_linear_layers(model: nn.Module, keep: list[str]) -> list[str]:
+    """The ``nn.Linear`` layers outside ``keep`` whose weight transformers ties to another module's
+    (an output head sharing the input embedding, tied after loading): a 4-bit layer cannot share a
+    float weight, so they stay in full precision, as ``quantize_model`` keeps tied layers, with a
+    warning that names them."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    partners: dict[str, list[str]] = {}
+    for first, second in tied.items():
+        partners.setdefault(first, []).append(second)
+        partners.setdefault(second, []).append(first)
+    modules = dict(model.named_modules())
+    found = []
+    for key in sorted(partners):
+        name = key.removesuffix(".weight")
+        covered = any(name == kept or name.startswith(f"{kept}.") for kept in keep)
+        if key.endswith(".weight") and isinstance(modules.get(name), nn.Linear) and not covered:
+            found.append(name)
+            warnings.warn(
+                f"{name}: its weight is tied to {', '.join(partners[key])} (tie_word_embeddings), and a "
+                "4-bit layer cannot share a float weight: kept in full precision",
+                stacklevel=3,
+            )
+    return found
+
+
 def _packed_placeholder(weight: Params4bit, module: nn.Module) -> Params4bit:
     """A meta weight shaped and typed as the checkpoint's packed one, so that transformers (before
     5.24) does not cast the packed bytes to the model's dtype on the way in."""
@@ -286,6 +313,7 @@ class FourbitHfQuantizer(HfQuantizer):
         keep = self.get_modules_to_not_convert(
             model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)
         )
+        keep = keep + _tied_linear_layers(model, keep)
         self.modules_to_not_convert = keep
         quantize_model(
             model,
