@@ -195,6 +195,20 @@ def test_forward_input_of_the_wrong_width():
         layer(torch.randn(2, 63))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64], ids=str)
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_input_that_is_not_floating_point_is_an_error(dtype, compute_dtype):
+    """With a compute dtype the input is cast to it and the output back to the input's dtype, which
+    for integer inputs truncated the product to integers without a word (bitsandbytes does); an
+    error now says so, as nn.Linear's does."""
+    _, layer = _quantized_layer()
+    layer.compute_dtype = compute_dtype
+    x = torch.ones(2, 64).to(dtype)
+    with pytest.raises(TypeError, match=f"takes floating-point inputs, got {dtype}"):
+        layer(x)
+    assert layer(x.float()).dtype == torch.float32
+
+
 def test_unquantized_weight_in_forward_is_an_error():
     layer = bnb.nn.Linear4bit(64, 48)
     with pytest.raises(RuntimeError, match="not quantized yet: move the module to a device first"):

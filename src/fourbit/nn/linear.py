@@ -160,6 +160,11 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         # tensor attribute read runs cold (docs/performance.md)
         input_dtype = dtype = x.dtype
         if self.compute_dtype is not None and input_dtype != self.compute_dtype:
+            if not input_dtype.is_floating_point:  # the cast back would truncate the output
+                raise TypeError(
+                    f"{type(self).__name__} takes floating-point inputs, got {input_dtype} "
+                    f"(compute_dtype {self.compute_dtype}), as nn.Linear does"
+                )
             x = x.to(self.compute_dtype)
             dtype = self.compute_dtype
         if bias is not None and bias.dtype != dtype:
