@@ -233,6 +233,45 @@ def test_a_head_tied_to_the_embedding_stays_float_when_every_layer_is_asked_for(
     torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
 
 
+def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_path: Path):
+    """GPT-2's projections are transformers' Conv1D (weights stored as (in, out)); they were left
+    in full precision without a word. They become Linear4bit layers whose state dict is
+    bitsandbytes' byte for byte (it transposes the weight before quantizing, as fourbit does now),
+    and a saved model reloads to the same logits."""
+    bitsandbytes_config = pytest.importorskip("transformers").BitsAndBytesConfig
+    pytest.importorskip("bitsandbytes")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "float")
+    float_path = tmp_path / "float"
+    model = AutoModelForCausalLM.from_pretrained(float_path, quantization_config=FourbitConfig(), dtype=torch.float32)
+    projections = [name for name, module in model.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc"))]
+    assert len(projections) == 8
+    assert all(isinstance(model.get_submodule(name), Linear4bit) for name in projections)
+    assert model.get_submodule("transformer.h.0.mlp.c_fc").weight.quant_state.shape == (256, 64)
+
+    reference = bitsandbytes_config(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(
+        float_path, quantization_config=reference, dtype=torch.float32, device_map="cpu"
+    ).state_dict()
+    ours = model.state_dict()
+    keys = [key for key in ours if key.split(".weight")[0].endswith(("c_attn", "c_proj", "c_fc"))]
+    assert keys and all(torch.equal(ours[key], theirs[key].cpu()) for key in keys)
+
+    logits = _logits(model)
+    float_logits = _logits(AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32))
+    assert (logits - float_logits).norm() / float_logits.norm() < 0.2
+    model.save_pretrained(tmp_path / "nf4")
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")), logits, rtol=0, atol=0)
+
+
 def test_config_dicts_round_trip_and_validate():
     config = FourbitConfig(quant_type="fp4", compress_statistics=False, compute_dtype="bfloat16", blocksize=128)
     again = FourbitConfig.from_dict(config.to_dict())

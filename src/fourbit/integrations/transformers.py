@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..convert import dequantize_model, quantize_model
+from ..file_quantization import matches
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, packed_nbytes
 from ..nn import Linear4bit, Params4bit
 from ..state_dict_layout import STATISTICS_KEYS, packed_state_key
@@ -28,6 +29,7 @@ from ..validation import check_settings
 try:
     from transformers import AutoConfig
     from transformers.core_model_loading import ConversionOps, WeightConverter
+    from transformers.pytorch_utils import Conv1D
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
     from transformers.quantizers.quantizers_utils import get_module_from_name
@@ -211,6 +213,7 @@ class _QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             tensor = value[0] if isinstance(value, list) else value
             module, _ = get_module_from_name(model, name)
+            tensor = _as_linear_weight(module, tensor)
             result[name] = module.weight.unquantized_like(tensor, module=module).to(tensor.device)
             module._is_hf_initialized = True
         return result
@@ -242,11 +245,34 @@ class _LoadPrequantized(ConversionOps):
                     "which hands the float weight over uncast so that it is quantized on load"
                 )
             module._is_hf_initialized = True
+            tensor = _as_linear_weight(module, tensor)
             return {"weight": module.weight.unquantized_like(tensor, module=module).to(tensor.device)}
         packed = tensors.pop("weight")
         weight = Params4bit.from_prequantized(packed, tensors, requires_grad=False, device=packed.device, module=module)
         module._is_hf_initialized = True
         return {"weight": weight}
+
+
+def _conv1d_as_linear(model: nn.Module, skip: list[str]) -> list[str]:
+    """Replace transformers' ``Conv1D`` layers (GPT-2 and its kin: a Linear layer whose weight is
+    stored as (in, out)) outside ``skip`` by ``nn.Linear`` layers on the meta device, for
+    ``quantize_model`` to make 4-bit, as bitsandbytes' integration does; their names, whose float
+    checkpoint weights are transposed on load (``checkpoint_weight_transposed``)."""
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, Conv1D) and not matches(name, skip)
+    ]  # fmt: skip
+    for name in names:
+        conv = model.get_submodule(name)
+        in_features, out_features = conv.weight.shape
+        bias, dtype = conv.bias is not None, conv.weight.dtype
+        model.set_submodule(name, nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype))
+    return names
+
+
+def _as_linear_weight(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A float checkpoint weight in ``nn.Linear``'s (out, in) order: a former ``Conv1D`` stores it transposed."""
+    return tensor.t() if getattr(module, "checkpoint_weight_transposed", False) else tensor
 
 
 def _tied_linear_layers(model: nn.Module, keep: list[str]) -> list[str]:
@@ -315,6 +341,8 @@ class FourbitHfQuantizer(HfQuantizer):
         )
         keep = keep + _tied_linear_layers(model, keep)
         self.modules_to_not_convert = keep
+        skip = [pattern for name in keep for pattern in (name, f"{name}.*")]
+        transposed = _conv1d_as_linear(model, skip)
         quantize_model(
             model,
             quant_type=config.quant_type,
@@ -322,10 +350,12 @@ class FourbitHfQuantizer(HfQuantizer):
             compress_statistics=config.compress_statistics,
             blocksize=config.blocksize,
             quant_storage=config.quant_storage,
-            skip=[pattern for name in keep for pattern in (name, f"{name}.*")],
+            skip=skip,
             device="meta",
             progress=False,
         )
+        for name in transposed:
+            model.get_submodule(name).checkpoint_weight_transposed = True
         if self.pre_quantized:
             for module in model.modules():
                 if isinstance(module, Linear4bit):
