@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import import_transformers, needs_fullgraph, run_without_bitsandbytes, save_tiny_llama
+from helpers import available_devices, import_transformers, needs_fullgraph, run_without_bitsandbytes, save_tiny_llama
 from torch import nn
 
 transformers = import_transformers()
@@ -233,7 +233,8 @@ def test_a_head_tied_to_the_embedding_stays_float_when_every_layer_is_asked_for(
     torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
 
 
-def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_path: Path):
+@pytest.mark.parametrize("device", available_devices())
+def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_path: Path, device: str):
     """GPT-2's projections are transformers' Conv1D (weights stored as (in, out)); they were left
     in full precision without a word. They become Linear4bit layers whose state dict is
     bitsandbytes' byte for byte (it transposes the weight before quantizing, as fourbit does now),
@@ -246,7 +247,9 @@ def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_pat
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "float")
     float_path = tmp_path / "float"
-    model = AutoModelForCausalLM.from_pretrained(float_path, quantization_config=FourbitConfig(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        float_path, quantization_config=FourbitConfig(), dtype=torch.float32, device_map=device
+    )
     projections = [name for name, module in model.named_modules() if name.endswith(("c_attn", "c_proj", "c_fc"))]
     assert len(projections) == 8
     assert all(isinstance(model.get_submodule(name), Linear4bit) for name in projections)
@@ -259,17 +262,18 @@ def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_pat
         bnb_4bit_compute_dtype=torch.float32,
     )
     theirs = AutoModelForCausalLM.from_pretrained(
-        float_path, quantization_config=reference, dtype=torch.float32, device_map="cpu"
+        float_path, quantization_config=reference, dtype=torch.float32, device_map=device
     ).state_dict()
     ours = model.state_dict()
     keys = [key for key in ours if key.split(".weight")[0].endswith(("c_attn", "c_proj", "c_fc"))]
-    assert keys and all(torch.equal(ours[key], theirs[key].cpu()) for key in keys)
+    assert keys and all(torch.equal(ours[key].cpu(), theirs[key].cpu()) for key in keys)
 
     logits = _logits(model)
     float_logits = _logits(AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32))
     assert (logits - float_logits).norm() / float_logits.norm() < 0.2
     model.save_pretrained(tmp_path / "nf4")
-    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")), logits, rtol=0, atol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map=device)
+    torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
 
 
 def test_config_dicts_round_trip_and_validate():
