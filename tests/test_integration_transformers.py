@@ -236,9 +236,10 @@ def test_a_head_tied_to_the_embedding_stays_float_when_every_layer_is_asked_for(
 @pytest.mark.parametrize("device", available_devices())
 def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_path: Path, device: str):
     """GPT-2's projections are transformers' Conv1D (weights stored as (in, out)); they were left
-    in full precision without a word. They become Linear4bit layers whose state dict is
-    bitsandbytes' byte for byte (it transposes the weight before quantizing, as fourbit does now),
-    and a saved model reloads to the same logits."""
+    in full precision without a word, by from_pretrained and by quantize_model. They become
+    Linear4bit layers whose state dict is bitsandbytes' byte for byte (it transposes the weight
+    before quantizing, as fourbit does now), quantize_model gives the same bytes, and a saved
+    model reloads to the same logits."""
     bitsandbytes_config = pytest.importorskip("transformers").BitsAndBytesConfig
     pytest.importorskip("bitsandbytes")
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -269,8 +270,14 @@ def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_pat
     assert keys and all(torch.equal(ours[key].cpu(), theirs[key].cpu()) for key in keys)
 
     logits = _logits(model)
-    float_logits = _logits(AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32))
+    float_model = AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32, device_map=device)
+    float_logits = _logits(float_model)
     assert (logits - float_logits).norm() / float_logits.norm() < 0.2
+    report = quantize_model(float_model)  # the same layers, from the float model in memory
+    assert sorted(report.converted) == sorted(projections)
+    converted = float_model.state_dict()
+    assert all(torch.equal(converted[key].cpu(), ours[key].cpu()) for key in keys)
+    torch.testing.assert_close(_logits(float_model), logits, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "nf4")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map=device)
     torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)

@@ -87,6 +87,13 @@ def _skip_reason(
     return None
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its kin): a Linear layer whose weight is stored as
+    (in, out). Recognized by its class, so that this module does not import transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 def quantize_model(
     model: nn.Module,
     quant_type: str = "nf4",
@@ -98,7 +105,8 @@ def quantize_model(
     quant_storage: torch.dtype = torch.uint8,
     progress: bool | None = None,
 ) -> ConversionReport:
-    """Replace every ``nn.Linear`` of ``model`` by a ``Linear4bit``, in place.
+    """Replace every ``nn.Linear`` of ``model`` by a ``Linear4bit``, in place (transformers'
+    ``Conv1D`` layers too, their (in, out) weights transposed, as bitsandbytes' integration does).
 
     Layers matching a ``skip`` pattern (see ``matches``), projections owned by
     ``nn.MultiheadAttention`` and layers whose weight is tied to another parameter are kept (the
@@ -119,7 +127,8 @@ def quantize_model(
         owners.setdefault(id(parameter), []).append(pname)
     candidates = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not isinstance(module, Linear4bit) and name:
+        linear = isinstance(module, nn.Linear) and not isinstance(module, Linear4bit)
+        if (linear or _is_conv1d(module)) and name:
             reason = _skip_reason(model, name, module, skip, owners)
             if reason is None:
                 candidates.append((name, module))
@@ -141,7 +150,7 @@ def quantize_model(
 
 
 def _to_linear4bit(
-    module: nn.Linear,
+    module: nn.Module,
     quant_type: str,
     compute_dtype: torch.dtype | None,
     compress_statistics: bool,
@@ -149,11 +158,16 @@ def _to_linear4bit(
     quant_storage: torch.dtype,
     device: torch.device | str | None,
 ) -> Linear4bit:
-    """A Linear4bit holding ``module``'s weight (quantized unless on meta) and bias."""
+    """A Linear4bit holding ``module``'s weight (quantized unless on meta) and bias; a ``Conv1D``'s
+    weight is transposed to Linear's (out, in) order."""
     target = torch.device(device) if device is not None else module.weight.device
+    weight = module.weight.detach()
+    if _is_conv1d(module):
+        weight = weight.t()
+    out_features, in_features = weight.shape
     layer = Linear4bit(
-        module.in_features,
-        module.out_features,
+        in_features,
+        out_features,
         bias=module.bias is not None,
         compute_dtype=compute_dtype,
         compress_statistics=compress_statistics,
@@ -163,7 +177,7 @@ def _to_linear4bit(
         blocksize=blocksize,
     )
     weight = Params4bit(
-        module.weight.detach(),
+        weight,
         blocksize=blocksize,
         compress_statistics=compress_statistics,
         quant_type=quant_type,
