@@ -29,6 +29,18 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(IDS.to(model.device)).logits.cpu()
 
 
+def _bitsandbytes_nf4(compute_dtype: torch.dtype):
+    """bitsandbytes' 4-bit config with FourbitConfig's defaults (NF4, nested statistics)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
@@ -147,15 +159,8 @@ def test_bitsandbytes_serialization_reloads_with_transformers_and_bitsandbytes(t
 
 def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path: Path):
     pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
     path = save_tiny_llama(tmp_path / "float", dtype=torch.bfloat16)
-    bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    bnb_config = _bitsandbytes_nf4(torch.bfloat16)
     theirs = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb_config, dtype=torch.bfloat16, device_map="cpu"
     )
@@ -240,7 +245,6 @@ def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_pat
     Linear4bit layers whose state dict is bitsandbytes' byte for byte (it transposes the weight
     before quantizing, as fourbit does now), quantize_model gives the same bytes, and a saved
     model reloads to the same logits."""
-    bitsandbytes_config = pytest.importorskip("transformers").BitsAndBytesConfig
     pytest.importorskip("bitsandbytes")
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -256,14 +260,8 @@ def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_pat
     assert all(isinstance(model.get_submodule(name), Linear4bit) for name in projections)
     assert model.get_submodule("transformer.h.0.mlp.c_fc").weight.quant_state.shape == (256, 64)
 
-    reference = bitsandbytes_config(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
     theirs = AutoModelForCausalLM.from_pretrained(
-        float_path, quantization_config=reference, dtype=torch.float32, device_map=device
+        float_path, quantization_config=_bitsandbytes_nf4(torch.float32), dtype=torch.float32, device_map=device
     ).state_dict()
     ours = model.state_dict()
     keys = [key for key in ours if key.split(".weight")[0].endswith(("c_attn", "c_proj", "c_fc"))]
