@@ -225,6 +225,43 @@ def test_load_quantized_puts_the_model_back_when_a_late_step_fails(tmp_path, mon
 # --------------------------------------------------------------------------- quantize_checkpoint
 
 
+class Tied(nn.Module):
+    """Two Linear layers sharing one weight, as an output head shares the input embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.second.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_load_quantized_ties_again_a_weight_the_checkpoint_holds_once(tmp_path):
+    """A weight shared by two modules, saved once (as transformers saves a tied head), is shared
+    again after loading instead of being reported missing; a tie to a 4-bit weight is refused."""
+    model = Tied()
+    state = {key: value for key, value in model.state_dict().items() if key != "second.weight"}
+    with torch.device("meta"):
+        fresh = Tied()
+    assert convert.load_quantized(fresh, state).missing_keys == []
+    assert fresh.second.weight is fresh.first.weight and not fresh.first.weight.is_meta
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), model(x))
+
+    untied = Tied()
+    untied.second.weight = nn.Parameter(untied.first.weight.detach().clone())
+    convert.quantize_model(untied, skip=("second",), progress=False)
+    state = {key: value for key, value in untied.state_dict().items() if key != "second.weight"}
+    with torch.device("meta"):
+        fresh = Tied()
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"'first\.weight' is in 4 bits but the model ties it to second"
+    ):
+        convert.load_quantized(fresh, state)
+    assert type(fresh.first) is nn.Linear and fresh.second.weight is fresh.first.weight
+
+
 def float_checkpoint(tmp_path, **extra):
     torch.manual_seed(4)
     state = {key: value.to(torch.bfloat16) for key, value in TinyModel().state_dict().items()}
@@ -269,6 +306,9 @@ def test_quantize_checkpoint_refuses_bad_input_before_writing(tmp_path):
         convert.quantize_checkpoint(source, destination, progress=False)
     with pytest.raises(ValueError, match="quant_type"):
         convert.quantize_checkpoint(source, tmp_path / "other.safetensors", quant_type="int3")
+    with pytest.raises(ValueError, match=r"unknown layer kinds \['embedding'\]"):
+        convert.quantize_checkpoint(source, tmp_path / "other.safetensors", layers={"embed.weight": "embedding"})
+    assert not (tmp_path / "other.safetensors").exists()
 
 
 def test_quantize_checkpoint_passes_4bit_weights_through(tmp_path):

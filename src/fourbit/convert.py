@@ -16,7 +16,7 @@ from torch import nn
 from . import functional as F4
 from .file_quantization import DEFAULT_CHECKPOINT_SKIP, TensorReport, matches, progress_bar, quantize_checkpoint
 from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
-from .loading import LoadReport, load_quantized, parent_of
+from .loading import LoadReport, is_conv1d, load_quantized, parent_of
 from .nn import Linear4bit, Params4bit
 from .validation import check_settings
 
@@ -87,13 +87,6 @@ def _skip_reason(
     return None
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 and its kin): a Linear layer whose weight is stored as
-    (in, out). Recognized by its class, so that this module does not import transformers."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-
-
 def quantize_model(
     model: nn.Module,
     quant_type: str = "nf4",
@@ -128,7 +121,7 @@ def quantize_model(
     candidates = []
     for name, module in model.named_modules():
         linear = isinstance(module, nn.Linear) and not isinstance(module, Linear4bit)
-        if (linear or _is_conv1d(module)) and name:
+        if (linear or is_conv1d(module)) and name:
             reason = _skip_reason(model, name, module, skip, owners)
             if reason is None:
                 candidates.append((name, module))
@@ -162,7 +155,7 @@ def _to_linear4bit(
     weight is transposed to Linear's (out, in) order."""
     target = torch.device(device) if device is not None else module.weight.device
     weight = module.weight.detach()
-    if _is_conv1d(module):
+    if is_conv1d(module):
         weight = weight.t()
     out_features, in_features = weight.shape
     layer = Linear4bit(

@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -26,7 +26,7 @@ from . import functional as F4
 from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
 from .validation import check_settings
 
-__all__ = ["DEFAULT_CHECKPOINT_SKIP", "TensorReport", "matches", "progress_bar", "quantize_checkpoint"]
+__all__ = ["DEFAULT_CHECKPOINT_SKIP", "LAYER_KINDS", "TensorReport", "matches", "progress_bar", "quantize_checkpoint"]
 
 
 def matches(name: str, patterns: Iterable[str] | str) -> bool:
@@ -68,6 +68,10 @@ def progress_bar(
 #: Tensor-name patterns ``quantize_checkpoint`` keeps in full precision unless told otherwise.
 DEFAULT_CHECKPOINT_SKIP = ("*embed*", "lm_head")
 
+#: What ``quantize_checkpoint``'s ``layers`` may say of a tensor: a ``nn.Linear`` weight (out, in),
+#: a transformers ``Conv1D`` weight (in, out), or anything else (an embedding table: kept).
+LAYER_KINDS = ("linear", "conv1d", "other")
+
 
 @dataclass(frozen=True)
 class TensorReport:
@@ -81,20 +85,23 @@ class TensorReport:
     bytes_after: int
     mean_abs_error: float = 0.0
     relative_error: float = 0.0
+    #: a ``Conv1D`` weight, quantized as its transpose (``shape`` is the stored one)
+    transposed: bool = False
 
 
 def _nbytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _plan(name: str, tensor: Tensor, skip: Sequence[str], grouped: set[str]) -> bool:
-    """Whether ``quantize_checkpoint`` quantizes this tensor; raises for a dtype it cannot handle."""
+def _plan(name: str, tensor: Tensor, skip: Sequence[str], grouped: set[str], kind: str | None) -> bool:
+    """Whether ``quantize_checkpoint`` quantizes this tensor (``kind``: its entry in ``layers``);
+    raises for a dtype it cannot handle."""
     if tensor.dtype not in checkpoint.SUPPORTED_DTYPES:
         raise checkpoint.CheckpointError(
             f"tensor {name!r} has dtype {tensor.dtype}, which fourbit cannot write to safetensors"
         )
     module_name = name.rpartition(".")[0]
-    if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped:
+    if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped or kind == "other":
         return False
     if matches(name, skip) or (module_name and matches(module_name, skip)):
         return False
@@ -117,11 +124,16 @@ def quantize_checkpoint(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: bool | None = None,
+    layers: Mapping[str, str] | None = None,
 ) -> list[TensorReport]:
     """Quantize every 2-D floating tensor of a safetensors checkpoint into a new one.
 
     Tensors that are not 2-D floating point (biases, norms), tensors or modules matching ``skip``
-    (see ``matches``) and weights already in 4 bits are copied unchanged. Tensors are read and
+    (see ``matches``) and weights already in 4 bits are copied unchanged. ``layers`` maps tensor
+    names to what holds them (``LAYER_KINDS``; ``fourbit.integrations.transformers.checkpoint_layers``
+    reads it from a model folder's config.json): ``"other"`` tensors are kept, and ``"conv1d"``
+    weights are quantized as their (out, in) transpose, as bitsandbytes stores them; names it
+    lacks follow the rule above. Tensors are read and
     written one at a time; the output appears only when complete. Every tensor is checked before
     anything is written. Raises CheckpointError for a missing or corrupt input, an existing output
     (unless ``overwrite``), or a 2-D floating tensor of a dtype 4-bit quantization does not support.
@@ -131,6 +143,10 @@ def quantize_checkpoint(
     index when the source had one; the checkpoint's other files (config, tokenizer) are not copied.
     """
     check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    layers = dict(layers or {})
+    unknown = sorted({kind for kind in layers.values() if kind not in LAYER_KINDS})
+    if unknown:
+        raise ValueError(f"layers: unknown layer kinds {unknown} (expected one of {LAYER_KINDS})")
     source, destination = Path(source), Path(destination)
     sharded = source.is_dir() or source.name.endswith(".json")
     if sharded and (source if source.is_dir() else source.parent).resolve().is_relative_to(destination.resolve()):
@@ -144,7 +160,8 @@ def quantize_checkpoint(
         raise checkpoint.CheckpointError(f"{destination.parent}: no such directory")
     if sharded:
         settings = dict(quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
-                        skip=skip, quant_storage=quant_storage, device=device, progress=progress)  # fmt: skip
+                        skip=skip, quant_storage=quant_storage, device=device, progress=progress,
+                        layers=layers)  # fmt: skip
         return _quantize_shards(source, destination, settings)
     if destination.is_dir():
         raise checkpoint.CheckpointError(f"{destination} is a folder: name the file to write")
@@ -152,15 +169,17 @@ def quantize_checkpoint(
         names = list(handle.keys())
         groups = checkpoint.quantized_groups(names)
         grouped = {n for stats in groups.values() for n in stats} | set(groups)
-        plan = {name: _plan(name, handle.get_tensor(name), skip, grouped) for name in names}
+        plan = {name: _plan(name, handle.get_tensor(name), skip, grouped, layers.get(name)) for name in names}
         metadata = {**(handle.metadata() or {}), **checkpoint.fourbit_metadata(None)}
     reports = []
     with (
         checkpoint.SafetensorsWriter(destination, metadata) as writer,
         progress_bar(len(names), "quantizing", progress, unit="tensor") as advance,
     ):
-        for name, tensor in checkpoint.iter_tensors(source):
+        for name, stored in checkpoint.iter_tensors(source):
             if plan[name]:
+                transposed = layers.get(name) == "conv1d"
+                tensor = stored.t().contiguous() if transposed else stored
                 packed, state = F4.quantize_4bit(
                     tensor.to(device),
                     blocksize=blocksize,
@@ -176,19 +195,20 @@ def quantize_checkpoint(
                 reports.append(
                     TensorReport(
                         name,
-                        tuple(tensor.shape),
+                        tuple(stored.shape),
                         tensor.dtype,
                         True,
                         _nbytes([tensor]),
                         _nbytes([packed, *entries.values()]),
                         error.abs().mean().item(),
                         (error.norm() / tensor.float().norm().clamp_min(1e-30)).item(),
+                        transposed,
                     )
                 )
             else:
-                writer.add(name, tensor)
-                nbytes = _nbytes([tensor])
-                reports.append(TensorReport(name, tuple(tensor.shape), tensor.dtype, False, nbytes, nbytes))
+                writer.add(name, stored)
+                nbytes = _nbytes([stored])
+                reports.append(TensorReport(name, tuple(stored.shape), stored.dtype, False, nbytes, nbytes))
             advance()
     return reports
 

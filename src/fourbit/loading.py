@@ -1,5 +1,5 @@
-"""Loading a 4-bit checkpoint into a model: every ``nn.Linear`` the checkpoint holds in 4 bits
-becomes a ``Linear4bit``, tensors are assigned module by module (a meta-device model never
+"""Loading a 4-bit checkpoint into a model: every ``nn.Linear`` (or transformers ``Conv1D``) the
+checkpoint holds in 4 bits becomes a ``Linear4bit``, tensors are assigned module by module (a meta-device model never
 materialises full-precision weights), everything is checked first, and a failed load is undone.
 """
 
@@ -18,7 +18,23 @@ from .formats import DEFAULT_BLOCKSIZE
 from .nn import Linear4bit
 from .state_dict_layout import quant_type_of_packed_key
 
-__all__ = ["LoadReport", "load_quantized", "parent_of"]
+__all__ = ["LoadReport", "is_conv1d", "load_quantized", "parent_of"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its kin): a Linear layer whose weight is stored as
+    (in, out). Recognized by its class, so that fourbit does not import transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an ``nn.Linear`` or a ``Conv1D``; None for other modules."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return None
 
 
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -129,10 +145,13 @@ def load_quantized(
     (its folder or its ``model.safetensors.index.json``), or a state dict.
 
     Every ``nn.Linear`` whose weight the checkpoint holds in 4 bits becomes a ``Linear4bit`` with
-    the checkpoint's settings; all tensors are assigned (not copied) module by module, so a model
-    built on the meta device never materialises full-precision weights: peak memory is the
-    quantized model plus one module's tensors. Everything that keys, shapes and settings tell is
-    checked before the model changes, and any later error puts the model back as it was.
+    the checkpoint's settings (a transformers ``Conv1D`` too: its 4-bit weight is stored (out, in),
+    as bitsandbytes and ``fourbit quantize`` store it); all tensors are assigned (not copied)
+    module by module, so a model built on the meta device never materialises full-precision
+    weights: peak memory is the quantized model plus one module's tensors. A parameter the model
+    shares between modules (a tied output head) and the checkpoint holds once is shared again.
+    Everything that keys, shapes and settings tell is checked before the model changes, and any
+    later error puts the model back as it was.
     ``strict`` raises CheckpointError when keys are missing or unexpected, or when a parameter or
     persistent buffer would be left on the meta device; otherwise the returned report lists them.
     """
@@ -162,6 +181,8 @@ class _LoadPlan:
     replacements: dict[str, Linear4bit]
     #: module path -> {local tensor name: checkpoint name}
     local: dict[str, dict[str, str]]
+    #: parameter the checkpoint lacks -> the loaded parameter the model ties it to
+    ties: dict[str, str] = field(default_factory=dict)
 
 
 class _Undo:
@@ -204,19 +225,24 @@ def _plan_load(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None
     for weight, stats in groups.items():
         path, _, attr = weight.rpartition(".")
         module = modules.get(path)
-        if attr != "weight" or not isinstance(module, nn.Linear):
+        features = linear_features(module) if module is not None else None
+        if attr != "weight" or features is None:
             raise checkpoint.CheckpointError(
                 f"{src.label}: holds a 4-bit weight {weight!r} but the model has no Linear layer {path!r}"
             )
         settings, shape = _packed_settings(src, stats)
-        expected = (module.out_features, module.in_features)
-        if shape is not None and shape != expected:
+        in_features, out_features = features
+        if shape is not None and shape != (out_features, in_features):
+            hint = ""
+            if is_conv1d(module) and shape == (in_features, out_features):
+                hint = " (a Conv1D weight quantized as stored, (in, out): quantize the float checkpoint again)"
             raise checkpoint.CheckpointError(
-                f"{src.label}: 4-bit weight {weight!r} has shape {shape} but layer {path!r} is {expected}"
+                f"{src.label}: 4-bit weight {weight!r} has shape {shape} but layer {path!r} is "
+                f"{(out_features, in_features)}{hint}"
             )
         if not isinstance(module, Linear4bit):
             replacements[path] = Linear4bit(
-                module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
+                in_features, out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
                 device="meta", **settings,
             )  # fmt: skip
             modules[path] = replacements[path]
@@ -238,8 +264,9 @@ def _plan_load(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None
                 raise checkpoint.CheckpointError(
                     f"{src.label}: {name!r} has shape {src.shape(name)} but the model's is {tuple(current.shape)}"
                 )
+    ties = _ties(model, local, owner_of, src.label)
     for path, module in modules.items():
-        names = local.get(path, {})
+        names = {**local.get(path, {}), **{t.rpartition(".")[2]: t for t in ties if t.rpartition(".")[0] == path}}
         missing = sorted(_own_tensor_names(module) - set(names))
         report.missing_keys += [f"{path}.{n}" if path else n for n in missing]
         own = (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
@@ -261,7 +288,29 @@ def _plan_load(model: nn.Module, src: _Source, compute_dtype: torch.dtype | None
                 "the model on the CPU (or assign them) before loading, or pass strict=False and fill them in"
             )
         raise checkpoint.CheckpointError(f"{src.label} does not fit the model ({detail})")
-    return _LoadPlan(report, replacements, local)
+    return _LoadPlan(report, replacements, local, ties)
+
+
+def _ties(
+    model: nn.Module, local: dict[str, dict[str, str]], quantized: Mapping[str, object], label: str
+) -> dict[str, str]:
+    """Parameters shared by several modules (a tied output head) that the checkpoint holds under
+    one name only, as transformers saves them: each missing name -> the loaded one, to share again."""
+    shared: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(parameter), []).append(name)
+    ties = {}
+    for names in shared.values():
+        loaded = [n for n in names if n.rpartition(".")[2] in local.get(n.rpartition(".")[0], {})]
+        if len(names) < 2 or not loaded or len(loaded) == len(names):
+            continue
+        if loaded[0] in quantized:
+            raise checkpoint.CheckpointError(
+                f"{label}: {loaded[0]!r} is in 4 bits but the model ties it to "
+                f"{', '.join(n for n in names if n not in loaded)}: a 4-bit weight cannot be shared"
+            )
+        ties.update(dict.fromkeys((n for n in names if n not in loaded), loaded[0]))
+    return ties
 
 
 def _apply_load(model: nn.Module, src: _Source, plan: _LoadPlan, undo: _Undo) -> None:
@@ -279,6 +328,10 @@ def _apply_load(model: nn.Module, src: _Source, plan: _LoadPlan, undo: _Undo) ->
             module.load_state_dict(tensors, strict=False, assign=True)
         except RuntimeError as error:
             raise checkpoint.CheckpointError(f"{src.label}: cannot load module {path!r}: {error}") from error
+    for target, loaded in plan.ties.items():
+        module, name = parent_of(model, target)
+        undo.loading(module)
+        module.register_parameter(name, model.get_parameter(loaded))
 
 
 def _preview(names: Sequence[str], limit: int = 8) -> str:

@@ -47,7 +47,25 @@ def format_quantize_summary(reports: Sequence[TensorReport]) -> str:
     after = sum(r.bytes_after for r in reports)
     ratio = before / after if after else float("nan")
     lines.append(f"{'total':<10}{len(reports):>8}{_mb(before):>11}{_mb(after):>10}   ({ratio:.2f}x smaller)")
+    transposed = sum(r.transposed for r in reports)
+    if transposed:
+        lines.append(f"({transposed} Conv1D weights, stored (in, out), quantized as (out, in), as bitsandbytes does)")
     return "\n".join(lines)
+
+
+def _layer_kinds(source: Path, enabled: bool) -> tuple[dict[str, str], Path | None]:
+    """What holds each tensor, from the config.json beside the checkpoint when there is one and
+    transformers can read it (otherwise a note on stderr, and tensors are chosen by name alone)."""
+    from ..integrations.layer_kinds import checkpoint_layers, config_folder
+
+    folder = config_folder(source) if enabled else None
+    if folder is None:
+        return {}, None
+    try:
+        return checkpoint_layers(folder), folder / "config.json"
+    except (ImportError, ValueError) as error:
+        print(f"fourbit: note: {error}; choosing tensors by name alone", file=sys.stderr)
+        return {}, None
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -56,6 +74,7 @@ def _quantize(args: argparse.Namespace) -> int:
         raise checkpoint.CheckpointError("the output would replace the input (pass --force to allow it)")
     if args.device is not None:
         _check_device(args.device)
+    layers, config = _layer_kinds(source, not args.no_config)
     reports = quantize_checkpoint(
         source,
         destination,
@@ -67,10 +86,12 @@ def _quantize(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.force,
         progress=None if not args.quiet else False,
+        layers=layers,
     )
     if not args.quiet:
         nested = "nested statistics" if not args.no_double_quant else "float32 absmax"
-        print(f"{source} -> {destination}: {args.quant_type}, blocksize {args.blocksize}, {nested}\n")
+        print(f"{source} -> {destination}: {args.quant_type}, blocksize {args.blocksize}, {nested}")
+        print(f"layers: as {config} describes them\n" if config else "")
         print(format_quantize_summary(reports))
     return 0
 
@@ -155,7 +176,10 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
         description=(
             "Quantize every 2-D floating tensor of a safetensors checkpoint to 4 bits, in bitsandbytes' key "
             "layout. 1-D tensors (biases, norms), non-float tensors and tensors matching --skip are kept as "
-            "they are. Tensors are processed one at a time; the output appears only when complete. A sharded "
+            "they are. When a transformers config.json lies beside the checkpoint (and transformers is "
+            "installed), only Linear and Conv1D weights are quantized (embeddings and tied weights are kept, "
+            "Conv1D weights are transposed as bitsandbytes stores them). Tensors are processed one at a "
+            "time; the output appears only when complete. A sharded "
             "checkpoint (a model folder, or its model.safetensors.index.json) becomes a folder of quantized "
             "shards with a new index; the folder's other files (config, tokenizer) are not copied."
         ),
@@ -188,6 +212,9 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
         "--quant-storage", default="uint8", choices=list(_STORAGE_DTYPES), help="dtype the packed bytes are stored as"
     )
     parser.add_argument("--device", default="cpu", help="device to quantize on (default: cpu)")
+    parser.add_argument(
+        "--no-config", action="store_true", help="ignore config.json: choose the tensors by shape and --skip alone"
+    )
     parser.add_argument("-f", "--force", action="store_true", help="replace the output if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(handler=_quantize)

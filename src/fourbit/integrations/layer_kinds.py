@@ -1,0 +1,90 @@
+"""What holds each tensor of a transformers checkpoint, read from its folder's config.json: which
+2-D tensors are ``nn.Linear`` weights, which are ``Conv1D`` weights stored (in, out), and which
+are neither (embeddings, tied heads), so that file-to-file quantization makes the same choices as
+``quantize_model`` and bitsandbytes' integration without loading the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..loading import is_conv1d
+
+__all__ = ["checkpoint_layers", "config_folder"]
+
+
+def config_folder(checkpoint_path: str | os.PathLike) -> Path | None:
+    """The folder whose config.json describes a checkpoint (a model folder, a file in it, or its
+    index), or None when there is no config.json."""
+    path = Path(checkpoint_path)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def checkpoint_layers(folder: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> ``"linear"``, ``"conv1d"`` or ``"other"`` (see
+    ``fourbit.file_quantization.LAYER_KINDS``) for every 2-D floating parameter of the model
+    that ``folder``'s config.json describes, built on the meta device (no weights are read).
+
+    Names are given both with and without the model's ``base_model_prefix`` (checkpoints use
+    either). Weights tied to another parameter and projections inside ``nn.MultiheadAttention``
+    count as ``"other"``: ``quantize_model`` keeps them too. Raises ImportError without
+    transformers and ValueError for a folder transformers cannot build a model from.
+    """
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            "reading layer kinds from config.json needs transformers: pip install transformers"
+        ) from error
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        architecture = next(iter(getattr(config, "architectures", None) or []), None)
+        model_class = getattr(transformers, architecture, None) if architecture else None
+        with torch.device("meta"):
+            model = model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
+    except Exception as error:  # an unknown model type, remote code, a malformed config: all say why
+        raise ValueError(f"{folder}: transformers cannot build the model config.json describes ({error})") from error
+    owners: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    tied = {key for pair in (getattr(model, "all_tied_weights_keys", None) or {}).items() for key in pair}
+    kinds: dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() != 2 or not parameter.is_floating_point():
+                continue
+            full = f"{name}.{pname}" if name else pname
+            kinds[full] = _kind(module, pname, shared=owners[id(parameter)] > 1 or full in tied)
+    kinds.update(_multihead_projections(model))
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix:
+        variants = {}
+        for name, kind in kinds.items():
+            other = name.removeprefix(f"{prefix}.") if name.startswith(f"{prefix}.") else f"{prefix}.{name}"
+            variants.setdefault(other, kind)
+        kinds = {**variants, **kinds}
+    return kinds
+
+
+def _kind(module: nn.Module, parameter: str, shared: bool) -> str:
+    if parameter != "weight" or shared:
+        return "other"
+    if is_conv1d(module):
+        return "conv1d"
+    return "linear" if isinstance(module, nn.Linear) else "other"
+
+
+def _multihead_projections(model: nn.Module) -> dict[str, str]:
+    """The Linear weights inside ``nn.MultiheadAttention`` layers: its forward reads them directly."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child, sub in module.named_modules():
+                if child and isinstance(sub, nn.Linear):
+                    found[f"{name}.{child}.weight" if name else f"{child}.weight"] = "other"
+    return found
