@@ -220,6 +220,42 @@ print("ok")
     assert out.strip().endswith("ok")
 
 
+def test_plain_peft_gives_fourbit_layers_their_lora_layer(float_checkpoint: str, tmp_path: Path):
+    """peft's own functions with a plain LoraConfig (as trl's SFTTrainer and
+    ``PeftModel.from_pretrained`` call them) on a model loaded with FourbitConfig: fourbit's LoRA
+    layer wraps the 4-bit layers. peft's generic layer trained, but merging added the adapters
+    to the packed bytes and failed with a size mismatch."""
+    adapter = tmp_path / "adapter"
+    out = run_without_bitsandbytes(
+        f"""
+import sys, torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+from fourbit.integrations.transformers import FourbitConfig
+ids = torch.arange(32).reshape(2, 16)
+def load():
+    return AutoModelForCausalLM.from_pretrained({float_checkpoint!r}, quantization_config=FourbitConfig())
+model = load()
+assert "fourbit.integrations.peft" in sys.modules
+model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear4bit"
+with torch.no_grad():
+    adapted = model(input_ids=ids).logits
+model.save_pretrained({str(adapter)!r})
+reloaded = PeftModel.from_pretrained(load(), {str(adapter)!r})
+assert type(reloaded.base_model.model.model.layers[1].mlp.down_proj).__name__ == "LoraLinear4bit"
+with torch.no_grad():
+    assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+    merged = model.merge_and_unload()(input_ids=ids).logits
+    from fourbit.integrations.peft import merge_and_unload
+    expected, report = merge_and_unload(reloaded)  # fourbit's merge: the same re-quantized weights
+    assert torch.equal(expected(input_ids=ids).logits, merged) and len(report.requantized) == 14
+print("ok")
+"""
+    )
+    assert out.strip().endswith("ok"), out
+
+
 def test_qlora_example_runs(tmp_path: Path):
     pytest.importorskip("trl")
     example = Path(__file__).resolve().parents[1] / "examples" / "qlora_peft.py"

@@ -7,6 +7,12 @@ DoRA decodes with fourbit, and merging dequantizes, adds the adapters and quanti
     config = register_lora(LoraConfig(r=8, target_modules="all-linear", use_dora=True))
     model = get_peft_model(model, config)         # or trl's SFTTrainer(peft_config=config)
     merged, report = merge_and_unload(model)      # 4-bit again; report holds the re-quantization error
+
+peft has no registry of layer types, only that per-config hook, so importing this module also
+wraps peft's LoRA dispatch: a config that meets a fourbit layer is registered on the way
+(``peft.get_peft_model`` and ``PeftModel.from_pretrained`` with a plain ``LoraConfig`` then give
+fourbit layers their own LoRA layer too). Loading a model with ``FourbitConfig`` imports it when
+peft is installed.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ try:
     from peft import LoraConfig
     from peft.tuners.lora.dora import DoraLinearLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.model import LoraModel
     from peft.tuners.lora.variants import DoraLinearVariant
-    from peft.tuners.tuners_utils import check_adapters_to_merge
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "fourbit.integrations.peft needs peft (its LoRA variants API, 0.17 or newer): pip install peft"
@@ -258,6 +265,29 @@ def register_lora(config: LoraConfig) -> LoraConfig:
 def get_peft_model(model: nn.Module, config: LoraConfig, **kwargs: Any) -> Any:
     """``peft.get_peft_model`` with ``config`` registered for fourbit layers first (``register_lora``)."""
     return peft.get_peft_model(model, register_lora(config), **kwargs)
+
+
+def _dispatch_fourbit_layers() -> None:
+    """Wrap peft's choice of LoRA layer so that a config meeting a fourbit ``Linear4bit`` it has no
+    custom layer for is registered first (``register_lora``); peft's generic layer would train
+    but fail to merge (it adds to the packed bytes). Idempotent; a peft without the hook is left alone."""
+    original = getattr(LoraModel, "_create_new_module", None)
+    if original is None or getattr(original, "registers_fourbit_layers", False):
+        return
+
+    def create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        custom = getattr(lora_config, "_custom_modules", None) or {}
+        fourbit_layer = isinstance(base, Linear4bit) and isinstance(lora_config, LoraConfig)
+        if fourbit_layer and not any(isinstance(base, key) for key in custom):
+            register_lora(lora_config)
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    create_new_module.registers_fourbit_layers = True
+    LoraModel._create_new_module = staticmethod(create_new_module)
+
+
+_dispatch_fourbit_layers()
 
 
 @dataclass
