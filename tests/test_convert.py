@@ -308,7 +308,19 @@ def test_quantize_checkpoint_refuses_bad_input_before_writing(tmp_path):
         convert.quantize_checkpoint(source, tmp_path / "other.safetensors", quant_type="int3")
     with pytest.raises(ValueError, match=r"unknown layer kinds \['embedding'\]"):
         convert.quantize_checkpoint(source, tmp_path / "other.safetensors", layers={"embed.weight": "embedding"})
+    with pytest.raises(ValueError, match="extra_files needs a sharded checkpoint"):
+        convert.quantize_checkpoint(source, tmp_path / "other.safetensors", extra_files=lambda reports: {})
     assert not (tmp_path / "other.safetensors").exists()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(source.read_bytes())
+    for bad in ("../escape.json", "model.safetensors"):
+        with pytest.raises(checkpoint.CheckpointError, match="not a plain file name, or a shard's"):
+            convert.quantize_checkpoint(
+                folder, tmp_path / "q-folder", skip="extra", extra_files=lambda reports, bad=bad: {bad: b"{}"}
+            )
+        assert not (tmp_path / "q-folder").exists() and not (tmp_path / "escape.json").exists()
+        assert not list(tmp_path.glob(".q-folder-*"))  # the staging folder is gone too
 
 
 def test_quantize_checkpoint_passes_4bit_weights_through(tmp_path):

@@ -326,6 +326,8 @@ def test_fourbit_quantize_reads_a_gpt2_folders_layers_from_its_config(tmp_path: 
     ]
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
     torch.testing.assert_close(_logits(fresh), _logits(float_model), rtol=0, atol=0)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")  # config.json came along
+    torch.testing.assert_close(_logits(loaded), _logits(float_model), rtol=0, atol=0)
 
     # by name alone (the old behaviour, kept behind --no-config) the Conv1D weights are (in, out)
     args = ["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "by-name"), "--no-config", "--skip", "*wte*"]
@@ -337,6 +339,34 @@ def test_fourbit_quantize_reads_a_gpt2_folders_layers_from_its_config(tmp_path: 
     ):
         load_quantized(fresh, tmp_path / "by-name")
     assert isinstance(load_quantized(fresh, tmp_path / "nf4"), LoadReport)  # the failed load changed nothing
+
+
+def test_a_folder_quantized_by_the_command_loads_with_from_pretrained(tmp_path: Path, capsys):
+    """``fourbit quantize`` on a sharded model folder copies config.json (with fourbit's
+    quantization_config, the layers ``--skip`` kept as ``skip_modules``), the tokenizer and the
+    other small files, but no weights of other formats: ``from_pretrained`` then gives the model
+    ``from_pretrained`` with ``FourbitConfig`` gives, byte for byte."""
+    from fourbit.tools.cli import main
+
+    source = Path(save_tiny_llama(tmp_path / "float", max_shard_size="100KB"))
+    (source / "tokenizer.json").write_text('{"version": "1.0"}')
+    (source / "pytorch_model.bin").write_bytes(b"weights in another format")
+    args = ["quantize", str(source), "-o", str(tmp_path / "nf4"), "--skip", "lm_head", "*.q_proj"]
+    assert main([*args, "--quant-type", "fp4"]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    files = {path.name for path in (tmp_path / "nf4").iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"} <= files
+    assert "pytorch_model.bin" not in files
+    settings = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert settings["quant_method"] == "fourbit" and settings["quant_type"] == "fp4"
+    assert settings["skip_modules"] == ["lm_head", *(f"model.layers.{i}.self_attn.q_proj" for i in range(2))]
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
+    config = FourbitConfig(quant_type="fp4", skip_modules=["lm_head", "q_proj"])
+    expected = AutoModelForCausalLM.from_pretrained(source, quantization_config=config)
+    _assert_same_state(_state(loaded), _state(expected))
+    torch.testing.assert_close(_logits(loaded), _logits(expected), rtol=0, atol=0)
 
 
 def test_config_dicts_round_trip_and_validate():

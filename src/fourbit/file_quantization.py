@@ -125,6 +125,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     progress: bool | None = None,
     layers: Mapping[str, str] | None = None,
+    extra_files: Callable[[list[TensorReport]], Mapping[str, bytes]] | None = None,
 ) -> list[TensorReport]:
     """Quantize every 2-D floating tensor of a safetensors checkpoint into a new one.
 
@@ -140,7 +141,10 @@ def quantize_checkpoint(
 
     A sharded checkpoint (a folder of safetensors files, or its ``model.safetensors.index.json``)
     becomes a folder at ``destination`` holding each shard quantized under its own name, and a new
-    index when the source had one; the checkpoint's other files (config, tokenizer) are not copied.
+    index when the source had one; the checkpoint's other files (config, tokenizer) are not copied,
+    but ``extra_files``, called with the reports once every shard is written, returns files (name
+    -> bytes) to write beside them before the folder appears
+    (``fourbit.integrations.model_folder.folder_files``). A single file takes no ``extra_files``.
     """
     check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
     layers = dict(layers or {})
@@ -162,7 +166,9 @@ def quantize_checkpoint(
         settings = dict(quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics,
                         skip=skip, quant_storage=quant_storage, device=device, progress=progress,
                         layers=layers)  # fmt: skip
-        return _quantize_shards(source, destination, settings)
+        return _quantize_shards(source, destination, settings, extra_files)
+    if extra_files is not None:
+        raise ValueError("extra_files needs a sharded checkpoint (a folder): a single file has nowhere to put them")
     if destination.is_dir():
         raise checkpoint.CheckpointError(f"{destination} is a folder: name the file to write")
     with checkpoint.open_file(source) as handle:
@@ -213,7 +219,12 @@ def quantize_checkpoint(
     return reports
 
 
-def _quantize_shards(source: Path, destination: Path, settings: dict[str, Any]) -> list[TensorReport]:
+def _quantize_shards(
+    source: Path,
+    destination: Path,
+    settings: dict[str, Any],
+    extra_files: Callable[[list[TensorReport]], Mapping[str, bytes]] | None,
+) -> list[TensorReport]:
     """``quantize_checkpoint`` for a sharded checkpoint: every shard into a staging folder beside
     ``destination``, the index, then the folder renamed into place, so that a failure leaves
     nothing at ``destination`` (and an output being replaced stays whole until the new one is)."""
@@ -233,6 +244,10 @@ def _quantize_shards(source: Path, destination: Path, settings: dict[str, Any]) 
             total = sum(report.bytes_after for report in reports)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / checkpoint.SHARD_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for name, data in (extra_files(reports) if extra_files is not None else {}).items():
+            if Path(name).name != name or (staging / name).exists():
+                raise checkpoint.CheckpointError(f"extra file {name!r}: not a plain file name, or a shard's")
+            (staging / name).write_bytes(data)
         _move_into_place(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

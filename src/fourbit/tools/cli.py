@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def format_quantize_summary(reports: Sequence[TensorReport]) -> str:
 def _layer_kinds(source: Path, enabled: bool) -> tuple[dict[str, str], Path | None]:
     """What holds each tensor, from the config.json beside the checkpoint when there is one and
     transformers can read it (otherwise a note on stderr, and tensors are chosen by name alone)."""
-    from ..integrations.layer_kinds import checkpoint_layers, config_folder
+    from ..integrations.model_folder import checkpoint_layers, config_folder
 
     folder = config_folder(source) if enabled else None
     if folder is None:
@@ -75,6 +75,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.device is not None:
         _check_device(args.device)
     layers, config = _layer_kinds(source, not args.no_config)
+    folder = source.is_dir() or source.name.endswith(".json")
+    extra_files = _model_files(config.parent, args, layers) if config is not None and folder else None
     reports = quantize_checkpoint(
         source,
         destination,
@@ -87,13 +89,47 @@ def _quantize(args: argparse.Namespace) -> int:
         overwrite=args.force,
         progress=None if not args.quiet else False,
         layers=layers,
+        extra_files=extra_files,
     )
     if not args.quiet:
         nested = "nested statistics" if not args.no_double_quant else "float32 absmax"
         print(f"{source} -> {destination}: {args.quant_type}, blocksize {args.blocksize}, {nested}")
-        print(f"layers: as {config} describes them\n" if config else "")
+        print(f"layers: as {config} describes them" if config else "")
+        if extra_files is not None:
+            print(
+                "config.json (with fourbit's quantization_config), tokenizer and the other files copied: "
+                f"from_pretrained({str(destination)!r}) loads it once fourbit.integrations.transformers is imported"
+            )
+        print()
         print(format_quantize_summary(reports))
     return 0
+
+
+def _model_files(
+    folder: Path, args: argparse.Namespace, layers: dict[str, str]
+) -> Callable[[list[TensorReport]], dict[str, bytes]] | None:
+    """For a transformers model folder: what the quantized folder needs beside its weights to load
+    with ``from_pretrained`` (None, with a note, when fourbit's transformers integration cannot
+    load here)."""
+    from ..integrations.model_folder import folder_files, kept_layers
+
+    try:
+        from ..integrations.transformers import FourbitConfig
+    except ImportError as error:
+        print(f"fourbit: note: {error}; config.json and the tokenizer are not copied", file=sys.stderr)
+        return None
+    settings = FourbitConfig(
+        quant_type=args.quant_type,
+        compress_statistics=not args.no_double_quant,
+        quant_storage=_STORAGE_DTYPES[args.quant_storage],
+        blocksize=args.blocksize,
+    ).fourbit_dict()
+
+    def files(reports: list[TensorReport]) -> dict[str, bytes]:
+        kept = kept_layers(layers, {report.name: report.quantized for report in reports})
+        return folder_files(folder, {**settings, "skip_modules": kept})
+
+    return files
 
 
 def _check_device(name: str) -> None:
@@ -181,7 +217,8 @@ def _add_quantize(commands: argparse._SubParsersAction) -> None:
             "Conv1D weights are transposed as bitsandbytes stores them). Tensors are processed one at a "
             "time; the output appears only when complete. A sharded "
             "checkpoint (a model folder, or its model.safetensors.index.json) becomes a folder of quantized "
-            "shards with a new index; the folder's other files (config, tokenizer) are not copied."
+            "shards with a new index; a transformers model folder's other files (config.json, given fourbit's "
+            "quantization_config, tokenizer) are copied too, so that from_pretrained loads the result."
         ),
     )
     parser.add_argument(

@@ -1,20 +1,28 @@
-"""What holds each tensor of a transformers checkpoint, read from its folder's config.json: which
-2-D tensors are ``nn.Linear`` weights, which are ``Conv1D`` weights stored (in, out), and which
-are neither (embeddings, tied heads), so that file-to-file quantization makes the same choices as
-``quantize_model`` and bitsandbytes' integration without loading the model.
+"""transformers model folders for file-to-file quantization: what holds each tensor of the
+checkpoint, read from config.json (which 2-D tensors are ``nn.Linear`` weights, which are
+``Conv1D`` weights stored (in, out), which are neither: embeddings, tied heads), so that
+``fourbit quantize`` makes the choices ``quantize_model`` and bitsandbytes' integration make
+without loading the model; and the files beside the weights that let the quantized folder load
+with ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint import SHARD_INDEX_NAME
 from ..loading import is_conv1d
 
-__all__ = ["checkpoint_layers", "config_folder"]
+__all__ = ["WEIGHT_SUFFIXES", "checkpoint_layers", "config_folder", "folder_files", "kept_layers"]
+
+#: Files of a model folder that hold weights (in any format): ``folder_files`` does not copy them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 
 
 def config_folder(checkpoint_path: str | os.PathLike) -> Path | None:
@@ -88,3 +96,30 @@ def _multihead_projections(model: nn.Module) -> dict[str, str]:
                 if child and isinstance(sub, nn.Linear):
                     found[f"{name}.{child}.weight" if name else f"{child}.weight"] = "other"
     return found
+
+
+def kept_layers(layers: Mapping[str, str], quantized: Mapping[str, bool]) -> list[str]:
+    """The Linear and ``Conv1D`` layers (module names) whose weight the checkpoint holds
+    (``quantized``: tensor name -> whether it was quantized) in full precision: the quantized
+    folder's ``skip_modules``, so that ``from_pretrained`` keeps them as they are."""
+    return sorted(
+        name.removesuffix(".weight")
+        for name, done in quantized.items()
+        if not done and name.endswith(".weight") and layers.get(name) in ("linear", "conv1d")
+    )
+
+
+def folder_files(folder: str | os.PathLike, quantization_config: Mapping[str, object]) -> dict[str, bytes]:
+    """What a quantized copy of the model ``folder`` needs beside its weights to load with
+    ``from_pretrained``: config.json with ``quantization_config`` (replacing any), and every other
+    file at the folder's top level (tokenizer, generation config, chat template) but weights
+    (``WEIGHT_SUFFIXES``) and the shard index, which are written anew."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != SHARD_INDEX_NAME:
+            files[path.name] = path.read_bytes()
+    config = json.loads(files["config.json"])
+    config["quantization_config"] = dict(quantization_config)
+    files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    return files
