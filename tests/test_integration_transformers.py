@@ -326,6 +326,8 @@ def test_fourbit_quantize_reads_a_gpt2_folders_layers_from_its_config(tmp_path: 
     ]
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
     torch.testing.assert_close(_logits(fresh), _logits(float_model), rtol=0, atol=0)
+    settings = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert settings["skip_modules"] == ["lm_head"]  # tied to wte, not saved: kept, without a warning on load
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")  # config.json came along
     torch.testing.assert_close(_logits(loaded), _logits(float_model), rtol=0, atol=0)
 

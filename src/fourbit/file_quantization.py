@@ -69,8 +69,9 @@ def progress_bar(
 DEFAULT_CHECKPOINT_SKIP = ("*embed*", "lm_head")
 
 #: What ``quantize_checkpoint``'s ``layers`` may say of a tensor: a ``nn.Linear`` weight (out, in),
-#: a transformers ``Conv1D`` weight (in, out), or anything else (an embedding table: kept).
-LAYER_KINDS = ("linear", "conv1d", "other")
+#: a transformers ``Conv1D`` weight (in, out), a layer's weight tied to another parameter (an
+#: output head sharing the embedding: kept), or anything else (an embedding table: kept).
+LAYER_KINDS = ("linear", "conv1d", "tied", "other")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _plan(name: str, tensor: Tensor, skip: Sequence[str], grouped: set[str], kin
             f"tensor {name!r} has dtype {tensor.dtype}, which fourbit cannot write to safetensors"
         )
     module_name = name.rpartition(".")[0]
-    if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped or kind == "other":
+    if tensor.dim() != 2 or not tensor.is_floating_point() or name in grouped or kind in ("tied", "other"):
         return False
     if matches(name, skip) or (module_name and matches(module_name, skip)):
         return False
@@ -132,7 +133,7 @@ def quantize_checkpoint(
     Tensors that are not 2-D floating point (biases, norms), tensors or modules matching ``skip``
     (see ``matches``) and weights already in 4 bits are copied unchanged. ``layers`` maps tensor
     names to what holds them (``LAYER_KINDS``; ``fourbit.integrations.transformers.checkpoint_layers``
-    reads it from a model folder's config.json): ``"other"`` tensors are kept, and ``"conv1d"``
+    reads it from a model folder's config.json): ``"tied"`` and ``"other"`` tensors are kept, and ``"conv1d"``
     weights are quantized as their (out, in) transpose, as bitsandbytes stores them; names it
     lacks follow the rule above. Tensors are read and
     written one at a time; the output appears only when complete. Every tensor is checked before

@@ -34,14 +34,14 @@ def config_folder(checkpoint_path: str | os.PathLike) -> Path | None:
 
 
 def checkpoint_layers(folder: str | os.PathLike) -> dict[str, str]:
-    """Tensor name -> ``"linear"``, ``"conv1d"`` or ``"other"`` (see
+    """Tensor name -> ``"linear"``, ``"conv1d"``, ``"tied"`` or ``"other"`` (see
     ``fourbit.file_quantization.LAYER_KINDS``) for every 2-D floating parameter of the model
     that ``folder``'s config.json describes, built on the meta device (no weights are read).
 
     Names are given both with and without the model's ``base_model_prefix`` (checkpoints use
-    either). Weights tied to another parameter and projections inside ``nn.MultiheadAttention``
-    count as ``"other"``: ``quantize_model`` keeps them too. Raises ImportError without
-    transformers and ValueError for a folder transformers cannot build a model from.
+    either). A layer's weight tied to another parameter is ``"tied"`` and projections inside
+    ``nn.MultiheadAttention`` are ``"other"``: ``quantize_model`` keeps both. Raises ImportError
+    without transformers and ValueError for a folder transformers cannot build a model from.
     """
     try:
         import transformers
@@ -80,11 +80,10 @@ def checkpoint_layers(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def _kind(module: nn.Module, parameter: str, shared: bool) -> str:
-    if parameter != "weight" or shared:
+    layer = "conv1d" if is_conv1d(module) else "linear" if isinstance(module, nn.Linear) else None
+    if parameter != "weight" or layer is None:
         return "other"
-    if is_conv1d(module):
-        return "conv1d"
-    return "linear" if isinstance(module, nn.Linear) else "other"
+    return "tied" if shared else layer
 
 
 def _multihead_projections(model: nn.Module) -> dict[str, str]:
@@ -99,14 +98,13 @@ def _multihead_projections(model: nn.Module) -> dict[str, str]:
 
 
 def kept_layers(layers: Mapping[str, str], quantized: Mapping[str, bool]) -> list[str]:
-    """The Linear and ``Conv1D`` layers (module names) whose weight the checkpoint holds
-    (``quantized``: tensor name -> whether it was quantized) in full precision: the quantized
-    folder's ``skip_modules``, so that ``from_pretrained`` keeps them as they are."""
-    return sorted(
-        name.removesuffix(".weight")
-        for name, done in quantized.items()
-        if not done and name.endswith(".weight") and layers.get(name) in ("linear", "conv1d")
-    )
+    """The quantized folder's ``skip_modules``, so that ``from_pretrained`` keeps as they are the
+    Linear and ``Conv1D`` layers whose weight the checkpoint holds in full precision
+    (``quantized``: tensor name -> whether it was quantized) and the tied ones (saved or not)."""
+    kept = {name for name, done in quantized.items() if not done and layers.get(name) in ("linear", "conv1d")}
+    tied = {name for name, kind in layers.items() if kind == "tied"}
+    prefixed = {name for name in tied if any(other != name and name.endswith(f".{other}") for other in tied)}
+    return sorted({name.removesuffix(".weight") for name in kept | (tied - prefixed)})
 
 
 def folder_files(folder: str | os.PathLike, quantization_config: Mapping[str, object]) -> dict[str, bytes]:
