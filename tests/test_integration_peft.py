@@ -224,18 +224,20 @@ def test_plain_peft_gives_fourbit_layers_their_lora_layer(float_checkpoint: str,
     """peft's own functions with a plain LoraConfig (as trl's SFTTrainer and
     ``PeftModel.from_pretrained`` call them) on a model loaded with FourbitConfig: fourbit's LoRA
     layer wraps the 4-bit layers. peft's generic layer trained, but merging added the adapters
-    to the packed bytes and failed with a size mismatch."""
+    to the packed bytes and failed with a size mismatch. Loading does not import peft (seconds);
+    peft imported afterwards, as in a notebook's next cell, learns fourbit's layers then."""
     adapter = tmp_path / "adapter"
     out = run_without_bitsandbytes(
         f"""
 import sys, torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 from fourbit.integrations.transformers import FourbitConfig
 ids = torch.arange(32).reshape(2, 16)
 def load():
     return AutoModelForCausalLM.from_pretrained({float_checkpoint!r}, quantization_config=FourbitConfig())
 model = load()
+assert "peft" not in sys.modules and "fourbit.integrations.peft" not in sys.modules
+from peft import LoraConfig, PeftModel, get_peft_model
 assert "fourbit.integrations.peft" in sys.modules
 model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
 assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear4bit"

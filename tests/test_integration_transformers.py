@@ -371,6 +371,25 @@ def test_a_folder_quantized_by_the_command_loads_with_from_pretrained(tmp_path: 
     torch.testing.assert_close(_logits(loaded), _logits(expected), rtol=0, atol=0)
 
 
+def test_the_after_import_hook_runs_its_callback_once_the_module_ran(tmp_path: Path, monkeypatch):
+    """How loading a model teaches peft without importing it: a finder that wraps the module's own
+    loader, runs the callback after the module executed, and leaves ``sys.meta_path``."""
+    import sys
+
+    from fourbit.integrations.peft_hook import _AfterImport
+
+    (tmp_path / "fourbit_hook_probe.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    finder = _AfterImport("fourbit_hook_probe", lambda: seen.append(sys.modules["fourbit_hook_probe"].VALUE))
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    try:
+        import fourbit_hook_probe  # noqa: F401
+    finally:
+        sys.modules.pop("fourbit_hook_probe", None)
+    assert seen == [42] and finder not in sys.meta_path
+
+
 def test_config_dicts_round_trip_and_validate():
     config = FourbitConfig(quant_type="fp4", compress_statistics=False, compute_dtype="bfloat16", blocksize=128)
     again = FourbitConfig.from_dict(config.to_dict())

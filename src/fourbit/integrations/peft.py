@@ -12,7 +12,7 @@ peft has no registry of layer types, only that per-config hook, so importing thi
 wraps peft's LoRA dispatch: a config that meets a fourbit layer is registered on the way
 (``peft.get_peft_model`` and ``PeftModel.from_pretrained`` with a plain ``LoraConfig`` then give
 fourbit layers their own LoRA layer too). Loading a model with ``FourbitConfig`` imports it when
-peft is installed.
+peft is loaded, or once it is (``fourbit.integrations.peft_hook``).
 """
 
 from __future__ import annotations

@@ -12,9 +12,6 @@ Checkpoints written by transformers + bitsandbytes load through ``from_pretraine
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -28,6 +25,7 @@ from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUA
 from ..nn import Linear4bit, Params4bit
 from ..state_dict_layout import STATISTICS_KEYS, packed_state_key
 from ..validation import check_settings
+from .peft_hook import teach_peft
 
 try:
     from transformers import AutoConfig
@@ -366,11 +364,7 @@ class FourbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         model.is_loaded_in_4bit = True
-        # peft's LoRA dispatch learns fourbit's layers (fourbit.integrations.peft); a peft too old
-        # for fourbit's LoRA layer is left alone (register_lora says why when called)
-        if importlib.util.find_spec("peft") is not None:
-            with contextlib.suppress(ImportError):
-                importlib.import_module("fourbit.integrations.peft")
+        teach_peft()  # peft's LoRA dispatch learns fourbit's layers, now or when peft is imported
         # Saving needs no conversion back: ``Linear4bit``'s state dict already holds the checkpoint's
         # entries. transformers before 5.24 would replay this loader's key patterns in reverse on
         # every key holding "weight", and so write ``weight.absmax.absmax`` and the like.
