@@ -363,6 +363,14 @@ def test_a_folder_quantized_by_the_command_loads_with_from_pretrained(tmp_path: 
     assert settings["quant_method"] == "fourbit" and settings["quant_type"] == "fp4"
     assert settings["skip_modules"] == ["lm_head", *(f"model.layers.{i}.self_attn.q_proj" for i in range(2))]
 
+    # a folder of a quantized model keeps its own config: its 4-bit weights pass through unchanged
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bnb"}}))
+    assert main(["quantize", str(source), "-o", str(tmp_path / "again"), "-q"]) == 0
+    assert "holds a model quantized with bnb" in capsys.readouterr().err
+    assert not (tmp_path / "again" / "config.json").exists()
+    (source / "config.json").write_text(json.dumps(config))
+
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
     assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
     config = FourbitConfig(quant_type="fp4", skip_modules=["lm_head", "q_proj"])

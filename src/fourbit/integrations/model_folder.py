@@ -19,7 +19,14 @@ from torch import nn
 from ..checkpoint import SHARD_INDEX_NAME
 from ..loading import is_conv1d
 
-__all__ = ["WEIGHT_SUFFIXES", "checkpoint_layers", "config_folder", "folder_files", "kept_layers"]
+__all__ = [
+    "WEIGHT_SUFFIXES",
+    "checkpoint_layers",
+    "config_folder",
+    "folder_files",
+    "kept_layers",
+    "quantization_method",
+]
 
 #: Files of a model folder that hold weights (in any format): ``folder_files`` does not copy them.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
@@ -105,6 +112,13 @@ def kept_layers(layers: Mapping[str, str], quantized: Mapping[str, bool]) -> lis
     tied = {name for name, kind in layers.items() if kind == "tied"}
     prefixed = {name for name in tied if any(other != name and name.endswith(f".{other}") for other in tied)}
     return sorted({name.removesuffix(".weight") for name in kept | (tied - prefixed)})
+
+
+def quantization_method(folder: str | os.PathLike) -> str | None:
+    """The ``quant_method`` of the model ``folder``'s config.json, None for a float model."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    settings = config.get("quantization_config")
+    return str(settings.get("quant_method", "an unnamed method")) if isinstance(settings, dict) else None
 
 
 def folder_files(folder: str | os.PathLike, quantization_config: Mapping[str, object]) -> dict[str, bytes]:

@@ -111,12 +111,21 @@ def _model_files(
     """For a transformers model folder: what the quantized folder needs beside its weights to load
     with ``from_pretrained`` (None, with a note, when fourbit's transformers integration cannot
     load here)."""
-    from ..integrations.model_folder import folder_files, kept_layers
+    from ..integrations.model_folder import folder_files, kept_layers, quantization_method
 
     try:
         from ..integrations.transformers import FourbitConfig
     except ImportError as error:
         print(f"fourbit: note: {error}; config.json and the tokenizer are not copied", file=sys.stderr)
+        return None
+    method = quantization_method(folder)
+    if method is not None:
+        print(
+            f"fourbit: note: {folder} holds a model quantized with {method}: its 4-bit weights are copied as "
+            "they are, config.json and the tokenizer are not (fourbit loads the folder itself: "
+            "fourbit.integrations.transformers.from_pretrained)",
+            file=sys.stderr,
+        )
         return None
     settings = FourbitConfig(
         quant_type=args.quant_type,
