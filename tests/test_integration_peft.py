@@ -236,6 +236,7 @@ ids = torch.arange(32).reshape(2, 16)
 def load():
     return AutoModelForCausalLM.from_pretrained({float_checkpoint!r}, quantization_config=FourbitConfig())
 model = load()
+ids = ids.to(model.device)
 assert "peft" not in sys.modules and "fourbit.integrations.peft" not in sys.modules
 from peft import LoraConfig, PeftModel, get_peft_model
 assert "fourbit.integrations.peft" in sys.modules

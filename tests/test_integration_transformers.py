@@ -328,7 +328,7 @@ def test_fourbit_quantize_reads_a_gpt2_folders_layers_from_its_config(tmp_path: 
     torch.testing.assert_close(_logits(fresh), _logits(float_model), rtol=0, atol=0)
     settings = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
     assert settings["skip_modules"] == ["lm_head"]  # tied to wte, not saved: kept, without a warning on load
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")  # config.json came along
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")  # config.json came along
     torch.testing.assert_close(_logits(loaded), _logits(float_model), rtol=0, atol=0)
 
     # by name alone (the old behaviour, kept behind --no-config) the Conv1D weights are (in, out)
@@ -371,10 +371,10 @@ def test_a_folder_quantized_by_the_command_loads_with_from_pretrained(tmp_path: 
     assert not (tmp_path / "again" / "config.json").exists()
     (source / "config.json").write_text(json.dumps(config))
 
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
     assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
     config = FourbitConfig(quant_type="fp4", skip_modules=["lm_head", "q_proj"])
-    expected = AutoModelForCausalLM.from_pretrained(source, quantization_config=config)
+    expected = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
     _assert_same_state(_state(loaded), _state(expected))
     torch.testing.assert_close(_logits(loaded), _logits(expected), rtol=0, atol=0)
 
