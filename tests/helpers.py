@@ -95,6 +95,29 @@ def save_tiny_llama(folder, dtype: torch.dtype = torch.float32, max_shard_size: 
     return str(folder)
 
 
+#: Token ids the transformers tests feed tiny models (vocabulary 128).
+TOKEN_IDS = torch.arange(18).reshape(2, 9) % 128
+
+
+def causal_lm_logits(model: torch.nn.Module, ids: torch.Tensor = TOKEN_IDS) -> torch.Tensor:
+    """A causal language model's logits for ``ids`` (eval mode, no grad), on the CPU."""
+    model.eval()
+    with torch.no_grad():
+        return model(ids.to(model.device)).logits.cpu()
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model.state_dict()``."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same keys and, for each, the same tensor (wherever each lies)."""
+    assert sorted(actual) == sorted(expected)
+    different = [key for key in expected if not torch.equal(actual[key].cpu(), expected[key].cpu())]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
 def run_without_bitsandbytes(code: str, timeout: float = 240) -> str:
     """Run ``code`` in a fresh interpreter where ``import bitsandbytes`` fails and it looks uninstalled;
     return its stdout. Raises AssertionError with the output when it fails."""

@@ -9,25 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import available_devices, import_transformers, needs_fullgraph, run_without_bitsandbytes, save_tiny_llama
+from helpers import (
+    TOKEN_IDS,
+    assert_same_state,
+    available_devices,
+    causal_lm_logits,
+    import_transformers,
+    needs_fullgraph,
+    run_without_bitsandbytes,
+    save_tiny_llama,
+    state_of,
+)
 from torch import nn
 
 transformers = import_transformers()
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
-from fourbit.checkpoint import CheckpointError  # noqa: E402
 from fourbit.convert import quantize_model  # noqa: E402
 from fourbit.integrations.transformers import FourbitConfig  # noqa: E402
 from fourbit.nn import Linear4bit  # noqa: E402
 
-IDS = torch.arange(18).reshape(2, 9) % 128
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(IDS.to(model.device)).logits.cpu()
 
 
 def _bitsandbytes_nf4(compute_dtype: torch.dtype):
@@ -40,16 +42,6 @@ def _bitsandbytes_nf4(compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
-def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected)
-    different = [key for key in expected if not torch.equal(actual[key].cpu(), expected[key].cpu())]
-    assert not different, f"tensors differ: {different[:5]}"
 
 
 def _assert_bitsandbytes_bytes(key: str, ours: torch.Tensor, theirs: torch.Tensor, device: str) -> None:
@@ -81,8 +73,8 @@ def test_from_pretrained_quantizes_three_shards_like_quantize_model(tmp_path: Pa
     # hold absmax.mean(), whose last bit depends on the device's reduction order, as in bitsandbytes
     reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(model.device)
     quantize_model(reference)
-    _assert_same_state(_state(model), _state(reference))
-    assert torch.equal(_logits(model), _logits(reference))
+    assert_same_state(state_of(model), state_of(reference))
+    assert torch.equal(causal_lm_logits(model), causal_lm_logits(reference))
 
 
 def test_from_pretrained_peak_memory_stays_under_float_model_plus_one_shard(tmp_path: Path):
@@ -152,8 +144,8 @@ def test_save_pretrained_round_trip_is_byte_identical(tmp_path: Path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "4bit")
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, Linear4bit)
     assert reloaded.model.layers[0].mlp.down_proj.weight.quant_type == "fp4"
-    _assert_same_state(_state(reloaded), _state(model))
-    assert torch.equal(_logits(reloaded), _logits(model))
+    assert_same_state(state_of(reloaded), state_of(model))
+    assert torch.equal(causal_lm_logits(reloaded), causal_lm_logits(model))
 
 
 def test_bitsandbytes_serialization_reloads_with_transformers_and_bitsandbytes(tmp_path: Path):
@@ -167,7 +159,7 @@ def test_bitsandbytes_serialization_reloads_with_transformers_and_bitsandbytes(t
 
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "4bit", device_map="cpu")
     assert type(theirs.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
-    _assert_same_state(_state(theirs), _state(model))
+    assert_same_state(state_of(theirs), state_of(model))
 
 
 def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path: Path):
@@ -178,7 +170,7 @@ def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path: Path):
         path, quantization_config=bnb_config, dtype=torch.bfloat16, device_map="cpu"
     )
     theirs.save_pretrained(tmp_path / "bnb")  # before any forward: bitsandbytes' CPU path repacks on the first
-    torch.save({"ids": IDS, "logits": _logits(theirs)}, tmp_path / "expected.pt")
+    torch.save({"ids": TOKEN_IDS, "logits": causal_lm_logits(theirs)}, tmp_path / "expected.pt")
 
     out = run_without_bitsandbytes(
         f"""
@@ -223,11 +215,11 @@ def test_skip_modules_and_dequantize(tmp_path: Path):
     assert isinstance(model.model.layers[1].self_attn.q_proj, Linear4bit)
     assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
 
-    quantized_logits = _logits(model)
+    quantized_logits = causal_lm_logits(model)
     model = model.dequantize()
     assert not any(isinstance(module, Linear4bit) for module in model.modules())
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
-    torch.testing.assert_close(_logits(model), quantized_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(causal_lm_logits(model), quantized_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_a_head_tied_to_the_embedding_stays_float_when_every_layer_is_asked_for(tmp_path: Path):
@@ -244,11 +236,11 @@ def test_a_head_tied_to_the_embedding_stays_float_when_every_layer_is_asked_for(
     assert type(model.lm_head) is nn.Linear
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
-    logits = _logits(model)
-    torch.testing.assert_close(logits, _logits(default), rtol=0, atol=0)
+    logits = causal_lm_logits(model)
+    torch.testing.assert_close(logits, causal_lm_logits(default), rtol=0, atol=0)
     model.save_pretrained(tmp_path / "nf4")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
-    torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
+    torch.testing.assert_close(causal_lm_logits(reloaded), logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", available_devices())
@@ -282,120 +274,37 @@ def test_gpt2_conv1d_layers_are_quantized_as_bitsandbytes_quantizes_them(tmp_pat
     for key in keys:
         _assert_bitsandbytes_bytes(key, ours[key].cpu(), theirs[key].cpu(), device)
 
-    logits = _logits(model)
+    logits = causal_lm_logits(model)
     float_model = AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32, device_map=device)
-    float_logits = _logits(float_model)
+    float_logits = causal_lm_logits(float_model)
     assert (logits - float_logits).norm() / float_logits.norm() < 0.2
     report = quantize_model(float_model)  # the same layers, from the float model in memory
     assert sorted(report.converted) == sorted(projections)
     converted = float_model.state_dict()
     assert all(torch.equal(converted[key].cpu(), ours[key].cpu()) for key in keys)
-    torch.testing.assert_close(_logits(float_model), logits, rtol=0, atol=0)
+    torch.testing.assert_close(causal_lm_logits(float_model), logits, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "nf4")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map=device)
-    torch.testing.assert_close(_logits(reloaded), logits, rtol=0, atol=0)
+    torch.testing.assert_close(causal_lm_logits(reloaded), logits, rtol=0, atol=0)
 
 
-def test_fourbit_quantize_reads_a_gpt2_folders_layers_from_its_config(tmp_path: Path, capsys):
-    """``fourbit quantize`` on a GPT-2 folder quantized the embeddings (``wte``, ``wpe``: the
-    default skip misses their names) and the Conv1D weights as stored, (in, out), so that nothing
-    could load it. With the folder's config.json it writes what ``quantize_model`` gives (Conv1D
-    weights transposed, embeddings kept), and ``load_quantized`` reads it into a meta-built model,
-    the output head tied to the embedding again."""
-    from safetensors.torch import load_file
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_mixture_of_experts_weights_left_in_full_precision_are_named(tmp_path: Path):
+    """transformers 5 keeps a mixture-of-experts layer's experts as 3-D parameters, not Linear
+    layers: neither fourbit nor bitsandbytes quantizes them, so a "4-bit" Mixtral holds most of
+    its weights in full precision. Loading says so, with their share of the parameters."""
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    from fourbit.convert import load_quantized
-    from fourbit.loading import LoadReport
-    from fourbit.tools.cli import main
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    float_model = GPT2LMHeadModel(config).eval()
-    float_model.save_pretrained(tmp_path / "float")
-    assert main(["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "nf4")]) == 0
-    assert "8 Conv1D weights" in capsys.readouterr().out
-
-    quantize_model(float_model)
-    expected = {key: value for key, value in float_model.state_dict().items() if key != "lm_head.weight"}
-    _assert_same_state(load_file(tmp_path / "nf4" / "model.safetensors"), expected)
-    with torch.device("meta"):
-        fresh = GPT2LMHeadModel(config)
-    assert load_quantized(fresh, tmp_path / "nf4").converted == [
-        name for name, module in float_model.named_modules() if isinstance(module, Linear4bit)
-    ]
-    assert fresh.lm_head.weight is fresh.transformer.wte.weight
-    torch.testing.assert_close(_logits(fresh), _logits(float_model), rtol=0, atol=0)
-    settings = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
-    assert settings["skip_modules"] == ["lm_head"]  # tied to wte, not saved: kept, without a warning on load
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")  # config.json came along
-    torch.testing.assert_close(_logits(loaded), _logits(float_model), rtol=0, atol=0)
-
-    # by name alone (the old behaviour, kept behind --no-config) the Conv1D weights are (in, out)
-    args = ["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "by-name"), "--no-config", "--skip", "*wte*"]
-    assert main([*args, "*wpe*"]) == 0
-    with torch.device("meta"):
-        fresh = GPT2LMHeadModel(config)
-    with pytest.raises(
-        CheckpointError, match=r"c_attn.weight. has shape \(64, 192\).*Conv1D weight quantized as stored"
-    ):
-        load_quantized(fresh, tmp_path / "by-name")
-    assert isinstance(load_quantized(fresh, tmp_path / "nf4"), LoadReport)  # the failed load changed nothing
-
-
-def test_a_folder_quantized_by_the_command_loads_with_from_pretrained(tmp_path: Path, capsys):
-    """``fourbit quantize`` on a sharded model folder copies config.json (with fourbit's
-    quantization_config, the layers ``--skip`` kept as ``skip_modules``), the tokenizer and the
-    other small files, but no weights of other formats: ``from_pretrained`` then gives the model
-    ``from_pretrained`` with ``FourbitConfig`` gives, byte for byte."""
-    from fourbit.tools.cli import main
-
-    source = Path(save_tiny_llama(tmp_path / "float", max_shard_size="100KB"))
-    (source / "tokenizer.json").write_text('{"version": "1.0"}')
-    (source / "pytorch_model.bin").write_bytes(b"weights in another format")
-    args = ["quantize", str(source), "-o", str(tmp_path / "nf4"), "--skip", "lm_head", "*.q_proj"]
-    assert main([*args, "--quant-type", "fp4"]) == 0
-    assert "from_pretrained" in capsys.readouterr().out
-    files = {path.name for path in (tmp_path / "nf4").iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"} <= files
-    assert "pytorch_model.bin" not in files
-    settings = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
-    assert settings["quant_method"] == "fourbit" and settings["quant_type"] == "fp4"
-    assert settings["skip_modules"] == ["lm_head", *(f"model.layers.{i}.self_attn.q_proj" for i in range(2))]
-
-    # a folder of a quantized model keeps its own config: its 4-bit weights pass through unchanged
-    config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bnb"}}))
-    assert main(["quantize", str(source), "-o", str(tmp_path / "again"), "-q"]) == 0
-    assert "holds a model quantized with bnb" in capsys.readouterr().err
-    assert not (tmp_path / "again" / "config.json").exists()
-    (source / "config.json").write_text(json.dumps(config))
-
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
-    assert type(loaded.model.layers[0].self_attn.q_proj) is nn.Linear
-    config = FourbitConfig(quant_type="fp4", skip_modules=["lm_head", "q_proj"])
-    expected = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
-    _assert_same_state(_state(loaded), _state(expected))
-    torch.testing.assert_close(_logits(loaded), _logits(expected), rtol=0, atol=0)
-
-
-def test_the_after_import_hook_runs_its_callback_once_the_module_ran(tmp_path: Path, monkeypatch):
-    """How loading a model teaches peft without importing it: a finder that wraps the module's own
-    loader, runs the callback after the module executed, and leaves ``sys.meta_path``."""
-    import sys
-
-    from fourbit.integrations.peft_hook import _AfterImport
-
-    (tmp_path / "fourbit_hook_probe.py").write_text("VALUE = 42\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    seen = []
-    finder = _AfterImport("fourbit_hook_probe", lambda: seen.append(sys.modules["fourbit_hook_probe"].VALUE))
-    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
-    try:
-        import fourbit_hook_probe  # noqa: F401
-    finally:
-        sys.modules.pop("fourbit_hook_probe", None)
-    assert seen == [42] and finder not in sys.meta_path
+    config = MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "float")
+    with pytest.warns(UserWarning, match=r"4 batched \(mixture-of-experts\) weights, 8\d% of the model's param"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=FourbitConfig())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+    report = quantize_model(MixtralForCausalLM(config))
+    assert report.skipped["model.layers.1.mlp.experts.down_proj"].startswith("a batched (mixture-of-experts)")
 
 
 def test_config_dicts_round_trip_and_validate():
@@ -471,7 +380,7 @@ def test_a_float_layer_in_a_prequantized_checkpoint_is_quantized_on_load(tmp_pat
     assert isinstance(layer, Linear4bit) and layer.weight.dtype == torch.uint8
     reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=FourbitConfig(), dtype=torch.float32)
     assert torch.equal(layer.weight, reference.model.layers[1].mlp.down_proj.weight)
-    assert torch.equal(_logits(reloaded), _logits(reference))
+    assert torch.equal(causal_lm_logits(reloaded), causal_lm_logits(reference))
 
 
 @needs_fullgraph
@@ -497,8 +406,8 @@ def test_compiled_generate_with_module_guards_skipped_gives_eager_tokens(tmp_pat
     options = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
     torch.compiler.reset()
     with torch.no_grad():
-        eager = model.generate(IDS, **options)
-        compiled = model.generate(IDS, compile_config=config, **options)
+        eager = model.generate(TOKEN_IDS, **options)
+        compiled = model.generate(TOKEN_IDS, compile_config=config, **options)
     assert hasattr(model, "_compiled_call"), "decoding ran compiled"
     assert torch.equal(compiled, eager)
     on_layers = [name for name in kept if not name.startswith("G[") and ("quant_state" in name or "_proj" in name)]

@@ -21,10 +21,12 @@ from .nn import Linear4bit, Params4bit
 from .validation import check_settings
 
 __all__ = [
+    "BATCHED_WEIGHT_REASON",
     "DEFAULT_CHECKPOINT_SKIP",
     "ConversionReport",
     "LoadReport",
     "TensorReport",
+    "batched_weights",
     "dequantize_layer",
     "dequantize_model",
     "load_quantized",
@@ -67,6 +69,24 @@ class ConversionReport:
         )
 
 
+#: Why ``quantize_model`` keeps a batched (3-D or more) weight such as a mixture-of-experts layer's.
+BATCHED_WEIGHT_REASON = "a batched (mixture-of-experts) weight: only Linear layers are quantized"
+
+
+def batched_weights(model: nn.Module) -> dict[str, int]:
+    """Floating parameters of three or more dimensions outside convolutions (transformers 5 keeps a
+    mixture-of-experts layer's experts as one 3-D ``gate_up_proj`` and one ``down_proj``), which
+    4-bit quantization of Linear layers leaves as they are: name -> number of elements."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for pname, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() >= 3 and parameter.is_floating_point():
+                found[f"{name}.{pname}" if name else pname] = parameter.numel()
+    return found
+
+
 def _skip_reason(
     model: nn.Module, name: str, module: nn.Linear, skip: Sequence[str], owners: Mapping[int, list[str]]
 ) -> str | None:
@@ -103,11 +123,13 @@ def quantize_model(
 
     Layers matching a ``skip`` pattern (see ``matches``), projections owned by
     ``nn.MultiheadAttention`` and layers whose weight is tied to another parameter are kept (the
-    report says why), and so are layers whose weight is not float32, bfloat16 or float16: every layer
-    is checked before any is converted. Each weight is quantized on ``device`` (default: where it is) and its float
-    copy is released; biases move with it. Weights on the meta device become not-yet-quantized
-    Params4bit (load float weights, then ``.to(device)``). Forward hooks on replaced layers are not
-    carried over. ``progress`` shows a tqdm bar (None: when stderr is a terminal).
+    report says why), and so are layers whose weight is not float32, bfloat16 or float16: every
+    layer is checked before any is converted. Batched weights (``batched_weights``: a
+    mixture-of-experts layer's 3-D experts) stay in full precision; the report names them. Each
+    weight is quantized on ``device`` (default: where it is) and its float copy is released;
+    biases move with it. Weights on the meta device become not-yet-quantized Params4bit (load
+    float weights, then ``.to(device)``). Forward hooks on replaced layers are not carried over.
+    ``progress`` shows a tqdm bar (None: when stderr is a terminal).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,6 +149,7 @@ def quantize_model(
                 candidates.append((name, module))
             else:
                 report.skipped[name] = reason
+    report.skipped.update(dict.fromkeys(batched_weights(model), BATCHED_WEIGHT_REASON))
     if isinstance(model, nn.Linear) and not isinstance(model, Linear4bit):
         raise TypeError("quantize_model converts the Linear layers inside a model; build a Linear4bit directly")
     with progress_bar(len(candidates), "quantizing", progress) as advance:

@@ -12,7 +12,6 @@ Checkpoints written by transformers + bitsandbytes load through ``from_pretraine
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -20,17 +19,14 @@ import torch
 from torch import nn
 
 from ..convert import dequantize_model, quantize_model
-from ..file_quantization import matches
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES, packed_nbytes
 from ..nn import Linear4bit, Params4bit
 from ..state_dict_layout import STATISTICS_KEYS, packed_state_key
 from ..validation import check_settings
-from .peft_hook import teach_peft
 
 try:
     from transformers import AutoConfig
     from transformers.core_model_loading import ConversionOps, WeightConverter
-    from transformers.pytorch_utils import Conv1D
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
     from transformers.quantizers.quantizers_utils import get_module_from_name
@@ -40,6 +36,15 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "fourbit.integrations.transformers needs transformers 5 (its quantizer and weight-conversion API); "
         "install it with: pip install 'transformers>=5'"
     ) from error
+
+# after the check that transformers 5 is there (layer_rules imports from it)
+from .layer_rules import (
+    as_linear_weight,
+    conv1d_as_linear,
+    tied_linear_layers,
+    warn_about_batched_weights,
+)
+from .peft_hook import teach_peft
 
 __all__ = ["METHOD", "FourbitConfig", "FourbitHfQuantizer", "from_pretrained"]
 
@@ -214,7 +219,7 @@ class _QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             tensor = value[0] if isinstance(value, list) else value
             module, _ = get_module_from_name(model, name)
-            tensor = _as_linear_weight(module, tensor)
+            tensor = as_linear_weight(module, tensor)
             result[name] = module.weight.unquantized_like(tensor, module=module).to(tensor.device)
             module._is_hf_initialized = True
         return result
@@ -246,59 +251,12 @@ class _LoadPrequantized(ConversionOps):
                     "which hands the float weight over uncast so that it is quantized on load"
                 )
             module._is_hf_initialized = True
-            tensor = _as_linear_weight(module, tensor)
+            tensor = as_linear_weight(module, tensor)
             return {"weight": module.weight.unquantized_like(tensor, module=module).to(tensor.device)}
         packed = tensors.pop("weight")
         weight = Params4bit.from_prequantized(packed, tensors, requires_grad=False, device=packed.device, module=module)
         module._is_hf_initialized = True
         return {"weight": weight}
-
-
-def _conv1d_as_linear(model: nn.Module, skip: list[str]) -> list[str]:
-    """Replace transformers' ``Conv1D`` layers (GPT-2 and its kin: a Linear layer whose weight is
-    stored as (in, out)) outside ``skip`` by ``nn.Linear`` layers on the meta device, for
-    ``quantize_model`` to make 4-bit, as bitsandbytes' integration does; their names, whose float
-    checkpoint weights are transposed on load (``checkpoint_weight_transposed``)."""
-    names = [
-        name for name, module in model.named_modules()
-        if isinstance(module, Conv1D) and not matches(name, skip)
-    ]  # fmt: skip
-    for name in names:
-        conv = model.get_submodule(name)
-        in_features, out_features = conv.weight.shape
-        bias, dtype = conv.bias is not None, conv.weight.dtype
-        model.set_submodule(name, nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype))
-    return names
-
-
-def _as_linear_weight(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """A float checkpoint weight in ``nn.Linear``'s (out, in) order: a former ``Conv1D`` stores it transposed."""
-    return tensor.t() if getattr(module, "checkpoint_weight_transposed", False) else tensor
-
-
-def _tied_linear_layers(model: nn.Module, keep: list[str]) -> list[str]:
-    """The ``nn.Linear`` layers outside ``keep`` whose weight transformers ties to another module's
-    (an output head sharing the input embedding, tied after loading): a 4-bit layer cannot share a
-    float weight, so they stay in full precision, as ``quantize_model`` keeps tied layers, with a
-    warning that names them."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    partners: dict[str, list[str]] = {}
-    for first, second in tied.items():
-        partners.setdefault(first, []).append(second)
-        partners.setdefault(second, []).append(first)
-    modules = dict(model.named_modules())
-    found = []
-    for key in sorted(partners):
-        name = key.removesuffix(".weight")
-        covered = any(name == kept or name.startswith(f"{kept}.") for kept in keep)
-        if key.endswith(".weight") and isinstance(modules.get(name), nn.Linear) and not covered:
-            found.append(name)
-            warnings.warn(
-                f"{name}: its weight is tied to {', '.join(partners[key])} (tie_word_embeddings), and a "
-                "4-bit layer cannot share a float weight: kept in full precision",
-                stacklevel=3,
-            )
-    return found
 
 
 def _packed_placeholder(weight: Params4bit, module: nn.Module) -> Params4bit:
@@ -340,10 +298,11 @@ class FourbitHfQuantizer(HfQuantizer):
         keep = self.get_modules_to_not_convert(
             model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)
         )
-        keep = keep + _tied_linear_layers(model, keep)
+        keep = keep + tied_linear_layers(model, keep)
+        warn_about_batched_weights(model)
         self.modules_to_not_convert = keep
         skip = [pattern for name in keep for pattern in (name, f"{name}.*")]
-        transposed = _conv1d_as_linear(model, skip)
+        transposed = conv1d_as_linear(model, skip)
         quantize_model(
             model,
             quant_type=config.quant_type,
