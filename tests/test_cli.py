@@ -90,6 +90,24 @@ def test_quantize_and_inspect(float_checkpoint, tmp_path):
     assert "| embed_tokens.weight | 100x64 | float32 |" in listed.stdout
 
 
+def test_the_summary_names_what_it_leaves_and_why():
+    """Kept tensors of three or more dimensions (mixture-of-experts weights) and transposed
+    Conv1D weights get a line each, so that a model that stays mostly float says why."""
+    from fourbit.file_quantization import TensorReport
+    from fourbit.tools.cli import format_quantize_summary
+
+    reports = [
+        TensorReport("h.0.attn.c_attn.weight", (64, 192), torch.float32, True, 49152, 7000, 0.01, 0.09, True),
+        TensorReport("experts.gate_up_proj", (8, 256, 64), torch.bfloat16, False, 262144, 262144),
+        TensorReport("norm.weight", (64,), torch.float32, False, 256, 256),
+    ]
+    lines = format_quantize_summary(reports).splitlines()
+    assert lines[1].split()[:2] == ["quantized", "1"] and lines[2].split()[:2] == ["kept", "2"]
+    assert lines[-2] == "(1 Conv1D weights, stored (in, out), quantized as (out, in), as bitsandbytes does)"
+    assert lines[-1].startswith("(1 kept tensors of 3 or more dimensions, 0.26 MB: batched weights")
+    assert len(format_quantize_summary(reports[2:]).splitlines()) == 4
+
+
 def test_quantize_options(float_checkpoint, tmp_path):
     out = tmp_path / "q.safetensors"
     result = fourbit("quantize", float_checkpoint, "-o", out, "--no-double-quant", "--skip", "-q")

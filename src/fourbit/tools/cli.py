@@ -50,6 +50,12 @@ def format_quantize_summary(reports: Sequence[TensorReport]) -> str:
     transposed = sum(r.transposed for r in reports)
     if transposed:
         lines.append(f"({transposed} Conv1D weights, stored (in, out), quantized as (out, in), as bitsandbytes does)")
+    batched = [r for r in kept if len(r.shape) >= 3 and r.dtype.is_floating_point]
+    if batched:
+        lines.append(
+            f"({len(batched)} kept tensors of 3 or more dimensions, {_mb(sum(r.bytes_before for r in batched))} MB: "
+            "batched weights such as mixture-of-experts layers' are not quantized)"
+        )
     return "\n".join(lines)
 
 
