@@ -100,7 +100,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if not args.quiet:
         nested = "nested statistics" if not args.no_double_quant else "float32 absmax"
         print(f"{source} -> {destination}: {args.quant_type}, blocksize {args.blocksize}, {nested}")
-        print(f"layers: as {config} describes them" if config else "")
+        if config is not None:
+            print(f"layers: as {config} describes them")
         if extra_files is not None:
             print(
                 "config.json (with fourbit's quantization_config), tokenizer and the other files copied: "
