@@ -109,6 +109,17 @@ def test_a_file_cannot_be_written_over_a_folder(tmp_path):
         quantize_checkpoint(source, tmp_path / "out", overwrite=True, progress=False)
 
 
+def test_a_folder_of_pickled_weights_is_refused_with_a_way_out(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match=r"a folder without safetensors files$"):
+        quantize_checkpoint(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "pickled").mkdir()
+    torch.save({"w": torch.randn(8, 64)}, tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds pytorch_model\.bin: load the model and save it"):
+        quantize_checkpoint(tmp_path / "pickled", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sharded_checkpoint_is_described_whole(tmp_path):
     """transformers shards by tensor, so a 4-bit weight's statistics may sit in another shard."""
     packed, state = F4.quantize_4bit(torch.randn(32, 64), quant_type="nf4", compress_statistics=True)

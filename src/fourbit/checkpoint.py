@@ -236,7 +236,14 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
             return checkpoint_files(index)
         files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{path}: a folder without safetensors files")
+            pickled = sorted(file.name for suffix in ("*.bin", "*.pt", "*.pth") for file in path.glob(suffix))
+            hint = (
+                f" (it holds {', '.join(pickled[:3])}: load the model and save it with save_pretrained, "
+                "which writes safetensors)"
+                if pickled
+                else ""
+            )
+            raise CheckpointError(f"{path}: a folder without safetensors files{hint}")
         return files
     if path.name.endswith(".json"):
         try:
