@@ -216,8 +216,10 @@ def test_skip_modules_and_dequantize(tmp_path: Path):
     assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
 
     quantized_logits = causal_lm_logits(model)
+    assert model.is_loaded_in_4bit
     model = model.dequantize()
     assert not any(isinstance(module, Linear4bit) for module in model.modules())
+    assert not model.is_loaded_in_4bit
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
     torch.testing.assert_close(causal_lm_logits(model), quantized_logits, rtol=1e-4, atol=1e-4)
 

@@ -349,6 +349,7 @@ class FourbitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         dequantize_model(model, dtype)
+        model.is_loaded_in_4bit = False  # peft and trl read it to prepare 4-bit training
         return model
 
     def get_quantize_ops(self) -> ConversionOps:
