@@ -159,6 +159,75 @@ def test_register_fragment_kernel_refuses_k_warps_that_do_not_divide_its_warps()
             fragments.fragment_launch(weight, x, False, config, 1)
 
 
+@pytest.mark.gpu
+def test_the_fragment_kernel_gets_its_register_budget_whatever_ptxas_prefers():
+    """The fragment kernel runs with at least 7/8 of its 128 registers a thread: ptxas from CUDA 13
+    gives it 80 unless told, and it then runs up to twice as slow (``launch.needs_register_budget``)."""
+    from fourbit.formats import NestedStatistics
+    from fourbit.kernels.triton import dispatch, fragment_grid, fragments, launch
+
+    n, k, blocksize = 4096, 4096, 64
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+    absmax, extra = nested_statistics(absmax, True)
+    statistics = NestedStatistics.of(
+        extra["nested_absmax"], extra["nested_code"], extra["nested_offset"], extra["nested_blocksize"]
+    )
+    weight = kernels.linear.PreparedWeight(packed, absmax, code, blocksize, (n, k), statistics)
+    for rows in (1, 16):
+        x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+        product = fragments.fragment_launch(weight, x, False, (4, 0), dispatch.processors(x.device))
+        first = product(x, None)
+        assert product.launch.compiled_registers >= launch.REGISTER_SHORTFALL * fragment_grid.REGISTERS, rows
+        assert torch.equal(product(x, None), first), rows
+
+
+class _Compiled:
+    """What the JIT gives back for a kernel: its registers a thread and the launcher's parts."""
+
+    def __init__(self, registers: int) -> None:
+        self.n_regs, self.run, self.function, self.packed_metadata = registers, None, registers, (4, 1, 0)
+
+
+class _Kernel:
+    """A stand-in for a JIT function whose compiler gives ``registers`` unless a budget says more."""
+
+    def __init__(self, registers: int) -> None:
+        self.registers, self.launches, self.warmups = registers, [], []
+
+    def __getitem__(self, grid):
+        def launch(*arguments, **options):
+            self.launches.append(options)
+            return _Compiled(options.get("maxnreg", self.registers))
+
+        return launch
+
+    def warmup(self, *arguments, grid, **options):
+        self.warmups.append(options)
+        return _Compiled(options.get("maxnreg", self.registers))
+
+
+@pytest.mark.parametrize(
+    ("given", "budget", "recompiled"), [(80, 128, True), (111, 128, True), (112, 128, False), (128, 128, False),
+                                        (40, 0, False)]
+)  # fmt: skip
+def test_a_kernel_given_too_few_registers_is_compiled_again_with_its_budget(given, budget, recompiled):
+    """A launch whose first compile got under 7/8 of its register budget compiles the kernel again
+    with ``maxnreg`` in that same call (never later, perhaps inside a graph capture) and keeps that
+    one; one that got enough, or has no budget, keeps what it got."""
+    from fourbit.kernels.triton import launch
+
+    kernel = _Kernel(given)
+    launcher = launch.KernelLaunch(kernel, (1,), {"num_warps": 4}, torch.device("cpu"), registers=budget)
+    launcher(1, 2)
+    assert kernel.launches == [{"num_warps": 4}], "the first call launches once, as compiled by default"
+    assert kernel.warmups == ([{"num_warps": 4, "maxnreg": budget}] if recompiled else [])
+    assert launcher.compiled_registers == (budget if recompiled else given)
+    assert launcher.options.get("maxnreg") == (budget if recompiled else None)
+    if launch.DIRECT:
+        assert launcher.compiled[1] == launcher.compiled_registers  # the compile kept is the one launched next
+
+
 @pytest.mark.parametrize(
     "row_groups, k, parts",
     [(64, 4096, (4, 1)), (256, 4096, (4, 1)), (384, 4096, (4, 1)), (896, 4096, (2, 1)), (1792, 8192, (2, 1)),

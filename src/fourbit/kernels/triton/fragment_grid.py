@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import triton
 
-__all__ = ["GROUP_STEPS", "RESIDENT_PROGRAMS", "STEP", "aligned", "fragment_parts", "fragment_splits"]
+__all__ = ["GROUP_STEPS", "REGISTERS", "RESIDENT_PROGRAMS", "STEP", "aligned", "fragment_parts", "fragment_splits"]
 
 #: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
 #: iteration (the absmax of an iteration's steps is read at once).
@@ -20,9 +20,14 @@ def aligned(k: int, blocksize: int) -> bool:
     return k % max(blocksize, GROUP_STEPS * STEP) == 0
 
 
-#: Programs of the fragment kernel that one multiprocessor holds at once: 4 warps of 127
-#: registers a thread (Triton 3.6 on an H200, measured with Nsight Compute; Triton 3.9's ptxas
-#: needs 86) and 34 KiB of shared memory each. Capping registers to fit 5 or 6 was slower.
+#: Registers a thread of the fragment kernel is allowed. ptxas from CUDA 12 takes 124-128 on its
+#: own; the one from CUDA 13 takes 80 unless told (``launch.needs_register_budget``), and the
+#: kernel, which keeps its next words in registers, is then up to twice as slow.
+REGISTERS = 128
+
+#: Programs of the fragment kernel that one multiprocessor holds at once: 4 warps of up to
+#: ``REGISTERS`` registers a thread and 34 KiB of shared memory each (measured with Nsight
+#: Compute on an H200). Capping registers to fit 5 or 6 was slower.
 RESIDENT_PROGRAMS = 4
 
 

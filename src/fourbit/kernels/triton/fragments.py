@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
-from .fragment_grid import GROUP_STEPS, STEP, aligned, fragment_parts
+from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
 from .fragment_inputs import InputPermute, permuted_inputs, row_inputs
 from .launch import ProductLaunch
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
@@ -417,6 +417,7 @@ def fragment_launch(
          x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows,
+        registers=REGISTERS,
     )  # fmt: skip
 
 

@@ -74,16 +74,25 @@ class KernelLaunch:
     pointers (ints) too: the launcher then skips its ``data_ptr()`` call and its driver query of
     each pointer, which costs more than the rest of a decode-sized launch. Whoever keeps one keys
     it on everything Triton specializes on.
+
+    ``registers`` (non-zero) is what a thread of the kernel should be allowed: when ptxas gives
+    it less than ``REGISTER_SHORTFALL`` of that on its own, the kernel is compiled again with
+    ``maxnreg=registers`` (``needs_register_budget``).
     """
 
-    __slots__ = ("compiled", "device", "grid", "kernel", "options")
+    __slots__ = ("compiled", "compiled_registers", "device", "grid", "kernel", "options", "registers")
 
-    def __init__(self, kernel: triton.JITFunction, grid: Sequence[int], options: dict, device: torch.device) -> None:
+    def __init__(
+        self, kernel: triton.JITFunction, grid: Sequence[int], options: dict, device: torch.device, registers: int = 0
+    ) -> None:
         self.kernel = kernel
         self.grid = (*grid, 1, 1)[:3]
         self.options = options
         self.device = device
+        self.registers = registers
         self.compiled: tuple | None = None
+        #: Registers a thread of the kernel the JIT compiled got (None until the first call).
+        self.compiled_registers: int | None = None
 
     def direct(self) -> bool:
         """Whether ``run`` may launch: compiled, and nothing (a profiler) listens to launches."""
@@ -95,6 +104,12 @@ class KernelLaunch:
             self.run(*arguments)
             return
         handle = self.kernel[self.grid](*arguments, **self.options)
+        if needs_register_budget(handle, self.registers, self.options):
+            # compiled (and loaded) now, so that no later call compiles, perhaps inside a CUDA graph capture
+            self.options = {**self.options, "maxnreg": self.registers}
+            handle = self.kernel.warmup(*arguments, grid=self.grid, **self.options)
+            getattr(handle, "_init_handles", lambda: None)()
+        self.compiled_registers = getattr(handle, "n_regs", None)
         if DIRECT and self.compiled is None and hasattr(handle, "packed_metadata"):
             self.compiled = (handle.run, handle.function, handle.packed_metadata)
 
@@ -103,6 +118,22 @@ class KernelLaunch:
         run, function, metadata = self.compiled
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
         run(*self.grid, stream, function, metadata, None, None, None, *arguments)
+
+
+#: The share of a kernel's register budget below which it is compiled again with the budget.
+REGISTER_SHORTFALL = 7 / 8
+
+
+def needs_register_budget(handle: object, registers: int, options: dict) -> bool:
+    """Whether the compiled ``handle`` got fewer registers a thread than ``REGISTER_SHORTFALL`` of
+    ``registers`` without a budget of its own. ptxas from CUDA 13 (Triton 3.9 compiles for Hopper
+    with the 13.4 it bundles) trades registers for resident warps by default: the fragment kernel
+    got 80 instead of 128 and ran 36% slower at one row and 50-100% slower at 16 rows, as its
+    loads ahead need the registers."""
+    if not registers or "maxnreg" in options:
+        return False
+    compiled = getattr(handle, "n_regs", None)
+    return compiled is not None and 0 < compiled < REGISTER_SHORTFALL * registers
 
 
 def pointers(tensors: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
@@ -118,7 +149,7 @@ class ProductLaunch:
     for, or the ``before`` given to a call: a launch serves every weight whose tensors Triton
     specializes alike. A call allocates the ``rows x columns`` output (of ``out_shape``), takes
     the workspace when the kernel splits K, and launches; ``prepare_input`` (when given) turns
-    the caller's input into the kernel's ``x``.
+    the caller's input into the kernel's ``x``; ``registers`` is ``KernelLaunch``'s.
     """
 
     __slots__ = (
@@ -153,8 +184,9 @@ class ProductLaunch:
         tiles: int = 0,
         prepare_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
         out_shape: Sequence[int] | None = None,
+        registers: int = 0,
     ) -> None:
-        self.launch = KernelLaunch(kernel, grid, options, device)
+        self.launch = KernelLaunch(kernel, grid, options, device, registers)
         self.bind = bind
         self.before = bind(weight)
         self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
