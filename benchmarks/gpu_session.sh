@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate train" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate train ptxas" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -90,6 +90,16 @@ for stage in $STAGES; do
         ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/generate_compiled.md" ;;
     train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries
       "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 2>&1 | tee "$OUT/train.md" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, train)" >&2; exit 2 ;;
+    ptxas)  # the few-row kernel's tests and timings with another ptxas (PTXAS, default the machine's
+      # CUDA one: Triton 3.9 compiles Hopper kernels with a CUDA 13 ptxas), in a Triton cache of its own
+      ptxas=${PTXAS:-/usr/local/cuda/bin/ptxas}
+      "$ptxas" --version | tail -n 2 | tee "$OUT/ptxas.log"
+      cache=$(mktemp -d)
+      export_ptxas="TRITON_PTXAS_PATH=$ptxas TRITON_PTXAS_BLACKWELL_PATH=$ptxas TRITON_CACHE_DIR=$cache"
+      env $export_ptxas "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_tensor_core.py \
+        -k "fragment or register" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
+      env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
+        --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, train, ptxas)" >&2; exit 2 ;;
   esac
 done
