@@ -96,8 +96,9 @@ for stage in $STAGES; do
       "$ptxas" --version | tail -n 2 | tee "$OUT/ptxas.log"
       cache=$(mktemp -d)
       export_ptxas="TRITON_PTXAS_PATH=$ptxas TRITON_PTXAS_BLACKWELL_PATH=$ptxas TRITON_CACHE_DIR=$cache"
+      # the register budget and the input layouts' bits (the whole file compiles too much for one stage)
       env $export_ptxas "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_tensor_core.py \
-        -k "fragment or register" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
+        -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
     *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, train, ptxas)" >&2; exit 2 ;;
