@@ -52,3 +52,34 @@ def test_bench_train_prints_its_table():
                "--libraries", "fourbit", "--warmup", "0", "--repeats", "1")  # fmt: skip
     cells = _row(out, "1")
     assert NUMBER.match(cells[3]) and NUMBER.match(cells[4]), cells  # fourbit ms a step and tokens/s
+
+
+def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(tmp_path):
+    """``triton_compiles.py`` compiles a recorded compile (the input copy's kernel) for Hopper
+    with the Triton installed, and compares two replays kernel by kernel."""
+    import json
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton bundles no cuobjdump")
+    signature = {"x_ptr": "*i64", "out_ptr": "*i64", "M": "i32", "stride_xm": "i32", "total": "i32",
+                 "TILES": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+    record = [{
+        "module": "fourbit.kernels.triton.fragment_inputs", "name": "_permute_kernel", "signature": signature,
+        "constexprs": [[[5], 2], [[6], 1024]],
+        "attrs": [[[0], [["tt.divisibility", 16]]], [[1], [["tt.divisibility", 16]]]],
+        "options": {"num_warps": 4, "num_stages": 3, "maxnreg": None, "enable_fp_fusion": True},
+    }]  # fmt: skip
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    replay = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "triton_compiles.py"), "replay", str(tmp_path / "record.json"),
+         str(tmp_path / "replay.json")], capture_output=True, text=True, timeout=600, env=environment,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    (counts,) = json.loads((tmp_path / "replay.json").read_text())["compiles"]
+    assert counts["instructions"] > 20 and counts["global_loads"] > 0 and counts["registers"] > 0, counts
+    assert counts["constants"] == {"TILES": 2, "BLOCK": 1024}
+    compared = _run("triton_compiles.py", "compare", str(tmp_path / "replay.json"), str(tmp_path / "replay.json"))
+    cells = _row(compared, "_permute_kernel")
+    assert cells[1] == "1" and cells[2] == str(counts["instructions"]), cells

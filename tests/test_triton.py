@@ -89,6 +89,36 @@ def test_a_weight_without_columns_gives_the_bias(rows):
     assert torch.equal(kernels.linear_4bit(x, packed, absmax, code, 64, (24, 0)), zeros)
 
 
+def test_every_kernel_launch_states_floating_point_contraction(monkeypatch):
+    """Each kernel is compiled with ``enable_fp_fusion`` stated (``common.COMPILE_OPTIONS``, or
+    False where a kernel needs unfused products): Triton 3.9 warns on every compile that leaves it
+    unstated, and Triton 3.10 turns contraction off, which would change the products' bits."""
+    from triton.runtime import interpreter, jit
+
+    from fourbit.formats import create_dynamic_map
+
+    launches = []
+    for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+        original = cls.run
+
+        def run(self, *args, grid, warmup, _original=original, **kwargs):
+            launches.append((getattr(self, "__name__", None) or self.fn.__name__, kwargs))
+            return _original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    code = code_table("nf4")
+    weight = torch.randn(64, 256, device=DEVICE)
+    packed, absmax = kernels.quantize_4bit(weight, code, 64, torch.uint8)
+    kernels.quantize_4bit(torch.randn(100, device=DEVICE), code, 64, torch.uint8)  # a partial block
+    kernels.quantize_blockwise(absmax, create_dynamic_map().to(DEVICE), 256, absmax.mean())
+    kernels.dequantize_4bit(packed, absmax, code, 64, (64, 256), torch.float32)
+    for rows in (1, 17):
+        kernels.linear_4bit(torch.randn(rows, 256, device=DEVICE), packed, absmax, code, 64, (64, 256))
+    assert len(launches) >= 5
+    unstated = [name for name, options in launches if not isinstance(options.get("enable_fp_fusion"), bool)]
+    assert not unstated, unstated
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -220,8 +220,9 @@ def test_a_kernel_given_too_few_registers_is_compiled_again_with_its_budget(give
     kernel = _Kernel(given)
     launcher = launch.KernelLaunch(kernel, (1,), {"num_warps": 4}, torch.device("cpu"), registers=budget)
     launcher(1, 2)
-    assert kernel.launches == [{"num_warps": 4}], "the first call launches once, as compiled by default"
-    assert kernel.warmups == ([{"num_warps": 4, "maxnreg": budget}] if recompiled else [])
+    stated = launch.COMPILE_OPTIONS
+    assert kernel.launches == [{**stated, "num_warps": 4}], "the first call launches once, as compiled by default"
+    assert kernel.warmups == ([{**stated, "num_warps": 4, "maxnreg": budget}] if recompiled else [])
     assert launcher.compiled_registers == (budget if recompiled else given)
     assert launcher.options.get("maxnreg") == (budget if recompiled else None)
     if launch.DIRECT:

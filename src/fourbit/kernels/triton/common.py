@@ -20,6 +20,11 @@ from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 #: no PTX (kernels with inline PTX take another path or are not chosen there).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+#: Compile options every kernel states (a launch's own options may override them). The kernels'
+#: bits were checked with floating-point contraction (``a * b + c`` as one fma), Triton's default
+#: until 3.9; Triton 3.9 warns on every compile that leaves it unstated, and 3.10 turns it off.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def nested_arguments(absmax: torch.Tensor, nested: NestedStatistics | None) -> tuple:
     """The kernels' nested-statistics arguments (absmax, code, offset pointers, NESTED,

@@ -7,9 +7,7 @@ takes one pass (a wavefront) per line. From 9 rows on, the input loads are about
 L1 passes of the whole kernel, which limits it there (Nsight Compute on an H200, 28672x8192 at 16
 rows: L1 90% busy, DRAM 36%). Copied in fragment order (``InputPermute``), each half of a lane's
 words lies in one 512-byte run across the warp, four lines an instruction: one more kernel, worth
-it for large weights (``tuning.PermuteRule``). Either way a lane's two words are one 16-byte
-load in inline PTX (``ptx.pair_load_ptx``): Triton 3.9 would route a ``tl.load`` of them
-through shared memory.
+it for large weights (``tuning.PermuteRule``).
 """
 
 from __future__ import annotations
@@ -19,22 +17,11 @@ import triton
 import triton.language as tl
 
 from .launch import KernelLaunch
-from .ptx import pair_load_ptx
 
 __all__ = ["InputPermute", "permuted_inputs", "row_inputs"]
 
 #: Words of the copy that one program of ``_permute_kernel`` writes.
 _PERMUTE_BLOCK = 1024
-
-_PAIR_LOAD = tl.constexpr(pair_load_ptx())
-
-
-@triton.jit
-def _pair(pointer, live):
-    """Two int64 words from ``pointer`` (16-byte aligned) in one load, zeros where not ``live``."""
-    return tl.inline_asm_elementwise(
-        _PAIR_LOAD, "=l,=l,l,r", [pointer.to(tl.int64, bitcast=True), live.to(tl.int32)], (tl.int64, tl.int64), True, 1
-    )
 
 
 @triton.jit
@@ -42,10 +29,10 @@ def _input_columns(x_ptr, row, M, stride_xm, column, live):
     """The four int64 words (four 16-bit values each) of input row ``row`` from int64 column
     ``column`` on, as two 16-byte loads per thread; zeros for rows beyond M and where not
     ``live``."""
-    start = x_ptr + row.to(tl.int64) * stride_xm + column
-    mask = (row < M) & live
-    w0, w1 = _pair(start, mask)
-    w2, w3 = _pair(start + 2, mask)
+    start = x_ptr + row.to(tl.int64)[:, None] * stride_xm + column[:, None] + tl.arange(0, 2)[None, :]
+    mask = ((row < M) & live)[:, None]
+    w0, w1 = tl.split(tl.load(start, mask=mask, other=0))
+    w2, w3 = tl.split(tl.load(start + 2, mask=mask, other=0))
     return w0, w1, w2, w3
 
 
@@ -66,10 +53,10 @@ def row_inputs(x_ptr, group, M, stride_xm, column, live, TILES: tl.constexpr):
 def _permuted_columns(x_ptr, lane, step, tile, live, TILES: tl.constexpr):
     """``_input_columns`` from the copy in fragment order: this lane's words of tile ``tile`` at
     step ``step``."""
-    start = x_ptr + ((step * TILES + tile) * 64 + lane) * 2
-    mask = (lane < 32) & live  # live may be one value for the whole program
-    w0, w1 = _pair(start, mask)
-    w2, w3 = _pair(start + 64, mask)
+    start = x_ptr + (((step * TILES + tile) * 64 + lane) * 2)[:, None] + tl.arange(0, 2)[None, :]
+    mask = ((lane < 32) & live)[:, None]  # live may be one value for the whole program
+    w0, w1 = tl.split(tl.load(start, mask=mask, other=0))
+    w2, w3 = tl.split(tl.load(start + 64, mask=mask, other=0))
     return w0, w1, w2, w3
 
 

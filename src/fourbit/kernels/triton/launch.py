@@ -27,7 +27,7 @@ try:
 except ImportError:  # Triton before 3.4 keeps the launch hooks on CompiledKernel
     knobs = None
 
-from .common import INTERPRETED
+from .common import COMPILE_OPTIONS, INTERPRETED
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -75,6 +75,7 @@ class KernelLaunch:
     each pointer, which costs more than the rest of a decode-sized launch. Whoever keeps one keys
     it on everything Triton specializes on.
 
+    ``options`` (Triton's: ``num_warps`` ...) come on top of ``common.COMPILE_OPTIONS``.
     ``registers`` (non-zero) is what a thread of the kernel should be allowed: when ptxas gives
     it less than ``REGISTER_SHORTFALL`` of that on its own, the kernel is compiled again with
     ``maxnreg=registers`` (``needs_register_budget``).
@@ -87,7 +88,7 @@ class KernelLaunch:
     ) -> None:
         self.kernel = kernel
         self.grid = (*grid, 1, 1)[:3]
-        self.options = options
+        self.options = {**COMPILE_OPTIONS, **options}
         self.device = device
         self.registers = registers
         self.compiled: tuple | None = None

@@ -4,7 +4,7 @@ it can be read and tested without a GPU:
 * the byte-permute decode of a packed word into 16-bit values (``byte_permute``, and inside the
   fragment kernel's steps);
 * the fragment kernel's (``fragments``) shared table of code pairs, one 64-column step of
-  ``mma.sync`` products, the nested-code lookup, and its input loads (``fragment_inputs``);
+  ``mma.sync`` products, and the nested-code lookup;
 * the quantizer's (``quantize``) shared lane table: its fill and one entry's read.
 """
 
@@ -19,7 +19,6 @@ __all__ = [
     "lane_table_entry_ptx",
     "lane_table_fill_ptx",
     "nested_code_ptx",
-    "pair_load_ptx",
     "step_constraints",
     "step_ptx",
     "table_ptx",
@@ -173,16 +172,6 @@ def nested_code_ptx() -> str:
         f"{{\n.reg .b32 a;\nmov.u32 a, fourbit_code_table;\nmad.lo.u32 a, $1, 4, a;\n"
         f"ld.shared.f32 $0, [a + {4 * PAIRS}];\n}}"
     )
-
-
-def pair_load_ptx() -> str:
-    """PTX that loads two int64 words (``$0``, ``$1``) from the 16-byte aligned global address
-    ``$2`` in one 16-byte load where ``$3`` is non-zero, zeros elsewhere. The fragment kernel's
-    input loads: written as ``tl.load`` of a ``[rows, 2]`` block, Triton 3.9 spreads the block
-    across threads and moves it through shared memory (16 barriers a loop, 518 instructions
-    instead of 404); one load a thread keeps the words in the registers that use them."""
-    zeros = "mov.b64 $0, 0;\nmov.b64 $1, 0;"
-    return f"{{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n{zeros}\n@p ld.global.v2.b64 {{$0, $1}}, [$2];\n}}"
 
 
 def lane_table_fill_ptx(entries: int, columns: int) -> str:

@@ -23,7 +23,7 @@ from .. import reference
 from ..derived import derived
 from ..reference import BLOCKWISE_GRID_STEPS, blockwise_lookup, sorted_code
 from . import tuning
-from .common import INTERPRETED
+from .common import COMPILE_OPTIONS, INTERPRETED
 from .ptx import lane_table_entry_ptx, lane_table_fill_ptx
 from .tuning import QuantizeConfig
 
@@ -267,11 +267,11 @@ def quantize_4bit(
             grid = (min(triton.cdiv(whole, per_tile), program_limit(A.device, config)),)
             _quantize_4bit_kernel[grid](
                 *arguments, 0, whole, blocksize, per_tile, False, *cell_layout, 32 * config.warps,
-                num_warps=config.warps,
+                num_warps=config.warps, **COMPILE_OPTIONS,
             )  # fmt: skip
         if whole * blocksize < n:
             _quantize_4bit_kernel[(1,)](
-                *arguments, whole, whole + 1, blocksize, 1, True, *cell_layout, 128, num_warps=4
+                *arguments, whole, whole + 1, blocksize, 1, True, *cell_layout, 128, num_warps=4, **COMPILE_OPTIONS
             )  # fmt: skip
     return packed.view(quant_storage).unsqueeze(1), absmax
 
