@@ -43,7 +43,7 @@ for stage in $STAGES; do
         # take a sixth of the suite's work here): left out unless ALL=1 or FILES names them; the
         # CPU cases of the other files' device parameter too (FOURBIT_TEST_DEVICES, tests/helpers.py)
         if [ -z "${FILES:-}" ] && [ "${ALL:-0}" != 1 ]; then
-          files=$(printf '%s\n' $files | grep -v -E '/test_(cpu_kernels|cpu_native|cpu_build|demo|test_shards|benchmarks)\.py$')
+          files=$(printf '%s\n' $files | grep -v -E '/test_(cpu_kernels|cpu_native|cpu_native_paths|cpu_build|demo|test_shards|benchmarks)\.py$')
           export FOURBIT_TEST_DEVICES=${FOURBIT_TEST_DEVICES:-cuda}
         fi
         for file in $(printf '%s\n' $files | awk '!seen[$0]++'); do

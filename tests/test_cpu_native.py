@@ -1,6 +1,7 @@
 """The native CPU kernels (fourbit.kernels.cpu.native): each variant bit-exact in dequantize and
 quantize and within the reference's tolerance in the product, odd shapes, threads and rows.
-Building them (cache, fallback, switches): test_cpu_build.py."""
+Which path a product takes: test_cpu_native_paths.py. Building them (cache, fallback,
+switches): test_cpu_build.py."""
 
 from __future__ import annotations
 
@@ -8,46 +9,16 @@ import threading
 
 import pytest
 import torch
+from cpu_native_cases import VARIANTS, bits, each_variant, prepared_of, sample_weight
 from helpers import describe_dtype
 
 import fourbit.functional as F4
-from fourbit.formats import NestedStatistics
 from fourbit.kernels import cpu, reference
 from fourbit.kernels.cpu import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no working C++ compiler here")
 
-_BEST = native.isa()
-VARIANTS = [name for index, name in enumerate(native.ISA_NAMES) if index <= _BEST]
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    monkeypatch.setenv("FOURBIT_CPU_ISA", request.param)
-    assert native.ISA_NAMES[native.refresh_isa()] == request.param
-    yield request.param
-    monkeypatch.undo()
-    native.refresh_isa()
-
-
-def _weight(shape, quant_type, blocksize, nested, seed=0):
-    torch.manual_seed(seed)
-    data = torch.randn(shape)
-    data.view(-1)[:blocksize] = 0  # a zero block
-    packed, state = F4.quantize_4bit(data, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
-    return packed, F4.op_arguments(state, packed.device)
-
-
-def _prepared(packed, blocksize, shape, arguments) -> cpu.PreparedWeight:
-    """The prepared weight of ``_weight``'s op arguments (its nested statistics as one value)."""
-    flat = dict(arguments)
-    names = ("nested_absmax", "nested_code", "nested_offset", "nested_blocksize")
-    nested = NestedStatistics.of(*(flat.pop(name) for name in names if name in flat))
-    return cpu.PreparedWeight(packed, blocksize=blocksize, shape=shape, nested=nested, **flat)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+variant = pytest.fixture(params=VARIANTS)(each_variant)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -55,11 +26,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 4096])
 def test_dequantize_is_bit_identical_for_every_variant(variant, quant_type, nested, blocksize):
     for shape in [(64, 256), (33, 77), (1, 4096 + 5)]:  # whole blocks, a short last block, an odd count
-        packed, arguments = _weight(shape, quant_type, blocksize, nested)
+        packed, arguments = sample_weight(shape, quant_type, blocksize, nested)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             expected = reference.dequantize_4bit(packed, blocksize=blocksize, shape=shape, dtype=dtype, **arguments)
             got = cpu.dequantize_4bit(packed, blocksize=blocksize, shape=shape, dtype=dtype, **arguments)
-            assert torch.equal(_bits(got), _bits(expected)), (shape, dtype)
+            assert torch.equal(bits(got), bits(expected)), (shape, dtype)
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
@@ -69,11 +40,11 @@ def test_the_widened_decode_gives_the_16_bit_values_as_float32(variant, nested, 
     to bfloat16 or float16 as the reference decodes them, then widened, bit for bit, for ranges
     over several runs of a thread, from the weight's start or from a later block."""
     shape = (96, 4096)  # 24 nested groups of blocksize 64: runs of 16384 elements and a short one
-    packed, arguments = _weight(shape, "nf4", blocksize, nested)
+    packed, arguments = sample_weight(shape, "nf4", blocksize, nested)
     arguments["absmax"] = arguments["absmax"].clone()
     if not nested:
         arguments["absmax"][3] = float("nan")  # a block of NaN
-    prepared = _prepared(packed, blocksize, shape, arguments)
+    prepared = prepared_of(packed, blocksize, shape, arguments)
     numel = shape[0] * shape[1]
     for dtype in (torch.bfloat16, torch.float16):
         expected = reference.dequantize_4bit(packed, blocksize=blocksize, shape=shape, dtype=dtype, **arguments)
@@ -85,18 +56,18 @@ def test_the_widened_decode_gives_the_16_bit_values_as_float32(variant, nested, 
                 prepared._pointer, first, count, out.data_ptr(), native.dtype_code(dtype), native.isa(), 2
             )
             wanted = expected.reshape(-1)[first : first + count].float()
-            assert torch.equal(_bits(out), _bits(wanted)), (dtype, first, count)
+            assert torch.equal(bits(out), bits(wanted)), (dtype, first, count)
 
 
 def test_dequantize_of_nan_and_infinite_statistics_matches_the_reference(variant):
-    packed, arguments = _weight((8, 128), "nf4", 64, False)
+    packed, arguments = sample_weight((8, 128), "nf4", 64, False)
     arguments["absmax"] = arguments["absmax"].clone()
     arguments["absmax"][1] = float("nan")
     arguments["absmax"][2] = float("inf")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         expected = reference.dequantize_4bit(packed, blocksize=64, shape=(8, 128), dtype=dtype, **arguments)
         got = cpu.dequantize_4bit(packed, blocksize=64, shape=(8, 128), dtype=dtype, **arguments)
-        assert torch.equal(_bits(got), _bits(expected)), dtype
+        assert torch.equal(bits(got), bits(expected)), dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -106,7 +77,7 @@ def test_products_of_nan_and_infinite_statistics_match_the_reference(variant, dt
     reference's decoded weight gives, and leaves the other weight rows alone, in the one-row
     kernels and those of several rows."""
     shape = (8, 256)  # four blocks a row: rows 0-2 hold the bad blocks
-    packed, arguments = _weight(shape, "nf4", 64, False)
+    packed, arguments = sample_weight(shape, "nf4", 64, False)
     arguments["absmax"] = arguments["absmax"].clone()
     arguments["absmax"][1] = float("nan")
     arguments["absmax"][9] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # all payload bits
@@ -127,14 +98,14 @@ def test_products_of_nan_and_infinite_statistics_match_the_reference(variant, dt
 def test_every_nested_code_decodes_as_the_reference(variant, entries):
     """Each 8-bit code of the nested statistics, through the kernels' table lookup (a permute tree
     on AVX-512), including a table shorter than 256 entries (codes stay below its length)."""
-    packed, arguments = _weight((64, 512), "nf4", 64, True)  # 512 blocks: two nested groups
+    packed, arguments = sample_weight((64, 512), "nf4", 64, True)  # 512 blocks: two nested groups
     generator = torch.Generator().manual_seed(1)
     arguments["nested_code"] = torch.randn(entries, generator=generator)
     arguments["absmax"] = (torch.arange(512) * 7 % entries).to(torch.uint8)
     for dtype in (torch.float32, torch.bfloat16):
         expected = reference.dequantize_4bit(packed, blocksize=64, shape=(64, 512), dtype=dtype, **arguments)
         got = cpu.dequantize_4bit(packed, blocksize=64, shape=(64, 512), dtype=dtype, **arguments)
-        assert torch.equal(_bits(got), _bits(expected)), dtype
+        assert torch.equal(bits(got), bits(expected)), dtype
         for rows in (1, 3):  # the one-row kernel and the kernel of several
             x = torch.randn(rows, 512, generator=generator).to(dtype)
             product = cpu.linear_4bit(x, packed, blocksize=64, shape=(64, 512), **arguments)
@@ -146,7 +117,7 @@ def test_every_nested_code_decodes_as_the_reference(variant, entries):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(96, 256), (1, 512), (40, 77), (7, 4096)], ids=str)
 def test_the_product_is_within_the_reference_tolerance(variant, dtype, shape):
-    packed, arguments = _weight(shape, "nf4", 64, True)
+    packed, arguments = sample_weight(shape, "nf4", 64, True)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
     for rows in (1, 3, 4, 9, 17, 130):  # register rows of one, several passes; decode + GEMM past fused_max_rows
         x = torch.randn(rows, shape[1]).to(dtype)
@@ -169,11 +140,11 @@ def test_the_amx_product_is_within_the_reference_tolerance(monkeypatch, blocksiz
     native.refresh_isa()
     try:
         for shape in [(40, 512), (64, 1024)]:
-            packed, arguments = _weight(shape, "nf4", blocksize, nested)
+            packed, arguments = sample_weight(shape, "nf4", blocksize, nested)
             weight = reference.dequantize_4bit(
                 packed, blocksize=blocksize, shape=shape, dtype=torch.bfloat16, **arguments
             ).double()
-            prepared = _prepared(packed, blocksize, shape, arguments)
+            prepared = prepared_of(packed, blocksize, shape, arguments)
             for rows in (2, 5, 16, 17, 70, cpu.AMX_MAX_ROWS):
                 x = torch.randn(rows, shape[1]).to(torch.bfloat16)
                 bias = torch.randn(shape[0]).to(torch.bfloat16)
@@ -193,9 +164,9 @@ def test_float32_products_use_bfloat16_parts_only_where_torch_allows_them(monkey
     """float32 rows go to the tile unit (three bfloat16 products each) only when
     ``torch.get_float32_matmul_precision()`` is not "highest"; then within float32 GEMM's tolerance."""
     shape = (48, 1024)
-    packed, arguments = _weight(shape, "nf4", 64, True)
+    packed, arguments = sample_weight(shape, "nf4", 64, True)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
-    prepared = _prepared(packed, 64, shape, arguments)
+    prepared = prepared_of(packed, 64, shape, arguments)
     x = torch.randn(70, shape[1])
     x[0, 0] = float("inf")  # a row that is not finite stays so, and leaves the others alone
     bias = torch.randn(shape[0])
@@ -226,9 +197,9 @@ def test_float32_products_use_one_bfloat16_product_only_at_medium_precision(vari
     and decoded weights to bfloat16 and sum their products in float32 (the output stays float32);
     "high" and "highest" keep float32 products, and so do the variants without AVX512-BF16."""
     shape = (40, 1024)
-    packed, arguments = _weight(shape, "nf4", 64, True)
+    packed, arguments = sample_weight(shape, "nf4", 64, True)
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments)
-    prepared = _prepared(packed, 64, shape, arguments)
+    prepared = prepared_of(packed, 64, shape, arguments)
     x = torch.randn(rows, shape[1])
     bias = torch.randn(shape[0])
     precision = torch.get_float32_matmul_precision()
@@ -254,14 +225,14 @@ def test_float32_products_use_one_bfloat16_product_only_at_medium_precision(vari
 
 
 def test_an_empty_batch_gives_an_empty_output():
-    packed, arguments = _weight((16, 64), "nf4", 64, False)
+    packed, arguments = sample_weight((16, 64), "nf4", 64, False)
     out = cpu.linear_4bit(torch.empty(0, 64), packed, blocksize=64, shape=(16, 64), **arguments)
     assert out.shape == (0, 16)
 
 
 def test_results_do_not_depend_on_threads_and_concurrent_calls_agree():
-    packed, arguments = _weight((512, 1024), "nf4", 64, True)
-    prepared = _prepared(packed, 64, (512, 1024), arguments)
+    packed, arguments = sample_weight((512, 1024), "nf4", 64, True)
+    prepared = prepared_of(packed, 64, (512, 1024), arguments)
     x = torch.randn(3, 1024, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     try:
@@ -284,8 +255,8 @@ def test_results_do_not_depend_on_threads_and_concurrent_calls_agree():
 def test_inputs_of_any_rank_and_layout_give_the_rows_of_a_2d_input(dtype):
     """A contiguous input of any rank is read in place, a strided one copied, many rows chunked:
     each gives, row for row, what its rows as one contiguous 2-D input give, in its own shape."""
-    packed, arguments = _weight((64, 256), "nf4", 64, True)
-    prepared = _prepared(packed, 64, (64, 256), arguments)
+    packed, arguments = sample_weight((64, 256), "nf4", 64, True)
+    prepared = prepared_of(packed, 64, (64, 256), arguments)
     bias = torch.randn(64).to(dtype)
     base = torch.randn(4, 2, 3, 512).to(dtype)
     inputs = [
@@ -309,8 +280,8 @@ def test_a_row_gives_the_same_result_whatever_rows_come_with_it(variant, dtype):
     bfloat16 batches of two rows and more run on the tile unit (AMX) or take two or four weight
     rows a pass (AVX512-BF16), with one sum per row instead of two, and are compared from two
     rows on."""
-    packed, arguments = _weight((64, 1024), "nf4", 64, True)
-    prepared = _prepared(packed, 64, (64, 1024), arguments)
+    packed, arguments = sample_weight((64, 1024), "nf4", 64, True)
+    prepared = prepared_of(packed, 64, (64, 1024), arguments)
     x = torch.randn(cpu.fused_max_rows(native.isa(), dtype), 1024).to(dtype)
     together = prepared.linear(x)
     smallest = 2 if variant in ("amx", "avx512_bf16") and dtype == torch.bfloat16 else 1
@@ -325,169 +296,29 @@ def test_a_weight_row_gives_the_same_result_whatever_rows_come_with_it(variant, 
     or one: dropping the first rows regroups the others, and every row keeps its bits, for one
     input row and several."""
     k, blocksize = 1024, 64
-    packed, arguments = _weight((7, k), "nf4", blocksize, False)
+    packed, arguments = sample_weight((7, k), "nf4", blocksize, False)
     rows = packed.view(7, k // 2)
     absmax = arguments["absmax"].view(7, k // blocksize)
     for inputs in (1, 5, 9):
         x = torch.randn(inputs, k).to(dtype)
-        seven = _prepared(packed, blocksize, (7, k), arguments).linear(x)
+        seven = prepared_of(packed, blocksize, (7, k), arguments).linear(x)
         for dropped in (1, 2, 3):
             left = 7 - dropped
             state = {**arguments, "absmax": absmax[dropped:].reshape(-1).clone()}
-            rest = _prepared(rows[dropped:].reshape(-1, 1).clone(), blocksize, (left, k), state).linear(x)
+            rest = prepared_of(rows[dropped:].reshape(-1, 1).clone(), blocksize, (left, k), state).linear(x)
             assert torch.equal(seven[:, dropped:], rest), (inputs, dropped)
-
-
-def test_the_fast_path_changes_nothing_the_user_can_read():
-    layer = torch.nn.Linear(256, 128, dtype=torch.bfloat16)
-    from fourbit.nn import Linear4bit
-
-    quantized = Linear4bit(256, 128, compute_dtype=torch.bfloat16, quant_type="nf4")
-    quantized.load_state_dict(layer.state_dict())
-    quantized = quantized.to("cpu").eval()
-    before_state = {key: value.clone() for key, value in quantized.state_dict().items()}
-    before_weight = F4.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
-    with torch.no_grad():
-        quantized(torch.randn(1, 256, dtype=torch.bfloat16))
-    after = quantized.state_dict()
-    assert list(after) == list(before_state)
-    assert all(torch.equal(after[key], before_state[key]) for key in after)
-    assert torch.equal(F4.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state), before_weight)
-
-
-@pytest.mark.parametrize(
-    "rows", [cpu.fused_max_rows(_BEST, torch.bfloat16) + 8, cpu.AMX_MAX_ROWS + 20, cpu.COLUMN_SLICE_ROWS + 20]
-)
-def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
-    """Rows past the fused kernels' limits (``cpu.fused_max_rows``, or 128 with AMX): transposed
-    chunk outputs below COLUMN_SLICE_ROWS, column slices from it."""
-    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1 << 21)
-    calls = []
-    chunked = cpu.PreparedWeight._chunked
-    monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
-    shape = (600, 4096)  # three chunks of decoded bfloat16 weight (256 rows each)
-    packed, arguments = _weight(shape, "nf4", 64, True)
-    prepared = _prepared(packed, 64, shape, arguments)
-    x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
-    bias = torch.randn(shape[0], dtype=torch.bfloat16)
-    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.bfloat16, **arguments)
-    expected = torch.nn.functional.linear(x, weight, bias)
-    out = prepared.linear(x, bias)
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, shape[0])
-    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
-    # the chunked path ran unless the rows fit the AMX kernel
-    assert calls == ([] if native.isa() == native.AMX and rows <= cpu.AMX_MAX_ROWS else [1])
-
-
-def test_the_register_decoding_limit_follows_the_variant_and_dtype():
-    """The AVX-512 kernels take more rows than the AVX2 and portable ones before decode + GEMM;
-    bfloat16 only with AVX512-BF16. AVX2 takes more 16-bit rows than float32 ones."""
-    assert cpu.AVX512_FUSED_MAX_ROWS > cpu.AVX2_16_BIT_FUSED_MAX_ROWS > cpu.FUSED_MAX_ROWS
-    assert cpu.fused_max_rows(native.ISA_NAMES.index("avx2"), torch.float32) == cpu.FUSED_MAX_ROWS
-    for dtype in (torch.bfloat16, torch.float16):
-        assert cpu.fused_max_rows(native.ISA_NAMES.index("avx2"), dtype) == cpu.AVX2_16_BIT_FUSED_MAX_ROWS
-    assert cpu.fused_max_rows(native.ISA_NAMES.index("portable"), torch.float16) == cpu.FUSED_MAX_ROWS
-    assert cpu.fused_max_rows(native.AVX512, torch.bfloat16) == cpu.FUSED_MAX_ROWS
-    for isa in (native.AVX512, native.AVX512_BF16, native.AMX):
-        for dtype in (torch.float32, torch.float16):
-            assert cpu.fused_max_rows(isa, dtype) == cpu.AVX512_FUSED_MAX_ROWS
-    assert cpu.fused_max_rows(native.AVX512_BF16, torch.bfloat16) == cpu.AVX512_FUSED_MAX_ROWS
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=describe_dtype)
-@pytest.mark.parametrize("chunk_bytes", [cpu.CHUNK_BYTES, 1 << 16], ids=["one-chunk", "chunks"])
-def test_16_bit_rows_past_the_register_limit_multiply_in_float32_without_16_bit_gemms(monkeypatch, dtype, chunk_bytes):
-    """Decode + GEMM of 16-bit rows: the chunk decoded in the input's dtype (the reference's
-    weights) and, where oneDNN has no GEMM of that dtype, multiplied in float32; the output has
-    the input's dtype either way (written by columns in one chunk, transposed from several)."""
-    monkeypatch.setattr(cpu, "CHUNK_BYTES", chunk_bytes)
-    shape = (300, 512)
-    packed, arguments = _weight(shape, "nf4", 64, True)
-    prepared = _prepared(packed, 64, shape, arguments)
-    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
-    x = torch.randn(40, shape[1]).to(dtype)
-    bias = torch.randn(shape[0]).to(dtype)
-    truth = x.double() @ weight.double().t() + bias.double()
-    seen = []
-    addmm = torch.addmm
-
-    def spy(*args, **kwargs):
-        seen.append(args[1].dtype)
-        return addmm(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "addmm", spy)
-    tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2  # the output's rounding
-    for gemm in (torch.float32, dtype):
-        monkeypatch.setattr(cpu, "gemm_dtype", lambda d, gemm=gemm: gemm if d == dtype else d)
-        monkeypatch.setattr(cpu, "FUSED_MAX_ROWS", 4)
-        monkeypatch.setattr(cpu, "AVX512_FUSED_MAX_ROWS", 4)
-        monkeypatch.setattr(cpu, "AMX_MAX_ROWS", 4)  # bfloat16 rows go to the tile unit otherwise
-        out = prepared.linear(x, bias)
-        assert out.dtype == dtype and out.shape == (40, shape[0]) and out.is_contiguous()
-        torch.testing.assert_close(out.double(), truth, rtol=tolerance, atol=tolerance)
-        assert seen[-1] == gemm
-
-
-def test_16_bit_gemms_are_used_where_onednn_has_them():
-    for dtype, probe in ((torch.float16, "_is_mkldnn_fp16_supported"), (torch.bfloat16, "_is_mkldnn_bf16_supported")):
-        has = getattr(torch.ops.mkldnn, probe, None)
-        assert cpu.gemm_dtype(dtype) == (dtype if has is not None and has() else torch.float32)
-    assert cpu.gemm_dtype(torch.float32) == torch.float32
-
-
-def _product_and_path(monkeypatch, rows, dtype):
-    """A 48x512 product of ``rows`` rows of ``dtype``: its output and the float64 product with the
-    reference's weights, and whether it decoded chunks for a GEMM ([1]) or not ([])."""
-    calls = []
-    chunked = cpu.PreparedWeight._chunked
-    monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
-    shape = (48, 512)
-    packed, arguments = _weight(shape, "nf4", 64, True)
-    prepared = _prepared(packed, 64, shape, arguments)
-    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=dtype, **arguments)
-    x = torch.randn(rows, shape[1]).to(dtype)
-    return prepared.linear(x).double(), x.double() @ weight.double().t(), calls
-
-
-@pytest.mark.parametrize("rows", [13, 24, 25])
-def test_rows_past_twelve_take_the_register_kernels_where_they_win(monkeypatch, variant, rows):
-    """Whether a product of ``rows`` rows decodes chunks for the GEMM follows ``fused_max_rows``
-    of the running variant, and both paths give the reference's product."""
-    out, truth, calls = _product_and_path(monkeypatch, rows, torch.float32)
-    torch.testing.assert_close(out, truth, rtol=1e-4, atol=4e-4)
-    amx = native.isa() == native.AMX and rows >= 4 and torch.get_float32_matmul_precision() != "highest"
-    expected = [] if amx or rows <= cpu.fused_max_rows(native.isa(), torch.float32) else [1]
-    assert calls == expected
-
-
-@pytest.mark.skipif(_BEST < native.AVX2, reason="this CPU has no AVX2")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
-@pytest.mark.parametrize("rows", [13, 16, 17])
-def test_avx2_decodes_16_bit_rows_in_registers_up_to_its_limit(monkeypatch, dtype, rows):
-    """On AVX2, bfloat16 and float16 products of 13-16 rows take the register kernel, more rows
-    decode + GEMM; both give the reference's product within the output's rounding."""
-    monkeypatch.setenv("FOURBIT_CPU_ISA", "avx2")
-    native.refresh_isa()
-    try:
-        out, truth, calls = _product_and_path(monkeypatch, rows, dtype)
-        tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2  # the output's rounding
-        torch.testing.assert_close(out, truth, rtol=tolerance, atol=tolerance)
-        assert calls == ([] if rows <= cpu.AVX2_16_BIT_FUSED_MAX_ROWS else [1])
-    finally:
-        monkeypatch.undo()
-        native.refresh_isa()
 
 
 @pytest.mark.parametrize("first_block", [0, 3, 256, 300])
 def test_a_range_decodes_like_the_same_slice_of_the_whole(first_block):
     shape = (40, 1024)  # 640 blocks of 64: nested groups of 256 blocks
-    packed, arguments = _weight(shape, "nf4", 64, True)
-    prepared = _prepared(packed, 64, shape, arguments)
+    packed, arguments = sample_weight(shape, "nf4", 64, True)
+    prepared = prepared_of(packed, 64, shape, arguments)
     whole = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float32, **arguments).view(-1)
     count = 64 * 100
     out = torch.empty(count)
     prepared._dequantize_range(prepared._pointer, first_block * 64, count, out.data_ptr(), 0, native.isa(), 1)
-    assert torch.equal(_bits(out), _bits(whole[first_block * 64 : first_block * 64 + count]))
+    assert torch.equal(bits(out), bits(whole[first_block * 64 : first_block * 64 + count]))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
