@@ -9,7 +9,8 @@
 # well; each gets nproc/JOBS threads), longest-known files first, and prints each file's wall time,
 # the total and the failures (per-file logs in $OUT/test_logs.tgz; a file still running after
 # FILE_TIMEOUT seconds, default 480, is stopped and reported with exit 124);
-# FILES replaces the file list (ALL=1 keeps the CPU-only files and the other files' CPU cases, left out by default);
+# FILES replaces the file list (ALL=1 keeps the CPU-only files, the other files' CPU cases and
+# the tests marked cpu_only, left out by default); DURATIONS is pytest's --durations (default 5);
 # PYTEST_ARGS replaces it with one process running those arguments.
 set -uo pipefail
 OUT=${OUT:-/tmp/fourbit-gpu}
@@ -36,12 +37,13 @@ for stage in $STAGES; do
           tests/test_triton_quantize.py tests/test_bnb_compat.py tests/test_parametrize.py tests/test_integration_transformers.py \
           tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_*.py)}
         # the long files run as several processes each, every one taking every count-th test
-        # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 450 s,
-        # the others 140-200 s
-        shards=${SHARDS:-"test_triton_tensor_core=7 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_cli=3 test_bnb_compat=2 test_parametrize=2"}
+        # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 490 s,
+        # the others 150-280 s
+        shards=${SHARDS:-"test_triton_tensor_core=7 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_parametrize=2"}
         # files that exercise no GPU (CI runs them on every push; their compiles of the CPU path
         # take a sixth of the suite's work here): left out unless ALL=1 or FILES names them; the
-        # CPU cases of the other files' device parameter too (FOURBIT_TEST_DEVICES, tests/helpers.py)
+        # CPU cases of the other files' device parameter and the tests marked cpu_only too
+        # (FOURBIT_TEST_DEVICES: tests/helpers.py, tests/conftest.py)
         if [ -z "${FILES:-}" ] && [ "${ALL:-0}" != 1 ]; then
           files=$(printf '%s\n' $files | grep -v -E '/test_(cpu_kernels|cpu_native|cpu_native_paths|cpu_build|demo|test_shards|benchmarks)\.py$')
           export FOURBIT_TEST_DEVICES=${FOURBIT_TEST_DEVICES:-cuda}
@@ -59,7 +61,7 @@ for stage in $STAGES; do
             set -- {}; file=$1; shard=${2:-}; name=$(basename "$file" .py)${shard:+-${shard%/*}}
             begin=$(date +%s)
             FOURBIT_TEST_SHARD=$shard OMP_NUM_THREADS=$THREADS TORCHINDUCTOR_COMPILE_THREADS=$THREADS \
-              timeout "${FILE_TIMEOUT:-480}" "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 "$file" \
+              timeout "${FILE_TIMEOUT:-480}" "$PYTHON" -m pytest -q -p no:cacheprovider --durations="${DURATIONS:-5}" "$file" \
               > "$JOBS_OUT/$name.log" 2>&1
             echo "$name: exit $? after $(( $(date +%s) - begin )) s" >> "$JOBS_OUT/tests.log"'
         sort -t: -k1,1 "$OUT/tests.log"

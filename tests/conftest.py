@@ -1,6 +1,7 @@
 """pytest configuration: GPU tests skip cleanly where no CUDA device is present, and without a
 GPU the Triton kernels run in Triton's interpreter (set before anything imports Triton, because
-Triton reads the setting once)."""
+Triton reads the setting once). Tests marked ``cpu_only`` are left out where FOURBIT_TEST_DEVICES
+leaves out the CPU (the GPU session: CI runs them)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 
 import pytest
 import torch
+from helpers import available_devices
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _leave_out_cpu_only(config, items)
     _keep_shard(config, items)
     if torch.cuda.is_available():
         return
@@ -21,6 +24,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _leave_out_cpu_only(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the CPU among the test devices, deselect the tests marked ``cpu_only`` (those also
+    marked ``gpu`` stay: a CPU-only file's one GPU test)."""
+    if "cpu" in available_devices():
+        return
+    left_out = [item for item in items if "cpu_only" in item.keywords and "gpu" not in item.keywords]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
 
 
 def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:

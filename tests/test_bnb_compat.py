@@ -32,6 +32,7 @@ from fourbit.formats import create_dynamic_map, get_4bit_type
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
+pytestmark = pytest.mark.cpu_only  # but for the comparison of CUDA quantization (marked gpu)
 
 SHAPES = [(1,), (7,), (3, 37), (64, 64), (3, 96), (4099,), (2, 4097), (130, 33), (5, 7, 9)]
 
@@ -129,7 +130,7 @@ def test_native_dequantize_agrees_where_bitsandbytes_is_correct(dtype):
         assert_same_bits(ours, theirs.reshape(shape))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_cuda_quantization_follows_bitsandbytes_cpu_rounding(quant_type):
     """bitsandbytes' CUDA kernel rounds differently from its CPU path (README, "Differences from

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from fourbit import checkpoint
 
+pytestmark = pytest.mark.cpu_only  # the commands run with FOURBIT_DISABLE_TRITON=1 on the CPU
+
 SUBCOMMANDS = ["quantize", "inspect", "bench", "demo"]
 
 

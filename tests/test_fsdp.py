@@ -98,6 +98,7 @@ def check(results: dict, device: str, backend: str) -> None:
 @pytest.mark.skipif(
     torch.__version__ < (2, 8), reason="FSDP2 before torch 2.8 needs one dtype for all of a module's parameters"
 )
+@pytest.mark.cpu_only
 def test_fsdp2_on_two_cpu_processes(tmp_path):
     check(run_worker(tmp_path, cpu=True), "cpu", "gloo")
 

@@ -1,9 +1,11 @@
 """FOURBIT_TEST_SHARD (conftest.py), which the GPU session uses to run a long file as several
 processes: the shards are disjoint, dealt round, and together run every test once. And
-FOURBIT_TEST_DEVICES (helpers.available_devices), with which it leaves the CPU cases to CI."""
+FOURBIT_TEST_DEVICES (helpers.available_devices), with which it leaves the CPU cases and the
+tests marked ``cpu_only`` to CI."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,12 +18,14 @@ from helpers import available_devices
 FILE = Path(__file__).resolve().parent / "test_formats.py"
 
 
-def collected(shard: str | None) -> list[str]:
-    env = {key: value for key, value in os.environ.items() if key != "FOURBIT_TEST_SHARD"}
+def collected(shard: str | None, file: Path = FILE, devices: str | None = None) -> list[str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("FOURBIT_TEST_SHARD", "FOURBIT_TEST_DEVICES")}
     if shard is not None:
         env["FOURBIT_TEST_SHARD"] = shard
+    if devices is not None:
+        env["FOURBIT_TEST_DEVICES"] = devices
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(FILE)],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(file)],
         capture_output=True, text=True, env=env, cwd=FILE.parent.parent,
     )  # fmt: skip
     if shard is not None and result.returncode == 4:  # a usage error
@@ -54,3 +58,13 @@ def test_test_devices_keep_only_the_devices_named(monkeypatch):
     monkeypatch.setenv("FOURBIT_TEST_DEVICES", "gpu")
     with pytest.raises(ValueError, match="unknown devices"):
         available_devices()
+
+
+def test_cpu_only_tests_are_left_out_without_the_cpu_but_gpu_tests_stay():
+    fsdp = FILE.with_name("test_fsdp.py")
+    everything = collected(None, fsdp)
+    assert "tests/test_fsdp.py::test_fsdp2_on_two_cpu_processes" in everything
+    assert collected(None, fsdp, devices="cuda") == [name for name in everything if "two_cpu_processes" not in name]
+    if importlib.util.find_spec("bitsandbytes") is not None:  # else the file skips itself
+        kept = collected(None, FILE.with_name("test_bnb_compat.py"), devices="cuda")
+        assert len(kept) == 2 and all("cuda_quantization" in name for name in kept), kept

@@ -128,6 +128,34 @@ def test_inputs_in_fragment_order_give_the_same_bits(dtype):
             assert torch.equal(rows_read, copied), (rows, config)
 
 
+@pytest.mark.gpu
+def test_the_fragment_kernel_compiles_once_for_every_row_count_of_a_tile_past_one():
+    """Past one row the row count is not specialized: 3 and 8 rows (one tile) share a compile,
+    9 and 16 (two tiles) another (Triton would compile 16, divisible by 16, apart)."""
+    from fourbit.kernels.triton import fragments
+
+    n, k, blocksize = 272, 1024, 64
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+    device = torch.cuda.current_device()
+    # Triton's compiled kernels by specialization, of the one-row kernel and the other
+    caches = [
+        kernel.device_caches[device][0]
+        for kernel in (fragments._fragment_mma_kernel, fragments._fragment_mma_kernel_rows)
+    ]
+    kept = [dict(cache) for cache in caches]
+    for cache in caches:
+        cache.clear()
+    try:
+        for rows, compiles in [(1, (1, 0)), (3, (1, 1)), (8, (1, 1)), (9, (1, 2)), (16, (1, 2))]:
+            x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+            kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), config=("fragments", 4, 1))
+            assert tuple(len(cache) for cache in caches) == compiles, rows
+    finally:
+        for cache, before in zip(caches, kept, strict=True):
+            cache.update(before)
+
+
 def test_register_fragment_kernel_refuses_unaligned_k():
     """Forced onto a K it cannot take (not a multiple of 256, or blocks shorter than 64 columns),
     the register-fragment kernel says so instead of reading the wrong absmax."""

@@ -377,6 +377,13 @@ def _fragment_mma_kernel(
             _finish_group(out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES, HAS_BIAS)
 
 
+#: The fragment kernel for more than one row: M not specialized, so one compile serves every row
+#: count of a tile count (Triton would compile 16 rows, divisible by 16, apart). One row keeps
+#: ``_fragment_mma_kernel``, specialized on M == 1: on an H200 it is 2% faster on two of three
+#: decode shapes, 3% slower on the third (docs/performance.md), and decoding is its main use.
+_fragment_mma_kernel_rows = triton.jit(_fragment_mma_kernel.fn, do_not_specialize=["M"])
+
+
 def fragment_launch(
     weight, x: torch.Tensor, has_bias: bool, config: tuple[int, ...], processors: int, deterministic: bool = False
 ):
@@ -412,7 +419,8 @@ def fragment_launch(
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
     return ProductLaunch(
-        _fragment_mma_kernel, (programs, split_k), {"num_warps": warps}, weight, _fragment_tensors,
+        _fragment_mma_kernel if m == 1 else _fragment_mma_kernel_rows, (programs, split_k), {"num_warps": warps},
+        weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
          x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
