@@ -1,0 +1,222 @@
+"""Prepared Triton products: launches kept per input signature and shared per weight layout,
+split-K products that finish in the kernel and leave their workspace zeroed, direct launches
+that match the JIT's bit for bit, and one kernel per eager batch-one call (on a GPU; without one
+the Triton parts run in the interpreter). The layer-level preparation: ``test_prepared.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fourbit.functional as F4
+from fourbit.formats import nested_op_arguments
+from fourbit.nn import Linear4bit
+from fourbit.prepared import weight_arguments
+
+ON_GPU = torch.cuda.is_available()
+
+triton = pytest.importorskip("triton", minversion="3.6")  # fourbit.ops.MIN_TRITON
+from fourbit.kernels import triton as kernels  # noqa: E402
+from fourbit.kernels.triton import launch  # noqa: E402
+
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _prepared_weight(n: int, k: int, nested: bool = True):
+    weight = torch.randn(n, k, device=TRITON_DEVICE)
+    packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
+    prepared = kernels.PreparedWeight(packed, blocksize=64, shape=(n, k), **weight_arguments(state, packed.device))
+    return prepared, F4.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_split_k_products_finish_in_the_kernel_and_leave_the_workspace_zeroed(rows):
+    n, k = 48, 512
+    prepared, dense = _prepared_weight(n, k)
+    bias = torch.randn(n, device=TRITON_DEVICE)
+    config = (4, 16, 64, 4, 4, "gather")  # ROWS, BLOCK_N, BLOCK_K, four K splits, warps, lookup
+    for seed in range(3):  # the same workspace serves each call
+        x = torch.randn(rows, k, device=TRITON_DEVICE, generator=torch.Generator(TRITON_DEVICE).manual_seed(seed))
+        out = prepared.linear(x, bias, config=config)
+        torch.testing.assert_close(out, x @ dense.t() + bias, rtol=1e-4, atol=1e-4)
+        workspace, counters = launch.split_buffers(torch.device(TRITON_DEVICE), 1, 1)
+        assert not workspace.any() and not counters.any()
+
+
+def test_launches_are_kept_per_input_signature():
+    prepared, dense = _prepared_weight(40, 256)
+    for rows in (1, 2, 1, 2, 1):
+        x = torch.randn(rows, 256, device=TRITON_DEVICE)
+        torch.testing.assert_close(prepared.linear(x), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert len(prepared._launches) == 2
+    x = torch.randn(4, 257, device=TRITON_DEVICE)[:, :256]  # another stride: another launch
+    torch.testing.assert_close(prepared.linear(x), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert len(prepared._launches) == 3
+
+
+def test_the_op_shares_launches_between_weights_of_one_layout_and_binds_each_weight():
+    first, first_dense = _prepared_weight(40, 256)
+    second, second_dense = _prepared_weight(40, 256)
+    x = torch.randn(2, 256, device=TRITON_DEVICE)
+    first.share_launches()
+    second.share_launches()
+    assert first._launches is second._launches
+    torch.testing.assert_close(first.linear(x), x @ first_dense.t(), rtol=1e-4, atol=1e-4)
+    (launch,) = first._launches.values()
+    assert launch.before is None and launch.pointers is None  # the shared launch keeps no weight alive
+    torch.testing.assert_close(second.linear(x), x @ second_dense.t(), rtol=1e-4, atol=1e-4)
+    assert len(second._launches) == 1
+    other_layout, _ = _prepared_weight(40, 512)
+    other_layout.share_launches()
+    assert other_layout._launches is not first._launches
+
+
+def test_weights_share_launches_only_when_their_tensors_match_in_dtype_and_alignment():
+    """A shared launch is launched directly with another weight's pointers, so the layout key
+    holds everything Triton specializes a pointer on: dtype and 16-byte alignment."""
+    prepared, _ = _prepared_weight(40, 256, nested=False)
+    args = (prepared.packed, prepared.absmax, prepared.code, 64, (40, 256))
+    assert kernels.PreparedWeight(*args).layout() == prepared.layout()
+    other_dtype = kernels.PreparedWeight(prepared.packed, prepared.absmax.bfloat16(), *args[2:])
+    assert other_dtype.layout() != prepared.layout()
+    shifted = torch.cat([prepared.absmax.new_zeros(1), prepared.absmax])[1:]  # 4 bytes off
+    assert kernels.PreparedWeight(prepared.packed, shifted, *args[2:]).layout() != prepared.layout()
+
+
+def test_the_op_serves_each_weight_its_own_product_through_shared_launches():
+    weights = [_prepared_weight(40, 256) for _ in range(3)]
+    x = torch.randn(3, 256, device=TRITON_DEVICE)
+    for prepared, dense in weights * 2:
+        out = kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(40, 256), **_op_arguments(prepared))
+        torch.testing.assert_close(out, x @ dense.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_chunked_product_chooses_its_path_once_per_input_signature(monkeypatch):
+    """Inputs that take the chunked path (decode + cuBLAS; 300 rows take it on every device) are
+    remembered like a kernel's launch: the next call with the same signature neither chooses
+    nor prepares a configuration again, and gives the same product."""
+    from fourbit.kernels.triton import dispatch
+
+    chosen: list[int] = []
+    choose = dispatch.choose_config
+    monkeypatch.setattr(dispatch, "choose_config", lambda x, *args: chosen.append(x.shape[0]) or choose(x, *args))
+    prepared, dense = _prepared_weight(40, 256)
+    x = torch.randn(300, 256, device=TRITON_DEVICE)
+    first = prepared.linear(x)
+    assert chosen == [300] and kernels.linear.CHUNKED in prepared._launches.values()
+    torch.testing.assert_close(first, x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(prepared.linear(x), first) and chosen == [300]
+    assert torch.equal(prepared.linear(x.view(3, 100, 256)), first.view(3, 100, 40)) and chosen == [300, 300]
+    assert torch.equal(prepared.linear(x[:299]), first[:299]) and chosen == [300, 300, 299]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_chunked_path_plans_its_decodes_once_per_dtype(dtype, monkeypatch):
+    monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 64 * 256 * dtype.itemsize)  # 64 rows a chunk
+    prepared, dense = _prepared_weight(200, 256)
+    bias = torch.randn(200, device=TRITON_DEVICE, dtype=dtype)
+    for seed in range(2):
+        x = torch.randn(3, 256, device=TRITON_DEVICE, generator=torch.Generator(TRITON_DEVICE).manual_seed(seed))
+        out = prepared.linear(x.to(dtype), bias, config="chunked")
+        expected = x.to(dtype).float() @ dense.to(dtype).float().t() + bias.float()
+        assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
+        if seed == 0:
+            plan = prepared._chunk_plans[dtype]
+    assert prepared._chunk_plans[dtype] is plan  # the second call decoded with the first call's plan
+    assert [(start, stop) for start, stop, _ in plan] == [(0, 64), (64, 128), (128, 192), (192, 200)]
+
+
+def _op_arguments(prepared) -> dict:
+    return dict(absmax=prepared.absmax, code=prepared.code, **nested_op_arguments(prepared.nested_statistics))
+
+
+# --------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+def _kernels_launched(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (4096, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_an_eager_batch_one_call_launches_one_kernel(shape, dtype):
+    n, k = shape
+    layer = Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4").cuda()
+    layer.bias.data = layer.bias.data.to(dtype)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        for _ in range(2):
+            layer(x)  # compiles, prepares, launches once through the JIT
+        names = _kernels_launched(lambda: layer(x))
+        expected = F.linear(x, F4.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype), layer.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
+    assert len(names) == 1, names
+
+
+@gpu
+def test_direct_launches_match_the_jit_launch_bit_for_bit():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    first = prepared.linear(x)  # through the JIT
+    (entry,) = prepared._launches.values()
+    assert entry.launch.compiled is not None
+    again = prepared.linear(x)  # direct
+    assert torch.equal(first, again)
+    unaligned = torch.randn(1, 4104, device="cuda", dtype=torch.bfloat16)[:, 1:4097]
+    torch.testing.assert_close(prepared.linear(unaligned), prepared.linear(unaligned.clone()), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_the_op_launches_shared_products_directly_for_each_weight(rows):
+    """The op path (one launch kept per weight layout, each call binding its weight): after the
+    first call, every weight of the layout launches directly with its own pointers, and each
+    result is that weight's own product (split K sums in any order: equal up to rounding)."""
+    weights = [_prepared_weight(4096, 4096)[0] for _ in range(3)]
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    own = [prepared.linear(x) for prepared in weights]  # each through the JIT, launches of its own
+    for _ in range(2):
+        for prepared, expected in zip(weights, own, strict=True):
+            out = kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(4096, 4096), **_op_arguments(prepared))
+            assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
+    shared = next(
+        launches for layout, launches in kernels.linear._layout_launches.items() if layout[1:3] == (4096, 4096)
+    )
+    kernel_launches = [launch for launch in shared.values() if launch is not kernels.linear.CHUNKED]
+    assert all(launch.launch.compiled is not None for launch in kernel_launches)
+
+
+@gpu
+def test_chunked_decodes_launch_directly_and_match_the_jit_bit_for_bit():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    first = prepared.linear(x, config="chunked")  # decodes through the JIT
+    (decode,) = [decode for _, _, decode in prepared._chunk_plans[torch.bfloat16]]
+    assert decode.launch.compiled is not None
+    assert torch.equal(prepared.linear(x, config="chunked"), first)  # direct
+
+
+@gpu
+def test_launches_on_another_stream_use_their_own_workspace():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = prepared.linear(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        results = [prepared.linear(x) for _ in range(20)]
+    plain = [prepared.linear(x) for _ in range(20)]
+    torch.cuda.synchronize()
+    for result in results + plain:
+        torch.testing.assert_close(result, expected, rtol=1e-2, atol=1e-2)
