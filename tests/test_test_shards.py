@@ -1,7 +1,7 @@
 """FOURBIT_TEST_SHARD (conftest.py), which the GPU session uses to run a long file as several
 processes: the shards are disjoint, dealt round, and together run every test once. And
 FOURBIT_TEST_DEVICES (helpers.available_devices), with which it leaves the CPU cases and the
-tests marked ``cpu_only`` to CI."""
+tests marked ``cpu_only`` to CI. And the session's count of the files that failed."""
 
 from __future__ import annotations
 
@@ -68,3 +68,43 @@ def test_cpu_only_tests_are_left_out_without_the_cpu_but_gpu_tests_stay():
     if importlib.util.find_spec("bitsandbytes") is not None:  # else the file skips itself
         kept = collected(None, FILE.with_name("test_bnb_compat.py"), devices="cuda")
         assert len(kept) == 2 and all("cuda_quantization" in name for name in kept), kept
+
+
+@pytest.mark.cpu_only
+def test_the_gpu_session_counts_failed_errored_and_stopped_files_but_not_empty_ones(tmp_path):
+    """``gpu_session.sh``'s tests stage: a file with a failing test, one that cannot be
+    collected and one stopped after FILE_TIMEOUT count as failures; one whose tests were all
+    deselected (pytest's exit 5) is reported, not counted."""
+    cases = {
+        "test_passes.py": "def test_passes():\n    pass\n",
+        "test_fails.py": "def test_fails():\n    assert False\n",
+        "test_broken.py": "import not_a_module_anywhere\n",
+        "test_stops.py": "import time\n\ndef test_sleeps():\n    time.sleep(60)\n",
+        "test_empty.py": "X = 1\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "STAGES": "tests",
+        "FILES": " ".join(str(tmp_path / name) for name in cases),
+        "OUT": str(out),
+        "JOBS": "5",
+        "FILE_TIMEOUT": "10",
+        "PYTHON": sys.executable,
+        "PATH": os.environ.get("PATH", ""),
+    }
+    script = FILE.parent.parent / "benchmarks" / "gpu_session.sh"
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=FILE.parent.parent)
+    summary = (out / "tests.log").read_text()
+    assert "files with failures: 3" in result.stdout, result.stdout + result.stderr
+    for name, status in [
+        ("passes", "0"),
+        ("fails", "1"),
+        ("broken", "2"),
+        ("stops", "124"),
+        ("empty", "5 (no test selected)"),
+    ]:
+        assert f"test_{name}: exit {status} after" in summary, summary
+    assert (out / "test_logs.tgz").exists()
