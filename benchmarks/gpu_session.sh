@@ -67,7 +67,10 @@ for stage in $STAGES; do
             echo "$name: exit $status after $(( $(date +%s) - begin )) s" >> "$JOBS_OUT/tests.log"'
         sort -t: -k1,1 "$OUT/tests.log"
         # any other exit is a failure: failed tests (1), an error (2-4), a timeout (124)
-        grep ": exit " "$OUT/tests.log" | grep -c -v -E ": exit (0|5) " | sed 's/^/files with failures: /'
+        failed=$(grep ": exit " "$OUT/tests.log" | grep -c -v -E ": exit (0|5) ")
+        # the processes' summed wall times: what the suite costs, whatever JOBS spreads it over
+        process=$(awk '/: exit / { total += $(NF - 1) } END { print total + 0 }' "$OUT/tests.log")
+        printf 'files with failures: %s\nprocess time: %s s\n' "$failed" "$process" | tee -a "$OUT/tests.log"
         grep -h -E "^(FAILED|ERROR)" "$OUT"/test_*.log
         # one archive of the per-file logs (a device run returns a limited number of files)
         tar czf "$OUT/test_logs.tgz" -C "$OUT" $(cd "$OUT" && ls test_*.log) && rm -f "$OUT"/test_*.log

@@ -107,4 +107,5 @@ def test_the_gpu_session_counts_failed_errored_and_stopped_files_but_not_empty_o
         ("empty", "5 (no test selected)"),
     ]:
         assert f"test_{name}: exit {status} after" in summary, summary
+    assert "process time: " in result.stdout
     assert (out / "test_logs.tgz").exists()
