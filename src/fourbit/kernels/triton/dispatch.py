@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from . import fragment_grid, fragments, tuning
+from . import fragment_grid, fragments, tuning, wgmma
 from .common import INTERPRETED
+from .launch import DIRECT
 
 
 def choose_config(
@@ -33,6 +34,14 @@ def choose_config(
         if entry:
             permuted = any(rows >= rule.min_rows and n_out * k >= rule.min_elements for rule in tables.fragment_permute)
             return ("fragments", entry.num_warps, entry.split_k, entry.k_warps, int(permuted))
+    rule = tables.wgmma
+    if (
+        rule
+        and rule.min_rows <= rows <= rule.max_rows
+        and wgmma_supported(x, k, blocksize, packed)
+        and triton.cdiv(n_out, 64) >= rule.min_waves * processors(x.device)
+    ):
+        return ("wgmma", 1)
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:
@@ -110,6 +119,24 @@ def fragments_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.T
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
         and torch.version.hip is None
         and _capability(x.device) >= (8, 0)
+    )
+
+
+def wgmma_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
+    """Whether the ``wgmma`` kernel takes this product: at most ``wgmma.ROW_TILES[-1]`` rows of
+    16-bit input on a GPU of compute capability 9.0 (``wgmma`` is ``sm_90a``'s), what the
+    fragment kernel asks of the weight (``fragments_supported``), and Triton 3.3 or newer, whose
+    direct launch carries the kernel's own shared memory."""
+    return (
+        DIRECT
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cuda"
+        and 0 < x.shape[0] <= wgmma.ROW_TILES[-1]
+        and blocksize >= fragment_grid.STEP
+        and fragment_grid.aligned(k, blocksize)
+        and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
+        and torch.version.hip is None
+        and _capability(x.device) == (9, 0)
     )
 
 

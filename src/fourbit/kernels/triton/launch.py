@@ -17,6 +17,8 @@ workspace of its own instead, as replays may run on another stream.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -79,14 +81,29 @@ class KernelLaunch:
     ``registers`` (non-zero) is what a thread of the kernel should be allowed: when ptxas gives
     it less than ``REGISTER_SHORTFALL`` of that on its own, the kernel is compiled again with
     ``maxnreg=registers`` (``needs_register_budget``).
+
+    ``extra_shared`` (non-zero) is dynamic shared memory the kernel uses past what Triton gave it
+    (PTX that addresses the end of it): the launch adds it, and always launches directly, with the
+    hooks of a profiler left out, as only the direct launch carries it.
     """
 
-    __slots__ = ("compiled", "compiled_registers", "device", "grid", "kernel", "options", "registers")
+    __slots__ = ("compiled", "compiled_registers", "device", "extra_shared", "grid", "kernel", "options", "registers")
 
     def __init__(
-        self, kernel: triton.JITFunction, grid: Sequence[int], options: dict, device: torch.device, registers: int = 0
+        self,
+        kernel: triton.JITFunction,
+        grid: Sequence[int],
+        options: dict,
+        device: torch.device,
+        registers: int = 0,
+        extra_shared: int = 0,
     ) -> None:
+        if extra_shared and not DIRECT:
+            raise RuntimeError(
+                f"kernels with dynamic shared memory of their own need Triton 3.3 or newer, not {triton.__version__}"
+            )
         self.kernel = kernel
+        self.extra_shared = extra_shared
         self.grid = (*grid, 1, 1)[:3]
         self.options = {**COMPILE_OPTIONS, **options}
         self.device = device
@@ -97,12 +114,16 @@ class KernelLaunch:
 
     def direct(self) -> bool:
         """Whether ``run`` may launch: compiled, and nothing (a profiler) listens to launches."""
-        return self.compiled is not None and not _hooked()
+        return self.compiled is not None and (self.extra_shared or not _hooked())
 
     def __call__(self, *arguments: object) -> None:
         """Launch with tensors as the pointer arguments: directly when possible, else through the JIT."""
         if self.direct():
             self.run(*arguments)
+            return
+        if self.extra_shared:
+            self._compile_with_extra_shared(arguments)
+            self.run(*(value.data_ptr() if isinstance(value, torch.Tensor) else value for value in arguments))
             return
         handle = self.kernel[self.grid](*arguments, **self.options)
         if needs_register_budget(handle, self.registers, self.options):
@@ -114,11 +135,42 @@ class KernelLaunch:
         if DIRECT and self.compiled is None and hasattr(handle, "packed_metadata"):
             self.compiled = (handle.run, handle.function, handle.packed_metadata)
 
+    def _compile_with_extra_shared(self, arguments: tuple) -> None:
+        """Compile (or find) the kernel and keep its launch with ``extra_shared`` more bytes of
+        dynamic shared memory, allowed to the function by the driver."""
+        handle = self.kernel.warmup(*arguments, grid=self.grid, **self.options)
+        handle._init_handles()
+        metadata = list(handle.packed_metadata)
+        # the launcher's shared-memory size: the last entry equal to what Triton asked for
+        where = len(metadata) - 1 - metadata[::-1].index(handle.metadata.shared)
+        shared = -(-handle.metadata.shared // 128) * 128 + self.extra_shared
+        metadata[where] = shared
+        _allow_dynamic_shared(handle.function, shared)
+        self.compiled_registers = getattr(handle, "n_regs", None)
+        self.compiled = (handle.run, handle.function, tuple(metadata))
+
     def run(self, *arguments: object) -> None:
         """Launch the compiled kernel directly (only when ``direct()``)."""
         run, function, metadata = self.compiled
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
         run(*self.grid, stream, function, metadata, None, None, None, *arguments)
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+#: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` of the CUDA driver API.
+_MAX_DYNAMIC_SHARED = 8
+
+
+def _allow_dynamic_shared(function: int, size: int) -> None:
+    """Let the CUDA ``function`` launch with ``size`` bytes of dynamic shared memory."""
+    attribute, value = ctypes.c_int(_MAX_DYNAMIC_SHARED), ctypes.c_int(size)
+    status = _driver().cuFuncSetAttribute(ctypes.c_void_p(function), attribute, value)
+    if status != 0:
+        raise RuntimeError(f"the CUDA driver refused a kernel {size} bytes of dynamic shared memory (error {status})")
 
 
 #: The share of a kernel's register budget below which it is compiled again with the budget.
@@ -150,7 +202,7 @@ class ProductLaunch:
     for, or the ``before`` given to a call: a launch serves every weight whose tensors Triton
     specializes alike. A call allocates the ``rows x columns`` output (of ``out_shape``), takes
     the workspace when the kernel splits K, and launches; ``prepare_input`` (when given) turns
-    the caller's input into the kernel's ``x``; ``registers`` is ``KernelLaunch``'s.
+    the caller's input into the kernel's ``x``; ``registers`` and ``extra_shared`` are ``KernelLaunch``'s.
     """
 
     __slots__ = (
@@ -186,8 +238,9 @@ class ProductLaunch:
         prepare_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
         out_shape: Sequence[int] | None = None,
         registers: int = 0,
+        extra_shared: int = 0,
     ) -> None:
-        self.launch = KernelLaunch(kernel, grid, options, device, registers)
+        self.launch = KernelLaunch(kernel, grid, options, device, registers, extra_shared)
         self.bind = bind
         self.before = bind(weight)
         self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid

@@ -25,7 +25,7 @@ from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from ...layout import TILE_ROWS
 from .. import reference
 from ..derived import float16_table
-from . import dispatch, fragments
+from . import dispatch, fragments, wgmma
 from .common import nested_arguments
 from .dequantize import DequantizeLaunch, dequantize_4bit
 from .gemv import gemv_any_kernel, gemv_words_kernel
@@ -85,7 +85,8 @@ def linear_4bit(
     tiles); ``config`` overrides ``choose_config`` (tuning).
 
     A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
-    (``dispatch.fragments_supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
+    (``dispatch.fragments_supported`` inputs only), ``("wgmma"[, SPLIT_K])`` Hopper's ``wgmma``
+    kernel (``dispatch.wgmma_supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
     num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
     only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K])`` tuple the
     same kernel with weights scaled before the dot and SPLIT_K K splits (default 1; fewer where a
@@ -233,6 +234,8 @@ class PreparedWeight:
         if isinstance(config, tuple) and config[0] == "fragments":
             processors = dispatch.processors(x.device)
             return fragments.fragment_launch(self, x, bias is not None, config[1:], processors, deterministic)
+        if isinstance(config, tuple) and config[0] == "wgmma":
+            return wgmma.wgmma_launch(self, x, bias is not None, 1 if deterministic else (*config[1:], 1)[0])
         if isinstance(config, tuple) and config[0] == "fused":
             if deterministic:
                 return self._fused(x, bias is not None, (*config[1:4], 1, *config[5:]), cover=False)

@@ -5,7 +5,8 @@ it can be read and tested without a GPU:
   fragment kernel's steps);
 * the fragment kernel's (``fragments``) shared table of code pairs, one 64-column step of
   ``mma.sync`` products, and the nested-code lookup;
-* the quantizer's (``quantize``) shared lane table: its fill and one entry's read.
+* the quantizer's (``quantize``) shared lane table: its fill and one entry's read;
+* the ``wgmma`` kernel's (``wgmma``) step, its ring of staged inputs and the ring's barriers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ __all__ = [
     "step_constraints",
     "step_ptx",
     "table_ptx",
+    "wgmma_constraints",
+    "wgmma_issue_ptx",
+    "wgmma_ring_ptx",
+    "wgmma_step_ptx",
+    "wgmma_wait_ptx",
 ]
 
 
@@ -140,11 +146,7 @@ def step_ptx(tiles: int, element: str) -> str:
         f"mov.b64 {{w0, w1}}, {row_g};",
         f"mov.b64 {{w2, w3}}, {row_h};",
     ]
-    for word, pairs in (("w0", "g0 g1 g2 g3"), ("w1", "g4 g5 g6 g7"), ("w2", "h0 h1 h2 h3"), ("w3", "h4 h5 h6 h7")):
-        for byte, pair in enumerate(pairs.split()):
-            lines.append(
-                f"prmt.b32 t, {word}, 0, 0x444{byte};\nmad.lo.u32 a, t, 128, {table};\nld.shared.b32 {pair}, [a];"
-            )
+    lines += _lookups(table)
     for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16
         fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
         for tile in range(tiles):
@@ -159,6 +161,18 @@ def step_ptx(tiles: int, element: str) -> str:
         lines.append(f"fma.rn.f32 ${i}, d{i}, {scale_g if i % 4 < 2 else scale_h}, {old[i]};")
     lines.append("}")
     return "\n".join(lines)
+
+
+def _lookups(table: str) -> list[str]:
+    """PTX that looks up the 16 packed bytes of words w0 .. w3 (rows g, g, g + 8, g + 8) in the
+    shared table at ``table``: pairs g0 .. g7 of row g, h0 .. h7 of row g + 8."""
+    lines = []
+    for word, pairs in (("w0", "g0 g1 g2 g3"), ("w1", "g4 g5 g6 g7"), ("w2", "h0 h1 h2 h3"), ("w3", "h4 h5 h6 h7")):
+        for byte, pair in enumerate(pairs.split()):
+            lines.append(
+                f"prmt.b32 t, {word}, 0, 0x444{byte};\nmad.lo.u32 a, t, 128, {table};\nld.shared.b32 {pair}, [a];"
+            )
+    return lines
 
 
 def step_constraints(tiles: int) -> str:
@@ -204,4 +218,104 @@ def lane_table_entry_ptx(columns: int) -> str:
         f"{{\n.reg .b32 a, l;\nmov.u32 l, %laneid;\nand.b32 l, l, {columns - 1};\n"
         f"mov.u32 a, fourbit_cell_table;\nmad.lo.u32 a, l, 8, a;\nmad.lo.u32 a, $1, {8 * columns}, a;\n"
         "ld.shared.b64 $0, [a];\n}"
+    )
+
+
+#: Byte offsets between the ``wgmma`` kernel's staged core matrices (8 input rows x 16 bytes):
+#: along K (the two of an instruction's 16 columns) and along the input rows (no swizzle).
+WGMMA_K_OFFSET = 128
+WGMMA_ROW_OFFSET = 256
+
+
+def wgmma_step_ptx(rows: int, element: str) -> str:
+    """PTX for one 64-column step of the ``wgmma`` kernel in one thread of a warpgroup: the
+    lane's two weight rows decoded by the shared table (as ``step_ptx``) into the register
+    operand of four ``wgmma.m64n{rows}k16`` over the inputs staged at shared address $(P+5),
+    waited for, and the step's products scaled by the rows' absmax into the accumulators. The
+    accumulators are ``rows / 4`` int64 operands, two float32 each (``$0 ..`` new, after the
+    six others the old); the others are the rows' words (two int64), their scales and the
+    lane's table address. ``element`` is the PTX type of the 16-bit values (bf16 or f16)."""
+    pairs = rows // 4
+    count = rows // 2
+    w_g, w_h, scale_g, scale_h, table, slot = (f"${pairs + i}" for i in range(6))
+    descriptor = ((WGMMA_K_OFFSET >> 4) << 16) | ((WGMMA_ROW_OFFSET >> 4) << 32)
+    lines = [
+        "{",
+        f".reg .b32 w<4>, g<8>, h<8>, t, a;\n.reg .b64 desc<4>;\n.reg .f32 d<{count}>, o<2>, n<2>;",
+        ".reg .pred first, rest;\nmov.b32 t, 0;\nsetp.ne.b32 first, t, 0;\nsetp.eq.b32 rest, t, 0;",
+        f"mov.b64 {{w0, w1}}, {w_g};\nmov.b64 {{w2, w3}}, {w_h};",
+        *_lookups(table),
+        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\ncvt.u64.u32 desc0, a;\nor.b64 desc0, desc0, {descriptor};",
+        *(f"add.s64 desc{j}, desc0, {j * rows * 32 >> 4};" for j in range(1, 4)),
+        "wgmma.fence.sync.aligned;",
+    ]
+    accumulators = ", ".join(f"d{i}" for i in range(count))
+    for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16, as in step_ptx
+        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{element}.{element} {{{accumulators}}}, "
+            f"{{{fragment}}}, desc{j}, {'first' if j == 0 else 'rest'}, 1, 1, 0;"
+        )
+    lines.append("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;")
+    for i in range(pairs):  # pair i: accumulators 2i, 2i + 1, of row g (i even) or g + 8
+        scale = scale_g if i % 2 == 0 else scale_h
+        lines.append(
+            f"mov.b64 {{o0, o1}}, ${pairs + 6 + i};\nfma.rn.f32 n0, d{2 * i}, {scale}, o0;\n"
+            f"fma.rn.f32 n1, d{2 * i + 1}, {scale}, o1;\nmov.b64 ${i}, {{n0, n1}};"
+        )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def wgmma_constraints(rows: int) -> str:
+    """Inline-asm constraints of ``wgmma_step_ptx(rows, ...)``."""
+    pairs = rows // 4
+    return ",".join(["=l"] * pairs + ["l", "l", "f", "f", "r", "r"] + ["l"] * pairs)
+
+
+def wgmma_ring_ptx(ring_bytes: int, slots: int) -> str:
+    """PTX that returns ($0) the shared address of the ``wgmma`` kernel's ring: the last
+    ``ring_bytes`` of the dynamic shared memory, whose last ``8 * slots`` bytes are the slots'
+    barriers, which thread 0 sets up. Traps when the launch gave less dynamic shared memory."""
+    lines = [
+        "{",
+        ".reg .b32 b, s, t;\n.reg .pred few, lead;",
+        "mov.u32 b, global_smem;\nmov.u32 s, %dynamic_smem_size;",
+        f"setp.lt.u32 few, s, {ring_bytes};\n@few trap;",
+        f"add.u32 b, b, s;\nsub.u32 $0, b, {ring_bytes};\nsub.u32 b, b, {8 * slots};",
+        "mov.u32 t, %tid.x;\nsetp.eq.u32 lead, t, 0;",
+        *(f"@lead mbarrier.init.shared::cta.b64 [b+{8 * i}], 1;" for i in range(slots)),
+        "@lead fence.mbarrier_init.release.cluster;",
+        "bar.sync 0;",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+def wgmma_issue_ptx(step_bytes: int) -> str:
+    """PTX by which thread 0 copies one step of staged inputs ($1, a global address) into the
+    ring slot at shared address $2 when $3 is non-zero, completing on the slot's barrier $4."""
+    return "\n".join(
+        [
+            "{",
+            ".reg .pred p;\n.reg .b32 t;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;\nsetp.ne.and.b32 p, $3, 0, p;",
+            f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$4], {step_bytes};",
+            f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$2], [$1], {step_bytes}, [$4];",
+            "mov.b32 $0, 0;",
+            "}",
+        ]
+    )
+
+
+def wgmma_wait_ptx() -> str:
+    """PTX that waits for the program's threads (so that no ``wgmma`` still reads the slot the
+    next copy refills), then for phase $2 of the slot barrier at $1; returns the slot's address $3."""
+    return "\n".join(
+        [
+            "{",
+            ".reg .pred p;\nbar.sync 0;",
+            "fourbit_wgmma_wait:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\n@!p bra fourbit_wgmma_wait;",
+            "mov.b32 $0, $3;",
+            "}",
+        ]
     )

@@ -27,6 +27,7 @@ __all__ = [
     "GemvConfig",
     "KernelTables",
     "QuantizeConfig",
+    "WgmmaRule",
     "WideConfig",
     "for_device",
     "tables_for",
@@ -96,6 +97,16 @@ class PermuteRule(NamedTuple):
     min_elements: int
 
 
+class WgmmaRule(NamedTuple):
+    """Products of ``min_rows`` to ``max_rows`` input rows run on Hopper's ``wgmma`` (``wgmma``,
+    one kernel more to stage the inputs) when the weight's 64-row programs number at least
+    ``min_waves`` times the multiprocessors; other weights keep the tensor-core kernel."""
+
+    min_rows: int
+    max_rows: int
+    min_waves: float
+
+
 class QuantizeConfig(NamedTuple):
     """The persistent 4-bit quantizer: elements per tile, warps per program, programs per multiprocessor."""
 
@@ -138,6 +149,7 @@ class KernelTables(NamedTuple):
     fragments: tuple[FragmentConfig, ...]
     quantize: QuantizeConfig
     fragment_permute: tuple[PermuteRule, ...] = ()
+    wgmma: WgmmaRule | None = None
     #: (an H100 sweep of 256-2048 words with 4 warps: 512 reached 96% of the copy bandwidth)
     dequantize: DequantizeConfig = DequantizeConfig(words_per_program=512, num_warps=4)
 
@@ -170,10 +182,16 @@ HOPPER = KernelTables(
 #: 4096x4096 at 16 rows 8.9 against 8.3, and slower below 5 rows.
 #: The decode with one packed word a thread (256 words, 8 warps) measured 1.1-1.4x faster there
 #: than the Hopper entry, outputs identical: 28672x8192 in bf16 174 us against 239.
+#: ``wgmma`` at 17-64 rows, CUDA graph replays, NF4 bf16 nested, against the tensor-core kernel:
+#: 28672x8192 at 32 / 64 rows 81 / 109 us against 109 / 161, 14336x4096 25 / 31 against 37 /
+#: 46; with 64 programs (4096 weight rows) it lost, 20 against 17 us at 4096x4096. Eager calls
+#: pay the staging kernel's launch: 14336x4096 took 42 / 52 us a call against 40 / 48, so the
+#: rule asks for two waves of programs (28672x8192 eager: 90 / 113 us against 112 / 162).
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27)),
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
+    wgmma=WgmmaRule(17, 64, 2.0),
 )
 
 #: GPUs without tables of their own, and not Hoppers: the Hopper entries with batch-wide tiles of

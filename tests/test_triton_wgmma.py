@@ -1,0 +1,124 @@
+"""Hopper's ``wgmma`` product kernel (17-64 rows): forced, against a float64 reference (GPU of
+compute capability 9.0); its staged inputs and PTX text (anywhere Triton runs)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
+
+from fourbit import layout
+from fourbit.kernels import reference
+from fourbit.kernels import triton as kernels
+from fourbit.kernels.triton import dispatch, ptx, tuning, wgmma
+
+pytestmark = NEEDS_TRITON
+
+HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="wgmma needs a GPU of compute capability 9.0")
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma", 1), ("wgmma", 3)]))
+def test_wgmma_kernel_against_a_float64_reference(config, dtype, nested):
+    """The ``wgmma`` kernel, forced, over 17 to 64 input rows (both instruction sizes, partial
+    ones), weight rows that fill no warpgroup, blocksizes from 64 to 4096, K splits that do and
+    do not divide K, rows and tiles, and strided inputs."""
+    for quant_type, (n, k, blocksize) in itertools.product(
+        ["nf4", "fp4"], [(300, 256, 64), (100, 4096, 128), (17, 512, 256), (130, 4096, 4096), (208, 768, 64)]
+    ):
+        code = code_table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+        tiled = layout.can_tile((n, k))
+        weight = layout.tile(packed, (n, k)) if tiled else packed
+        for rows in (17, 32, 33, 64):
+            x = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)[:, -k:]
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            out = kernels.linear_4bit(
+                x, weight, absmax, code, blocksize, (n, k), bias, **extra, tiled=tiled, config=config
+            )
+            expected = x.double() @ dense.t() + bias.double()
+            assert out.dtype == dtype and out.shape == (rows, n)
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-2, (quant_type, n, k, blocksize, rows, error)
+            assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_wgmma_kernel_gives_the_products_of_the_fragment_kernel_within_rounding():
+    """At 17-64 rows the ``wgmma`` kernel sums each step as the fragment kernel does, so the two
+    (the fragment kernel run on 16-row slices) agree to the output's rounding."""
+    n, k, blocksize = 1024, 2048, 64
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+    absmax, extra = nested_statistics(absmax, True)
+    x = torch.randn(48, k, device=DEVICE).to(torch.bfloat16)
+    out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=("wgmma", 1))
+    slices = [
+        kernels.linear_4bit(x[i : i + 16], packed, absmax, code, blocksize, (n, k), **extra, config=("fragments", 4, 1))
+        for i in range(0, 48, 16)
+    ]
+    torch.testing.assert_close(out, torch.cat(slices), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_the_h200_tables_send_17_to_64_rows_of_large_weights_to_wgmma():
+    """``choose_config``: 17-64 rows of a weight with a wave of 64-row programs take ``wgmma``;
+    16 rows, 65 rows and weights of fewer programs do not."""
+    if tuning.for_device(torch.device(DEVICE)) is not tuning.H200:
+        pytest.skip("not an H200: the wgmma rule is in its tables")
+    programs = int(tuning.H200.wgmma.min_waves * dispatch.processors(torch.device(DEVICE)))
+    large, small = 64 * programs, 64 * programs - 64
+    for rows, n_out, expected in [(17, large, True), (64, large, True), (16, large, False), (65, large, False),
+                                  (32, small, False)]:  # fmt: skip
+        x = torch.randn(rows, 1024, device=DEVICE, dtype=torch.bfloat16)
+        chosen = dispatch.choose_config(x, n_out, 1024, 64)
+        assert (chosen[0] == "wgmma") == expected, (rows, n_out, chosen)
+
+
+def test_wgmma_kernel_refuses_more_rows_than_an_instruction_takes_and_unaligned_k():
+    """Clear errors for inputs the kernel cannot take, before anything launches."""
+    weight = type("Weight", (), {"k": 1024, "n_out": 128, "blocksize": 64})()
+    with pytest.raises(ValueError, match="at most 64 input rows, got 65"):
+        wgmma.wgmma_launch(weight, torch.empty(65, 1024, dtype=torch.bfloat16), False)
+    weight.k = 1000
+    with pytest.raises(ValueError, match="multiple of 256"):
+        wgmma.wgmma_launch(weight, torch.empty(32, 1000, dtype=torch.bfloat16), False)
+
+
+@pytest.mark.parametrize("rows", wgmma.ROW_TILES)
+def test_staged_inputs_lay_each_step_out_as_the_instruction_reads_it(rows):
+    """``WgmmaInputs``: staged step s, instruction j, core matrix b, half h, row r and column c
+    hold input row 8b + r, column 64s + 16(c // 2) + 4j + 2h + c % 2 (the columns a lane's packed
+    weight word holds), rows past the input's zero; strided rows are read where they are."""
+    m, k = rows - 5, 256
+    x = torch.randn(m, 2 * k, device=DEVICE).to(torch.bfloat16)[:, :k]
+    staged = wgmma.WgmmaInputs(rows, k, torch.device(DEVICE))(x).view(torch.bfloat16)
+    padded = torch.zeros(rows, k, dtype=torch.bfloat16, device=DEVICE)
+    padded[:m] = x
+    # column 64s + 16t + 4j + 2h + e of row 8b + r goes to [s, j, b, h, r, t, e]
+    expected = padded.view(rows // 8, 8, k // 64, 4, 4, 2, 2).permute(2, 4, 0, 5, 1, 3, 6).reshape(-1)
+    assert torch.equal(staged, expected)
+
+
+@pytest.mark.parametrize("rows", wgmma.ROW_TILES)
+def test_wgmma_step_ptx_names_every_operand_its_constraints_declare(rows):
+    """The step's PTX refers to exactly the operands its constraints declare, multiplies with four
+    instructions of ``rows`` columns and waits for them before scaling."""
+    text = ptx.wgmma_step_ptx(rows, "bf16")
+    constraints = ptx.wgmma_constraints(rows).split(",")
+    used = {int(number) for number in re.findall(r"\$(\d+)", text)}
+    assert used == set(range(len(constraints)))
+    assert len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{rows}k16\.f32\.bf16\.bf16", text)) == 4
+    assert text.index("wgmma.wait_group.sync.aligned 0") < text.index("fma.rn.f32")
