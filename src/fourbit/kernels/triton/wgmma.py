@@ -133,32 +133,6 @@ def _write_pair(
 
 
 @triton.jit
-def _write_pairs(
-    out_ptr, workspace_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, ROWS: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-):  # fmt: skip
-    """``_write_pair`` for every accumulator pair of ``ROWS`` input rows."""
-    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = acc
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p0, 0, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p1, 1, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p2, 2, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p3, 3, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p4, 4, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p5, 5, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p6, 6, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    _write_pair(out_ptr, workspace_ptr, bias_ptr, p7, 7, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-    if ROWS == 64:
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p8, 8, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p9, 9, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p10, 10, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p11, 11, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p12, 12, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p13, 13, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p14, 14, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-        _write_pair(out_ptr, workspace_ptr, bias_ptr, p15, 15, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
 def _finish_pair(
     out_ptr, workspace_ptr, bias_ptr, index: tl.constexpr, first_row, quad, M, N, stride_om, HAS_BIAS: tl.constexpr
 ):
@@ -222,12 +196,14 @@ def _wgmma_kernel(
             first = second
             second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
             acc = _step(acc, words, scales[step], scales[4 + step], table, slot, ROWS, FLOAT16)
-    _write_pairs(out_ptr, workspace_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, ROWS, SPLIT_K, HAS_BIAS)
-    if SPLIT_K == 1:
-        pass
-    elif last_of_split(counter_ptr, tl.program_id(0), SPLIT_K):
-        for index in tl.static_range(ROWS // 4):
-            _finish_pair(out_ptr, workspace_ptr, bias_ptr, index, first_row, quad, M, N, stride_om, HAS_BIAS)
+    for index in tl.static_range(ROWS // 4):  # pairs 8-15 hold nothing at 32 rows
+        pair = acc[index]
+        _write_pair(out_ptr, workspace_ptr, bias_ptr, pair, index, first_row, quad, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    # a test of a constant, then of a tensor (nested: Triton folds only the first)
+    if SPLIT_K > 1:  # noqa: SIM102
+        if last_of_split(counter_ptr, tl.program_id(0), SPLIT_K):
+            for index in tl.static_range(ROWS // 4):
+                _finish_pair(out_ptr, workspace_ptr, bias_ptr, index, first_row, quad, M, N, stride_om, HAS_BIAS)
 
 
 @triton.jit
