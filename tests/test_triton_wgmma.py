@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statis
 from fourbit import layout
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
-from fourbit.kernels.triton import dispatch, ptx, tuning, wgmma
+from fourbit.kernels.triton import dispatch, launch, ptx, tuning, wgmma
 
 pytestmark = NEEDS_TRITON
 
@@ -122,3 +123,63 @@ def test_wgmma_step_ptx_names_every_operand_its_constraints_declare(rows):
     assert used == set(range(len(constraints)))
     assert len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{rows}k16\.f32\.bf16\.bf16", text)) == 4
     assert text.index("wgmma.wait_group.sync.aligned 0") < text.index("fma.rn.f32")
+
+
+class _Compiled:
+    """A compiled kernel as ``KernelLaunch`` sees it, recording its launches."""
+
+    def __init__(self, packed: tuple) -> None:
+        self.metadata = SimpleNamespace(shared=40)
+        self.packed_metadata = packed
+        self.function = 1234
+        self.n_regs = 100
+        self.runs: list[tuple] = []
+
+    def _init_handles(self) -> None:
+        pass
+
+    def run(self, *arguments) -> None:
+        self.runs.append(arguments)
+
+
+def _launch_with_extra_shared(monkeypatch, packed: tuple) -> tuple:
+    """A ``KernelLaunch`` asking 4096 bytes of its own over a fake compiled kernel, a profiler
+    listening; the kernel and the driver calls it made."""
+    compiled, allowed = _Compiled(packed), []
+    monkeypatch.setattr(launch, "DIRECT", True)
+    monkeypatch.setattr(launch, "_hooked", lambda: True)
+    monkeypatch.setattr(launch, "_allow_dynamic_shared", lambda function, size: allowed.append((function, size)))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 77, raising=False)
+    kernel = SimpleNamespace(warmup=lambda *arguments, grid, **options: compiled)
+    return (
+        launch.KernelLaunch(kernel, (3, 2), {"num_warps": 4}, torch.device("cuda", 0), extra_shared=4096),
+        compiled,
+        allowed,
+    )
+
+
+def test_a_launch_with_shared_memory_of_its_own_asks_the_driver_once_and_always_launches_directly(monkeypatch):
+    """The launch adds ``extra_shared`` to Triton's dynamic shared memory (rounded up to 128
+    bytes), allows it to the function once, and launches the compiled kernel directly on every
+    call, even with a profiler listening (only that launch carries the memory)."""
+    kernel_launch, compiled, allowed = _launch_with_extra_shared(monkeypatch, (4, 1, 40, 1, 1, 1))
+    x = torch.zeros(4)
+    kernel_launch(x, 5)
+    kernel_launch(x, 6)
+    assert allowed == [(1234, 128 + 4096)]
+    assert [run[:9] for run in compiled.runs] == [(3, 2, 1, 77, 1234, (4, 1, 4224, 1, 1, 1), None, None, None)] * 2
+    assert compiled.runs[0][9:] == (x.data_ptr(), 5)  # the first call hands over pointers as ints
+    assert compiled.runs[1][9] is x and compiled.runs[1][10] == 6  # later ones as given, as every direct launch
+    assert kernel_launch.direct()
+
+
+def test_a_launch_with_shared_memory_of_its_own_refuses_metadata_it_cannot_read_and_old_triton(monkeypatch):
+    """Launch metadata without the shared size where Triton's CUDA backends keep it is an error,
+    before anything launches; so is a Triton whose launches cannot be made directly."""
+    kernel_launch, compiled, allowed = _launch_with_extra_shared(monkeypatch, (4, 1))
+    with pytest.raises(RuntimeError, match="unknown order"):
+        kernel_launch(torch.zeros(4), 5)
+    assert compiled.runs == [] and allowed == []
+    monkeypatch.setattr(launch, "DIRECT", False)
+    with pytest.raises(RuntimeError, match=r"Triton 3\.3 or newer"):
+        launch.KernelLaunch(SimpleNamespace(), (1,), {}, torch.device("cuda", 0), extra_shared=64)

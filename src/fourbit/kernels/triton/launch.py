@@ -140,11 +140,12 @@ class KernelLaunch:
         dynamic shared memory, allowed to the function by the driver."""
         handle = self.kernel.warmup(*arguments, grid=self.grid, **self.options)
         handle._init_handles()
-        metadata = list(handle.packed_metadata)
-        # the launcher's shared-memory size: the last entry equal to what Triton asked for
-        where = len(metadata) - 1 - metadata[::-1].index(handle.metadata.shared)
+        metadata = list(getattr(handle, "packed_metadata", ()))
+        # Triton's CUDA backends pack (num_warps, num_ctas, shared, ...): the launch's dynamic size
+        if len(metadata) < 3 or metadata[_PACKED_SHARED] != handle.metadata.shared:
+            raise RuntimeError(f"Triton {triton.__version__} packs its launch metadata in an unknown order: {metadata}")
         shared = -(-handle.metadata.shared // 128) * 128 + self.extra_shared
-        metadata[where] = shared
+        metadata[_PACKED_SHARED] = shared
         _allow_dynamic_shared(handle.function, shared)
         self.compiled_registers = getattr(handle, "n_regs", None)
         self.compiled = (handle.run, handle.function, tuple(metadata))
@@ -161,6 +162,8 @@ def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
+#: Where the dynamic shared memory size lies in a compiled kernel's ``packed_metadata``.
+_PACKED_SHARED = 2
 #: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` of the CUDA driver API.
 _MAX_DYNAMIC_SHARED = 8
 
