@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -200,3 +201,34 @@ def test_header_is_json_with_metadata_first(tmp_path):
     header = json.loads(raw[8 : 8 + size])
     assert header["a"] == {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}
     assert len(raw) == 8 + size + 12
+
+
+def test_tensors_lie_aligned_to_their_element_size(tmp_path):
+    """The format allows no padding between tensors, so a float after an odd number of bytes
+    would start misaligned, and load as a misaligned memory-mapped view (whose products may
+    differ in their last bits from an aligned copy's). The writer lays tensors out by element
+    size, largest first, as safetensors' own writer does; header order and values are kept."""
+    state = {
+        "odd": torch.arange(7, dtype=torch.uint8),
+        "f32": torch.randn(5),
+        "half": torch.randn(3, dtype=torch.bfloat16),
+        "f64": torch.randn(3, dtype=torch.float64),
+        **{key: value.contiguous() for key, value in quantized_model().state_dict().items()},
+    }
+    path = tmp_path / "x.safetensors"
+    checkpoint.save_state_dict(state, path)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header.pop("__metadata__")
+    assert list(header) == list(state)
+    spans = sorted(entry["data_offsets"] for entry in header.values())
+    assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - size
+    assert all(left[1] == right[0] for left, right in itertools.pairwise(spans))  # no holes, no overlaps
+    loaded = checkpoint.load_state_dict(path)
+    for name, tensor in state.items():
+        assert header[name]["data_offsets"][0] % tensor.element_size() == 0, name
+        assert loaded[name].data_ptr() % tensor.element_size() == 0, name
+        assert torch.equal(loaded[name], tensor), name
+    theirs = load_file(path)  # safetensors' own reader agrees
+    assert all(torch.equal(theirs[name], tensor) for name, tensor in state.items())

@@ -116,8 +116,10 @@ class SafetensorsWriter:
         if not self.path.parent.is_dir():
             raise CheckpointError(f"{self.path.parent}: no such directory")
         self._entries: dict[str, dict[str, Any]] = {}
-        self._offset = 0
-        self._spool = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in close/abort)
+        # one spool per element size, written out largest first: every tensor then starts at a
+        # multiple of its element size (the format allows no padding between tensors)
+        self._spools: dict[int, Any] = {}
+        self._sizes: dict[int, int] = {}
 
     def add(self, name: str, tensor: Tensor) -> None:
         """Append one tensor (copied to the CPU if needed; the caller's tensor is not modified)."""
@@ -131,38 +133,55 @@ class SafetensorsWriter:
             raise TypeError(f"{name!r}: safetensors cannot store {tensor.dtype}")
         data = tensor.detach().to("cpu").contiguous()
         nbytes = data.numel() * data.element_size()
+        size = data.element_size()
+        if size not in self._spools:
+            self._spools[size] = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in close/abort)
+            self._sizes[size] = 0
         if nbytes:
-            self._spool.write((ctypes.c_ubyte * nbytes).from_address(data.data_ptr()))
-        self._entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[data.dtype],
-            "shape": list(data.shape),
-            "data_offsets": [self._offset, self._offset + nbytes],
-        }
-        self._offset += nbytes
+            self._spools[size].write((ctypes.c_ubyte * nbytes).from_address(data.data_ptr()))
+        start = self._sizes[size]
+        self._entries[name] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape), "size": size,
+                               "data_offsets": [start, start + nbytes]}  # fmt: skip
+        self._sizes[size] = start + nbytes
 
     def close(self) -> None:
-        """Write the header and the spooled data to ``path`` (atomically)."""
-        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        """Write the header and the spooled data to ``path`` (atomically), the tensors of the
+        largest element size first, so that each starts aligned to its element (as safetensors'
+        own writer orders them) and loads as an aligned memory-mapped view."""
+        order = sorted(self._spools, reverse=True)
+        base, starts = 0, {}
+        for size in order:
+            starts[size], base = base, base + self._sizes[size]
+        entries = {}
+        for name, entry in self._entries.items():
+            entry = dict(entry)
+            first, last = entry["data_offsets"]
+            shift = starts[entry.pop("size")]
+            entries[name] = {**entry, "data_offsets": [first + shift, last + shift]}
+        header = json.dumps({"__metadata__": self.metadata, **entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
-        self._spool.seek(0)
         handle, partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(len(header).to_bytes(8, "little"))
                 out.write(header)
-                while chunk := self._spool.read(1 << 24):
-                    out.write(chunk)
+                for size in order:
+                    spool = self._spools[size]
+                    spool.seek(0)
+                    while chunk := spool.read(1 << 24):
+                        out.write(chunk)
             os.chmod(partial, 0o666 & ~_umask())  # mkstemp's file is its owner's alone; open()'s is not
             os.replace(partial, self.path)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
             raise
         finally:
-            self._spool.close()
+            self.abort()
 
     def abort(self) -> None:
         """Drop everything written so far; ``path`` is not touched."""
-        self._spool.close()
+        for spool in self._spools.values():
+            spool.close()
 
     def __enter__(self) -> SafetensorsWriter:
         return self
