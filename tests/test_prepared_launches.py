@@ -101,7 +101,13 @@ def test_a_chunked_product_chooses_its_path_once_per_input_signature(monkeypatch
 
     chosen: list[int] = []
     choose = dispatch.choose_config
-    monkeypatch.setattr(dispatch, "choose_config", lambda x, *args: chosen.append(x.shape[0]) or choose(x, *args))
+
+    def choose_counted(x, *args):  # the eager choices (a GPU's first call may also choose for graphs)
+        if len(args) < 6 or not args[5]:
+            chosen.append(x.shape[0])
+        return choose(x, *args)
+
+    monkeypatch.setattr(dispatch, "choose_config", choose_counted)
     prepared, dense = _prepared_weight(40, 256)
     x = torch.randn(300, 256, device=TRITON_DEVICE)
     first = prepared.linear(x)
@@ -220,3 +226,34 @@ def test_launches_on_another_stream_use_their_own_workspace():
     torch.cuda.synchronize()
     for result in results + plain:
         torch.testing.assert_close(result, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_the_first_eager_call_prepares_the_launch_a_cuda_graph_would_take(monkeypatch):
+    """Where the tables for CUDA graphs choose another product, the first eager call of an input
+    signature builds that launch too and runs it once (a capture may not load a kernel), kept
+    under the captured key; when it cannot be built, a warning says so and captures keep the
+    eager launch. (The choices are forced, and the preparation called as a GPU's eager call
+    would, so this also runs in the interpreter.)"""
+    from fourbit.kernels.triton import dispatch
+
+    eager, graphs = (2, 16, 64, 1, 4, "half"), (2, 32, 64, 1, 4, "gather")  # CUDA-core kernels, 2 rows
+    monkeypatch.setattr(dispatch, "choose_config", lambda x, *args: graphs if args[5:6] == (True,) else eager)
+    prepared, dense = _prepared_weight(40, 256)
+    x = torch.randn(2, 256, device=TRITON_DEVICE)
+    torch.testing.assert_close(prepared.linear(x), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    if not ON_GPU:  # a CPU tensor is never captured: prepare as a GPU's first eager call does
+        (key,) = prepared._launches
+        prepared._ready_for_capture(x, x, None, key, eager, False)
+    (key,) = (key for key in prepared._launches if not key[-1])
+    captured = prepared._launches[(*key[:-1], True)]
+    assert captured is not prepared._launches[key]
+    assert captured.launch.compiled is not None or not launch.DIRECT  # compiled, loaded and run
+    torch.testing.assert_close(captured(x, None), x @ dense.t(), rtol=1e-4, atol=1e-4)
+
+    broken, _ = _prepared_weight(40, 256)
+    broken.linear(x)
+    (key,) = broken._launches
+    monkeypatch.setattr(broken, "_prepare", lambda *args: 1 / 0)
+    with pytest.warns(RuntimeWarning, match=r"product for CUDA graphs .* could not be prepared \(ZeroDivisionError"):
+        broken._ready_for_capture(x, x, None, key, eager, False)
+    assert broken._launches[(*key[:-1], True)] is broken._launches[key]

@@ -230,6 +230,33 @@ def test_large_weights_read_many_input_rows_in_fragment_order(monkeypatch):
     assert permuted(16, 28672, 8192) == 0
 
 
+def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatch):
+    """Under capture a second kernel a call costs no host time at replay: the H200's captured
+    tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-64 rows of a weight
+    with one wave of 64-row programs to ``wgmma`` (two waves when eager); the Hopper tables have
+    none. (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None: True)
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+    def chosen(rows: int, n: int, captured: bool) -> tuple:
+        return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
+
+    assert [chosen(rows, 14336, True)[4] for rows in (8, 12, 13, 16)] == [0, 0, 1, 1]
+    assert [chosen(rows, 14336, False)[4] for rows in (8, 12, 13, 16)] == [0, 0, 0, 0]
+    assert chosen(16, 6144, True)[4] == 0
+    one_wave = 64 * 132
+    assert [chosen(rows, one_wave, True)[0] for rows in (17, 64)] == ["wgmma", "wgmma"]
+    assert [chosen(rows, one_wave, False)[0] for rows in (17, 64)] == ["fused", "fused"]
+    assert chosen(32, one_wave - 64, True)[0] == "fused"
+    assert chosen(32, 2 * one_wave, False)[0] == "wgmma"
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
+    assert chosen(16, 14336, True)[4] == 0 and chosen(32, 2 * one_wave, True)[0] == "fused"
+
+
 def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():
     """``InputPermute``: lane l's words of tile t at step s are row 8t + l // 4's words
     16s + 4 (l % 4) .. + 3, in two halves 64 words apart; rows past the input are zeros."""

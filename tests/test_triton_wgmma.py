@@ -88,6 +88,41 @@ def test_the_h200_tables_send_17_to_64_rows_of_large_weights_to_wgmma():
         assert (chosen[0] == "wgmma") == expected, (rows, n_out, chosen)
 
 
+@pytest.mark.gpu
+@needs_hopper
+def test_a_product_recorded_into_a_cuda_graph_takes_the_captured_tables():
+    """A weight with one wave of 64-row programs: its 32-row products run on ``wgmma`` when a
+    CUDA graph records them (``KernelTables.captured``) and on the tensor-core kernel eagerly;
+    each path's result is that kernel's, and the two launches are kept apart."""
+    if tuning.for_device(torch.device(DEVICE)) is not tuning.H200:
+        pytest.skip("not an H200: the captured tables are its own")
+    n, k = 64 * dispatch.processors(torch.device(DEVICE)), 1024
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, 64, torch.uint8)
+    weight = kernels.PreparedWeight(packed, absmax, code, 64, (n, k))
+    x = torch.randn(32, k, device=DEVICE, dtype=torch.bfloat16)
+    eager_config = dispatch.choose_config(x, n, k, 64, packed)
+    assert eager_config[0] == "fused"
+    with torch.no_grad():
+        eager = weight.linear(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            weight.linear(x)  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            recorded = weight.linear(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        forced_wgmma = weight.linear(x, None, ("wgmma", 1))
+        forced_eager = weight.linear(x, None, eager_config)
+    assert not torch.equal(forced_wgmma, forced_eager)  # the kernels sum in different orders
+    assert torch.equal(recorded, forced_wgmma)
+    assert torch.equal(eager, forced_eager)
+    assert torch.equal(weight.linear(x), eager)  # the eager launch is still the eager one
+
+
 def test_wgmma_kernel_refuses_more_rows_than_an_instruction_takes_and_unaligned_k():
     """Clear errors for inputs the kernel cannot take, before anything launches."""
     weight = type("Weight", (), {"k": 1024, "n_out": 128, "blocksize": 64})()

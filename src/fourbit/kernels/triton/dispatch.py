@@ -21,14 +21,18 @@ def choose_config(
     blocksize: int,
     packed: torch.Tensor | None = None,
     deterministic: bool = False,
+    captured: bool = False,
 ) -> tuple | str:
     """The kernel and tile configuration for input rows ``x`` (2-d) against an ``n_out x k``
-    weight (packed in ``packed``, when given), from the device's ``tuning.KernelTables``: a
-    ``fragments``, ``fused`` or ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``.
-    With ``deterministic`` the batch-wide tiles never split K (``linear.PreparedWeight._prepare``
-    keeps the other kernels' automatic splits within their programs)."""
+    weight (packed in ``packed``, when given), from the device's ``tuning.KernelTables`` (their
+    ``captured`` tables for a product recorded into a CUDA graph): a ``fragments``, ``fused`` or
+    ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``. With ``deterministic`` the
+    batch-wide tiles never split K (``linear.PreparedWeight._prepare`` keeps the other kernels'
+    automatic splits within their programs)."""
     rows = x.shape[0]
     tables = tuning.for_device(x.device)
+    if captured and tables.captured is not None:
+        tables = tables.captured
     if not INTERPRETED and fragments_supported(x, k, blocksize, packed):
         entry = next((entry for entry in tables.fragments if rows <= entry[0]), None)
         if entry:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -166,9 +167,11 @@ class PreparedWeight:
     def linear(self, A: torch.Tensor, bias: torch.Tensor | None = None, config: Sequence | str | None = None):
         """``A @ W.T + bias`` in A's dtype (``bias`` already in A's dtype)."""
         deterministic = torch.are_deterministic_algorithms_enabled()
+        captured = A.is_cuda and torch._C._cuda_isCurrentStreamCapturing()
         if config is None:
-            # everything Triton specializes on that can differ between calls, and the choice of
-            # products that sum partial products across programs (whose order varies)
+            # everything Triton specializes on that can differ between calls, the choice of
+            # products that sum partial products across programs (whose order varies), and
+            # whether a CUDA graph records the call (``tuning.KernelTables.captured``)
             key = (
                 A.shape,
                 A.stride(),
@@ -176,6 +179,7 @@ class PreparedWeight:
                 A.data_ptr() % 16,
                 None if bias is None else (bias.dtype, bias.data_ptr() % 16),
                 deterministic,
+                captured,
             )
             launch = self._launches.get(key)
             if launch is CHUNKED:
@@ -192,24 +196,55 @@ class PreparedWeight:
         if not (m and n_out):
             return torch.empty((*A.shape[:-1], n_out), dtype=A.dtype, device=A.device)
         if config is None:
-            chosen = dispatch.choose_config(x, n_out, k, self.blocksize, self.packed, deterministic)
+            chosen = dispatch.choose_config(x, n_out, k, self.blocksize, self.packed, deterministic, captured)
             launch = self._prepare(x, bias, chosen, deterministic)
         else:
             launch = self._prepare(x, bias, config)
+        before = None if launch is None else self._complete(launch, A, x)
+        if config is None:  # later calls like this one take the same launch (or go straight to the chunks)
+            self._remember(key, CHUNKED if launch is None else launch)
+            if not captured and A.is_cuda:
+                self._ready_for_capture(A, x, bias, key, chosen, deterministic)
         if launch is None:
-            if config is None:  # later calls like this one go straight to the chunks
-                self._remember(key, CHUNKED)
             return self._chunked(x, bias).view(*A.shape[:-1], n_out)
-        launch.out_shape = (*A.shape[:-1], n_out)
+        return launch(A, bias, before)
+
+    def _complete(self, launch: ProductLaunch, A: torch.Tensor, x: torch.Tensor) -> tuple | None:
+        """Give a fresh ``launch`` its output shape and input copy for inputs like ``A`` (whose
+        rows are ``x``); the weight's tensors to pass to its calls when launches are shared."""
+        launch.out_shape = (*A.shape[:-1], self.n_out)
         launch.shared = self.shared_workspace
         if x.data_ptr() != A.data_ptr():  # the rows are a copy: every call makes it
-            launch.prepare_input = _after(_flatten_rows(k), launch.prepare_input)
-        if config is None:
-            self._remember(key, launch)
-        if self._shared:
-            before, launch.before, launch.pointers = launch.before, None, None  # it keeps no weight alive
-            return launch(A, bias, before)
-        return launch(A, bias)
+            launch.prepare_input = _after(_flatten_rows(self.k), launch.prepare_input)
+        if not self._shared:
+            return None
+        before, launch.before, launch.pointers = launch.before, None, None  # it keeps no weight alive
+        return before
+
+    def _ready_for_capture(
+        self, A: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, key: tuple, chosen: tuple | str,
+        deterministic: bool,
+    ) -> None:  # fmt: skip
+        """Where the tables for CUDA graphs (``tuning.KernelTables.captured``) choose another
+        product for calls like this one, build that launch and run it once now: a capture may
+        not load a kernel, and captures follow an eager warm-up of the same call."""
+        other = dispatch.choose_config(x, self.n_out, self.k, self.blocksize, self.packed, deterministic, True)
+        captured_key = (*key[:-1], True)
+        if other == chosen or captured_key in self._launches:
+            return
+        try:
+            launch = self._prepare(x, bias, other, deterministic)
+            if launch is not None:
+                launch(A, bias, self._complete(launch, A, x))
+        except Exception as error:  # a compile failure here must not fail the eager call
+            warnings.warn(
+                f"fourbit: the product for CUDA graphs {other} could not be prepared ({type(error).__name__}: "
+                f"{error}); captures take the eager one, {chosen}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            launch = self._launches[key]
+        self._remember(captured_key, CHUNKED if launch is None else launch)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole weight decoded to ``dtype``, in rows whatever its layout (a gradient's

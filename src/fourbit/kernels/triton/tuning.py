@@ -152,6 +152,10 @@ class KernelTables(NamedTuple):
     wgmma: WgmmaRule | None = None
     #: (an H100 sweep of 256-2048 words with 4 warps: 512 reached 96% of the copy bandwidth)
     dequantize: DequantizeConfig = DequantizeConfig(words_per_program=512, num_warps=4)
+    #: The tables for products recorded into a CUDA graph, whose launches cost host time once:
+    #: there a second kernel a call (an input copy, the staging of ``wgmma``) pays wherever it
+    #: saves GPU time. None: the same tables.
+    captured: KernelTables | None = None
 
 
 HOPPER = KernelTables(
@@ -192,6 +196,16 @@ H200 = HOPPER._replace(
     fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27)),
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
+)
+#: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
+#: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0
+#: against 36.1 / 37.1 / 46.1; 6144x4096 (0.7 waves) even, 4096-row weights 1.4-2.2x slower.
+#: Inputs in fragment order from 13 rows of 2^25 weights: 14336x4096 and 4096x14336 at 16 rows
+#: 19.1 / 18.2 against 21.4 / 20.0; at 12 rows even (0.97-0.99x), 6144x4096 even at 16.
+H200 = H200._replace(
+    captured=H200._replace(
+        fragment_permute=(*H200.fragment_permute, PermuteRule(13, 1 << 25)), wgmma=WgmmaRule(17, 64, 1.0)
+    )
 )
 
 #: GPUs without tables of their own, and not Hoppers: the Hopper entries with batch-wide tiles of
