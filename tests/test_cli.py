@@ -139,6 +139,31 @@ def test_bench_runs(tmp_path):
     assert "fourbit kernel benchmark" in result.stdout and "64x128" in result.stdout
 
 
+def test_bench_times_only_the_operations_asked_for(monkeypatch, capsys):
+    """--ops: the table holds those operations' rows only, and nothing else is timed; an unknown
+    operation is refused by name."""
+    from fourbit.tools import bench
+
+    timed: list[str] = []
+    monkeypatch.setattr(bench, "_median_ms", lambda fns, device, min_time: timed.append(fns[0]) or 1.0)
+    arguments = ["--device", "cpu", "--shapes", "64x128", "--dtypes", "float32", "--batches", "1", "2", "--no-bnb"]
+    bench.main([*arguments, "--ops", "matmul_4bit"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "64x128" in line]
+    assert [line.split("|")[1].strip() for line in table] == ["matmul_4bit", "matmul_4bit"]
+    assert len(timed) == 4  # fourbit and torch, two batches
+    timed.clear()
+    bench.main(arguments)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "64x128" in line]
+    assert [line.split("|")[1].strip() for line in table] == [
+        "quantize", "dequantize", "matmul_4bit", "Linear4bit", "matmul_4bit", "Linear4bit"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        bench.main([*arguments, "--ops", "gemm"])
+    assert stopped.value.code == 2 and "argument --ops: invalid choice: 'gemm'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unknown operations \['gemm'\]"):
+        bench.run([(64, 128)], [torch.float32], [1], torch.device("cpu"), with_bnb=False, ops=["gemm"])
+
+
 def test_bench_takes_a_thread_count_and_refuses_a_bad_one(capsys):
     from fourbit.tools import bench
 

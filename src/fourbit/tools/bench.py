@@ -83,6 +83,10 @@ def _load_bitsandbytes():
     return bitsandbytes, bnb_functional
 
 
+#: The operations the benchmark times, in the table's order.
+OPS = ("quantize", "dequantize", "matmul_4bit", "Linear4bit")
+
+
 def _shape_rows(
     n: int,
     k: int,
@@ -92,8 +96,9 @@ def _shape_rows(
     options: dict,
     bnb_modules: tuple,
     min_time: float,
+    ops: Sequence[str] = OPS,
 ) -> list[Row]:
-    """The rows of one weight shape and dtype."""
+    """The rows of one weight shape and dtype, for the operations ``ops``."""
     bnb, bnb_functional = bnb_modules
     name, shape = str(dtype).removeprefix("torch."), f"{n}x{k}"
     weight = torch.randn(n, k, dtype=dtype, device=device)
@@ -118,42 +123,48 @@ def _shape_rows(
     if theirs is not None:
         theirs_all = [theirs, *_copies(partial(bnb_functional.quantize_4bit, weight, **options), stored_bytes)[1:]]
     bnb_quantize = bnb_functional.quantize_4bit if theirs else None
-    rows = [
-        Row(
+    rows = []
+    if "quantize" in ops:
+        rows.append(Row(
             "quantize", shape, name, "-", time_it([partial(F4.quantize_4bit, w, **options) for w in weights]),
             time_it([w.clone for w in weights]),
             time_it([partial(bnb_quantize, w, **options) for w in weights] if bnb_quantize else []),
             dense_bytes + stored_bytes,
-        ),
-        Row(
+        ))  # fmt: skip
+    if "dequantize" in ops:
+        rows.append(Row(
             "dequantize", shape, name, "-", time_it([partial(F4.dequantize_4bit, *pair) for pair in ours]),
             time_it([w.clone for w in weights]),
             time_it([partial(bnb_functional.dequantize_4bit, *pair) for pair in theirs_all]),
             dense_bytes + stored_bytes,
-        ),
-    ]  # fmt: skip
-    layers = {"torch": [_dense_layer(w) for w in weights]}
-    for library, make in _quantized_layers(bnb).items():
-        layers[library] = _copies(partial(make, weight, options), stored_bytes)
-    for batch in batches:
+        ))  # fmt: skip
+    layers = {}
+    if "Linear4bit" in ops:
+        layers["torch"] = [_dense_layer(w) for w in weights]
+        for library, make in _quantized_layers(bnb).items():
+            layers[library] = _copies(partial(make, weight, options), stored_bytes)
+    for batch in batches if {"matmul_4bit", "Linear4bit"} & set(ops) else ():
         x = torch.randn(batch, k, dtype=dtype, device=device)
         moved = stored_bytes + batch * (n + k) * weight.element_size()
         with torch.inference_mode():
-            rows.append(
-                Row(
-                    "matmul_4bit", shape, name, str(batch),
-                    time_it([partial(matmul_4bit, x, p.t(), s) for p, s in ours]),
-                    time_it([partial(torch.matmul, x, w.t()) for w in weights]),
-                    time_it([partial(bnb.matmul_4bit, x, p.t(), s) for p, s in theirs_all]), moved,
-                )
-            )  # fmt: skip
-            rows.append(
-                Row(
-                    "Linear4bit", shape, name, str(batch), time_it([partial(layer, x) for layer in layers["fourbit"]]),
-                    time_it([partial(layer, x) for layer in layers["torch"]]),
-                    time_it([partial(layer, x) for layer in layers.get("bnb", [])]), moved,
-                )
-            )  # fmt: skip
+            if "matmul_4bit" in ops:
+                rows.append(
+                    Row(
+                        "matmul_4bit", shape, name, str(batch),
+                        time_it([partial(matmul_4bit, x, p.t(), s) for p, s in ours]),
+                        time_it([partial(torch.matmul, x, w.t()) for w in weights]),
+                        time_it([partial(bnb.matmul_4bit, x, p.t(), s) for p, s in theirs_all]), moved,
+                    )
+                )  # fmt: skip
+            if "Linear4bit" in ops:
+                rows.append(
+                    Row(
+                        "Linear4bit", shape, name, str(batch),
+                        time_it([partial(layer, x) for layer in layers["fourbit"]]),
+                        time_it([partial(layer, x) for layer in layers["torch"]]),
+                        time_it([partial(layer, x) for layer in layers.get("bnb", [])]), moved,
+                    )
+                )  # fmt: skip
     return rows
 
 
@@ -193,14 +204,19 @@ def run(
     nested: bool = True,
     min_time: float = 0.5,
     with_bnb: bool = True,
+    ops: Sequence[str] = OPS,
 ) -> list[Row]:
-    """Time quantize, dequantize and matmul_4bit for each shape (N, K), dtype and batch."""
+    """Time ``ops`` (quantize, dequantize, matmul_4bit, Linear4bit: ``OPS``) for each shape (N, K),
+    dtype and batch."""
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown operations {unknown}: the benchmark times {', '.join(OPS)}")
     bnb_modules = _load_bitsandbytes() if with_bnb else (None, None)
     options = dict(blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
     rows: list[Row] = []
     for n, k in shapes:
         for dtype in dtypes:
-            rows += _shape_rows(n, k, dtype, batches, device, options, bnb_modules, min_time)
+            rows += _shape_rows(n, k, dtype, batches, device, options, bnb_modules, min_time, ops)
     return rows
 
 
@@ -286,6 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float16", "bfloat16", "float32"]
     )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="operations to time (default: all)")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-nested", action="store_true", help="plain float32 absmax instead of nested statistics")
@@ -344,6 +361,7 @@ def run_from_args(args: argparse.Namespace) -> None:
         nested=not args.no_nested,
         min_time=args.min_time,
         with_bnb=not args.no_bnb,
+        ops=args.ops,
     )
     settings = f"{args.quant_type}, blocksize {args.blocksize}, nested={not args.no_nested}"
     if args.float32_matmul_precision:
