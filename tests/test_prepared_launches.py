@@ -250,6 +250,15 @@ def test_the_first_eager_call_prepares_the_launch_a_cuda_graph_would_take(monkey
     assert captured.launch.compiled is not None or not launch.DIRECT  # compiled, loaded and run
     torch.testing.assert_close(captured(x, None), x @ dense.t(), rtol=1e-4, atol=1e-4)
 
+    chunks, _ = _prepared_weight(40, 256)  # graphs that would take decode + cuBLAS: decoded once now
+    monkeypatch.setattr(dispatch, "choose_config", lambda x, *args: "chunked" if args[5:6] == (True,) else eager)
+    chunks.linear(x)
+    (key,) = (key for key in chunks._launches if not key[-1])
+    if not ON_GPU:
+        chunks._ready_for_capture(x, x, None, key, eager, False)
+    assert chunks._launches[(*key[:-1], True)] is kernels.linear.CHUNKED and chunks._chunk_plans
+
+    monkeypatch.setattr(dispatch, "choose_config", lambda x, *args: graphs if args[5:6] == (True,) else eager)
     broken, _ = _prepared_weight(40, 256)
     broken.linear(x)
     (key,) = broken._launches

@@ -234,7 +234,9 @@ class PreparedWeight:
             return
         try:
             launch = self._prepare(x, bias, other, deterministic)
-            if launch is not None:
+            if launch is None:
+                self._chunked(x, bias)  # its decode compiles on first use too
+            else:
                 launch(A, bias, self._complete(launch, A, x))
         except Exception as error:  # a compile failure here must not fail the eager call
             warnings.warn(
