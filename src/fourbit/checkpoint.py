@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "QuantizedTensorInfo",
     "SafetensorsWriter",
+    "aligned",
     "describe",
     "fourbit_metadata",
     "iter_tensors",
@@ -282,15 +283,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+def aligned(tensor: Tensor) -> Tensor:
+    """``tensor``, or a copy of it when its data does not start at a multiple of its element size:
+    a file whose tensors lie unaligned (as another writer, or an older fourbit, may lay them out)
+    maps them to misaligned views, which some CPU kernels read at other speeds and with other
+    results than aligned data."""
+    return tensor if tensor.data_ptr() % tensor.element_size() == 0 else tensor.clone()
+
+
 def iter_tensors(path: str | os.PathLike, device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
-    """Yield (name, tensor) one at a time, in file order, memory-mapped when on the CPU."""
+    """Yield (name, tensor) one at a time, in file order, memory-mapped when on the CPU (copied when
+    the file lays a tensor out unaligned: ``aligned``)."""
     with open_file(path, device) as handle:
         for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            try:
-                tensor = handle.get_tensor(name)
-            except Exception as error:  # the Rust reader raises a bare SafetensorError
-                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({error})") from error
-            yield name, tensor
+            yield name, _read(handle, path, name)
 
 
 def load_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -353,12 +359,13 @@ class CheckpointDescription:
 
 
 def _read(handle: Any, path: str | os.PathLike, name: str) -> Tensor:
-    """One tensor of an open file; CheckpointError when the reader cannot produce it (a dtype torch
-    lacks, truncated data)."""
+    """One tensor of an open file (``aligned``); CheckpointError when the reader cannot produce it
+    (a dtype torch lacks, truncated data)."""
     try:
-        return handle.get_tensor(name)
+        tensor = handle.get_tensor(name)
     except Exception as error:  # the Rust reader raises a bare SafetensorError
         raise CheckpointError(f"{path}: cannot read tensor {name!r} ({' '.join(str(error).split())})") from error
+    return aligned(tensor)
 
 
 def describe(path: str | os.PathLike) -> CheckpointDescription:

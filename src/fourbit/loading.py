@@ -85,9 +85,10 @@ class _Source:
     def __getitem__(self, name: str) -> Tensor:
         if self._mapping is None:
             try:
-                return self._where[name].get_tensor(name)
+                tensor = self._where[name].get_tensor(name)
             except Exception as error:  # the Rust reader raises a bare SafetensorError
                 raise checkpoint.CheckpointError(f"{self.label}: cannot read tensor {name!r} ({error})") from error
+            return checkpoint.aligned(tensor)
         value = self._mapping[name]
         if not isinstance(value, Tensor):
             raise checkpoint.CheckpointError(f"{self.label}: entry {name!r} is a {type(value).__name__}, not a tensor")
