@@ -82,7 +82,8 @@ def test_deterministic_products_repeat_their_bits():
         torch.use_deterministic_algorithms(True, warn_only=True)  # (cuBLAS, where a GPU's tables pick it, warns)
         try:
             first = weight.linear(x)
-            deterministic = [launch for key, launch in weight._launches.items() if key[-1]]
+            # a launch key ends (..., deterministic, captured): PreparedWeight.linear
+            deterministic = [launch for key, launch in weight._launches.items() if key[-2] and not key[-1]]
             assert deterministic and not any(launch.tiles for launch in deterministic)
             for _ in range(3):
                 assert torch.equal(weight.linear(x), first), (n, k, rows)

@@ -30,6 +30,8 @@ other kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -164,18 +166,24 @@ def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr):
 
 @triton.jit
 def _group_scales(
-    stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
     """The absmax of a row group's four steps from column ``k``: four for row g, four for g + 8.
-    The blocks of the four steps lie in one block of nested statistics (``aligned``)."""
+    The blocks of the four steps lie in one block of nested statistics (``aligned``); none is read
+    from ``k_stop`` on (a warp whose part of K is empty would read past the last row's)."""
     g0, g1, g2, g3, h0, h1, h2, h3 = stored
     _, _, blocks_g, blocks_h, mask_g, mask_h = rows
     nested_g = 0.0
     nested_h = 0.0
     if NESTED:
-        nested_g = tl.load(nested_absmax_ptr + (blocks_g + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_g, other=0.0)
-        nested_h = tl.load(nested_absmax_ptr + (blocks_h + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_h, other=0.0)
+        live = k < k_stop
+        nested_g = tl.load(
+            nested_absmax_ptr + (blocks_g + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_g & live, other=0.0
+        )
+        nested_h = tl.load(
+            nested_absmax_ptr + (blocks_h + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_h & live, other=0.0
+        )
     return (
         _scale(g0, nested_g, offset, table, NESTED), _scale(g1, nested_g, offset, table, NESTED),
         _scale(g2, nested_g, offset, table, NESTED), _scale(g3, nested_g, offset, table, NESTED),
@@ -311,6 +319,7 @@ def _fragment_mma_kernel(
     TILED: tl.constexpr,
     K_WARPS: tl.constexpr,
     PERMUTED: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
     """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
     (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run), and
@@ -321,7 +330,8 @@ def _fragment_mma_kernel(
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
     says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
     iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
-    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size).
+    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
+    launched as a programmatic dependent (``dependent_launches``).
     """
     ROW_GROUPS: tl.constexpr = WARPS // K_WARPS
     thread = _thread_index(tl.arange(0, 32 * WARPS))
@@ -342,6 +352,8 @@ def _fragment_mma_kernel(
         k_count = tl.cdiv(tl.cdiv(k_chunk, K_WARPS), 256) * 256
         k_start = program_start + (warp // ROW_GROUPS) * k_count
         k_stop = tl.minimum(program_stop, k_start + k_count)
+    if DEPENDENT:  # nothing the kernel before wrote is read before it completes (``dependent_launches``)
+        tl.extra.cuda.gdc_wait()
     # the first packed words and statistics are asked for before the table is filled, so that
     # their memory latency overlaps the fill (whose barrier would otherwise come first)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
@@ -355,7 +367,9 @@ def _fragment_mma_kernel(
     acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     for k_offset in range(0, k_count, 64 * 4):
         k = k_start + k_offset
-        scales = _group_scales(stored, rows, k, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+        scales = _group_scales(
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+        )
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
             column = k + 64 * step
@@ -367,6 +381,8 @@ def _fragment_mma_kernel(
             first = second
             second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
             acc = _step(acc, words, inputs, scales[step], scales[4 + step], table, TILES, FLOAT16)
+    if DEPENDENT:
+        tl.extra.cuda.gdc_launch_dependents()
     if K_WARPS > 1:
         acc, first_row, quad = _sum_k_warps(acc, tl.program_id(0) * (16 * ROW_GROUPS), ROW_GROUPS, K_WARPS, TILES)
     if SPLIT_K == 1:
@@ -382,6 +398,20 @@ def _fragment_mma_kernel(
 #: ``_fragment_mma_kernel``, specialized on M == 1: on an H200 it is 2% faster on two of three
 #: decode shapes, 3% slower on the third (docs/performance.md), and decoding is its main use.
 _fragment_mma_kernel_rows = triton.jit(_fragment_mma_kernel.fn, do_not_specialize=["M"])
+
+
+@functools.cache
+def dependent_launches(device: torch.device) -> bool:
+    """Whether fragment kernels on ``device`` launch as programmatic dependents (compute capability
+    9.0 and newer, a Triton with ``gdc_wait``): each waits at its start until the kernel before it
+    has completed, touching no memory before, and lets the next such launch begin once its own
+    programs have left their loops. The next product's programs are then resident and waiting as
+    this one writes out. On an H200, eight Llama-3-8B layers' products at one row took 533 us a
+    CUDA graph replay against 561 (8 rows: 601 against 619); letting the next launch begin at the
+    start, or prefetching weights into L2 before the wait, was slower (docs/performance.md)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0) and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def fragment_launch(
@@ -418,11 +448,13 @@ def fragment_launch(
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    dependent = dependent_launches(x.device)
     return ProductLaunch(
-        _fragment_mma_kernel if m == 1 else _fragment_mma_kernel_rows, (programs, split_k), {"num_warps": warps},
+        _fragment_mma_kernel if m == 1 else _fragment_mma_kernel_rows, (programs, split_k),
+        {"num_warps": warps, "launch_pdl": dependent},
         weight, _fragment_tensors,
         (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted),
+         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
         InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows,
         registers=REGISTERS,

@@ -1,0 +1,113 @@
+"""The fragment kernel at its edges (GPU): warps left without columns, and launches as
+programmatic dependents, which wait for the kernel before them.
+
+The kernel's configurations against a float64 reference: ``test_triton_tensor_core.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics
+
+from fourbit.kernels import reference
+from fourbit.kernels import triton as kernels
+from fourbit.kernels.triton import fragments
+
+pytestmark = NEEDS_TRITON
+
+
+def _nested_weight(
+    n: int, k: int, blocksize: int = 64, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """A nested NF4 weight: packed bytes, absmax codes, the nested keyword arguments, float64 dense."""
+    code = code_table("nf4")
+    weight = torch.randn(n, k, device=DEVICE) * scale
+    packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
+    absmax, extra = nested_statistics(absmax, True)
+    dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+    return packed, absmax, extra, dense
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [("fragments", 4, 1, 4), ("fragments", 8, 2, 8)])
+def test_warps_left_without_columns_read_no_statistics_past_the_weight(config):
+    """1536 columns over four warps' 512 (or, split in two, eight warps' 256) leave the last warps
+    no columns. They read no nested statistics: the tensor is followed in memory by NaN, which
+    would reach the products of the last weight rows (0 * NaN)."""
+    assert ON_GPU
+    n, k, blocksize = 64, 1536, 64
+    packed, absmax, extra, dense = _nested_weight(n, k, blocksize)
+    nested = extra["nested_absmax"]
+    followed_by_nan = torch.full((nested.numel() + 64,), float("nan"), device=DEVICE)
+    followed_by_nan[: nested.numel()] = nested
+    extra = {**extra, "nested_absmax": followed_by_nan[: nested.numel()]}
+    code = code_table("nf4")
+    for rows in (1, 8):
+        x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
+        out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=config)
+        expected = x.double() @ dense.t()
+        assert not out.isnan().any(), (config, rows)
+        error = ((out.double() - expected).norm() / expected.norm()).item()
+        assert error < 1e-2, (config, rows, error)
+
+
+def test_only_gpus_that_have_programmatic_dependent_launch_launch_so():
+    """Dependent launches need compute capability 9.0 (``griddepcontrol``); never off CUDA."""
+    assert not fragments.dependent_launches(torch.device("cpu"))
+    if ON_GPU:
+        expected = torch.cuda.get_device_capability() >= (9, 0) and torch.version.hip is None
+        assert fragments.dependent_launches(torch.device("cuda", torch.cuda.current_device())) == expected
+
+
+@pytest.mark.gpu
+def test_a_chain_of_dependent_products_reads_each_input_after_it_is_written():
+    """Each product's input is the product before it: a dependent launch that read its input
+    before the kernel before it completed would read stale rows. Eager calls and CUDA graph
+    replays (where the launches become programmatic edges) give the same bits, each step within
+    rounding of float64, and the launches are dependent where the GPU has them."""
+    assert ON_GPU
+    torch.manual_seed(0)
+    size, steps, blocksize = 2048, 6, 64
+    code = code_table("nf4")
+    # weights of norm 1 a row, so that products keep their inputs' size
+    weights = [_nested_weight(size, size, blocksize, size**-0.5) for _ in range(steps)]
+    prepared = [
+        kernels.PreparedWeight(packed, absmax, code, blocksize, (size, size), _nested(extra))
+        for packed, absmax, extra, _ in weights
+    ]
+
+    def chain(x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for weight in prepared:
+            x = weight.linear(x)  # one product kernel after another, nothing between
+            outputs.append(x)
+        return outputs
+
+    for rows in (1, 8):
+        x = torch.randn(rows, size, device=DEVICE).to(torch.bfloat16)
+        eager = chain(x)
+        for step, (inputs, out, (_, _, _, dense)) in enumerate(zip([x, *eager[:-1]], eager, weights, strict=True)):
+            expected = inputs.double() @ dense.t()  # each step against its own (rounded) input
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-2, (rows, step, error)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = chain(x)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for out, again in zip(eager, replayed, strict=True):
+                assert torch.equal(out, again), rows
+        launches = [launch for weight in prepared for launch in weight._launches.values()]
+        dependent = fragments.dependent_launches(x.device)
+        assert launches and all(launch.launch.options.get("launch_pdl", False) == dependent for launch in launches)
+
+
+def _nested(extra: dict):
+    from fourbit.formats import NestedStatistics
+
+    return NestedStatistics(extra["nested_absmax"], extra["nested_code"], extra["nested_offset"], 256)
