@@ -11,11 +11,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
 from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics
 
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
-from fourbit.kernels.triton import fragments
+from fourbit.kernels.triton import launch
 
 pytestmark = NEEDS_TRITON
 
@@ -55,12 +56,27 @@ def test_warps_left_without_columns_read_no_statistics_past_the_weight(config):
         assert error < 1e-2, (config, rows, error)
 
 
-def test_only_gpus_that_have_programmatic_dependent_launch_launch_so():
-    """Dependent launches need compute capability 9.0 (``griddepcontrol``); never off CUDA."""
-    assert not fragments.dependent_launches(torch.device("cpu"))
-    if ON_GPU:
-        expected = torch.cuda.get_device_capability() >= (9, 0) and torch.version.hip is None
-        assert fragments.dependent_launches(torch.device("cuda", torch.cuda.current_device())) == expected
+@pytest.mark.parametrize(
+    ("capability", "dependent"), [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)]
+)
+def test_only_gpus_that_have_programmatic_dependent_launch_launch_so(monkeypatch, capability, dependent):
+    """Dependent launches need compute capability 9.0 (``griddepcontrol`` is sm_90 PTX) and a
+    Triton that has ``gdc_wait``; never off CUDA or on ROCm."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    launch.dependent_launches.cache_clear()
+    try:
+        assert not launch.dependent_launches(torch.device("cpu"))
+        assert launch.dependent_launches(torch.device("cuda", 0)) == dependent
+        monkeypatch.setattr(torch.version, "hip", "6.2")
+        launch.dependent_launches.cache_clear()
+        assert not launch.dependent_launches(torch.device("cuda", 0))
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.delattr(triton.language.extra.cuda, "gdc_wait")
+        launch.dependent_launches.cache_clear()
+        assert not launch.dependent_launches(torch.device("cuda", 0))
+    finally:
+        launch.dependent_launches.cache_clear()
 
 
 @pytest.mark.gpu
@@ -103,7 +119,7 @@ def test_a_chain_of_dependent_products_reads_each_input_after_it_is_written():
             for out, again in zip(eager, replayed, strict=True):
                 assert torch.equal(out, again), rows
         launches = [launch for weight in prepared for launch in weight._launches.values()]
-        dependent = fragments.dependent_launches(x.device)
+        dependent = launch.dependent_launches(x.device)
         assert launches and all(launch.launch.options.get("launch_pdl", False) == dependent for launch in launches)
 
 

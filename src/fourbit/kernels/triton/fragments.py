@@ -30,8 +30,6 @@ other kernels.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +38,7 @@ from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
 from .fragment_inputs import InputPermute, permuted_inputs, row_inputs
-from .launch import ProductLaunch
+from .launch import ProductLaunch, dependent_launches
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
 
 #: Input rows of one instruction tile (its ``n`` side); a program takes up to ``MAX_TILES``.
@@ -331,7 +329,7 @@ def _fragment_mma_kernel(
     says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
     iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
     Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
-    launched as a programmatic dependent (``dependent_launches``).
+    launched as a programmatic dependent (``launch.dependent_launches``).
     """
     ROW_GROUPS: tl.constexpr = WARPS // K_WARPS
     thread = _thread_index(tl.arange(0, 32 * WARPS))
@@ -352,7 +350,7 @@ def _fragment_mma_kernel(
         k_count = tl.cdiv(tl.cdiv(k_chunk, K_WARPS), 256) * 256
         k_start = program_start + (warp // ROW_GROUPS) * k_count
         k_stop = tl.minimum(program_stop, k_start + k_count)
-    if DEPENDENT:  # nothing the kernel before wrote is read before it completes (``dependent_launches``)
+    if DEPENDENT:  # nothing the kernel before wrote is read before it completes (``launch.dependent_launches``)
         tl.extra.cuda.gdc_wait()
     # the first packed words and statistics are asked for before the table is filled, so that
     # their memory latency overlaps the fill (whose barrier would otherwise come first)
@@ -398,20 +396,6 @@ def _fragment_mma_kernel(
 #: ``_fragment_mma_kernel``, specialized on M == 1: on an H200 it is 2% faster on two of three
 #: decode shapes, 3% slower on the third (docs/performance.md), and decoding is its main use.
 _fragment_mma_kernel_rows = triton.jit(_fragment_mma_kernel.fn, do_not_specialize=["M"])
-
-
-@functools.cache
-def dependent_launches(device: torch.device) -> bool:
-    """Whether fragment kernels on ``device`` launch as programmatic dependents (compute capability
-    9.0 and newer, a Triton with ``gdc_wait``): each waits at its start until the kernel before it
-    has completed, touching no memory before, and lets the next such launch begin once its own
-    programs have left their loops. The next product's programs are then resident and waiting as
-    this one writes out. On an H200, eight Llama-3-8B layers' products at one row took 533 us a
-    CUDA graph replay against 561 (8 rows: 601 against 619); letting the next launch begin at the
-    start, or prefetching weights into L2 before the wait, was slower (docs/performance.md)."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0) and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def fragment_launch(
