@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate train ptxas" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate layers train ptxas" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -95,6 +95,8 @@ for stage in $STAGES; do
         ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/generate.md"
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
         ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/generate_compiled.md" ;;
+    layers)  # a decoder's projections layer after layer, eager and as one CUDA graph, and each shape alone
+      "$PYTHON" benchmarks/bench_layers.py --device cuda --per-shape ${LAYERS_ARGS:-} 2>&1 | tee "$OUT/layers.md" ;;
     train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries
       "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 2>&1 | tee "$OUT/train.md" ;;
     ptxas)  # the few-row kernel's tests and timings with another ptxas (PTXAS, default the machine's
@@ -108,6 +110,6 @@ for stage in $STAGES; do
         -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, train, ptxas)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, train, ptxas)" >&2; exit 2 ;;
   esac
 done

@@ -47,6 +47,15 @@ def test_bench_generate_prints_its_table():
     assert cells[5].endswith("x"), cells  # fourbit/bf16
 
 
+def test_bench_layers_prints_its_table():
+    out = _run("bench_layers.py", "--device", "cpu", "--layers", "1", "--rows", "1", "2", "--shape", "64", "256", "32",
+               "--libraries", "bf16", "fourbit", "--min-time", "0.01")  # fmt: skip
+    for rows in ("1", "2"):
+        cells = _row(out, f"eager | {rows}")
+        assert NUMBER.match(cells[2]) and NUMBER.match(cells[3]), cells  # bf16 and fourbit us a layer
+        assert cells[4].endswith("x"), cells  # fourbit / bf16
+
+
 def test_bench_train_prints_its_table():
     out = _run("bench_train.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--sequence", "8",
                "--libraries", "fourbit", "--warmup", "0", "--repeats", "1")  # fmt: skip
