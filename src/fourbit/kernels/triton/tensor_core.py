@@ -65,7 +65,7 @@ def decode_dot_kernel(
     k_stop = tl.minimum(K, k_start + k_chunk)
     planes = plane_words(code_ptr, x_ptr.dtype.element_ty)
     block = row_blocks + ((k_start + offs_s * SUB_K) // BLOCKSIZE)[None, :]
-    stored = stored_absmax(absmax_ptr, block, n_mask[:, None], NESTED)
+    stored = stored_absmax(absmax_ptr, block, n_mask[:, None] & (k_start < k_stop), NESTED)  # an empty split reads none
     for k0 in range(k_start, k_stop, BLOCK_K):
         next_block = row_blocks + ((k0 + BLOCK_K + offs_s * SUB_K) // BLOCKSIZE)[None, :]
         next_stored = stored_absmax(absmax_ptr, next_block, n_mask[:, None] & (k0 + BLOCK_K < k_stop), NESTED)
