@@ -288,56 +288,24 @@ def _sum_k_warps(acc, program_row, ROW_GROUPS: tl.constexpr, K_WARPS: tl.constex
 
 
 @triton.jit
-def _fragment_mma_kernel(
-    x_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
-    nested_offset_ptr,
-    bias_ptr,
-    out_ptr,
-    workspace_ptr,
-    counter_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    TILES: tl.constexpr,
-    WARPS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
-    FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WORDS: tl.constexpr,
-    TILED: tl.constexpr,
-    K_WARPS: tl.constexpr,
-    PERMUTED: tl.constexpr,
-    DEPENDENT: tl.constexpr,
-):
-    """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
-    (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run), and
-    ``K_WARPS`` warps take the same rows, each a part of the program's columns. ``PERMUTED``: x
-    is ``fragment_inputs.InputPermute``'s copy, not the rows.
-
-    ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
-    element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
-    says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
-    iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
-    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
-    launched as a programmatic dependent (``launch.dependent_launches``).
-    """
+def fragment_product(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
+    workspace_ptr, counter_ptr, program, M, N, K, stride_xm, stride_om, TILES: tl.constexpr, WARPS: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    FLOAT16: tl.constexpr, HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
+    PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr,
+):  # fmt: skip
+    """What ``_fragment_mma_kernel`` computes, for its weight rows from ``16 * program`` row
+    groups on (``program``: the program's index among those of this weight; split programs
+    count arrivals by the grid's own index). Kernels over several weights call it with each
+    weight's tensors and row count."""
     ROW_GROUPS: tl.constexpr = WARPS // K_WARPS
     thread = _thread_index(tl.arange(0, 32 * WARPS))
     lane = thread % 32
     group = lane // 4
     quad = lane % 4
     warp = thread // 32
-    first_row = tl.program_id(0) * (16 * ROW_GROUPS) + (warp % ROW_GROUPS) * 16 + group
+    first_row = program * (16 * ROW_GROUPS) + (warp % ROW_GROUPS) * 16 + group
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), 256) * 256
     program_start = tl.program_id(1) * k_chunk
@@ -382,13 +350,64 @@ def _fragment_mma_kernel(
     if DEPENDENT:
         tl.extra.cuda.gdc_launch_dependents()
     if K_WARPS > 1:
-        acc, first_row, quad = _sum_k_warps(acc, tl.program_id(0) * (16 * ROW_GROUPS), ROW_GROUPS, K_WARPS, TILES)
+        acc, first_row, quad = _sum_k_warps(acc, program * (16 * ROW_GROUPS), ROW_GROUPS, K_WARPS, TILES)
     if SPLIT_K == 1:
         _store_group(out_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, 1, HAS_BIAS)
     else:
         _store_group(workspace_ptr, bias_ptr, acc, first_row, quad, M, N, stride_om, TILES, SPLIT_K, HAS_BIAS)
         if last_of_split(counter_ptr, tl.program_id(0), SPLIT_K):
             _finish_group(out_ptr, workspace_ptr, bias_ptr, first_row, quad, M, N, stride_om, TILES, HAS_BIAS)
+
+
+@triton.jit
+def _fragment_mma_kernel(
+    x_ptr,
+    w_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset_ptr,
+    bias_ptr,
+    out_ptr,
+    workspace_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    TILES: tl.constexpr,
+    WARPS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    FLOAT16: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WORDS: tl.constexpr,
+    TILED: tl.constexpr,
+    K_WARPS: tl.constexpr,
+    PERMUTED: tl.constexpr,
+    DEPENDENT: tl.constexpr,
+):
+    """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
+    (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run), and
+    ``K_WARPS`` warps take the same rows, each a part of the program's columns. ``PERMUTED``: x
+    is ``fragment_inputs.InputPermute``'s copy, not the rows.
+
+    ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
+    element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
+    says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
+    iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
+    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
+    launched as a programmatic dependent (``launch.dependent_launches``).
+    """
+    fragment_product(
+        x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
+        workspace_ptr, counter_ptr, tl.program_id(0), M, N, K, stride_xm, stride_om, TILES, WARPS, SPLIT_K, BLOCKSIZE,
+        NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, WORDS, TILED, K_WARPS, PERMUTED, DEPENDENT,
+    )  # fmt: skip
 
 
 #: The fragment kernel for more than one row: M not specialized, so one compile serves every row
@@ -407,6 +426,30 @@ def fragment_launch(
     ``fragment_parts`` choose both (and K_WARPS, when non-zero, is kept; with ``deterministic``
     it splits K only among a program's warps); otherwise K_WARPS defaults to 1. PERMUTED (0 or 1)
     reads the inputs from a copy in fragment order (``fragment_inputs``)."""
+    warps, split_k, k_warps, permuted = checked_config(config, weight.k, weight.blocksize)
+    k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
+    m = x.shape[0]
+    stride_xm, tiles, prepare_input = input_layout(x, k, permuted)
+    if not split_k:
+        k_warps, split_k = fragment_parts(triton.cdiv(n_out, 16), k, warps, processors, k_warps, not deterministic)
+    k_warps = k_warps or 1
+    programs = triton.cdiv(n_out, 16 * (warps // k_warps))
+    split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
+    words = reads_words(weight)
+    dependent = dependent_launches(x.device)
+    return ProductLaunch(
+        _fragment_mma_kernel if m == 1 else _fragment_mma_kernel_rows, (programs, split_k),
+        {"num_warps": warps, "launch_pdl": dependent},
+        weight, fragment_tensors,
+        (m, n_out, k, stride_xm, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
+         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent),
+        m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, prepare_input, registers=REGISTERS,
+    )  # fmt: skip
+
+
+def checked_config(config: tuple[int, ...], k: int, blocksize: int) -> tuple[int, int, int, bool]:
+    """(num_warps, SPLIT_K, K_WARPS, PERMUTED) of a fragment ``config`` (see ``fragment_launch``),
+    after checking it and the weight's K and blocksize."""
     warps, split_k, *rest = config
     k_warps = rest[0] if rest else 0
     permuted = bool(rest[1]) if len(rest) > 1 else False
@@ -414,38 +457,31 @@ def fragment_launch(
         raise ValueError(f"the fragment kernel's K warps ({k_warps}) must divide its warps ({warps})")
     if warps < 2:  # each thread stores four of the 256 nested codes into the table
         raise ValueError(f"the fragment kernel needs at least 2 warps a program, got {warps}")
-    k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(
             f"the fragment kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)"
         )
-    m = x.shape[0]
+    return warps, split_k, k_warps, permuted
+
+
+def input_layout(x: torch.Tensor, k: int, permuted: bool) -> tuple[int, int, object]:
+    """How the kernel reads inputs like the 2-d ``x``: (stride between rows in int64 elements,
+    8-row tiles, the conversion of the caller's rows into the kernel's ``x``)."""
     # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and keeps
     # them in one thread each (see _stored_row)
     rows_aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
-    stride_xm = x.stride(0) if rows_aligned else k
-    tiles = triton.cdiv(m, TILE_ROWS)
-    if not split_k:
-        k_warps, split_k = fragment_parts(triton.cdiv(n_out, 16), k, warps, processors, k_warps, not deterministic)
-    k_warps = k_warps or 1
-    programs = triton.cdiv(n_out, 16 * (warps // k_warps))
-    split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
-    absmax = weight.absmax
-    words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
-    dependent = dependent_launches(x.device)
-    return ProductLaunch(
-        _fragment_mma_kernel if m == 1 else _fragment_mma_kernel_rows, (programs, split_k),
-        {"num_warps": warps, "launch_pdl": dependent},
-        weight, _fragment_tensors,
-        (m, n_out, k, stride_xm // 4, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent),
-        m, n_out, x.dtype, x.device, programs if split_k > 1 else 0,
-        InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows,
-        registers=REGISTERS,
-    )  # fmt: skip
+    tiles = triton.cdiv(x.shape[0], TILE_ROWS)
+    prepare = InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows
+    return (x.stride(0) if rows_aligned else k) // 4, tiles, prepare
 
 
-def _fragment_tensors(weight) -> tuple:
+def reads_words(weight) -> bool:
+    """Whether the kernel reads ``weight``'s 8-bit absmax codes four at a time (``_stored_row``)."""
+    k, blocksize = weight.k, weight.blocksize
+    return weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and weight.absmax.data_ptr() % 4 == 0
+
+
+def fragment_tensors(weight) -> tuple:
     """The fragment kernel's weight arguments: packed 8-byte words, absmax, code, nested statistics."""
     return (weight.bytes.view(torch.int64), weight.absmax, weight.code, *weight.statistics)
 
