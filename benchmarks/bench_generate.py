@@ -134,13 +134,15 @@ def run_generate(
 
 
 def run_lean(
-    model, prompt: torch.Tensor, new_tokens: int, device: torch.device, forced: list | None = None
-) -> tuple[float, list, float]:
+    model, prompt: torch.Tensor, new_tokens: int, device: torch.device, forced: list | None = None,
+    options: dict | None = None,
+) -> tuple[float, list, float]:  # fmt: skip
     """Seconds for a gpt-fast style greedy loop, the tokens, and the seconds of one decode step
     (the loop after the prefill, per step): static cache, eager prefill, then the one-token step
     compiled (``torch.compile``, no graph break) and, on a GPU, captured once into a CUDA graph
     that every token replays. With ``forced`` tokens, each step takes the forced token before it
-    instead of its own prediction (teacher forcing)."""
+    instead of its own prediction (teacher forcing). ``options``: torch.compile's, for the step
+    compiled first for this shape."""
     from transformers import StaticCache
 
     batch, length = prompt.shape
@@ -153,7 +155,7 @@ def run_lean(
             logits = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
             return logits[:, -1].argmax(-1, keepdim=True)
 
-        kept[(batch, length)] = _LeanStep(step, cache, batch, device)
+        kept[(batch, length)] = _LeanStep(step, cache, batch, device, options)
     lean = kept[(batch, length)]
     lean.cache.reset()
     tokens = []
@@ -179,9 +181,9 @@ class _LeanStep:
     at its first call. (Inductor's own graphs, ``mode="reduce-overhead"``, skip a step that
     updates a StaticCache passed in: the cache's tensors are mutated inputs.)"""
 
-    def __init__(self, step, cache, batch: int, device: torch.device) -> None:
+    def __init__(self, step, cache, batch: int, device: torch.device, options: dict | None = None) -> None:
         self.eager, self.cache, self.device = step, cache, device
-        self.compiled = torch.compile(step, fullgraph=True)
+        self.compiled = torch.compile(step, fullgraph=True, options=options)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = None
@@ -235,11 +237,12 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
     torch.manual_seed(1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
     if mode == "lean":
-        runner = lambda: run_lean(model, prompt, args.new_tokens, device)  # noqa: E731
+        grouping = _grouping_options() if args.group_products else None
+        runner = lambda: run_lean(model, prompt, args.new_tokens, device, options=grouping)  # noqa: E731
     else:
         options = {"cache_implementation": "static"} if mode == "compiled" else {}
-        if mode == "compiled" and args.skip_module_guards:
-            options["compile_config"] = _compile_config_without_module_guards()
+        if mode == "compiled" and (args.skip_module_guards or args.group_products):
+            options["compile_config"] = _compile_config(args)
         runner = lambda: run_generate(model, prompt, args.new_tokens, device, **options)  # noqa: E731
     for _ in range(args.warmup):
         runner()
@@ -250,13 +253,25 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
     return batch * args.new_tokens / seconds, peak, 1e3 * step, tokens
 
 
-def _compile_config_without_module_guards():
+def _compile_config(args):
     """transformers' default compile settings (``mode="reduce-overhead"``, spelled as the option it
-    sets: torch.compile takes a mode or options) with module guards skipped."""
+    sets: torch.compile takes a mode or options) with module guards skipped and (or) 4-bit
+    products grouped."""
     from transformers import CompileConfig
 
-    guards = {"triton.cudagraphs": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    return CompileConfig(mode=None, options=guards)
+    options = {"triton.cudagraphs": True}
+    if args.skip_module_guards:
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    if args.group_products:
+        options.update(_grouping_options())
+    return CompileConfig(mode=None, options=options)
+
+
+def _grouping_options() -> dict:
+    """torch.compile options that group sibling 4-bit products (``fourbit.compile_options``)."""
+    from fourbit import compile_options
+
+    return compile_options()
 
 
 def run_library(name: str, args, device: torch.device, layers: int, shapes: dict, modes: list) -> dict:
@@ -399,6 +414,11 @@ def main() -> None:
         help="quantize the output projection too (gpt-fast and torchao do; transformers does not)",
     )
     parser.add_argument(
+        "--group-products",
+        action="store_true",
+        help="compiled and lean modes: group sibling 4-bit products (fourbit.compile_options)",
+    )
+    parser.add_argument(
         "--skip-module-guards",
         action="store_true",
         help="compiled mode: skip dynamo's guards on modules (a model that does not change)",
@@ -412,6 +432,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     head = "4-bit lm_head" if args.quantize_lm_head else "bf16 lm_head"
     head += ", module guards skipped" if args.skip_module_guards else ""
+    head += ", 4-bit products grouped" if args.group_products else ""
     head += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# generate: {layers} layers, {head}, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; "
           f"{where}, torch {torch.__version__}\n")  # fmt: skip
