@@ -69,20 +69,9 @@ _LIBRARY.impl("linear_4bit_group", member_products, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fourbit::linear_4bit_group", lib=_LIBRARY)
-def _(
-    A: Tensor,
-    packed: Sequence[Tensor],
-    absmax: Sequence[Tensor],
-    code: Sequence[Tensor],
-    blocksize: int,
-    n_outs: Sequence[int],
-    bias: Sequence[Tensor | None],
-    nested_absmax: Sequence[Tensor | None],
-    nested_code: Sequence[Tensor | None],
-    nested_offset: Sequence[Tensor | None],
-    nested_blocksize: int = NESTED_BLOCKSIZE,
-    tiled: bool = False,
-) -> Tensor:
+def _(A: Tensor, packed: Sequence[Tensor], absmax: Sequence[Tensor], code: Sequence[Tensor], blocksize: int,
+      n_outs: Sequence[int], *statistics_and_layout: object, **named: object) -> Tensor:  # fmt: skip
+    """The output's shape: A's rows, the members' columns side by side."""
     return A.new_empty((*A.shape[:-1], sum(n_outs)))
 
 
