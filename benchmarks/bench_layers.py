@@ -46,9 +46,37 @@ def dense_weights(layers: int, shapes: dict, device: torch.device, dtype: torch.
     ]
 
 
+class Grouped(nn.Module):
+    """fourbit ``Linear4bit`` layers that take one input, run as one grouped CUDA launch
+    (``kernels.triton.fragment_groups``, not yet behind a public path): their outputs side by side."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(layers)
+        self.widths = [layer.out_features for layer in layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fourbit.kernels.triton.fragment_groups import linear_4bit_group
+
+        states = [layer.weight.quant_state for layer in self.members]
+        return linear_4bit_group(
+            x, [layer.weight.data.as_subclass(torch.Tensor) for layer in self.members],
+            [state.absmax for state in states], [state.code for state in states], states[0].blocksize, self.widths,
+            [None] * len(states), [state.state2.absmax for state in states], [state.state2.code for state in states],
+            [state.offset for state in states], states[0].state2.blocksize, states[0].tiled,
+        )  # fmt: skip
+
+
 def build_layers(library: str, weights: list[dict], dtype: torch.dtype) -> list[dict[str, nn.Module]]:
     """Each layer's projections as ``library``'s modules: ``nn.Linear`` (bf16) or a ``Linear4bit``
-    built as users build it (``Params4bit`` of the weight, then ``.to(device)``), NF4, nested."""
+    built as users build it (``Params4bit`` of the weight, then ``.to(device)``), NF4, nested;
+    ``fourbit-grouped`` adds q/k/v and gate/up as ``Grouped`` launches (CUDA)."""
+    if library == "fourbit-grouped":
+        built = build_layers("fourbit", weights, dtype)
+        for projections in built:
+            projections["qkv"] = Grouped([projections[name] for name in ("q", "k", "v")])
+            projections["gate_up"] = Grouped([projections[name] for name in ("gate", "up")])
+        return built
     if library == "bf16":
         module = nn.Linear
     elif library == "bitsandbytes":
@@ -81,11 +109,15 @@ def forward(layers: list[dict[str, nn.Module]], x: torch.Tensor) -> torch.Tensor
     """The layers' projections in a model's order, elementwise kernels between them."""
     for p in layers:
         y = x * 0.5  # the attention norm
-        q, k, v = p["q"](y), p["k"](y), p["v"](y)
+        if "qkv" in p:
+            q, k, v = p["qkv"](y).split(p["qkv"].widths, -1)
+        else:
+            q, k, v = p["q"](y), p["k"](y), p["v"](y)
         attention = q * torch.sigmoid(k.sum(-1, keepdim=True) + v.sum(-1, keepdim=True))  # attention's place
         x = x + p["o"](attention)
         z = x * 0.5  # the MLP norm
-        x = x + p["down"](torch.nn.functional.silu(p["gate"](z)) * p["up"](z))
+        gate, up = p["gate_up"](z).split(p["gate_up"].widths, -1) if "gate_up" in p else (p["gate"](z), p["up"](z))
+        x = x + p["down"](torch.nn.functional.silu(gate) * up)
     return x
 
 
@@ -146,8 +178,9 @@ def measure(
         if cuda:
             times[(library, "graph", rows)] = per_call_us(graph_of(run, device), device, min_time) / layers
         if cuda and per_shape:
-            for name, weight in weights[0].items():
-                inputs = torch.randn(rows, weight.shape[1], device=device, dtype=dtype)
+            for name in built[0]:
+                inputs = torch.randn(rows, first.shape[1] if name != "down" else weights[0]["down"].shape[1],
+                                     device=device, dtype=dtype)  # fmt: skip
                 alone = lambda name=name, inputs=inputs: [layer[name](inputs) for layer in built]  # noqa: E731
                 shape_times[(library, name, rows)] = per_call_us(graph_of(alone, device), device, min_time) / layers
 
@@ -163,7 +196,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="input rows (the batch of a decode step)")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("HIDDEN", "INTERMEDIATE", "KV"),
                         help="hidden, intermediate and key/value widths (default Llama-3-8B's on a GPU)")  # fmt: skip
-    parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"])
+    named = "bf16, bitsandbytes, fourbit, fourbit-grouped (CUDA: q/k/v and gate/up one launch each)"
+    parser.add_argument("--libraries", nargs="+", default=["bf16", "bitsandbytes", "fourbit"], help=named)
     parser.add_argument("--per-shape", action="store_true", help="also each projection's weights alone (GPU)")
     parser.add_argument("--copy-gbps", type=float, help="the copy rate the per-shape floor uses")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per cell")
@@ -177,6 +211,8 @@ def main() -> None:
     shapes = projection_shapes(*(args.shape or (GPU_SHAPE if cuda else CPU_SHAPE)))
     dtype = torch.bfloat16
     libraries = list(args.libraries)
+    if "fourbit-grouped" in libraries and not cuda:
+        parser.error("fourbit-grouped runs the grouped CUDA launch: it needs --device cuda")
     if "bitsandbytes" in libraries:
         try:
             import bitsandbytes  # noqa: F401
@@ -198,6 +234,8 @@ def main() -> None:
     header = ["mode", "rows", *libraries]
     if "fourbit" in libraries:
         header += [f"fourbit / {other}" for other in libraries if other != "fourbit"]
+    if "fourbit-grouped" in libraries and "fourbit" in libraries:
+        header += ["grouped / fourbit"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for mode in modes:
@@ -206,6 +244,8 @@ def main() -> None:
             if "fourbit" in libraries:
                 mine = times[("fourbit", mode, rows)]
                 cells += [ratio(mine, times[(other, mode, rows)]) for other in libraries if other != "fourbit"]
+            if "fourbit-grouped" in libraries and "fourbit" in libraries:
+                cells.append(ratio(times[("fourbit-grouped", mode, rows)], mine))
             print("| " + " | ".join(cells) + " |")
     if shape_times:
         from fourbit.tools.bench import copy_bandwidth_gbps
@@ -215,11 +255,15 @@ def main() -> None:
               f"(half a byte a weight, an absmax byte a 64) at the copy rate, {gbps:.0f} GB/s\n")  # fmt: skip
         print("| projection | shape | rows | " + " | ".join(libraries) + " | 4-bit floor |")
         print("|" + "---|" * (4 + len(libraries)))
+        groups = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")} if "fourbit-grouped" in libraries else {}
         for rows in args.rows:
-            for name, (n, k) in shapes.items():
-                floor = (n * k / 2 + n * k / 64) / (gbps * 1e9) * 1e6
-                cells = [f"{shape_times[(library, name, rows)]:.2f}" for library in libraries]
-                print(f"| {name} | {n}x{k} | {rows} | " + " | ".join(cells) + f" | {floor:.2f} |")
+            for name, members in [*((name, (name,)) for name in shapes), *groups.items()]:
+                elements = sum(shapes[member][0] * shapes[member][1] for member in members)
+                floor = (elements / 2 + elements / 64) / (gbps * 1e9) * 1e6
+                cells = [f"{shape_times[(library, name, rows)]:.2f}" if (library, name, rows) in shape_times else "-"
+                         for library in libraries]  # fmt: skip
+                shape = " + ".join("x".join(map(str, shapes[member])) for member in members)
+                print(f"| {name} | {shape} | {rows} | " + " | ".join(cells) + f" | {floor:.2f} |")
 
 
 if __name__ == "__main__":

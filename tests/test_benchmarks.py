@@ -56,6 +56,14 @@ def test_bench_layers_prints_its_table():
         assert cells[4].endswith("x"), cells  # fourbit / bf16
 
 
+def test_bench_layers_refuses_the_grouped_launch_off_cuda():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_layers.py"), "--device", "cpu", "--libraries", "fourbit-grouped"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "needs --device cuda" in result.stderr
+
+
 def test_bench_train_prints_its_table():
     out = _run("bench_train.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--sequence", "8",
                "--libraries", "fourbit", "--warmup", "0", "--repeats", "1")  # fmt: skip
