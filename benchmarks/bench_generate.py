@@ -16,6 +16,9 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
   ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
   the host is out of the way.
 
+Libraries: ``bf16``, ``bitsandbytes``, ``fourbit``, and ``fourbit-grouped`` (fourbit's model with
+sibling 4-bit products grouped in the compiled and lean modes: ``fourbit.compile_options``).
+
 Each library runs in a process of its own when several are named; ``--rounds N`` runs those
 processes N times, taking turns, and reports each cell's median round with the range of the
 rounds' own ratios (a process's speed can move by 20% from one to the next). Prints tokens/s
@@ -82,13 +85,19 @@ def quantize(model: nn.Module, library, dtype: torch.dtype, device: torch.device
     gc.collect()
 
 
+#: The package each library name quantizes with.
+LIBRARY_MODULES = {"bitsandbytes": "bitsandbytes", "fourbit": "fourbit", "fourbit-grouped": "fourbit"}
+#: The table's columns, in order (those measured).
+LIBRARIES = ("bf16", "bitsandbytes", "fourbit", "fourbit-grouped")
+
+
 def library_model(name: str, layers: int, device: torch.device, shapes: dict, lm_head: bool = False):
     """The bf16 model, its projections quantized by library ``name`` unless it is "bf16"
     (``quantize``); None, with a line saying why, when the library cannot be imported."""
     library = None
     if name != "bf16":
         try:
-            library = importlib.import_module(name)
+            library = importlib.import_module(LIBRARY_MODULES[name])
         except Exception as error:  # bitsandbytes absent, or without a native library here
             print(f"skipping {name}: {error}")
             return None
@@ -231,18 +240,21 @@ def forced_agreement(model, batch: int, args, device: torch.device, reference: l
     return (torch.tensor(predicted) == torch.tensor(reference)).float().mean().item()
 
 
-def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[float, float, float, list]:
+def measure(
+    model, mode: str, batch: int, args, device: torch.device, grouped: bool = False
+) -> tuple[float, float, float, list]:
     """(tokens/s, peak GiB during generation, ms a decode step or NaN, tokens) for one mode and
-    batch, after warm-up runs: the fastest of the repeats."""
+    batch, after warm-up runs: the fastest of the repeats. ``grouped``: sibling 4-bit products
+    grouped in the compiled and lean modes."""
     torch.manual_seed(1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
     if mode == "lean":
-        grouping = _grouping_options() if args.group_products else None
+        grouping = _grouping_options() if grouped else None
         runner = lambda: run_lean(model, prompt, args.new_tokens, device, options=grouping)  # noqa: E731
     else:
         options = {"cache_implementation": "static"} if mode == "compiled" else {}
-        if mode == "compiled" and (args.skip_module_guards or args.group_products):
-            options["compile_config"] = _compile_config(args)
+        if mode == "compiled" and (args.skip_module_guards or grouped):
+            options["compile_config"] = _compile_config(args, grouped)
         runner = lambda: run_generate(model, prompt, args.new_tokens, device, **options)  # noqa: E731
     for _ in range(args.warmup):
         runner()
@@ -253,7 +265,7 @@ def measure(model, mode: str, batch: int, args, device: torch.device) -> tuple[f
     return batch * args.new_tokens / seconds, peak, 1e3 * step, tokens
 
 
-def _compile_config(args):
+def _compile_config(args, grouped: bool):
     """transformers' default compile settings (``mode="reduce-overhead"``, spelled as the option it
     sets: torch.compile takes a mode or options) with module guards skipped and (or) 4-bit
     products grouped."""
@@ -262,7 +274,7 @@ def _compile_config(args):
     options = {"triton.cudagraphs": True}
     if args.skip_module_guards:
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    if args.group_products:
+    if grouped:
         options.update(_grouping_options())
     return CompileConfig(mode=None, options=options)
 
@@ -289,7 +301,8 @@ def run_library(name: str, args, device: torch.device, layers: int, shapes: dict
     for mode in modes:
         for batch in args.batches:
             try:
-                tokens_per_s, peak, step, tokens = measure(model, mode, batch, args, device)
+                grouped = args.group_products or name == "fourbit-grouped"
+                tokens_per_s, peak, step, tokens = measure(model, mode, batch, args, device, grouped)
             except Exception as error:
                 print(f"{name} {mode} batch {batch} failed: {type(error).__name__}: {str(error)[:300]}")
                 continue
@@ -436,41 +449,56 @@ def main() -> None:
     head += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# generate: {layers} layers, {head}, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; "
           f"{where}, torch {torch.__version__}\n")  # fmt: skip
-    print("| mode | batch | bf16 tok/s | bnb tok/s | fourbit tok/s | fourbit/bf16 | fourbit/bnb | "
-          "peak GiB bf16 / bnb / fourbit |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    names = table_libraries(results)
+    ratios = [("fourbit", "bf16"), ("fourbit", "bitsandbytes")]
+    ratios += [("fourbit-grouped", "bf16"), ("fourbit-grouped", "fourbit")] if "fourbit-grouped" in names else []
+    print(f"| mode | batch | {' | '.join(f'{SHORT[name]} tok/s' for name in names)} | "
+          f"{' | '.join(f'{SHORT[a]}/{SHORT[b]}' for a, b in ratios)} | "
+          f"peak GiB {' / '.join(SHORT[name] for name in names)} |")  # fmt: skip
+    print(f"|---|---:|{'---:|' * (len(names) + len(ratios))}---|")
     for mode in modes:
         for batch in args.batches:
-            cells = [results.get((name, mode, batch)) for name in ("bf16", "bitsandbytes", "fourbit")]
+            cells = [results.get((name, mode, batch)) for name in names]
             speed = [f"{cell[0]:.1f}" if cell else "-" for cell in cells]
             peaks = " / ".join(f"{cell[1]:.2f}" if cell and cell[1] == cell[1] else "-" for cell in cells)  # nan: CPU
-            fourbit = ("fourbit", mode, batch)
-            over = [ratio_text(args, results, fourbit, (name, mode, batch)) for name in ("bf16", "bitsandbytes")]
+            over = [ratio_text(args, results, (a, mode, batch), (b, mode, batch)) for a, b in ratios]
             print(f"| {mode} | {batch} | {' | '.join(speed)} | {' | '.join(over)} | {peaks} |")
     print("\nmodel memory after loading, GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
     if "lean" in modes:
-        print_lean_steps(args, results)
+        print_lean_steps(args, results, names)
     if "compiled" in modes and "lean" in modes:
-        print_step_split(results, args.batches)
+        print_step_split(results, args.batches, names)
 
 
-def print_lean_steps(args, results: dict) -> None:
+#: Column names.
+SHORT = {"bf16": "bf16", "bitsandbytes": "bnb", "fourbit": "fourbit", "fourbit-grouped": "grouped"}
+
+
+def table_libraries(results: dict) -> list[str]:
+    """The table's libraries: bf16, bitsandbytes and fourbit always (a dash where not measured),
+    and fourbit-grouped where measured."""
+    return [name for name in LIBRARIES if name != "fourbit-grouped" or any(key[0] == name for key in results)]
+
+
+def print_lean_steps(args, results: dict, names: list[str]) -> None:
     """The lean loop's decode steps alone, ms a step: its tokens/s above include the eager prefill,
     which is bound by host time; the steps replay one CUDA graph each, so they show the GPU work."""
-    print("\nlean loop, ms a decode step (prefill excluded): bf16 / bnb / fourbit, fourbit's speed over bf16's")
+    fast = names[2:]
+    print(f"\nlean loop, ms a decode step (prefill excluded): {' / '.join(SHORT[name] for name in names)}, "
+          f"the speed over bf16's of {' and '.join(SHORT[name] for name in fast)}")  # fmt: skip
     for batch in args.batches:
-        cells = [results.get((name, "lean", batch)) for name in ("bf16", "bitsandbytes", "fourbit")]
+        cells = [results.get((name, "lean", batch)) for name in names]
         steps = " / ".join(f"{cell[2]:.3f}" if cell else "-" for cell in cells)
-        ratio = ratio_text(args, results, ("bf16", "lean", batch), ("fourbit", "lean", batch), 2)
+        ratio = ", ".join(ratio_text(args, results, ("bf16", "lean", batch), (name, "lean", batch), 2) for name in fast)
         print(f"  batch {batch}: {steps}, {ratio}")
 
 
-def print_step_split(results: dict, batches: list) -> None:
+def print_step_split(results: dict, batches: list, names: list[str]) -> None:
     """ms a step in transformers' compiled loop and in the lean loop, and their difference: the
     lean loop replays one CUDA graph a token, so the difference is the host time that transformers'
     loop (which reads a result back every token) and dynamo's guard check add to each step."""
     print("\nms a step: compiled / lean / compiled minus lean (host time per token in transformers' loop)")
-    for name in ("bf16", "bitsandbytes", "fourbit"):
+    for name in names:
         for batch in batches:
             compiled, lean = results.get((name, "compiled", batch)), results.get((name, "lean", batch))
             if compiled and lean:

@@ -47,6 +47,16 @@ def test_bench_generate_prints_its_table():
     assert cells[5].endswith("x"), cells  # fourbit/bf16
 
 
+def test_bench_generate_gives_the_grouped_model_a_column_of_its_own():
+    out = _run("bench_generate.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--libraries", "fourbit",
+               "fourbit-grouped", "--prompt", "4", "--new-tokens", "2", "--warmup", "0", "--repeats", "1")  # fmt: skip
+    header = next(line for line in out.splitlines() if line.startswith("| mode |"))
+    assert "grouped tok/s" in header and "grouped/fourbit" in header, header
+    cells = _row(out, "eager | 1")
+    assert NUMBER.match(cells[4]) and NUMBER.match(cells[5]), cells  # fourbit and grouped tokens/s
+    assert cells[9].endswith("x"), cells  # grouped/fourbit
+
+
 def test_bench_layers_prints_its_table():
     out = _run("bench_layers.py", "--device", "cpu", "--layers", "1", "--rows", "1", "2", "--shape", "64", "256", "32",
                "--libraries", "bf16", "fourbit", "--min-time", "0.01")  # fmt: skip

@@ -146,6 +146,35 @@ def test_the_cuda_group_op_entry_groups_what_it_can_and_runs_the_rest_one_by_one
     assert len(fragment_groups._group_launches) == 3
 
 
+@pytest.mark.gpu
+def test_the_group_op_on_cuda_tensors_takes_the_grouped_launch():
+    """``torch.ops.fourbit.linear_4bit_group`` on CUDA tensors dispatches to the grouped launch
+    (one kept launch for a repeated call) and agrees with the members' products."""
+    from fourbit import ops_grouped
+    from fourbit.kernels.triton import fragment_groups
+
+    assert ON_GPU
+    torch.manual_seed(3)
+    k = 1024
+    members = [_weight(n, k, True) for n in (256, 64)]
+    weights = [weight for weight, _ in members]
+    stats = [w.nested_statistics for w in weights]
+    arguments = (
+        [w.packed for w in weights], [w.absmax for w in weights], [w.code for w in weights], 64,
+        [w.n_out for w in weights], [None, None], [s.absmax for s in stats], [s.code for s in stats],
+        [s.offset for s in stats], 256, False,
+    )  # fmt: skip
+    x = torch.randn(1, 3, k, device=DEVICE).to(torch.bfloat16)
+    fragment_groups._group_launches.clear()
+    out = ops_grouped.linear_4bit_group(x, *arguments)
+    again = ops_grouped.linear_4bit_group(x, *arguments)
+    assert len(fragment_groups._group_launches) == 1
+    assert torch.equal(out, again)
+    assert out.shape == (1, 3, 320)
+    expected = ops_grouped.member_products(x, *arguments)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_a_grouped_launch_places_each_member_by_its_first_program_column_and_offsets():
     """The arguments a grouped launch hands the kernel (built without a GPU): each member's first
     program, rows, output column, and offsets that lead from the first member's tensors (and

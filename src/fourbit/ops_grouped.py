@@ -2,11 +2,11 @@
 side in one output (the weights of q, k and v; of gate and up).
 
 Nothing calls it in eager code: the graph pass of ``fourbit.compiled_groups`` puts it in place
-of sibling ``fourbit::linear_4bit`` calls under ``torch.compile``. On every device it runs the
-members' ``linear_4bit`` products and concatenates them. The grouped CUDA launch it is meant for
-(``kernels.triton.fragment_groups.linear_4bit_group``: one fragment-kernel launch for all
-members) is not registered until it has been measured on a GPU. It has no gradient formula: the
-pass runs after autograd has been traced.
+of sibling ``fourbit::linear_4bit`` calls under ``torch.compile``. CUDA tensors run one
+fragment-kernel launch for all members where the kernel takes the stacked rows
+(``kernels.triton.fragment_groups.linear_4bit_group``); every other case runs the members'
+``linear_4bit`` products and concatenates them. It has no gradient formula: the pass runs after
+autograd has been traced.
 """
 
 from collections.abc import Sequence
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .formats import NESTED_BLOCKSIZE
+from .kernels.triton_support import triton_enabled
 
 __all__ = ["linear_4bit_group", "member_products"]
 
@@ -66,6 +67,10 @@ def member_products(
 
 
 _LIBRARY.impl("linear_4bit_group", member_products, "CompositeExplicitAutograd")
+if triton_enabled() and torch.cuda.is_available():
+    from .kernels.triton import fragment_groups
+
+    _LIBRARY.impl("linear_4bit_group", fragment_groups.linear_4bit_group, "CUDA")
 
 
 @torch.library.register_fake("fourbit::linear_4bit_group", lib=_LIBRARY)

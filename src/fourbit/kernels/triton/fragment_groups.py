@@ -198,13 +198,29 @@ def linear_4bit_group(
     x = A.reshape(-1, k)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    weights = [
-        PreparedWeight(packed[i], absmax[i], code[i], blocksize, (n_outs[i], k),
-                       NestedStatistics.of(nested_absmax[i], nested_code[i], nested_offset[i], nested_blocksize),
-                       shared_workspace=False, tiled=tiled)
-        for i in range(count)
-    ]  # fmt: skip
-    launch = _grouped(weights, list(bias), x) if 2 <= count <= MAX_WEIGHTS and x.shape[0] else None
+    launch = None
+    if 2 <= count <= MAX_WEIGHTS and x.shape[0]:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        tensors = (*packed, *absmax, *code, *bias, *nested_absmax, *nested_code, *nested_offset)
+        key = (
+            tuple(None if tensor is None else (tensor.data_ptr(), tensor.dtype) for tensor in tensors),
+            tuple(n_outs), blocksize, nested_blocksize, tiled,
+            x.shape, x.stride(), x.dtype, x.data_ptr() % 16, deterministic,
+        )  # fmt: skip
+        launch = _group_launches.get(key)
+        if launch is None:
+            weights = [
+                PreparedWeight(packed[i], absmax[i], code[i], blocksize, (n_outs[i], k),
+                               NestedStatistics.of(nested_absmax[i], nested_code[i], nested_offset[i],
+                                                   nested_blocksize),
+                               shared_workspace=False, tiled=tiled)
+                for i in range(count)
+            ]  # fmt: skip
+            launch = _grouped(weights, list(bias), x, deterministic)
+            if launch is not None:
+                if len(_group_launches) >= _MAX_GROUP_LAUNCHES:
+                    _group_launches.clear()
+                _group_launches[key] = launch
     if launch is None:
         return torch.cat(
             [linear_4bit(A, packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), bias[i], nested_absmax[i],
@@ -214,20 +230,9 @@ def linear_4bit_group(
     return launch(x, bias[0]).view(*A.shape[:-1], launch.columns)
 
 
-def _grouped(weights: list, biases: list, x: torch.Tensor) -> GroupLaunch | None:
-    """The kept (or a new) grouped launch for ``weights`` and inputs like ``x``, or None where
-    the fragment kernel does not take the stacked rows or the members differ."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    tensors = [tensor for weight in weights for tensor in fragment_tensors(weight)]
-    key = (
-        tuple((tensor.data_ptr(), tensor.dtype) for tensor in tensors),
-        tuple(None if bias is None else (bias.data_ptr(), bias.dtype) for bias in biases),
-        tuple(weight.n_out for weight in weights),
-        x.shape, x.stride(), x.dtype, x.data_ptr() % 16, deterministic,
-    )  # fmt: skip
-    launch = _group_launches.get(key)
-    if launch is not None:
-        return launch
+def _grouped(weights: list, biases: list, x: torch.Tensor, deterministic: bool) -> GroupLaunch | None:
+    """A new grouped launch for ``weights`` and inputs like ``x``, or None where the fragment
+    kernel does not take the stacked rows or the members differ."""
     first = weights[0]
     columns = sum(weight.n_out for weight in weights)
     # the eager tables' choice serves captures too: a capture may not load another kernel
@@ -237,10 +242,6 @@ def _grouped(weights: list, biases: list, x: torch.Tensor) -> GroupLaunch | None
     if not all(dispatch.fragments_supported(x, w.k, w.blocksize, w.packed) for w in weights):
         return None
     try:
-        launch = group_launch(weights, biases, x, config[1:], dispatch.processors(x.device), deterministic)
+        return group_launch(weights, biases, x, config[1:], dispatch.processors(x.device), deterministic)
     except ValueError:  # members the kernel would specialize apart: each runs on its own
         return None
-    if len(_group_launches) >= _MAX_GROUP_LAUNCHES:
-        _group_launches.clear()
-    _group_launches[key] = launch
-    return launch
