@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from . import fragment_grid, fragments, tuning, wgmma
+from . import fragment_arguments, fragment_grid, tuning, wgmma
 from .common import INTERPRETED
 from .launch import DIRECT
 
@@ -117,7 +117,7 @@ def fragments_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.T
     return (
         x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cuda"
-        and x.shape[0] <= fragments.TILE_ROWS * fragments.MAX_TILES
+        and x.shape[0] <= fragment_arguments.TILE_ROWS * fragment_arguments.MAX_TILES
         and blocksize >= fragment_grid.STEP
         and fragment_grid.aligned(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))

@@ -20,8 +20,9 @@ import triton.language as tl
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from . import dispatch
+from .fragment_arguments import checked_config, fragment_tensors, input_layout, reads_words
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
-from .fragments import checked_config, fragment_product, fragment_tensors, input_layout, reads_words
+from .fragments import fragment_product
 from .launch import ProductLaunch, dependent_launches
 from .linear import PreparedWeight, linear_4bit
 

@@ -36,14 +36,11 @@ import triton.language as tl
 
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
-from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
-from .fragment_inputs import InputPermute, permuted_inputs, row_inputs
+from .fragment_arguments import checked_config, fragment_tensors, input_layout, reads_words
+from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
+from .fragment_inputs import permuted_inputs, row_inputs
 from .launch import ProductLaunch, dependent_launches
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
-
-#: Input rows of one instruction tile (its ``n`` side); a program takes up to ``MAX_TILES``.
-TILE_ROWS = 8
-MAX_TILES = 2
 
 _TABLE = tl.constexpr(table_ptx())
 _STEP_1_BF16 = tl.constexpr(step_ptx(1, "bf16"))
@@ -445,50 +442,3 @@ def fragment_launch(
          x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, prepare_input, registers=REGISTERS,
     )  # fmt: skip
-
-
-def checked_config(config: tuple[int, ...], k: int, blocksize: int) -> tuple[int, int, int, bool]:
-    """(num_warps, SPLIT_K, K_WARPS, PERMUTED) of a fragment ``config`` (see ``fragment_launch``),
-    after checking it and the weight's K and blocksize."""
-    warps, split_k, *rest = config
-    k_warps = rest[0] if rest else 0
-    permuted = bool(rest[1]) if len(rest) > 1 else False
-    if k_warps < 0 or (k_warps and warps % k_warps):
-        raise ValueError(f"the fragment kernel's K warps ({k_warps}) must divide its warps ({warps})")
-    if warps < 2:  # each thread stores four of the 256 nested codes into the table
-        raise ValueError(f"the fragment kernel needs at least 2 warps a program, got {warps}")
-    if blocksize < STEP or not aligned(k, blocksize):
-        raise ValueError(
-            f"the fragment kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)"
-        )
-    return warps, split_k, k_warps, permuted
-
-
-def input_layout(x: torch.Tensor, k: int, permuted: bool) -> tuple[int, int, object]:
-    """How the kernel reads inputs like the 2-d ``x``: (stride between rows in int64 elements,
-    8-row tiles, the conversion of the caller's rows into the kernel's ``x``)."""
-    # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and keeps
-    # them in one thread each (see _stored_row)
-    rows_aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
-    tiles = triton.cdiv(x.shape[0], TILE_ROWS)
-    prepare = InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows
-    return (x.stride(0) if rows_aligned else k) // 4, tiles, prepare
-
-
-def reads_words(weight) -> bool:
-    """Whether the kernel reads ``weight``'s 8-bit absmax codes four at a time (``_stored_row``)."""
-    k, blocksize = weight.k, weight.blocksize
-    return weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and weight.absmax.data_ptr() % 4 == 0
-
-
-def fragment_tensors(weight) -> tuple:
-    """The fragment kernel's weight arguments: packed 8-byte words, absmax, code, nested statistics."""
-    return (weight.bytes.view(torch.int64), weight.absmax, weight.code, *weight.statistics)
-
-
-def _int64_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.int64)
-
-
-def _aligned_int64_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.clone(memory_format=torch.contiguous_format).view(torch.int64)
