@@ -162,12 +162,39 @@ def test_a_compiled_model_with_the_options_groups_and_gives_the_same_outputs():
     assert isinstance(options["post_grad_custom_post_pass"], GroupedProducts)
     options["post_grad_custom_post_pass"] = _Counting(("cpu",))
     options["fx_graph_cache"] = False  # a cached graph would skip the pass, which the test counts
+    _Counting.made = 0
     torch._dynamo.reset()
     compiled = torch.compile(block, options=options, fullgraph=True)
     with torch.no_grad():
         out, expected = compiled(x), block(x)
     assert _Counting.made == 2
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_training_step_with_grouped_products_gives_the_eager_gradients():
+    """The pass runs on the forward graph after autograd was traced: a step with a gradient (and
+    a trainable layer on one member's output, as LoRA adds) keeps eager's loss and gradients."""
+    torch.manual_seed(3)
+    block, adapter = Block(), nn.Linear(128, 128)
+    x = torch.randn(4, 128, requires_grad=True)
+    options = compile_options(devices=("cpu",))
+    options["post_grad_custom_post_pass"] = _Counting(("cpu",))
+    options["fx_graph_cache"] = False
+    _Counting.made = 0
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return block(x).sum() + adapter(block.q(x)).sum()
+
+    torch._dynamo.reset()
+    results = []
+    for run in (torch.compile(step, options=options, fullgraph=True), step):
+        x.grad = adapter.weight.grad = None
+        loss = run(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad.clone(), adapter.weight.grad.clone()))
+    assert _Counting.made == 2
+    for compiled, eager in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-3)
 
 
 def test_compile_options_carry_the_modes_options_and_a_pass_keyed_on_its_arguments():
