@@ -8,8 +8,9 @@ so fewer launches a layer is what the products need. The pass runs after autogra
     model = torch.compile(model, options=fourbit.compile_options("reduce-overhead"))
 
 It groups ``fourbit::linear_4bit`` calls on the same input tensor whose weights agree in
-blocksize, layout and statistics kind, at most ``MAX_WEIGHTS`` a group, on ``devices`` (CUDA by
-default: elsewhere a group would run its members one by one and add a concatenation), for inputs
+blocksize, layout and statistics kind, at most ``MAX_WEIGHTS`` a group, on ``devices`` (by default
+those with a grouped kernel, ``ops_grouped.GROUPED_DEVICES``: CUDA where Triton runs; elsewhere a
+group would run its members one by one and add a concatenation), for inputs
 of at most ``max_rows`` rows known when compiling (decode steps; a prefill keeps its products).
 """
 
@@ -40,7 +41,9 @@ _LINEAR = torch.ops.fourbit.linear_4bit.default
 _GROUP = torch.ops.fourbit.linear_4bit_group.default
 
 
-def group_products(graph: fx.Graph, devices: Sequence[str] = ("cuda",), max_rows: int = MAX_ROWS) -> int:
+def group_products(
+    graph: fx.Graph, devices: Sequence[str] = ops_grouped.GROUPED_DEVICES, max_rows: int = MAX_ROWS
+) -> int:
     """Replace sibling ``fourbit::linear_4bit`` calls of ``graph`` by grouped calls and slices of
     their output, in place; returns the number of groups made."""
     order = {node: index for index, node in enumerate(graph.nodes)}
@@ -173,7 +176,7 @@ class GroupedProducts(CustomGraphPass):
     """The pass as inductor's ``post_grad_custom_post_pass``; ``uuid`` keys inductor's cache on
     this module's and the op's code and on the arguments."""
 
-    def __init__(self, devices: Sequence[str] = ("cuda",), max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, devices: Sequence[str] = ops_grouped.GROUPED_DEVICES, max_rows: int = MAX_ROWS) -> None:
         self.devices = tuple(devices)
         self.max_rows = max_rows
 
@@ -184,10 +187,10 @@ class GroupedProducts(CustomGraphPass):
         return (get_hash_for_files((__file__, ops_grouped.__file__)), self.devices, self.max_rows)
 
 
-def compile_options(mode: str | None = None, devices: Sequence[str] = ("cuda",)) -> dict[str, Any]:
+def compile_options(mode: str | None = None, devices: Sequence[str] = ops_grouped.GROUPED_DEVICES) -> dict[str, Any]:
     """``torch.compile`` options (``options=``; torch takes them or a ``mode``, not both) that
-    group sibling 4-bit products on ``devices``, with ``mode``'s own options
-    (``"reduce-overhead"``: CUDA graphs)."""
+    group sibling 4-bit products on ``devices`` (by default those with a grouped kernel), with
+    ``mode``'s own options (``"reduce-overhead"``: CUDA graphs)."""
     if get_hash_for_files is None:
         raise RuntimeError(
             f"grouped products need inductor's custom graph passes (torch 2.6 or newer), not torch {torch.__version__}"

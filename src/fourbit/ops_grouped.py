@@ -17,7 +17,7 @@ from torch import Tensor
 from .formats import NESTED_BLOCKSIZE
 from .kernels.triton_support import triton_enabled
 
-__all__ = ["linear_4bit_group", "member_products"]
+__all__ = ["GROUPED_DEVICES", "linear_4bit_group", "member_products"]
 
 _LIBRARY = torch.library.Library("fourbit", "FRAGMENT")
 _LIBRARY.define(
@@ -67,10 +67,13 @@ def member_products(
 
 
 _LIBRARY.impl("linear_4bit_group", member_products, "CompositeExplicitAutograd")
+#: Device types whose ``linear_4bit_group`` is one launch (elsewhere it runs its members).
+GROUPED_DEVICES: tuple[str, ...] = ()
 if triton_enabled() and torch.cuda.is_available():
     from .kernels.triton import fragment_groups
 
     _LIBRARY.impl("linear_4bit_group", fragment_groups.linear_4bit_group, "CUDA")
+    GROUPED_DEVICES = ("cuda",)
 
 
 @torch.library.register_fake("fourbit::linear_4bit_group", lib=_LIBRARY)
