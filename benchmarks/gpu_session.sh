@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate layers train ptxas" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate layers grouped grouped-compiled train ptxas" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -97,6 +97,18 @@ for stage in $STAGES; do
         ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/generate_compiled.md" ;;
     layers)  # a decoder's projections layer after layer, eager and as one CUDA graph, and each shape alone
       "$PYTHON" benchmarks/bench_layers.py --device cuda --per-shape ${LAYERS_ARGS:-} 2>&1 | tee "$OUT/layers.md" ;;
+    grouped)  # grouped products (fourbit.compile_options): the layer chain, then the lean loop with the
+      # output head in 16 bits and in 4 (as gpt-fast and torchao quantize it); about 8 minutes
+      "$PYTHON" benchmarks/bench_layers.py --device cuda --per-shape \
+        --libraries bf16 bitsandbytes fourbit fourbit-grouped 2>&1 | tee "$OUT/layers_grouped.md"
+      for head in "" --quantize-lm-head; do
+        "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes lean --warmup 1 --repeats 2 \
+          --libraries bf16 fourbit fourbit-grouped $head 2>&1 | tee -a "$OUT/lean_grouped.md"
+      done ;;
+    grouped-compiled)  # transformers' compiled decoding, grouped or not, in three rounds (one process's
+      # rate moves by 20-30%); about 6 minutes
+      "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
+        --rounds 3 --libraries bf16 fourbit fourbit-grouped 2>&1 | tee "$OUT/compiled_grouped.md" ;;
     train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries
       "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 2>&1 | tee "$OUT/train.md" ;;
     ptxas)  # the few-row kernel's tests and timings with another ptxas (PTXAS, default the machine's
@@ -110,6 +122,6 @@ for stage in $STAGES; do
         -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, train, ptxas)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, grouped-compiled, train, ptxas)" >&2; exit 2 ;;
   esac
 done
