@@ -179,8 +179,8 @@ def test_a_grouped_launch_places_each_member_by_its_first_program_column_and_off
     """The arguments a grouped launch hands the kernel (built without a GPU): each member's first
     program, rows, output column, and offsets that lead from the first member's tensors (and
     bias) to its own; the grid covers every member's programs."""
+    from fourbit.kernels.triton.fragment_arguments import fragment_tensors
     from fourbit.kernels.triton.fragment_groups import GroupLaunch
-    from fourbit.kernels.triton.fragments import fragment_tensors
 
     members = [_weight(n, 512, True)[0] for n in (100, 32, 48)]
     biases = [torch.zeros(w.n_out, dtype=torch.bfloat16, device=DEVICE) for w in members]
@@ -200,3 +200,59 @@ def test_a_grouped_launch_places_each_member_by_its_first_program_column_and_off
             assert base.data_ptr() + offset * base.element_size() == tensor.data_ptr()
         assert biases[0].data_ptr() + place[9] * 2 == bias.data_ptr()
     assert rest[20] == 3  # WEIGHTS
+
+
+def test_a_released_grouped_launch_keeps_its_pointers_and_no_tensor():
+    """``GroupLaunch.release`` (what the kept launches of the op's CUDA entry do after their first
+    call): the kernel's pointer arguments stay, and the weights can be freed."""
+    import gc
+    import weakref
+
+    members = [_weight(n, 512, True)[0] for n in (64, 32)]
+    x = torch.zeros(2, 512, dtype=torch.bfloat16, device=DEVICE)
+    launch = group_launch(members, [None, None], x, (4, 1, 1), processors=8)
+    pointers, after = launch.pointers, launch.after
+    references = [weakref.ref(member.packed) for member in members]
+    launch.release()
+    del members
+    gc.collect()
+    assert all(reference() is None for reference in references)
+    assert launch.before is None and launch.members is None
+    assert launch.pointers == pointers and launch.after == after
+
+
+@pytest.mark.gpu
+def test_the_cuda_group_op_entry_keeps_no_weight_alive_and_serves_new_weights_at_old_addresses():
+    """The op's kept launches hold addresses, not tensors: a deleted group's weights are freed,
+    and weights that land at the same addresses get the kept launch and their own products."""
+    import gc
+    import weakref
+
+    from fourbit import ops_grouped
+    from fourbit.kernels.triton import fragment_groups
+
+    assert ON_GPU
+    k = 1024
+
+    def products(seed: int):
+        torch.manual_seed(seed)
+        members = [_weight(n, k, True) for n in (256, 64)]
+        weights = [weight for weight, _ in members]
+        stats = [w.nested_statistics for w in weights]
+        x = torch.randn(4, k, device=DEVICE).to(torch.bfloat16)
+        out = ops_grouped.linear_4bit_group(
+            x, [w.packed for w in weights], [w.absmax for w in weights], [w.code for w in weights], 64,
+            [w.n_out for w in weights], [None, None], [s.absmax for s in stats], [s.code for s in stats],
+            [s.offset for s in stats], 256, False,
+        )  # fmt: skip
+        expected = x.double() @ torch.cat([dense for _, dense in members]).t()
+        error = ((out.double() - expected).norm() / expected.norm()).item()
+        assert error < 1e-2, error
+        return weakref.ref(weights[0].packed)
+
+    fragment_groups._group_launches.clear()
+    first = products(0)
+    gc.collect()
+    assert first() is None
+    assert len(fragment_groups._group_launches) == 1
+    products(1)  # the caching allocator may hand out the freed addresses: either way, its own products

@@ -93,9 +93,15 @@ _fragment_group_kernel = triton.jit(_fragment_group_kernel.fn, do_not_specialize
 
 class GroupLaunch(ProductLaunch):
     """A ``ProductLaunch`` over several weights; keeps the other weights' tensors (and biases),
-    whose places its arguments hold, alive."""
+    whose places its arguments hold, alive until ``release``."""
 
     __slots__ = ("members",)
+
+    def release(self) -> None:
+        """Keep only the tensors' addresses: a call then launches what the addresses say, which
+        is right for any tensors at those addresses (as a cache keyed by them finds), and passes
+        its own first weight's tensors (``fragment_tensors``) where it launches through the JIT."""
+        self.before = self.members = None
 
 
 def group_launch(
@@ -192,43 +198,47 @@ def linear_4bit_group(
 ) -> torch.Tensor:
     """``ops_grouped.linear_4bit_group`` on CUDA: one grouped launch where the eager tables give
     the members' stacked rows the fragment kernel and the members agree (``group_launch``),
-    else each member's product, concatenated. The launch is kept by every tensor's address, so
-    a replaced tensor gets a new one; a capture reuses the one its eager warm-up built."""
+    else each member's product, concatenated. The launch is kept by every tensor's address (and
+    holds none of them, so that a deleted model's weights are freed); a replaced tensor gets a new
+    one; a capture reuses the one its eager warm-up built."""
     k = A.shape[-1]
     count = len(packed)
     x = A.reshape(-1, k)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    launch = None
     if 2 <= count <= MAX_WEIGHTS and x.shape[0]:
         deterministic = torch.are_deterministic_algorithms_enabled()
         tensors = (*packed, *absmax, *code, *bias, *nested_absmax, *nested_code, *nested_offset)
+        # everything a launch's arguments follow from: a launch found by this key is right for
+        # the tensors at these addresses, whichever they are
         key = (
             tuple(None if tensor is None else (tensor.data_ptr(), tensor.dtype) for tensor in tensors),
             tuple(n_outs), blocksize, nested_blocksize, tiled,
-            x.shape, x.stride(), x.dtype, x.data_ptr() % 16, deterministic,
+            x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, deterministic,
         )  # fmt: skip
+
+        def weight(i: int) -> PreparedWeight:
+            statistics = NestedStatistics.of(nested_absmax[i], nested_code[i], nested_offset[i], nested_blocksize)
+            return PreparedWeight(packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), statistics,
+                                  shared_workspace=False, tiled=tiled)  # fmt: skip
+
         launch = _group_launches.get(key)
-        if launch is None:
-            weights = [
-                PreparedWeight(packed[i], absmax[i], code[i], blocksize, (n_outs[i], k),
-                               NestedStatistics.of(nested_absmax[i], nested_code[i], nested_offset[i],
-                                                   nested_blocksize),
-                               shared_workspace=False, tiled=tiled)
-                for i in range(count)
-            ]  # fmt: skip
-            launch = _grouped(weights, list(bias), x, deterministic)
-            if launch is not None:
-                if len(_group_launches) >= _MAX_GROUP_LAUNCHES:
-                    _group_launches.clear()
-                _group_launches[key] = launch
-    if launch is None:
-        return torch.cat(
-            [linear_4bit(A, packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), bias[i], nested_absmax[i],
-                         nested_code[i], nested_offset[i], nested_blocksize, tiled) for i in range(count)],
-            dim=-1,
-        )  # fmt: skip
-    return launch(x, bias[0]).view(*A.shape[:-1], launch.columns)
+        if launch is not None:
+            before = None if launch.launch.direct() else fragment_tensors(weight(0))
+            return launch(x, bias[0], before).view(*A.shape[:-1], launch.columns)
+        launch = _grouped([weight(i) for i in range(count)], list(bias), x, deterministic)
+        if launch is not None:
+            out = launch(x, bias[0])  # the first call compiles through the JIT, with the tensors it holds
+            launch.release()  # kept launches must not keep a model's weights alive
+            if len(_group_launches) >= _MAX_GROUP_LAUNCHES:
+                _group_launches.clear()
+            _group_launches[key] = launch
+            return out.view(*A.shape[:-1], launch.columns)
+    return torch.cat(
+        [linear_4bit(A, packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), bias[i], nested_absmax[i],
+                     nested_code[i], nested_offset[i], nested_blocksize, tiled) for i in range(count)],
+        dim=-1,
+    )  # fmt: skip
 
 
 def _grouped(weights: list, biases: list, x: torch.Tensor, deterministic: bool) -> GroupLaunch | None:
