@@ -256,3 +256,27 @@ def test_the_cuda_group_op_entry_keeps_no_weight_alive_and_serves_new_weights_at
     assert first() is None
     assert len(fragment_groups._group_launches) == 1
     products(1)  # the caching allocator may hand out the freed addresses: either way, its own products
+
+
+@pytest.mark.gpu
+def test_the_cuda_group_op_entry_keeps_no_launch_that_reads_a_converted_copy():
+    """A code table in another dtype is converted for the kernel: that launch is used once and not
+    kept (the copy it reads would be gone by the next call), and the products stay right."""
+    from fourbit import ops_grouped
+    from fourbit.kernels.triton import fragment_groups
+
+    assert ON_GPU
+    torch.manual_seed(4)
+    k = 1024
+    members = [_weight(n, k, False) for n in (128, 64)]
+    weights = [weight for weight, _ in members]
+    x = torch.randn(2, k, device=DEVICE).to(torch.bfloat16)
+    fragment_groups._group_launches.clear()
+    for _ in range(2):
+        out = ops_grouped.linear_4bit_group(
+            x, [w.packed for w in weights], [w.absmax for w in weights], [w.code.double() for w in weights], 64,
+            [w.n_out for w in weights], [None, None], [None, None], [None, None], [None, None], 256, False,
+        )  # fmt: skip
+        expected = x.double() @ torch.cat([dense for _, dense in members]).t()
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+    assert not fragment_groups._group_launches

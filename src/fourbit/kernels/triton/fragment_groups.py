@@ -226,13 +226,18 @@ def linear_4bit_group(
         if launch is not None:
             before = None if launch.launch.direct() else fragment_tensors(weight(0))
             return launch(x, bias[0], before).view(*A.shape[:-1], launch.columns)
-        launch = _grouped([weight(i) for i in range(count)], list(bias), x, deterministic)
+        weights = [weight(i) for i in range(count)]
+        launch = _grouped(weights, list(bias), x, deterministic)
         if launch is not None:
             out = launch(x, bias[0])  # the first call compiles through the JIT, with the tensors it holds
-            launch.release()  # kept launches must not keep a model's weights alive
-            if len(_group_launches) >= _MAX_GROUP_LAUNCHES:
-                _group_launches.clear()
-            _group_launches[key] = launch
+            # kept only where the kernel reads the caller's tensors themselves (not a converted
+            # copy, such as a code table in another dtype, which the next call would not find)
+            given = {tensor.data_ptr() for tensor in tensors if tensor is not None}
+            if all(tensor.data_ptr() in given for w in weights for tensor in fragment_tensors(w)):
+                launch.release()  # kept launches must not keep a model's weights alive
+                if len(_group_launches) >= _MAX_GROUP_LAUNCHES:
+                    _group_launches.clear()
+                _group_launches[key] = launch
             return out.view(*A.shape[:-1], launch.columns)
     return torch.cat(
         [linear_4bit(A, packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), bias[i], nested_absmax[i],
