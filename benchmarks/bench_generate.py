@@ -161,7 +161,9 @@ def run_lean(
         cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
 
         def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-            logits = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            # the last position's logits only, as transformers' generate asks (``logits_to_keep``)
+            logits = model(token, past_key_values=cache, cache_position=position, use_cache=True,
+                           logits_to_keep=1).logits  # fmt: skip
             return logits[:, -1].argmax(-1, keepdim=True)
 
         kept[(batch, length)] = _LeanStep(step, cache, batch, device, options)
