@@ -206,5 +206,8 @@ def test_compile_options_carry_the_modes_options_and_a_pass_keyed_on_its_argumen
     assert grouped.devices == ops_grouped.GROUPED_DEVICES == (("cuda",) if with_kernel else ())
     assert grouped.uuid() == GroupedProducts().uuid() != GroupedProducts(("cpu",)).uuid()
     assert set(compile_options()) == {"post_grad_custom_post_pass"}
+    assert compile_options(devices="cuda")["post_grad_custom_post_pass"].devices == ("cuda",)
+    with pytest.raises(TypeError, match="device type names"):
+        compile_options(devices=[torch.device("cuda")])
     with pytest.raises(AttributeError, match="no attribute"):
         fourbit.no_such_thing  # noqa: B018

@@ -177,6 +177,10 @@ class GroupedProducts(CustomGraphPass):
     this module's and the op's code and on the arguments."""
 
     def __init__(self, devices: Sequence[str] = ops_grouped.GROUPED_DEVICES, max_rows: int = MAX_ROWS) -> None:
+        if isinstance(devices, str):  # one device type, not its letters
+            devices = (devices,)
+        if not all(isinstance(device, str) for device in devices):
+            raise TypeError(f"devices must be device type names such as 'cuda', got {devices!r}")
         self.devices = tuple(devices)
         self.max_rows = max_rows
 
