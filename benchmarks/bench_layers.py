@@ -47,8 +47,10 @@ def dense_weights(layers: int, shapes: dict, device: torch.device, dtype: torch.
 
 
 class Grouped(nn.Module):
-    """fourbit ``Linear4bit`` layers that take one input, run as one grouped CUDA launch
-    (``kernels.triton.fragment_groups``, not yet behind a public path): their outputs side by side."""
+    """fourbit ``Linear4bit`` layers that take one input, run as one grouped CUDA launch: the
+    kernel of ``fourbit::linear_4bit_group`` (``kernels.triton.fragment_groups``), called directly
+    as the graph pass of ``fourbit.compile_options`` has a compiled model call it; their outputs
+    side by side."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
