@@ -414,3 +414,32 @@ def test_compiled_generate_with_module_guards_skipped_gives_eager_tokens(tmp_pat
     assert torch.equal(compiled, eager)
     on_layers = [name for name in kept if not name.startswith("G[") and ("quant_state" in name or "_proj" in name)]
     assert kept and not on_layers, on_layers[:5]
+
+
+@needs_fullgraph
+@pytest.mark.parametrize("device", available_devices())
+def test_a_compiled_llama_with_grouped_products_gives_the_eager_logits(tmp_path: Path, device: str):
+    """``fourbit.compile_options`` on a model loaded with ``FourbitConfig``: each layer's q/k/v
+    and gate/up become one grouped product (on CUDA, one launch each), and the logits stay the
+    eager model's within bfloat16 rounding."""
+    from fourbit.compiled_groups import GroupedProducts, compile_options, group_products
+
+    made: list[int] = []
+
+    class Counting(GroupedProducts):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            made.append(group_products(graph, self.devices, self.max_rows))
+
+    path = save_tiny_llama(tmp_path / "float", hidden_size=256, intermediate_size=512)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=FourbitConfig(compute_dtype=torch.bfloat16), dtype=torch.bfloat16, device_map=device
+    )
+    options = compile_options(devices=(device,))
+    options.update(post_grad_custom_post_pass=Counting((device,)), fx_graph_cache=False)
+    ids = TOKEN_IDS[:1].to(device)  # 9 rows: decode-sized products, which the pass groups
+    torch.compiler.reset()
+    with torch.no_grad():
+        eager = model(ids).logits.float()
+        compiled = torch.compile(model, options=options, fullgraph=True)(ids).logits.float()
+    assert made == [4]  # two layers, two groups each
+    assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
