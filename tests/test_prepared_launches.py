@@ -273,3 +273,74 @@ def test_the_first_eager_call_prepares_the_launch_a_cuda_graph_would_take(monkey
             broken._ready_for_capture(x, x, None, key, eager, False)
     (key,) = (key for key in broken._launches if not key[-1])
     assert broken._launches[(*key[:-1], True)] is broken._launches[key]
+
+
+def _op_product(x: torch.Tensor, prepared, **changes) -> torch.Tensor:
+    arguments = {**_op_arguments(prepared), **changes}
+    return kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(prepared.n_out, prepared.k), **arguments)
+
+
+def _relative_error(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
+    expected = x.double() @ dense.double().t()
+    return ((out.double() - expected).norm() / expected.norm()).item()
+
+
+@gpu
+def test_the_cuda_op_finds_its_launch_by_address_and_prepares_nothing_again(monkeypatch):
+    """The op's CUDA entry keeps each launch by its tensors' addresses and the input's signature:
+    a repeated call builds no ``PreparedWeight``; a new signature builds one, once."""
+    prepared, dense = _prepared_weight(1024, 2048)
+    kernels.linear._op_launches.clear()
+    built = []
+    original = kernels.PreparedWeight.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.PreparedWeight, "__init__", counted)
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+        first = _op_product(x, prepared)
+        assert len(built) == 1, rows
+        for _ in range(2):
+            torch.testing.assert_close(_op_product(x, prepared), first, rtol=1e-2, atol=1e-2)
+        assert len(built) == 1, rows
+        assert _relative_error(first, x, dense) < 1e-2
+        built.clear()
+    assert len(kernels.linear._op_launches) == 3
+
+
+@gpu
+def test_the_cuda_op_keeps_no_weight_alive_and_serves_new_weights_at_old_addresses():
+    """Kept launches hold addresses, not tensors: a deleted weight is freed, and a weight that
+    lands at the same addresses gets the kept launch and its own products."""
+    import gc
+    import weakref
+
+    def product(seed: int):
+        torch.manual_seed(seed)
+        prepared, dense = _prepared_weight(512, 1024)
+        x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):
+            assert _relative_error(_op_product(x, prepared), x, dense) < 1e-2
+        return weakref.ref(prepared.packed)
+
+    kernels.linear._op_launches.clear()
+    first = product(0)
+    gc.collect()
+    assert first() is None
+    assert len(kernels.linear._op_launches) == 1
+    product(1)  # the caching allocator may hand out the freed addresses: either way, its own products
+
+
+@gpu
+def test_the_cuda_op_keeps_no_launch_that_reads_a_converted_copy():
+    """A code table in another dtype is converted for the kernel: that launch is used once and
+    not kept (the copy would be gone by the next call), and the products stay right."""
+    prepared, dense = _prepared_weight(256, 1024, nested=False)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    kernels.linear._op_launches.clear()
+    for _ in range(2):
+        assert _relative_error(_op_product(x, prepared, code=prepared.code.double()), x, dense) < 1e-2
+    assert not kernels.linear._op_launches

@@ -9,7 +9,7 @@ import triton
 from .fragment_grid import STEP, aligned
 from .fragment_inputs import InputPermute
 
-__all__ = ["MAX_TILES", "TILE_ROWS", "checked_config", "fragment_tensors", "input_layout", "reads_words"]
+__all__ = ["INPUT_DTYPE", "MAX_TILES", "TILE_ROWS", "checked_config", "fragment_tensors", "input_layout", "reads_words"]
 
 #: Input rows of one instruction tile (its ``n`` side); a program takes up to ``MAX_TILES``.
 TILE_ROWS = 8
@@ -33,14 +33,20 @@ def checked_config(config: tuple[int, ...], k: int, blocksize: int) -> tuple[int
     return warps, split_k, k_warps, permuted
 
 
+#: The dtype the fragment kernels read their inputs as (four 16-bit values an element):
+#: ``ProductLaunch``'s ``input_dtype``.
+INPUT_DTYPE = torch.int64
+
+
 def input_layout(x: torch.Tensor, k: int, permuted: bool) -> tuple[int, int, object]:
     """How the kernel reads inputs like the 2-d ``x``: (stride between rows in int64 elements,
-    8-row tiles, the conversion of the caller's rows into the kernel's ``x``)."""
+    8-row tiles, the conversion of the caller's rows into the kernel's ``x``, None when the
+    kernel reads them where they are)."""
     # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and keeps
     # them in one thread each (see fragments._stored_row)
     rows_aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
     tiles = triton.cdiv(x.shape[0], TILE_ROWS)
-    prepare = InputPermute(tiles, k, x.device) if permuted else _int64_rows if rows_aligned else _aligned_int64_rows
+    prepare = InputPermute(tiles, k, x.device) if permuted else None if rows_aligned else _aligned_rows
     return (x.stride(0) if rows_aligned else k) // 4, tiles, prepare
 
 
@@ -55,9 +61,5 @@ def fragment_tensors(weight) -> tuple:
     return (weight.bytes.view(torch.int64), weight.absmax, weight.code, *weight.statistics)
 
 
-def _int64_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.int64)
-
-
-def _aligned_int64_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.clone(memory_format=torch.contiguous_format).view(torch.int64)
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.clone(memory_format=torch.contiguous_format)

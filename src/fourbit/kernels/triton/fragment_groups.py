@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from . import dispatch
-from .fragment_arguments import checked_config, fragment_tensors, input_layout, reads_words
+from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
 from .fragments import fragment_product
 from .launch import ProductLaunch, dependent_launches
@@ -145,6 +145,7 @@ def group_launch(
          first.nested, first.nested_blocksize, x.dtype == torch.float16, bias is not None, reads_words(first),
          first.tiled, k_warps, permuted, dependent),
         m, columns, x.dtype, x.device, sum(counts) if split_k > 1 else 0, prepare_input, registers=REGISTERS,
+        input_dtype=INPUT_DTYPE,
     )  # fmt: skip
     launch.members = (tuple(fragment_tensors(weight) for weight in weights[1:]), tuple(biases))
     return launch

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
-from .fragment_arguments import checked_config, fragment_tensors, input_layout, reads_words
+from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
 from .fragment_inputs import permuted_inputs, row_inputs
 from .launch import ProductLaunch, dependent_launches
@@ -441,4 +441,5 @@ def fragment_launch(
         (m, n_out, k, stride_xm, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
          x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, prepare_input, registers=REGISTERS,
+        input_dtype=INPUT_DTYPE,
     )  # fmt: skip

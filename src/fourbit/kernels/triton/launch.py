@@ -220,7 +220,10 @@ class ProductLaunch:
     for, or the ``before`` given to a call: a launch serves every weight whose tensors Triton
     specializes alike. A call allocates the ``rows x columns`` output (of ``out_shape``), takes
     the workspace when the kernel splits K, and launches; ``prepare_input`` (when given) turns
-    the caller's input into the kernel's ``x``; ``registers`` and ``extra_shared`` are ``KernelLaunch``'s.
+    the caller's input into the kernel's ``x``; ``input_dtype`` (when given) is the dtype the kernel
+    reads ``x`` as, a view of the same bytes that only the JIT launch needs (the direct launch
+    takes the pointer, so an eager call makes no view); ``registers`` and ``extra_shared`` are
+    ``KernelLaunch``'s.
     """
 
     __slots__ = (
@@ -231,6 +234,7 @@ class ProductLaunch:
         "columns",
         "device",
         "dtype",
+        "input_dtype",
         "launch",
         "out_shape",
         "pointers",
@@ -257,8 +261,10 @@ class ProductLaunch:
         out_shape: Sequence[int] | None = None,
         registers: int = 0,
         extra_shared: int = 0,
+        input_dtype: torch.dtype | None = None,
     ) -> None:
         self.launch = KernelLaunch(kernel, grid, options, device, registers, extra_shared)
+        self.input_dtype = input_dtype
         self.bind = bind
         self.before = bind(weight)
         self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
@@ -277,22 +283,31 @@ class ProductLaunch:
         self.shared = False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, before: tuple | None = None) -> torch.Tensor:
+        if self.launch.direct():
+            # a shared launch's weights are specialized alike (``PreparedWeight.layout``): the
+            # binary the first weight compiled serves this one's pointers
+            return self.launch_with(x, bias, self.pointers if before is None else pointers(before))
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         if self.prepare_input is not None:
             x = self.prepare_input(x)
         workspace, counters = self._split_buffers() if self.tiles else (out, out)  # (out: never read)
-        launch = self.launch
-        if launch.direct():
-            # a shared launch's weights are specialized alike (``PreparedWeight.layout``): the
-            # binary the first weight compiled serves this one's pointers
-            weight = self.pointers if before is None else pointers(before)
-            output = out.data_ptr()
-            launch.run(
-                x.data_ptr(), *weight, output if bias is None else bias.data_ptr(), output,
-                workspace.data_ptr(), counters.data_ptr(), *self.after,
-            )  # fmt: skip
-            return out
-        launch(x, *(before or self.before), out if bias is None else bias, out, workspace, counters, *self.after)
+        if self.input_dtype is not None and x.dtype != self.input_dtype:
+            x = x.view(self.input_dtype)
+        self.launch(x, *(before or self.before), out if bias is None else bias, out, workspace, counters, *self.after)
+        return out
+
+    def launch_with(self, x: torch.Tensor, bias: torch.Tensor | None, weight: tuple[int, ...]) -> torch.Tensor:
+        """Launch directly (only when ``launch.direct()``) with ``weight``, the pointers of the
+        weight's tensors (``pointers``) in the order ``bind`` gives them."""
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if self.prepare_input is not None:
+            x = self.prepare_input(x)
+        workspace, counters = self._split_buffers() if self.tiles else (out, out)  # (out: never read)
+        output = out.data_ptr()
+        self.launch.run(
+            x.data_ptr(), *weight, output if bias is None else bias.data_ptr(), output,
+            workspace.data_ptr(), counters.data_ptr(), *self.after,
+        )  # fmt: skip
         return out
 
     def _split_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from . import dispatch, fragments, wgmma
 from .common import nested_arguments
 from .dequantize import DequantizeLaunch, dequantize_4bit
 from .gemv import gemv_any_kernel, gemv_words_kernel
-from .launch import ProductLaunch
+from .launch import ProductLaunch, pointers
 from .tensor_core import decode_dot_kernel
 from .tuning import CHUNK_BYTES
 
@@ -94,15 +94,44 @@ def linear_4bit(
     split would keep under 8 K tiles; ``tuning.WideConfig``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
     tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
     """
+    tensors = (packed, absmax, code, nested_absmax, nested_code, nested_offset)
+    if config is None:
+        captured = A.is_cuda and torch._C._cuda_isCurrentStreamCapturing()
+        inputs = PreparedWeight.input_key(A, bias, torch.are_deterministic_algorithms_enabled(), captured)
+        # everything the launch and its weight arguments follow from: a launch found by this key
+        # is right for the tensors at these addresses, whichever they are
+        key = (
+            tuple(None if tensor is None else (tensor.data_ptr(), tensor.dtype) for tensor in tensors),
+            blocksize, tuple(shape), nested_blocksize, tiled, A.device, inputs,
+        )  # fmt: skip
+        kept = _op_launches.get(key)
+        if kept is not None and kept[0].launch.direct():
+            return kept[0].launch_with(A, bias, kept[1])
     nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
     weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, shared_workspace=False, tiled=tiled)
     weight.share_launches()
-    return weight.linear(A, bias, config)
+    out = weight.linear(A, bias, config)
+    launch = weight.launches.get(inputs) if config is None else None
+    if isinstance(launch, ProductLaunch):
+        # kept only where the kernel reads the caller's tensors themselves: a converted copy
+        # (a code table in another dtype) would be gone by the next call
+        weight_pointers = pointers(launch.bind(weight))
+        given = {tensor.data_ptr() for tensor in tensors if tensor is not None}
+        if given.issuperset(weight_pointers):
+            if len(_op_launches) >= _MAX_OP_LAUNCHES:
+                _op_launches.clear()
+            _op_launches[key] = (launch, weight_pointers)
+    return out
 
 
 #: The op's launches, per weight layout (``PreparedWeight.layout``): the op runs once per call
 #: under torch.compile, and a launch built once serves every weight of the same layout.
 _layout_launches: dict[tuple, dict[tuple, ProductLaunch]] = {}
+#: The op's launches with their weight pointers, by the op's tensors' addresses and the input's
+#: signature (bounded: cleared when full): a call that finds one prepares nothing. They hold no
+#: tensor, so a deleted model's weights are freed.
+_op_launches: dict[tuple, tuple[ProductLaunch, tuple[int, ...]]] = {}
+_MAX_OP_LAUNCHES = 1024
 
 
 class PreparedWeight:
@@ -146,6 +175,27 @@ class PreparedWeight:
         self._chunk_plans: dict[torch.dtype, list] = {}
         self._decodes: dict[torch.dtype, DequantizeLaunch] = {}
 
+    @staticmethod
+    def input_key(A: torch.Tensor, bias: torch.Tensor | None, deterministic: bool, captured: bool) -> tuple:
+        """What a launch kept for inputs like ``A`` depends on: everything Triton specializes on
+        that can differ between calls, the choice of products that sum partial products across
+        programs (whose order varies: ``deterministic``), and whether a CUDA graph records the
+        call (``captured``: ``tuning.KernelTables.captured``)."""
+        return (
+            A.shape,
+            A.stride(),
+            A.dtype,
+            A.data_ptr() % 16,
+            None if bias is None else (bias.dtype, bias.data_ptr() % 16),
+            deterministic,
+            captured,
+        )
+
+    @property
+    def launches(self) -> dict[tuple, ProductLaunch | object]:
+        """The launches kept by input key (``input_key``), ``CHUNKED`` for the chunked path."""
+        return self._launches
+
     def layout(self) -> tuple:
         """Everything a launch depends on besides the input: the device, the sizes, and the dtype
         and 16-byte alignment of each tensor (Triton specializes on both)."""
@@ -169,18 +219,7 @@ class PreparedWeight:
         deterministic = torch.are_deterministic_algorithms_enabled()
         captured = A.is_cuda and torch._C._cuda_isCurrentStreamCapturing()
         if config is None:
-            # everything Triton specializes on that can differ between calls, the choice of
-            # products that sum partial products across programs (whose order varies), and
-            # whether a CUDA graph records the call (``tuning.KernelTables.captured``)
-            key = (
-                A.shape,
-                A.stride(),
-                A.dtype,
-                A.data_ptr() % 16,
-                None if bias is None else (bias.dtype, bias.data_ptr() % 16),
-                deterministic,
-                captured,
-            )
+            key = self.input_key(A, bias, deterministic, captured)
             launch = self._launches.get(key)
             if launch is CHUNKED:
                 return self._chunked_rows(A, bias)
