@@ -12,7 +12,8 @@ Every projection of the decoder layers becomes a ``Linear4bit`` the way users wr
   compiles itself (``torch.compile``, CUDA graphs on a GPU); with ``--skip-module-guards``, through
   a ``CompileConfig`` whose guard filter is torch's ``skip_guard_on_all_nn_modules_unsafe``
   (docs/transformers.md, "Compiled generation");
-- ``lean``: a gpt-fast style loop: static cache, eager prefill, then the one-token step under
+- ``lean``: a gpt-fast style loop: static cache, eager prefill (compiled with
+  ``--compile-prefill``, gpt-fast's ``--compile_prefill``), then the one-token step under
   ``torch.compile`` replayed as one CUDA graph (GPU only), showing what the kernels allow once
   the host is out of the way.
 
@@ -144,14 +145,15 @@ def run_generate(
 
 def run_lean(
     model, prompt: torch.Tensor, new_tokens: int, device: torch.device, forced: list | None = None,
-    options: dict | None = None,
+    options: dict | None = None, compile_prefill: bool = False,
 ) -> tuple[float, list, float]:  # fmt: skip
     """Seconds for a gpt-fast style greedy loop, the tokens, and the seconds of one decode step
     (the loop after the prefill, per step): static cache, eager prefill, then the one-token step
     compiled (``torch.compile``, no graph break) and, on a GPU, captured once into a CUDA graph
     that every token replays. With ``forced`` tokens, each step takes the forced token before it
     instead of its own prediction (teacher forcing). ``options``: torch.compile's, for the step
-    compiled first for this shape."""
+    compiled first for this shape; ``compile_prefill``: the prefill compiled too (no CUDA graph),
+    as gpt-fast's ``--compile_prefill`` does."""
     from transformers import StaticCache
 
     batch, length = prompt.shape
@@ -166,14 +168,19 @@ def run_lean(
                            logits_to_keep=1).logits  # fmt: skip
             return logits[:, -1].argmax(-1, keepdim=True)
 
-        kept[(batch, length)] = _LeanStep(step, cache, batch, device, options)
+        def prefill(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return step(tokens, positions)  # a code object of its own: compiled apart from the step
+
+        if compile_prefill:
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=False, options=options)
+        kept[(batch, length)] = _LeanStep(step, prefill, cache, batch, device, options)
     lean = kept[(batch, length)]
     lean.cache.reset()
     tokens = []
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        token = lean.eager(prompt, torch.arange(length, device=device))  # eager prefill
+        token = lean.prefill(prompt, torch.arange(length, device=device))
         tokens.append(token)
         _sync(device)
         decode_start = time.perf_counter()
@@ -192,8 +199,10 @@ class _LeanStep:
     at its first call. (Inductor's own graphs, ``mode="reduce-overhead"``, skip a step that
     updates a StaticCache passed in: the cache's tensors are mutated inputs.)"""
 
-    def __init__(self, step, cache, batch: int, device: torch.device, options: dict | None = None) -> None:
-        self.eager, self.cache, self.device = step, cache, device
+    def __init__(
+        self, step, prefill, cache, batch: int, device: torch.device, options: dict | None = None
+    ) -> None:  # fmt: skip
+        self.prefill, self.cache, self.device = prefill, cache, device
         self.compiled = torch.compile(step, fullgraph=True, options=options)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -238,7 +247,8 @@ def forced_agreement(model, batch: int, args, device: torch.device, reference: l
     (free-running greedy tokens of a random model part ways at the first near-tie)."""
     torch.manual_seed(1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
-    _, predicted, _ = run_lean(model, prompt, args.new_tokens, device, forced=reference)
+    _, predicted, _ = run_lean(model, prompt, args.new_tokens, device, forced=reference,
+                               compile_prefill=args.compile_prefill)  # fmt: skip
     return (torch.tensor(predicted) == torch.tensor(reference)).float().mean().item()
 
 
@@ -252,7 +262,9 @@ def measure(
     prompt = torch.randint(1, model.config.vocab_size, (batch, args.prompt), device=device)
     if mode == "lean":
         grouping = _grouping_options() if grouped else None
-        runner = lambda: run_lean(model, prompt, args.new_tokens, device, options=grouping)  # noqa: E731
+        runner = lambda: run_lean(  # noqa: E731
+            model, prompt, args.new_tokens, device, options=grouping, compile_prefill=args.compile_prefill
+        )
     else:
         options = {"cache_implementation": "static"} if mode == "compiled" else {}
         if mode == "compiled" and (args.skip_module_guards or grouped):
@@ -434,6 +446,11 @@ def main() -> None:
         help="compiled and lean modes: group sibling 4-bit products (fourbit.compile_options)",
     )
     parser.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="lean mode: compile the prefill too (gpt-fast's --compile_prefill; no CUDA graph)",
+    )
+    parser.add_argument(
         "--skip-module-guards",
         action="store_true",
         help="compiled mode: skip dynamo's guards on modules (a model that does not change)",
@@ -448,6 +465,7 @@ def main() -> None:
     head = "4-bit lm_head" if args.quantize_lm_head else "bf16 lm_head"
     head += ", module guards skipped" if args.skip_module_guards else ""
     head += ", 4-bit products grouped" if args.group_products else ""
+    head += ", lean prefill compiled" if args.compile_prefill and "lean" in modes else ""
     head += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# generate: {layers} layers, {head}, {shapes}, prompt {args.prompt}, {args.new_tokens} new tokens; "
           f"{where}, torch {torch.__version__}\n")  # fmt: skip

@@ -57,6 +57,15 @@ def test_bench_generate_gives_the_grouped_model_a_column_of_its_own():
     assert cells[9].endswith("x"), cells  # grouped/fourbit
 
 
+def test_bench_generate_lean_loop_compiles_its_prefill_when_asked():
+    out = _run("bench_generate.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--libraries", "fourbit",
+               "--modes", "lean", "--compile-prefill", "--prompt", "4", "--new-tokens", "2", "--warmup", "0",
+               "--repeats", "1")  # fmt: skip
+    assert "lean prefill compiled" in out, out
+    cells = _row(out, "lean | 1")
+    assert NUMBER.match(cells[4]), cells  # fourbit tokens/s
+
+
 def test_bench_layers_prints_its_table():
     out = _run("bench_layers.py", "--device", "cpu", "--layers", "1", "--rows", "1", "2", "--shape", "64", "256", "32",
                "--libraries", "bf16", "fourbit", "--min-time", "0.01")  # fmt: skip
