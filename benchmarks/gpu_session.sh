@@ -33,13 +33,14 @@ for stage in $STAGES; do
         jobs=${JOBS:-10}
         export THREADS=$(( ($(nproc) + jobs - 1) / jobs ))
         # the slow files first, so that none starts last
-        files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_cli.py tests/test_triton_tiled.py tests/test_triton.py \
+        files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_triton_wgmma.py tests/test_compiled_groups.py \
+          tests/test_cli.py tests/test_triton_tiled.py tests/test_triton.py \
           tests/test_triton_quantize.py tests/test_bnb_compat.py tests/test_parametrize.py tests/test_integration_transformers.py \
           tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_*.py)}
         # the long files run as several processes each, every one taking every count-th test
         # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 490 s,
-        # the others 150-280 s
-        shards=${SHARDS:-"test_triton_tensor_core=7 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_parametrize=2"}
+        # the others 150-280 s (wgmma 149 s: started last, it set the suite's wall time)
+        shards=${SHARDS:-"test_triton_tensor_core=7 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_parametrize=2 test_triton_wgmma=2"}
         # files that exercise no GPU (CI runs them on every push; their compiles of the CPU path
         # take a sixth of the suite's work here): left out unless ALL=1 or FILES names them; the
         # CPU cases of the other files' device parameter and the tests marked cpu_only too

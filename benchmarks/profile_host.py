@@ -2,9 +2,10 @@
 
     python benchmarks/profile_host.py --shapes 4096x4096 4096x14336 --rows 1 [--profile]
 
-Host time per call is the time to issue a burst of calls, measured before synchronizing (the
-GPU is still busy then, so this is what the host spends, not the kernels): the quickest of
-``--rounds`` bursts, the calls taking turns. Wall time per call
+The op row is ``torch.ops.fourbit.linear_4bit`` with the same weight: what a compiled graph
+calls without CUDA graphs. Host time per call is the time to issue a burst of calls, measured
+before synchronizing (the GPU is still busy then, so this is what the host spends, not the
+kernels): the quickest of ``--rounds`` bursts, the calls taking turns. Wall time per call
 includes the final synchronization. ``--profile`` prints cProfile's heaviest functions of
 fourbit's call. Kernels per call are counted with torch.profiler.
 """
@@ -64,6 +65,18 @@ def layers(n: int, k: int, weight: torch.Tensor) -> dict[str, torch.nn.Module]:
     return result
 
 
+def op_call(module: fourbit.nn.Linear4bit, x: torch.Tensor):
+    """``torch.ops.fourbit.linear_4bit`` with ``module``'s weight: what a compiled graph calls
+    (through the dispatcher and the op's CUDA entry, not the module's prepared product)."""
+    from fourbit.prepared import op_arguments
+
+    state = module.weight.quant_state
+    arguments = op_arguments(state, x.device)
+    packed = module.weight.data
+    return partial(torch.ops.fourbit.linear_4bit, x, packed, blocksize=state.blocksize, shape=list(state.shape),
+                   **arguments)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "28672x8192"], help="N x K")
@@ -83,6 +96,7 @@ def main() -> None:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cases = {"F.linear": partial(F.linear, x, weight)}
             cases.update({name: partial(module, x) for name, module in modules.items()})
+            cases["fourbit op (compiled graphs' call)"] = op_call(modules["fourbit Linear4bit"], x)
             with torch.no_grad():
                 # the calls take turns, and each keeps its quickest burst: the host's noise
                 # (other processes, frequency) then weighs on every call alike
