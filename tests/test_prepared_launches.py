@@ -138,6 +138,35 @@ def _op_arguments(prepared) -> dict:
     return dict(absmax=prepared.absmax, code=prepared.code, **nested_op_arguments(prepared.nested_statistics))
 
 
+def test_the_op_keeps_its_launch_with_the_callers_pointers_only():
+    """The op's Triton entry keeps a launch with the pointers of the caller's own tensors and no
+    tensor; a launch whose kernel reads a converted copy (a code table in another dtype) is not
+    kept. (In the interpreter a kept launch is not taken: it launches only directly; the GPU
+    tests below take it.)"""
+    prepared, dense = _prepared_weight(64, 256)
+    x = torch.randn(2, 256, device=TRITON_DEVICE)  # float32: the kernel reads the code table as given
+    kernels.linear._op_launches.clear()
+    assert _relative_error(_op_product(x, prepared), x, dense) < 1e-5
+    ((launch, pointers),) = kernels.linear._op_launches.values()
+    statistics = prepared.nested_statistics
+    given = {t.data_ptr() for t in (prepared.packed, prepared.absmax, prepared.code, *statistics[:3])}
+    assert pointers and set(pointers) <= given
+    assert launch.before is None and launch.pointers is None  # shared per layout: no weight kept
+    kernels.linear._op_launches.clear()
+    assert _relative_error(_op_product(x, prepared, code=prepared.code.double()), x, dense) < 1e-5
+    assert not kernels.linear._op_launches
+
+
+def _op_product(x: torch.Tensor, prepared, **changes) -> torch.Tensor:
+    arguments = {**_op_arguments(prepared), **changes}
+    return kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(prepared.n_out, prepared.k), **arguments)
+
+
+def _relative_error(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
+    expected = x.double() @ dense.double().t()
+    return ((out.double() - expected).norm() / expected.norm()).item()
+
+
 # --------------------------------------------------------------------------- GPU only
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
@@ -273,16 +302,6 @@ def test_the_first_eager_call_prepares_the_launch_a_cuda_graph_would_take(monkey
             broken._ready_for_capture(x, x, None, key, eager, False)
     (key,) = (key for key in broken._launches if not key[-1])
     assert broken._launches[(*key[:-1], True)] is broken._launches[key]
-
-
-def _op_product(x: torch.Tensor, prepared, **changes) -> torch.Tensor:
-    arguments = {**_op_arguments(prepared), **changes}
-    return kernels.linear_4bit(x, prepared.packed, blocksize=64, shape=(prepared.n_out, prepared.k), **arguments)
-
-
-def _relative_error(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
-    expected = x.double() @ dense.double().t()
-    return ((out.double() - expected).norm() / expected.norm()).item()
 
 
 @gpu
