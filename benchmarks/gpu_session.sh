@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate layers grouped grouped-compiled train ptxas" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate layers grouped lean-head4 grouped-compiled train ptxas" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -87,7 +87,7 @@ for stage in $STAGES; do
     eager)  # the eager per-call table and host time, as docs/performance.md reports them
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 64 256 --min-time 0.2 2>&1 | tee "$OUT/bench_eager_rows.md"
-      "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 2>&1 |
+      "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 --inputs-in-place 2>&1 |
         tee "$OUT/host.md" ;;
     generate)  # end to end: eager and the lean loop, then transformers' compiled decoding
       # (GENERATE_ARGS, for example "--rounds 4": eager rates spread 80-144 tokens/s between processes of
@@ -106,6 +106,11 @@ for stage in $STAGES; do
         "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes lean --warmup 1 --repeats 2 \
           --libraries bf16 fourbit fourbit-grouped $head 2>&1 | tee -a "$OUT/lean_grouped.md"
       done ;;
+    lean-head4)  # the lean loop with a 4-bit output head, the prefill eager and then compiled; about 8 minutes
+      for prefill in "" --compile-prefill; do
+        "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes lean --warmup 1 --repeats 2 \
+          --libraries bf16 fourbit fourbit-grouped --quantize-lm-head $prefill 2>&1 | tee -a "$OUT/lean_head4.md"
+      done ;;
     grouped-compiled)  # transformers' compiled decoding, grouped or not, in three rounds (one process's
       # rate moves by 20-30%); about 6 minutes
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
@@ -123,6 +128,6 @@ for stage in $STAGES; do
         -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, grouped-compiled, train, ptxas)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, grouped-compiled, train, ptxas)" >&2; exit 2 ;;
   esac
 done

@@ -47,16 +47,19 @@ def kernels_per_call(fn) -> int:
     return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in trace.events())
 
 
+#: Both 4-bit libraries' layers: NF4 with nested statistics, bf16 compute, no bias.
+SETTINGS = dict(bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+
+
 def layers(n: int, k: int, weight: torch.Tensor) -> dict[str, torch.nn.Module]:
     dense = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     dense.weight.data.copy_(weight)
     result = {"nn.Linear": dense}
-    settings = dict(bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-    result["fourbit Linear4bit"] = fourbit.nn.Linear4bit(k, n, **settings)
+    result["fourbit Linear4bit"] = fourbit.nn.Linear4bit(k, n, **SETTINGS)
     try:
         import bitsandbytes
 
-        result["bitsandbytes Linear4bit"] = bitsandbytes.nn.Linear4bit(k, n, **settings)
+        result["bitsandbytes Linear4bit"] = bitsandbytes.nn.Linear4bit(k, n, **SETTINGS)
     except Exception as error:
         print(f"bitsandbytes not measured: {error}")
     for name in list(result)[1:]:
@@ -77,6 +80,22 @@ def op_call(module: fourbit.nn.Linear4bit, x: torch.Tensor):
                    **arguments)  # fmt: skip
 
 
+def reading_inputs_in_place(module: fourbit.nn.Linear4bit, x: torch.Tensor):
+    """``module``'s call on ``x`` with the launch it keeps for such inputs chosen by tables that
+    never copy inputs into fragment order (``tuning.PermuteRule``): the eager call as it would be
+    without the copy, beside the tables' choice."""
+    from fourbit.kernels.triton import tuning
+
+    chosen = tuning.for_device
+    tuning.for_device = lambda device: chosen(device)._replace(fragment_permute=())
+    try:
+        with torch.no_grad():
+            module(x)  # prepares and keeps the launch for inputs like x
+    finally:
+        tuning.for_device = chosen
+    return partial(module, x)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "28672x8192"], help="N x K")
@@ -84,6 +103,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5, help="bursts per call, taking turns; the quickest counts")
     parser.add_argument("--profile", action="store_true", help="cProfile fourbit's Linear4bit call")
+    parser.add_argument(
+        "--inputs-in-place",
+        action="store_true",
+        help="a row for fourbit's call whose kernel reads its inputs in place where the tables copy them "
+        "into fragment order (on an H200: 9-16 rows of weights of 2^26 elements and more)",
+    )
     args = parser.parse_args()
     print(f"# host time per eager call, us: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| shape | rows | call | host us | wall us | kernels | host vs F.linear |")
@@ -92,11 +117,17 @@ def main() -> None:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         modules = layers(n, k, weight)
+        if args.inputs_in_place:  # a module of its own: its kept launches are chosen apart
+            modules["in place"] = fourbit.nn.Linear4bit(k, n, **SETTINGS)
+            modules["in place"].load_state_dict(modules["nn.Linear"].state_dict())
+            modules["in place"] = modules["in place"].cuda()
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cases = {"F.linear": partial(F.linear, x, weight)}
-            cases.update({name: partial(module, x) for name, module in modules.items()})
+            cases.update({name: partial(module, x) for name, module in modules.items() if name != "in place"})
             cases["fourbit op (compiled graphs' call)"] = op_call(modules["fourbit Linear4bit"], x)
+            if args.inputs_in_place:
+                cases["fourbit Linear4bit, inputs in place"] = reading_inputs_in_place(modules["in place"], x)
             with torch.no_grad():
                 # the calls take turns, and each keeps its quickest burst: the host's noise
                 # (other processes, frequency) then weighs on every call alike
