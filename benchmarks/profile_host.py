@@ -80,14 +80,15 @@ def op_call(module: fourbit.nn.Linear4bit, x: torch.Tensor):
                    **arguments)  # fmt: skip
 
 
-def reading_inputs_in_place(module: fourbit.nn.Linear4bit, x: torch.Tensor):
-    """``module``'s call on ``x`` with the launch it keeps for such inputs chosen by tables that
-    never copy inputs into fragment order (``tuning.PermuteRule``): the eager call as it would be
-    without the copy, beside the tables' choice."""
+def with_captured_tables(module: fourbit.nn.Linear4bit, x: torch.Tensor):
+    """``module``'s call on ``x`` with the launch it keeps for such inputs chosen by the tables of
+    products recorded into CUDA graphs (``tuning.KernelTables.captured``: on an H200 these copy
+    inputs into fragment order and stage them for ``wgmma``, a second kernel a call), beside the
+    eager tables' choice."""
     from fourbit.kernels.triton import tuning
 
     chosen = tuning.for_device
-    tuning.for_device = lambda device: chosen(device)._replace(fragment_permute=())
+    tuning.for_device = lambda device: chosen(device).captured or chosen(device)
     try:
         with torch.no_grad():
             module(x)  # prepares and keeps the launch for inputs like x
@@ -104,10 +105,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="bursts per call, taking turns; the quickest counts")
     parser.add_argument("--profile", action="store_true", help="cProfile fourbit's Linear4bit call")
     parser.add_argument(
-        "--inputs-in-place",
+        "--captured-tables",
         action="store_true",
-        help="a row for fourbit's call whose kernel reads its inputs in place where the tables copy them "
-        "into fragment order (on an H200: 9-16 rows of weights of 2^26 elements and more)",
+        help="a row for fourbit's call with the launch the tables of CUDA graph captures choose (on an H200: "
+        "inputs copied into fragment order at 5-16 rows of large weights, a second kernel)",
     )
     args = parser.parse_args()
     print(f"# host time per eager call, us: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
@@ -117,17 +118,17 @@ def main() -> None:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         modules = layers(n, k, weight)
-        if args.inputs_in_place:  # a module of its own: its kept launches are chosen apart
-            modules["in place"] = fourbit.nn.Linear4bit(k, n, **SETTINGS)
-            modules["in place"].load_state_dict(modules["nn.Linear"].state_dict())
-            modules["in place"] = modules["in place"].cuda()
+        if args.captured_tables:  # a module of its own: its kept launches are chosen apart
+            modules["captured"] = fourbit.nn.Linear4bit(k, n, **SETTINGS)
+            modules["captured"].load_state_dict(modules["nn.Linear"].state_dict())
+            modules["captured"] = modules["captured"].cuda()
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cases = {"F.linear": partial(F.linear, x, weight)}
-            cases.update({name: partial(module, x) for name, module in modules.items() if name != "in place"})
+            cases.update({name: partial(module, x) for name, module in modules.items() if name != "captured"})
             cases["fourbit op (compiled graphs' call)"] = op_call(modules["fourbit Linear4bit"], x)
-            if args.inputs_in_place:
-                cases["fourbit Linear4bit, inputs in place"] = reading_inputs_in_place(modules["in place"], x)
+            if args.captured_tables:
+                cases["fourbit Linear4bit, captured tables"] = with_captured_tables(modules["captured"], x)
             with torch.no_grad():
                 # the calls take turns, and each keeps its quickest burst: the host's noise
                 # (other processes, frequency) then weighs on every call alike

@@ -209,23 +209,27 @@ def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors,
     assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * covering * wide.block_n, 4096, 64)[0] == "fused"
 
 
-def test_large_weights_read_many_input_rows_in_fragment_order(monkeypatch):
-    """On an H200, the fragment kernel copies its inputs into fragment order from the table's row
-    counts on, for weights of the table's sizes; small weights and few rows read the rows in place
-    (``tuning.PermuteRule``). (The kernel's support is forced, so this runs without a GPU.)"""
+def test_large_weights_read_many_input_rows_in_fragment_order_under_capture(monkeypatch):
+    """On an H200, products recorded into a CUDA graph copy their inputs into fragment order from
+    the captured tables' row counts on, for weights of their sizes; small weights and few rows
+    read the rows in place, and eager calls always do, as the copy's launch costs them more host
+    time than it saves on the GPU (``tuning.PermuteRule``). (The kernel's support is forced, so
+    this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: True)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
 
-    def permuted(rows: int, n: int, k: int) -> int:
-        config = dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64)
+    def permuted(rows: int, n: int, k: int, captured: bool = True) -> int:
+        x = torch.zeros(rows, k, dtype=torch.bfloat16)
+        config = dispatch.choose_config(x, n, k, 64, captured=captured)
         assert config[:4] == ("fragments", 4, 0, 0)
         return config[4]
 
     assert [permuted(rows, 28672, 8192) for rows in (1, 4, 5, 8, 9, 16)] == [0, 0, 1, 1, 1, 1]
     assert [permuted(rows, 28672, 4096) for rows in (8, 9, 16)] == [0, 1, 1]
-    assert [permuted(rows, 14336, 4096) for rows in (8, 9, 16)] == [0, 0, 0]
+    assert [permuted(rows, 14336, 4096) for rows in (8, 12, 13, 16)] == [0, 0, 1, 1]
     assert [permuted(rows, 4096, 4096) for rows in (1, 8, 16)] == [0, 0, 0]
+    assert [permuted(rows, 28672, 8192, captured=False) for rows in (1, 5, 9, 16)] == [0, 0, 0, 0]
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)  # not measured there
     assert permuted(16, 28672, 8192) == 0
 

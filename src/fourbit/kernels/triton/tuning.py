@@ -179,11 +179,10 @@ HOPPER = KernelTables(
     quantize=QuantizeConfig(tile_elements=4096, warps=8, programs_per_sm=4),
 )
 
-#: The H200 measured the Hopper entries best or within noise (docs/performance.md). Inputs in
-#: fragment order, CUDA graph replays, NF4 bf16: 28672x8192 at 16 rows 62.4 us against 70.3,
-#: 28672x4096 33.3 against 37.1, 128256x4096 at 8 rows 110.8 against 122.0; 14336x4096 at 16
-#: rows 19.1 against 21.3, left out as eager calls there pay the copy's launch in host time;
-#: 4096x4096 at 16 rows 8.9 against 8.3, and slower below 5 rows.
+#: The H200 measured the Hopper entries best or within noise (docs/performance.md). Eager calls
+#: read their inputs in place: the copy into fragment order is a second launch, 22 us more host
+#: time a call on the H200's host (28672x8192 at 16 rows: 51.7 us against 29.9, where
+#: ``F.linear`` took 21.7), more than the 8 us of GPU time it saves there.
 #: The decode with one packed word a thread (256 words, 8 warps) measured 1.1-1.4x faster there
 #: than the Hopper entry, outputs identical: 28672x8192 in bf16 174 us against 239.
 #: ``wgmma`` at 17-64 rows, CUDA graph replays, NF4 bf16 nested, against the tensor-core kernel:
@@ -193,18 +192,20 @@ HOPPER = KernelTables(
 #: rule asks for two waves of programs (28672x8192 eager: 90 / 113 us against 112 / 162).
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
-    fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27)),
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0
 #: against 36.1 / 37.1 / 46.1; 6144x4096 (0.7 waves) even, 4096-row weights 1.4-2.2x slower.
-#: Inputs in fragment order from 13 rows of 2^25 weights: 14336x4096 and 4096x14336 at 16 rows
-#: 19.1 / 18.2 against 21.4 / 20.0; at 12 rows even (0.97-0.99x), 6144x4096 even at 16.
+#: Inputs in fragment order: 28672x8192 at 16 rows 62.4 us against 70.3, 28672x4096 33.3
+#: against 37.1, 128256x4096 at 8 rows 110.8 against 122.0; from 13 rows of 2^25 weights too,
+#: 14336x4096 and 4096x14336 at 16 rows 19.1 / 18.2 against 21.4 / 20.0 (at 12 rows even,
+#: 0.97-0.99x; 6144x4096 even at 16); 4096x4096 at 16 rows 8.9 against 8.3, slower below 5 rows.
 H200 = H200._replace(
     captured=H200._replace(
-        fragment_permute=(*H200.fragment_permute, PermuteRule(13, 1 << 25)), wgmma=WgmmaRule(17, 64, 1.0)
+        fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27), PermuteRule(13, 1 << 25)),
+        wgmma=WgmmaRule(17, 64, 1.0),
     )
 )
 
