@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import fourbit.functional as F4
-from fourbit.kernels.triton import linear as triton_linear
+from fourbit.kernels.triton import op_entry
 
 
 def parse_config(text: str | None) -> tuple | str | None:
@@ -41,7 +41,7 @@ def main() -> None:
     x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
     tensors = F4.op_arguments(state, weight.device)
     for _ in range(args.repeat):
-        triton_linear.linear_4bit(x, packed, blocksize=64, shape=(n, k), config=parse_config(args.config), **tensors)
+        op_entry.linear_4bit(x, packed, blocksize=64, shape=(n, k), config=parse_config(args.config), **tensors)
     torch.cuda.synchronize()
 
 

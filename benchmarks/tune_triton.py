@@ -27,8 +27,7 @@ from triton.testing import do_bench_cudagraph
 import fourbit.functional as F4
 from fourbit import layout
 from fourbit.formats import NestedStatistics, get_4bit_type
-from fourbit.kernels.triton import fragments, gemv, tensor_core, tuning
-from fourbit.kernels.triton import linear as triton_linear
+from fourbit.kernels.triton import fragments, gemv, op_entry, tensor_core, tuning
 from fourbit.kernels.triton import quantize as triton_quantize
 from fourbit.kernels.triton.dequantize import DequantizeLaunch
 from fourbit.kernels.triton.tuning import DequantizeConfig, QuantizeConfig
@@ -200,9 +199,7 @@ def main() -> None:
             candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []
             for config in candidates:
-                run = partial(
-                    triton_linear.linear_4bit, x, packed, blocksize=64, shape=(n, k), config=config, **tensors
-                )
+                run = partial(op_entry.linear_4bit, x, packed, blocksize=64, shape=(n, k), config=config, **tensors)
                 try:
                     error = ((run().double() - expected).norm() / expected.norm()).item()
                     results.append((do_bench_cudagraph(run, rep=args.rep, return_mode="median"), config, error))

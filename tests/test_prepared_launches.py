@@ -145,16 +145,60 @@ def test_the_op_keeps_its_launch_with_the_callers_pointers_only():
     tests below take it.)"""
     prepared, dense = _prepared_weight(64, 256)
     x = torch.randn(2, 256, device=TRITON_DEVICE)  # float32: the kernel reads the code table as given
-    kernels.linear._op_launches.clear()
+    kernels.op_entry._op_launches.clear()
     assert _relative_error(_op_product(x, prepared), x, dense) < 1e-5
-    ((launch, pointers),) = kernels.linear._op_launches.values()
+    ((launch, pointers),) = kernels.op_entry._op_launches.values()
     statistics = prepared.nested_statistics
     given = {t.data_ptr() for t in (prepared.packed, prepared.absmax, prepared.code, *statistics[:3])}
     assert pointers and set(pointers) <= given
     assert launch.before is None and launch.pointers is None  # shared per layout: no weight kept
-    kernels.linear._op_launches.clear()
+    kernels.op_entry._op_launches.clear()
     assert _relative_error(_op_product(x, prepared, code=prepared.code.double()), x, dense) < 1e-5
-    assert not kernels.linear._op_launches
+    assert not kernels.op_entry._op_launches
+
+
+def test_the_op_keeps_a_chunked_product_that_reads_the_callers_memory_only(monkeypatch):
+    """The op's chunked path (decode + cuBLAS) is kept as each chunk's decode and pointers, all
+    inside the caller's tensors (the decode table aside, looked up per call), with no tensor; a
+    decode reading memory the caller did not pass is not kept. (The interpreter launches nothing
+    directly, so the plan is checked as a GPU's first call would leave it.)"""
+    from fourbit.kernels.triton.op_entry import KeptChunks
+
+    monkeypatch.setattr(kernels.linear, "CHUNK_BYTES", 64 * 256 * 4)  # 64 rows a chunk
+    prepared, dense = _prepared_weight(200, 256)
+    x = torch.randn(3, 256, device=TRITON_DEVICE)
+    assert _relative_error(prepared.linear(x, config="chunked"), x, dense) < 1e-5
+    monkeypatch.setattr(launch.KernelLaunch, "direct", lambda self: True)  # compiled, as on a GPU
+    statistics = prepared.nested_statistics
+    given = (prepared.packed, prepared.absmax, prepared.code, *statistics[:3])
+    assert KeptChunks.of(prepared, x.dtype, given[:3]) is None  # the nested statistics not given
+    kept = KeptChunks.of(prepared, x.dtype, given)
+    assert [(start, stop) for start, stop, _, _ in kept.chunks] == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    extents = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in given]
+    for _, _, decode, weight_pointers in kept.chunks:
+        assert decode.before is None
+        table = kernels.op_entry._TABLE
+        assert all(any(low <= p < high for low, high in extents) for p in weight_pointers[:table])
+        assert all(any(low <= p < high for low, high in extents) for p in weight_pointers[table + 1 :])
+
+
+def test_decodes_specialized_alike_share_one_compiled_launch():
+    """A decode prepared for one call (``dequantize_4bit``, the op's chunks) takes the compiled
+    launch of an earlier decode that Triton specializes alike, and only such a decode's."""
+    from fourbit.kernels.triton.dequantize import DequantizeLaunch
+
+    first, _ = _prepared_weight(64, 256)
+    second, second_dense = _prepared_weight(64, 256)
+    other, _ = _prepared_weight(128, 256)
+
+    def decode(weight, dtype=torch.float32):
+        return DequantizeLaunch(weight.packed, weight.absmax, weight.code, 64, (weight.n_out, 256), dtype,
+                                weight.nested_statistics)  # fmt: skip
+
+    assert decode(first).launch is decode(second).launch
+    assert decode(first).launch is not decode(other).launch  # another size: another grid
+    assert decode(first).launch is not decode(first, torch.bfloat16).launch
+    assert torch.equal(decode(second)(), second_dense)
 
 
 def _op_product(x: torch.Tensor, prepared, **changes) -> torch.Tensor:
@@ -309,7 +353,7 @@ def test_the_cuda_op_finds_its_launch_by_address_and_prepares_nothing_again(monk
     """The op's CUDA entry keeps each launch by its tensors' addresses and the input's signature:
     a repeated call builds no ``PreparedWeight``; a new signature builds one, once."""
     prepared, dense = _prepared_weight(1024, 2048)
-    kernels.linear._op_launches.clear()
+    kernels.op_entry._op_launches.clear()
     built = []
     original = kernels.PreparedWeight.__init__
 
@@ -318,7 +362,7 @@ def test_the_cuda_op_finds_its_launch_by_address_and_prepares_nothing_again(monk
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(kernels.PreparedWeight, "__init__", counted)
-    for rows in (1, 5, 40):
+    for rows in (1, 5, 40, 300):  # 300 rows: the chunked path (decode + cuBLAS) on every device
         x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
         first = _op_product(x, prepared)
         assert len(built) == 1, rows
@@ -327,29 +371,31 @@ def test_the_cuda_op_finds_its_launch_by_address_and_prepares_nothing_again(monk
         assert len(built) == 1, rows
         assert _relative_error(first, x, dense) < 1e-2
         built.clear()
-    assert len(kernels.linear._op_launches) == 3
+    kept = list(kernels.op_entry._op_launches.values())
+    assert len(kept) == 4 and sum(isinstance(launch, kernels.op_entry.KeptChunks) for launch in kept) == 1
 
 
 @gpu
-def test_the_cuda_op_keeps_no_weight_alive_and_serves_new_weights_at_old_addresses():
-    """Kept launches hold addresses, not tensors: a deleted weight is freed, and a weight that
-    lands at the same addresses gets the kept launch and its own products."""
+@pytest.mark.parametrize("rows", [2, 300])
+def test_the_cuda_op_keeps_no_weight_alive_and_serves_new_weights_at_old_addresses(rows):
+    """Kept launches (and kept chunked products) hold addresses, not tensors: a deleted weight is
+    freed, and a weight that lands at the same addresses gets the kept launch and its own products."""
     import gc
     import weakref
 
     def product(seed: int):
         torch.manual_seed(seed)
         prepared, dense = _prepared_weight(512, 1024)
-        x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         for _ in range(2):
             assert _relative_error(_op_product(x, prepared), x, dense) < 1e-2
         return weakref.ref(prepared.packed)
 
-    kernels.linear._op_launches.clear()
+    kernels.op_entry._op_launches.clear()
     first = product(0)
     gc.collect()
     assert first() is None
-    assert len(kernels.linear._op_launches) == 1
+    assert len(kernels.op_entry._op_launches) == 1
     product(1)  # the caching allocator may hand out the freed addresses: either way, its own products
 
 
@@ -359,7 +405,7 @@ def test_the_cuda_op_keeps_no_launch_that_reads_a_converted_copy():
     not kept (the copy would be gone by the next call), and the products stay right."""
     prepared, dense = _prepared_weight(256, 1024, nested=False)
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
-    kernels.linear._op_launches.clear()
+    kernels.op_entry._op_launches.clear()
     for _ in range(2):
         assert _relative_error(_op_product(x, prepared, code=prepared.code.double()), x, dense) < 1e-2
-    assert not kernels.linear._op_launches
+    assert not kernels.op_entry._op_launches

@@ -5,10 +5,11 @@ The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (slowly), which
 checks their logic without a GPU.
 """
 
-from . import linear
+from . import linear, op_entry
 from .dequantize import dequantize_4bit
 from .dispatch import prefers_tiles
-from .linear import PreparedWeight, linear_4bit
+from .linear import PreparedWeight
+from .op_entry import linear_4bit
 from .quantize import quantize_4bit, quantize_blockwise
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "dequantize_4bit",
     "linear",
     "linear_4bit",
+    "op_entry",
     "prefers_tiles",
     "quantize_4bit",
     "quantize_blockwise",

@@ -93,10 +93,34 @@ def _dequantize_words_kernel(
     tl.store(out_ptr + 8 * word[:, None] + tl.arange(0, 8)[None, :], out, mask=in_range[:, None])
 
 
+#: Compiled decodes shared by every ``DequantizeLaunch`` that Triton specializes alike, so that a
+#: decode prepared for one call (``dequantize_4bit``, the op's chunked products) launches directly
+#: from the second such call on instead of through the JIT (bounded: cleared when full).
+_kernel_launches: dict[tuple, KernelLaunch] = {}
+_MAX_KERNEL_LAUNCHES = 1024
+
+
+def _kernel_launch(
+    kernel: triton.JITFunction, grid: tuple[int, ...], options: dict, device: torch.device, before: tuple,
+    dtype: torch.dtype, after: tuple,
+) -> KernelLaunch:  # fmt: skip
+    """The launch of ``kernel`` for arguments like ``(*before, out of dtype, *after)``: keyed on all
+    Triton specializes on (the tensors' dtypes and 16-byte alignment, the plain values)."""
+    tensors = tuple((tensor.dtype, tensor.data_ptr() % 16) for tensor in before)
+    key = (kernel, grid, tuple(options.items()), device, tensors, dtype, after)
+    launch = _kernel_launches.get(key)
+    if launch is None:
+        if len(_kernel_launches) >= _MAX_KERNEL_LAUNCHES:
+            _kernel_launches.clear()
+        launch = _kernel_launches[key] = KernelLaunch(kernel, grid, options, device)
+    return launch
+
+
 class DequantizeLaunch:
     """The decode of one packed weight (or of a run of its rows) into ``shape`` of ``dtype``,
     with its kernel, grid and arguments chosen once: a call allocates the output and launches.
-    The tensors are the caller's: build a new one when they are replaced."""
+    The tensors are the caller's: build a new one when they are replaced. The compiled kernel is
+    shared with every decode specialized alike (``_kernel_launch``)."""
 
     __slots__ = ("after", "before", "device", "dtype", "launch", "pointers", "shape")
 
@@ -125,24 +149,31 @@ class DequantizeLaunch:
             return
         if tiled or (n % 8 == 0 and data.storage_offset() % 4 == 0):
             words, warps = config or tuning.for_device(self.device).dequantize
-            grid = (triton.cdiv(n // 8, words),)
-            self.launch = KernelLaunch(_dequantize_words_kernel, grid, {**options, "num_warps": warps}, self.device)
+            kernel, grid = _dequantize_words_kernel, (triton.cdiv(n // 8, words),)
+            options["num_warps"] = warps
             self.before = (data.view(torch.int32), absmax, table, *statistics)
             self.after = (n // 8, blocksize, *specialized, words, self.shape[-1] // 64 if tiled else 0)
         else:
-            grid = (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
-            self.launch = KernelLaunch(_dequantize_4bit_kernel, grid, options, self.device)
+            kernel, grid = _dequantize_4bit_kernel, (triton.cdiv(packed_nbytes(n), BYTES_PER_PROGRAM),)
             self.before = (data, absmax, table, *statistics)
             self.after = (n, blocksize, *specialized, BYTES_PER_PROGRAM)
+        self.launch = _kernel_launch(kernel, grid, options, self.device, self.before, dtype, self.after)
         self.pointers = pointers(self.before)  # the tensors in ``before`` keep them valid
 
     def __call__(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         launch = self.launch
         if launch is not None and launch.direct():
-            launch.run(*self.pointers, out.data_ptr(), *self.after)
-        elif launch is not None:
+            return self.run_with(self.pointers)
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if launch is not None:
             launch(*self.before, out, *self.after)
+        return out
+
+    def run_with(self, weight: Sequence[int]) -> torch.Tensor:
+        """The decode of the weight at ``weight``, the pointers of ``before``'s tensors, laid out
+        and aligned as they are (only when ``launch.direct()``)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.launch.run(*weight, out.data_ptr(), *self.after)
         return out
 
 

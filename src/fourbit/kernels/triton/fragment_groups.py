@@ -24,7 +24,8 @@ from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, i
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
 from .fragments import fragment_product
 from .launch import ProductLaunch, dependent_launches
-from .linear import PreparedWeight, linear_4bit
+from .linear import PreparedWeight
+from .op_entry import linear_4bit
 
 __all__ = ["MAX_WEIGHTS", "GroupLaunch", "group_launch", "linear_4bit_group"]
 

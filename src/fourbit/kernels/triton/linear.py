@@ -17,12 +17,12 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import triton
 
-from ...formats import NESTED_BLOCKSIZE, NestedStatistics
+from ...formats import NestedStatistics
 from ...layout import TILE_ROWS
 from .. import reference
 from ..derived import float16_table
@@ -30,7 +30,7 @@ from . import dispatch, fragments, wgmma
 from .common import nested_arguments
 from .dequantize import DequantizeLaunch, dequantize_4bit
 from .gemv import gemv_any_kernel, gemv_words_kernel
-from .launch import ProductLaunch, pointers
+from .launch import ProductLaunch
 from .tensor_core import decode_dot_kernel
 from .tuning import CHUNK_BYTES
 
@@ -67,71 +67,27 @@ def _gemv_tensors(words: bool, half: bool) -> Callable[[PreparedWeight], tuple]:
     return bind
 
 
-def linear_4bit(
-    A: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    shape: Sequence[int],
-    bias: torch.Tensor | None = None,
-    nested_absmax: torch.Tensor | None = None,
-    nested_code: torch.Tensor | None = None,
-    nested_offset: torch.Tensor | None = None,
-    nested_blocksize: int = NESTED_BLOCKSIZE,
-    tiled: bool = False,
-    config: Sequence | str | None = None,
+def chunked_product(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_out: int,
+    chunks: Iterable[tuple[int, int, Callable[[], torch.Tensor]]],
 ) -> torch.Tensor:
-    """Same contract as ``ops.linear_4bit`` (``tiled``: the weight is in ``fourbit.layout``'s
-    tiles); ``config`` overrides ``choose_config`` (tuning).
-
-    A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
-    (``dispatch.fragments_supported`` inputs only), ``("wgmma"[, SPLIT_K])`` Hopper's ``wgmma``
-    kernel (``dispatch.wgmma_supported`` inputs only), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
-    num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
-    only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K])`` tuple the
-    same kernel with weights scaled before the dot and SPLIT_K K splits (default 1; fewer where a
-    split would keep under 8 K tiles; ``tuning.WideConfig``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
-    tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
-    """
-    tensors = (packed, absmax, code, nested_absmax, nested_code, nested_offset)
-    if config is None:
-        captured = A.is_cuda and torch._C._cuda_isCurrentStreamCapturing()
-        inputs = PreparedWeight.input_key(A, bias, torch.are_deterministic_algorithms_enabled(), captured)
-        # everything the launch and its weight arguments follow from: a launch found by this key
-        # is right for the tensors at these addresses, whichever they are
-        key = (
-            tuple(None if tensor is None else (tensor.data_ptr(), tensor.dtype) for tensor in tensors),
-            blocksize, tuple(shape), nested_blocksize, tiled, A.device, inputs,
-        )  # fmt: skip
-        kept = _op_launches.get(key)
-        if kept is not None and kept[0].launch.direct():
-            return kept[0].launch_with(A, bias, kept[1])
-    nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
-    weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, shared_workspace=False, tiled=tiled)
-    weight.share_launches()
-    out = weight.linear(A, bias, config)
-    launch = weight.launches.get(inputs) if config is None else None
-    if isinstance(launch, ProductLaunch):
-        # kept only where the kernel reads the caller's tensors themselves: a converted copy
-        # (a code table in another dtype) would be gone by the next call
-        weight_pointers = pointers(launch.bind(weight))
-        given = {tensor.data_ptr() for tensor in tensors if tensor is not None}
-        if given.issuperset(weight_pointers):
-            if len(_op_launches) >= _MAX_OP_LAUNCHES:
-                _op_launches.clear()
-            _op_launches[key] = (launch, weight_pointers)
+    """``x @ W.T + bias`` from the decodes of W's chunks of rows: ``(start, stop, decode)`` each,
+    whose call returns rows ``start:stop`` of W; cuBLAS writes each product into its columns."""
+    out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    for start, stop, decode in chunks:
+        columns = out[:, start:stop]
+        if bias is not None:
+            torch.addmm(bias[start:stop], x, decode().t(), out=columns)
+        else:
+            torch.mm(x, decode().t(), out=columns)
     return out
 
 
 #: The op's launches, per weight layout (``PreparedWeight.layout``): the op runs once per call
 #: under torch.compile, and a launch built once serves every weight of the same layout.
 _layout_launches: dict[tuple, dict[tuple, ProductLaunch]] = {}
-#: The op's launches with their weight pointers, by the op's tensors' addresses and the input's
-#: signature (bounded: cleared when full): a call that finds one prepares nothing. They hold no
-#: tensor, so a deleted model's weights are freed.
-_op_launches: dict[tuple, tuple[ProductLaunch, tuple[int, ...]]] = {}
-_MAX_OP_LAUNCHES = 1024
 
 
 class PreparedWeight:
@@ -379,17 +335,14 @@ class PreparedWeight:
 
     def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Decode CHUNK_BYTES of weight rows at a time; cuBLAS writes each product into its columns."""
-        plan = self._chunk_plans.get(x.dtype)
+        return chunked_product(x, bias, self.n_out, self.chunk_plan(x.dtype))
+
+    def chunk_plan(self, dtype: torch.dtype) -> list[tuple[int, int, DequantizeLaunch]]:
+        """The chunked path's row ranges and the prepared decode of each into ``dtype``, built once."""
+        plan = self._chunk_plans.get(dtype)
         if plan is None:
-            plan = self._chunk_plans[x.dtype] = self._plan_chunks(x.dtype)
-        out = torch.empty((x.shape[0], self.n_out), dtype=x.dtype, device=x.device)
-        for start, stop, decode in plan:
-            columns = out[:, start:stop]
-            if bias is not None:
-                torch.addmm(bias[start:stop], x, decode().t(), out=columns)
-            else:
-                torch.mm(x, decode().t(), out=columns)
-        return out
+            plan = self._chunk_plans[dtype] = self._plan_chunks(dtype)
+        return plan
 
     def _plan_chunks(self, dtype: torch.dtype) -> list[tuple[int, int, DequantizeLaunch]]:
         """The row ranges of the chunks and the prepared decode of each into ``dtype``."""
