@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate layers grouped lean-head4 grouped-compiled train ptxas" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -111,6 +111,11 @@ for stage in $STAGES; do
         "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes lean --warmup 1 --repeats 2 \
           --libraries bf16 fourbit fourbit-grouped --quantize-lm-head $prefill 2>&1 | tee -a "$OUT/lean_head4.md"
       done ;;
+    prefill)  # where a compiled prefill's time goes (the lean loop's --compile-prefill), 8 and 1 rows; about 4 minutes
+      for batch in 8 1; do
+        "$PYTHON" benchmarks/profile_prefill.py --device cuda --layers 8 --batch $batch --quantize-lm-head \
+          --libraries bf16 fourbit fourbit-grouped --eager-first 2>&1 | tee -a "$OUT/prefill.md"
+      done ;;
     grouped-compiled)  # transformers' compiled decoding, grouped or not, in three rounds (one process's
       # rate moves by 20-30%); about 6 minutes
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
@@ -128,6 +133,6 @@ for stage in $STAGES; do
         -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, grouped-compiled, train, ptxas)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas)" >&2; exit 2 ;;
   esac
 done

@@ -119,3 +119,14 @@ def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(t
     compared = _run("triton_compiles.py", "compare", str(tmp_path / "replay.json"), str(tmp_path / "replay.json"))
     cells = _row(compared, "_permute_kernel")
     assert cells[1] == "1" and cells[2] == str(counts["instructions"]), cells
+
+
+def test_profile_prefill_prints_its_profile_and_table():
+    out = _run("profile_prefill.py", "--device", "cpu", "--layers", "1", "--batch", "1", "--prompt", "4",
+               "--repeats", "1", "--top", "3", "--libraries", "fourbit", "--eager-first")  # fmt: skip
+    assert "fourbit, one compiled prefill, by self_cpu_time_total:" in out and "fourbit::linear_4bit" in out
+    for what in ("compiled", "eager", "compiled, after eager prefills"):
+        cells = _row(out, f"fourbit | {what}")
+        quickest, median = (float(value) for value in cells[2].split(" / "))
+        assert 0 < quickest <= median, cells
+    assert _row(out, "fourbit | compiled")[3].isdigit()

@@ -1,0 +1,134 @@
+"""Where a compiled prefill's time goes: bf16 against fourbit, one process each library in turn.
+
+    python benchmarks/profile_prefill.py --device cuda --layers 8 --batch 8 --libraries bf16 fourbit
+    python benchmarks/profile_prefill.py --device cpu --layers 1 --batch 1 --prompt 4
+
+The model is ``bench_generate.py``'s (transformers' Llama, random weights, the same quantization).
+Its prefill is compiled as the lean loop's ``--compile-prefill`` compiles it (static cache, the
+last position's logits, ``torch.compile(fullgraph=True, dynamic=False)``, no CUDA graph, so each
+4-bit product calls the op's entry), then timed, eagerly too, and with ``--eager-first`` timed
+again after eager ones. Prints ``torch.profiler``'s operators by self CPU and self device time for
+one compiled prefill of each library, then a table: the times (ms, quickest and median) and the
+``PreparedWeight`` objects one compiled prefill builds (0 when the op's entry finds every launch
+it keeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_generate import _grouping_options, _sync, add_model_arguments, library_model, model_settings
+
+
+def timed_ms(fn, repeats: int, device: torch.device, reset) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn``, ``reset()`` before each."""
+    times = []
+    for _ in range(repeats):
+        reset()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def prepared_weights_built(fn) -> int:
+    """How many Triton ``PreparedWeight`` objects one call of ``fn`` builds (0 without Triton)."""
+    try:
+        from fourbit.kernels.triton import PreparedWeight
+    except ImportError:
+        return 0
+    built = []
+    original = PreparedWeight.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    PreparedWeight.__init__ = counted
+    try:
+        fn()
+    finally:
+        PreparedWeight.__init__ = original
+    return len(built)
+
+
+def profile_library(name: str, args, device: torch.device, layers: int, shapes: dict) -> list[str]:
+    """Compile, time and profile one library's prefill, printing the profile; its table rows."""
+    from transformers import StaticCache
+
+    model = library_model(name, layers, device, shapes, lm_head=args.quantize_lm_head)
+    if model is None:
+        return []
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt + 1)
+
+    def prefill(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        logits = model(tokens, past_key_values=cache, cache_position=positions, use_cache=True,
+                       logits_to_keep=1).logits  # fmt: skip
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    options = _grouping_options() if name == "fourbit-grouped" else None
+    compiled = torch.compile(prefill, fullgraph=True, dynamic=False, options=options)
+    torch.manual_seed(1)
+    tokens = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), device=device)
+    positions = torch.arange(args.prompt, device=device)
+
+    def describe(times: list[float]) -> str:
+        return f"{min(times):.2f} / {statistics.median(times):.2f}"
+
+    with torch.no_grad():
+        for _ in range(3):  # compiles, and recompiles once the cache has been reset
+            cache.reset()
+            compiled(tokens, positions)
+        rows = [("compiled", timed_ms(lambda: compiled(tokens, positions), args.repeats, device, cache.reset))]
+        timed_ms(lambda: prefill(tokens, positions), 1, device, cache.reset)  # eager warm-up
+        rows.append(("eager", timed_ms(lambda: prefill(tokens, positions), args.repeats, device, cache.reset)))
+        if args.eager_first:
+            again = timed_ms(lambda: compiled(tokens, positions), args.repeats, device, cache.reset)
+            rows.append(("compiled, after eager prefills", again))
+        cache.reset()
+        built = prepared_weights_built(lambda: compiled(tokens, positions))
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        cache.reset()
+        with torch.profiler.profile(activities=activities) as trace:
+            compiled(tokens, positions)
+            _sync(device)
+    averages = trace.key_averages()
+    sorts = ["self_cpu_time_total"] + (["self_device_time_total"] if device.type == "cuda" else [])
+    for sort in sorts:
+        print(f"{name}, one compiled prefill, by {sort}:")
+        print(averages.table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+    return [f"| {name} | {what} | {describe(times)} | {built if what == 'compiled' else ''} |" for what, times in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15, help="operators in each profile table")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="the output projection in 4 bits too")
+    parser.add_argument("--eager-first", action="store_true", help="time the compiled prefill again after eager ones")
+    parser.set_defaults(libraries=["bf16", "fourbit"])
+    args = parser.parse_args()
+    device, layers, shapes = model_settings(args)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows = []
+    for name in args.libraries:
+        rows += profile_library(name, args, device, layers, shapes)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"# prefill: {layers} layers, {args.batch}x{args.prompt} tokens; {where}, torch {torch.__version__}\n")
+    print("| library | prefill | ms, quickest / median | PreparedWeight built a call |\n|---|---|---|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
