@@ -122,11 +122,12 @@ def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(t
 
 
 def test_profile_prefill_prints_its_profile_and_table():
-    out = _run("profile_prefill.py", "--device", "cpu", "--layers", "1", "--batch", "1", "--prompt", "4",
-               "--repeats", "1", "--top", "3", "--libraries", "fourbit", "--eager-first")  # fmt: skip
+    out = _run("profile_prefill.py", "--device", "cpu", "--layers", "1", "--batch", "1", "--prompt", "4", "--repeats",
+               "1", "--top", "3", "--libraries", "fourbit", "--eager-first", "--python-profile")  # fmt: skip
     assert "fourbit, one compiled prefill, by self_cpu_time_total:" in out and "fourbit::linear_4bit" in out
+    assert "fourbit, 1 eager prefills, Python functions:" in out and "ncalls  tottime" in out  # cProfile's table
     for what in ("compiled", "eager", "compiled, after eager prefills"):
         cells = _row(out, f"fourbit | {what}")
         quickest, median = (float(value) for value in cells[2].split(" / "))
-        assert 0 < quickest <= median, cells
-    assert _row(out, "fourbit | compiled")[3].isdigit()
+        assert 0 < quickest <= median and 0 < float(cells[3]) <= median, cells
+    assert _row(out, "fourbit | compiled")[4].isdigit()

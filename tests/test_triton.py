@@ -336,6 +336,43 @@ def test_derived_tables_are_shared_by_views_of_one_code_and_dropped_with_its_mem
     assert torch.equal(derived(buffer[:16], "test-views", build), code_table("fp4") * 2) and len(builds) == 4
 
 
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``tensor``'s memory with no base and a version counter of its own, as
+    inductor passes a graph input's view in every call."""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride()
+    )
+
+
+def test_derived_tables_are_found_through_fresh_aliases_and_follow_the_owner():
+    """A compiled graph passes the code as a new alias in every call: each finds the table (not
+    built again on every call), and an in-place change made through the first owner still
+    rebuilds it, also when the entry was first built from an alias."""
+    from fourbit.kernels.derived import derived
+
+    builds = []
+
+    def build(code):
+        builds.append(code)
+        return code * 2
+
+    buffer = torch.cat([code_table("nf4"), code_table("fp4")])
+    code = buffer[16:]
+    first = derived(code, "test-alias", build)
+    assert _alias(code)._base is None
+    assert all(derived(_alias(code), "test-alias", build) is first for _ in range(3)) and len(builds) == 1
+    fresh = _alias(code)._version
+    buffer.mul_(-1.0)  # through the owner, invisible to a new alias's own version counter
+    assert _alias(code)._version == fresh
+    assert torch.equal(derived(_alias(code), "test-alias", build), -code_table("fp4") * 2) and len(builds) == 2
+    assert derived(_alias(code), "test-alias", build) is derived(code, "test-alias", build) and len(builds) == 2
+
+    other = code_table("nf4")
+    table = derived(_alias(other), "test-alias", build)  # the alias that built it is gone now
+    assert derived(_alias(other), "test-alias", build) is table and derived(other, "test-alias", build) is table
+    assert len(builds) == 3
+
+
 def test_derived_tables_of_many_live_codes_are_all_kept_and_freed_ones_dropped():
     """A model has one code table per layer: past the first limit every live one keeps its
     tables, while those of freed code tables are dropped when the cache fills."""
@@ -394,19 +431,32 @@ def test_cuda_tables_are_built_on_a_helper_thread_on_the_callers_stream():
         derived(code, "test-error", refuse)
 
 
+def test_kept_memory_is_made_in_place_on_the_cpu_and_on_the_helper_thread():
+    """Only CUDA allocations move to the helper thread; elsewhere ``make`` runs where it is called
+    (and the helper's own nested requests run in place instead of waiting on themselves)."""
+    from fourbit.kernels import kept_memory
+
+    assert kept_memory.kept_on_device(torch.device("cpu"), threading.current_thread) is threading.current_thread()
+    nested = kept_memory._helper().submit(
+        lambda: kept_memory.kept_on_device(torch.device("cuda", 0), threading.current_thread)
+    )
+    helper = nested.result(timeout=30)
+    assert helper is not threading.current_thread() and helper.name.startswith(kept_memory._HELPER_NAME)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_starts_a_table_helper_of_its_own():
     """The helper thread that builds CUDA tables does not survive a fork: a child that used the
     parent's executor would wait forever on a thread it does not have."""
-    from fourbit.kernels import derived
+    from fourbit.kernels import kept_memory
 
-    parent = derived._helper()
+    parent = kept_memory._helper()
     assert parent.submit(lambda: 7).result() == 7
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running the parent's teardown
         try:
-            helper = derived._helper()
+            helper = kept_memory._helper()
             ok = helper is not parent and helper.submit(lambda: 7).result(timeout=30) == 7
         except BaseException:
             ok = False

@@ -221,8 +221,7 @@ def linear_4bit_group(
 
         def weight(i: int) -> PreparedWeight:
             statistics = NestedStatistics.of(nested_absmax[i], nested_code[i], nested_offset[i], nested_blocksize)
-            return PreparedWeight(packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), statistics,
-                                  shared_workspace=False, tiled=tiled)  # fmt: skip
+            return PreparedWeight(packed[i], absmax[i], code[i], blocksize, (n_outs[i], k), statistics, tiled=tiled)
 
         launch = _group_launches.get(key)
         if launch is not None:

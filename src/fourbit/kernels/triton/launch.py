@@ -29,6 +29,7 @@ try:
 except ImportError:  # Triton before 3.4 keeps the launch hooks on CompiledKernel
     knobs = None
 
+from ..kept_memory import kept_on_device
 from .common import COMPILE_OPTIONS, INTERPRETED
 
 
@@ -56,7 +57,9 @@ def split_buffers(device: torch.device, values: int, tiles: int) -> tuple[torch.
     if buffers is None or buffers[0].numel() < values or buffers[1].numel() < tiles:
         values = max(values, buffers[0].numel() if buffers else 0)
         tiles = max(tiles, buffers[1].numel() if buffers else 0)
-        buffers = _workspaces[key] = _zeroed(device, values, tiles)
+        # allocated off the calling thread: inside torch.compile's CUDA graph trees, a kept
+        # allocation would sit in their memory pool untracked
+        buffers = _workspaces[key] = kept_on_device(device, lambda: _zeroed(device, values, tiles))
     return buffers
 
 
@@ -277,10 +280,6 @@ class ProductLaunch:
         self.prepare_input = prepare_input
         self.out_shape = tuple(out_shape) if out_shape is not None else (rows, columns)
         self._workspace: tuple | None = None
-        #: Whether split-K launches take the workspace shared per device and stream; otherwise
-        #: each takes a fresh zeroed one (inside torch.compile's CUDA graph trees, a kept
-        #: allocation would sit in their memory pool untracked).
-        self.shared = False
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, before: tuple | None = None) -> torch.Tensor:
         if self.launch.direct():
@@ -312,8 +311,6 @@ class ProductLaunch:
 
     def _split_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The zeroed workspace and counters, kept for the last stream this launch ran on."""
-        if not self.shared:
-            return _zeroed(self.device, self.rows * self.columns, self.tiles)
         cuda = self.device.type == "cuda"
         stream = torch._C._cuda_getCurrentRawStream(self.device.index) if cuda else 0
         kept = not (cuda and torch._C._cuda_isCurrentStreamCapturing())

@@ -96,9 +96,8 @@ class PreparedWeight:
     Keeps the views of the packed bytes, the float tables and the statistics each kernel takes,
     and one ``ProductLaunch`` per input signature, so that a repeated product costs an output
     allocation and a launch. The tensors are the caller's, not copies: whoever keeps a prepared
-    weight rebuilds it when the weight's tensors are replaced. ``shared_workspace`` lets split-K
-    launches use the zeroed workspace kept per device and stream (``launch.split_buffers``); the
-    op, which may run inside torch.compile's CUDA graph trees, takes a fresh one per call.
+    weight rebuilds it when the weight's tensors are replaced. Split-K launches use the zeroed
+    workspace kept per device and stream (``launch.split_buffers``).
     """
 
     #: Input signatures kept per weight (prefill lengths vary; decoding repeats a few).
@@ -112,12 +111,10 @@ class PreparedWeight:
         blocksize: int,
         shape: Sequence[int],
         nested: NestedStatistics | None = None,
-        shared_workspace: bool = True,
         tiled: bool = False,
     ) -> None:
         self.packed = packed
         self.tiled = tiled
-        self.shared_workspace = shared_workspace
         self.absmax = absmax
         self.code = code.float()
         self.blocksize = blocksize
@@ -208,7 +205,6 @@ class PreparedWeight:
         """Give a fresh ``launch`` its output shape and input copy for inputs like ``A`` (whose
         rows are ``x``); the weight's tensors to pass to its calls when launches are shared."""
         launch.out_shape = (*A.shape[:-1], self.n_out)
-        launch.shared = self.shared_workspace
         if x.data_ptr() != A.data_ptr():  # the rows are a copy: every call makes it
             launch.prepare_input = _after(_flatten_rows(self.k), launch.prepare_input)
         if not self._shared:

@@ -122,7 +122,7 @@ def linear_4bit(
         if isinstance(kept, tuple) and kept[0].launch.direct():
             return kept[0].launch_with(A, bias, kept[1])
     nested = NestedStatistics.of(nested_absmax, nested_code, nested_offset, nested_blocksize)
-    weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, shared_workspace=False, tiled=tiled)
+    weight = PreparedWeight(packed, absmax, code, blocksize, shape, nested, tiled=tiled)
     weight.share_launches()
     out = weight.linear(A, bias, config)
     launch = weight.launches.get(inputs) if config is None else None
