@@ -20,24 +20,27 @@ import cProfile
 import io
 import pstats
 import statistics
+import threading
 import time
 
 import torch
 from bench_generate import _grouping_options, _sync, add_model_arguments, library_model, model_settings
 
 
-def timed_ms(fn, repeats: int, device: torch.device, reset) -> list[tuple[float, float]]:
+def timed_ms(fn, repeats: int, device: torch.device, reset) -> list[tuple[float, float, float]]:
     """Milliseconds of each of ``repeats`` calls of ``fn``, ``reset()`` before each: until it
-    returns (host) and until the device is done (wall)."""
+    returns (host), until the device is done (wall), and the process's CPU time over that wall
+    time (above 1: other threads of the process were busy meanwhile)."""
     times = []
     for _ in range(repeats):
         reset()
         _sync(device)
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         fn()
         host = time.perf_counter()
         _sync(device)
-        times.append((1e3 * (host - start), 1e3 * (time.perf_counter() - start)))
+        wall = time.perf_counter() - start
+        times.append((1e3 * (host - start), 1e3 * wall, (time.process_time() - cpu) / wall))
     return times
 
 
@@ -101,9 +104,10 @@ def profile_library(name: str, args, device: torch.device, layers: int, shapes: 
     tokens = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), device=device)
     positions = torch.arange(args.prompt, device=device)
 
-    def describe(times: list[tuple[float, float]]) -> str:
-        host, wall = zip(*times, strict=True)
-        return f"{min(wall):.2f} / {statistics.median(wall):.2f} | {statistics.median(host):.2f}"
+    def describe(times: list[tuple[float, float, float]]) -> str:
+        host, wall, busy = zip(*times, strict=True)
+        median = statistics.median
+        return f"{min(wall):.2f} / {median(wall):.2f} | {median(host):.2f} | {median(busy):.2f}"
 
     with torch.no_grad():
         for _ in range(3):  # compiles, and recompiles once the cache has been reset
@@ -156,8 +160,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"# prefill: {layers} layers, {args.batch}x{args.prompt} tokens; {where}, torch {torch.__version__}\n")
-    print("| library | prefill | ms, quickest / median | host ms, median | PreparedWeight built a call |")
-    print("|---|---|---|---|---:|")
+    print(f"Threads of the process at the end: {', '.join(sorted(t.name for t in threading.enumerate()))}\n")
+    print("| library | prefill | ms, quickest / median | host ms, median | process CPU / wall | PreparedWeight built |")
+    print("|---|---|---|---|---|---:|")
     print("\n".join(rows))
 
 
