@@ -189,3 +189,36 @@ def test_a_forked_child_starts_a_table_helper_of_its_own():
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
     os.close(read)
+
+
+@pytest.mark.gpu
+def test_a_compiled_graph_finds_its_decode_tables_in_every_call(monkeypatch):
+    """A compiled graph passes the code table as an alias inductor makes afresh in every call:
+    the chunked product's decode table is found in each, not built again (it was, on the helper
+    thread, in every call)."""
+    import fourbit
+    from fourbit.kernels import derived
+    from fourbit.kernels.triton import dispatch
+    from fourbit.kernels.triton.op_entry import KeptChunks, _op_launches
+
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    if dispatch.choose_config(x, 4096, 4096, 64) != "chunked":
+        pytest.skip("this GPU's tables multiply 256 rows of a 4096x4096 weight without chunks")
+    layer = fourbit.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    compiled = torch.compile(layer, fullgraph=True)
+    builds = []
+
+    def counted(device, make):
+        builds.append(device)
+        return make()
+
+    with torch.no_grad():
+        expected = layer(x)
+        for _ in range(2):
+            compiled(x)
+        assert any(isinstance(kept, KeptChunks) for kept in _op_launches.values())
+        monkeypatch.setattr(derived, "kept_on_device", counted)
+        outputs = [compiled(x) for _ in range(3)]
+    assert builds == []
+    for out in outputs:
+        torch.testing.assert_close(out, expected)
