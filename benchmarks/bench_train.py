@@ -10,7 +10,9 @@ write it. peft then adds LoRA adapters (rank 16) to every projection, as a QLoRA
 A step is the forward of a causal-LM loss over ``--batch`` sequences of ``--sequence`` random
 tokens, its backward (through the frozen 4-bit weights to the adapters) and an AdamW update of
 the adapters. Eager, as trainers run by default; ``--gradient-checkpointing`` recomputes each
-layer's forward in the backward, as memory-bound QLoRA runs do.
+layer's forward in the backward, as memory-bound QLoRA runs do; ``--compile`` compiles the
+model (``torch.compile``'s default mode: no CUDA graph, so each 4-bit product and each decode of
+the backward goes through the ops' entries).
 
 Each library runs in a process of its own when several are named. Prints the median step time,
 tokens/s and (on a GPU) the peak memory of the steps, with the ratios of fourbit to bf16 and to
@@ -50,6 +52,8 @@ def adapted_model(name: str, args, device: torch.device, layers: int, shapes: di
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if args.compile:
+        model.compile()
     return model.train()
 
 
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--dora", action="store_true", help="DoRA adapters (peft's use_dora) instead of LoRA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default mode)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -116,6 +121,7 @@ def main() -> None:
     results = run_isolated(__file__, args, run_library, device, layers, shapes, ["train"])
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     settings = (", DoRA" if args.dora else "") + (", gradient checkpointing" if args.gradient_checkpointing else "")
+    settings += ", compiled" if args.compile else ""
     settings += f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\n# QLoRA training step: {layers} layers, adapters of rank {args.rank} on every projection, "
           f"{args.sequence} tokens a sequence{settings}; {where}, torch {torch.__version__}\n")  # fmt: skip

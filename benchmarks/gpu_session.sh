@@ -120,8 +120,10 @@ for stage in $STAGES; do
       # rate moves by 20-30%); about 6 minutes
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
         --rounds 3 --libraries bf16 fourbit fourbit-grouped 2>&1 | tee "$OUT/compiled_grouped.md" ;;
-    train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries
-      "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 2>&1 | tee "$OUT/train.md" ;;
+    train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries, eager and compiled
+      for compile in "" --compile; do
+        "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 $compile 2>&1 | tee -a "$OUT/train.md"
+      done ;;
     ptxas)  # the few-row kernel's tests and timings with another ptxas (PTXAS, default the machine's
       # CUDA one: Triton 3.9 compiles Hopper kernels with a CUDA 13 ptxas), in a Triton cache of its own
       ptxas=${PTXAS:-/usr/local/cuda/bin/ptxas}

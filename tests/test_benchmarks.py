@@ -90,6 +90,14 @@ def test_bench_train_prints_its_table():
     assert NUMBER.match(cells[3]) and NUMBER.match(cells[4]), cells  # fourbit ms a step and tokens/s
 
 
+def test_bench_train_compiles_the_model_when_asked():
+    out = _run("bench_train.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--sequence", "8",
+               "--libraries", "fourbit", "--warmup", "1", "--repeats", "1", "--compile")  # fmt: skip
+    assert "16 tokens a sequence" not in out and "8 tokens a sequence, compiled;" in out
+    cells = _row(out, "1")
+    assert NUMBER.match(cells[3]) and NUMBER.match(cells[4]), cells
+
+
 def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(tmp_path):
     """``triton_compiles.py`` compiles a recorded compile (the input copy's kernel) for Hopper
     with the Triton installed, and compares two replays kernel by kernel."""
