@@ -21,6 +21,7 @@ from . import layout
 from .formats import NESTED_BLOCKSIZE, NestedStatistics, nested_op_arguments, num_blocks, packed_nbytes
 from .kernels import reference
 from .kernels.triton_support import MIN_TRITON, triton_enabled, triton_version
+from .ops_autograd import linear_4bit_autograd, register_direct_kernel, save_for_backward, saved_tensors
 
 __all__ = [
     "PreparedLinear",
@@ -116,8 +117,8 @@ def _(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtyp
 
 #: ``fourbit::linear_4bit`` runs once per projection and token, so it is defined through a plain
 #: ``torch.library.Library`` rather than ``custom_op``, whose wrapper layers cost about a third of
-#: the dispatch (20 us against 14 on a 2-core CPU, gradient formula registered in both). Same
-#: schema, fake, gradient and per-device kernels.
+#: the dispatch (20 us against 14 on a 2-core CPU, gradient formula registered in both), with an
+#: Autograd kernel of its own (``ops_autograd``) rather than ``register_autograd``'s.
 _LIBRARY = torch.library.Library("fourbit", "FRAGMENT")
 _LIBRARY.define(
     "linear_4bit(Tensor A, Tensor packed, Tensor absmax, Tensor code, SymInt blocksize, SymInt[] shape, "
@@ -173,58 +174,7 @@ def _(
 linear_4bit = torch.ops.fourbit.linear_4bit
 
 
-def _save_for_backward(ctx: Any, *tensors: Optional[Tensor]) -> None:
-    """Saves the weight's tensors for the backward. Inference tensors (a weight quantized or loaded
-    under ``torch.inference_mode``) cannot be saved; they cannot change outside inference mode
-    either, so they are kept on ``ctx`` without autograd's version check, as bitsandbytes keeps its
-    weight."""
-    if any(tensor is not None and tensor.is_inference() for tensor in tensors):
-        ctx.kept_tensors = tensors
-    else:
-        ctx.save_for_backward(*tensors)
-
-
-def _saved_tensors(ctx: Any) -> tuple[Optional[Tensor], ...]:
-    """What ``_save_for_backward`` kept."""
-    kept = getattr(ctx, "kept_tensors", None)
-    return kept if kept is not None else ctx.saved_tensors
-
-
-def _linear_4bit_setup_context(ctx, inputs, output) -> None:
-    _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset = inputs[:10]
-    nested_blocksize, tiled = inputs[10:]
-    _save_for_backward(ctx, packed, absmax, code, nested_absmax, nested_code, nested_offset)
-    ctx.blocksize, ctx.shape, ctx.nested_blocksize, ctx.tiled = blocksize, shape, nested_blocksize, tiled
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _linear_4bit_backward(ctx, grad: Tensor):
-    """Gradients for A (grad @ W, W dequantized in grad's dtype) and bias; none for the packed weight."""
-    packed, absmax, code, nested_absmax, nested_code, nested_offset = _saved_tensors(ctx)
-    grad_A = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        weight = dequantize_4bit(
-            packed,
-            absmax,
-            code,
-            ctx.blocksize,
-            ctx.shape,
-            grad.dtype,
-            nested_absmax,
-            nested_code,
-            nested_offset,
-            ctx.nested_blocksize,
-            ctx.tiled,
-        )
-        grad_A = grad @ weight
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fourbit::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup_context, lib=_LIBRARY
-)
+_LIBRARY.impl("linear_4bit", linear_4bit_autograd, "Autograd", with_keyset=True)
 
 
 #: Per device type, the class that prepares one weight's product for that device's kernels
@@ -294,12 +244,12 @@ class _PreparedProduct(torch.autograd.Function):
         ctx.prepared = prepared
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.pointer = prepared.packed.data_ptr()
-        _save_for_backward(ctx, prepared.packed)  # as the op saves it: autograd checks its version
+        save_for_backward(ctx, prepared.packed)  # as the op saves it: autograd checks its version
         return _recorded("fourbit::linear_4bit", prepared.kernel.linear, A, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
-        (packed,) = _saved_tensors(ctx)
+        (packed,) = saved_tensors(ctx)
         grad_A = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad has A's dtype
             prepared = ctx.prepared
@@ -433,6 +383,7 @@ def _register_triton_kernels() -> None:
     _register("quantize_blockwise", "cuda", triton_kernels.quantize_blockwise)
     _register("dequantize_4bit", "cuda", triton_kernels.dequantize_4bit)
     _LIBRARY.impl("linear_4bit", triton_kernels.linear_4bit, "CUDA")
+    register_direct_kernel(torch._C.DispatchKey.CUDA, triton_kernels.linear_4bit)
 
 
 def _register_cpu_kernels() -> None:
@@ -443,7 +394,9 @@ def _register_cpu_kernels() -> None:
     _prepared_kernels["cpu"] = cpu.prepare
     _register("quantize_4bit", "cpu", cpu.quantize_4bit)
     _register("dequantize_4bit", "cpu", layout.decoding_tiles_too(cpu.dequantize_4bit))
-    _LIBRARY.impl("linear_4bit", layout.multiplying_tiles_too(cpu.linear_4bit), "CPU")
+    product = layout.multiplying_tiles_too(cpu.linear_4bit)
+    _LIBRARY.impl("linear_4bit", product, "CPU")
+    register_direct_kernel(torch._C.DispatchKey.CPU, product)
 
 
 _register_cpu_kernels()
