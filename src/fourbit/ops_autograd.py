@@ -67,12 +67,10 @@ class _Linear4bit(torch.autograd.Function):
         *args, keyset = arguments
         with torch._C._AutoDispatchBelowAutograd():
             out = torch.ops.fourbit.linear_4bit.default.redispatch(keyset & _AFTER_AUTOGRAD, *args)
-        _, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, *rest = (
-            *args,
-            *_DEFAULTS[len(args) - _REQUIRED :],
-        )
+        (_, packed, absmax, code, blocksize, shape, bias, nested_absmax, nested_code, nested_offset,
+         nested_blocksize, tiled) = (*args, *_DEFAULTS[len(args) - _REQUIRED :])  # fmt: skip
         save_for_backward(ctx, packed, absmax, code, nested_absmax, nested_code, nested_offset)
-        ctx.blocksize, ctx.shape, (ctx.nested_blocksize, ctx.tiled) = blocksize, shape, rest
+        ctx.blocksize, ctx.shape, ctx.nested_blocksize, ctx.tiled = blocksize, shape, nested_blocksize, tiled
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.arguments = len(args)
         return out
