@@ -111,10 +111,11 @@ for stage in $STAGES; do
         "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes lean --warmup 1 --repeats 2 \
           --libraries bf16 fourbit fourbit-grouped --quantize-lm-head $prefill 2>&1 | tee -a "$OUT/lean_head4.md"
       done ;;
-    prefill)  # where a compiled prefill's time goes (the lean loop's --compile-prefill), 8 and 1 rows; about 4 minutes
+    prefill)  # where a compiled prefill's time goes (the lean loop's --compile-prefill), 8 and 1 rows, with
+      # cProfile's view (torch.profiler sends the op's launches through Triton's JIT); about 5 minutes
       for batch in 8 1; do
         "$PYTHON" benchmarks/profile_prefill.py --device cuda --layers 8 --batch $batch --quantize-lm-head \
-          --libraries bf16 fourbit fourbit-grouped --eager-first 2>&1 | tee -a "$OUT/prefill.md"
+          --libraries bf16 fourbit fourbit-grouped --eager-first --python-profile --top 25 2>&1 | tee -a "$OUT/prefill.md"
       done ;;
     grouped-compiled)  # transformers' compiled decoding, grouped or not, in three rounds (one process's
       # rate moves by 20-30%); about 6 minutes
