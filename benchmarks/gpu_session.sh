@@ -113,6 +113,7 @@ for stage in $STAGES; do
       done ;;
     prefill)  # where a compiled prefill's time goes (the lean loop's --compile-prefill), 8 and 1 rows, with
       # cProfile's view (torch.profiler sends the op's launches through Triton's JIT); about 5 minutes
+      "$PYTHON" benchmarks/launch_probe.py --device cuda 2>&1 | tee "$OUT/prefill.md"
       for batch in 8 1; do
         "$PYTHON" benchmarks/profile_prefill.py --device cuda --layers 8 --batch $batch --quantize-lm-head \
           --libraries bf16 fourbit fourbit-grouped --eager-first --python-profile --top 25 2>&1 | tee -a "$OUT/prefill.md"

@@ -83,6 +83,13 @@ def test_bench_layers_refuses_the_grouped_launch_off_cuda():
     assert result.returncode == 2 and "needs --device cuda" in result.stderr
 
 
+def test_launch_probe_times_a_launch_after_each_step():
+    out = _run("launch_probe.py", "--device", "cpu", "--size", "256", "--launches", "200")
+    for step in ("torch only", "fourbit imported", "an eager product of 1 row", "a compiled product of 32 rows"):
+        host, wall = (float(cell) for cell in _row(out, step)[1:3])
+        assert 0 < host <= wall, (step, host, wall)
+
+
 def test_bench_train_prints_its_table():
     out = _run("bench_train.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--sequence", "8",
                "--libraries", "fourbit", "--warmup", "0", "--repeats", "1")  # fmt: skip
