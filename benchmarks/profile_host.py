@@ -3,7 +3,9 @@
     python benchmarks/profile_host.py --shapes 4096x4096 4096x14336 --rows 1 [--profile]
 
 The op row is ``torch.ops.fourbit.linear_4bit`` with the same weight: what a compiled graph
-calls without CUDA graphs. Host time per call is the time to issue a burst of calls, measured
+calls without CUDA graphs; ``--register-autograd`` adds a copy of the op whose gradient is
+registered through ``torch.library.register_autograd``, as fourbit's was before its own Autograd
+kernel (``ops_autograd``). Host time per call is the time to issue a burst of calls, measured
 before synchronizing (the GPU is still busy then, so this is what the host spends, not the
 kernels): the quickest of ``--rounds`` bursts, the calls taking turns. Wall time per call
 includes the final synchronization. ``--profile`` prints cProfile's heaviest functions of
@@ -80,6 +82,27 @@ def op_call(module: fourbit.nn.Linear4bit, x: torch.Tensor):
                    **arguments)  # fmt: skip
 
 
+def register_autograd_copy():
+    """A copy of ``fourbit::linear_4bit`` (same schema and per-backend kernels) whose gradient
+    goes through ``torch.library.register_autograd``: the op as it was registered before its own
+    Autograd kernel (``ops_autograd``), kept to measure the difference."""
+    from fourbit import ops_autograd
+
+    library = torch.library.Library("fourbit_profile", "DEF")
+    library.define("linear_4bit(" + str(torch.ops.fourbit.linear_4bit.default._schema).split("(", 1)[1])
+    for backend in (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA):
+        kernel = ops_autograd._direct_kernels.get(torch._C.DispatchKeySet(backend).raw_repr())
+        if kernel is not None:
+            library.impl("linear_4bit", kernel, backend.name)
+
+    def backward(ctx, grad):
+        raise RuntimeError("the profiling copy of the op has no gradient")
+
+    torch.library.register_autograd("fourbit_profile::linear_4bit", backward, lib=library)
+    register_autograd_copy.library = library  # the registrations live as long as the library object
+    return torch.ops.fourbit_profile.linear_4bit
+
+
 def with_captured_tables(module: fourbit.nn.Linear4bit, x: torch.Tensor):
     """``module``'s call on ``x`` with the launch it keeps for such inputs chosen by the tables of
     products recorded into CUDA graphs (``tuning.KernelTables.captured``: on an H200 these copy
@@ -110,7 +133,13 @@ def main() -> None:
         help="a row for fourbit's call with the launch the tables of CUDA graph captures choose (on an H200: "
         "inputs copied into fragment order at 5-16 rows of large weights, a second kernel)",
     )
+    parser.add_argument(
+        "--register-autograd",
+        action="store_true",
+        help="a row for a copy of the op registered through torch.library.register_autograd (as it was before)",
+    )
     args = parser.parse_args()
+    copy = register_autograd_copy() if args.register_autograd else None
     print(f"# host time per eager call, us: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| shape | rows | call | host us | wall us | kernels | host vs F.linear |")
     print("|---|---:|---|---:|---:|---:|---:|")
@@ -127,6 +156,9 @@ def main() -> None:
             cases = {"F.linear": partial(F.linear, x, weight)}
             cases.update({name: partial(module, x) for name, module in modules.items() if name != "captured"})
             cases["fourbit op (compiled graphs' call)"] = op_call(modules["fourbit Linear4bit"], x)
+            if copy is not None:
+                call = op_call(modules["fourbit Linear4bit"], x)
+                cases["the op through register_autograd"] = partial(copy, *call.args, **call.keywords)
             if args.captured_tables:
                 cases["fourbit Linear4bit, captured tables"] = with_captured_tables(modules["captured"], x)
             with torch.no_grad():

@@ -83,6 +83,26 @@ def test_bench_layers_refuses_the_grouped_launch_off_cuda():
     assert result.returncode == 2 and "needs --device cuda" in result.stderr
 
 
+def test_profile_host_keeps_a_copy_of_the_op_registered_through_register_autograd(monkeypatch):
+    """``profile_host.py --register-autograd``'s copy computes what the op computes, and its
+    gradient goes through torch's registration (the copy's own backward)."""
+    import torch
+
+    import fourbit.functional as F4
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_host
+
+    copy = profile_host.register_autograd_copy()
+    packed, state = F4.quantize_4bit(torch.randn(48, 96), quant_type="nf4", blocksize=64)
+    A = torch.randn(3, 96, requires_grad=True)
+    arguments = (packed, state.absmax, state.code, 64, [48, 96])
+    out = copy(A, *arguments)
+    assert torch.equal(out, torch.ops.fourbit.linear_4bit(A, *arguments))
+    with pytest.raises(RuntimeError, match="profiling copy of the op has no gradient"):
+        out.sum().backward()
+
+
 def test_launch_probe_times_a_launch_after_each_step():
     out = _run("launch_probe.py", "--device", "cpu", "--size", "256", "--launches", "200")
     for step in ("torch only", "fourbit imported", "an eager product of 1 row", "a compiled product of 32 rows"):
