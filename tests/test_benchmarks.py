@@ -158,7 +158,8 @@ def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(t
 
 def test_profile_prefill_prints_its_profile_and_table():
     out = _run("profile_prefill.py", "--device", "cpu", "--layers", "1", "--batch", "1", "--prompt", "4", "--repeats",
-               "1", "--top", "3", "--libraries", "fourbit", "--eager-first", "--python-profile")  # fmt: skip
+               "1", "--top", "40", "--libraries", "fourbit", "--eager-first", "--python-profile")  # fmt: skip
+    # every operator's row is printed (about 20), so the op's row is there however the host's load orders them
     assert "fourbit, one compiled prefill, by self_cpu_time_total:" in out and "fourbit::linear_4bit" in out
     assert "fourbit, 1 eager prefills, Python functions:" in out and "ncalls  tottime" in out  # cProfile's table
     for what in ("compiled", "eager", "compiled, after eager prefills"):
