@@ -4,7 +4,7 @@
     python benchmarks/launch_probe.py --device cpu --size 256
 
 A process that runs fourbit's products was seen to run every other torch operator 2-3x slower on
-the host than a bf16 process does (docs/performance.md, thirty-sixth session). This times one
+the host than a bf16 process does (docs/performance.md, the compiled prefill). This times one
 cheap operator (an in-place add on a small tensor, ``--launches`` times, the device idle before)
 after each step a model's life takes: importing fourbit, quantizing weights, an eager product of
 many rows and of one row (Hopper's programmatic dependent launch), a compiled product, many eager
