@@ -39,8 +39,8 @@ def test_the_fast_path_changes_nothing_the_user_can_read():
     "rows", [cpu.fused_max_rows(BEST, torch.bfloat16) + 8, cpu.AMX_MAX_ROWS + 20, cpu.COLUMN_SLICE_ROWS + 20]
 )
 def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
-    """Rows past the fused kernels' limits (``cpu.fused_max_rows``, or 128 with AMX): transposed
-    chunk outputs below COLUMN_SLICE_ROWS, column slices from it."""
+    """Rows past the fused kernels' limits (``cpu.fused_max_rows``, or ``cpu.amx_max_rows`` with
+    AMX): transposed chunk outputs below COLUMN_SLICE_ROWS, column slices from it."""
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 1 << 21)
     calls = []
     chunked = cpu.PreparedWeight._chunked
@@ -56,7 +56,34 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
     assert out.dtype == torch.bfloat16 and out.shape == (rows, shape[0])
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
     # the chunked path ran unless the rows fit the AMX kernel
-    assert calls == ([] if native.isa() == native.AMX and rows <= cpu.AMX_MAX_ROWS else [1])
+    assert calls == ([] if native.isa() == native.AMX and rows <= cpu.amx_max_rows(shape[1], x.dtype) else [1])
+
+
+def test_the_amx_row_limit_shrinks_as_the_input_outgrows_l2():
+    """bfloat16 rows go to the tile unit while their input fits ``AMX_INPUT_BYTES`` (at least 64
+    rows, at most ``AMX_MAX_ROWS``); float32 rows keep their own limit."""
+    assert cpu.amx_max_rows(1024, torch.bfloat16) == cpu.AMX_MAX_ROWS
+    assert cpu.amx_max_rows(8192, torch.bfloat16) == cpu.AMX_INPUT_BYTES // (2 * 8192) < cpu.AMX_MAX_ROWS
+    assert cpu.amx_max_rows(1 << 20, torch.bfloat16) == 64
+    assert cpu.amx_max_rows(8192, torch.float32) == cpu.AMX_FLOAT32_MAX_ROWS
+
+
+@pytest.mark.skipif(native.isa() != native.AMX, reason="this CPU has no AMX tiles (or Linux does not grant them)")
+@pytest.mark.parametrize("rows", [64, 80])
+def test_a_long_k_leaves_the_tile_unit_past_its_input_limit(monkeypatch, rows):
+    """K of 16384 in bfloat16: 64 rows (2 MiB of input) stay on the tile unit, 80 (2.5 MiB)
+    decode chunks for the GEMM, and both give the reference's product."""
+    calls = []
+    chunked = cpu.PreparedWeight._chunked
+    monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
+    shape = (32, 16384)
+    packed, arguments = sample_weight(shape, "nf4", 64, True)
+    prepared = prepared_of(packed, 64, shape, arguments)
+    x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.bfloat16, **arguments)
+    torch.testing.assert_close(prepared.linear(x).double(), x.double() @ weight.double().t(), rtol=2e-2, atol=8e-2)
+    assert calls == ([] if rows <= cpu.amx_max_rows(shape[1], torch.bfloat16) else [1])
+    assert cpu.amx_max_rows(shape[1], torch.bfloat16) == 72
 
 
 def test_the_register_decoding_limit_follows_the_variant_and_dtype():

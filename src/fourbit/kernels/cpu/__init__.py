@@ -22,11 +22,14 @@ from .. import reference
 from . import compiled, native
 
 __all__ = [
+    "AMX_FLOAT32_MAX_ROWS",
+    "AMX_INPUT_BYTES",
     "AMX_MAX_ROWS",
     "AVX2_16_BIT_FUSED_MAX_ROWS",
     "AVX512_FUSED_MAX_ROWS",
     "FUSED_MAX_ROWS",
     "PreparedWeight",
+    "amx_max_rows",
     "dequantize_4bit",
     "fused_max_rows",
     "gemm_dtype",
@@ -49,12 +52,19 @@ AVX2_16_BIT_FUSED_MAX_ROWS = 16
 #: 1.1-2.3x faster than decode + GEMM at 16-24 rows, even or slower from 32.
 AVX512_FUSED_MAX_ROWS = 24
 #: The same for bfloat16 inputs on CPUs with AMX (``native.AMX``), whose kernel decodes each weight
-#: row once for all input rows and multiplies on the tile unit: measured faster than decode +
-#: GEMM up to 128 rows (4096x4096, 2 cores; docs/performance.md). float32 inputs take it too when
-#: ``torch.get_float32_matmul_precision()`` is "high" or "medium": each product is then three
-#: bfloat16 products of high and low parts (about 5e-6 relative error), as torch allows for its
-#: own float32 matmuls at that setting.
-AMX_MAX_ROWS = 128
+#: row once for all input rows and multiplies on the tile unit (``amx_max_rows``). float32 inputs
+#: take it too when ``torch.get_float32_matmul_precision()`` is "high" or "medium": each product
+#: is then three bfloat16 products of high and low parts (about 5e-6 relative error), as torch
+#: allows for its own float32 matmuls at that setting.
+AMX_MAX_ROWS = 256
+#: The most bytes of bfloat16 input the AMX kernel takes: every 16 weight rows read the whole
+#: input again, from L3 once it outgrows L2. Measured on 2 Intel Xeon cores (2 MB of L2 each)
+#: against decode + GEMM, bfloat16: faster on every weight from 384x384 to 4096x4096 up to 192
+#: rows; at 96 rows of K=11008 (2.0 MiB of input; 128 rows lost 3%), 128 of K=8192 (2.0 MiB;
+#: 160 lost 28%); 256 of K=4096 won 8% and 256 of K=3584 lost 8% (docs/performance.md).
+AMX_INPUT_BYTES = 9 << 18
+#: float32 rows on AMX (three tile products each): the limit measured before the byte rule.
+AMX_FLOAT32_MAX_ROWS = 128
 #: Bytes of decoded weight per chunk on the many-rows path: few enough to stay in the caches, many
 #: enough that each GEMM is wide (8 MB measured 5-25% faster than 2 MB from 256 to 2048 rows of
 #: 4096x4096, bfloat16 and float32, and as fast on MiniLM-sized weights; docs/performance.md).
@@ -73,6 +83,14 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
         return dtype
     supported = getattr(torch.ops.mkldnn, probe, None)
     return dtype if supported is not None and supported() else torch.float32
+
+
+def amx_max_rows(k: int, dtype: torch.dtype) -> int:
+    """The most input rows of K ``k`` the AMX kernel takes (more go to decode + GEMM): bfloat16 as
+    many as ``AMX_INPUT_BYTES`` of input hold, from 64 to ``AMX_MAX_ROWS``."""
+    if dtype == torch.float32:
+        return min(AMX_MAX_ROWS, AMX_FLOAT32_MAX_ROWS)
+    return min(AMX_MAX_ROWS, max(64, AMX_INPUT_BYTES // (2 * max(k, 1))))
 
 
 def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
@@ -185,7 +203,7 @@ class PreparedWeight:
             elif precision == "medium":
                 dtype_code = native.F32_BF16
         amx = isa == native.AMX and A.dtype in (torch.bfloat16, torch.float32) and self._amx_shape
-        if rows > (AMX_MAX_ROWS if amx else fused_max_rows(isa, A.dtype)):
+        if rows > (amx_max_rows(self.k, A.dtype) if amx else fused_max_rows(isa, A.dtype)):
             return self._chunked(x.reshape(-1, self.k), bias).view(*shape[:-1], self.n_out)
         if not contiguous:
             x = x.contiguous()

@@ -52,19 +52,28 @@ __attribute__((target("amx-tile,amx-bf16"))) void configure_tiles(int64_t column
   _tile_loadconfig(&config);
 }
 
-// Rows [r0, r0 + columns) of x (rows past m stay zero) in tile order: per K step, the even then
-// the odd tile, each 16 rows of `columns` element pairs.
-void amx_inputs(const uint16_t* x, int64_t k, int64_t m, int64_t r0, int64_t columns, uint16_t* out) {
-  for (int64_t s = 0; s < k / STEP; ++s)
-    for (int parity = 0; parity < 2; ++parity) {
-      uint16_t* tile = out + (2 * s + parity) * AMX_ROWS * 2 * columns;
-      for (int kk = 0; kk < AMX_ROWS; ++kk)
-        for (int64_t i = 0; i < columns && r0 + i < m; ++i) {
-          const uint16_t* row = x + (r0 + i) * k + s * STEP + 4 * kk + parity;
-          tile[(kk * columns + i) * 2] = row[0];
-          tile[(kk * columns + i) * 2 + 1] = row[2];
-        }
-    }
+// K step s of rows [r0, r0 + columns) of x (rows past m are left as they are: zero) in tile order:
+// the even then the odd tile, each 16 rows of `columns` element pairs, pair kk of input row i
+// (elements 4 kk + parity and 4 kk + 2 + parity of the step) at pair kk * columns + i. A row's
+// step is split into its even and odd elements in two permutes, whose 16 pairs each are
+// scattered down a column of their tile.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void amx_inputs_step(const uint16_t* x, int64_t k,
+                                                                                   int64_t m, int64_t r0,
+                                                                                   int64_t columns, int64_t s,
+                                                                                   uint16_t* out) {
+  alignas(64) static constexpr uint16_t EVEN[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                                    32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  const __m512i even_index = _mm512_load_si512(EVEN), odd_index = _mm512_add_epi16(even_index, _mm512_set1_epi16(1));
+  const __m512i pairs = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(columns)));
+  uint16_t* even_tile = out + 2 * s * AMX_ROWS * 2 * columns;
+  uint16_t* odd_tile = even_tile + AMX_ROWS * 2 * columns;
+  for (int64_t i = 0; i < columns && r0 + i < m; ++i) {
+    const uint16_t* row = x + (r0 + i) * k + s * STEP;
+    const __m512i low = _mm512_loadu_si512(row), high = _mm512_loadu_si512(row + 32);
+    _mm512_i32scatter_epi32(even_tile + 2 * i, pairs, _mm512_permutex2var_epi16(low, even_index, high), 4);
+    _mm512_i32scatter_epi32(odd_tile + 2 * i, pairs, _mm512_permutex2var_epi16(low, odd_index, high), 4);
+  }
 }
 
 // One step of input tile SUMS - 4 (a tile number: the intrinsics take constants only).
@@ -189,9 +198,36 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void sp
   }
 }
 
+// An input tile's sums (16 weight rows x `columns` input rows, float32, a weight row per tile row)
+// plus the 16 weight rows' `biases`, to rows [row0, row0 + columns) of `out` (those below `m`),
+// columns [n0, n0 + 16), rounded as store_value rounds. One input row at a time: a column of the
+// tile gathered, 16 outputs written at once; element by element, the stores of 16 weight rows
+// went n_out elements apart, which a power-of-two n_out sends to one L1 set (4096x4096 at 64
+// rows spent 40% of its time there).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline void store_sums(
+    const float* sums, __m512 biases, int64_t row0, int64_t columns, int64_t m, int64_t n0, int64_t n_out, void* out,
+    int32_t dtype) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  for (int64_t i = 0; i < columns && row0 + i < m; ++i) {
+    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, sums + i, 4), biases);
+    const int64_t at = (row0 + i) * n_out + n0;
+    if (dtype == F32) {
+      _mm512_storeu_ps(static_cast<float*>(out) + at, v);
+      continue;
+    }
+    // to_bf16: round to nearest even, NaN as 0xFFFF
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + at), _mm512_cvtepi32_epi16(rounded));
+  }
+}
+
 // The product for weight rows [0, groups * 16) (the caller does the rest); `dtype` BF16, or F32
 // (products split in bfloat16 pairs).
-__attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, int64_t n_out, int64_t groups, int64_t k,
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq"))) void linear_amx(const Weight& w, int64_t n_out, int64_t groups, int64_t k,
                                                              const void* x, int64_t m, const void* bias, void* out,
                                                              int32_t dtype, int32_t threads) {
   const int64_t columns = m < AMX_ROWS ? m : AMX_ROWS, input_tiles = (m + AMX_ROWS - 1) / AMX_ROWS;
@@ -206,9 +242,12 @@ __attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, in
     std::memset(inputs.data(), 0, inputs.size() * sizeof(uint16_t));
     std::memset(low_inputs.data(), 0, low_inputs.size() * sizeof(uint16_t));
   }
-  for (int64_t t = 0; t < input_tiles; ++t) {
-    amx_inputs(x16, k, m, t * AMX_ROWS, columns, inputs.data() + per_input * t);
-    if (split) amx_inputs(low_x.data(), k, m, t * AMX_ROWS, columns, low_inputs.data() + per_input * t);
+  const int64_t steps = k / STEP;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && m * k >= (int64_t(1) << 16))
+  for (int64_t job = 0; job < input_tiles * steps; ++job) {
+    const int64_t t = job / steps, s = job % steps;
+    amx_inputs_step(x16, k, m, t * AMX_ROWS, columns, s, inputs.data() + per_input * t);
+    if (split) amx_inputs_step(low_x.data(), k, m, t * AMX_ROWS, columns, s, low_inputs.data() + per_input * t);
   }
   const int64_t blocks = k / w.blocksize;
 #pragma omp parallel num_threads(threads) if (threads > 1 && groups > 1)
@@ -221,17 +260,16 @@ __attribute__((target("amx-tile,amx-bf16"))) void linear_amx(const Weight& w, in
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t n0 = g * AMX_ROWS;
       for (int r = 0; r < AMX_ROWS; ++r) block_scales_avx512(w, (n0 + r) * blocks, blocks, scales.data() + r * blocks);
+      alignas(64) float group_bias[AMX_ROWS];
+      for (int r = 0; r < AMX_ROWS; ++r) group_bias[r] = bias ? load_value(bias, n0 + r, dtype) : 0.0f;
+      const __m512 biases = _mm512_load_ps(group_bias);
       for (int64_t t0 = 0; t0 < input_tiles; t0 += TILES_PER_PASS) {
         const int64_t count = input_tiles - t0 < TILES_PER_PASS ? input_tiles - t0 : TILES_PER_PASS;
         const uint8_t* next = t0 == 0 && g + 1 < groups ? w.packed + (n0 + AMX_ROWS) * k / 2 : nullptr;
         amx_pass(w, n0, k, inputs.data() + per_input * t0, split ? low_inputs.data() + per_input * t0 : nullptr,
                  columns, count, scales.data(), tiles.data(), sums, next);
         for (int64_t t = 0; t < count; ++t)
-          for (int r = 0; r < AMX_ROWS; ++r) {
-            const float b = bias ? load_value(bias, n0 + r, dtype) : 0.0f;
-            for (int64_t i = 0; i < columns && (t0 + t) * AMX_ROWS + i < m; ++i)
-              store_value(out, ((t0 + t) * AMX_ROWS + i) * n_out + n0 + r, sums[t * 256 + r * 16 + i] + b, dtype);
-          }
+          store_sums(sums + t * 256, biases, (t0 + t) * AMX_ROWS, columns, m, n0, n_out, out, dtype);
       }
     }
     _tile_release();
