@@ -92,8 +92,8 @@ def test_demo_on_a_tiny_random_bert(tiny_bert, data, tmp_path):
         )
 
     result = demo.run_demo(load_model, data, tmp_path, batch_size=16, progress=False)
-    assert [row.name for row in result.rows] == ["fp32", "bf16", "NF4", "FP4", "NF4, bf16 compute"]
-    fp32, bf16, nf4, fp4, nf4_bf16 = result.rows
+    assert [row.name for row in result.rows] == ["fp32", "bf16", "NF4", "FP4", "NF4, bf16 compute", "NF4, bf16 model"]
+    fp32, bf16, nf4, fp4, nf4_bf16, nf4_bf16_model = result.rows
     assert (fp32.cosine, fp32.top1_agreement, fp32.top5_agreement, fp32.compression) == (
         pytest.approx(1.0),
         1.0,
@@ -101,7 +101,7 @@ def test_demo_on_a_tiny_random_bert(tiny_bert, data, tmp_path):
         1.0,
     )
     assert bf16.compression == pytest.approx(2.0, rel=0.01) and 0.99 < bf16.cosine <= 1.0
-    for row in (nf4, fp4, nf4_bf16):
+    for row in (nf4, fp4, nf4_bf16, nf4_bf16_model):
         assert row.weights_mb < fp32.weights_mb and row.compression > 1.2
         assert 0.8 < row.cosine < 1.0
         assert 0.0 <= row.top1_agreement <= 1.0 and 0.0 <= row.top5_agreement <= 1.0
@@ -109,6 +109,9 @@ def test_demo_on_a_tiny_random_bert(tiny_bert, data, tmp_path):
     assert nf4.cosine > fp4.cosine  # NF4 suits normally distributed weights better
     # computing in bfloat16 adds an error far below the 4-bit weights' own
     assert nf4_bf16.weights_mb == nf4.weights_mb and abs(nf4_bf16.cosine - nf4.cosine) < 0.01
+    # the whole model in bfloat16: its float parts (embeddings, norms) take half the bytes too
+    assert nf4_bf16_model.weights_mb < min(bf16.weights_mb, nf4.weights_mb)
+    assert abs(nf4_bf16_model.cosine - nf4.cosine) < 0.02
     assert result.reload_identical and result.saved == "NF4"
     table = demo.format_table(result)
     assert all(f"\n| {row.name} |" in table for row in result.rows)
@@ -124,6 +127,7 @@ def test_real_model_meets_the_bar(tmp_path):
     rows = {row.name: row for row in result.rows}
     nf4 = rows["NF4"]
     assert nf4.top1_agreement >= 0.9 and rows["NF4, bf16 compute"].top1_agreement >= 0.9
+    assert rows["NF4, bf16 model"].top1_agreement >= 0.9
     assert nf4.cosine > 0.97  # 0.975 measured; see README "Demo" for why it stays under 0.98
     assert nf4.compression > 1.6
     assert result.reload_identical

@@ -152,8 +152,9 @@ def run_demo(
 ) -> DemoResult:
     """Compare fp32 with each 4-bit type, then save the first 4-bit model and reload it.
 
-    With ``bf16``, two more rows: the model in bfloat16, and the first 4-bit type computing in
-    bfloat16 (``compute_dtype``, as QLoRA setups do; the rest of the model stays float32).
+    With ``bf16``, three more rows: the model in bfloat16; the first 4-bit type computing in
+    bfloat16 (``compute_dtype``, as QLoRA setups do; the rest of the model stays float32); and
+    the same with the whole model in bfloat16 first, the 4-bit model to set beside the bf16 one.
     ``load_model`` returns a fresh fp32 SentenceTransformer (anything with ``encode`` works).
     """
     fp32 = load_model().eval()
@@ -164,16 +165,20 @@ def run_demo(
         models.append(load_model().eval().to(torch.bfloat16))
         rows.append(score("bf16", models[-1], data, reference, fp32_bytes, batch_size)[0])
     quantized = {}
-    variants = [(quant_type, None) for quant_type in quant_types]
+    # (quant type, compute dtype, the model cast to bfloat16 first, the row's name suffix)
+    variants = [(quant_type, None, False, "") for quant_type in quant_types]
     if bf16:
-        variants.append((quant_types[0], torch.bfloat16))
-    for quant_type, compute_dtype in variants:
+        variants.append((quant_types[0], torch.bfloat16, False, ", bf16 compute"))
+        variants.append((quant_types[0], torch.bfloat16, True, ", bf16 model"))
+    for quant_type, compute_dtype, bf16_model, suffix in variants:
         model = load_model().eval()
+        if bf16_model:
+            model = model.to(torch.bfloat16)
         quantize_model(
             model, quant_type=quant_type, compress_statistics=True, blocksize=blocksize, compute_dtype=compute_dtype,
             skip=(), progress=progress,
         )  # fmt: skip
-        name = quant_type.upper() + ("" if compute_dtype is None else ", bf16 compute")
+        name = quant_type.upper() + suffix
         rows.append(score(name, model, data, reference, fp32_bytes, batch_size)[0])
         models.append(model)
         quantized.setdefault(quant_type, model)
