@@ -56,34 +56,40 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
     assert out.dtype == torch.bfloat16 and out.shape == (rows, shape[0])
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
     # the chunked path ran unless the rows fit the AMX kernel
-    assert calls == ([] if native.isa() == native.AMX and rows <= cpu.amx_max_rows(shape[1], x.dtype) else [1])
+    assert calls == ([] if native.isa() == native.AMX and rows <= cpu.amx_max_rows(*shape, x.dtype) else [1])
 
 
-def test_the_amx_row_limit_shrinks_as_the_input_outgrows_l2():
-    """bfloat16 rows go to the tile unit while their input fits ``AMX_INPUT_BYTES`` (at least 64
-    rows, at most ``AMX_MAX_ROWS``); float32 rows keep their own limit."""
-    assert cpu.amx_max_rows(1024, torch.bfloat16) == cpu.AMX_MAX_ROWS
-    assert cpu.amx_max_rows(8192, torch.bfloat16) == cpu.AMX_INPUT_BYTES // (2 * 8192) < cpu.AMX_MAX_ROWS
-    assert cpu.amx_max_rows(1 << 20, torch.bfloat16) == 64
-    assert cpu.amx_max_rows(8192, torch.float32) == cpu.AMX_FLOAT32_MAX_ROWS
+def test_the_amx_limits_follow_the_weight_and_the_input_size():
+    """bfloat16: large weights stay on the tile unit for more rows, and each call takes whole
+    tiles of rows whose input fits ``AMX_PIECE_BYTES``; float32 rows keep one limit and one call."""
+    assert cpu.amx_max_rows(1024, 1024, torch.bfloat16) == cpu.AMX_MAX_ROWS
+    assert cpu.amx_max_rows(4096, 4096, torch.bfloat16) == cpu.AMX_LARGE_WEIGHT_MAX_ROWS > cpu.AMX_MAX_ROWS
+    assert cpu.amx_max_rows(4096, 4096, torch.float32) == cpu.AMX_FLOAT32_MAX_ROWS
+    assert cpu.amx_piece_rows(4096, torch.bfloat16) == cpu.AMX_PIECE_BYTES // 8192 == 128
+    assert cpu.amx_piece_rows(11008, torch.bfloat16) == 32  # 47 rows fit: whole tiles of 16
+    assert cpu.amx_piece_rows(1 << 20, torch.bfloat16) == 16
+    assert cpu.amx_piece_rows(4096, torch.float32) == cpu.AMX_FLOAT32_MAX_ROWS
 
 
 @pytest.mark.skipif(native.isa() != native.AMX, reason="this CPU has no AMX tiles (or Linux does not grant them)")
-@pytest.mark.parametrize("rows", [64, 80])
-def test_a_long_k_leaves_the_tile_unit_past_its_input_limit(monkeypatch, rows):
-    """K of 16384 in bfloat16: 64 rows (2 MiB of input) stay on the tile unit, 80 (2.5 MiB)
-    decode chunks for the GEMM, and both give the reference's product."""
-    calls = []
-    chunked = cpu.PreparedWeight._chunked
-    monkeypatch.setattr(cpu.PreparedWeight, "_chunked", lambda self, *args: calls.append(1) or chunked(self, *args))
+@pytest.mark.parametrize("rows", [32, 80])
+def test_a_long_input_runs_on_the_tile_unit_a_piece_at_a_time(rows):
+    """K of 16384 in bfloat16: 32 rows (1 MiB of input) in one call, 80 in calls of 32, 32 and
+    16 rows, whose outputs are each piece's own product bit for bit, and the reference's."""
     shape = (32, 16384)
     packed, arguments = sample_weight(shape, "nf4", 64, True)
     prepared = prepared_of(packed, 64, shape, arguments)
+    calls, kernel = [], prepared._linear
+    prepared._linear = lambda *args: calls.append(args[4]) or kernel(*args)
     x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+    bias = torch.randn(shape[0], dtype=torch.bfloat16)
+    out = prepared.linear(x, bias)
+    assert calls == ([32] if rows == 32 else [32, 32, 16])
+    pieces = [prepared.linear(x[start : start + 32], bias) for start in range(0, rows, 32)]
+    assert torch.equal(out, torch.cat(pieces))
     weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.bfloat16, **arguments)
-    torch.testing.assert_close(prepared.linear(x).double(), x.double() @ weight.double().t(), rtol=2e-2, atol=8e-2)
-    assert calls == ([] if rows <= cpu.amx_max_rows(shape[1], torch.bfloat16) else [1])
-    assert cpu.amx_max_rows(shape[1], torch.bfloat16) == 72
+    truth = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(out.double(), truth, rtol=2e-2, atol=8e-2)
 
 
 def test_the_register_decoding_limit_follows_the_variant_and_dtype():

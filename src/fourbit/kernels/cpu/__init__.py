@@ -23,13 +23,16 @@ from . import compiled, native
 
 __all__ = [
     "AMX_FLOAT32_MAX_ROWS",
-    "AMX_INPUT_BYTES",
+    "AMX_LARGE_WEIGHT",
+    "AMX_LARGE_WEIGHT_MAX_ROWS",
     "AMX_MAX_ROWS",
+    "AMX_PIECE_BYTES",
     "AVX2_16_BIT_FUSED_MAX_ROWS",
     "AVX512_FUSED_MAX_ROWS",
     "FUSED_MAX_ROWS",
     "PreparedWeight",
     "amx_max_rows",
+    "amx_piece_rows",
     "dequantize_4bit",
     "fused_max_rows",
     "gemm_dtype",
@@ -57,13 +60,18 @@ AVX512_FUSED_MAX_ROWS = 24
 #: is then three bfloat16 products of high and low parts (about 5e-6 relative error), as torch
 #: allows for its own float32 matmuls at that setting.
 AMX_MAX_ROWS = 256
-#: The most bytes of bfloat16 input the AMX kernel takes: every 16 weight rows read the whole
-#: input again, from L3 once it outgrows L2. Measured on 2 Intel Xeon cores (2 MB of L2 each)
-#: against decode + GEMM, bfloat16: faster on every weight from 384x384 to 4096x4096 up to 192
-#: rows; at 96 rows of K=11008 (2.0 MiB of input; 128 rows lost 3%), 128 of K=8192 (2.0 MiB;
-#: 160 lost 28%); 256 of K=4096 won 8% and 256 of K=3584 lost 8% (docs/performance.md).
-AMX_INPUT_BYTES = 9 << 18
-#: float32 rows on AMX (three tile products each): the limit measured before the byte rule.
+#: ... and for weights of at least ``AMX_LARGE_WEIGHT`` elements, whose decode + GEMM pays its
+#: decode over more rows. Measured on 2 Intel Xeon cores against decode + GEMM, bfloat16 (the
+#: tile unit in pieces, ``amx_piece_rows``): 384x384 to 1024x3584 faster up to 256 rows and 3-24%
+#: slower at 384; 4096x4096, 11008x4096 and 4096x11008 4-36% faster at 256-512 rows, 5% slower
+#: at 1024 on 4096x4096 (docs/performance.md).
+AMX_LARGE_WEIGHT_MAX_ROWS = 512
+AMX_LARGE_WEIGHT = 1 << 23
+#: The most bytes of bfloat16 input one AMX call takes; more rows run as several calls. Every 16
+#: weight rows read the call's whole input again, from L3 once it outgrows L2 (2 MB a core
+#: there): 4096x4096 at 256 rows took 6.4-7.0 ms in one call, 4.7 in two of 128 rows.
+AMX_PIECE_BYTES = 1 << 20
+#: float32 rows on AMX (three tile products each, one call): the limit measured for them.
 AMX_FLOAT32_MAX_ROWS = 128
 #: Bytes of decoded weight per chunk on the many-rows path: few enough to stay in the caches, many
 #: enough that each GEMM is wide (8 MB measured 5-25% faster than 2 MB from 256 to 2048 rows of
@@ -85,12 +93,20 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if supported is not None and supported() else torch.float32
 
 
-def amx_max_rows(k: int, dtype: torch.dtype) -> int:
-    """The most input rows of K ``k`` the AMX kernel takes (more go to decode + GEMM): bfloat16 as
-    many as ``AMX_INPUT_BYTES`` of input hold, from 64 to ``AMX_MAX_ROWS``."""
+def amx_max_rows(n_out: int, k: int, dtype: torch.dtype) -> int:
+    """The most input rows the AMX kernel takes for an ``n_out`` x ``k`` weight (more go to
+    decode + GEMM)."""
     if dtype == torch.float32:
         return min(AMX_MAX_ROWS, AMX_FLOAT32_MAX_ROWS)
-    return min(AMX_MAX_ROWS, max(64, AMX_INPUT_BYTES // (2 * max(k, 1))))
+    return AMX_LARGE_WEIGHT_MAX_ROWS if n_out * k >= AMX_LARGE_WEIGHT else AMX_MAX_ROWS
+
+
+def amx_piece_rows(k: int, dtype: torch.dtype) -> int:
+    """Input rows per call of the AMX kernel: bfloat16 rows as many whole tiles of 16 as
+    ``AMX_PIECE_BYTES`` of input hold (at least one tile); float32 rows all in one call."""
+    if dtype == torch.float32:
+        return AMX_FLOAT32_MAX_ROWS
+    return max(16, AMX_PIECE_BYTES // (2 * max(k, 1)) // 16 * 16)
 
 
 def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
@@ -203,15 +219,18 @@ class PreparedWeight:
             elif precision == "medium":
                 dtype_code = native.F32_BF16
         amx = isa == native.AMX and A.dtype in (torch.bfloat16, torch.float32) and self._amx_shape
-        if rows > (amx_max_rows(self.k, A.dtype) if amx else fused_max_rows(isa, A.dtype)):
+        if rows > (amx_max_rows(self.n_out, self.k, A.dtype) if amx else fused_max_rows(isa, A.dtype)):
             return self._chunked(x.reshape(-1, self.k), bias).view(*shape[:-1], self.n_out)
         if not contiguous:
             x = x.contiguous()
         out = native.empty((*shape[:-1], self.n_out), A.dtype)
-        if rows:
-            bias_pointer = None if bias is None else bias.contiguous().data_ptr()
+        bias_pointer = None if bias is None or not rows else bias.contiguous().data_ptr()
+        piece = amx_piece_rows(self.k, A.dtype) if amx else max(rows, 1)
+        for start in range(0, rows, piece):  # rows of the input and the output, both contiguous
+            count = min(piece, rows - start)
             self._linear(
-                self._pointer, self.n_out, self.k, x.data_ptr(), rows, bias_pointer, out.data_ptr(), dtype_code, isa,
+                self._pointer, self.n_out, self.k, x.data_ptr() + start * self.k * x.element_size(), count,
+                bias_pointer, out.data_ptr() + start * self.n_out * out.element_size(), dtype_code, isa,
                 torch.get_num_threads(),
             )  # fmt: skip
         return out
