@@ -200,7 +200,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void sp
 
 // An input tile's sums (16 weight rows x `columns` input rows, float32, a weight row per tile row)
 // plus the 16 weight rows' `biases`, to rows [row0, row0 + columns) of `out` (those below `m`),
-// columns [n0, n0 + 16), rounded as store_value rounds. One input row at a time: a column of the
+// columns [n0, n0 + 16), rounded as store_value rounds (`dtype` BF16 or F32, the tile unit's
+// outputs). One input row at a time: a column of the
 // tile gathered, 16 outputs written at once; element by element, the stores of 16 weight rows
 // went n_out elements apart, which a power-of-two n_out sends to one L1 set (4096x4096 at 64
 // rows spent 40% of its time there).
@@ -227,9 +228,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline void store_
 
 // The product for weight rows [0, groups * 16) (the caller does the rest); `dtype` BF16, or F32
 // (products split in bfloat16 pairs).
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq"))) void linear_amx(const Weight& w, int64_t n_out, int64_t groups, int64_t k,
-                                                             const void* x, int64_t m, const void* bias, void* out,
-                                                             int32_t dtype, int32_t threads) {
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq"))) void linear_amx(
+    const Weight& w, int64_t n_out, int64_t groups, int64_t k, const void* x, int64_t m, const void* bias, void* out,
+    int32_t dtype, int32_t threads) {
   const int64_t columns = m < AMX_ROWS ? m : AMX_ROWS, input_tiles = (m + AMX_ROWS - 1) / AMX_ROWS;
   const int64_t per_input = k * columns;  // uint16 elements of one input tile over all steps
   const bool split = dtype == F32;
