@@ -4,6 +4,8 @@ and changes nothing the user can read."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from cpu_native_cases import BEST, VARIANTS, each_variant, prepared_of, sample_weight
@@ -60,15 +62,16 @@ def test_many_rows_decode_chunk_by_chunk_into_the_gemm(monkeypatch, rows):
 
 
 def test_the_amx_limits_follow_the_weight_and_the_input_size():
-    """bfloat16: large weights stay on the tile unit for more rows, and each call takes whole
-    tiles of rows whose input fits ``AMX_PIECE_BYTES``; float32 rows keep one limit and one call."""
+    """bfloat16: large weights stay on the tile unit for more rows; float32 rows (in bfloat16
+    parts) have no limit; each call takes whole tiles of rows whose input fits
+    ``AMX_PIECE_BYTES``, float32 rows counting their two parts."""
     assert cpu.amx_max_rows(1024, 1024, torch.bfloat16) == cpu.AMX_MAX_ROWS
     assert cpu.amx_max_rows(4096, 4096, torch.bfloat16) == cpu.AMX_LARGE_WEIGHT_MAX_ROWS > cpu.AMX_MAX_ROWS
-    assert cpu.amx_max_rows(4096, 4096, torch.float32) == cpu.AMX_FLOAT32_MAX_ROWS
+    assert cpu.amx_max_rows(4096, 4096, torch.float32) == math.inf
     assert cpu.amx_piece_rows(4096, torch.bfloat16) == cpu.AMX_PIECE_BYTES // 8192 == 128
     assert cpu.amx_piece_rows(11008, torch.bfloat16) == 32  # 47 rows fit: whole tiles of 16
     assert cpu.amx_piece_rows(1 << 20, torch.bfloat16) == 16
-    assert cpu.amx_piece_rows(4096, torch.float32) == cpu.AMX_FLOAT32_MAX_ROWS
+    assert cpu.amx_piece_rows(4096, torch.float32) == 64
 
 
 @pytest.mark.skipif(native.isa() != native.AMX, reason="this CPU has no AMX tiles (or Linux does not grant them)")
@@ -189,3 +192,30 @@ def test_avx2_decodes_16_bit_rows_in_registers_up_to_its_limit(monkeypatch, dtyp
     finally:
         monkeypatch.undo()
         native.refresh_isa()
+
+
+@pytest.mark.skipif(native.isa() != native.AMX, reason="this CPU has no AMX tiles (or Linux does not grant them)")
+def test_float32_rows_in_bfloat16_parts_stay_on_the_tile_unit_at_any_row_count(monkeypatch):
+    """At "high" precision 600 float32 rows of K=4096 run on the tile unit in calls of 64 rows
+    (their two bfloat16 parts within 1 MiB), never decode + GEMM, at the split's accuracy."""
+    chunked_calls, chunked = [], cpu.PreparedWeight._chunked
+    monkeypatch.setattr(
+        cpu.PreparedWeight, "_chunked", lambda self, *args: chunked_calls.append(1) or chunked(self, *args)
+    )
+    shape = (48, 4096)
+    packed, arguments = sample_weight(shape, "nf4", 64, True)
+    prepared = prepared_of(packed, 64, shape, arguments)
+    calls, kernel = [], prepared._linear
+    prepared._linear = lambda *args: calls.append(args[4]) or kernel(*args)
+    x = torch.randn(600, shape[1])
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out = prepared.linear(x)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert chunked_calls == [] and calls == [64] * 9 + [24]
+    weight = reference.dequantize_4bit(packed, blocksize=64, shape=shape, dtype=torch.float64, **arguments)
+    truth = x.double() @ weight.t()
+    # three bfloat16 products: about 5e-6 of the largest output (docs/kernels.md)
+    assert (out.double() - truth).abs().max() <= 2e-5 * truth.abs().max()

@@ -22,7 +22,6 @@ from .. import reference
 from . import compiled, native
 
 __all__ = [
-    "AMX_FLOAT32_MAX_ROWS",
     "AMX_LARGE_WEIGHT",
     "AMX_LARGE_WEIGHT_MAX_ROWS",
     "AMX_MAX_ROWS",
@@ -67,12 +66,11 @@ AMX_MAX_ROWS = 256
 #: at 1024 on 4096x4096 (docs/performance.md).
 AMX_LARGE_WEIGHT_MAX_ROWS = 512
 AMX_LARGE_WEIGHT = 1 << 23
-#: The most bytes of bfloat16 input one AMX call takes; more rows run as several calls. Every 16
-#: weight rows read the call's whole input again, from L3 once it outgrows L2 (2 MB a core
-#: there): 4096x4096 at 256 rows took 6.4-7.0 ms in one call, 4.7 in two of 128 rows.
+#: The most bytes of input one AMX call takes (bfloat16 rows, or float32 rows' two bfloat16
+#: parts); more rows run as several calls. Every 16 weight rows read the call's whole input
+#: again, from L3 once it outgrows L2 (2 MB a core there): 4096x4096 at 256 bfloat16 rows took
+#: 6.4-7.0 ms in one call, 4.7 in two of 128 rows.
 AMX_PIECE_BYTES = 1 << 20
-#: float32 rows on AMX (three tile products each, one call): the limit measured for them.
-AMX_FLOAT32_MAX_ROWS = 128
 #: Bytes of decoded weight per chunk on the many-rows path: few enough to stay in the caches, many
 #: enough that each GEMM is wide (8 MB measured 5-25% faster than 2 MB from 256 to 2048 rows of
 #: 4096x4096, bfloat16 and float32, and as fast on MiniLM-sized weights; docs/performance.md).
@@ -93,20 +91,22 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if supported is not None and supported() else torch.float32
 
 
-def amx_max_rows(n_out: int, k: int, dtype: torch.dtype) -> int:
+def amx_max_rows(n_out: int, k: int, dtype: torch.dtype) -> float:
     """The most input rows the AMX kernel takes for an ``n_out`` x ``k`` weight (more go to
-    decode + GEMM)."""
+    decode + GEMM). float32 rows (three tile products each, where torch's precision allows) have
+    no limit: against decode + a float32 GEMM they measured 1.2-3.6x faster from 128 to 3200 rows
+    on weights from 1536x384 to 4096x11008, and even on 384x1536 at 3200 rows."""
     if dtype == torch.float32:
-        return min(AMX_MAX_ROWS, AMX_FLOAT32_MAX_ROWS)
+        return math.inf
     return AMX_LARGE_WEIGHT_MAX_ROWS if n_out * k >= AMX_LARGE_WEIGHT else AMX_MAX_ROWS
 
 
 def amx_piece_rows(k: int, dtype: torch.dtype) -> int:
-    """Input rows per call of the AMX kernel: bfloat16 rows as many whole tiles of 16 as
-    ``AMX_PIECE_BYTES`` of input hold (at least one tile); float32 rows all in one call."""
-    if dtype == torch.float32:
-        return AMX_FLOAT32_MAX_ROWS
-    return max(16, AMX_PIECE_BYTES // (2 * max(k, 1)) // 16 * 16)
+    """Input rows per call of the AMX kernel: as many whole tiles of 16 rows as
+    ``AMX_PIECE_BYTES`` of input hold (2 bytes an element, float32's two bfloat16 parts 4), at
+    least one tile."""
+    element = 4 if dtype == torch.float32 else 2
+    return max(16, AMX_PIECE_BYTES // (element * max(k, 1)) // 16 * 16)
 
 
 def fused_max_rows(isa: int, dtype: torch.dtype) -> int:
