@@ -124,14 +124,14 @@ def test_16_bit_rows_past_the_register_limit_multiply_in_float32_without_16_bit_
     x = torch.randn(40, shape[1]).to(dtype)
     bias = torch.randn(shape[0]).to(dtype)
     truth = x.double() @ weight.double().t() + bias.double()
-    seen = []
-    addmm = torch.addmm
+    seen = []  # the dtype each GEMM multiplied in (F.linear's weight, addmm's first factor)
+    addmm, linear = torch.addmm, torch.nn.functional.linear
 
-    def spy(*args, **kwargs):
-        seen.append(args[1].dtype)
-        return addmm(*args, **kwargs)
+    def spy(gemm):
+        return lambda *args, **kwargs: seen.append(args[1].dtype) or gemm(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "addmm", spy)
+    monkeypatch.setattr(torch, "addmm", spy(addmm))
+    monkeypatch.setattr(torch.nn.functional, "linear", spy(linear))
     tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2  # the output's rounding
     for gemm in (torch.float32, dtype):
         monkeypatch.setattr(cpu, "gemm_dtype", lambda d, gemm=gemm: gemm if d == dtype else d)
