@@ -158,12 +158,19 @@ def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(t
 
 def test_profile_prefill_prints_its_profile_and_table():
     out = _run("profile_prefill.py", "--device", "cpu", "--layers", "1", "--batch", "1", "--prompt", "4", "--repeats",
-               "1", "--top", "40", "--libraries", "fourbit", "--eager-first", "--python-profile")  # fmt: skip
+               "2", "--top", "40", "--libraries", "fourbit", "--eager-first", "--python-profile",
+               "--op-calls")  # fmt: skip
     # every operator's row is printed (about 20), so the op's row is there however the host's load orders them
     assert "fourbit, one compiled prefill, by self_cpu_time_total:" in out and "fourbit::linear_4bit" in out
-    assert "fourbit, 1 eager prefills, Python functions:" in out and "ncalls  tottime" in out  # cProfile's table
+    assert "fourbit, 2 eager prefills, Python functions:" in out and "ncalls  tottime" in out  # cProfile's table
     for what in ("compiled", "eager", "compiled, after eager prefills"):
         cells = _row(out, f"fourbit | {what}")
         quickest, median = (float(value) for value in cells[2].split(" / "))
         assert 0 < quickest <= median and 0 < float(cells[3]) <= median and float(cells[4]) > 0, cells
-    assert _row(out, "fourbit | compiled")[5].isdigit()
+        assert 0 <= float(cells[5]) <= median, cells  # the collector's time falls within the prefill's
+    assert _row(out, "fourbit | compiled")[6].isdigit()
+    assert re.search(r"fourbit: \d+ Python objects tracked", out)
+    # one layer's seven projections, each timed in the backend kernel and replayed
+    calls = re.search(r"linear_4bit, (\d+) calls a prefill, host us a call \(median\): backend kernel ([\d.]+)", out)
+    assert calls and int(calls[1]) == 7 and float(calls[2]) > 0, out[-2000:]
+    assert re.search(r"back to back: [\d.]+ a call", out)
