@@ -15,10 +15,12 @@ fourbit's call. Kernels per call are counted with torch.profiler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import time
 from functools import partial
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,16 @@ def register_autograd_copy():
     return torch.ops.fourbit_profile.linear_4bit
 
 
+def prepared_under(module: fourbit.nn.Linear4bit, x: torch.Tensor, patches: list[tuple[object, str, object]]):
+    """``module``'s call on ``x``, its launch for such inputs prepared (and kept) while each
+    ``(owner, name, value)`` of ``patches`` replaces ``owner.name``."""
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for owner, name, value in patches:
+            stack.enter_context(mock.patch.object(owner, name, value))
+        module(x)
+    return partial(module, x)
+
+
 def with_captured_tables(module: fourbit.nn.Linear4bit, x: torch.Tensor):
     """``module``'s call on ``x`` with the launch it keeps for such inputs chosen by the tables of
     products recorded into CUDA graphs (``tuning.KernelTables.captured``: on an H200 these copy
@@ -111,13 +123,18 @@ def with_captured_tables(module: fourbit.nn.Linear4bit, x: torch.Tensor):
     from fourbit.kernels.triton import tuning
 
     chosen = tuning.for_device
-    tuning.for_device = lambda device: chosen(device).captured or chosen(device)
-    try:
-        with torch.no_grad():
-            module(x)  # prepares and keeps the launch for inputs like x
-    finally:
-        tuning.for_device = chosen
-    return partial(module, x)
+    return prepared_under(module, x, [(tuning, "for_device", lambda device: chosen(device).captured or chosen(device))])
+
+
+def without_dependent_launches(module: fourbit.nn.Linear4bit, x: torch.Tensor):
+    """``module``'s call on ``x`` with its few-row launch built as an ordinary launch, not as a
+    programmatic dependent (``launch.dependent_launches``): what Hopper's dependent launch costs
+    the host while the kernel before it still runs."""
+    from fourbit.kernels.triton import fragment_groups, fragments
+
+    never = lambda device: False  # noqa: E731
+    return prepared_under(module, x, [(fragments, "dependent_launches", never),
+                                      (fragment_groups, "dependent_launches", never)])  # fmt: skip
 
 
 def main() -> None:
@@ -132,6 +149,11 @@ def main() -> None:
         action="store_true",
         help="a row for fourbit's call with the launch the tables of CUDA graph captures choose (on an H200: "
         "inputs copied into fragment order at 5-16 rows of large weights, a second kernel)",
+    )
+    parser.add_argument(
+        "--no-dependent",
+        action="store_true",
+        help="a row for fourbit's call with its few-row launch made an ordinary launch, not a programmatic dependent",
     )
     parser.add_argument(
         "--register-autograd",
@@ -151,16 +173,23 @@ def main() -> None:
             modules["captured"] = fourbit.nn.Linear4bit(k, n, **SETTINGS)
             modules["captured"].load_state_dict(modules["nn.Linear"].state_dict())
             modules["captured"] = modules["captured"].cuda()
+        if args.no_dependent:
+            modules["independent"] = fourbit.nn.Linear4bit(k, n, **SETTINGS)
+            modules["independent"].load_state_dict(modules["nn.Linear"].state_dict())
+            modules["independent"] = modules["independent"].cuda()
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             cases = {"F.linear": partial(F.linear, x, weight)}
-            cases.update({name: partial(module, x) for name, module in modules.items() if name != "captured"})
+            own = ("captured", "independent")  # modules whose launches are prepared apart, below
+            cases.update({name: partial(module, x) for name, module in modules.items() if name not in own})
             cases["fourbit op (compiled graphs' call)"] = op_call(modules["fourbit Linear4bit"], x)
             if copy is not None:
                 call = op_call(modules["fourbit Linear4bit"], x)
                 cases["the op through register_autograd"] = partial(copy, *call.args, **call.keywords)
             if args.captured_tables:
                 cases["fourbit Linear4bit, captured tables"] = with_captured_tables(modules["captured"], x)
+            if args.no_dependent:
+                cases["fourbit Linear4bit, no dependent launch"] = without_dependent_launches(modules["independent"], x)
             with torch.no_grad():
                 # the calls take turns, and each keeps its quickest burst: the host's noise
                 # (other processes, frequency) then weighs on every call alike

@@ -103,6 +103,34 @@ def test_profile_host_keeps_a_copy_of_the_op_registered_through_register_autogra
         out.sum().backward()
 
 
+def test_profile_host_prepares_a_launch_without_dependent_launches(monkeypatch):
+    """``profile_host.py --no-dependent``: the module's first call (which prepares its launch)
+    sees the few-row kernels' dependent launches switched off, later calls the library as it was."""
+    pytest.importorskip("triton")
+    import torch
+
+    from fourbit.kernels.triton import fragment_groups, fragments
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_host
+
+    cuda = torch.device("cuda")
+    originals = fragments.dependent_launches, fragment_groups.dependent_launches
+    seen = []
+
+    def module(x):
+        seen.append((fragments.dependent_launches, fragment_groups.dependent_launches, x))
+        return x
+
+    x = torch.ones(2)
+    call = profile_host.without_dependent_launches(module, x)
+    ((first, second, given),) = seen
+    assert given is x and first not in originals and second not in originals
+    assert first(cuda) is False and second(cuda) is False
+    assert (fragments.dependent_launches, fragment_groups.dependent_launches) == originals
+    assert call() is x and seen[1][:2] == originals  # later calls: the library as it was
+
+
 def test_launch_probe_times_a_launch_after_each_step():
     out = _run("launch_probe.py", "--device", "cpu", "--size", "256", "--launches", "200")
     for step in ("torch only", "fourbit imported", "an eager product of 1 row", "a compiled product of 32 rows"):
