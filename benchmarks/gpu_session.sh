@@ -114,12 +114,13 @@ for stage in $STAGES; do
       done ;;
     prefill)  # where a compiled prefill's time goes (the lean loop's --compile-prefill), 8 and 1 rows, with
       # cProfile's view (torch.profiler sends the op's launches through Triton's JIT), the op's calls
-      # timed in place and replayed, and the garbage collector's share; about 5 minutes
+      # timed in place and replayed, and the garbage collector's share; bf16 again last, to tell a
+      # slow process from a slow library; about 6 minutes
       "$PYTHON" benchmarks/launch_probe.py --device cuda 2>&1 | tee "$OUT/prefill.md"
       for batch in 8 1; do
         "$PYTHON" benchmarks/profile_prefill.py --device cuda --layers 8 --batch $batch --quantize-lm-head \
-          --libraries bf16 fourbit fourbit-grouped --eager-first --python-profile --op-calls --repeats 20 --top 25 \
-          2>&1 | tee -a "$OUT/prefill.md"
+          --libraries bf16 fourbit fourbit-grouped bf16 --eager-first --python-profile --op-calls --repeats 20 \
+          --top 25 2>&1 | tee -a "$OUT/prefill.md"
       done ;;
     grouped-compiled)  # transformers' compiled decoding, grouped or not, in three rounds (one process's
       # rate moves by 20-30%); about 6 minutes
