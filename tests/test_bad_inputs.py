@@ -70,6 +70,16 @@ def test_not_a_tensor(no_kernel):
         F4.quantize_4bit([1.0, 2.0])
 
 
+def test_prepared_product_and_dict_packing_name_a_wrong_argument(weight, no_kernel):
+    packed, _ = weight
+    with pytest.raises(TypeError, match="quant_state must be a QuantState, got NoneType"):
+        F4.prepared_product(packed, None)
+    with pytest.raises(TypeError, match="quant_state must be a QuantState, got dict"):
+        F4.prepared_product(packed, {"absmax": None})
+    with pytest.raises(TypeError, match="pack_dict_to_tensor takes a dict, got list"):
+        F4.pack_dict_to_tensor([("quant_type", "nf4")])
+
+
 def test_state_shape_does_not_match_the_packed_data(weight, no_kernel):
     packed, state = weight
     state.shape = torch.Size([16, 66])
@@ -113,6 +123,8 @@ def test_matmul_input_of_the_wrong_width_or_dtype(weight, weight3d, no_kernel):
     packed, state = weight
     with pytest.raises(ValueError, match="last dimension 63 but the 4-bit weight \\(16, 64\\) expects in_features=64"):
         fourbit.matmul_4bit(torch.randn(2, 63), packed.t(), state)
+    with pytest.raises(ValueError, match="A is a 0-d tensor; a product with the 4-bit weight \\(16, 64\\) needs"):
+        fourbit.matmul_4bit(torch.tensor(1.0), packed.t(), state)
     with pytest.raises(ValueError, match="dtype int64"):
         fourbit.matmul_4bit(torch.ones(2, 64, dtype=torch.long), packed.t(), state)
     with pytest.raises(ValueError, match="bias must have shape \\(16,\\)"):

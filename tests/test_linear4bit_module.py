@@ -193,6 +193,8 @@ def test_forward_input_of_the_wrong_width():
     _, layer = _quantized_layer()
     with pytest.raises(ValueError, match="last dimension in_features=64, got 63"):
         layer(torch.randn(2, 63))
+    with pytest.raises(ValueError, match=r"in_features=64, got a 0-d input \(input shape \(\)\)"):
+        layer(torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64], ids=str)

@@ -377,10 +377,11 @@ def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
     shape = weight_shape(state)
     if len(shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(shape)}")
-    if A.dim() == 0 or A.shape[-1] != shape[1]:
-        got = A.shape[-1] if A.dim() else "a scalar"
+    if A.dim() == 0:
+        raise ValueError(f"{name} is a 0-d tensor; a product with the 4-bit weight {tuple(shape)} needs at least 1-D")
+    if A.shape[-1] != shape[1]:
         raise ValueError(
-            f"{name} has last dimension {got} but the 4-bit weight {tuple(shape)} expects in_features="
+            f"{name} has last dimension {A.shape[-1]} but the 4-bit weight {tuple(shape)} expects in_features="
             f"{shape[1]}; a weight quantized as (in, out) must be re-quantized from its transpose"
         )
 
@@ -425,8 +426,12 @@ def prepared_product(B: Tensor, state: QuantState) -> ops.PreparedLinear:
     and kept on ``state``; rebuilt when ``B``'s bytes (not its view: ``matmul_4bit`` takes the
     transpose that ``dequantize_4bit`` does not), the state's identity, layout, tensors or settings
     change, and checked whenever it is (re)built."""
-    size = B.numel() * B.element_size()
-    key = (*prepared_key(B, state), size, state.blocksize, tuple(state.shape), state.quant_type)
+    try:
+        size = B.numel() * B.element_size()
+        key = (*prepared_key(B, state), size, state.blocksize, tuple(state.shape), state.quant_type)
+    except AttributeError:
+        check_4bit_state(B, state)  # names what is wrong with the arguments
+        raise
     cached = state.__dict__.get(PREPARED_ATTRIBUTE)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -54,6 +54,8 @@ MAX_PACKED_STATE_BYTES = 1 << 20
 
 def pack_dict_to_tensor(source: Mapping[str, Any]) -> Tensor:
     """Encode a JSON-serialisable dict as UTF-8 JSON bytes in a 1-D uint8 tensor (bitsandbytes' format)."""
+    if not isinstance(source, Mapping):
+        raise TypeError(f"pack_dict_to_tensor takes a dict, got {type(source).__name__}")
     payload = json.dumps(dict(source)).encode("utf-8")
     return torch.tensor(list(payload), dtype=torch.uint8)
 

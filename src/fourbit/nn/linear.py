@@ -148,11 +148,16 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
             forward_quant_state(self, weight)  # raises: not quantized yet
         # compiled, the product checks the input against the state's shape (which the trace
         # guards anyway), so that the trace reads no attribute of its own for it
-        if not torch.compiler.is_compiling() and x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expects inputs with last dimension in_features={self.in_features}, "
-                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
-            )
+        if not torch.compiler.is_compiling():
+            try:
+                columns = x.shape[-1]
+            except IndexError:  # a 0-d input
+                columns = None
+            if columns != self.in_features:
+                raise ValueError(
+                    f"{type(self).__name__} expects inputs with last dimension in_features={self.in_features}, "
+                    f"got {'a 0-d input' if columns is None else columns} (input shape {tuple(x.shape)})"
+                )
         if not self.compute_type_is_set:
             self.set_compute_type(x)
             self.compute_type_is_set = True
