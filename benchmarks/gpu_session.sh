@@ -87,7 +87,7 @@ for stage in $STAGES; do
     eager)  # the eager per-call table and host time, as docs/performance.md reports them
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 64 256 --min-time 0.2 2>&1 | tee "$OUT/bench_eager_rows.md"
-      "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 --captured-tables --no-dependent \
+      "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 64 256 --captured-tables --no-dependent \
         --register-autograd 2>&1 |
         tee "$OUT/host.md" ;;
     generate)  # end to end: eager and the lean loop, then transformers' compiled decoding
