@@ -143,6 +143,17 @@ def test_blockwise_bad_arguments(no_kernel):
         F4.dequantize_blockwise(torch.zeros(5000, dtype=torch.uint8), absmax=torch.ones(1))
     with pytest.raises(ValueError, match="code must be a 1-D floating tensor"):
         F4.quantize_blockwise(torch.randn(10), code=torch.zeros(3, 3))
+    table = F4.create_dynamic_map()
+    for unsorted in (table.flip(0), torch.tensor([0.0, float("nan"), 1.0])):
+        with pytest.raises(ValueError, match="code must be sorted in ascending order, without NaN"):
+            F4.quantize_blockwise(torch.randn(10), code=unsorted)
+    # a decode only looks entries up: any order serves it, and the quantizer takes the table sorted
+    codes, state = F4.quantize_blockwise(torch.randn(10), code=table)
+    reordered = table.flip(0)
+    torch.testing.assert_close(
+        F4.dequantize_blockwise(255 - codes, absmax=state.absmax, code=reordered, blocksize=state.blocksize),
+        F4.dequantize_blockwise(codes, state),
+    )
     with pytest.raises(ValueError, match="out must be a uint8 tensor of shape \\(10,\\)"):
         F4.quantize_blockwise(torch.randn(10), out=torch.empty(11, dtype=torch.uint8))
 

@@ -107,7 +107,7 @@ def quantize_blockwise(
     if code is None:
         code = _cached_dynamic_map(A.device)
     else:
-        check_blockwise_code(code)
+        check_blockwise_code(code, quantizing=True)
     code = code.to(device=A.device, dtype=torch.float32)
     check_out(out, A.shape, torch.uint8)
     check_out(absmax, (num_blocks(A.numel(), blocksize),), torch.uint8 if nested else torch.float32, "absmax")

@@ -94,12 +94,17 @@ def check_out(out: Any, shape: Sequence[int], dtype: torch.dtype, name: str = "o
         )
 
 
-def check_blockwise_code(code: Any) -> None:
+def check_blockwise_code(code: Any, quantizing: bool = False) -> None:
+    """A code table for 8-bit blockwise (de)quantization: 2..256 floats; for ``quantizing``, in
+    ascending order too (the quantizers search it for the nearest entry, and an unsorted table
+    would make them pick wrong codes silently; a decode only looks entries up)."""
     check_tensor(code, "code")
     if code.dim() != 1 or not 2 <= code.numel() <= 256 or not code.is_floating_point():
         raise ValueError(
             f"code must be a 1-D floating tensor of 2..256 sorted values, got {code.dtype} of shape {tuple(code.shape)}"
         )
+    if quantizing and not bool((code[1:] >= code[:-1]).all()):  # also false where an entry is NaN
+        raise ValueError("code must be sorted in ascending order, without NaN (torch.sort(code).values)")
 
 
 def check_blockwise_blocksize(blocksize: Any, name: str = "blocksize") -> None:
