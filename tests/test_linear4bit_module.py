@@ -211,6 +211,44 @@ def test_forward_input_that_is_not_floating_point_is_an_error(dtype, compute_dty
     assert layer(x.float()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16], ids=str)
+def test_float64_inputs_multiply_the_decoded_weight_widened(device, compute_dtype):
+    """A float64 input (gradcheck's dtype) is multiplied by the weight ``dequantize_4bit`` gives,
+    widened, in every entry point; with a compute dtype it is cast to it and the output back.
+    The layer's bias keeps its dtype (bitsandbytes converts it in place, and its CPU product of
+    float64 inputs returned wrong values in our runs: docs/performance.md)."""
+    _, layer = _quantized_layer(device=device)
+    layer.compute_dtype, layer.compute_type_is_set = compute_dtype, compute_dtype is not None
+    weight, state = layer.weight, layer.weight.quant_state
+    x = torch.randn(5, 64, dtype=torch.float64, device=device)
+    decoded = F.dequantize_4bit(weight.data, state)
+    with torch.no_grad():
+        if compute_dtype is None:
+            expected = torch.nn.functional.linear(x, decoded.double(), layer.bias.double())
+        else:  # the layer's own product of the cast input, cast back
+            expected = layer(x.to(compute_dtype)).double()
+        assert torch.equal(layer(x), expected)
+        assert layer.bias.dtype == torch.float32
+        plain = torch.nn.functional.linear(x, decoded.double())
+        for packed in (weight.t(), weight):  # bitsandbytes' (1, bytes) form and the column of bytes
+            assert torch.equal(bnb.matmul_4bit(x, packed, state), plain)
+        assert torch.equal(
+            F.gemv_4bit(x[:1], weight.t(), state=state), torch.nn.functional.linear(x[:1], decoded.double())
+        )
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: bnb.matmul_4bit(x, weight.t(), state), (x,))
+
+
+@needs_fullgraph
+def test_float64_inputs_compile_without_a_graph_break():
+    _, layer = _quantized_layer()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
+
+
 def test_unquantized_weight_in_forward_is_an_error():
     layer = bnb.nn.Linear4bit(64, 48)
     with pytest.raises(RuntimeError, match="not quantized yet: move the module to a device first"):

@@ -87,6 +87,10 @@ BLOCKWISE_BLOCKSIZES: tuple[int, ...] = BLOCKSIZES
 #: Floating dtypes that can be quantized (and that dequantization can produce).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
+#: Input dtypes of a product with a 4-bit weight: the kernels' three, and float64, which is
+#: multiplied (as bitsandbytes does) by the weight decoded in its own dtype and then widened.
+PRODUCT_DTYPES: tuple[torch.dtype, ...] = (*FLOAT_DTYPES, torch.float64)
+
 #: Dtypes the packed 4-bit bytes may be viewed as (``quant_storage``).
 QUANT_STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 

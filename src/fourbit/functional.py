@@ -20,6 +20,7 @@ from .formats import (
     DEFAULT_BLOCKSIZE,
     FLOAT_DTYPES,
     NESTED_BLOCKSIZE,
+    PRODUCT_DTYPES,
     create_dynamic_map,
     create_fp8_map,
     get_4bit_type,
@@ -372,8 +373,8 @@ def packed_for_device(A: Tensor, quant_state: QuantState) -> Tensor:
 def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
     """Raise a clear error unless ``A`` can be multiplied by the 4-bit weight of ``state`` (N, K)."""
     check_tensor(A, name)
-    if A.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {dtype_name(A.dtype)}; 4-bit matmul supports {dtype_names(FLOAT_DTYPES)}")
+    if A.dtype not in PRODUCT_DTYPES:
+        raise ValueError(f"{name} has dtype {dtype_name(A.dtype)}; 4-bit matmul supports {dtype_names(PRODUCT_DTYPES)}")
     shape = weight_shape(state)
     if len(shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {tuple(shape)}")
@@ -389,7 +390,8 @@ def check_linear_input(A: Any, state: QuantState, name: str = "A") -> None:
 def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = None) -> Tensor:
     """``A @ dequantize(B).T + bias`` through the ``fourbit::linear_4bit`` op, after checking arguments.
 
-    ``bias`` is cast to A's dtype. Differentiable in ``A`` and ``bias``. Outside torch.compile the
+    ``bias`` is cast to A's dtype. A float64 ``A`` is multiplied by the weight decoded in the
+    state's dtype and widened, as bitsandbytes does. Differentiable in ``A`` and ``bias``. Outside torch.compile the
     weight's product is prepared once and kept on ``state`` (``prepared_product``), as
     ``Linear4bit`` keeps its own: later calls check only ``A`` and ``bias``.
     """
@@ -400,6 +402,10 @@ def linear_4bit(A: Tensor, B: Tensor, state: QuantState, bias: Tensor | None = N
         if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         bias = bias.to(A.dtype)
+    if A.dtype == torch.float64:  # the kernels take 16- and 32-bit floats
+        # (a column of bytes: a (1, bytes) B, as ``qB.t()`` passes it, would decode transposed)
+        weight = dequantize_4bit(B.reshape(-1, 1), state)
+        return torch.nn.functional.linear(A, weight.to(A.dtype), bias)
     if not torch.compiler.is_compiling():
         return prepared_product(B, state)(A, bias)
     differentiable = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
