@@ -249,6 +249,24 @@ def test_float64_inputs_compile_without_a_graph_break():
         assert torch.equal(compiled(x), layer(x))
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.int8, torch.bool, torch.complex64, "bfloat16"], ids=str)
+def test_a_compute_dtype_that_is_not_a_floating_dtype_is_refused_up_front(compute_dtype):
+    """Refused where it is given (a layer, quantize_model, load_quantized), before anything
+    changes, instead of at the first forward."""
+    from fourbit.convert import load_quantized, quantize_model
+
+    message = "compute_dtype must be a floating torch.dtype or None"
+    with pytest.raises(TypeError, match=message):
+        bnb.nn.Linear4bit(64, 48, compute_dtype=compute_dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    with pytest.raises(TypeError, match=message):
+        quantize_model(model, compute_dtype=compute_dtype)
+    assert type(model[0]) is torch.nn.Linear
+    with pytest.raises(TypeError, match=message):
+        load_quantized(model, {}, compute_dtype=compute_dtype)
+    assert type(model[0]) is torch.nn.Linear
+
+
 def test_unquantized_weight_in_forward_is_an_error():
     layer = bnb.nn.Linear4bit(64, 48)
     with pytest.raises(RuntimeError, match="not quantized yet: move the module to a device first"):

@@ -18,7 +18,7 @@ from .file_quantization import DEFAULT_CHECKPOINT_SKIP, TensorReport, matches, p
 from .formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
 from .loading import LoadReport, is_conv1d, load_quantized, parent_of
 from .nn import Linear4bit, Params4bit
-from .validation import check_settings
+from .validation import check_compute_dtype, check_settings
 
 __all__ = [
     "BATCHED_WEIGHT_REASON",
@@ -136,6 +136,7 @@ def quantize_model(
     if isinstance(skip, str):
         skip = (skip,)
     check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+    check_compute_dtype(compute_dtype)
     report = ConversionReport(bytes_before=state_dict_nbytes(model))
     owners: dict[int, list[str]] = {}
     for pname, parameter in model.named_parameters(remove_duplicate=False):

@@ -17,6 +17,7 @@ from . import functional as F4
 from .formats import DEFAULT_BLOCKSIZE
 from .nn import Linear4bit
 from .state_dict_layout import quant_type_of_packed_key
+from .validation import check_compute_dtype
 
 __all__ = ["LoadReport", "is_conv1d", "load_quantized", "parent_of"]
 
@@ -158,6 +159,7 @@ def load_quantized(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_compute_dtype(compute_dtype)
     device = torch.device(device)
     src = _Source(source, device)
     try:

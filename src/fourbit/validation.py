@@ -16,6 +16,7 @@ __all__ = [
     "check_blocksize",
     "check_blockwise_blocksize",
     "check_blockwise_code",
+    "check_compute_dtype",
     "check_float_input",
     "check_out",
     "check_packed_size",
@@ -105,6 +106,12 @@ def check_blockwise_code(code: Any, quantizing: bool = False) -> None:
         )
     if quantizing and not bool((code[1:] >= code[:-1]).all()):  # also false where an entry is NaN
         raise ValueError("code must be sorted in ascending order, without NaN (torch.sort(code).values)")
+
+
+def check_compute_dtype(compute_dtype: Any) -> None:
+    """A layer's ``compute_dtype``: None (taken from the first input) or a floating dtype."""
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
 
 
 def check_blockwise_blocksize(blocksize: Any, name: str = "blocksize") -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import functional as F4
 from ..autograd import matmul_4bit
 from ..formats import DEFAULT_BLOCKSIZE, FLOAT_DTYPES
-from ..validation import check_settings
+from ..validation import check_compute_dtype, check_settings
 from .params import UNQUANTIZED_SHARD_ERROR, Params4bit
 from .sharded import ShardedWeightSupport
 
@@ -85,6 +85,7 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
         blocksize: int = DEFAULT_BLOCKSIZE,
     ) -> None:
         check_settings(blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+        check_compute_dtype(compute_dtype)
         super().__init__(input_features, output_features, bias, device)
         self.weight = Params4bit(
             self.weight.data,
