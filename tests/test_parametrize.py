@@ -330,6 +330,14 @@ def test_prequantized_replacement_rejects_a_mismatched_dict():
     assert not hasattr(module, "parametrizations")
 
 
+def test_a_parameter_that_is_not_floating_point_is_named_in_the_error():
+    module = nn.Module()
+    module.steps = nn.Parameter(torch.ones(64, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(ValueError, match="parameter 'steps' has dtype int64; 4-bit quantization supports"):
+        replace_parameter_4bit(module, "steps")
+    assert not hasattr(module, "parametrizations") and module.steps.dtype == torch.int64
+
+
 def test_replacing_twice_is_a_clear_error():
     module = _quantized_experts()
     with pytest.raises(TypeError, match="already parametrized"):

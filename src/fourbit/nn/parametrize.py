@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .. import functional as F4
 from ..kernels.derived import version
 from ..state_dict_layout import PACKED_STATE_MARKER
+from ..validation import check_float_input
 from .params import Params4bit
 
 __all__ = [
@@ -224,6 +225,7 @@ def replace_parameter_4bit(
     ``nn.Parameter``, ValueError for unsupported settings.
     """
     original = _checked_parameter(module, param_name)
+    check_float_input(original, name=f"parameter '{param_name}'")
     packed, state = F4.quantize_4bit(
         original.data, blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type
     )
