@@ -267,6 +267,13 @@ def test_a_compute_dtype_that_is_not_a_floating_dtype_is_refused_up_front(comput
     assert type(model[0]) is torch.nn.Linear
 
 
+def test_quantizing_a_weight_that_is_not_floating_point_names_it():
+    weight = bnb.nn.Params4bit(torch.ones(8, 64, dtype=torch.int32), quant_type="nf4")
+    with pytest.raises(ValueError, match="the weight to quantize has dtype int32; 4-bit quantization supports"):
+        weight.to("cpu")
+    assert not weight.bnb_quantized and weight.dtype == torch.int32
+
+
 def test_unquantized_weight_in_forward_is_an_error():
     layer = bnb.nn.Linear4bit(64, 48)
     with pytest.raises(RuntimeError, match="not quantized yet: move the module to a device first"):

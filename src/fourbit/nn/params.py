@@ -23,7 +23,7 @@ from .. import functional as F4
 from .. import ops
 from ..formats import DEFAULT_BLOCKSIZE
 from ..state_buffer import build_statistics_buffer, build_traced_arguments, current_statistics_buffer
-from ..validation import check_settings
+from ..validation import check_float_input, check_settings
 
 __all__ = ["Params4bit"]
 
@@ -202,6 +202,7 @@ class Params4bit(torch.nn.Parameter):
 
     def _quantize(self, device: torch.device) -> Params4bit:
         """Quantize the float data on ``device``, in place."""
+        check_float_input(self.data, name="the weight to quantize")
         weight = self.data.contiguous().to(device)
         packed, state = F4.quantize_4bit(
             weight,
