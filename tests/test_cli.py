@@ -180,6 +180,20 @@ def test_bench_takes_a_thread_count_and_refuses_a_bad_one(capsys):
         torch.set_num_threads(before)
 
 
+def test_bench_refuses_a_malformed_shape_or_batch(capsys):
+    from fourbit.tools import bench
+
+    for option, bad, message in [
+        ("--shapes", "abc", "takes NxK with N and K whole numbers of at least 1, got 'abc'"),
+        ("--shapes", "0x64", "takes NxK with N and K whole numbers of at least 1, got '0x64'"),
+        ("--shapes", "64x128x3", "takes NxK with N and K whole numbers of at least 1, got '64x128x3'"),
+        ("--batches", "0", "must be at least 1, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(["--device", "cpu", option, bad])
+        assert stopped.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
+
+
 def test_bench_cold_takes_turns_over_copies_of_each_weight(monkeypatch, capsys):
     """--cold MIB: each column's calls rotate over copies of its own weight that fill MIB, so that
     none finds its weight cached; without it, one weight each."""

@@ -283,8 +283,8 @@ def describe_device(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def _thread_count(text: str) -> int:
-    """``--threads``: a whole number of at least 1 (a usage error otherwise)."""
+def _positive(text: str) -> int:
+    """``--threads``, ``--batches``: a whole number of at least 1 (a usage error otherwise)."""
     try:
         value = int(text)
     except ValueError:
@@ -294,14 +294,24 @@ def _thread_count(text: str) -> int:
     return value
 
 
+def _weight_shape(text: str) -> tuple[int, int]:
+    """``--shapes``: ``NxK``, the weight's rows and columns, each at least 1."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"takes NxK with N and K whole numbers of at least 1, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``benchmarks/bench_kernels.py`` and ``fourbit bench``)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096"], help="N x K weight shapes")
+    parser.add_argument(
+        "--shapes", nargs="+", type=_weight_shape, default=[(4096, 4096), (11008, 4096)], help="NxK weight shapes"
+    )
     parser.add_argument(
         "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float16", "bfloat16", "float32"]
     )
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--batches", nargs="+", type=_positive, default=[1, 8, 64])
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="operations to time (default: all)")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--blocksize", type=int, default=64)
@@ -318,7 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.set_float32_matmul_precision for every column (fourbit's float32 CPU products take "
         "bfloat16 parts on AMX below 'highest', and on AVX512-BF16 at 'medium')",
     )
-    parser.add_argument("--threads", type=_thread_count, help="torch.set_num_threads for every column (CPU)")
+    parser.add_argument("--threads", type=_positive, help="torch.set_num_threads for every column (CPU)")
     parser.add_argument(
         "--cold",
         type=int,
@@ -350,7 +360,7 @@ def run_from_args(args: argparse.Namespace) -> None:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    shapes = [tuple(int(part) for part in text.lower().split("x")) for text in args.shapes]
+    shapes = args.shapes
     rows = run(
         shapes,
         [getattr(torch, name) for name in args.dtypes],
