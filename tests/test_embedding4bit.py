@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import available_devices, describe_dtype
+from helpers import available_devices, describe_dtype, needs_fullgraph
 
 import fourbit
 import fourbit.functional as F4
@@ -116,3 +116,16 @@ def test_quant_storage_views_of_the_packed_table():
     assert stored.weight.dtype == torch.bfloat16
     index = torch.randint(0, 40, (9,))
     assert torch.equal(stored(index), plain(index))
+
+
+@needs_fullgraph
+def test_compiles_without_a_graph_break_and_survives_copies():
+    import copy
+    import pickle
+
+    _, table = _tables(64, 128, torch.float32, "nf4")
+    index = torch.randint(0, 64, (2, 5))
+    expected = table(index)
+    assert torch.equal(torch.compile(table, fullgraph=True)(index), expected)
+    assert torch.equal(copy.deepcopy(table)(index), expected)
+    assert torch.equal(pickle.loads(pickle.dumps(table))(index), expected)
