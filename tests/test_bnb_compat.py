@@ -84,6 +84,15 @@ def test_tables_are_identical():
     assert torch.equal(get_4bit_type("fp4"), bnb_functional.get_4bit_type("fp4", device="cpu"))
     assert torch.equal(create_dynamic_map(), bnb_functional.create_dynamic_map())
     assert torch.equal(create_dynamic_map(signed=False), bnb_functional.create_dynamic_map(signed=False))
+    for arguments in [(True, 8, True), (False, 8, True), (True, 4, True), (True, 8, False), (False, 3, False)]:
+        assert torch.equal(F4.create_linear_map(*arguments), bnb_functional.create_linear_map(*arguments))
+
+
+def test_normal_maps_are_identical():
+    """bitsandbytes builds it through scipy's normal quantiles, fourbit through torch's."""
+    pytest.importorskip("scipy")
+    for arguments in [(), (0.99,), (0.9677083, False), (0.75, True)]:
+        assert torch.equal(F4.create_normal_map(*arguments), bnb_functional.create_normal_map(*arguments))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=describe_dtype)

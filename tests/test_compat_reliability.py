@@ -60,6 +60,34 @@ def test_fp8_maps_are_sorted_normalized_256_entry_tables():
         F4.create_fp8_map(True, 4, 4, 8)
 
 
+def test_the_normal_map_is_what_nf4_is_built_from():
+    """Its 15 non-zero quantiles, with NF4's zero, are NF4's table exactly; without the extra
+    value there are 14, symmetric; both maps are sorted, normalized and 256 entries long."""
+    code = F4.create_normal_map()
+    assert code.shape == (256,) and code.dtype == torch.float32 and torch.equal(code, code.sort().values)
+    quantiles = code[code != 0]
+    assert code.max() == 1 and quantiles.numel() == 15
+    assert torch.equal(torch.cat([quantiles[:7], torch.zeros(1), quantiles[7:]]), F4.get_4bit_type("nf4"))
+    symmetric = F4.create_normal_map(use_extra_value=False)
+    assert symmetric[symmetric != 0].numel() == 14 and torch.equal(symmetric, -symmetric.flip(0))
+    with pytest.raises(ValueError, match=r"offset must lie between 0\.5 and 1"):
+        F4.create_normal_map(offset=0.4)
+
+
+def test_linear_maps_are_evenly_spaced_with_zero_on_the_grid():
+    code = F4.create_linear_map()  # signed, 8 bits, zero added: 255 values from -1 to 1 and one 0
+    assert code.shape == (256,) and code.min() == -1 and code.max() == 1 and (code.abs() < 1e-6).sum() == 2
+    four = F4.create_linear_map(signed=True, total_bits=4)  # 15 values from -1 to 1, zeros between
+    assert torch.equal(torch.cat([four[:7], four[-8:]]), torch.linspace(-1, 1, 15))
+    assert not four[7:-8].any()
+    unsigned = F4.create_linear_map(signed=False, total_bits=8)
+    assert torch.equal(unsigned, torch.linspace(0, 1, 256))
+    codes, state = F4.quantize_blockwise(torch.rand(512), code=unsigned, blocksize=256)
+    assert (F4.dequantize_blockwise(codes, state) >= 0).all()
+    with pytest.raises(ValueError, match="total_bits must be a whole number from 1 to 8"):
+        F4.create_linear_map(total_bits=9)
+
+
 def test_an_fp8_map_quantizes_through_quantize_blockwise():
     A = torch.randn(4096)
     code = F4.create_fp8_map()

@@ -235,6 +235,40 @@ def create_fp8_map(
     return code / code.max()
 
 
+def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> torch.Tensor:
+    """The 256-entry float32 map of normal quantiles NF4 is built from (QLoRA's construction):
+    quantiles of the standard normal at ``offset`` down to 0.5, eight positive (seven without
+    ``use_extra_value``) and seven negative, zero in every other entry, sorted and divided by the
+    largest. The quantiles are taken in float64 from float32 probabilities, as bitsandbytes'
+    ``create_normal_map`` takes them through scipy (which fourbit does not need)."""
+    if not 0.5 < offset < 1:
+        raise ValueError(f"offset must lie between 0.5 and 1 (a probability above the median), got {offset!r}")
+
+    def quantiles(count: int) -> torch.Tensor:
+        probabilities = torch.linspace(offset, 0.5, count + 1)[:-1]  # float32, as the reference map's
+        return torch.special.ndtri(probabilities.double()).float()
+
+    positive = quantiles(8 if use_extra_value else 7)
+    negative = -quantiles(7)
+    zeros = torch.zeros(256 - positive.numel() - negative.numel())
+    values = torch.cat([positive, zeros, negative]).sort().values
+    return values / values.max()
+
+
+def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool = True) -> torch.Tensor:
+    """An evenly spaced float32 map from -1 (0 unsigned) to 1 for ``quantize_blockwise(code=...)``:
+    ``2**total_bits`` values, one fewer when signed and ``add_zero`` or fewer than 8 bits (so that
+    zero lies on the grid), padded with zeros in the middle to 256 entries."""
+    if isinstance(total_bits, bool) or not isinstance(total_bits, int) or not 1 <= total_bits <= 8:
+        raise ValueError(f"total_bits must be a whole number from 1 to 8, got {total_bits!r}")
+    count = 2**total_bits
+    if signed and (add_zero or total_bits < 8):
+        count -= 1
+    values = torch.linspace(-1.0 if signed else 0.0, 1.0, count)
+    half = values.numel() // 2
+    return torch.cat([values[:half], torch.zeros(256 - values.numel()), values[half:]])
+
+
 def packed_nbytes(numel: int) -> int:
     """Bytes needed to pack ``numel`` 4-bit values, two per byte (an odd count is padded)."""
     return (numel + 1) // 2
