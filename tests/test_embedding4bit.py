@@ -105,6 +105,22 @@ def test_saving_works_in_float_form_only():
         table.state_dict()
 
 
+def test_a_float_table_loads_into_a_quantized_module():
+    """Quantized again with the module's settings, as loading it before the move would; a table
+    that does not fit is an error naming both shapes, and the module keeps its table."""
+    dense, quantized_first = _tables(20, 64, torch.float32, "nf4")
+    reloaded = fourbit.nn.EmbeddingNF4(20, 64).to("cpu")
+    reloaded.load_state_dict(dense.state_dict())
+    assert torch.equal(reloaded.weight.data, quantized_first.weight.data)
+    assert reloaded.weight.module is reloaded and reloaded.quant_state is reloaded.weight.quant_state
+    index = torch.arange(20)
+    assert torch.equal(reloaded(index), quantized_first(index))
+    packed = reloaded.weight.data.clone()
+    with pytest.raises(RuntimeError, match=r"a float table of shape \(20, 64\) is needed, got a torch.float32 tensor"):
+        reloaded.load_state_dict({"weight": torch.zeros(3, 64)})
+    assert torch.equal(reloaded.weight.data, packed)
+
+
 def test_quant_storage_views_of_the_packed_table():
     """A table stored as another dtype (``quant_storage``) decodes the same rows."""
     _, plain = _tables(40, 128, torch.bfloat16, "nf4")

@@ -5,7 +5,7 @@ module moves to a device, as ``Linear4bit``'s weight is. A lookup decodes only t
 when a row is a whole number of blocks (``embedding_dim`` a multiple of the blocksize), else the
 whole table. The packed table is saved only in float form: a quantized module refuses
 ``state_dict()`` (bitsandbytes refuses it always), so save the float table and quantize it after
-loading.
+loading; a float table loads into a quantized module too, quantized again.
 """
 
 from __future__ import annotations
@@ -93,6 +93,35 @@ class Embedding4bit(nn.Embedding):
         if isinstance(weight, Params4bit):
             weight.share_state_with_module()  # the moved state
         return result
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """A float table loads as ``nn.Embedding``'s does; into a quantized module it is quantized
+        again with the module's settings, where it lies (nothing changes if it does not fit)."""
+        key = f"{prefix}weight"
+        weight, current = state_dict.get(key), self._parameters.get("weight")
+        if isinstance(current, Params4bit) and current.bnb_quantized and isinstance(weight, Tensor):
+            expected = (self.num_embeddings, self.embedding_dim)
+            if tuple(weight.shape) != expected or not weight.is_floating_point():
+                error_msgs.append(
+                    f"While loading {key!r} into {type(self).__name__}: a float table of shape {expected} is needed, "
+                    f"got a {weight.dtype} tensor of shape {tuple(weight.shape)}"
+                )
+                return
+            fresh = current.unquantized_like(weight.detach().clone(), module=self)
+            self.weight = fresh.to(current.device)
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         weight = self._parameters.get("weight")
