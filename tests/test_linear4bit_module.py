@@ -249,6 +249,31 @@ def test_float64_inputs_compile_without_a_graph_break():
         assert torch.equal(compiled(x), layer(x))
 
 
+@needs_fullgraph
+@pytest.mark.parametrize("device", available_devices())
+def test_compiled_calls_pass_the_weight_to_the_op_without_its_torch_function(device, monkeypatch):
+    """The compiled graph hands the op a view of the packed bytes: the weight itself would run
+    ``Params4bit.__torch_function__`` in Python on every call of the graph (torch 2.11 does)."""
+    torch.compiler.reset()
+    _, layer = _quantized_layer(device=device)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 64, device=device)
+    with torch.no_grad():
+        expected = layer(x)
+        compiled(x)
+        seen = []
+        dispatch = bnb.nn.Params4bit.__torch_function__.__func__
+
+        def spy(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return dispatch(cls, func, types, args, kwargs)
+
+        monkeypatch.setattr(bnb.nn.Params4bit, "__torch_function__", classmethod(spy))
+        out = compiled(x)
+    assert torch.equal(out, expected)
+    assert not [func for func in seen if "fourbit" in str(func)]
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.int8, torch.bool, torch.complex64, "bfloat16"], ids=str)
 def test_a_compute_dtype_that_is_not_a_floating_dtype_is_refused_up_front(compute_dtype):
     """Refused where it is given (a layer, quantize_model, load_quantized), before anything

@@ -146,14 +146,21 @@ class QuantState:
         offset: Tensor | None = None,
         state2: QuantState | None = None,
     ) -> None:
-        self.absmax = absmax
-        self.shape = torch.Size(shape) if shape is not None else None
-        self.code = code
-        self.dtype = dtype
-        self.blocksize = blocksize
-        self.quant_type = quant_type
-        self.offset = offset
-        self.state2 = state2
+        # a new state has no buffer, traced arguments or prepared product to drop, so its fields
+        # are set directly: ``__setattr__``'s bookkeeping is what torch 2.11's dynamo cannot trace,
+        # and states are built inside compiled code (``Embedding4bit.forward``)
+        fields = {
+            "absmax": absmax,
+            "shape": torch.Size(shape) if shape is not None else None,
+            "code": code,
+            "dtype": dtype,
+            "blocksize": blocksize,
+            "quant_type": quant_type,
+            "offset": offset,
+            "state2": state2,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Replacing a statistic drops the buffer its tensors were views of, and assigning any
