@@ -17,6 +17,11 @@ from fourbit.nn import Linear4bit
 
 LINEAR = torch.ops.fourbit.linear_4bit.default
 GROUP = torch.ops.fourbit.linear_4bit_group.default
+#: What grouping rests on: inductor's custom graph passes, and traces whose every node carries
+#: its value (torch 2.6 and newer; ``compile_options`` refuses older torch).
+needs_graph_passes = pytest.mark.skipif(
+    torch.__version__ < (2, 6), reason=f"grouped products need torch 2.6 or newer, not {torch.__version__}"
+)
 
 
 def _layer(n: int, k: int, blocksize: int = 64, bias: bool = False, compress: bool = True) -> Linear4bit:
@@ -77,6 +82,7 @@ def _count(graph: torch.fx.Graph, target) -> int:
     return sum(1 for node in graph.nodes if node.op == "call_function" and node.target is target)
 
 
+@needs_graph_passes
 def test_the_pass_groups_products_of_one_input_and_keeps_their_values():
     torch.manual_seed(0)
     block = Block()
@@ -90,6 +96,27 @@ def test_the_pass_groups_products_of_one_input_and_keeps_their_values():
         assert torch.equal(traced(x), block(x))
 
 
+@needs_graph_passes
+def test_the_pass_leaves_a_product_whose_tensors_carry_no_value():
+    """The group's value is built from its members' tensors' values: a group with a member without
+    one (as torch 2.5's traces leave constants) is left as its products, and the graph still runs."""
+    torch.manual_seed(0)
+    block = Block()
+    x = torch.randn(3, 128)
+    traced = _traced(block, x)
+    products = [node for node in traced.graph.nodes if node.op == "call_function" and node.target is LINEAR]
+    packed = torch.fx.operator_schemas.normalize_function(
+        LINEAR, products[0].args, products[0].kwargs, normalize_to_only_use_kwargs=True
+    ).kwargs["packed"]
+    del packed.meta["val"]  # q's packed bytes
+    assert group_products(traced.graph, devices=("cpu",)) == 1  # gate with up; q, k and v left
+    traced.recompile()
+    assert _count(traced.graph, LINEAR) == 3 and _count(traced.graph, GROUP) == 1
+    with torch.no_grad():
+        assert torch.equal(traced(x), block(x))
+
+
+@needs_graph_passes
 def test_the_pass_leaves_products_it_may_not_group():
     """Inputs of more rows than it groups (or of unknown rows), another device, weights of other
     blocksizes or statistics kinds, one with a bias and one without, and no more than
@@ -154,6 +181,7 @@ class _Counting(GroupedProducts):
         type(self).made += group_products(graph, self.devices, self.max_rows)
 
 
+@needs_graph_passes
 def test_a_compiled_model_with_the_options_groups_and_gives_the_same_outputs():
     torch.manual_seed(2)
     block = Block()
@@ -171,6 +199,7 @@ def test_a_compiled_model_with_the_options_groups_and_gives_the_same_outputs():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_graph_passes
 def test_a_compiled_training_step_with_grouped_products_gives_the_eager_gradients():
     """The pass runs on the forward graph after autograd was traced: a step with a gradient (and
     a trainable layer on one member's output, as LoRA adds) keeps eager's loss and gradients."""
@@ -197,6 +226,7 @@ def test_a_compiled_training_step_with_grouped_products_gives_the_eager_gradient
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-3)
 
 
+@needs_graph_passes
 def test_compile_options_carry_the_modes_options_and_a_pass_keyed_on_its_arguments():
     options = fourbit.compile_options("reduce-overhead")
     assert options["triton.cudagraphs"] is True

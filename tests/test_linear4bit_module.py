@@ -410,3 +410,33 @@ def test_a_zero_block_packs_to_the_code_of_zero():
     packed, _ = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
     row = packed.view(-1)[64:128]  # the packed bytes of row 1
     assert torch.equal(row, torch.full_like(row, 0x77))  # NF4's zero is code 7, in both nibbles
+
+
+@pytest.fixture
+def flushed_denormals():
+    """Denormals flushed to zero, as ``torch.set_flush_denormal(True)`` (or a library built with
+    fast math) leaves a process; skipped where the CPU cannot."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch-ops"])
+@pytest.mark.parametrize("numel", [4 * 128, 4 * 128 + 40], ids=["whole-blocks", "short-last-block"])
+def test_zero_blocks_code_to_zero_where_denormals_are_flushed(flushed_denormals, monkeypatch, native, numel):
+    """The absmax floor of an all-zero block is a denormal, read as 0 there: the block must still
+    code to zero (it coded to 15, NaN's code, on every CPU path), and the others as before."""
+    monkeypatch.setenv("FOURBIT_CPU_NATIVE", native)
+    torch.manual_seed(0)
+    weight = torch.randn(numel)
+    weight[128:256] = 0  # two whole blocks of 64
+    weight[512:] = 0  # the short last block, where there is one
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    zeros = torch.cat([packed.view(-1)[64:128], packed.view(-1)[256:]])
+    assert torch.equal(zeros, torch.full_like(zeros, 0x77))
+    torch.set_flush_denormal(False)
+    expected, expected_state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    assert torch.equal(packed, expected)
+    # (the short block stores the floor itself, which flushed reads 0: it decodes to zeros alike)
+    assert torch.equal(state.absmax[:8], expected_state.absmax[:8]) and bool((state.absmax[8:] <= 1e-38).all())

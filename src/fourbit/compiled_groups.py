@@ -104,8 +104,12 @@ def _inputs_ready(group: list[tuple[fx.Node, dict[str, Any]]], order: dict[fx.No
     of a layer's statistics buffer), which ``_replace`` moves there."""
     first = order[group[0][0]]
     nodes = [value for _, arguments in group for value in arguments.values() if isinstance(value, fx.Node)]
-    return all(_movable(node, first, order) for node in nodes) and all(
-        isinstance(size, int) for _, arguments in group for size in arguments["shape"]
+    # the group's value is made from its members' (torch 2.5's traces leave constants without one)
+    known = all("val" in node.meta for node in nodes)
+    return (
+        known
+        and all(_movable(node, first, order) for node in nodes)
+        and all(isinstance(size, int) for _, arguments in group for size in arguments["shape"])
     )
 
 

@@ -31,6 +31,11 @@ _DEFAULTS = (None, None, None, None, NESTED_BLOCKSIZE, False)
 #: Where ``A`` and ``bias`` are among the op's arguments.
 _A, _BIAS = 0, 6
 
+#: Whether any argument is a tensor that requires a gradient (in C++ from torch 2.6).
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
+    lambda *args: any(isinstance(arg, Tensor) and arg.requires_grad for arg in args)
+)
+
 #: Per backend keyset (``DispatchKeySet.raw_repr``), the op's kernel that calls may take directly.
 _direct_kernels: dict[int, Callable[..., Tensor]] = {}
 
@@ -93,7 +98,7 @@ class _Linear4bit(torch.autograd.Function):
 def linear_4bit_autograd(keyset: torch._C.DispatchKeySet, *args: Any) -> Tensor:
     """The op's Autograd kernel (``with_keyset``): the gradient recorded when an input requires
     one, else the backend's kernel called directly where nothing below autograd must see the call."""
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    if torch.is_grad_enabled() and _any_requires_grad(*args):
         return _Linear4bit.apply(*args, keyset)
     below = keyset & _AFTER_AUTOGRAD
     kernel = _direct_kernels.get(below.raw_repr())

@@ -33,6 +33,13 @@ BLOCKWISE_GRID_STEPS = 65535
 ABSMAX_FLOOR = 1e-38
 
 
+def absmax_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """``1 / max(absmax, ABSMAX_FLOOR)`` (NaN kept), and 0 for an all-zero block: the floor is a
+    denormal, which a flush-to-zero environment (``torch.set_flush_denormal(True)``) reads as 0,
+    and a zero block must still code to zero there."""
+    return torch.where(absmax == 0, 0.0, 1.0 / absmax.clamp(min=ABSMAX_FLOOR))
+
+
 def decode_table(code: torch.Tensor) -> torch.Tensor:
     """``code`` as the float32 table kernels decode with: every zero entry +0.0 (FP4's "-0" too)."""
     return code.float().masked_fill(code == 0, 0.0)
@@ -69,12 +76,14 @@ def quantize_4bit(
     full = n - n % blocksize
     whole = flat[:full].view(-1, blocksize)
     absmax = whole.abs().amax(dim=1)
-    scaled = torch.clamp(whole * (1.0 / absmax.clamp(min=ABSMAX_FLOOR)).view(-1, 1), -1, 1).reshape(-1)
+    scaled = torch.clamp(whole * absmax_reciprocal(absmax).view(-1, 1), -1, 1).reshape(-1)
     if full < n:
         tail = flat[full:]
         tail_absmax = tail.abs().amax().clamp(min=ABSMAX_FLOOR)
         absmax = torch.cat([absmax, tail_absmax.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(tail / tail_absmax, -1, 1)])
+        # (divided, as bitsandbytes divides a short block; all zero where the floor reads as 0)
+        tail_scaled = torch.where(tail_absmax == 0, 0.0, tail / tail_absmax)
+        scaled = torch.cat([scaled, torch.clamp(tail_scaled, -1, 1)])
     if n % 2:
         scaled = F.pad(scaled, (0, 1))
     midpoints, order = sorted_code(code)

@@ -39,6 +39,15 @@ enum Isa : int32_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 
 // The smallest absmax a quantize divides by (reference.ABSMAX_FLOOR): all-zero blocks code to zero.
 constexpr float ABSMAX_FLOOR = 1e-38f;
 
+// What a block's values are multiplied by (reference.absmax_reciprocal): 1 / max(amax, ABSMAX_FLOOR),
+// NaN kept, and 0 for an all-zero block, which then codes to zero where denormals are flushed
+// (torch.set_flush_denormal(True)) and the floor itself reads as 0.
+inline float absmax_reciprocal(float amax) {
+  if (amax != amax) return amax;
+  if (amax == 0.0f) return 0.0f;
+  return 1.0f / (amax < ABSMAX_FLOOR ? ABSMAX_FLOOR : amax);
+}
+
 // Blocks handled in one run (a dequantize task; the blocks of a weight row in a product).
 constexpr int64_t MAX_RUN = 512;
 

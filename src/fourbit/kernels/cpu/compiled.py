@@ -68,7 +68,7 @@ def _quantize_blocks(
     """
     x = x.float()
     absmax = x.abs().amax(1, keepdim=True)  # NaN propagates, as in the reference
-    reciprocal = 1.0 / absmax.clamp_min(reference.ABSMAX_FLOOR)
+    reciprocal = reference.absmax_reciprocal(absmax)
     pairs = x.view(x.shape[0], -1, 2)
     high = _code_index(pairs[..., 0] * reciprocal, midpoints, order)
     low = _code_index(pairs[..., 1] * reciprocal, midpoints, order)

@@ -29,7 +29,7 @@ void quantize_blocks(const T* x, int64_t first, int64_t last, int64_t blocksize,
     }
     const float amax = nan ? std::numeric_limits<float>::quiet_NaN() : largest;
     absmax[b] = amax;
-    const float reciprocal = 1.0f / (nan ? amax : (amax < ABSMAX_FLOOR ? ABSMAX_FLOOR : amax));
+    const float reciprocal = absmax_reciprocal(amax);
     for (int64_t i = 0; i < blocksize; ++i) {  // branch-free, so that the compiler vectorizes it
       const float scaled = values[i] * reciprocal;
       const float bounded = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);
@@ -76,7 +76,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quantize_bloc
     }
     const float amax = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(largest);
     absmax[b] = amax;
-    const __m512 reciprocal = _mm512_set1_ps(1.0f / (nan ? amax : (amax < ABSMAX_FLOOR ? ABSMAX_FLOOR : amax)));
+    const __m512 reciprocal = _mm512_set1_ps(absmax_reciprocal(amax));
     uint8_t* out = packed + base / 2;
     for (int64_t i = 0; i < blocksize; i += 16) {
       const __m512 scaled = _mm512_mul_ps(load16_avx512<DTYPE>(x, base + i), reciprocal);
@@ -139,7 +139,7 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_blocks_avx2(const void* x
     const bool any_nan = _mm256_movemask_ps(nan) != 0;
     const float amax = any_nan ? std::numeric_limits<float>::quiet_NaN() : _mm_cvtss_f32(half);
     absmax[b] = amax;
-    const __m256 reciprocal = _mm256_set1_ps(1.0f / (any_nan ? amax : (amax < ABSMAX_FLOOR ? ABSMAX_FLOOR : amax)));
+    const __m256 reciprocal = _mm256_set1_ps(absmax_reciprocal(amax));
     uint8_t* out = packed + base / 2;
     for (int64_t i = 0; i < blocksize; i += 16) {
       const __m256i p0 = positions_avx2(load8_avx2<DTYPE>(x, base + i), reciprocal, mids);
