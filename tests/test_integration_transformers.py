@@ -15,6 +15,7 @@ from helpers import (
     available_devices,
     causal_lm_logits,
     import_transformers,
+    needs_compilable_transformers,
     needs_fullgraph,
     run_without_bitsandbytes,
     save_tiny_llama,
@@ -385,6 +386,7 @@ def test_a_float_layer_in_a_prequantized_checkpoint_is_quantized_on_load(tmp_pat
     assert torch.equal(causal_lm_logits(reloaded), causal_lm_logits(reference))
 
 
+@needs_compilable_transformers
 @needs_fullgraph
 def test_compiled_generate_with_module_guards_skipped_gives_eager_tokens(tmp_path: Path):
     """transformers' compiled decoding with torch's ``skip_guard_on_all_nn_modules_unsafe``
@@ -416,6 +418,7 @@ def test_compiled_generate_with_module_guards_skipped_gives_eager_tokens(tmp_pat
     assert kept and not on_layers, on_layers[:5]
 
 
+@needs_compilable_transformers
 @needs_fullgraph
 @pytest.mark.parametrize("device", available_devices())
 def test_a_compiled_llama_with_grouped_products_gives_the_eager_logits(tmp_path: Path, device: str):
