@@ -132,6 +132,7 @@ class QuantState:
         "nested_dtype",
         "nested_offset",
     )
+    _init_fields = ("absmax", "shape", "code", "dtype", "blocksize", "quant_type", "offset", "state2")
     _required_keys = ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape")
     _nested_keys = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
 
@@ -146,20 +147,11 @@ class QuantState:
         offset: Tensor | None = None,
         state2: QuantState | None = None,
     ) -> None:
-        # a new state has no buffer, traced arguments or prepared product to drop, so its fields
-        # are set directly: ``__setattr__``'s bookkeeping is what torch 2.11's dynamo cannot trace,
-        # and states are built inside compiled code (``Embedding4bit.forward``)
-        fields = {
-            "absmax": absmax,
-            "shape": torch.Size(shape) if shape is not None else None,
-            "code": code,
-            "dtype": dtype,
-            "blocksize": blocksize,
-            "quant_type": quant_type,
-            "offset": offset,
-            "state2": state2,
-        }
-        for name, value in fields.items():
+        # set directly: a new state has nothing for ``__setattr__`` to drop, whose bookkeeping torch
+        # 2.11's dynamo cannot trace in compiled code that builds states (``Embedding4bit.forward``)
+        shape = torch.Size(shape) if shape is not None else None
+        values = (absmax, shape, code, dtype, blocksize, quant_type, offset, state2)
+        for name, value in zip(self._init_fields, values, strict=True):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
