@@ -4,7 +4,8 @@ The arithmetic follows bitsandbytes 0.50.2 on the CPU step by step, so that pack
 absmax and dequantized values are bit-identical with it:
 
 * 4-bit quantize: full blocks are scaled by ``x * (1 / max(absmax, 1e-38))``; a short last
-  block by ``x / max(absmax, 1e-38)`` (and its stored absmax is the clamped one); the nearest
+  block by ``x / max(absmax, 1e-38)`` (and its stored absmax is the clamped one); an all-zero
+  block is scaled to zeros also where denormals are flushed (``absmax_reciprocal``); the nearest
   code is found by bucketizing against the float32 midpoints of the sorted table (a value on a
   midpoint takes the lower code).
 * 8-bit blockwise quantize (used for nested statistics): bitsandbytes' CPU library maps
