@@ -196,6 +196,22 @@ def test_the_functional_preparation_is_not_copied_pickled_or_compared():
             assert torch.equal(fourbit.matmul_4bit(x, packed.t(), clone), result)
 
 
+def test_the_key_changes_with_every_assignment_to_the_state_or_its_nested_state():
+    """Assignments are counted per state; copies and pickles are new states and carry no count."""
+    packed, state = _functional_case("cpu")
+    keys = [F4.prepared_key(packed, state)]
+    state.blocksize = state.blocksize  # the same value: still an assignment
+    keys.append(F4.prepared_key(packed, state))
+    state.state2.absmax = state.state2.absmax.clone()
+    keys.append(F4.prepared_key(packed, state))
+    state.code.mul_(1)  # in place: the code table's version
+    keys.append(F4.prepared_key(packed, state))
+    assert len(set(keys)) == len(keys)
+    assert F4.prepared_key(packed, state) == keys[-1]
+    for clone in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert "_generation" not in clone.__dict__ and clone == state
+
+
 def test_an_input_on_another_device_than_the_weight_is_refused_with_a_clear_error():
     """Not a crash in the kernel, which would read the other device's pointer."""
     layer = _layer("cpu")

@@ -319,11 +319,11 @@ def _traced_op_arguments(B: Tensor, state: QuantState, differentiable: bool) -> 
 def prepared_product(B: Tensor, state: QuantState) -> ops.PreparedLinear:
     """The product with the packed weight ``B`` of ``state``, prepared once (``prepare_linear``)
     and kept on ``state``; rebuilt when ``B``'s bytes (not its view: ``matmul_4bit`` takes the
-    transpose that ``dequantize_4bit`` does not), the state's identity, layout, tensors or settings
-    change, and checked whenever it is (re)built."""
+    transpose that ``dequantize_4bit`` does not) or ``prepared_key`` change, and checked whenever
+    it is (re)built."""
     try:
         size = B.numel() * B.element_size()
-        key = (*prepared_key(B, state), size, state.blocksize, tuple(state.shape), state.quant_type)
+        key = (*prepared_key(B, state), size)
     except AttributeError:
         check_4bit_state(B, state)  # names what is wrong with the arguments
         raise

@@ -83,21 +83,19 @@ def prepare_linear(B: Tensor, state: QuantState) -> ops.PreparedLinear:
 
 
 def prepared_key(B: Tensor, state: QuantState) -> tuple[int, ...]:
-    """What a ``prepare_linear`` result depends on: where the packed bytes are, the identity of
-    the state, its layout and each of its tensors, and the version of the code tables (derived tables)."""
+    """What a ``prepare_linear`` result depends on: where the packed bytes are, the state (its
+    identity and how many times its attributes were assigned), the nested state's likewise, and
+    the version of the code table (derived tables). In-place changes to the statistics need no
+    new product: it reads the tensors themselves."""
     inner = state.state2
-    code = state.code
     with torch._C.DisableTorchFunctionSubclass():  # Params4bit's torch-function hook costs more than the read
         pointer = B.data_ptr()
+    code = state.code
     return (
         pointer,
-        state.tiled,
         id(state),
-        id(state.absmax),
-        id(code),
-        version(code) if code is not None else -1,
-        id(state.offset),
+        state._generation,
         id(inner),
-        id(inner.absmax) if inner is not None else 0,
-        id(inner.code) if inner is not None else 0,
+        inner._generation if inner is not None else 0,
+        version(code) if code is not None else -1,
     )

@@ -61,6 +61,7 @@ __all__ = [
 #: Where ``functional.prepared_product`` keeps a state's prepared product: never copied, pickled
 #: or compared.
 PREPARED_ATTRIBUTE = "_prepared_product"
+_NOT_COPIED = (PREPARED_ATTRIBUTE, "_generation")
 
 
 def _dtype_from_name(value: Any, key: str) -> torch.dtype:
@@ -118,6 +119,9 @@ class QuantState:
     _buffer_parent: Any = None
     #: What a traced call reads of the state (``fourbit.state_buffer.traced_arguments``), if kept.
     _traced_arguments: tuple | None = None
+    #: How many times a public attribute was assigned: with the state's identity, what a prepared
+    #: product checks instead of each field (``fourbit.prepared.prepared_key``). Never copied.
+    _generation: int = 0
 
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = tuple(f"{PACKED_KEY_PREFIX}{name}" for name in QUANT_TYPES)
@@ -161,6 +165,7 @@ class QuantState:
         if not name.startswith("_"):
             self.__dict__.pop(TRACED_ARGUMENTS_ATTRIBUTE, None)
             self.__dict__.pop(PREPARED_ATTRIBUTE, None)
+            object.__setattr__(self, "_generation", self._generation + 1)
         if name in _STATISTICS_FIELDS:
             drop_statistics_buffer(self)
         object.__setattr__(self, name, value)
@@ -374,8 +379,9 @@ class QuantState:
                 torch._dynamo.mark_static_address(tensor, guard=False)
 
     def _attributes(self) -> dict[str, Any]:
-        """``__dict__`` without the product ``functional.prepared_product`` keeps here."""
-        return {name: value for name, value in self.__dict__.items() if name != PREPARED_ATTRIBUTE}
+        """``__dict__`` without the product ``functional.prepared_product`` keeps here and the
+        count of assignments (a copy is a new state)."""
+        return {name: value for name, value in self.__dict__.items() if name not in _NOT_COPIED}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without ``tiled``: what pickles the packed bytes (``Params4bit``) stores them
