@@ -1,6 +1,6 @@
 """Host time of eager calls: fourbit's Linear4bit next to F.linear, nn.Linear and bitsandbytes.
 
-    python benchmarks/profile_host.py --shapes 4096x4096 4096x14336 --rows 1 [--profile]
+    python benchmarks/profile_host.py --shapes 4096x4096 4096x14336 --rows 1 [--profile] [--layers]
 
 The op row is ``torch.ops.fourbit.linear_4bit`` with the same weight: what a compiled graph
 calls without CUDA graphs; ``--register-autograd`` adds a copy of the op whose gradient is
@@ -19,6 +19,7 @@ import contextlib
 import cProfile
 import pstats
 import time
+from collections.abc import Callable
 from functools import partial
 from unittest import mock
 
@@ -137,6 +138,35 @@ def without_dependent_launches(module: fourbit.nn.Linear4bit, x: torch.Tensor):
                                       (fragment_groups, "dependent_launches", never)])  # fmt: skip
 
 
+def layer_calls(module: fourbit.nn.Linear4bit, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Each layer of ``module``'s eager call on ``x``, from its ``forward`` down to Triton's
+    launcher, as calls of their own (empty unless the call is one kept kernel launch): the host
+    time a layer adds is its row less the next one's."""
+    from fourbit.kernels.triton.launch import ProductLaunch
+
+    with torch.no_grad():
+        module(x)  # prepares the product and its launch for such inputs
+    prepared = module._prepared[1]
+    launches = getattr(getattr(prepared, "kernel", None), "launches", {})
+    launch = next(iter(launches.values()), None)
+    if not isinstance(launch, ProductLaunch) or not launch.launch.direct():
+        return {}
+    kernel = prepared.kernel
+    out = torch.empty(launch.out_shape, dtype=launch.dtype, device=x.device)
+    workspace, counters = launch._split_buffers() if launch.tiles else (out, out)
+    pointer = out.data_ptr()
+    arguments = (x.data_ptr(), *launch.pointers, pointer, pointer, workspace.data_ptr(), counters.data_ptr(),
+                 *launch.after)  # fmt: skip
+    return {
+        "  Linear4bit.forward": partial(module.forward, x),
+        "  ops.PreparedLinear": partial(prepared, x, None),
+        "  PreparedWeight.linear": partial(kernel.linear, x, None),
+        "  ProductLaunch": partial(launch, x, None),
+        "  KernelLaunch.run": partial(launch.launch.run, *arguments),
+        "  the output's torch.empty": partial(torch.empty, launch.out_shape, dtype=launch.dtype, device=x.device),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "28672x8192"], help="N x K")
@@ -154,6 +184,11 @@ def main() -> None:
         "--no-dependent",
         action="store_true",
         help="a row for fourbit's call with its few-row launch made an ordinary launch, not a programmatic dependent",
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="rows for each layer of fourbit's call, from Linear4bit.forward down to the kernel's launcher",
     )
     parser.add_argument(
         "--register-autograd",
@@ -190,6 +225,8 @@ def main() -> None:
                 cases["fourbit Linear4bit, captured tables"] = with_captured_tables(modules["captured"], x)
             if args.no_dependent:
                 cases["fourbit Linear4bit, no dependent launch"] = without_dependent_launches(modules["independent"], x)
+            if args.layers:
+                cases.update(layer_calls(modules["fourbit Linear4bit"], x))
             with torch.no_grad():
                 # the calls take turns, and each keeps its quickest burst: the host's noise
                 # (other processes, frequency) then weighs on every call alike

@@ -131,6 +131,31 @@ def test_profile_host_prepares_a_launch_without_dependent_launches(monkeypatch):
     assert call() is x and seen[1][:2] == originals  # later calls: the library as it was
 
 
+def test_profile_host_breaks_an_eager_call_into_its_layers(monkeypatch):
+    """``profile_host.py --layers``: each layer's call gives the module's output where it returns
+    one; a module whose call is not one kept kernel launch (the CPU's) has no layers to time."""
+    import torch
+
+    import fourbit
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_host
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = fourbit.nn.Linear4bit(256, 128, **profile_host.SETTINGS).to(device)
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=device)
+    calls = profile_host.layer_calls(module, x)
+    if device == "cpu":
+        assert calls == {}
+        return
+    with torch.no_grad():
+        expected = module(x)
+        for name in ("  Linear4bit.forward", "  ops.PreparedLinear", "  PreparedWeight.linear", "  ProductLaunch"):
+            torch.testing.assert_close(calls[name](), expected, msg=name)  # split K may sum in another order
+    calls["  KernelLaunch.run"]()
+    assert calls["  the output's torch.empty"]().shape == expected.shape
+
+
 def test_launch_probe_times_a_launch_after_each_step():
     out = _run("launch_probe.py", "--device", "cpu", "--size", "256", "--launches", "200")
     for step in ("torch only", "fourbit imported", "an eager product of 1 row", "a compiled product of 32 rows"):

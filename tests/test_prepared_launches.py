@@ -256,6 +256,62 @@ def test_direct_launches_match_the_jit_launch_bit_for_bit():
     torch.testing.assert_close(prepared.linear(unaligned), prepared.linear(unaligned.clone()), rtol=0, atol=0)
 
 
+class _Launcher36:
+    """The shape of Triton 3.6's launcher object: its call finds no scratch memory to allocate
+    and passes everything on to the C launch function (here a recorder)."""
+
+    def __init__(self, record, global_scratch=0, profile_scratch=0):
+        self.launch = record
+        self.global_scratch_size, self.profile_scratch_size = global_scratch, profile_scratch
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    None, None, *args)  # fmt: skip
+
+
+def test_the_raw_launch_passes_what_the_launcher_object_would(monkeypatch):
+    monkeypatch.setattr(launch.triton, "__version__", "3.6.0")
+    calls = []
+    record = lambda *arguments: calls.append(arguments)  # noqa: E731
+    kept = launch.KernelLaunch(None, (3, 2), {}, torch.device("cpu"))
+    kept.compiled = (_Launcher36(record), 1234, (4, 1, 0))
+    monkeypatch.setattr(launch.torch._C, "_cuda_getCurrentRawStream", lambda index: 77, raising=False)
+    kept.run(10, 20, 30)  # through the object
+    kept.raw = (record, launch.raw_launcher(_Launcher36(print), 1234, (4, 1, 0))[1])
+    kept.run(10, 20, 30)  # straight to the C function
+    assert calls[0] == calls[1] == (3, 2, 1, 77, 1234, False, True, None, None, (4, 1, 0), None, None, None, 10, 20, 30)
+
+
+def test_the_raw_launch_is_taken_only_where_it_was_checked(monkeypatch):
+    monkeypatch.setattr(launch.triton, "__version__", "3.6.0")
+    assert launch.raw_launcher(_Launcher36(print), 1, ()) is not None  # a C function, no scratch
+    assert launch.raw_launcher(_Launcher36(lambda *a: None), 1, ()) is None  # a Python wrapper
+    assert launch.raw_launcher(_Launcher36(print, global_scratch=64), 1, ()) is None
+    assert launch.raw_launcher(_Launcher36(print, profile_scratch=64), 1, ()) is None
+
+    class Other(_Launcher36):
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, *args):
+            pass
+
+    assert launch.raw_launcher(Other(print), 1, ()) is None
+    monkeypatch.setattr(launch.triton, "__version__", "3.9.0")
+    assert launch.raw_launcher(_Launcher36(print), 1, ()) is None
+
+
+@gpu
+def test_products_launch_through_the_raw_launch_bit_for_bit_where_triton_allows():
+    prepared, _ = _prepared_weight(4096, 4096)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    first = prepared.linear(x)  # through the JIT
+    (entry,) = prepared._launches.values()
+    if launch._version(triton.__version__) in launch._RAW_LAUNCH_TRITONS:
+        assert entry.launch.raw is not None
+    raw = prepared.linear(x)
+    entry.launch.raw = None  # through Triton's launcher object
+    assert torch.equal(first, raw) and torch.equal(raw, prepared.linear(x))
+
+
 @gpu
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_the_op_launches_shared_products_directly_for_each_weight(rows):

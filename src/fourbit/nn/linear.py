@@ -149,7 +149,8 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
             forward_quant_state(self, weight)  # raises: not quantized yet
         # compiled, the product checks the input against the state's shape (which the trace
         # guards anyway), so that the trace reads no attribute of its own for it
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             try:
                 columns = x.shape[-1]
             except IndexError:  # a 0-d input
@@ -175,7 +176,7 @@ class Linear4bit(ShardedWeightSupport, nn.Linear):
             dtype = self.compute_dtype
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if isinstance(weight, Params4bit) and dtype in FLOAT_DTYPES and not torch.compiler.is_compiling():
+        if isinstance(weight, Params4bit) and dtype in FLOAT_DTYPES and not compiling:
             out = self._prepared_product(weight)(x, bias)
         else:
             out = matmul_4bit(x, weight, forward_quant_state(self, weight), bias=bias)

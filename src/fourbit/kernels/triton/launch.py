@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -90,7 +92,17 @@ class KernelLaunch:
     hooks of a profiler left out, as only the direct launch carries it.
     """
 
-    __slots__ = ("compiled", "compiled_registers", "device", "extra_shared", "grid", "kernel", "options", "registers")
+    __slots__ = (
+        "compiled",
+        "compiled_registers",
+        "device",
+        "extra_shared",
+        "grid",
+        "kernel",
+        "options",
+        "raw",
+        "registers",
+    )
 
     def __init__(
         self,
@@ -112,6 +124,9 @@ class KernelLaunch:
         self.device = device
         self.registers = registers
         self.compiled: tuple | None = None
+        #: Triton's C launch function and the arguments it takes between the stream and the
+        #: kernel's (``raw_launcher``), or None: ``run`` then calls the launcher object.
+        self.raw: tuple | None = None
         #: Registers a thread of the kernel the JIT compiled got (None until the first call).
         self.compiled_registers: int | None = None
 
@@ -136,7 +151,12 @@ class KernelLaunch:
             getattr(handle, "_init_handles", lambda: None)()
         self.compiled_registers = getattr(handle, "n_regs", None)
         if DIRECT and self.compiled is None and hasattr(handle, "packed_metadata"):
-            self.compiled = (handle.run, handle.function, handle.packed_metadata)
+            self._keep(handle.run, handle.function, handle.packed_metadata)
+
+    def _keep(self, run: Callable, function: int, metadata: tuple) -> None:
+        """Keep the compiled kernel's launcher, function and metadata for ``run``."""
+        self.compiled = (run, function, metadata)
+        self.raw = raw_launcher(run, function, metadata)
 
     def _compile_with_extra_shared(self, arguments: tuple) -> None:
         """Compile (or find) the kernel and keep its launch with ``extra_shared`` more bytes of
@@ -151,13 +171,52 @@ class KernelLaunch:
         metadata[_PACKED_SHARED] = shared
         _allow_dynamic_shared(handle.function, shared)
         self.compiled_registers = getattr(handle, "n_regs", None)
-        self.compiled = (handle.run, handle.function, tuple(metadata))
+        self._keep(handle.run, handle.function, tuple(metadata))
 
     def run(self, *arguments: object) -> None:
         """Launch the compiled kernel directly (only when ``direct()``)."""
-        run, function, metadata = self.compiled
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+        if self.raw is not None:
+            launch, between = self.raw
+            x, y, z = self.grid
+            launch(x, y, z, stream, *between, *arguments)
+            return
+        run, function, metadata = self.compiled
         run(*self.grid, stream, function, metadata, None, None, None, *arguments)
+
+
+#: The Tritons whose C launch function ``raw_launcher`` calls directly (checked against their
+#: sources: the launch takes global and profile scratch between the dependent-launch flag and the
+#: kernel's metadata), and the parameters of their Python launcher object's call.
+_RAW_LAUNCH_TRITONS = ((3, 5), (3, 6))
+_LAUNCHER_PARAMETERS = ("self", "gridX", "gridY", "gridZ", "stream", "function", "args")
+
+
+def raw_launcher(run: object, function: int, metadata: tuple) -> tuple | None:
+    """Triton's compiled C launch function behind the launcher object ``run``, with the arguments
+    it takes between the stream and the kernel's; None unless ``run`` is the launcher this was
+    written against and its Python call would only find no scratch memory to allocate. Calling
+    the C function skips that call's frame and closures (host time on every eager product)."""
+    if _version(triton.__version__) not in _RAW_LAUNCH_TRITONS:
+        return None
+    launch = getattr(run, "launch", None)
+    try:
+        parameters = tuple(inspect.signature(type(run).__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+    if (
+        parameters != _LAUNCHER_PARAMETERS
+        or not isinstance(launch, types.BuiltinFunctionType)
+        or getattr(run, "global_scratch_size", None) != 0
+        or getattr(run, "profile_scratch_size", None) != 0
+        or not hasattr(run, "launch_cooperative_grid")
+        or not hasattr(run, "launch_pdl")
+    ):
+        return None
+    # (function, cooperative grid, dependent launch, global and profile scratch, metadata,
+    # launch metadata, enter and exit hooks): what the object's call passes on with no scratch
+    between = (function, run.launch_cooperative_grid, run.launch_pdl, None, None, metadata, None, None, None)
+    return launch, between
 
 
 @functools.cache
