@@ -84,12 +84,14 @@ for stage in $STAGES; do
         --batches 1 16 256 2048 --memory ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_eager.md"
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 28672x8192 --dtypes bfloat16 \
         --batches 1 16 256 2048 --cuda-graphs ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_graphs.md" ;;
-    eager)  # the eager per-call table and host time, as docs/performance.md reports them
+    eager)  # the eager per-call table and host time, back to back and inside decode steps
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 64 256 --min-time 0.2 2>&1 | tee "$OUT/bench_eager_rows.md"
       "$PYTHON" benchmarks/profile_host.py --shapes 4096x4096 4096x14336 28672x8192 --rows 1 16 64 256 --captured-tables --no-dependent \
         --register-autograd 2>&1 |
-        tee "$OUT/host.md" ;;
+        tee "$OUT/host.md"
+      # the same calls where a model makes them: inside eager decode steps, each starting cold
+      "$PYTHON" benchmarks/profile_step.py --device cuda --layers 8 --batches 1 8 --rounds 3 2>&1 | tee "$OUT/step.md" ;;
     generate)  # end to end: eager and the lean loop, then transformers' compiled decoding
       # (GENERATE_ARGS, for example "--rounds 4": eager rates spread 80-144 tokens/s between processes of
       # identical code on an H200's host, so a target needs several rounds)

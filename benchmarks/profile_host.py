@@ -140,30 +140,58 @@ def without_dependent_launches(module: fourbit.nn.Linear4bit, x: torch.Tensor):
 
 def layer_calls(module: fourbit.nn.Linear4bit, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Each layer of ``module``'s eager call on ``x``, from its ``forward`` down to Triton's
-    launcher, as calls of their own (empty unless the call is one kept kernel launch): the host
-    time a layer adds is its row less the next one's."""
-    from fourbit.kernels.triton.launch import ProductLaunch
+    launcher, as calls of their own: the host time a layer adds is its row less the next one's.
+    The rows below ``PreparedWeight.linear`` follow the path this input takes: the kept launch
+    (with its input staging where it has one), or the decode and cuBLAS product of the chunked
+    path. Empty where the call is not a kept launch (the CPU's kernels)."""
+    from fourbit.kernels.triton.launch import ProductLaunch, pointers
+    from fourbit.kernels.triton.linear import CHUNKED
 
     with torch.no_grad():
         module(x)  # prepares the product and its launch for such inputs
     prepared = module._prepared[1]
-    launches = getattr(getattr(prepared, "kernel", None), "launches", {})
-    launch = next(iter(launches.values()), None)
-    if not isinstance(launch, ProductLaunch) or not launch.launch.direct():
+    kernel = getattr(prepared, "kernel", None)
+    if not hasattr(kernel, "input_key"):
         return {}
-    kernel = prepared.kernel
-    out = torch.empty(launch.out_shape, dtype=launch.dtype, device=x.device)
-    workspace, counters = launch._split_buffers() if launch.tiles else (out, out)
-    pointer = out.data_ptr()
-    arguments = (x.data_ptr(), *launch.pointers, pointer, pointer, workspace.data_ptr(), counters.data_ptr(),
-                 *launch.after)  # fmt: skip
-    return {
+    key = kernel.input_key(x, None, torch.are_deterministic_algorithms_enabled(), False)
+    launch = kernel.launches.get(key)
+    calls = {
         "  Linear4bit.forward": partial(module.forward, x),
         "  ops.PreparedLinear": partial(prepared, x, None),
         "  PreparedWeight.linear": partial(kernel.linear, x, None),
-        "  ProductLaunch": partial(launch, x, None),
-        "  KernelLaunch.run": partial(launch.launch.run, *arguments),
-        "  the output's torch.empty": partial(torch.empty, launch.out_shape, dtype=launch.dtype, device=x.device),
+    }
+    if launch is CHUNKED:
+        return {**calls, **_chunked_calls(kernel, x)}
+    if not isinstance(launch, ProductLaunch) or not launch.launch.direct():
+        return {}
+    before = launch.bind(kernel) if launch.pointers is None else None  # a shared launch binds the weight
+    weight = launch.pointers if before is None else pointers(before)
+    out = torch.empty(launch.out_shape, dtype=launch.dtype, device=x.device)
+    workspace, counters = launch._split_buffers() if launch.tiles else (out, out)
+    staged = x if launch.prepare_input is None else launch.prepare_input(x)
+    pointer = out.data_ptr()
+    arguments = (staged.data_ptr(), *weight, pointer, pointer, workspace.data_ptr(), counters.data_ptr(),
+                 *launch.after)  # fmt: skip
+    calls["  ProductLaunch"] = partial(launch, x, None, before)
+    if launch.prepare_input is not None:
+        calls["  the input's staging (a kernel)"] = partial(launch.prepare_input, x)
+    calls["  KernelLaunch.run"] = partial(launch.launch.run, *arguments)
+    calls["  the output's torch.empty"] = partial(torch.empty, launch.out_shape, dtype=launch.dtype, device=x.device)
+    return calls
+
+
+def _chunked_calls(kernel, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The chunked path's layers for a weight decoded in one chunk: the decode (its allocation
+    and launch), the decoded weight's allocation, and cuBLAS's product with the decoded weight."""
+    plan = kernel.chunk_plan(x.dtype)
+    if len(plan) != 1:
+        return {}
+    decode = plan[0][2]
+    decoded = decode()
+    return {
+        "  the weight's decode (a kernel)": decode,
+        "  the decoded weight's torch.empty": partial(torch.empty, decode.shape, dtype=decode.dtype, device=x.device),
+        "  F.linear with the decoded weight": partial(F.linear, x, decoded),
     }
 
 

@@ -156,6 +156,78 @@ def test_profile_host_breaks_an_eager_call_into_its_layers(monkeypatch):
     assert calls["  the output's torch.empty"]().shape == expected.shape
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the two-kernel paths are CUDA's")
+@pytest.mark.parametrize("path", ["chunked", "staged"])
+def test_profile_host_breaks_two_kernel_calls_into_the_path_they_take(monkeypatch, path):
+    """``profile_host.py --layers`` on the calls of two kernels: the chunked path's decode and
+    cuBLAS product, and the ``wgmma`` launch's input staging, each timed apart and each giving
+    what the call computes from it."""
+    import torch
+
+    import fourbit
+    from fourbit.kernels.triton import dispatch
+
+    if path == "staged" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs compute capability 9.0")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_host
+
+    config = "chunked" if path == "chunked" else ("wgmma",)
+    monkeypatch.setattr(dispatch, "choose_config", lambda *arguments, **options: config)
+    module = fourbit.nn.Linear4bit(256, 128, **profile_host.SETTINGS).cuda()
+    x = torch.randn(64, 256, dtype=torch.bfloat16, device="cuda")
+    calls = profile_host.layer_calls(module, x)
+    with torch.no_grad():
+        expected = module(x)
+        for name in ("  Linear4bit.forward", "  ops.PreparedLinear", "  PreparedWeight.linear"):
+            torch.testing.assert_close(calls[name](), expected, msg=name)
+        if path == "chunked":
+            decoded = fourbit.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            torch.testing.assert_close(calls["  the weight's decode (a kernel)"](), decoded, rtol=0, atol=0)
+            torch.testing.assert_close(calls["  F.linear with the decoded weight"](), expected)
+            assert calls["  the decoded weight's torch.empty"]().shape == decoded.shape
+            assert "  ProductLaunch" not in calls
+        else:
+            torch.testing.assert_close(calls["  ProductLaunch"](), expected)
+            assert calls["  the input's staging (a kernel)"]().dtype == torch.int32
+            calls["  KernelLaunch.run"]()
+
+
+def test_profile_step_times_the_projections_inside_decode_steps():
+    out = _run("profile_step.py", "--device", "cpu", "--layers", "1", "--batches", "1", "--steps", "2",
+               "--libraries", "bf16", "fourbit")  # fmt: skip
+    bf16, fourbit = _row(out, "bf16 | 1"), _row(out, "fourbit | 1")
+    for cells in (bf16, fourbit):
+        call, host, wall = (float(cell) for cell in cells[2:5])
+        assert call > 0 and 0 < host <= wall, cells
+    assert fourbit[5] == f"{float(fourbit[2]) / float(bf16[2]):.2f}x"
+
+
+def test_profile_step_restores_every_projection_after_timing_it():
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    class Model(nn.Module):  # the attribute path the timer walks: model.model.layers
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Module()
+            self.model.layers = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+    model = Model()
+    x = torch.randn(2, 4)
+    with profile_step.timed_projections(model) as total:
+        expected = model.model.layers(x)
+    assert total[1] == 2 and total[0] > 0
+    assert all("forward" not in module.__dict__ for module in model.modules())
+    torch.testing.assert_close(model.model.layers(x), expected)
+
+
 def test_launch_probe_times_a_launch_after_each_step():
     out = _run("launch_probe.py", "--device", "cpu", "--size", "256", "--launches", "200")
     for step in ("torch only", "fourbit imported", "an eager product of 1 row", "a compiled product of 32 rows"):
