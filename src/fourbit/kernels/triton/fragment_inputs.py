@@ -103,11 +103,10 @@ class InputPermute:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:  # int64 words of whole rows
             x = x.contiguous()
-        words = x.view(torch.int64)
         out = torch.empty(self.total, dtype=torch.int64, device=x.device)
-        arguments = (x.shape[0], words.stride(0), self.total, self.tiles, _PERMUTE_BLOCK)
-        if self.launch.direct():
-            self.launch.run(words.data_ptr(), out.data_ptr(), *arguments)
+        arguments = (x.shape[0], x.stride(0) // 4, self.total, self.tiles, _PERMUTE_BLOCK)  # in int64 words
+        if self.launch.direct():  # the pointer: no int64 view to make
+            self.launch.run(x.data_ptr(), out.data_ptr(), *arguments)
         else:
-            self.launch(words, out, *arguments)
+            self.launch(x.view(torch.int64), out, *arguments)
         return out

@@ -247,13 +247,12 @@ class WgmmaInputs:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # int32 words of whole rows
             x = x.contiguous()
-        words = x.view(torch.int32)
         out = torch.empty(self.total, dtype=torch.int32, device=x.device)
-        arguments = (x.shape[0], words.stride(0), self.total, self.rows, _STAGE_BLOCK)
-        if self.launch.direct():
-            self.launch.run(words.data_ptr(), out.data_ptr(), *arguments)
+        arguments = (x.shape[0], x.stride(0) // 2, self.total, self.rows, _STAGE_BLOCK)  # in int32 words
+        if self.launch.direct():  # the pointer: no int32 view to make
+            self.launch.run(x.data_ptr(), out.data_ptr(), *arguments)
         else:
-            self.launch(words, out, *arguments)
+            self.launch(x.view(torch.int32), out, *arguments)
         return out
 
 
