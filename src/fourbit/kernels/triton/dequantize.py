@@ -164,7 +164,7 @@ class DequantizeLaunch:
         launch = self.launch
         if launch is not None and launch.direct():
             return self.run_with(self.pointers)
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        out = torch.empty(size=self.shape, dtype=self.dtype, device=self.device)
         if launch is not None:
             launch(*self.before, out, *self.after)
         return out
@@ -172,7 +172,7 @@ class DequantizeLaunch:
     def run_with(self, weight: Sequence[int]) -> torch.Tensor:
         """The decode of the weight at ``weight``, the pointers of ``before``'s tensors, laid out
         and aligned as they are (only when ``launch.direct()``)."""
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        out = torch.empty(size=self.shape, dtype=self.dtype, device=self.device)
         self.launch.run(*weight, out.data_ptr(), *self.after)
         return out
 
