@@ -176,7 +176,8 @@ def layer_calls(module: fourbit.nn.Linear4bit, x: torch.Tensor) -> dict[str, Cal
     if launch.prepare_input is not None:
         calls["  the input's staging (a kernel)"] = partial(launch.prepare_input, x)
     calls["  KernelLaunch.run"] = partial(launch.launch.run, *arguments)
-    calls["  the output's torch.empty"] = partial(torch.empty, launch.out_shape, dtype=launch.dtype, device=x.device)
+    allocate = partial(torch.empty, size=launch.out_shape, dtype=launch.dtype, device=x.device)
+    calls["  the output's torch.empty"] = allocate  # as the launch allocates it: the size by keyword
     return calls
 
 
@@ -190,7 +191,9 @@ def _chunked_calls(kernel, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     decoded = decode()
     return {
         "  the weight's decode (a kernel)": decode,
-        "  the decoded weight's torch.empty": partial(torch.empty, decode.shape, dtype=decode.dtype, device=x.device),
+        "  the decoded weight's torch.empty": partial(
+            torch.empty, size=decode.shape, dtype=decode.dtype, device=x.device
+        ),
         "  F.linear with the decoded weight": partial(F.linear, x, decoded),
     }
 
