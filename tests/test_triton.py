@@ -239,7 +239,7 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     none. (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
-    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None: True)
+    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: True)
     monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
     monkeypatch.setattr(dispatch, "processors", lambda device: 132)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
@@ -257,6 +257,34 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     assert chosen(32, 2 * one_wave, False)[0] == "wgmma"
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
     assert chosen(16, 14336, True)[4] == 0 and chosen(32, 2 * one_wave, True)[0] == "fused"
+
+
+def test_the_h200_tables_send_65_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
+    """The H200's tables (eager and captured) run 65-256 rows on the wide ``wgmma`` kernel when
+    its 128-row programs fill at least 0.8 of the multiprocessors; fewer programs, more rows, or
+    the Hopper tables (not measured there) keep the earlier paths. (Support and the
+    multiprocessor count are forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(
+        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
+    )
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+    def chosen(rows: int, n: int, captured: bool = False) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
+
+    fills = 128 * 106  # 106 programs: 0.80 of 132
+    for captured in (False, True):
+        assert [chosen(rows, 28672, captured) for rows in (65, 96, 128, 200, 256)] == [("wgmma_wide",)] * 5
+        assert chosen(64, 28672, captured)[0] == "wgmma"
+        assert chosen(257, 28672, captured) != ("wgmma_wide",)
+        assert chosen(128, fills, captured) == ("wgmma_wide",)
+        assert chosen(128, fills - 128, captured) != ("wgmma_wide",)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
+    assert chosen(128, 28672) != ("wgmma_wide",)
 
 
 def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from . import fragment_arguments, fragment_grid, tuning, wgmma
+from . import fragment_arguments, fragment_grid, tuning, wgmma, wgmma_wide
 from .common import INTERPRETED
 from .launch import DIRECT
 
@@ -46,6 +46,14 @@ def choose_config(
         and triton.cdiv(n_out, 64) >= rule.min_waves * processors(x.device)
     ):
         return ("wgmma", 1)
+    rule = tables.wgmma_wide
+    if (
+        rule
+        and rule.min_rows <= rows <= rule.max_rows
+        and wgmma_supported(x, k, blocksize, packed, wgmma_wide.ROW_TILES[-1])
+        and triton.cdiv(n_out, wgmma_wide.PROGRAM_ROWS) >= rule.min_waves * processors(x.device)
+    ):
+        return ("wgmma_wide",)
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:
@@ -126,16 +134,19 @@ def fragments_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.T
     )
 
 
-def wgmma_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
-    """Whether the ``wgmma`` kernel takes this product: at most ``wgmma.ROW_TILES[-1]`` rows of
-    16-bit input on a GPU of compute capability 9.0 (``wgmma`` is ``sm_90a``'s), what the
-    fragment kernel asks of the weight (``fragments_supported``), and Triton 3.3 or newer, whose
-    direct launch carries the kernel's own shared memory."""
+def wgmma_supported(
+    x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None, max_rows: int = wgmma.ROW_TILES[-1]
+) -> bool:
+    """Whether the ``wgmma`` kernels take this product: at most ``max_rows`` rows (the few-row
+    kernel's; ``wgmma_wide.ROW_TILES[-1]`` for the wide one) of 16-bit input on a GPU of compute
+    capability 9.0 (``wgmma`` is ``sm_90a``'s), what the fragment kernel asks of the weight
+    (``fragments_supported``), and Triton 3.3 or newer, whose direct launch carries the kernel's
+    own shared memory."""
     return (
         DIRECT
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cuda"
-        and 0 < x.shape[0] <= wgmma.ROW_TILES[-1]
+        and 0 < x.shape[0] <= max_rows
         and blocksize >= fragment_grid.STEP
         and fragment_grid.aligned(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))

@@ -26,7 +26,7 @@ from ...formats import NestedStatistics
 from ...layout import TILE_ROWS
 from .. import reference
 from ..derived import float16_table
-from . import dispatch, fragments, wgmma
+from . import dispatch, fragments, wgmma, wgmma_wide
 from .common import nested_arguments
 from .dequantize import DequantizeLaunch, dequantize_4bit
 from .gemv import gemv_any_kernel, gemv_words_kernel
@@ -267,6 +267,8 @@ class PreparedWeight:
             return fragments.fragment_launch(self, x, bias is not None, config[1:], processors, deterministic)
         if isinstance(config, tuple) and config[0] == "wgmma":
             return wgmma.wgmma_launch(self, x, bias is not None, 1 if deterministic else (*config[1:], 1)[0])
+        if isinstance(config, tuple) and config[0] == "wgmma_wide":
+            return wgmma_wide.wgmma_wide_launch(self, x, bias is not None, dispatch.processors(x.device))
         if isinstance(config, tuple) and config[0] == "fused":
             if deterministic:
                 return self._fused(x, bias is not None, (*config[1:4], 1, *config[5:]), cover=False)

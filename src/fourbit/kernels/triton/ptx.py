@@ -28,6 +28,9 @@ __all__ = [
     "wgmma_ring_ptx",
     "wgmma_step_ptx",
     "wgmma_wait_ptx",
+    "wide_constraints",
+    "wide_drain_constraints",
+    "wide_step_ptx",
 ]
 
 
@@ -319,3 +322,54 @@ def wgmma_wait_ptx() -> str:
             "}",
         ]
     )
+
+
+def wide_step_ptx(rows: int, element: str) -> str:
+    """PTX for one 64-column step of the wide ``wgmma`` kernel in one thread: its two weight rows'
+    words ($2C, $2C+1, int64; C = rows / 2) decoded by the shared table ($2C+4) as ``step_ptx``
+    does, scaled by the rows' absmax ($2C+2, $2C+3) in float32 and rounded to ``element`` (bf16
+    or f16) as the decode that feeds cuBLAS rounds them, then four ``wgmma.m64n{rows}k16`` over
+    the inputs at shared address $2C+5 added to the accumulators $0 .. $(C-1) (tied to the next
+    C operands). The products are left running; the step issued before is waited for, so that
+    its ring slot may be refilled and its operand registers reused."""
+    count = rows // 2
+    w_g, w_h, scale_g, scale_h, table, slot = (f"${2 * count + i}" for i in range(6))
+    descriptor = ((WGMMA_K_OFFSET >> 4) << 16) | ((WGMMA_ROW_OFFSET >> 4) << 32)
+    lines = [
+        "{",
+        ".reg .b32 w<4>, g<8>, h<8>, t, a, lo, hi;\n.reg .b16 l16, h16;\n.reg .b64 desc<4>;",
+        f"mov.b64 {{w0, w1}}, {w_g};\nmov.b64 {{w2, w3}}, {w_h};",
+        *_lookups(table),
+    ]
+    for pair, scale in [(f"g{i}", scale_g) for i in range(8)] + [(f"h{i}", scale_h) for i in range(8)]:
+        if element == "bf16":  # a bf16 is the high half of its float32
+            lines.append(f"shl.b32 lo, {pair}, 16;\nand.b32 hi, {pair}, 0xFFFF0000;")
+        else:
+            lines.append(f"mov.b32 {{l16, h16}}, {pair};\ncvt.f32.f16 lo, l16;\ncvt.f32.f16 hi, h16;")
+        lines.append(f"mul.f32 lo, lo, {scale};\nmul.f32 hi, hi, {scale};\ncvt.rn.{element}x2.f32 {pair}, hi, lo;")
+    lines += [
+        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\ncvt.u64.u32 desc0, a;\nor.b64 desc0, desc0, {descriptor};",
+        *(f"add.s64 desc{j}, desc0, {j * rows * 32 >> 4};" for j in range(1, 4)),
+        "wgmma.fence.sync.aligned;",
+    ]
+    accumulators = ", ".join(f"${i}" for i in range(count))
+    for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16, as in step_ptx
+        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{element}.{element} {{{accumulators}}}, "
+            f"{{{fragment}}}, desc{j}, 1, 1, 1, 0;"
+        )
+    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 1;", "}"]
+    return "\n".join(lines)
+
+
+def wide_constraints(rows: int) -> str:
+    """Inline-asm constraints of ``wide_step_ptx(rows, ...)``: the accumulators tied in and out."""
+    return wide_drain_constraints(rows) + ",l,l,f,f,r,r"
+
+
+def wide_drain_constraints(rows: int) -> str:
+    """Constraints of an asm block that takes the wide kernel's ``rows / 2`` accumulators and
+    gives them back in the same registers (tied)."""
+    count = rows // 2
+    return ",".join(["=f"] * count + [str(i) for i in range(count)])

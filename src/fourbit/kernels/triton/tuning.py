@@ -98,9 +98,10 @@ class PermuteRule(NamedTuple):
 
 
 class WgmmaRule(NamedTuple):
-    """Products of ``min_rows`` to ``max_rows`` input rows run on Hopper's ``wgmma`` (``wgmma``,
-    one kernel more to stage the inputs) when the weight's 64-row programs number at least
-    ``min_waves`` times the multiprocessors; other weights keep the tensor-core kernel."""
+    """Products of ``min_rows`` to ``max_rows`` input rows run on Hopper's ``wgmma`` (``wgmma``
+    or ``wgmma_wide``, one kernel more to stage the inputs) when the weight's programs (64 or 128
+    weight rows) number at least ``min_waves`` times the multiprocessors; other weights keep the
+    tensor-core kernel or decode + cuBLAS."""
 
     min_rows: int
     max_rows: int
@@ -150,6 +151,9 @@ class KernelTables(NamedTuple):
     quantize: QuantizeConfig
     fragment_permute: tuple[PermuteRule, ...] = ()
     wgmma: WgmmaRule | None = None
+    #: Products of 65-256 rows on the wide ``wgmma`` kernel (``wgmma_wide``), its programs
+    #: counted in 128 weight rows.
+    wgmma_wide: WgmmaRule | None = None
     #: (an H100 sweep of 256-2048 words with 4 warps: 512 reached 96% of the copy bandwidth)
     dequantize: DequantizeConfig = DequantizeConfig(words_per_program=512, num_warps=4)
     #: The tables for products recorded into a CUDA graph, whose launches cost host time once:
@@ -190,10 +194,16 @@ HOPPER = KernelTables(
 #: 46; with 64 programs (4096 weight rows) it lost, 20 against 17 us at 4096x4096. Eager calls
 #: pay the staging kernel's launch: 14336x4096 took 42 / 52 us a call against 40 / 48, so the
 #: rule asks for two waves of programs (28672x8192 eager: 90 / 113 us against 112 / 162).
+#: The wide ``wgmma`` kernel at 65-256 rows, graph replays against the batch-wide tiles and
+#: decode + cuBLAS: 28672x8192 at 65 / 96 / 128 / 192 / 256 rows 120 / 121 / 151 / 194 / 217 us
+#: against 224 / 225 / 248 / 328 / 311 (cuBLAS bf16 119 / 121 / 130 / 149 / 182); 14336x4096
+#: (0.85 waves of programs) 35 / 35 / 40 / 49 / 63 against 60 / 58 / 57 / 72 / 71; with 32
+#: programs (4096-row weights) it lost, 131 against 63 us at 4096x14336 and 128 rows.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
+    wgmma_wide=WgmmaRule(65, 256, 0.8),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0

@@ -271,7 +271,7 @@ def wgmma_launch(weight, x: torch.Tensor, has_bias: bool, split_k: int = 1) -> P
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
     return ProductLaunch(
-        _wgmma_kernel, (programs, split_k), {"num_warps": 4, "maxnreg": REGISTERS}, weight, _weight_tensors,
+        _wgmma_kernel, (programs, split_k), {"num_warps": 4, "maxnreg": REGISTERS}, weight, weight_tensors,
         (m, n_out, k, n_out, rows, split_k, blocksize, weight.nested, weight.nested_blocksize,
          x.dtype == torch.float16, has_bias, words, weight.tiled),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, WgmmaInputs(rows, k, x.device),
@@ -279,6 +279,6 @@ def wgmma_launch(weight, x: torch.Tensor, has_bias: bool, split_k: int = 1) -> P
     )  # fmt: skip
 
 
-def _weight_tensors(weight) -> tuple:
+def weight_tensors(weight) -> tuple:
     """The kernel's weight arguments: packed 8-byte words, absmax, code, nested statistics."""
     return (weight.bytes.view(torch.int64), weight.absmax, weight.code, *weight.statistics)

@@ -1,0 +1,264 @@
+"""65-256 rows ``A @ W.T`` in one kernel on Hopper's ``wgmma``: the 4-bit weight decoded and
+scaled straight into the instruction's register operand, 96 to 256 input rows a program.
+
+The few-row ``wgmma`` kernel (``wgmma``) scales each step's products by the rows' absmax, which
+needs a second accumulator; at 96-256 input rows the accumulators alone take 48-128 registers a
+thread, so here the decoded weights are scaled instead (in float32, rounded once to the 16-bit
+type, as the decode that feeds cuBLAS rounds them) and the instruction accumulates across steps.
+A step's ``wgmma`` runs while the next step is decoded: each step waits only for the one before
+it (``ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
+step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
+input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead. K is never split:
+partial sums added across programs by atomics made 28672x8192 at 256 rows 1.7x slower on an
+H200; weights of too few rows for a wave of programs keep the other paths (``tuning``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fragment_grid import STEP, aligned
+from .fragments import _fill_table, _group_scales, _rows, _stored_group, _thread_index, _word_loads
+from .launch import ProductLaunch
+from .ptx import (
+    wgmma_issue_ptx,
+    wgmma_ring_ptx,
+    wgmma_wait_ptx,
+    wide_constraints,
+    wide_drain_constraints,
+    wide_step_ptx,
+)
+from .wgmma import WgmmaInputs, weight_tensors
+
+__all__ = ["PROGRAM_ROWS", "ROW_TILES", "SLOTS", "ring_bytes", "wgmma_wide_launch"]
+
+#: The input rows of a program (the instruction's n) a launch may take: the fewest that hold the rows.
+ROW_TILES = (96, 128, 192, 256)
+#: Slots of the ring of staged steps; a step's copy is issued two steps ahead.
+SLOTS = 4
+#: Weight rows of a program: two warpgroups of 64.
+PROGRAM_ROWS = 128
+#: Registers a thread may use, by row tile, where the programs outnumber the multiprocessors:
+#: two programs a multiprocessor then run in one wave. ptxas takes 169 for 128 rows (one program a
+#: multiprocessor); capped, 28672x8192 took 151 us against 193 on an H200, while 14336x4096, one
+#: wave either way, lost to the spills (49 against 40 us). 96 rows take 128 uncapped.
+TWO_PROGRAM_REGISTERS: dict[int, int] = {128: 128}
+
+
+def ring_bytes(rows: int) -> int:
+    """Dynamic shared memory the ring of ``rows`` (a ``ROW_TILES`` entry) takes: the slots and their barriers."""
+    return SLOTS * (rows * 128 + 8)
+
+
+_STEP_96_BF16 = tl.constexpr(wide_step_ptx(96, "bf16"))
+_STEP_96_F16 = tl.constexpr(wide_step_ptx(96, "f16"))
+_STEP_128_BF16 = tl.constexpr(wide_step_ptx(128, "bf16"))
+_STEP_128_F16 = tl.constexpr(wide_step_ptx(128, "f16"))
+_STEP_192_BF16 = tl.constexpr(wide_step_ptx(192, "bf16"))
+_STEP_192_F16 = tl.constexpr(wide_step_ptx(192, "f16"))
+_STEP_256_BF16 = tl.constexpr(wide_step_ptx(256, "bf16"))
+_STEP_256_F16 = tl.constexpr(wide_step_ptx(256, "f16"))
+_CONSTRAINTS_96 = tl.constexpr(wide_constraints(96))
+_CONSTRAINTS_128 = tl.constexpr(wide_constraints(128))
+_CONSTRAINTS_192 = tl.constexpr(wide_constraints(192))
+_CONSTRAINTS_256 = tl.constexpr(wide_constraints(256))
+_DRAIN = tl.constexpr("wgmma.wait_group.sync.aligned 0;")
+_DRAIN_96 = tl.constexpr(wide_drain_constraints(96))
+_DRAIN_128 = tl.constexpr(wide_drain_constraints(128))
+_DRAIN_192 = tl.constexpr(wide_drain_constraints(192))
+_DRAIN_256 = tl.constexpr(wide_drain_constraints(256))
+_RING_96 = tl.constexpr(wgmma_ring_ptx(ring_bytes(96), SLOTS))
+_RING_128 = tl.constexpr(wgmma_ring_ptx(ring_bytes(128), SLOTS))
+_RING_192 = tl.constexpr(wgmma_ring_ptx(ring_bytes(192), SLOTS))
+_RING_256 = tl.constexpr(wgmma_ring_ptx(ring_bytes(256), SLOTS))
+_ISSUE_96 = tl.constexpr(wgmma_issue_ptx(96 * 128))
+_ISSUE_128 = tl.constexpr(wgmma_issue_ptx(128 * 128))
+_ISSUE_192 = tl.constexpr(wgmma_issue_ptx(192 * 128))
+_ISSUE_256 = tl.constexpr(wgmma_issue_ptx(256 * 128))
+_WAIT = tl.constexpr(wgmma_wait_ptx())
+_RING_SLOTS = tl.constexpr(SLOTS)
+
+
+@triton.jit
+def _ring(thread, lane, ROWS: tl.constexpr):
+    """The shared address of the ring's first slot (its barriers set up); see ``wgmma._ring``."""
+    anchor = tl.sum(lane, axis=0) + thread
+    if ROWS == 96:
+        ring = tl.inline_asm_elementwise(_RING_96, "=r,r", [anchor], tl.int32, False, 1)
+    elif ROWS == 128:
+        ring = tl.inline_asm_elementwise(_RING_128, "=r,r", [anchor], tl.int32, False, 1)
+    elif ROWS == 192:
+        ring = tl.inline_asm_elementwise(_RING_192, "=r,r", [anchor], tl.int32, False, 1)
+    else:
+        ring = tl.inline_asm_elementwise(_RING_256, "=r,r", [anchor], tl.int32, False, 1)
+    return ring
+
+
+@triton.jit
+def _issue(x_address, step, slot, live, barrier, ROWS: tl.constexpr):
+    """Copy staged step ``step`` into the ring slot at ``slot`` when ``live`` (thread 0 issues it)."""
+    source = x_address + step.to(tl.int64) * (ROWS * 128)
+    operands = [source, slot, live.to(tl.int32) + barrier * 0, barrier]
+    if ROWS == 96:
+        tl.inline_asm_elementwise(_ISSUE_96, "=r,l,r,r,r", operands, tl.int32, False, 1)
+    elif ROWS == 128:
+        tl.inline_asm_elementwise(_ISSUE_128, "=r,l,r,r,r", operands, tl.int32, False, 1)
+    elif ROWS == 192:
+        tl.inline_asm_elementwise(_ISSUE_192, "=r,l,r,r,r", operands, tl.int32, False, 1)
+    else:
+        tl.inline_asm_elementwise(_ISSUE_256, "=r,l,r,r,r", operands, tl.int32, False, 1)
+
+
+@triton.jit
+def _step(acc, words, scale_g, scale_h, table, slot, ROWS: tl.constexpr, FLOAT16: tl.constexpr):
+    """``acc`` with one step's products issued into it (still running when this returns)."""
+    w_g, w_h = words
+    operands = acc + (w_g, w_h, scale_g, scale_h, table, slot)  # noqa: RUF005 (Triton takes no starred tuples)
+    if ROWS == 96:
+        if FLOAT16:
+            acc = tl.inline_asm_elementwise(
+                _STEP_96_F16, _CONSTRAINTS_96, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+        else:
+            acc = tl.inline_asm_elementwise(
+                _STEP_96_BF16, _CONSTRAINTS_96, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+    elif ROWS == 128:
+        if FLOAT16:
+            acc = tl.inline_asm_elementwise(
+                _STEP_128_F16, _CONSTRAINTS_128, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+        else:
+            acc = tl.inline_asm_elementwise(
+                _STEP_128_BF16, _CONSTRAINTS_128, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+    elif ROWS == 192:
+        if FLOAT16:
+            acc = tl.inline_asm_elementwise(
+                _STEP_192_F16, _CONSTRAINTS_192, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+        else:
+            acc = tl.inline_asm_elementwise(
+                _STEP_192_BF16, _CONSTRAINTS_192, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+    else:
+        if FLOAT16:
+            acc = tl.inline_asm_elementwise(
+                _STEP_256_F16, _CONSTRAINTS_256, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+        else:
+            acc = tl.inline_asm_elementwise(
+                _STEP_256_BF16, _CONSTRAINTS_256, operands, (tl.float32,) * (ROWS // 2), False, 1
+            )
+    return acc
+
+
+@triton.jit
+def _drain(acc, ROWS: tl.constexpr):
+    """``acc`` once every ``wgmma`` writing it has finished."""
+    if ROWS == 96:
+        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_96, acc, (tl.float32,) * 48, False, 1)
+    elif ROWS == 128:
+        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_128, acc, (tl.float32,) * 64, False, 1)
+    elif ROWS == 192:
+        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_192, acc, (tl.float32,) * 96, False, 1)
+    else:
+        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_256, acc, (tl.float32,) * 128, False, 1)
+    return acc
+
+
+@triton.jit
+def _wide_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
+    workspace_ptr, counter_ptr, M, N, K, stride_om, ROWS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr,
+):  # fmt: skip
+    """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
+    ``x_ptr``; two warpgroups a program, 128 weight rows (``wgmma._wgmma_kernel`` for the
+    weight's layouts and statistics). Packed words are loaded two steps ahead, absmax one
+    iteration ahead, the inputs two steps ahead into the ring."""
+    thread = _thread_index(tl.arange(0, 256))
+    lane = thread % 32
+    quad = lane % 4
+    first_row = tl.program_id(0) * 128 + (thread // 32) * 16 + lane // 4
+    rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
+    first = _word_loads(w_ptr, rows, quad, 0, K, TILED)
+    second = _word_loads(w_ptr, rows, quad, 64, K, TILED)
+    stored = _stored_group(absmax_ptr, rows, 0, K, BLOCKSIZE, WORDS)
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(nested_offset_ptr)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 256)
+    ring = _ring(thread, lane, ROWS)
+    barriers = ring + _RING_SLOTS * ROWS * 128
+    x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
+    _issue(x_address, thread * 0, ring, K > 0, barriers, ROWS)
+    _issue(x_address, thread * 0 + 1, ring + ROWS * 128, K > 64, barriers + 8, ROWS)
+    zero = tl.zeros((256,), dtype=tl.float32)
+    acc = (zero,) * (ROWS // 2)
+    for k in range(0, K, 64 * 4):
+        scales = _group_scales(
+            stored, rows, k, K, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+        )
+        stored = _stored_group(absmax_ptr, rows, k + 256, K, BLOCKSIZE, WORDS)
+        phase = (k // 256) % 2 + thread * 0  # the slots' uses so far: one an iteration
+        for step in tl.static_range(4):
+            column = k + 64 * step
+            ahead = (step + 2) % _RING_SLOTS
+            slot = tl.inline_asm_elementwise(
+                _WAIT, "=r,r,r,r", [barriers + 8 * step, phase, ring + step * ROWS * 128], tl.int32, False, 1
+            )
+            _issue(
+                x_address, column // 64 + 2 + thread * 0, ring + ahead * ROWS * 128, column + 128 < K,
+                barriers + 8 * ahead, ROWS,
+            )  # fmt: skip
+            words = first
+            first = second
+            second = _word_loads(w_ptr, rows, quad, column + 128, K, TILED)
+            acc = _step(acc, words, scales[step], scales[4 + step], table, slot, ROWS, FLOAT16)
+    acc = _drain(acc, ROWS)
+    # accumulators 4c .. 4c + 3: input rows 8c + 2 quad and the next, of weight rows g and g + 8
+    live_g = first_row < N
+    live_h = first_row + 8 < N
+    bias_g = 0.0
+    bias_h = 0.0
+    if HAS_BIAS:
+        bias_g = tl.load(bias_ptr + first_row, mask=live_g, other=0.0).to(tl.float32)
+        bias_h = tl.load(bias_ptr + first_row + 8, mask=live_h, other=0.0).to(tl.float32)
+    out_g = out_ptr + (2 * quad).to(tl.int64) * stride_om + first_row
+    for chunk in tl.static_range(ROWS // 8):
+        batch = 8 * chunk + 2 * quad
+        here = out_g + 8 * chunk * stride_om
+        kind = out_ptr.dtype.element_ty
+        tl.store(here, (acc[4 * chunk] + bias_g).to(kind), mask=live_g & (batch < M))
+        tl.store(here + stride_om, (acc[4 * chunk + 1] + bias_g).to(kind), mask=live_g & (batch + 1 < M))
+        tl.store(here + 8, (acc[4 * chunk + 2] + bias_h).to(kind), mask=live_h & (batch < M))
+        tl.store(here + stride_om + 8, (acc[4 * chunk + 3] + bias_h).to(kind), mask=live_h & (batch + 1 < M))
+
+
+def wgmma_wide_launch(weight, x: torch.Tensor, has_bias: bool, processors: int) -> ProductLaunch:
+    """The launch of the wide ``wgmma`` kernel for ``weight`` (a ``linear.PreparedWeight``) and
+    inputs like the 2-d ``x`` (``dispatch.wgmma_supported`` inputs of at most 256 rows) on a GPU
+    of ``processors`` multiprocessors."""
+    k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
+    if blocksize < STEP or not aligned(k, blocksize):
+        raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)")
+    m = x.shape[0]
+    rows = next((tile for tile in ROW_TILES if m <= tile), None)
+    if rows is None:
+        raise ValueError(f"the wide wgmma kernel takes at most {ROW_TILES[-1]} input rows, got {m}")
+    programs = triton.cdiv(n_out, PROGRAM_ROWS)
+    options = {"num_warps": 8}
+    if rows in TWO_PROGRAM_REGISTERS and programs > processors:
+        options["maxnreg"] = TWO_PROGRAM_REGISTERS[rows]
+    absmax = weight.absmax
+    words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    return ProductLaunch(
+        _wide_kernel, (programs,), options, weight, weight_tensors,
+        (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, x.dtype == torch.float16,
+         has_bias, words, weight.tiled),
+        m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=ring_bytes(rows),
+    )  # fmt: skip

@@ -1,0 +1,111 @@
+"""Hopper's wide ``wgmma`` product kernel (65-256 rows): forced, against a float64 reference and
+the decode + cuBLAS path (GPU of compute capability 9.0); its PTX text and launch checks (anywhere
+Triton runs)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
+
+from fourbit import layout
+from fourbit.kernels import reference
+from fourbit.kernels import triton as kernels
+from fourbit.kernels.triton import ptx, wgmma_wide
+
+pytestmark = NEEDS_TRITON
+
+HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="wgmma needs a GPU of compute capability 9.0")
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide",)]))
+def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
+    """The wide kernel, forced, over 65 to 256 input rows (every row tile, partial ones), weight
+    rows that fill no program, blocksizes from 64 to 4096, K of one to 16 iterations, rows and
+    tiles, strided inputs and a bias: as close to a float64 reference as the decode + cuBLAS
+    path, which rounds the decoded weights alike."""
+    shapes = [(300, 256, 64), (100, 4096, 128), (130, 4096, 4096), (208, 768, 64)]
+    row_counts = [(65, 256), (128, 150), (96, 200), (256, 70)]  # each row tile, full and partial
+    for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
+        code = code_table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+        tiled = layout.can_tile((n, k))
+        weight = layout.tile(packed, (n, k)) if tiled else packed
+        for rows in rows_of_shape:
+            x = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)[:, -k:]
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            arguments = (x, weight, absmax, code, blocksize, (n, k), bias)
+            out = kernels.linear_4bit(*arguments, **extra, tiled=tiled, config=config)
+            chunked = kernels.linear_4bit(*arguments, **extra, tiled=tiled, config="chunked")
+            expected = x.double() @ dense.t() + bias.double()
+            assert out.dtype == dtype and out.shape == (rows, n)
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            chunked_error = ((chunked.double() - expected).norm() / expected.norm()).item()
+            assert error < 1.3 * chunked_error + 1e-4, (quant_type, n, k, blocksize, rows, error, chunked_error)
+            assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_wide_kernel_products_do_not_depend_on_the_rows_beside_them():
+    """Each input row's products are the same whichever row tile carries it: 65 rows (tile 96)
+    against the same rows among 256 (tile 256) and alone in pieces of 100 (tile 128)."""
+    n, k = 640, 1024
+    code = code_table("nf4")
+    packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, 64, torch.uint8)
+    x = torch.randn(256, k, device=DEVICE).to(torch.bfloat16)
+    arguments = (packed, absmax, code, 64, (n, k))
+    whole = kernels.linear_4bit(x, *arguments, config=("wgmma_wide",))
+    first = kernels.linear_4bit(x[:65], *arguments, config=("wgmma_wide",))
+    pieces = torch.cat([kernels.linear_4bit(x[i : i + 100], *arguments, config=("wgmma_wide",))
+                        for i in range(0, 256, 100)])  # fmt: skip
+    assert torch.equal(first, whole[:65])
+    assert torch.equal(pieces, whole)
+
+
+def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
+    """Clear errors for inputs the kernel cannot take, before anything launches."""
+    weight = type("Weight", (), {"k": 1024, "n_out": 128, "blocksize": 64})()
+    with pytest.raises(ValueError, match="at most 256 input rows, got 257"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(257, 1024, dtype=torch.bfloat16), False, 132)
+    weight.k = 1000
+    with pytest.raises(ValueError, match="multiple of 256"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1000, dtype=torch.bfloat16), False, 132)
+
+
+@pytest.mark.parametrize("rows", wgmma_wide.ROW_TILES)
+@pytest.mark.parametrize("element", ["bf16", "f16"])
+def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element):
+    """The step's PTX refers to exactly the operands its constraints declare (the tied inputs by
+    their outputs' names), scales every looked-up pair before multiplying with four instructions
+    of ``rows`` columns, and waits only for the step before."""
+    text = ptx.wide_step_ptx(rows, element)
+    constraints = ptx.wide_constraints(rows).split(",")
+    count = rows // 2
+    assert constraints[count : 2 * count] == [str(i) for i in range(count)]  # tied accumulators
+    used = {int(number) for number in re.findall(r"\$(\d+)", text)}
+    assert used == set(range(count)) | set(range(2 * count, len(constraints)))
+    instructions = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{rows}k16\.f32\.{element}\.{element} ", text)
+    assert len(instructions) == 4
+    assert len(re.findall(rf"cvt\.rn\.{element}x2\.f32", text)) == 16
+    assert text.rindex(f"cvt.rn.{element}x2.f32") < text.index("wgmma.fence")
+    assert text.index("wgmma.commit_group") < text.index("wgmma.wait_group.sync.aligned 1;")
+    assert "wait_group.sync.aligned 0" not in text
+
+
+def test_the_ring_of_each_row_tile_fits_a_hopper_program():
+    """The ring, the shared table and Triton's own scratch fit the 227 KiB a Hopper program may
+    use, for every row tile."""
+    for rows in wgmma_wide.ROW_TILES:
+        assert wgmma_wide.ring_bytes(rows) + 4 * ptx.TABLE_WORDS + 1024 <= 227 * 1024
