@@ -9,8 +9,10 @@ A step's ``wgmma`` runs while the next step is decoded: each step waits only for
 it (``ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
 step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
 input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead. K is never split:
-partial sums added across programs by atomics made 28672x8192 at 256 rows 1.7x slower on an
-H200; weights of too few rows for a wave of programs keep the other paths (``tuning``).
+on an H200, partial sums added across programs by atomics made 28672x8192 at 256 rows 1.7x
+slower, and 4096-row weights split four ways with ordered slices of partial sums still lost to
+the batch-wide tiles at 256 rows; weights of too few rows for a wave of programs keep the other
+paths (``tuning``).
 """
 
 from __future__ import annotations
