@@ -230,6 +230,26 @@ WGMMA_K_OFFSET = 128
 WGMMA_ROW_OFFSET = 256
 
 
+def _wgmma_lines(rows: int, element: str, slot: str, accumulators: str, scale_d: list[str]) -> list[str]:
+    """PTX that issues one step's four ``wgmma.m64n{rows}k16`` over the staged inputs at shared
+    address ``slot`` into ``accumulators``, the lane's decoded pairs g0 .. g7 and h0 .. h7 as the
+    register operand (instruction j takes columns 4j .. 4j + 3 of the lane's 16, as in
+    ``step_ptx``); ``scale_d[j]`` says whether instruction j adds to the accumulators."""
+    descriptor = ((WGMMA_K_OFFSET >> 4) << 16) | ((WGMMA_ROW_OFFSET >> 4) << 32)
+    lines = [
+        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\ncvt.u64.u32 desc0, a;\nor.b64 desc0, desc0, {descriptor};",
+        *(f"add.s64 desc{j}, desc0, {j * rows * 32 >> 4};" for j in range(1, 4)),
+        "wgmma.fence.sync.aligned;",
+    ]
+    for j in range(4):
+        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
+        lines.append(
+            f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{element}.{element} {{{accumulators}}}, "
+            f"{{{fragment}}}, desc{j}, {scale_d[j]}, 1, 1, 0;"
+        )
+    return lines
+
+
 def wgmma_step_ptx(rows: int, element: str) -> str:
     """PTX for one 64-column step of the ``wgmma`` kernel in one thread of a warpgroup: the
     lane's two weight rows decoded by the shared table (as ``step_ptx``) into the register
@@ -241,24 +261,14 @@ def wgmma_step_ptx(rows: int, element: str) -> str:
     pairs = rows // 4
     count = rows // 2
     w_g, w_h, scale_g, scale_h, table, slot = (f"${pairs + i}" for i in range(6))
-    descriptor = ((WGMMA_K_OFFSET >> 4) << 16) | ((WGMMA_ROW_OFFSET >> 4) << 32)
     lines = [
         "{",
         f".reg .b32 w<4>, g<8>, h<8>, t, a;\n.reg .b64 desc<4>;\n.reg .f32 d<{count}>, o<2>, n<2>;",
         ".reg .pred first, rest;\nmov.b32 t, 0;\nsetp.ne.b32 first, t, 0;\nsetp.eq.b32 rest, t, 0;",
         f"mov.b64 {{w0, w1}}, {w_g};\nmov.b64 {{w2, w3}}, {w_h};",
         *_lookups(table),
-        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\ncvt.u64.u32 desc0, a;\nor.b64 desc0, desc0, {descriptor};",
-        *(f"add.s64 desc{j}, desc0, {j * rows * 32 >> 4};" for j in range(1, 4)),
-        "wgmma.fence.sync.aligned;",
+        *_wgmma_lines(rows, element, slot, ", ".join(f"d{i}" for i in range(count)), ["first"] + ["rest"] * 3),
     ]
-    accumulators = ", ".join(f"d{i}" for i in range(count))
-    for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16, as in step_ptx
-        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{element}.{element} {{{accumulators}}}, "
-            f"{{{fragment}}}, desc{j}, {'first' if j == 0 else 'rest'}, 1, 1, 0;"
-        )
     lines.append("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;")
     for i in range(pairs):  # pair i: accumulators 2i, 2i + 1, of row g (i even) or g + 8
         scale = scale_g if i % 2 == 0 else scale_h
@@ -334,7 +344,6 @@ def wide_step_ptx(rows: int, element: str) -> str:
     its ring slot may be refilled and its operand registers reused."""
     count = rows // 2
     w_g, w_h, scale_g, scale_h, table, slot = (f"${2 * count + i}" for i in range(6))
-    descriptor = ((WGMMA_K_OFFSET >> 4) << 16) | ((WGMMA_ROW_OFFSET >> 4) << 32)
     lines = [
         "{",
         ".reg .b32 w<4>, g<8>, h<8>, t, a, lo, hi;\n.reg .b16 l16, h16;\n.reg .b64 desc<4>;",
@@ -347,18 +356,7 @@ def wide_step_ptx(rows: int, element: str) -> str:
         else:
             lines.append(f"mov.b32 {{l16, h16}}, {pair};\ncvt.f32.f16 lo, l16;\ncvt.f32.f16 hi, h16;")
         lines.append(f"mul.f32 lo, lo, {scale};\nmul.f32 hi, hi, {scale};\ncvt.rn.{element}x2.f32 {pair}, hi, lo;")
-    lines += [
-        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\ncvt.u64.u32 desc0, a;\nor.b64 desc0, desc0, {descriptor};",
-        *(f"add.s64 desc{j}, desc0, {j * rows * 32 >> 4};" for j in range(1, 4)),
-        "wgmma.fence.sync.aligned;",
-    ]
-    accumulators = ", ".join(f"${i}" for i in range(count))
-    for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16, as in step_ptx
-        fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
-        lines.append(
-            f"wgmma.mma_async.sync.aligned.m64n{rows}k16.f32.{element}.{element} {{{accumulators}}}, "
-            f"{{{fragment}}}, desc{j}, 1, 1, 1, 0;"
-        )
+    lines += _wgmma_lines(rows, element, slot, ", ".join(f"${i}" for i in range(count)), ["1"] * 4)
     lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 1;", "}"]
     return "\n".join(lines)
 
