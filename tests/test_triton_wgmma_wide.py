@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statis
 from fourbit import layout
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
-from fourbit.kernels.triton import ptx, wgmma_wide
+from fourbit.kernels.triton import launch, ptx, wgmma_wide
 
 pytestmark = NEEDS_TRITON
 
@@ -102,6 +103,29 @@ def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element
     assert text.rindex(f"cvt.rn.{element}x2.f32") < text.index("wgmma.fence")
     assert text.index("wgmma.commit_group") < text.index("wgmma.wait_group.sync.aligned 1;")
     assert "wait_group.sync.aligned 0" not in text
+
+
+def test_only_128_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_128_registers(monkeypatch):
+    """Two programs a multiprocessor (the cap) where a 128-row tile's programs outnumber the
+    multiprocessors; fewer programs, and other tiles, keep ptxas's own register count. (The
+    launch compiles nothing until called, so this runs anywhere, direct launches allowed.)"""
+    monkeypatch.setattr(launch, "DIRECT", True)
+
+    def options(rows: int, programs: int) -> dict:
+        weight = SimpleNamespace(
+            k=1024, n_out=wgmma_wide.PROGRAM_ROWS * programs, blocksize=64, nested=False, nested_blocksize=256,
+            tiled=True, absmax=torch.zeros(4), bytes=torch.zeros(8, dtype=torch.uint8), code=torch.zeros(16),
+            statistics=(),
+        )  # fmt: skip
+        product = wgmma_wide.wgmma_wide_launch(weight, torch.empty(rows, 1024, dtype=torch.bfloat16), False, 132)
+        assert product.launch.grid[0] == programs
+        return product.launch.options
+
+    assert options(128, 224)["maxnreg"] == 128  # 28672 weight rows
+    assert options(100, 133)["maxnreg"] == 128
+    assert "maxnreg" not in options(128, 132)
+    assert "maxnreg" not in options(128, 112)  # 14336 weight rows: one wave either way
+    assert "maxnreg" not in options(96, 224) and "maxnreg" not in options(256, 224)
 
 
 def test_the_ring_of_each_row_tile_fits_a_hopper_program():

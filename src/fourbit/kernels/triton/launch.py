@@ -114,8 +114,9 @@ class KernelLaunch:
         extra_shared: int = 0,
     ) -> None:
         if extra_shared and not DIRECT:
+            found = "the Triton interpreter" if INTERPRETED else f"Triton {triton.__version__}"
             raise RuntimeError(
-                f"kernels with dynamic shared memory of their own need Triton 3.3 or newer, not {triton.__version__}"
+                f"kernels with dynamic shared memory of their own need Triton 3.3 or newer on a GPU, not {found}"
             )
         self.kernel = kernel
         self.extra_shared = extra_shared
