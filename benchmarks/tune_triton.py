@@ -9,7 +9,8 @@ on this GPU tiles it, unless ``--layout rows``) and input row count,
 every candidate's median time (CUDA graph replays, so launch overhead does not hide the kernel)
 and the best one, next to bf16 cuBLAS.
 The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
-``fragments``, ``gemv``, ``fused`` and ``wide`` entries; "chunked": decode + cuBLAS); the tables
+``fragments``, ``gemv``, ``fused`` and ``wide`` entries, and the ``wgmma`` / ``wgmma_wide``
+rules of a Hopper's; "chunked": decode + cuBLAS; ``--kinds`` adds "wgmma" and "wgmma_wide"); the tables
 this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
 warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.
 With ``--dequantize``: the decode's (packed words per program, warps) against the copy rate, for
@@ -27,7 +28,7 @@ from triton.testing import do_bench_cudagraph
 import fourbit.functional as F4
 from fourbit import layout
 from fourbit.formats import NestedStatistics, get_4bit_type
-from fourbit.kernels.triton import fragments, gemv, op_entry, tensor_core, tuning
+from fourbit.kernels.triton import fragments, gemv, op_entry, tensor_core, tuning, wgmma, wgmma_wide
 from fourbit.kernels.triton import quantize as triton_quantize
 from fourbit.kernels.triton.dequantize import DequantizeLaunch
 from fourbit.kernels.triton.tuning import DequantizeConfig, QuantizeConfig
@@ -160,7 +161,11 @@ def main() -> None:
     parser.add_argument("--quantize", action="store_true", help="tune the 4-bit quantizer instead")
     parser.add_argument("--dequantize", action="store_true", help="tune the 4-bit decode instead")
     parser.add_argument(
-        "--kinds", nargs="+", default=["gemv", "chunked", "fragments", "fused", "wide"], help="kernel kinds to time"
+        "--kinds",
+        nargs="+",
+        default=["gemv", "chunked", "fragments", "fused", "wide"],
+        choices=["gemv", "chunked", "fragments", "fused", "wide", "wgmma", "wgmma_wide"],
+        help="kernel kinds to time",
     )
     parser.add_argument(
         "--layout", choices=["tiles", "rows"], default="tiles",
@@ -195,6 +200,8 @@ def main() -> None:
                 "fragments": FRAGMENT_CANDIDATES if rows <= 16 else [],
                 "fused": [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2],
                 "wide": WIDE_CANDIDATES if rows > 16 else [],
+                "wgmma": [("wgmma", 1), ("wgmma", 2)] if 17 <= rows <= 64 else [],  # compute capability 9.0
+                "wgmma_wide": [("wgmma_wide",)] if 65 <= rows <= 256 else [],
             }
             candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []
@@ -220,6 +227,8 @@ def report_registers() -> None:
         gemv.gemv_any_kernel,
         tensor_core.decode_dot_kernel,
         fragments._fragment_mma_kernel,
+        wgmma._wgmma_kernel,
+        wgmma_wide._wide_kernel,
     )
     for kernel in kernels:
         caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", {})
