@@ -43,7 +43,7 @@ SLOTS = 4
 #: Weight rows of a program: two warpgroups of 64.
 PROGRAM_ROWS = 128
 #: Registers a thread may use, by row tile, where the programs outnumber the multiprocessors:
-#: two programs a multiprocessor then run in one wave. ptxas takes 169 for 128 rows (one program a
+#: two programs a multiprocessor then run in one wave. ptxas takes 154-169 for 128 rows (one program a
 #: multiprocessor); capped, 28672x8192 took 151 us against 193 on an H200, while 14336x4096, one
 #: wave either way, lost to the spills (49 against 40 us). 96 rows take 128 uncapped.
 TWO_PROGRAM_REGISTERS: dict[int, int] = {128: 128}
