@@ -105,10 +105,11 @@ def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element
     assert "wait_group.sync.aligned 0" not in text
 
 
-def test_only_128_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_128_registers(monkeypatch):
-    """Two programs a multiprocessor (the cap) where a 128-row tile's programs outnumber the
-    multiprocessors; fewer programs, and other tiles, keep ptxas's own register count. (The
-    launch compiles nothing until called, so this runs anywhere, direct launches allowed.)"""
+def test_only_96_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_128_registers(monkeypatch):
+    """Two programs a multiprocessor (the cap) where a 96-row tile's programs outnumber the
+    multiprocessors; fewer programs, and the larger tiles (which spill at the cap), keep ptxas's
+    own register count. (The launch compiles nothing until called, so this runs anywhere, direct
+    launches allowed.)"""
     monkeypatch.setattr(launch, "DIRECT", True)
 
     def options(rows: int, programs: int) -> dict:
@@ -121,11 +122,35 @@ def test_only_128_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_
         assert product.launch.grid[0] == programs
         return product.launch.options
 
-    assert options(128, 224)["maxnreg"] == 128  # 28672 weight rows
-    assert options(100, 133)["maxnreg"] == 128
-    assert "maxnreg" not in options(128, 132)
-    assert "maxnreg" not in options(128, 112)  # 14336 weight rows: one wave either way
-    assert "maxnreg" not in options(96, 224) and "maxnreg" not in options(256, 224)
+    assert options(96, 224)["maxnreg"] == 128  # 28672 weight rows
+    assert options(65, 133)["maxnreg"] == 128
+    assert "maxnreg" not in options(96, 132)
+    assert "maxnreg" not in options(80, 112)  # 14336 weight rows: one wave either way
+    assert "maxnreg" not in options(128, 224) and "maxnreg" not in options(256, 224)
+
+
+def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
+    """Each slot has a "full" barrier (one arrival: the copy) and an "empty" one that every thread
+    of a program arrives on; the refill waits on the empty barrier before it copies, and the
+    wait for a step's inputs holds no barrier of the whole program."""
+    slots, empty = wgmma_wide.SLOTS, 8 * wgmma_wide.SLOTS
+    ring = ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(128), slots, wgmma_wide.THREADS)
+    counts = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[b\+(\d+)\], (\d+);", ring)
+    assert counts == [(str(8 * i), "1") for i in range(slots)] + [
+        (str(8 * i), str(wgmma_wide.THREADS)) for i in range(slots, 2 * slots)
+    ]
+    assert f"sub.u32 b, b, {16 * slots};" in ring
+    issue = ptx.wide_issue_ptx(128 * 128, empty)
+    assert f"add.u32 e, $4, {empty};" in issue
+    assert issue.index("mbarrier.try_wait.parity") < issue.index("cp.async.bulk")
+    assert "bar.sync" not in ptx.wgmma_wait_ptx(sync=False) and "bar.sync 0;" in ptx.wgmma_wait_ptx()
+    release = ptx.wide_release_ptx(empty)
+    assert f"add.u32 e, $1, {empty};" in release and "@p mbarrier.arrive.shared::cta.b64 _, [e];" in release
+    assembly = wgmma_wide.tile_assembly(96, float16=False)
+    assert assembly == (
+        ptx.wide_step_ptx(96, "bf16"), ptx.wide_constraints(96), ptx.wide_drain_constraints(96),
+        ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, wgmma_wide.THREADS), ptx.wide_issue_ptx(96 * 128, empty),
+    )  # fmt: skip
 
 
 def test_the_ring_of_each_row_tile_fits_a_hopper_program():

@@ -30,6 +30,8 @@ __all__ = [
     "wgmma_wait_ptx",
     "wide_constraints",
     "wide_drain_constraints",
+    "wide_issue_ptx",
+    "wide_release_ptx",
     "wide_step_ptx",
 ]
 
@@ -286,18 +288,22 @@ def wgmma_constraints(rows: int) -> str:
     return ",".join(["=l"] * pairs + ["l", "l", "f", "f", "r", "r"] + ["l"] * pairs)
 
 
-def wgmma_ring_ptx(ring_bytes: int, slots: int) -> str:
-    """PTX that returns ($0) the shared address of the ``wgmma`` kernel's ring: the last
-    ``ring_bytes`` of the dynamic shared memory, whose last ``8 * slots`` bytes are the slots'
-    barriers, which thread 0 sets up. Traps when the launch gave less dynamic shared memory."""
+def wgmma_ring_ptx(ring_bytes: int, slots: int, consumers: int = 0) -> str:
+    """PTX that returns ($0) the shared address of the ``wgmma`` kernels' ring: the last
+    ``ring_bytes`` of the dynamic shared memory, whose last ``8 * slots`` bytes (``16 * slots``
+    with ``consumers``) are the slots' barriers, which thread 0 sets up: one "full" barrier a
+    slot, then (with ``consumers``) one "empty" barrier a slot that ``consumers`` threads arrive
+    on. Traps when the launch gave less dynamic shared memory."""
+    barrier_bytes = 8 * slots * (2 if consumers else 1)
+    counts = [1] * slots + [consumers] * (slots if consumers else 0)
     lines = [
         "{",
         ".reg .b32 b, s, t;\n.reg .pred few, lead;",
         "mov.u32 b, global_smem;\nmov.u32 s, %dynamic_smem_size;",
         f"setp.lt.u32 few, s, {ring_bytes};\n@few trap;",
-        f"add.u32 b, b, s;\nsub.u32 $0, b, {ring_bytes};\nsub.u32 b, b, {8 * slots};",
+        f"add.u32 b, b, s;\nsub.u32 $0, b, {ring_bytes};\nsub.u32 b, b, {barrier_bytes};",
         "mov.u32 t, %tid.x;\nsetp.eq.u32 lead, t, 0;",
-        *(f"@lead mbarrier.init.shared::cta.b64 [b+{8 * i}], 1;" for i in range(slots)),
+        *(f"@lead mbarrier.init.shared::cta.b64 [b+{8 * i}], {count};" for i, count in enumerate(counts)),
         "@lead fence.mbarrier_init.release.cluster;",
         "bar.sync 0;",
         "}",
@@ -320,17 +326,49 @@ def wgmma_issue_ptx(step_bytes: int) -> str:
     )
 
 
-def wgmma_wait_ptx() -> str:
-    """PTX that waits for the program's threads (so that no ``wgmma`` still reads the slot the
-    next copy refills), then for phase $2 of the slot barrier at $1; returns the slot's address $3."""
+def wgmma_wait_ptx(sync: bool = True) -> str:
+    """PTX that waits (``sync``) for the program's threads, so that no ``wgmma`` still reads the
+    slot the next copy refills, then for phase $2 of the slot barrier at $1; returns the slot's
+    address $3."""
     return "\n".join(
         [
             "{",
-            ".reg .pred p;\nbar.sync 0;",
+            ".reg .pred p;" + ("\nbar.sync 0;" if sync else ""),
             "fourbit_wgmma_wait:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\n@!p bra fourbit_wgmma_wait;",
             "mov.b32 $0, $3;",
             "}",
         ]
+    )
+
+
+def wide_issue_ptx(step_bytes: int, empty_offset: int) -> str:
+    """PTX by which thread 0 of the wide kernel refills a ring slot: when $5 is non-zero it first
+    waits for phase $6 of the slot's "empty" barrier (``empty_offset`` bytes past its "full"
+    barrier $4: the slot's last readers are done), then, when $3 is non-zero, copies one step of
+    staged inputs ($1, a global address) into the slot at shared address $2, completing on $4."""
+    return "\n".join(
+        [
+            "{",
+            ".reg .pred p, w, done;\n.reg .b32 t, e;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;",
+            f"setp.ne.and.b32 w, $5, 0, p;\n@!w bra fourbit_wide_released;\nadd.u32 e, $4, {empty_offset};",
+            "fourbit_wide_release_wait:\nmbarrier.try_wait.parity.shared::cta.b64 done, [e], $6;",
+            "@!done bra fourbit_wide_release_wait;",
+            "fourbit_wide_released:\nsetp.ne.and.b32 p, $3, 0, p;",
+            f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$4], {step_bytes};",
+            f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$2], [$1], {step_bytes}, [$4];",
+            "mov.b32 $0, 0;",
+            "}",
+        ]
+    )
+
+
+def wide_release_ptx(empty_offset: int) -> str:
+    """PTX by which a thread arrives on a slot's "empty" barrier (``empty_offset`` bytes past its
+    "full" barrier $1) when $2 is non-zero: the slot it read is no longer read (its ``wgmma``
+    were waited for)."""
+    return (
+        "{\n.reg .pred p;\n.reg .b32 e;\nsetp.ne.b32 p, $2, 0;\n"
+        f"add.u32 e, $1, {empty_offset};\n@p mbarrier.arrive.shared::cta.b64 _, [e];\nmov.b32 $0, 0;\n}}"
     )
 
 

@@ -8,7 +8,9 @@ type, as the decode that feeds cuBLAS rounds them) and the instruction accumulat
 A step's ``wgmma`` runs while the next step is decoded: each step waits only for the one before
 it (``ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
 step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
-input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead. K is never split:
+input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead; the warpgroups do
+not wait for each other: every thread releases a slot on its "empty" barrier once the slot's
+products are done, and thread 0 refills it once all have. K is never split:
 on an H200, partial sums added across programs by atomics made 28672x8192 at 256 rows 1.7x
 slower, and 4096-row weights split four ways with ordered slices of partial sums still lost to
 the batch-wide tiles at 256 rows; weights of too few rows for a wave of programs keep the other
@@ -25,11 +27,12 @@ from .fragment_grid import STEP, aligned
 from .fragments import _fill_table, _group_scales, _rows, _stored_group, _thread_index, _word_loads
 from .launch import ProductLaunch
 from .ptx import (
-    wgmma_issue_ptx,
     wgmma_ring_ptx,
     wgmma_wait_ptx,
     wide_constraints,
     wide_drain_constraints,
+    wide_issue_ptx,
+    wide_release_ptx,
     wide_step_ptx,
 )
 from .wgmma import WgmmaInputs, weight_tensors
@@ -42,133 +45,71 @@ ROW_TILES = (96, 128, 192, 256)
 SLOTS = 4
 #: Weight rows of a program: two warpgroups of 64.
 PROGRAM_ROWS = 128
+#: Threads of a program, each of which releases every ring slot it read.
+THREADS = 256
 #: Registers a thread may use, by row tile, where the programs outnumber the multiprocessors:
-#: two programs a multiprocessor then run in one wave. ptxas takes 154-169 for 128 rows (one program a
-#: multiprocessor); capped, 28672x8192 took 151 us against 193 on an H200, while 14336x4096, one
-#: wave either way, lost to the spills (49 against 40 us). 96 rows take 128 uncapped.
-TWO_PROGRAM_REGISTERS: dict[int, int] = {128: 128}
+#: two programs a multiprocessor then run in one wave. The 96-row tile takes 140-155 on its own
+#: (Triton 3.6's ptxas); capped, 28672x8192 at 65-96 rows took 118-120 us against 162 on an
+#: H200. The 128-row tile spills at 128 registers and runs faster one program a multiprocessor
+#: (150 against 196 us).
+TWO_PROGRAM_REGISTERS: dict[int, int] = {96: 128}
 
 
 def ring_bytes(rows: int) -> int:
-    """Dynamic shared memory the ring of ``rows`` (a ``ROW_TILES`` entry) takes: the slots and their barriers."""
-    return SLOTS * (rows * 128 + 8)
+    """Dynamic shared memory the ring of ``rows`` (a ``ROW_TILES`` entry) takes: the slots and
+    their two barriers each."""
+    return SLOTS * (rows * 128 + 16)
 
 
-_STEP_96_BF16 = tl.constexpr(wide_step_ptx(96, "bf16"))
-_STEP_96_F16 = tl.constexpr(wide_step_ptx(96, "f16"))
-_STEP_128_BF16 = tl.constexpr(wide_step_ptx(128, "bf16"))
-_STEP_128_F16 = tl.constexpr(wide_step_ptx(128, "f16"))
-_STEP_192_BF16 = tl.constexpr(wide_step_ptx(192, "bf16"))
-_STEP_192_F16 = tl.constexpr(wide_step_ptx(192, "f16"))
-_STEP_256_BF16 = tl.constexpr(wide_step_ptx(256, "bf16"))
-_STEP_256_F16 = tl.constexpr(wide_step_ptx(256, "f16"))
-_CONSTRAINTS_96 = tl.constexpr(wide_constraints(96))
-_CONSTRAINTS_128 = tl.constexpr(wide_constraints(128))
-_CONSTRAINTS_192 = tl.constexpr(wide_constraints(192))
-_CONSTRAINTS_256 = tl.constexpr(wide_constraints(256))
+def tile_assembly(rows: int, float16: bool) -> tuple[str, str, str, str, str]:
+    """The kernel's inline PTX for a row tile (its constexpr arguments): the step, the step's and
+    the drain's constraints, the ring's set-up and a step's copy."""
+    element = "f16" if float16 else "bf16"
+    return (
+        wide_step_ptx(rows, element),
+        wide_constraints(rows),
+        wide_drain_constraints(rows),
+        wgmma_ring_ptx(ring_bytes(rows), SLOTS, THREADS),
+        wide_issue_ptx(rows * 128, 8 * SLOTS),
+    )
+
+
 _DRAIN = tl.constexpr("wgmma.wait_group.sync.aligned 0;")
-_DRAIN_96 = tl.constexpr(wide_drain_constraints(96))
-_DRAIN_128 = tl.constexpr(wide_drain_constraints(128))
-_DRAIN_192 = tl.constexpr(wide_drain_constraints(192))
-_DRAIN_256 = tl.constexpr(wide_drain_constraints(256))
-_RING_96 = tl.constexpr(wgmma_ring_ptx(ring_bytes(96), SLOTS))
-_RING_128 = tl.constexpr(wgmma_ring_ptx(ring_bytes(128), SLOTS))
-_RING_192 = tl.constexpr(wgmma_ring_ptx(ring_bytes(192), SLOTS))
-_RING_256 = tl.constexpr(wgmma_ring_ptx(ring_bytes(256), SLOTS))
-_ISSUE_96 = tl.constexpr(wgmma_issue_ptx(96 * 128))
-_ISSUE_128 = tl.constexpr(wgmma_issue_ptx(128 * 128))
-_ISSUE_192 = tl.constexpr(wgmma_issue_ptx(192 * 128))
-_ISSUE_256 = tl.constexpr(wgmma_issue_ptx(256 * 128))
-_WAIT = tl.constexpr(wgmma_wait_ptx())
+_WAIT = tl.constexpr(wgmma_wait_ptx(sync=False))
+_RELEASE = tl.constexpr(wide_release_ptx(8 * SLOTS))
 _RING_SLOTS = tl.constexpr(SLOTS)
 
 
 @triton.jit
-def _ring(thread, lane, ROWS: tl.constexpr):
+def _ring(thread, lane, RING_ASM: tl.constexpr):
     """The shared address of the ring's first slot (its barriers set up); see ``wgmma._ring``."""
     anchor = tl.sum(lane, axis=0) + thread
-    if ROWS == 96:
-        ring = tl.inline_asm_elementwise(_RING_96, "=r,r", [anchor], tl.int32, False, 1)
-    elif ROWS == 128:
-        ring = tl.inline_asm_elementwise(_RING_128, "=r,r", [anchor], tl.int32, False, 1)
-    elif ROWS == 192:
-        ring = tl.inline_asm_elementwise(_RING_192, "=r,r", [anchor], tl.int32, False, 1)
-    else:
-        ring = tl.inline_asm_elementwise(_RING_256, "=r,r", [anchor], tl.int32, False, 1)
-    return ring
+    return tl.inline_asm_elementwise(RING_ASM, "=r,r", [anchor], tl.int32, False, 1)
 
 
 @triton.jit
-def _issue(x_address, step, slot, live, barrier, ROWS: tl.constexpr):
-    """Copy staged step ``step`` into the ring slot at ``slot`` when ``live`` (thread 0 issues it)."""
+def _issue(x_address, step, slot, live, full, wait, parity, ROWS: tl.constexpr, ISSUE_ASM: tl.constexpr):
+    """Copy staged step ``step`` into the ring slot at ``slot`` when ``live`` (thread 0 issues it),
+    completing on the slot's barrier ``full``; first, when ``wait``, for phase ``parity`` of its
+    "empty" barrier (every thread done reading the slot's last step)."""
     source = x_address + step.to(tl.int64) * (ROWS * 128)
-    operands = [source, slot, live.to(tl.int32) + barrier * 0, barrier]
-    if ROWS == 96:
-        tl.inline_asm_elementwise(_ISSUE_96, "=r,l,r,r,r", operands, tl.int32, False, 1)
-    elif ROWS == 128:
-        tl.inline_asm_elementwise(_ISSUE_128, "=r,l,r,r,r", operands, tl.int32, False, 1)
-    elif ROWS == 192:
-        tl.inline_asm_elementwise(_ISSUE_192, "=r,l,r,r,r", operands, tl.int32, False, 1)
-    else:
-        tl.inline_asm_elementwise(_ISSUE_256, "=r,l,r,r,r", operands, tl.int32, False, 1)
+    operands = [source, slot, live.to(tl.int32) + full * 0, full, wait.to(tl.int32) + full * 0, parity]
+    tl.inline_asm_elementwise(ISSUE_ASM, "=r,l,r,r,r,r,r", operands, tl.int32, False, 1)
 
 
 @triton.jit
-def _step(acc, words, scale_g, scale_h, table, slot, ROWS: tl.constexpr, FLOAT16: tl.constexpr):
+def _step(acc, words, scale_g, scale_h, table, slot, ROWS: tl.constexpr, STEP_ASM: tl.constexpr,
+          STEP_CONSTRAINTS: tl.constexpr):  # fmt: skip
     """``acc`` with one step's products issued into it (still running when this returns)."""
     w_g, w_h = words
     operands = acc + (w_g, w_h, scale_g, scale_h, table, slot)  # noqa: RUF005 (Triton takes no starred tuples)
-    if ROWS == 96:
-        if FLOAT16:
-            acc = tl.inline_asm_elementwise(
-                _STEP_96_F16, _CONSTRAINTS_96, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-        else:
-            acc = tl.inline_asm_elementwise(
-                _STEP_96_BF16, _CONSTRAINTS_96, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-    elif ROWS == 128:
-        if FLOAT16:
-            acc = tl.inline_asm_elementwise(
-                _STEP_128_F16, _CONSTRAINTS_128, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-        else:
-            acc = tl.inline_asm_elementwise(
-                _STEP_128_BF16, _CONSTRAINTS_128, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-    elif ROWS == 192:
-        if FLOAT16:
-            acc = tl.inline_asm_elementwise(
-                _STEP_192_F16, _CONSTRAINTS_192, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-        else:
-            acc = tl.inline_asm_elementwise(
-                _STEP_192_BF16, _CONSTRAINTS_192, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-    else:
-        if FLOAT16:
-            acc = tl.inline_asm_elementwise(
-                _STEP_256_F16, _CONSTRAINTS_256, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-        else:
-            acc = tl.inline_asm_elementwise(
-                _STEP_256_BF16, _CONSTRAINTS_256, operands, (tl.float32,) * (ROWS // 2), False, 1
-            )
-    return acc
+    return tl.inline_asm_elementwise(STEP_ASM, STEP_CONSTRAINTS, operands, (tl.float32,) * (ROWS // 2), False, 1)
 
 
 @triton.jit
-def _drain(acc, ROWS: tl.constexpr):
+def _drain(acc, ROWS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr):
     """``acc`` once every ``wgmma`` writing it has finished."""
-    if ROWS == 96:
-        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_96, acc, (tl.float32,) * 48, False, 1)
-    elif ROWS == 128:
-        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_128, acc, (tl.float32,) * 64, False, 1)
-    elif ROWS == 192:
-        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_192, acc, (tl.float32,) * 96, False, 1)
-    else:
-        acc = tl.inline_asm_elementwise(_DRAIN, _DRAIN_256, acc, (tl.float32,) * 128, False, 1)
-    return acc
+    return tl.inline_asm_elementwise(_DRAIN, DRAIN_CONSTRAINTS, acc, (tl.float32,) * (ROWS // 2), False, 1)
 
 
 @triton.jit
@@ -176,7 +117,8 @@ def _wide_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
     workspace_ptr, counter_ptr, M, N, K, stride_om, ROWS: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, STEP_ASM: tl.constexpr,
+    STEP_CONSTRAINTS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr, RING_ASM: tl.constexpr, ISSUE_ASM: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
     ``x_ptr``; two warpgroups a program, 128 weight rows (``wgmma._wgmma_kernel`` for the
@@ -194,11 +136,12 @@ def _wide_kernel(
     if NESTED:
         offset = tl.load(nested_offset_ptr)
     table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 256)
-    ring = _ring(thread, lane, ROWS)
-    barriers = ring + _RING_SLOTS * ROWS * 128
+    ring = _ring(thread, lane, RING_ASM)
+    full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
-    _issue(x_address, thread * 0, ring, K > 0, barriers, ROWS)
-    _issue(x_address, thread * 0 + 1, ring + ROWS * 128, K > 64, barriers + 8, ROWS)
+    none = thread * 0
+    _issue(x_address, none, ring, K > 0, full, none, none, ROWS, ISSUE_ASM)
+    _issue(x_address, none + 1, ring + ROWS * 128, K > 64, full + 8, none, none, ROWS, ISSUE_ASM)
     zero = tl.zeros((256,), dtype=tl.float32)
     acc = (zero,) * (ROWS // 2)
     for k in range(0, K, 64 * 4):
@@ -206,22 +149,29 @@ def _wide_kernel(
             stored, rows, k, K, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
         )
         stored = _stored_group(absmax_ptr, rows, k + 256, K, BLOCKSIZE, WORDS)
-        phase = (k // 256) % 2 + thread * 0  # the slots' uses so far: one an iteration
+        use = k // 256  # each slot's uses so far: one an iteration
         for step in tl.static_range(4):
             column = k + 64 * step
-            ahead = (step + 2) % _RING_SLOTS
             slot = tl.inline_asm_elementwise(
-                _WAIT, "=r,r,r,r", [barriers + 8 * step, phase, ring + step * ROWS * 128], tl.int32, False, 1
+                _WAIT, "=r,r,r,r", [full + 8 * step, use % 2 + none, ring + step * ROWS * 128], tl.int32, False, 1
             )
+            # step s + 2 refills the slot of step s - 2, released at step s - 1 (its use before)
+            ahead = (step + 2) % _RING_SLOTS
+            refill = use + (step + 2) // _RING_SLOTS
             _issue(
-                x_address, column // 64 + 2 + thread * 0, ring + ahead * ROWS * 128, column + 128 < K,
-                barriers + 8 * ahead, ROWS,
+                x_address, column // 64 + 2 + none, ring + ahead * ROWS * 128, column + 128 < K, full + 8 * ahead,
+                refill > 0, (refill - 1) % 2 + none, ROWS, ISSUE_ASM,
             )  # fmt: skip
             words = first
             first = second
             second = _word_loads(w_ptr, rows, quad, column + 128, K, TILED)
-            acc = _step(acc, words, scales[step], scales[4 + step], table, slot, ROWS, FLOAT16)
-    acc = _drain(acc, ROWS)
+            acc = _step(acc, words, scales[step], scales[4 + step], table, slot, ROWS, STEP_ASM, STEP_CONSTRAINTS)
+            # the step before's products are done (``_step`` waited for them): its slot is free
+            behind = (step + _RING_SLOTS - 1) % _RING_SLOTS
+            tl.inline_asm_elementwise(
+                _RELEASE, "=r,r,r", [full + 8 * behind, (column > 0).to(tl.int32) + none], tl.int32, False, 1
+            )
+    acc = _drain(acc, ROWS, DRAIN_CONSTRAINTS)
     # accumulators 4c .. 4c + 3: input rows 8c + 2 quad and the next, of weight rows g and g + 8
     live_g = first_row < N
     live_h = first_row + 8 < N
@@ -261,6 +211,6 @@ def wgmma_wide_launch(weight, x: torch.Tensor, has_bias: bool, processors: int) 
     return ProductLaunch(
         _wide_kernel, (programs,), options, weight, weight_tensors,
         (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, x.dtype == torch.float16,
-         has_bias, words, weight.tiled),
+         has_bias, words, weight.tiled, *tile_assembly(rows, x.dtype == torch.float16)),
         m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=ring_bytes(rows),
     )  # fmt: skip
