@@ -13,8 +13,9 @@ not wait for each other: every thread releases a slot on its "empty" barrier onc
 products are done, and thread 0 refills it once all have. K is never split:
 on an H200, partial sums added across programs by atomics made 28672x8192 at 256 rows 1.7x
 slower, and 4096-row weights split four ways with ordered slices of partial sums still lost to
-the batch-wide tiles at 256 rows; weights of too few rows for a wave of programs keep the other
-paths (``tuning``).
+the batch-wide tiles at 256 rows, and a stream-K form (persistent programs over K iterations,
+partial row groups added by a second kernel) ran no faster; weights of too few rows for a wave
+of programs keep the other paths (``tuning``).
 """
 
 from __future__ import annotations
