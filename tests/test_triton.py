@@ -259,11 +259,12 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     assert chosen(16, 14336, True)[4] == 0 and chosen(32, 2 * one_wave, True)[0] == "fused"
 
 
-def test_the_h200_tables_send_65_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
-    """The H200's tables (eager and captured) run 65-256 rows on the wide ``wgmma`` kernel when
-    its 128-row programs fill at least 0.8 of the multiprocessors; fewer programs, more rows, or
-    the Hopper tables (not measured there) keep the earlier paths. (Support and the
-    multiprocessor count are forced, so this runs without a GPU.)"""
+def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
+    """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
+    its 128-row programs fill at least 0.8 of the multiprocessors; fewer programs (at 33-64 rows:
+    ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables (not measured
+    there) keep the earlier paths. (Support and the multiprocessor count are forced, so this runs
+    without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
     monkeypatch.setattr(
@@ -278,11 +279,12 @@ def test_the_h200_tables_send_65_to_256_rows_of_weights_with_a_wave_of_programs_
 
     fills = 128 * 106  # 106 programs: 0.80 of 132
     for captured in (False, True):
-        assert [chosen(rows, 28672, captured) for rows in (65, 96, 128, 200, 256)] == [("wgmma_wide",)] * 5
-        assert chosen(64, 28672, captured)[0] == "wgmma"
+        assert [chosen(rows, 28672, captured) for rows in (33, 64, 65, 96, 128, 200, 256)] == [("wgmma_wide",)] * 7
+        assert chosen(32, 28672, captured)[0] == "wgmma"
         assert chosen(257, 28672, captured) != ("wgmma_wide",)
         assert chosen(128, fills, captured) == ("wgmma_wide",)
         assert chosen(128, fills - 128, captured) != ("wgmma_wide",)
+    assert chosen(64, fills - 128, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
     assert chosen(128, 28672) != ("wgmma_wide",)
 

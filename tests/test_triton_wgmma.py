@@ -74,18 +74,20 @@ def test_wgmma_kernel_gives_the_products_of_the_fragment_kernel_within_rounding(
 
 @pytest.mark.gpu
 @needs_hopper
-def test_the_h200_tables_send_17_to_64_rows_of_large_weights_to_wgmma():
-    """``choose_config``: 17-64 rows of a weight with a wave of 64-row programs take ``wgmma``;
-    16 rows, 65 rows and weights of fewer programs do not."""
+def test_the_h200_tables_send_17_to_32_rows_of_large_weights_to_wgmma():
+    """``choose_config``: 17-32 rows of a weight with two waves of 64-row programs take ``wgmma``,
+    33-64 rows the wide kernel (whose rule such weights meet); 16 rows and weights of fewer
+    programs take neither."""
     if tuning.for_device(torch.device(DEVICE)) is not tuning.H200:
         pytest.skip("not an H200: the wgmma rule is in its tables")
     programs = int(tuning.H200.wgmma.min_waves * dispatch.processors(torch.device(DEVICE)))
     large, small = 64 * programs, 64 * programs - 64
-    for rows, n_out, expected in [(17, large, True), (64, large, True), (16, large, False), (65, large, False),
-                                  (32, small, False)]:  # fmt: skip
+    cases = [(17, large, "wgmma"), (32, large, "wgmma"), (33, large, "wgmma_wide"), (64, large, "wgmma_wide"),
+             (16, large, "fragments"), (32, small, "fused")]  # fmt: skip
+    for rows, n_out, expected in cases:
         x = torch.randn(rows, 1024, device=DEVICE, dtype=torch.bfloat16)
         chosen = dispatch.choose_config(x, n_out, 1024, 64)
-        assert (chosen[0] == "wgmma") == expected, (rows, n_out, chosen)
+        assert chosen[0] == expected, (rows, n_out, chosen)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Hopper's wide ``wgmma`` product kernel (65-256 rows): forced, against a float64 reference and
+"""Hopper's wide ``wgmma`` product kernel (33-256 rows): forced, against a float64 reference and
 the decode + cuBLAS path (GPU of compute capability 9.0); its PTX text and launch checks (anywhere
 Triton runs)."""
 
@@ -30,12 +30,12 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="wgmma needs a GPU of compu
 @needs_hopper
 @pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide",)]))
 def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
-    """The wide kernel, forced, over 65 to 256 input rows (every row tile, partial ones), weight
+    """The wide kernel, forced, over 33 to 256 input rows (every row tile, partial ones), weight
     rows that fill no program, blocksizes from 64 to 4096, K of one to 16 iterations, rows and
     tiles, strided inputs and a bias: as close to a float64 reference as the decode + cuBLAS
     path, which rounds the decoded weights alike."""
     shapes = [(300, 256, 64), (100, 4096, 128), (130, 4096, 4096), (208, 768, 64)]
-    row_counts = [(65, 256), (128, 150), (96, 200), (256, 70)]  # each row tile, full and partial
+    row_counts = [(33, 65, 256), (64, 128, 150), (96, 200), (256, 70)]  # each row tile, full and partial
     for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
@@ -90,7 +90,8 @@ def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
 def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element):
     """The step's PTX refers to exactly the operands its constraints declare (the tied inputs by
     their outputs' names), scales every looked-up pair before multiplying with four instructions
-    of ``rows`` columns, and waits only for the step before."""
+    of ``rows`` columns (bf16: by the scale's two bf16 parts, summed by one ``fma``), and waits
+    only for the step before."""
     text = ptx.wide_step_ptx(rows, element)
     constraints = ptx.wide_constraints(rows).split(",")
     count = rows // 2
@@ -99,8 +100,14 @@ def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element
     assert used == set(range(count)) | set(range(2 * count, len(constraints)))
     instructions = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{rows}k16\.f32\.{element}\.{element} ", text)
     assert len(instructions) == 4
-    assert len(re.findall(rf"cvt\.rn\.{element}x2\.f32", text)) == 16
-    assert text.rindex(f"cvt.rn.{element}x2.f32") < text.index("wgmma.fence")
+    if element == "bf16":  # each pair: code x scale's high part plus code x its low part, one rounding
+        assert len(re.findall(r"mul\.rn\.bf16x2 t, ([gh]\d), s[gh]1;\nfma\.rn\.bf16x2 \1, \1, s[gh]0, t;", text)) == 16
+        assert len(re.findall(r"cvt\.rn\.bf16x2\.f32 s[gh][01]", text)) == 4  # the two scales, split
+        last = text.rindex("fma.rn.bf16x2")
+    else:
+        assert len(re.findall(r"cvt\.rn\.f16x2\.f32", text)) == 16
+        last = text.rindex("cvt.rn.f16x2.f32")
+    assert last < text.index("wgmma.fence")
     assert text.index("wgmma.commit_group") < text.index("wgmma.wait_group.sync.aligned 1;")
     assert "wait_group.sync.aligned 0" not in text
 
@@ -127,6 +134,7 @@ def test_only_96_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_1
     assert "maxnreg" not in options(96, 132)
     assert "maxnreg" not in options(80, 112)  # 14336 weight rows: one wave either way
     assert "maxnreg" not in options(128, 224) and "maxnreg" not in options(256, 224)
+    assert "maxnreg" not in options(64, 224)  # no spills, two programs a multiprocessor as it is
 
 
 def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():

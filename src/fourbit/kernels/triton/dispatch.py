@@ -38,14 +38,6 @@ def choose_config(
         if entry:
             permuted = any(rows >= rule.min_rows and n_out * k >= rule.min_elements for rule in tables.fragment_permute)
             return ("fragments", entry.num_warps, entry.split_k, entry.k_warps, int(permuted))
-    rule = tables.wgmma
-    if (
-        rule
-        and rule.min_rows <= rows <= rule.max_rows
-        and wgmma_supported(x, k, blocksize, packed)
-        and triton.cdiv(n_out, 64) >= rule.min_waves * processors(x.device)
-    ):
-        return ("wgmma", 1)
     rule = tables.wgmma_wide
     if (
         rule
@@ -54,6 +46,14 @@ def choose_config(
         and triton.cdiv(n_out, wgmma_wide.PROGRAM_ROWS) >= rule.min_waves * processors(x.device)
     ):
         return ("wgmma_wide",)
+    rule = tables.wgmma
+    if (
+        rule
+        and rule.min_rows <= rows <= rule.max_rows
+        and wgmma_supported(x, k, blocksize, packed)
+        and triton.cdiv(n_out, 64) >= rule.min_waves * processors(x.device)
+    ):
+        return ("wgmma", 1)
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:

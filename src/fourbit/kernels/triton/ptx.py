@@ -375,8 +375,9 @@ def wide_release_ptx(empty_offset: int) -> str:
 def wide_step_ptx(rows: int, element: str) -> str:
     """PTX for one 64-column step of the wide ``wgmma`` kernel in one thread: its two weight rows'
     words ($2C, $2C+1, int64; C = rows / 2) decoded by the shared table ($2C+4) as ``step_ptx``
-    does, scaled by the rows' absmax ($2C+2, $2C+3) in float32 and rounded to ``element`` (bf16
-    or f16) as the decode that feeds cuBLAS rounds them, then four ``wgmma.m64n{rows}k16`` over
+    does, scaled by the rows' absmax ($2C+2, $2C+3) and rounded once to ``element`` as the decode
+    that feeds cuBLAS rounds them (bf16: two packed instructions a pair, ``_split_scale``; f16,
+    whose range the absmax may leave: in float32), then four ``wgmma.m64n{rows}k16`` over
     the inputs at shared address $2C+5 added to the accumulators $0 .. $(C-1) (tied to the next
     C operands). The products are left running; the step issued before is waited for, so that
     its ring slot may be refilled and its operand registers reused."""
@@ -384,19 +385,34 @@ def wide_step_ptx(rows: int, element: str) -> str:
     w_g, w_h, scale_g, scale_h, table, slot = (f"${2 * count + i}" for i in range(6))
     lines = [
         "{",
-        ".reg .b32 w<4>, g<8>, h<8>, t, a, lo, hi;\n.reg .b16 l16, h16;\n.reg .b64 desc<4>;",
+        ".reg .b32 w<4>, g<8>, h<8>, t, a, lo, hi, sg<2>, sh<2>;\n.reg .b16 l16, h16;\n.reg .b64 desc<4>;",
         f"mov.b64 {{w0, w1}}, {w_g};\nmov.b64 {{w2, w3}}, {w_h};",
         *_lookups(table),
     ]
-    for pair, scale in [(f"g{i}", scale_g) for i in range(8)] + [(f"h{i}", scale_h) for i in range(8)]:
-        if element == "bf16":  # a bf16 is the high half of its float32
-            lines.append(f"shl.b32 lo, {pair}, 16;\nand.b32 hi, {pair}, 0xFFFF0000;")
-        else:
+    pairs = [(f"g{i}", scale_g, "sg") for i in range(8)] + [(f"h{i}", scale_h, "sh") for i in range(8)]
+    if element == "bf16":
+        lines += _split_scale(scale_g, "sg") + _split_scale(scale_h, "sh")
+        for pair, _, split in pairs:  # code x high part, plus code x low part, rounded once
+            lines.append(f"mul.rn.bf16x2 t, {pair}, {split}1;\nfma.rn.bf16x2 {pair}, {pair}, {split}0, t;")
+    else:
+        for pair, scale, _ in pairs:
             lines.append(f"mov.b32 {{l16, h16}}, {pair};\ncvt.f32.f16 lo, l16;\ncvt.f32.f16 hi, h16;")
-        lines.append(f"mul.f32 lo, lo, {scale};\nmul.f32 hi, hi, {scale};\ncvt.rn.{element}x2.f32 {pair}, hi, lo;")
+            lines.append(f"mul.f32 lo, lo, {scale};\nmul.f32 hi, hi, {scale};\ncvt.rn.f16x2.f32 {pair}, hi, lo;")
     lines += _wgmma_lines(rows, element, slot, ", ".join(f"${i}" for i in range(count)), ["1"] * 4)
     lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 1;", "}"]
     return "\n".join(lines)
+
+
+def _split_scale(scale: str, split: str) -> list[str]:
+    """PTX that splits the float32 ``scale`` into two bf16 parts, each in both halves of a 32-bit
+    register: ``{split}0`` its rounding to bf16, ``{split}1`` the rest rounded to bf16. Their sum
+    holds 16 of the scale's bits, so that a bf16 code times the high part plus its product with
+    the low part, summed by one ``fma`` (one rounding), is the code times the float32 scale
+    rounded once to bf16 (bar ties within 2**-17 of it): as the float32 scaling rounds it."""
+    return [
+        f"cvt.rn.bf16x2.f32 {split}0, {scale}, {scale};\nand.b32 lo, {split}0, 0xFFFF0000;",
+        f"sub.f32 lo, {scale}, lo;\ncvt.rn.bf16x2.f32 {split}1, lo, lo;",
+    ]
 
 
 def wide_constraints(rows: int) -> str:

@@ -101,7 +101,8 @@ class WgmmaRule(NamedTuple):
     """Products of ``min_rows`` to ``max_rows`` input rows run on Hopper's ``wgmma`` (``wgmma``
     or ``wgmma_wide``, one kernel more to stage the inputs) when the weight's programs (64 or 128
     weight rows) number at least ``min_waves`` times the multiprocessors; other weights keep the
-    tensor-core kernel or decode + cuBLAS."""
+    tensor-core kernel or decode + cuBLAS. Rows both rules take go to the wide kernel where its
+    rule holds."""
 
     min_rows: int
     max_rows: int
@@ -151,7 +152,7 @@ class KernelTables(NamedTuple):
     quantize: QuantizeConfig
     fragment_permute: tuple[PermuteRule, ...] = ()
     wgmma: WgmmaRule | None = None
-    #: Products of 65-256 rows on the wide ``wgmma`` kernel (``wgmma_wide``), its programs
+    #: Products of 33-256 rows on the wide ``wgmma`` kernel (``wgmma_wide``), its programs
     #: counted in 128 weight rows.
     wgmma_wide: WgmmaRule | None = None
     #: (an H100 sweep of 256-2048 words with 4 warps: 512 reached 96% of the copy bandwidth)
@@ -198,12 +199,15 @@ HOPPER = KernelTables(
 #: decode + cuBLAS: 28672x8192 at 65 / 96 / 128 / 192 / 256 rows 120 / 121 / 151 / 194 / 217 us
 #: against 224 / 225 / 248 / 328 / 311 (cuBLAS bf16 119 / 121 / 130 / 149 / 182); 14336x4096
 #: (0.85 waves of programs) 35 / 35 / 40 / 49 / 63 against 60 / 58 / 57 / 72 / 71; with 32
-#: programs (4096-row weights) it lost, 131 against 63 us at 4096x14336 and 128 rows.
+#: programs (4096-row weights) it lost, 131 against 63 us at 4096x14336 and 128 rows. Its 64-row
+#: tile, the weights scaled by two bf16 parts, beat ``wgmma`` at 64 rows: 28672x8192 98.4 us
+#: against 106.0, 14336x4096 30.1 against 36.6 (cuBLAS bf16 118.3 / 34.2); at 32 rows it lost
+#: (86.0 against 82.3): ``wgmma`` keeps 17-32 rows, and 33-64 of weights too few rows for it.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
-    wgmma_wide=WgmmaRule(65, 256, 0.8),
+    wgmma_wide=WgmmaRule(33, 256, 0.8),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0

@@ -1,10 +1,11 @@
-"""65-256 rows ``A @ W.T`` in one kernel on Hopper's ``wgmma``: the 4-bit weight decoded and
-scaled straight into the instruction's register operand, 96 to 256 input rows a program.
+"""33-256 rows ``A @ W.T`` in one kernel on Hopper's ``wgmma``: the 4-bit weight decoded and
+scaled straight into the instruction's register operand, 64 to 256 input rows a program.
 
 The few-row ``wgmma`` kernel (``wgmma``) scales each step's products by the rows' absmax, which
-needs a second accumulator; at 96-256 input rows the accumulators alone take 48-128 registers a
-thread, so here the decoded weights are scaled instead (in float32, rounded once to the 16-bit
-type, as the decode that feeds cuBLAS rounds them) and the instruction accumulates across steps.
+needs a second accumulator and a wait for every step's products; here the decoded weights are
+scaled instead (rounded once to the 16-bit type, as the decode that feeds cuBLAS rounds them:
+bf16 codes by the absmax's two bf16 parts, ``ptx.wide_step_ptx``) and the instruction
+accumulates across steps.
 A step's ``wgmma`` runs while the next step is decoded: each step waits only for the one before
 it (``ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
 step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
@@ -41,7 +42,9 @@ from .wgmma import WgmmaInputs, weight_tensors
 __all__ = ["PROGRAM_ROWS", "ROW_TILES", "SLOTS", "ring_bytes", "wgmma_wide_launch"]
 
 #: The input rows of a program (the instruction's n) a launch may take: the fewest that hold the rows.
-ROW_TILES = (96, 128, 192, 256)
+#: Smaller tiles lost to the few-row kernels on an H200: 28672x8192 at 16 / 32 rows 81.6 / 86.0
+#: us against the fragment kernel's 60.6 and ``wgmma``'s 82.3 (CUDA graph replays).
+ROW_TILES = (64, 96, 128, 192, 256)
 #: Slots of the ring of staged steps; a step's copy is issued two steps ahead.
 SLOTS = 4
 #: Weight rows of a program: two warpgroups of 64.
