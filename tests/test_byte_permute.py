@@ -21,7 +21,14 @@ import triton.language as tl  # noqa: E402
 
 from fourbit.formats import get_4bit_type  # noqa: E402
 from fourbit.kernels.triton.byte_permute import _DECODE_ASM, plane_words  # noqa: E402
-from fourbit.kernels.triton.ptx import PAIRS, TABLE_WORDS, table_ptx  # noqa: E402
+from fourbit.kernels.triton.ptx import (  # noqa: E402
+    COMPACT_ROW_BYTES,
+    SPREAD_ROW_BYTES,
+    SPREAD_TABLE_OFFSET,
+    _lookups,
+    table_bytes,
+    table_ptx,
+)
 
 MASK = 0xFFFFFFFF
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py interprets Triton without a GPU
@@ -95,6 +102,10 @@ def test_plane_words_split_each_rounded_code_into_bytes(quant_type, dtype):
         assert (words[4 + word] >> (8 * byte)) & 0xFF == value & 0xFF
 
 
+class _Trapped(Exception):
+    """The emulated thread ran ``trap``."""
+
+
 def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
     """Execute ``asm`` (straight-line, or with labels, predicated branches and stores) as one thread
     whose special registers (``%tid.x`` ...) and symbol addresses are ``special``; stores land in
@@ -121,6 +132,8 @@ def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], share
             predicate, line = line.split(None, 1)
             if not regs[predicate[1:]]:
                 continue
+        if line == "trap":
+            raise _Trapped
         op, operands = line.split(None, 1)
         if op == "bra":
             i = labels[operands.strip()]
@@ -130,6 +143,10 @@ def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], share
             base = value(address)
             for offset, word in enumerate(data.split(",")):
                 shared[base + 4 * offset] = value(word)
+            continue
+        if op.startswith("ld.shared"):
+            dest, address = re.fullmatch(r"(\S+), \[(\S+)\]", operands).groups()
+            regs[dest] = shared[value(address)]
             continue
         unpack = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)", operands)
         if op == "mov.b32" and unpack:  # mov.b32 {lo, hi}, pair
@@ -146,6 +163,8 @@ def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], share
             regs[dest] = args[0] | args[1]
         elif op == "shr.u32":
             regs[dest] = args[0] >> args[1]
+        elif op == "shl.b32":
+            regs[dest] = (args[0] << args[1]) & MASK
         elif op == "add.u32":
             regs[dest] = (args[0] + args[1]) & MASK
         elif op == "mul.lo.u32":
@@ -161,25 +180,69 @@ def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], share
     return regs
 
 
-@pytest.mark.parametrize("threads", [64, 128, 256])
-def test_the_fragment_table_fill_gives_every_lane_every_pair_and_the_nested_codes(threads):
-    """Every thread of a program runs the fill: entry 32 v + lane of the table holds byte value v's
-    two codes (high nibble in the low half) whatever the program's size, each lane gets its own
-    column's address, the nested codes follow the pairs, and nothing is written outside. (Each
-    thread stores four nested codes, so a program needs two warps or more: fragment_launch.)"""
-    code = get_4bit_type("nf4")
-    planes = _planes(code, torch.bfloat16)
-    nested = [((0x3F000000 + i) & MASK) for i in range(256)]  # any 32-bit patterns, one per code
-    base = 1024  # the table's shared address; any multiple of 16
-    bits = [int(b) & 0xFFFF for b in code.to(torch.bfloat16).view(torch.int16).tolist()]
+def _filled_table(row_bytes: int, threads: int, planes: list[int], nested: list[int]) -> tuple[int, dict, list]:
+    """The table's address, the shared words a program of ``threads`` threads stores by
+    ``table_ptx(row_bytes)`` (its static array at 1024, or its dynamic shared memory from 512),
+    and what the fill returned to each thread."""
     shared: dict[int, int] = {}
+    returned = []
+    dynamic = 200 * 1024
+    symbols = {"fourbit_code_table": 1024, "global_smem": 512, "%dynamic_smem_size": dynamic}
+    base = 1024 if row_bytes == COMPACT_ROW_BYTES else 512 + SPREAD_TABLE_OFFSET
     for tid in range(threads):
         inputs = {f"${i + 1}": planes[i] for i in range(8)}
         inputs |= {f"${9 + i}": nested[tid + i * threads] if tid + i * threads < 256 else 0 for i in range(4)}
-        special = {"%tid.x": tid, "%ntid.x": threads, "%laneid": tid % 32, "fourbit_code_table": base}
-        regs = _run_thread(table_ptx(), inputs, special, shared)
-        assert regs["$0"] == base + 4 * (tid % 32)
-    expected = {base + 4 * (32 * v + lane): bits[v >> 4] | bits[v & 15] << 16 for v in range(256) for lane in range(32)}
-    expected |= {base + 4 * PAIRS + 4 * i: nested[i] for i in range(256)}
+        special = {"%tid.x": tid, "%ntid.x": threads, "%laneid": tid % 32, **symbols}
+        returned.append(_run_thread(table_ptx(row_bytes, dynamic), inputs, special, shared)["$0"])
+    return base, shared, returned
+
+
+@pytest.mark.parametrize("row_bytes", [COMPACT_ROW_BYTES, SPREAD_ROW_BYTES])
+@pytest.mark.parametrize("threads", [64, 128, 256])
+def test_the_fragment_table_fill_gives_every_lane_every_pair_and_the_nested_codes(threads, row_bytes):
+    """Every thread of a program runs the fill: entry ``row_bytes * v + 4 * lane`` of the table
+    holds byte value v's two codes (high nibble in the low half) whatever the program's size, each
+    lane gets its own column's address (compact) or offset (spread), the nested codes follow the
+    pairs, and nothing is written outside. (Each thread stores four nested codes, so a program
+    needs two warps or more: fragment_launch.)"""
+    code = get_4bit_type("nf4")
+    planes = _planes(code, torch.bfloat16)
+    nested = [((0x3F000000 + i) & MASK) for i in range(256)]  # any 32-bit patterns, one per code
+    bits = [int(b) & 0xFFFF for b in code.to(torch.bfloat16).view(torch.int16).tolist()]
+    base, shared, returned = _filled_table(row_bytes, threads, planes, nested)
+    lane_base = base if row_bytes == COMPACT_ROW_BYTES else 0
+    assert returned == [lane_base + 4 * (tid % 32) for tid in range(threads)]
+    expected = {
+        base + row_bytes * v + 4 * lane: bits[v >> 4] | bits[v & 15] << 16 for v in range(256) for lane in range(32)
+    }
+    expected |= {base + 256 * row_bytes + 4 * i: nested[i] for i in range(256)}
     assert shared == expected
-    assert max(shared) < base + 4 * TABLE_WORDS
+    assert max(shared) < base + table_bytes(row_bytes)
+
+
+def test_a_spread_table_traps_in_too_little_dynamic_shared_memory():
+    """The fill stops the program when the launch gave less dynamic shared memory than it needs."""
+    special = {"%tid.x": 0, "%ntid.x": 64, "%laneid": 0, "global_smem": 0, "%dynamic_smem_size": 4096}
+    with pytest.raises(_Trapped):
+        _run_thread(table_ptx(SPREAD_ROW_BYTES, 4097), {f"${i}": 0 for i in range(1, 13)}, special, {})
+    _run_thread(table_ptx(SPREAD_ROW_BYTES, 4096), {f"${i}": 0 for i in range(1, 13)}, special, {})
+
+
+@pytest.mark.parametrize("row_bytes", [COMPACT_ROW_BYTES, SPREAD_ROW_BYTES])
+def test_a_lanes_lookups_read_its_own_column_of_each_packed_bytes_row(row_bytes):
+    """The steps' lookups (prmt + multiply-add in a compact table, one prmt in a spread one) give
+    every lane the two codes of each of its 16 packed bytes, in byte order, from its own column."""
+    code = get_4bit_type("fp4")
+    planes = _planes(code, torch.bfloat16)
+    bits = [int(b) & 0xFFFF for b in code.to(torch.bfloat16).view(torch.int16).tolist()]
+    base, shared, returned = _filled_table(row_bytes, 64, planes, [0] * 256)
+    asm = "\n".join(_lookups("$0", row_bytes))
+    words = [*torch.randint(0, 2**32, (6, 4), dtype=torch.int64).tolist(), [0, MASK, 0x01234567, 0x89ABCDEF]]
+    for lane, word in zip([0, 5, 31, 17, 2, 30, 9], words, strict=True):
+        inputs = {"$0": returned[lane]} | {f"w{i}": word[i] for i in range(4)}
+        # each lane's entries only: another lane's column would give the same codes
+        column = {a: v for a, v in shared.items() if (a - base) % row_bytes == 4 * lane}
+        regs = _run_thread(asm, inputs, {"fourbit_code_table": 1024, "global_smem": 512}, column)
+        data = [byte for w in word for byte in w.to_bytes(4, "little")]
+        looked_up = [regs[f"g{i}"] for i in range(8)] + [regs[f"h{i}"] for i in range(8)]
+        assert looked_up == [bits[byte >> 4] | bits[byte & 15] << 16 for byte in data], (lane, word)

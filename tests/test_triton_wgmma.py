@@ -179,17 +179,20 @@ class _Compiled:
         self.runs.append(arguments)
 
 
-def _launch_with_extra_shared(monkeypatch, packed: tuple) -> tuple:
-    """A ``KernelLaunch`` asking 4096 bytes of its own over a fake compiled kernel, a profiler
-    listening; the kernel and the driver calls it made."""
+def _launch_with_extra_shared(monkeypatch, packed: tuple, head_shared: int = 0) -> tuple:
+    """A ``KernelLaunch`` asking 4096 bytes of its own (past ``head_shared`` left to Triton) over
+    a fake compiled kernel that takes 40 of its own, a profiler listening; the kernel and the
+    driver calls it made."""
     compiled, allowed = _Compiled(packed), []
     monkeypatch.setattr(launch, "DIRECT", True)
     monkeypatch.setattr(launch, "_hooked", lambda: True)
     monkeypatch.setattr(launch, "_allow_dynamic_shared", lambda function, size: allowed.append((function, size)))
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 77, raising=False)
-    kernel = SimpleNamespace(warmup=lambda *arguments, grid, **options: compiled)
+    kernel = SimpleNamespace(warmup=lambda *arguments, grid, **options: compiled, __name__="_kernel")
     return (
-        launch.KernelLaunch(kernel, (3, 2), {"num_warps": 4}, torch.device("cuda", 0), extra_shared=4096),
+        launch.KernelLaunch(
+            kernel, (3, 2), {"num_warps": 4}, torch.device("cuda", 0), extra_shared=4096, head_shared=head_shared
+        ),
         compiled,
         allowed,
     )
@@ -220,3 +223,18 @@ def test_a_launch_with_shared_memory_of_its_own_refuses_metadata_it_cannot_read_
     monkeypatch.setattr(launch, "DIRECT", False)
     with pytest.raises(RuntimeError, match=r"Triton 3\.3 or newer"):
         launch.KernelLaunch(SimpleNamespace(), (1,), {}, torch.device("cuda", 0), extra_shared=64)
+
+
+@pytest.mark.parametrize("head_shared", [32, 40, 1024])
+def test_a_launch_whose_data_starts_past_tritons_refuses_a_kernel_that_took_more(monkeypatch, head_shared):
+    """Where the kernel's PTX keeps data from ``head_shared`` bytes into the dynamic shared
+    memory, a compile in which Triton took more of it for itself (40 bytes) is an error before
+    anything launches; at most that much launches."""
+    kernel_launch, compiled, allowed = _launch_with_extra_shared(monkeypatch, (4, 1, 40, 1, 1, 1), head_shared)
+    if head_shared < 40:
+        with pytest.raises(RuntimeError, match=f"40 bytes of shared memory of its own.*starts at {head_shared}"):
+            kernel_launch(torch.zeros(4), 5)
+        assert compiled.runs == [] and allowed == []
+    else:
+        kernel_launch(torch.zeros(4), 5)
+        assert allowed == [(1234, 128 + 4096)] and len(compiled.runs) == 1

@@ -92,7 +92,7 @@ def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element
     their outputs' names), scales every looked-up pair before multiplying with four instructions
     of ``rows`` columns (bf16: by the scale's two bf16 parts, summed by one ``fma``), and waits
     only for the step before."""
-    text = ptx.wide_step_ptx(rows, element)
+    text = wgmma_wide.tile_assembly(rows, element == "f16")[2]
     constraints = ptx.wide_constraints(rows).split(",")
     count = rows // 2
     assert constraints[count : 2 * count] == [str(i) for i in range(count)]  # tied accumulators
@@ -110,6 +110,9 @@ def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element
     assert last < text.index("wgmma.fence")
     assert text.index("wgmma.commit_group") < text.index("wgmma.wait_group.sync.aligned 1;")
     assert "wait_group.sync.aligned 0" not in text
+    lookups = len(re.findall(r"ld\.shared\.b32 [gh]\d, \[\w\];", text))
+    spread = len(re.findall(r"prmt\.b32 t, w\d, \$\d+, 0x76[0-3]4;\nadd\.u32 t, t, a;\nld\.shared", text))
+    assert lookups == 16 and spread == (16 if wgmma_wide.table_row_bytes(rows) == ptx.SPREAD_ROW_BYTES else 0)
 
 
 def test_only_96_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_128_registers(monkeypatch):
@@ -156,13 +159,30 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
     assert f"add.u32 e, $1, {empty};" in release and "@p mbarrier.arrive.shared::cta.b64 _, [e];" in release
     assembly = wgmma_wide.tile_assembly(96, float16=False)
     assert assembly == (
-        ptx.wide_step_ptx(96, "bf16"), ptx.wide_constraints(96), ptx.wide_drain_constraints(96),
+        ptx.table_ptx(), ptx.nested_code_ptx(), ptx.wide_step_ptx(96, "bf16"), ptx.wide_constraints(96),
+        ptx.wide_drain_constraints(96),
         ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, wgmma_wide.THREADS), ptx.wide_issue_ptx(96 * 128, empty),
     )  # fmt: skip
 
 
-def test_the_ring_of_each_row_tile_fits_a_hopper_program():
-    """The ring, the shared table and Triton's own scratch fit the 227 KiB a Hopper program may
-    use, for every row tile."""
+def test_the_ring_and_table_of_each_row_tile_fit_a_hopper_program():
+    """The ring, the shared table and Triton's own scratch (at most ``SPREAD_TABLE_OFFSET``) fit
+    the 227 KiB a Hopper program may use, for every row tile; two programs of the tiles that run
+    two a multiprocessor (64 rows; 96, capped) fit its 228 KiB, each with the 1 KiB the hardware
+    keeps a program; the spread table lies between Triton's scratch and the ring."""
+
+    def program_bytes(rows: int) -> int:
+        dynamic = wgmma_wide.dynamic_bytes(rows)
+        if wgmma_wide.table_row_bytes(rows) == ptx.COMPACT_ROW_BYTES:  # a static table, Triton's scratch
+            return ptx.table_bytes(ptx.COMPACT_ROW_BYTES) + ptx.SPREAD_TABLE_OFFSET + dynamic
+        table_end = ptx.SPREAD_TABLE_OFFSET + ptx.table_bytes(ptx.SPREAD_ROW_BYTES)
+        assert table_end <= dynamic - wgmma_wide.ring_bytes(rows)
+        return ptx.SPREAD_TABLE_OFFSET + dynamic  # Triton's scratch (counted twice: the launch adds it)
+
     for rows in wgmma_wide.ROW_TILES:
-        assert wgmma_wide.ring_bytes(rows) + 4 * ptx.TABLE_WORDS + 1024 <= 227 * 1024
+        assert program_bytes(rows) <= 227 * 1024
+    for rows in (64, *wgmma_wide.TWO_PROGRAM_REGISTERS):
+        assert 2 * (program_bytes(rows) + 1024) <= 228 * 1024, rows
+    assert wgmma_wide.table_row_bytes(256) == ptx.SPREAD_ROW_BYTES
+    assert wgmma_wide.table_row_bytes(96) == ptx.COMPACT_ROW_BYTES  # a spread one would not fit two
+    assert 2 * (wgmma_wide.ring_bytes(96) + ptx.table_bytes(ptx.SPREAD_ROW_BYTES) + 2048) > 228 * 1024

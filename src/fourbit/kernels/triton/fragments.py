@@ -62,8 +62,12 @@ def _thread_index(like):
 
 
 @triton.jit
-def _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16: tl.constexpr, NESTED: tl.constexpr, THREADS: tl.constexpr):
-    """Fill the program's shared table; returns each lane's address in it."""
+def _fill_table(
+    code_ptr, nested_code_ptr, thread, FLOAT16: tl.constexpr, NESTED: tl.constexpr, THREADS: tl.constexpr,
+    TABLE_ASM: tl.constexpr,
+):  # fmt: skip
+    """Fill the program's shared table by ``TABLE_ASM`` (``ptx.table_ptx``); returns each lane's
+    address in it, or in a spread table its offset in a row."""
     p0, p1, p2, p3, p4, p5, p6, p7 = plane_words(code_ptr, tl.float16 if FLOAT16 else tl.bfloat16)
     c0 = tl.zeros_like(thread).to(tl.float32)
     c1, c2, c3 = c0, c0, c0
@@ -73,8 +77,8 @@ def _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16: tl.constexpr, NESTED
         c2 = tl.load(nested_code_ptr + thread + 2 * THREADS, mask=thread + 2 * THREADS < 256, other=0.0)
         c3 = tl.load(nested_code_ptr + thread + 3 * THREADS, mask=thread + 3 * THREADS < 256, other=0.0)
     return tl.inline_asm_elementwise(
-        _TABLE, "=r," + "r," * 8 + "f,f,f,f", [p0 + thread * 0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3],
-        tl.int32, False, 1,
+        TABLE_ASM, "=r," + "r," * 8 + "f,f,f,f",
+        [p0 + thread * 0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3], tl.int32, False, 1,
     )  # fmt: skip
 
 
@@ -149,11 +153,11 @@ def _stored_group(absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: t
 
 
 @triton.jit
-def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr):
+def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
     """A float32 absmax from what is stored: itself, or (nested) ``code[q] * scale + offset``,
-    the code read from the shared table."""
+    the code read from the shared table by ``NESTED_CODE_ASM`` (``ptx.nested_code_ptx``)."""
     if NESTED:
-        code = tl.inline_asm_elementwise(_NESTED_CODE, "=f,r,r", [stored.to(tl.int32), table], tl.float32, True, 1)
+        code = tl.inline_asm_elementwise(NESTED_CODE_ASM, "=f,r,r", [stored.to(tl.int32), table], tl.float32, True, 1)
         return code * nested_scale + offset
     else:
         return stored
@@ -162,7 +166,7 @@ def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr):
 @triton.jit
 def _group_scales(
     stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, NESTED_CODE_ASM: tl.constexpr,
 ):  # fmt: skip
     """The absmax of a row group's four steps from column ``k``: four for row g, four for g + 8.
     The blocks of the four steps lie in one block of nested statistics (``aligned``); none is read
@@ -179,11 +183,12 @@ def _group_scales(
         nested_h = tl.load(
             nested_absmax_ptr + (blocks_h + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_h & live, other=0.0
         )
+    asm: tl.constexpr = NESTED_CODE_ASM
     return (
-        _scale(g0, nested_g, offset, table, NESTED), _scale(g1, nested_g, offset, table, NESTED),
-        _scale(g2, nested_g, offset, table, NESTED), _scale(g3, nested_g, offset, table, NESTED),
-        _scale(h0, nested_h, offset, table, NESTED), _scale(h1, nested_h, offset, table, NESTED),
-        _scale(h2, nested_h, offset, table, NESTED), _scale(h3, nested_h, offset, table, NESTED),
+        _scale(g0, nested_g, offset, table, NESTED, asm), _scale(g1, nested_g, offset, table, NESTED, asm),
+        _scale(g2, nested_g, offset, table, NESTED, asm), _scale(g3, nested_g, offset, table, NESTED, asm),
+        _scale(h0, nested_h, offset, table, NESTED, asm), _scale(h1, nested_h, offset, table, NESTED, asm),
+        _scale(h2, nested_h, offset, table, NESTED, asm), _scale(h3, nested_h, offset, table, NESTED, asm),
     )  # fmt: skip
 
 
@@ -325,13 +330,13 @@ def fragment_product(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 32 * WARPS)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 32 * WARPS, _TABLE)
     zero = tl.zeros((32 * WARPS,), dtype=tl.float32)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero)
     for k_offset in range(0, k_count, 64 * 4):
         k = k_start + k_offset
         scales = _group_scales(
-            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, _NESTED_CODE
         )
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):

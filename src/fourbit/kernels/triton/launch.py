@@ -89,7 +89,9 @@ class KernelLaunch:
 
     ``extra_shared`` (non-zero) is dynamic shared memory the kernel uses past what Triton gave it
     (PTX that addresses the end of it): the launch adds it, and always launches directly, with the
-    hooks of a profiler left out, as only the direct launch carries it.
+    hooks of a profiler left out, as only the direct launch carries it. ``head_shared`` (non-zero)
+    is how much of the dynamic shared memory's start the kernel's PTX leaves to Triton (it keeps
+    data at fixed offsets past it): the compile fails clearly when Triton takes more.
     """
 
     __slots__ = (
@@ -98,6 +100,7 @@ class KernelLaunch:
         "device",
         "extra_shared",
         "grid",
+        "head_shared",
         "kernel",
         "options",
         "raw",
@@ -112,6 +115,7 @@ class KernelLaunch:
         device: torch.device,
         registers: int = 0,
         extra_shared: int = 0,
+        head_shared: int = 0,
     ) -> None:
         if extra_shared and not DIRECT:
             found = "the Triton interpreter" if INTERPRETED else f"Triton {triton.__version__}"
@@ -120,6 +124,7 @@ class KernelLaunch:
             )
         self.kernel = kernel
         self.extra_shared = extra_shared
+        self.head_shared = head_shared
         self.grid = (*grid, 1, 1)[:3]
         self.options = {**COMPILE_OPTIONS, **options}
         self.device = device
@@ -168,6 +173,11 @@ class KernelLaunch:
         # Triton's CUDA backends pack (num_warps, num_ctas, shared, ...): the launch's dynamic size
         if len(metadata) < 3 or metadata[_PACKED_SHARED] != handle.metadata.shared:
             raise RuntimeError(f"Triton {triton.__version__} packs its launch metadata in an unknown order: {metadata}")
+        if self.head_shared and handle.metadata.shared > self.head_shared:
+            raise RuntimeError(
+                f"Triton {triton.__version__} gave {self.kernel.__name__} {handle.metadata.shared} bytes of shared "
+                f"memory of its own, where the kernel's data starts at {self.head_shared}"
+            )
         shared = -(-handle.metadata.shared // 128) * 128 + self.extra_shared
         metadata[_PACKED_SHARED] = shared
         _allow_dynamic_shared(handle.function, shared)
@@ -285,8 +295,8 @@ class ProductLaunch:
     the workspace when the kernel splits K, and launches; ``prepare_input`` (when given) turns
     the caller's input into the kernel's ``x``; ``input_dtype`` (when given) is the dtype the kernel
     reads ``x`` as, a view of the same bytes that only the JIT launch needs (the direct launch
-    takes the pointer, so an eager call makes no view); ``registers`` and ``extra_shared`` are
-    ``KernelLaunch``'s.
+    takes the pointer, so an eager call makes no view); ``registers``, ``extra_shared`` and
+    ``head_shared`` are ``KernelLaunch``'s.
     """
 
     __slots__ = (
@@ -325,8 +335,9 @@ class ProductLaunch:
         registers: int = 0,
         extra_shared: int = 0,
         input_dtype: torch.dtype | None = None,
+        head_shared: int = 0,
     ) -> None:
-        self.launch = KernelLaunch(kernel, grid, options, device, registers, extra_shared)
+        self.launch = KernelLaunch(kernel, grid, options, device, registers, extra_shared, head_shared)
         self.input_dtype = input_dtype
         self.bind = bind
         self.before = bind(weight)

@@ -85,43 +85,74 @@ def decode_asm() -> str:
     )
 
 
-#: 32-bit words of the shared table: 256 byte values x 32 lanes of code pairs, then the 256
-#: float32 codes of nested statistics.
+#: 32-bit words of the compact shared table: 256 byte values x 32 lanes of code pairs, then the
+#: 256 float32 codes of nested statistics.
 PAIRS = 256 * 32
 TABLE_WORDS = PAIRS + 256
+#: Bytes from one byte value's row of code pairs to the next: 32 lanes of 4 bytes (compact), or
+#: twice that (spread), so that one byte permute forms a lookup's offset (value x 256 + lane x 4)
+#: where the compact table takes a byte permute and a multiply-add. A compact table is a static
+#: array; a spread one (65 KiB, more than a static array may take) lies in the dynamic shared
+#: memory at ``SPREAD_TABLE_OFFSET``, a constant, which ptxas folds into each lookup's load.
+COMPACT_ROW_BYTES = 128
+SPREAD_ROW_BYTES = 256
+#: Where a spread table starts in the dynamic shared memory: past Triton's own use of it, which
+#: the launch checks (``launch.KernelLaunch``'s ``head_shared``).
+SPREAD_TABLE_OFFSET = 1024
 
 
-def table_ptx() -> str:
+def table_bytes(row_bytes: int) -> int:
+    """Shared bytes of the table whose rows of code pairs are ``row_bytes`` apart (its nested codes included)."""
+    return 256 * row_bytes + 4 * 256
+
+
+def _table_start(row_bytes: int, register: str) -> str:
+    """PTX that puts the table's shared address in ``register``."""
+    if row_bytes == COMPACT_ROW_BYTES:
+        return f"mov.u32 {register}, fourbit_code_table;"
+    return f"mov.u32 {register}, global_smem;\nadd.u32 {register}, {register}, {SPREAD_TABLE_OFFSET};"
+
+
+def table_ptx(row_bytes: int = COMPACT_ROW_BYTES, dynamic: int = 0) -> str:
     """PTX that fills the shared table (once per program; every thread runs it) and returns this
-    lane's address in it. Pair entry ``32 * v + lane`` holds the two 16-bit codes of packed byte
-    value ``v`` (high nibble in the low half), looked up by byte permutes in the plane words
-    $1 .. $8; after the pairs come the nested codes, of which each thread stores the ones among
-    $9 .. $12 (codes ``tid``, ``tid + threads``, ...) that exist.
+    lane's address in it (compact) or its byte offset in a row (spread, ``row_bytes`` 256; it
+    traps when the dynamic shared memory is under the ``dynamic`` bytes the program needs).
+    Pair entry ``row_bytes * v + 4 * lane`` holds the two 16-bit codes of packed byte value ``v``
+    (high nibble in the low half), looked up by byte permutes in the plane words $1 .. $8; after
+    the pairs come the nested codes, of which each thread stores the ones among $9 .. $12 (codes
+    ``tid``, ``tid + threads``, ...) that exist.
 
     Thread ``tid`` fills lanes ``4j .. 4j + 3`` (``j = tid % 8``) of values ``tid / 8``, then every
     ``threads / 8`` more: one decode gives four values, each stored to its four lanes by one
     16-byte store, so a thread stores 16-byte words a quarter as often as 4-byte ones."""
     planes = tuple(f"${i}" for i in range(1, 9))
     stores = []
-    for q in range(4):  # value v + q * slots, row stride 128 bytes
+    for q in range(4):  # value v + q * slots
         if q:
-            stores.append("mad.lo.u32 a, slots, 128, a;")
+            stores.append(f"mad.lo.u32 a, slots, {row_bytes}, a;")
         stores.append(f"st.shared.v4.b32 [a], {{q{q}, q{q}, q{q}, q{q}}};")
+    if row_bytes == COMPACT_ROW_BYTES:
+        setup = [f".shared .align 16 .b32 fourbit_code_table[{table_bytes(row_bytes) // 4}];", "{"]
+        lane = "mad.lo.u32 $0, t, 4, base;"
+    else:
+        setup = ["{", f"mov.u32 s, %dynamic_smem_size;\nsetp.lt.u32 more, s, {dynamic};\n@more trap;"]
+        lane = "shl.b32 $0, t, 2;"
     return "\n".join(
         [
-            f".shared .align 16 .b32 fourbit_code_table[{TABLE_WORDS}];",
-            "{",
-            DECODE_SCRATCH + ".reg .b32 q<4>, v, slots, word, a, tid, threads, column;\n.reg .pred more;",
+            setup[0],
+            DECODE_SCRATCH + ".reg .b32 q<4>, v, slots, word, a, tid, threads, column, base;\n.reg .pred more;",
+            *setup[1:],
             "mov.u32 tid, %tid.x;\nmov.u32 threads, %ntid.x;\nshr.u32 v, tid, 3;\nshr.u32 slots, threads, 3;",
-            "mov.u32 a, fourbit_code_table;\nmov.u32 t, %laneid;\nmad.lo.u32 $0, t, 4, a;",
-            "and.b32 column, tid, 7;\nmad.lo.u32 column, column, 16, a;",
+            _table_start(row_bytes, "base"),
+            f"mov.u32 t, %laneid;\n{lane}",
+            "and.b32 column, tid, 7;\nmad.lo.u32 column, column, 16, base;",
             "fourbit_code_table_pairs:",
             "mul.lo.u32 word, v, 0x01010101;\nmad.lo.u32 word, slots, 0x03020100, word;",  # v, v + S, v + 2S, v + 3S
             decode_word_ptx("word", ("q0", "q1", "q2", "q3"), planes),
-            "mad.lo.u32 a, v, 128, column;",
+            f"mad.lo.u32 a, v, {row_bytes}, column;",
             *stores,
             "mad.lo.u32 v, slots, 4, v;\nsetp.lt.u32 more, v, 256;\n@more bra fourbit_code_table_pairs;",
-            f"mov.u32 a, fourbit_code_table;\nmad.lo.u32 a, tid, 4, a;\nadd.u32 a, a, {4 * PAIRS};",
+            f"mad.lo.u32 a, tid, 4, base;\nadd.u32 a, a, {256 * row_bytes};",
             *(
                 f"mad.lo.u32 v, threads, {i}, tid;\nsetp.lt.u32 more, v, 256;\n"
                 f"@more st.shared.b32 [a], ${9 + i};\nmad.lo.u32 a, threads, 4, a;"
@@ -133,7 +164,7 @@ def table_ptx() -> str:
     )
 
 
-def step_ptx(tiles: int, element: str) -> str:
+def step_ptx(tiles: int, element: str, row_bytes: int = COMPACT_ROW_BYTES) -> str:
     """PTX for one 64-column step of one lane: the accumulators ``$0 ..`` (four per tile of input
     rows, the instruction's accumulator fragment) plus the products of the two weight rows' words
     (two int64 operands, two words each) with the input (one int64, four 16-bit values, per
@@ -151,7 +182,7 @@ def step_ptx(tiles: int, element: str) -> str:
         f"mov.b64 {{w0, w1}}, {row_g};",
         f"mov.b64 {{w2, w3}}, {row_h};",
     ]
-    lines += _lookups(table)
+    lines += _lookups(table, row_bytes)
     for j in range(4):  # instruction j takes columns 4j .. 4j + 3 of the lane's 16
         fragment = f"g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}"
         for tile in range(tiles):
@@ -168,15 +199,19 @@ def step_ptx(tiles: int, element: str) -> str:
     return "\n".join(lines)
 
 
-def _lookups(table: str) -> list[str]:
+def _lookups(table: str, row_bytes: int = COMPACT_ROW_BYTES) -> list[str]:
     """PTX that looks up the 16 packed bytes of words w0 .. w3 (rows g, g, g + 8, g + 8) in the
-    shared table at ``table``: pairs g0 .. g7 of row g, h0 .. h7 of row g + 8."""
-    lines = []
+    shared table (``table``: the lane's address, or in a spread table its offset in a row; see
+    ``table_ptx``): pairs g0 .. g7 of row g, h0 .. h7 of row g + 8. Scratch: ``t, a``."""
+    lines = [] if row_bytes == COMPACT_ROW_BYTES else [_table_start(row_bytes, "a")]
     for word, pairs in (("w0", "g0 g1 g2 g3"), ("w1", "g4 g5 g6 g7"), ("w2", "h0 h1 h2 h3"), ("w3", "h4 h5 h6 h7")):
         for byte, pair in enumerate(pairs.split()):
-            lines.append(
-                f"prmt.b32 t, {word}, 0, 0x444{byte};\nmad.lo.u32 a, t, 128, {table};\nld.shared.b32 {pair}, [a];"
-            )
+            if row_bytes == COMPACT_ROW_BYTES:
+                lines.append(
+                    f"prmt.b32 t, {word}, 0, 0x444{byte};\nmad.lo.u32 a, t, 128, {table};\nld.shared.b32 {pair}, [a];"
+                )
+            else:  # the byte as bits 8-15 over the lane's offset (bits 0-7), then the table's address
+                lines.append(f"prmt.b32 t, {word}, {table}, 0x76{byte}4;\nadd.u32 t, t, a;\nld.shared.b32 {pair}, [t];")
     return lines
 
 
@@ -185,11 +220,12 @@ def step_constraints(tiles: int) -> str:
     return ",".join(["=f"] * (4 * tiles) + ["l"] * (2 + 4 * tiles) + ["f"] * (4 * tiles + 2) + ["r"])
 
 
-def nested_code_ptx() -> str:
-    """PTX that reads nested code ``$1`` (a float32 after the pairs in the shared table) into ``$0``."""
+def nested_code_ptx(row_bytes: int = COMPACT_ROW_BYTES) -> str:
+    """PTX that reads nested code ``$1`` (a float32 after the pairs in the shared table, laid out
+    as ``table_ptx`` says) into ``$0``."""
     return (
-        f"{{\n.reg .b32 a;\nmov.u32 a, fourbit_code_table;\nmad.lo.u32 a, $1, 4, a;\n"
-        f"ld.shared.f32 $0, [a + {4 * PAIRS}];\n}}"
+        f"{{\n.reg .b32 a;\n{_table_start(row_bytes, 'a')}\nmad.lo.u32 a, $1, 4, a;\n"
+        f"ld.shared.f32 $0, [a + {256 * row_bytes}];\n}}"
     )
 
 
@@ -372,7 +408,7 @@ def wide_release_ptx(empty_offset: int) -> str:
     )
 
 
-def wide_step_ptx(rows: int, element: str) -> str:
+def wide_step_ptx(rows: int, element: str, row_bytes: int = COMPACT_ROW_BYTES) -> str:
     """PTX for one 64-column step of the wide ``wgmma`` kernel in one thread: its two weight rows'
     words ($2C, $2C+1, int64; C = rows / 2) decoded by the shared table ($2C+4) as ``step_ptx``
     does, scaled by the rows' absmax ($2C+2, $2C+3) and rounded once to ``element`` as the decode
@@ -380,14 +416,15 @@ def wide_step_ptx(rows: int, element: str) -> str:
     whose range the absmax may leave: in float32), then four ``wgmma.m64n{rows}k16`` over
     the inputs at shared address $2C+5 added to the accumulators $0 .. $(C-1) (tied to the next
     C operands). The products are left running; the step issued before is waited for, so that
-    its ring slot may be refilled and its operand registers reused."""
+    its ring slot may be refilled and its operand registers reused. ``row_bytes`` says how the
+    table is laid out (``table_ptx``)."""
     count = rows // 2
     w_g, w_h, scale_g, scale_h, table, slot = (f"${2 * count + i}" for i in range(6))
     lines = [
         "{",
         ".reg .b32 w<4>, g<8>, h<8>, t, a, lo, hi, sg<2>, sh<2>;\n.reg .b16 l16, h16;\n.reg .b64 desc<4>;",
         f"mov.b64 {{w0, w1}}, {w_g};\nmov.b64 {{w2, w3}}, {w_h};",
-        *_lookups(table),
+        *_lookups(table, row_bytes),
     ]
     pairs = [(f"g{i}", scale_g, "sg") for i in range(8)] + [(f"h{i}", scale_h, "sh") for i in range(8)]
     if element == "bf16":

@@ -28,7 +28,16 @@ import triton.language as tl
 
 from .common import finish_split, last_of_split, store_output
 from .fragment_grid import STEP, aligned
-from .fragments import _fill_table, _group_scales, _rows, _stored_group, _thread_index, _word_loads
+from .fragments import (
+    _NESTED_CODE,
+    _TABLE,
+    _fill_table,
+    _group_scales,
+    _rows,
+    _stored_group,
+    _thread_index,
+    _word_loads,
+)
 from .launch import KernelLaunch, ProductLaunch
 from .ptx import wgmma_constraints, wgmma_issue_ptx, wgmma_ring_ptx, wgmma_step_ptx, wgmma_wait_ptx
 
@@ -169,7 +178,7 @@ def _wgmma_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 128)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 128, _TABLE)
     ring = _ring(thread, lane, ROWS)
     barriers = ring + _RING_SLOTS * ROWS * 128
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
@@ -178,7 +187,7 @@ def _wgmma_kernel(
     acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
     for k in range(k_start, k_stop, 64 * 4):
         scales = _group_scales(
-            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, _NESTED_CODE
         )
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):

@@ -29,6 +29,12 @@ from .fragment_grid import STEP, aligned
 from .fragments import _fill_table, _group_scales, _rows, _stored_group, _thread_index, _word_loads
 from .launch import ProductLaunch
 from .ptx import (
+    COMPACT_ROW_BYTES,
+    SPREAD_ROW_BYTES,
+    SPREAD_TABLE_OFFSET,
+    nested_code_ptx,
+    table_bytes,
+    table_ptx,
     wgmma_ring_ptx,
     wgmma_wait_ptx,
     wide_constraints,
@@ -57,6 +63,12 @@ THREADS = 256
 #: H200. The 128-row tile spills at 128 registers and runs faster one program a multiprocessor
 #: (150 against 196 us).
 TWO_PROGRAM_REGISTERS: dict[int, int] = {96: 128}
+#: Row tiles whose programs take the spread shared table (``ptx.table_ptx``: a lookup's offset
+#: by one byte permute, 65 KiB): the tiles that run one program a multiprocessor, where its loop
+#: is 665 instructions against 730 and it ran 1-3% faster on an H200 (28672x8192 at 256 rows
+#: 194.2 against 198.6 us). Two 64-row programs a multiprocessor gained 2% on 28672x8192 and lost
+#: 6% on 14336x4096 (filling the larger table is more of a short K); two 96-row ones do not fit.
+SPREAD_TABLE_TILES = frozenset({128, 192, 256})
 
 
 def ring_bytes(rows: int) -> int:
@@ -65,12 +77,29 @@ def ring_bytes(rows: int) -> int:
     return SLOTS * (rows * 128 + 16)
 
 
-def tile_assembly(rows: int, float16: bool) -> tuple[str, str, str, str, str]:
-    """The kernel's inline PTX for a row tile (its constexpr arguments): the step, the step's and
-    the drain's constraints, the ring's set-up and a step's copy."""
+def dynamic_bytes(rows: int) -> int:
+    """Dynamic shared memory a program of the ``rows`` tile needs, Triton's own included (at most
+    ``SPREAD_TABLE_OFFSET`` of it with a spread table): its ring at the end, after a spread table."""
+    if table_row_bytes(rows) == COMPACT_ROW_BYTES:
+        return ring_bytes(rows)
+    return SPREAD_TABLE_OFFSET + table_bytes(SPREAD_ROW_BYTES) + ring_bytes(rows)
+
+
+def table_row_bytes(rows: int) -> int:
+    """Bytes between the shared table's rows of code pairs in the programs of the ``rows`` tile."""
+    return SPREAD_ROW_BYTES if rows in SPREAD_TABLE_TILES else COMPACT_ROW_BYTES
+
+
+def tile_assembly(rows: int, float16: bool) -> tuple[str, ...]:
+    """The kernel's inline PTX for a row tile (its constexpr arguments): the table's fill and
+    nested-code read, the step, the step's and the drain's constraints, the ring's set-up and a
+    step's copy."""
     element = "f16" if float16 else "bf16"
+    row_bytes = table_row_bytes(rows)
     return (
-        wide_step_ptx(rows, element),
+        table_ptx(row_bytes, dynamic_bytes(rows)),
+        nested_code_ptx(row_bytes),
+        wide_step_ptx(rows, element, row_bytes),
         wide_constraints(rows),
         wide_drain_constraints(rows),
         wgmma_ring_ptx(ring_bytes(rows), SLOTS, THREADS),
@@ -121,7 +150,8 @@ def _wide_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
     workspace_ptr, counter_ptr, M, N, K, stride_om, ROWS: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, STEP_ASM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, TABLE_ASM: tl.constexpr,
+    NESTED_CODE_ASM: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr, RING_ASM: tl.constexpr, ISSUE_ASM: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
@@ -139,7 +169,7 @@ def _wide_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 256)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 256, TABLE_ASM)
     ring = _ring(thread, lane, RING_ASM)
     full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
@@ -150,7 +180,7 @@ def _wide_kernel(
     acc = (zero,) * (ROWS // 2)
     for k in range(0, K, 64 * 4):
         scales = _group_scales(
-            stored, rows, k, K, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+            stored, rows, k, K, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, NESTED_CODE_ASM
         )
         stored = _stored_group(absmax_ptr, rows, k + 256, K, BLOCKSIZE, WORDS)
         use = k // 256  # each slot's uses so far: one an iteration
@@ -216,5 +246,6 @@ def wgmma_wide_launch(weight, x: torch.Tensor, has_bias: bool, processors: int) 
         _wide_kernel, (programs,), options, weight, weight_tensors,
         (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, x.dtype == torch.float16,
          has_bias, words, weight.tiled, *tile_assembly(rows, x.dtype == torch.float16)),
-        m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=ring_bytes(rows),
+        m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=dynamic_bytes(rows),
+        head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0,
     )  # fmt: skip
