@@ -25,7 +25,7 @@ from fourbit.kernels.triton.ptx import (  # noqa: E402
     COMPACT_ROW_BYTES,
     SPREAD_ROW_BYTES,
     SPREAD_TABLE_OFFSET,
-    _lookups,
+    lookups_ptx,
     table_bytes,
     table_ptx,
 )
@@ -236,7 +236,7 @@ def test_a_lanes_lookups_read_its_own_column_of_each_packed_bytes_row(row_bytes)
     planes = _planes(code, torch.bfloat16)
     bits = [int(b) & 0xFFFF for b in code.to(torch.bfloat16).view(torch.int16).tolist()]
     base, shared, returned = _filled_table(row_bytes, 64, planes, [0] * 256)
-    asm = "\n".join(_lookups("$0", row_bytes))
+    asm = "\n".join(lookups_ptx("$0", row_bytes))
     words = [*torch.randint(0, 2**32, (6, 4), dtype=torch.int64).tolist(), [0, MASK, 0x01234567, 0x89ABCDEF]]
     for lane, word in zip([0, 5, 31, 17, 2, 30, 9], words, strict=True):
         inputs = {"$0": returned[lane]} | {f"w{i}": word[i] for i in range(4)}

@@ -17,7 +17,7 @@ from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statis
 from fourbit import layout
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
-from fourbit.kernels.triton import dispatch, launch, ptx, tuning, wgmma
+from fourbit.kernels.triton import dispatch, launch, tuning, wgmma, wgmma_ptx
 
 pytestmark = NEEDS_TRITON
 
@@ -154,8 +154,8 @@ def test_staged_inputs_lay_each_step_out_as_the_instruction_reads_it(rows):
 def test_wgmma_step_ptx_names_every_operand_its_constraints_declare(rows):
     """The step's PTX refers to exactly the operands its constraints declare, multiplies with four
     instructions of ``rows`` columns and waits for them before scaling."""
-    text = ptx.wgmma_step_ptx(rows, "bf16")
-    constraints = ptx.wgmma_constraints(rows).split(",")
+    text = wgmma_ptx.wgmma_step_ptx(rows, "bf16")
+    constraints = wgmma_ptx.wgmma_constraints(rows).split(",")
     used = {int(number) for number in re.findall(r"\$(\d+)", text)}
     assert used == set(range(len(constraints)))
     assert len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{rows}k16\.f32\.bf16\.bf16", text)) == 4

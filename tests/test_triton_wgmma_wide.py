@@ -18,7 +18,7 @@ from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statis
 from fourbit import layout
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
-from fourbit.kernels.triton import launch, ptx, wgmma_wide
+from fourbit.kernels.triton import launch, ptx, wgmma_ptx, wgmma_wide
 
 pytestmark = NEEDS_TRITON
 
@@ -93,7 +93,7 @@ def test_wide_step_ptx_names_every_operand_its_constraints_declare(rows, element
     of ``rows`` columns (bf16: by the scale's two bf16 parts, summed by one ``fma``), and waits
     only for the step before."""
     text = wgmma_wide.tile_assembly(rows, element == "f16")[2]
-    constraints = ptx.wide_constraints(rows).split(",")
+    constraints = wgmma_ptx.wide_constraints(rows).split(",")
     count = rows // 2
     assert constraints[count : 2 * count] == [str(i) for i in range(count)]  # tied accumulators
     used = {int(number) for number in re.findall(r"\$(\d+)", text)}
@@ -145,23 +145,24 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
     of a program arrives on; the refill waits on the empty barrier before it copies, and the
     wait for a step's inputs holds no barrier of the whole program."""
     slots, empty = wgmma_wide.SLOTS, 8 * wgmma_wide.SLOTS
-    ring = ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(128), slots, wgmma_wide.THREADS)
+    ring = wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(128), slots, wgmma_wide.THREADS)
     counts = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[b\+(\d+)\], (\d+);", ring)
     assert counts == [(str(8 * i), "1") for i in range(slots)] + [
         (str(8 * i), str(wgmma_wide.THREADS)) for i in range(slots, 2 * slots)
     ]
     assert f"sub.u32 b, b, {16 * slots};" in ring
-    issue = ptx.wide_issue_ptx(128 * 128, empty)
+    issue = wgmma_ptx.wide_issue_ptx(128 * 128, empty)
     assert f"add.u32 e, $4, {empty};" in issue
     assert issue.index("mbarrier.try_wait.parity") < issue.index("cp.async.bulk")
-    assert "bar.sync" not in ptx.wgmma_wait_ptx(sync=False) and "bar.sync 0;" in ptx.wgmma_wait_ptx()
-    release = ptx.wide_release_ptx(empty)
+    assert "bar.sync" not in wgmma_ptx.wgmma_wait_ptx(sync=False) and "bar.sync 0;" in wgmma_ptx.wgmma_wait_ptx()
+    release = wgmma_ptx.wide_release_ptx(empty)
     assert f"add.u32 e, $1, {empty};" in release and "@p mbarrier.arrive.shared::cta.b64 _, [e];" in release
     assembly = wgmma_wide.tile_assembly(96, float16=False)
     assert assembly == (
-        ptx.table_ptx(), ptx.nested_code_ptx(), ptx.wide_step_ptx(96, "bf16"), ptx.wide_constraints(96),
-        ptx.wide_drain_constraints(96),
-        ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, wgmma_wide.THREADS), ptx.wide_issue_ptx(96 * 128, empty),
+        ptx.table_ptx(), ptx.nested_code_ptx(), wgmma_ptx.wide_step_ptx(96, "bf16"), wgmma_ptx.wide_constraints(96),
+        wgmma_ptx.wide_drain_constraints(96),
+        wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, wgmma_wide.THREADS),
+        wgmma_ptx.wide_issue_ptx(96 * 128, empty),
     )  # fmt: skip
 
 

@@ -39,7 +39,7 @@ from .fragments import (
     _word_loads,
 )
 from .launch import KernelLaunch, ProductLaunch
-from .ptx import wgmma_constraints, wgmma_issue_ptx, wgmma_ring_ptx, wgmma_step_ptx, wgmma_wait_ptx
+from .wgmma_ptx import wgmma_constraints, wgmma_issue_ptx, wgmma_ring_ptx, wgmma_step_ptx, wgmma_wait_ptx
 
 __all__ = ["ROW_TILES", "SLOTS", "WgmmaInputs", "wgmma_launch"]
 

@@ -4,10 +4,10 @@ scaled straight into the instruction's register operand, 64 to 256 input rows a 
 The few-row ``wgmma`` kernel (``wgmma``) scales each step's products by the rows' absmax, which
 needs a second accumulator and a wait for every step's products; here the decoded weights are
 scaled instead (rounded once to the 16-bit type, as the decode that feeds cuBLAS rounds them:
-bf16 codes by the absmax's two bf16 parts, ``ptx.wide_step_ptx``) and the instruction
+bf16 codes by the absmax's two bf16 parts, ``wgmma_ptx.wide_step_ptx``) and the instruction
 accumulates across steps.
 A step's ``wgmma`` runs while the next step is decoded: each step waits only for the one before
-it (``ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
+it (``wgmma_ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
 step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
 input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead; the warpgroups do
 not wait for each other: every thread releases a slot on its "empty" barrier once the slot's
@@ -28,13 +28,9 @@ import triton.language as tl
 from .fragment_grid import STEP, aligned
 from .fragments import _fill_table, _group_scales, _rows, _stored_group, _thread_index, _word_loads
 from .launch import ProductLaunch
-from .ptx import (
-    COMPACT_ROW_BYTES,
-    SPREAD_ROW_BYTES,
-    SPREAD_TABLE_OFFSET,
-    nested_code_ptx,
-    table_bytes,
-    table_ptx,
+from .ptx import COMPACT_ROW_BYTES, SPREAD_ROW_BYTES, SPREAD_TABLE_OFFSET, nested_code_ptx, table_bytes, table_ptx
+from .wgmma import WgmmaInputs, weight_tensors
+from .wgmma_ptx import (
     wgmma_ring_ptx,
     wgmma_wait_ptx,
     wide_constraints,
@@ -43,7 +39,6 @@ from .ptx import (
     wide_release_ptx,
     wide_step_ptx,
 )
-from .wgmma import WgmmaInputs, weight_tensors
 
 __all__ = ["PROGRAM_ROWS", "ROW_TILES", "SLOTS", "ring_bytes", "wgmma_wide_launch"]
 
