@@ -60,9 +60,10 @@ THREADS = 256
 TWO_PROGRAM_REGISTERS: dict[int, int] = {96: 128}
 #: Row tiles whose programs take the spread shared table (``ptx.table_ptx``: a lookup's offset
 #: by one byte permute, 65 KiB): the tiles that run one program a multiprocessor, where its loop
-#: is 665 instructions against 730 and it ran 1-3% faster on an H200 (28672x8192 at 256 rows
-#: 194.2 against 198.6 us). Two 64-row programs a multiprocessor gained 2% on 28672x8192 and lost
-#: 6% on 14336x4096 (filling the larger table is more of a short K); two 96-row ones do not fit.
+#: is 665 instructions against 730; on an H200 the 128- and 256-row tiles ran 1-3% faster
+#: (28672x8192 at 256 rows 194.2 against 198.6 us), the 192-row one within the noise. Two 64-row
+#: programs a multiprocessor gained 2% on 28672x8192 and lost 6% on 14336x4096 (not profiled);
+#: two 96-row ones do not fit.
 SPREAD_TABLE_TILES = frozenset({128, 192, 256})
 
 
