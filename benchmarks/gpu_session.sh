@@ -5,10 +5,11 @@
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
 # SHARDS: "file=count ..."), JOBS at a time on the one GPU
-# (default 10: the suite is bound by host work, Triton's compiles above all, so processes overlap
-# well; each gets nproc/JOBS threads), longest-known files first, and prints each file's wall time,
-# the total and the failures (per-file logs in $OUT/test_logs.tgz; a file still running after
-# FILE_TIMEOUT seconds, default 480, is stopped and reported with exit 124);
+# (default 16, one a core of the H200 machine: 266 s there against 295 s at 12; the suite is bound
+# by host work, Triton's compiles above all, so processes overlap well; each gets nproc/JOBS
+# threads), longest-known files first, and prints each file's wall time, the total and the
+# failures (per-file logs in $OUT/test_logs.tgz; a file still running after FILE_TIMEOUT
+# seconds, default 480, is stopped and reported with exit 124);
 # FILES replaces the file list (ALL=1 keeps the CPU-only files, the other files' CPU cases and
 # the tests marked cpu_only, left out by default); DURATIONS is pytest's --durations (default 5);
 # PYTEST_ARGS replaces it with one process running those arguments.
@@ -30,7 +31,7 @@ for stage in $STAGES; do
         : > "$OUT/tests.log"
         # each process gets its share of the cores: torch's and inductor's thread pools would
         # otherwise each take all of them, JOBS times over
-        jobs=${JOBS:-10}
+        jobs=${JOBS:-16}
         export THREADS=$(( ($(nproc) + jobs - 1) / jobs ))
         # the slow files first, so that none starts last
         files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_triton_wgmma.py tests/test_triton_wgmma_wide.py tests/test_compiled_groups.py \
