@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas stalls" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -144,6 +144,17 @@ for stage in $STAGES; do
         -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas)" >&2; exit 2 ;;
+    stalls)  # where the wide wgmma kernel's warps wait (28672x8192, ROWS, default 64 and 256 rows):
+      # ncu's stall reasons per issued instruction, then a full report's per-SASS-instruction table
+      for rows in ${ROWS:-64 256}; do
+        ncu --kernel-name regex:_wide_kernel --launch-skip 1 --launch-count 1 \
+          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+          "$PYTHON" benchmarks/profile_linear.py --shape 28672x8192 --rows "$rows" 2>&1 |
+          grep stalled | tee "$OUT/stalls_$rows.txt"
+        ncu --kernel-name regex:_wide_kernel --launch-skip 1 --launch-count 1 --set full --import-source yes \
+          -f -o "$OUT/wide_$rows" "$PYTHON" benchmarks/profile_linear.py --shape 28672x8192 --rows "$rows" > /dev/null 2>&1
+        ncu -i "$OUT/wide_$rows.ncu-rep" --page source --csv --print-source sass > "$OUT/wide_sass_$rows.csv" 2>&1
+      done ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas, stalls)" >&2; exit 2 ;;
   esac
 done
