@@ -201,7 +201,7 @@ def main() -> None:
                 "fused": [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2],
                 "wide": WIDE_CANDIDATES if rows > 16 else [],
                 "wgmma": [("wgmma", 1), ("wgmma", 2)] if 17 <= rows <= 64 else [],  # compute capability 9.0
-                "wgmma_wide": [("wgmma_wide",)] if 65 <= rows <= 256 else [],
+                "wgmma_wide": [("wgmma_wide", c) for c in wgmma_wide.CLUSTERS] if 33 <= rows <= 256 else [],
             }
             candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []

@@ -234,9 +234,9 @@ def test_large_weights_read_many_input_rows_in_fragment_order_under_capture(monk
 
 def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatch):
     """Under capture a second kernel a call costs no host time at replay: the H200's captured
-    tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-64 rows of a weight
-    with one wave of 64-row programs to ``wgmma`` (two waves when eager); the Hopper tables have
-    none. (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
+    tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-32 rows of a weight
+    with one wave of 64-row programs to ``wgmma`` (two waves when eager; from 33 rows such a
+    weight runs the wide kernel in clusters); the Hopper tables have none. (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
     monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: True)
@@ -251,8 +251,9 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     assert [chosen(rows, 14336, False)[4] for rows in (8, 12, 13, 16)] == [0, 0, 0, 0]
     assert chosen(16, 6144, True)[4] == 0
     one_wave = 64 * 132
-    assert [chosen(rows, one_wave, True)[0] for rows in (17, 64)] == ["wgmma", "wgmma"]
-    assert [chosen(rows, one_wave, False)[0] for rows in (17, 64)] == ["fused", "fused"]
+    assert [chosen(rows, one_wave, True)[0] for rows in (17, 32)] == ["wgmma", "wgmma"]
+    assert [chosen(rows, one_wave, False)[0] for rows in (17, 32)] == ["fused", "fused"]
+    assert chosen(64, one_wave, True) == chosen(64, one_wave, False) == ("wgmma_wide", 2)  # a wave in clusters
     assert chosen(32, one_wave - 64, True)[0] == "fused"
     assert chosen(32, 2 * one_wave, False)[0] == "wgmma"
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
@@ -285,8 +286,19 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(128, fills, captured) == ("wgmma_wide",)
         assert chosen(128, fills - 128, captured) != ("wgmma_wide",)
     assert chosen(64, fills - 128, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
+    # weights of 0.35-0.5 of a wave of programs: clusters of two split K (8192 and 6144 rows)
+    for captured in (False, True):
+        assert [chosen(rows, n, captured) for rows in (33, 128, 256) for n in (8192, 6144)] == [("wgmma_wide", 2)] * 6
+        assert chosen(128, 128 * 47, captured) == ("wgmma_wide", 2)  # 94 of 132
+        assert chosen(128, 128 * 46, captured)[0] != "wgmma_wide"  # 92: under 0.7
+        assert chosen(128, 128 * 67, captured)[0] != "wgmma_wide"  # 134: more than a wave
+        assert chosen(128, 4096, captured)[0] != "wgmma_wide"
+    odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: no halves of whole ones
+    assert dispatch.choose_config(odd_k, 8192, 4352, 64)[0] != "wgmma_wide"
+    assert dispatch.choose_config(torch.zeros(128, 4608, dtype=torch.bfloat16), 8192, 4608, 64) == ("wgmma_wide", 2)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
     assert chosen(128, 28672) != ("wgmma_wide",)
+    assert chosen(128, 8192)[0] != "wgmma_wide"  # tables without clusters
 
 
 def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():

@@ -59,6 +59,39 @@ def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide", 2), ("wgmma_wide", 4)]))
+def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nested):
+    """The wide kernel with K split across the programs of a cluster: as close to a float64
+    reference as the unsplit kernel, on weight rows that fill no program, parts of K inside one
+    absmax block (blocksize 4096) and of one iteration, partial row tiles, strided inputs and a
+    bias; the same bits on every call (the parts are added in rank order)."""
+    cluster = config[1]
+    shapes = [(300, 256 * cluster, 64), (100, 4096, 128), (130, 4096, 4096)]
+    row_counts = [(33, 256), (65, 192), (150,)]
+    for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
+        code = code_table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+        weight = layout.tile(packed, (n, k)) if layout.can_tile((n, k)) else packed
+        for rows in rows_of_shape:
+            x = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)[:, -k:]
+            bias = torch.randn(n, device=DEVICE).to(dtype)
+            arguments = (x, weight, absmax, code, blocksize, (n, k), bias)
+            tiled = layout.can_tile((n, k))
+            out = kernels.linear_4bit(*arguments, **extra, tiled=tiled, config=config)
+            unsplit = kernels.linear_4bit(*arguments, **extra, tiled=tiled, config=("wgmma_wide", 1))
+            expected = x.double() @ dense.t() + bias.double()
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            unsplit_error = ((unsplit.double() - expected).norm() / expected.norm()).item()
+            assert out.dtype == dtype and out.shape == (rows, n)
+            assert error < 1.3 * unsplit_error + 1e-4, (quant_type, n, k, blocksize, rows, error, unsplit_error)
+            assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
+            assert torch.equal(out, kernels.linear_4bit(*arguments, **extra, tiled=tiled, config=config))
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_wide_kernel_products_do_not_depend_on_the_rows_beside_them():
     """Each input row's products are the same whichever row tile carries it: 65 rows (tile 96)
     against the same rows among 256 (tile 256) and alone in pieces of 100 (tile 128)."""
@@ -83,6 +116,12 @@ def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
     weight.k = 1000
     with pytest.raises(ValueError, match="multiple of 256"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1000, dtype=torch.bfloat16), False, 132)
+    weight.k = 1536  # six iterations: two clusters' parts of three, not four of one and a half
+    with pytest.raises(ValueError, match=r"clusters of \(1, 2, 4\), in parts of whole 256-column iterations, not 4"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, cluster=4)
+    with pytest.raises(ValueError, match="not 3"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, cluster=3)
+    assert wgmma_wide.cluster_fits(1536, 2) and not wgmma_wide.cluster_fits(1536, 4)
 
 
 @pytest.mark.parametrize("rows", wgmma_wide.ROW_TILES)
@@ -162,8 +201,13 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
         ptx.table_ptx(), ptx.nested_code_ptx(), wgmma_ptx.wide_step_ptx(96, "bf16"), wgmma_ptx.wide_constraints(96),
         wgmma_ptx.wide_drain_constraints(96),
         wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, wgmma_wide.THREADS),
-        wgmma_ptx.wide_issue_ptx(96 * 128, empty),
+        wgmma_ptx.wide_issue_ptx(96 * 128, empty), 1, "", "",
     )  # fmt: skip
+    assert wgmma_wide.tile_assembly(96, float16=False, cluster=2)[7:] == (
+        2,
+        wgmma_ptx.cluster_sum_ptx(48, 2),
+        wgmma_ptx.cluster_sum_constraints(48, 2),
+    )
 
 
 def test_the_ring_and_table_of_each_row_tile_fit_a_hopper_program():
@@ -187,3 +231,15 @@ def test_the_ring_and_table_of_each_row_tile_fit_a_hopper_program():
     assert wgmma_wide.table_row_bytes(256) == ptx.SPREAD_ROW_BYTES
     assert wgmma_wide.table_row_bytes(96) == ptx.COMPACT_ROW_BYTES  # a spread one would not fit two
     assert 2 * (wgmma_wide.ring_bytes(96) + ptx.table_bytes(ptx.SPREAD_ROW_BYTES) + 2048) > 228 * 1024
+
+
+@pytest.mark.parametrize("rows", wgmma_wide.ROW_TILES)
+def test_the_partial_sums_of_a_cluster_fit_the_ring_they_replace(rows):
+    """In clusters, a program's partial sums (``rows / 2`` float32 a thread) take the ring's
+    slots, which no copy or ``wgmma`` reads any more, and stop short of the slots' barriers."""
+    partials = rows // 2 * wgmma_ptx.PARTIAL_STRIDE
+    assert partials <= wgmma_wide.SLOTS * rows * 128 < wgmma_wide.ring_bytes(rows)
+    for cluster in wgmma_wide.CLUSTERS[1:]:
+        text = wgmma_ptx.cluster_sum_ptx(rows // 2, cluster)
+        offsets = [int(offset) for offset in re.findall(r"st\.shared\.f32 \[base\+(\d+)\]", text)]
+        assert offsets == [i * wgmma_ptx.PARTIAL_STRIDE for i in range(rows // 2)]

@@ -43,9 +43,10 @@ def choose_config(
         rule
         and rule.min_rows <= rows <= rule.max_rows
         and wgmma_supported(x, k, blocksize, packed, wgmma_wide.ROW_TILES[-1])
-        and triton.cdiv(n_out, wgmma_wide.PROGRAM_ROWS) >= rule.min_waves * processors(x.device)
     ):
-        return ("wgmma_wide",)
+        wide = wide_cluster(rule, triton.cdiv(n_out, wgmma_wide.PROGRAM_ROWS), k, processors(x.device))
+        if wide:
+            return ("wgmma_wide",) if wide == 1 else ("wgmma_wide", wide)
     rule = tables.wgmma
     if (
         rule
@@ -62,6 +63,19 @@ def choose_config(
             return wide_config(tables, rows, n_out, k, processors(x.device), deterministic)
         return "chunked"
     return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
+
+
+def wide_cluster(rule: tuning.WgmmaRule, programs: int, k: int, processors: int) -> int:
+    """Programs a cluster of the wide ``wgmma`` kernel holds for a weight of ``programs`` programs
+    and K ``k`` on ``processors`` multiprocessors (``rule``: ``tables.wgmma_wide``): 1 from
+    ``min_waves`` of programs, 2 where two a cluster fill ``cluster_fill`` of one wave and no
+    more (``WgmmaRule``), else 0 (another kernel)."""
+    if programs >= rule.min_waves * processors:
+        return 1
+    fill = 2 * programs
+    if rule.cluster_fill and rule.cluster_fill * processors <= fill <= processors and wgmma_wide.cluster_fits(k, 2):
+        return 2
+    return 0
 
 
 def wide_config(

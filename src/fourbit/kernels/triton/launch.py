@@ -42,6 +42,11 @@ def _version(text: str) -> tuple[int, ...]:
 #: Whether launches may bypass the JIT: Triton 3.3 and newer pass every bound argument, in the
 #: order of the signature, to the compiled kernel's launcher; the interpreter compiles nothing.
 DIRECT = not INTERPRETED and _version(triton.__version__) >= (3, 3)
+#: The Tritons whose launch of a kernel packed with ``num_ctas`` of C launches the grid's first
+#: dimension times C programs in clusters of C (checked against their sources), so that a kernel
+#: compiled for one program a cluster may be launched in clusters (``KernelLaunch``'s ``cluster``).
+_CLUSTER_TRITONS = ((3, 6), (3, 9))
+CLUSTER_LAUNCH = DIRECT and _version(triton.__version__) in _CLUSTER_TRITONS
 
 _workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -92,9 +97,14 @@ class KernelLaunch:
     hooks of a profiler left out, as only the direct launch carries it. ``head_shared`` (non-zero)
     is how much of the dynamic shared memory's start the kernel's PTX leaves to Triton (it keeps
     data at fixed offsets past it): the compile fails clearly when Triton takes more.
+
+    ``cluster`` (above 1) launches the grid's programs in thread block clusters of that many
+    (Hopper and newer): ``grid`` counts clusters, and a program's index is its cluster's times
+    ``cluster`` plus its rank in it. Such launches are direct too.
     """
 
     __slots__ = (
+        "cluster",
         "compiled",
         "compiled_registers",
         "device",
@@ -116,13 +126,18 @@ class KernelLaunch:
         registers: int = 0,
         extra_shared: int = 0,
         head_shared: int = 0,
+        cluster: int = 1,
     ) -> None:
         if extra_shared and not DIRECT:
             found = "the Triton interpreter" if INTERPRETED else f"Triton {triton.__version__}"
             raise RuntimeError(
                 f"kernels with dynamic shared memory of their own need Triton 3.3 or newer on a GPU, not {found}"
             )
+        if cluster > 1 and not CLUSTER_LAUNCH:
+            known = " or ".join(".".join(map(str, version)) for version in _CLUSTER_TRITONS)
+            raise RuntimeError(f"launches in thread block clusters need Triton {known}, not {triton.__version__}")
         self.kernel = kernel
+        self.cluster = cluster
         self.extra_shared = extra_shared
         self.head_shared = head_shared
         self.grid = (*grid, 1, 1)[:3]
@@ -138,15 +153,15 @@ class KernelLaunch:
 
     def direct(self) -> bool:
         """Whether ``run`` may launch: compiled, and nothing (a profiler) listens to launches."""
-        return self.compiled is not None and (self.extra_shared or not _hooked())
+        return self.compiled is not None and (self.extra_shared or self.cluster > 1 or not _hooked())
 
     def __call__(self, *arguments: object) -> None:
         """Launch with tensors as the pointer arguments: directly when possible, else through the JIT."""
         if self.direct():
             self.run(*arguments)
             return
-        if self.extra_shared:
-            self._compile_with_extra_shared(arguments)
+        if self.extra_shared or self.cluster > 1:
+            self._compile_for_direct_launch(arguments)
             self.run(*(value.data_ptr() if isinstance(value, torch.Tensor) else value for value in arguments))
             return
         handle = self.kernel[self.grid](*arguments, **self.options)
@@ -164,15 +179,17 @@ class KernelLaunch:
         self.compiled = (run, function, metadata)
         self.raw = raw_launcher(run, function, metadata)
 
-    def _compile_with_extra_shared(self, arguments: tuple) -> None:
+    def _compile_for_direct_launch(self, arguments: tuple) -> None:
         """Compile (or find) the kernel and keep its launch with ``extra_shared`` more bytes of
-        dynamic shared memory, allowed to the function by the driver."""
+        dynamic shared memory, allowed to the function by the driver, in clusters of ``cluster``."""
         handle = self.kernel.warmup(*arguments, grid=self.grid, **self.options)
         handle._init_handles()
         metadata = list(getattr(handle, "packed_metadata", ()))
-        # Triton's CUDA backends pack (num_warps, num_ctas, shared, ...): the launch's dynamic size
-        if len(metadata) < 3 or metadata[_PACKED_SHARED] != handle.metadata.shared:
+        # Triton's CUDA backends pack (num_warps, num_ctas, shared, ...): the launch's cluster and
+        # dynamic size; their launch multiplies the grid's first dimension by the cluster
+        if len(metadata) < 3 or metadata[_PACKED_SHARED] != handle.metadata.shared or metadata[_PACKED_CTAS] != 1:
             raise RuntimeError(f"Triton {triton.__version__} packs its launch metadata in an unknown order: {metadata}")
+        metadata[_PACKED_CTAS] = self.cluster
         if self.head_shared and handle.metadata.shared > self.head_shared:
             raise RuntimeError(
                 f"Triton {triton.__version__} gave {self.kernel.__name__} {handle.metadata.shared} bytes of shared "
@@ -235,7 +252,9 @@ def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-#: Where the dynamic shared memory size lies in a compiled kernel's ``packed_metadata``.
+#: Where the cluster size and the dynamic shared memory size lie in a compiled kernel's
+#: ``packed_metadata``.
+_PACKED_CTAS = 1
 _PACKED_SHARED = 2
 #: ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` of the CUDA driver API.
 _MAX_DYNAMIC_SHARED = 8
@@ -336,8 +355,9 @@ class ProductLaunch:
         extra_shared: int = 0,
         input_dtype: torch.dtype | None = None,
         head_shared: int = 0,
+        cluster: int = 1,
     ) -> None:
-        self.launch = KernelLaunch(kernel, grid, options, device, registers, extra_shared, head_shared)
+        self.launch = KernelLaunch(kernel, grid, options, device, registers, extra_shared, head_shared, cluster)
         self.input_dtype = input_dtype
         self.bind = bind
         self.before = bind(weight)

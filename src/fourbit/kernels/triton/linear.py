@@ -268,7 +268,8 @@ class PreparedWeight:
         if isinstance(config, tuple) and config[0] == "wgmma":
             return wgmma.wgmma_launch(self, x, bias is not None, 1 if deterministic else (*config[1:], 1)[0])
         if isinstance(config, tuple) and config[0] == "wgmma_wide":
-            return wgmma_wide.wgmma_wide_launch(self, x, bias is not None, dispatch.processors(x.device))
+            cluster = (*config[1:], 1)[0]  # programs a cluster splits K across: deterministic sums
+            return wgmma_wide.wgmma_wide_launch(self, x, bias is not None, dispatch.processors(x.device), cluster)
         if isinstance(config, tuple) and config[0] == "fused":
             if deterministic:
                 return self._fused(x, bias is not None, (*config[1:4], 1, *config[5:]), cover=False)

@@ -102,11 +102,14 @@ class WgmmaRule(NamedTuple):
     or ``wgmma_wide``, one kernel more to stage the inputs) when the weight's programs (64 or 128
     weight rows) number at least ``min_waves`` times the multiprocessors; other weights keep the
     tensor-core kernel or decode + cuBLAS. Rows both rules take go to the wide kernel where its
-    rule holds."""
+    rule holds. ``cluster_fill`` (the wide kernel's; 0: never) lets weights of fewer programs run
+    in clusters of two that split K, when twice their programs fill at least that share of one
+    wave and no more than the wave."""
 
     min_rows: int
     max_rows: int
     min_waves: float
+    cluster_fill: float = 0.0
 
 
 class QuantizeConfig(NamedTuple):
@@ -203,11 +206,18 @@ HOPPER = KernelTables(
 #: tile, the weights scaled by two bf16 parts, beat ``wgmma`` at 64 rows: 28672x8192 98.4 us
 #: against 106.0, 14336x4096 30.1 against 36.6 (cuBLAS bf16 118.3 / 34.2); at 32 rows it lost
 #: (86.0 against 82.3): ``wgmma`` keeps 17-32 rows, and 33-64 of weights too few rows for it.
+#: In clusters of two (K split, partial sums added in distributed shared memory), graph replays
+#: against the tables' choice before: 8192x8192 at 64 / 128 / 256 rows 36.6 / 41.7 / 62.6 us
+#: against 46.8 / 72.3 / 107.6 (cuBLAS 37.1 / 38.5 / 56.0), 6144x4096 20.2 / 22.8 / 33.7
+#: against 26.4 / 35.9 / 41.9; with 32 programs (half a wave in clusters) it was even or lost
+#: (4096x14336 66.7 / 92.6 against 63.0 / 91.1 at 128 / 256 rows, 4096x4096 32.2 against 28.4
+#: at 256); clusters of four lost wherever a program holds a multiprocessor (4096x14336 at 256
+#: rows 104.4 us): the cluster's four multiprocessors must lie in one GPC.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
-    wgmma_wide=WgmmaRule(33, 256, 0.8),
+    wgmma_wide=WgmmaRule(33, 256, 0.8, cluster_fill=0.7),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0

@@ -9,6 +9,8 @@ from __future__ import annotations
 from .ptx import COMPACT_ROW_BYTES, lookups_ptx
 
 __all__ = [
+    "cluster_sum_constraints",
+    "cluster_sum_ptx",
     "wgmma_constraints",
     "wgmma_issue_ptx",
     "wgmma_ring_ptx",
@@ -222,3 +224,43 @@ def wide_drain_constraints(rows: int) -> str:
     gives them back in the same registers (tied)."""
     count = rows // 2
     return ",".join(["=f"] * count + [str(i) for i in range(count)])
+
+
+#: Bytes between one accumulator's values and the next in a program's tile of partial sums: one
+#: float32 a thread of the wide kernel's 256.
+PARTIAL_STRIDE = 256 * 4
+
+
+def cluster_sum_ptx(count: int, cluster: int) -> str:
+    """PTX that adds a thread's ``count`` accumulators ($S .. $S+count-1; S = count / cluster)
+    across the ``cluster`` programs of a thread block cluster, each of which took a part of K.
+    Every program stores its partial sums at shared address $S+count (thread-major: value i of
+    thread t at ``i * PARTIAL_STRIDE + 4t``, no bank shared within a warp); after a cluster
+    barrier, program $S+count+1 (its rank) reads values ``rank * S ..`` of its thread from every
+    program of the cluster in rank order, so the sums do not depend on which program finishes
+    first, and returns them ($0 .. $S-1). A last cluster barrier keeps every program's shared
+    memory until all have read it. The program's threads must be done with that memory (the
+    first ``bar.sync``)."""
+    share = count // cluster
+    partials, rank = f"${share + count}", f"${share + count + 1}"
+    lines = [
+        "{",
+        f".reg .b32 base, mine, r<{cluster}>;\n.reg .f32 v;",
+        "bar.sync 0;",
+        f"mov.u32 base, %tid.x;\nshl.b32 base, base, 2;\nadd.u32 base, base, {partials};",
+        *(f"st.shared.f32 [base+{i * PARTIAL_STRIDE}], ${share + i};" for i in range(count)),
+        "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;",
+        f"mad.lo.u32 mine, {rank}, {share * PARTIAL_STRIDE}, base;",
+        *(f"mapa.shared::cluster.u32 r{r}, mine, {r};" for r in range(cluster)),
+    ]
+    for j in range(share):
+        lines.append(f"ld.shared::cluster.f32 ${j}, [r0+{j * PARTIAL_STRIDE}];")
+        for r in range(1, cluster):
+            lines.append(f"ld.shared::cluster.f32 v, [r{r}+{j * PARTIAL_STRIDE}];\nadd.rn.f32 ${j}, ${j}, v;")
+    lines += ["barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;", "}"]
+    return "\n".join(lines)
+
+
+def cluster_sum_constraints(count: int, cluster: int) -> str:
+    """Inline-asm constraints of ``cluster_sum_ptx(count, cluster)``."""
+    return ",".join(["=f"] * (count // cluster) + ["f"] * count + ["r", "r"])

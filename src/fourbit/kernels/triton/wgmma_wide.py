@@ -31,6 +31,8 @@ from .launch import ProductLaunch
 from .ptx import COMPACT_ROW_BYTES, SPREAD_ROW_BYTES, SPREAD_TABLE_OFFSET, nested_code_ptx, table_bytes, table_ptx
 from .wgmma import WgmmaInputs, weight_tensors
 from .wgmma_ptx import (
+    cluster_sum_constraints,
+    cluster_sum_ptx,
     wgmma_ring_ptx,
     wgmma_wait_ptx,
     wide_constraints,
@@ -40,7 +42,7 @@ from .wgmma_ptx import (
     wide_step_ptx,
 )
 
-__all__ = ["PROGRAM_ROWS", "ROW_TILES", "SLOTS", "ring_bytes", "wgmma_wide_launch"]
+__all__ = ["CLUSTERS", "PROGRAM_ROWS", "ROW_TILES", "SLOTS", "cluster_fits", "ring_bytes", "wgmma_wide_launch"]
 
 #: The input rows of a program (the instruction's n) a launch may take: the fewest that hold the rows.
 #: Smaller tiles lost to the few-row kernels on an H200: 28672x8192 at 16 / 32 rows 81.6 / 86.0
@@ -65,11 +67,22 @@ TWO_PROGRAM_REGISTERS: dict[int, int] = {96: 128}
 #: programs a multiprocessor gained 2% on 28672x8192 and lost 6% on 14336x4096 (not profiled);
 #: two 96-row ones do not fit.
 SPREAD_TABLE_TILES = frozenset({128, 192, 256})
+#: Programs a thread block cluster may hold, each taking a part of K of the same 128 weight rows
+#: (their partial sums meet in distributed shared memory, ``wgmma_ptx.cluster_sum_ptx``): for
+#: weights of too few rows to fill the GPU with programs.
+CLUSTERS = (1, 2, 4)
+
+
+def cluster_fits(k: int, cluster: int) -> bool:
+    """Whether programs in clusters of ``cluster`` take a K of ``k``: every part whole steps of
+    four (``k`` a multiple of ``256 * cluster``)."""
+    return cluster in CLUSTERS and k % (256 * cluster) == 0
 
 
 def ring_bytes(rows: int) -> int:
     """Dynamic shared memory the ring of ``rows`` (a ``ROW_TILES`` entry) takes: the slots and
-    their two barriers each."""
+    their two barriers each. In clusters the slots then hold the partial sums: ``rows / 2``
+    float32 a thread."""
     return SLOTS * (rows * 128 + 16)
 
 
@@ -86,12 +99,14 @@ def table_row_bytes(rows: int) -> int:
     return SPREAD_ROW_BYTES if rows in SPREAD_TABLE_TILES else COMPACT_ROW_BYTES
 
 
-def tile_assembly(rows: int, float16: bool) -> tuple[str, ...]:
+def tile_assembly(rows: int, float16: bool, cluster: int = 1) -> tuple:
     """The kernel's inline PTX for a row tile (its constexpr arguments): the table's fill and
     nested-code read, the step, the step's and the drain's constraints, the ring's set-up and a
-    step's copy."""
+    step's copy; then the cluster's size and (in clusters) the sums across it and their
+    constraints."""
     element = "f16" if float16 else "bf16"
     row_bytes = table_row_bytes(rows)
+    summed = cluster > 1
     return (
         table_ptx(row_bytes, dynamic_bytes(rows)),
         nested_code_ptx(row_bytes),
@@ -100,6 +115,9 @@ def tile_assembly(rows: int, float16: bool) -> tuple[str, ...]:
         wide_drain_constraints(rows),
         wgmma_ring_ptx(ring_bytes(rows), SLOTS, THREADS),
         wide_issue_ptx(rows * 128, 8 * SLOTS),
+        cluster,
+        cluster_sum_ptx(rows // 2, cluster) if summed else "",
+        cluster_sum_constraints(rows // 2, cluster) if summed else "",
     )
 
 
@@ -149,19 +167,26 @@ def _wide_kernel(
     HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, TABLE_ASM: tl.constexpr,
     NESTED_CODE_ASM: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr, RING_ASM: tl.constexpr, ISSUE_ASM: tl.constexpr,
+    CLUSTER: tl.constexpr, SUM_ASM: tl.constexpr, SUM_CONSTRAINTS: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
     ``x_ptr``; two warpgroups a program, 128 weight rows (``wgmma._wgmma_kernel`` for the
     weight's layouts and statistics). Packed words are loaded two steps ahead, absmax one
-    iteration ahead, the inputs two steps ahead into the ring."""
+    iteration ahead, the inputs two steps ahead into the ring. With ``CLUSTER`` > 1 the programs
+    of a thread block cluster share 128 weight rows, each taking a part of K (K a multiple of
+    256 parts), and add their partial sums through distributed shared memory (``SUM_ASM``:
+    ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows' outputs."""
     thread = _thread_index(tl.arange(0, 256))
     lane = thread % 32
     quad = lane % 4
-    first_row = tl.program_id(0) * 128 + (thread // 32) * 16 + lane // 4
+    rank = tl.program_id(0) % CLUSTER
+    first_row = (tl.program_id(0) // CLUSTER) * 128 + (thread // 32) * 16 + lane // 4
+    k_start = rank * (K // CLUSTER)
+    k_stop = k_start + K // CLUSTER
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
-    first = _word_loads(w_ptr, rows, quad, 0, K, TILED)
-    second = _word_loads(w_ptr, rows, quad, 64, K, TILED)
-    stored = _stored_group(absmax_ptr, rows, 0, K, BLOCKSIZE, WORDS)
+    first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
+    second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
+    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
@@ -170,16 +195,18 @@ def _wide_kernel(
     full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
     none = thread * 0
-    _issue(x_address, none, ring, K > 0, full, none, none, ROWS, ISSUE_ASM)
-    _issue(x_address, none + 1, ring + ROWS * 128, K > 64, full + 8, none, none, ROWS, ISSUE_ASM)
+    first_step = none + k_start // 64
+    _issue(x_address, first_step, ring, k_start < k_stop, full, none, none, ROWS, ISSUE_ASM)
+    _issue(x_address, first_step + 1, ring + ROWS * 128, k_start + 64 < k_stop, full + 8, none, none, ROWS, ISSUE_ASM)
     zero = tl.zeros((256,), dtype=tl.float32)
     acc = (zero,) * (ROWS // 2)
-    for k in range(0, K, 64 * 4):
+    for k in range(k_start, k_stop, 64 * 4):
         scales = _group_scales(
-            stored, rows, k, K, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, NESTED_CODE_ASM
-        )
-        stored = _stored_group(absmax_ptr, rows, k + 256, K, BLOCKSIZE, WORDS)
-        use = k // 256  # each slot's uses so far: one an iteration
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+            NESTED_CODE_ASM,
+        )  # fmt: skip
+        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        use = (k - k_start) // 256  # each slot's uses so far: one an iteration
         for step in tl.static_range(4):
             column = k + 64 * step
             slot = tl.inline_asm_elementwise(
@@ -189,20 +216,33 @@ def _wide_kernel(
             ahead = (step + 2) % _RING_SLOTS
             refill = use + (step + 2) // _RING_SLOTS
             _issue(
-                x_address, column // 64 + 2 + none, ring + ahead * ROWS * 128, column + 128 < K, full + 8 * ahead,
-                refill > 0, (refill - 1) % 2 + none, ROWS, ISSUE_ASM,
+                x_address, column // 64 + 2 + none, ring + ahead * ROWS * 128, column + 128 < k_stop,
+                full + 8 * ahead, refill > 0, (refill - 1) % 2 + none, ROWS, ISSUE_ASM,
             )  # fmt: skip
             words = first
             first = second
-            second = _word_loads(w_ptr, rows, quad, column + 128, K, TILED)
+            second = _word_loads(w_ptr, rows, quad, column + 128, k_stop, TILED)
             acc = _step(acc, words, scales[step], scales[4 + step], table, slot, ROWS, STEP_ASM, STEP_CONSTRAINTS)
             # the step before's products are done (``_step`` waited for them): its slot is free
             behind = (step + _RING_SLOTS - 1) % _RING_SLOTS
             tl.inline_asm_elementwise(
-                _RELEASE, "=r,r,r", [full + 8 * behind, (column > 0).to(tl.int32) + none], tl.int32, False, 1
+                _RELEASE, "=r,r,r", [full + 8 * behind, (column > k_start).to(tl.int32) + none], tl.int32, False, 1
             )
     acc = _drain(acc, ROWS, DRAIN_CONSTRAINTS)
-    # accumulators 4c .. 4c + 3: input rows 8c + 2 quad and the next, of weight rows g and g + 8
+    if CLUSTER > 1:  # the ring's slots hold the partial sums (``cluster_bytes``)
+        operands = acc + (ring, rank + none)  # noqa: RUF005 (Triton takes no starred tuples)
+        acc = tl.inline_asm_elementwise(SUM_ASM, SUM_CONSTRAINTS, operands, (tl.float32,) * (ROWS // 2 // CLUSTER),
+                                        False, 1)  # fmt: skip
+    chunks: tl.constexpr = ROWS // 8 // CLUSTER
+    _store_tile(out_ptr, bias_ptr, acc, first_row, quad, rank * chunks, M, N, stride_om, chunks, HAS_BIAS)
+
+
+@triton.jit
+def _store_tile(
+    out_ptr, bias_ptr, acc, first_row, quad, first_chunk, M, N, stride_om, CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """Write ``CHUNKS`` chunks of accumulators from chunk ``first_chunk`` on: accumulators 4c ..
+    4c + 3 of chunk c are input rows 8c + 2 quad and the next, of weight rows g and g + 8."""
     live_g = first_row < N
     live_h = first_row + 8 < N
     bias_g = 0.0
@@ -210,9 +250,9 @@ def _wide_kernel(
     if HAS_BIAS:
         bias_g = tl.load(bias_ptr + first_row, mask=live_g, other=0.0).to(tl.float32)
         bias_h = tl.load(bias_ptr + first_row + 8, mask=live_h, other=0.0).to(tl.float32)
-    out_g = out_ptr + (2 * quad).to(tl.int64) * stride_om + first_row
-    for chunk in tl.static_range(ROWS // 8):
-        batch = 8 * chunk + 2 * quad
+    out_g = out_ptr + (2 * quad + 8 * first_chunk).to(tl.int64) * stride_om + first_row
+    for chunk in tl.static_range(CHUNKS):
+        batch = 8 * (first_chunk + chunk) + 2 * quad
         here = out_g + 8 * chunk * stride_om
         kind = out_ptr.dtype.element_ty
         tl.store(here, (acc[4 * chunk] + bias_g).to(kind), mask=live_g & (batch < M))
@@ -221,27 +261,31 @@ def _wide_kernel(
         tl.store(here + stride_om + 8, (acc[4 * chunk + 3] + bias_h).to(kind), mask=live_h & (batch + 1 < M))
 
 
-def wgmma_wide_launch(weight, x: torch.Tensor, has_bias: bool, processors: int) -> ProductLaunch:
+def wgmma_wide_launch(weight, x: torch.Tensor, has_bias: bool, processors: int, cluster: int = 1) -> ProductLaunch:
     """The launch of the wide ``wgmma`` kernel for ``weight`` (a ``linear.PreparedWeight``) and
     inputs like the 2-d ``x`` (``dispatch.wgmma_supported`` inputs of at most 256 rows) on a GPU
-    of ``processors`` multiprocessors."""
+    of ``processors`` multiprocessors, in thread block clusters of ``cluster`` programs
+    (``cluster_fits``) that split K."""
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)")
+    if not cluster_fits(k, cluster):
+        raise ValueError(f"the wide wgmma kernel splits K ({k}) across clusters of {CLUSTERS}, in parts of whole "
+                         f"256-column iterations, not {cluster}")  # fmt: skip
     m = x.shape[0]
     rows = next((tile for tile in ROW_TILES if m <= tile), None)
     if rows is None:
         raise ValueError(f"the wide wgmma kernel takes at most {ROW_TILES[-1]} input rows, got {m}")
     programs = triton.cdiv(n_out, PROGRAM_ROWS)
     options = {"num_warps": 8}
-    if rows in TWO_PROGRAM_REGISTERS and programs > processors:
+    if rows in TWO_PROGRAM_REGISTERS and programs * cluster > processors:
         options["maxnreg"] = TWO_PROGRAM_REGISTERS[rows]
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
     return ProductLaunch(
         _wide_kernel, (programs,), options, weight, weight_tensors,
         (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, x.dtype == torch.float16,
-         has_bias, words, weight.tiled, *tile_assembly(rows, x.dtype == torch.float16)),
+         has_bias, words, weight.tiled, *tile_assembly(rows, x.dtype == torch.float16, cluster)),
         m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=dynamic_bytes(rows),
-        head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0,
+        head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0, cluster=cluster,
     )  # fmt: skip
