@@ -236,7 +236,8 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     """Under capture a second kernel a call costs no host time at replay: the H200's captured
     tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-32 rows of a weight
     with one wave of 64-row programs to ``wgmma`` (two waves when eager; from 33 rows such a
-    weight runs the wide kernel in clusters); the Hopper tables have none. (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
+    weight runs the wide kernel in clusters); the Hopper tables have none. (Support and the
+    multiprocessor count are forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
     monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: True)

@@ -11,12 +11,18 @@ it (``wgmma_ptx.wide_step_ptx``; the accumulators stay in the same registers, ti
 step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
 input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead; the warpgroups do
 not wait for each other: every thread releases a slot on its "empty" barrier once the slot's
-products are done, and thread 0 refills it once all have. K is never split:
-on an H200, partial sums added across programs by atomics made 28672x8192 at 256 rows 1.7x
-slower, and 4096-row weights split four ways with ordered slices of partial sums still lost to
-the batch-wide tiles at 256 rows, and a stream-K form (persistent programs over K iterations,
-partial row groups added by a second kernel) ran no faster; weights of too few rows for a wave
-of programs keep the other paths (``tuning``).
+products are done, and thread 0 refills it once all have.
+
+K is split only within a thread block cluster: the programs of a cluster of two or four take
+parts of K of the same 128 weight rows and add their partial sums through distributed shared
+memory, in rank order (deterministic, no workspace, no atomics, no second kernel;
+``wgmma_ptx.cluster_sum_ptx``), each program writing a part of the outputs. That fills the GPU
+for weights of too few rows for a wave of programs. Splits across programs that meet in global
+memory lost on an H200: by atomics 28672x8192 at 256 rows ran 1.7x slower; 4096-row weights split
+four ways with ordered slices of partial sums still lost to the batch-wide tiles at 256 rows;
+a stream-K form (persistent programs over K iterations, partial row groups added by a second
+kernel) ran no faster. Weights of too few rows even in clusters keep the other paths
+(``tuning``, ``dispatch.wide_cluster``).
 """
 
 from __future__ import annotations
