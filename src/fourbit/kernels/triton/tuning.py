@@ -206,18 +206,22 @@ HOPPER = KernelTables(
 #: tile, the weights scaled by two bf16 parts, beat ``wgmma`` at 64 rows: 28672x8192 98.4 us
 #: against 106.0, 14336x4096 30.1 against 36.6 (cuBLAS bf16 118.3 / 34.2); at 32 rows it lost
 #: (86.0 against 82.3): ``wgmma`` keeps 17-32 rows, and 33-64 of weights too few rows for it.
+#: From 0.6 of a wave it beat the batch-wide tiles too: 10240x4096 (80 programs) at 128 / 256
+#: rows 35.7 / 50.1 us against 56.3 / 69.2 (33-64 rows: even with ``wgmma``, 29-30 us).
 #: In clusters of two (K split, partial sums added in distributed shared memory), graph replays
 #: against the tables' choice before: 8192x8192 at 64 / 128 / 256 rows 36.6 / 41.7 / 62.6 us
 #: against 46.8 / 72.3 / 107.6 (cuBLAS 37.1 / 38.5 / 56.0), 6144x4096 20.2 / 22.8 / 33.7
-#: against 26.4 / 35.9 / 41.9; with 32 programs (half a wave in clusters) it was even or lost
-#: (4096x14336 66.7 / 92.6 against 63.0 / 91.1 at 128 / 256 rows, 4096x4096 32.2 against 28.4
-#: at 256); clusters of four lost wherever a program holds a multiprocessor (4096x14336 at 256
-#: rows 104.4 us): the cluster's four multiprocessors must lie in one GPC.
+#: against 26.4 / 35.9 / 41.9, 5120x5120 (80 programs in clusters) 23.9 / 26.5 / 38.3 against
+#: 30.0 / 39.9 / 44.9, 8448x4096 at 33 / 64 rows 19.9 / 20.3 against ``wgmma``'s 25.0 / 25.5;
+#: with 32 programs (half a wave in clusters) it was even or lost (4096x14336 66.7 / 92.6
+#: against 63.0 / 91.1 at 128 / 256 rows, 4096x4096 32.2 against 28.4 at 256); clusters of four
+#: lost wherever a program holds a multiprocessor (4096x14336 at 256 rows 104.4 us): 30 such
+#: clusters fit an H200 at once (its four multiprocessors in one GPC), not 32.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
-    wgmma_wide=WgmmaRule(33, 256, 0.8, cluster_fill=0.7),
+    wgmma_wide=WgmmaRule(33, 256, 0.6, cluster_fill=0.6),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0
