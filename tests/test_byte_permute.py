@@ -10,11 +10,10 @@ Triton kernel (interpreted without a GPU).
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from helpers import describe_dtype
+from ptx_emulator import MASK, Trapped, run_thread
 
 triton = pytest.importorskip("triton", minversion="3.6")  # fourbit.ops.MIN_TRITON
 import triton.language as tl  # noqa: E402
@@ -30,7 +29,6 @@ from fourbit.kernels.triton.ptx import (  # noqa: E402
     table_ptx,
 )
 
-MASK = 0xFFFFFFFF
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest.py interprets Triton without a GPU
 
 
@@ -53,24 +51,10 @@ def _planes(code: torch.Tensor, dtype: torch.dtype) -> list[int]:
     return [int(word) & MASK for word in out.cpu()]
 
 
-def _prmt(a: int, b: int, selector: int) -> int:
-    """``prmt.b32`` in its default mode: byte i of the result is byte ``selector[4i:4i+3] & 7``
-    of ``b:a``, or that byte's sign replicated when bit 3 of the selector nibble is set."""
-    source = (b << 32) | a
-    result = 0
-    for i in range(4):
-        nibble = (selector >> (4 * i)) & 15
-        byte = (source >> (8 * (nibble & 7))) & 0xFF
-        if nibble & 8:
-            byte = 0xFF if byte & 0x80 else 0
-        result |= byte << (8 * i)
-    return result
-
-
 def _run(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     """Execute the straight-line PTX ``asm`` with operands ``$n`` bound from ``inputs``; returns
     every register, 16-bit outputs included."""
-    return _run_thread(asm, inputs, {}, {})
+    return run_thread(asm, inputs, {}, {})
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -102,84 +86,6 @@ def test_plane_words_split_each_rounded_code_into_bytes(quant_type, dtype):
         assert (words[4 + word] >> (8 * byte)) & 0xFF == value & 0xFF
 
 
-class _Trapped(Exception):
-    """The emulated thread ran ``trap``."""
-
-
-def _run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
-    """Execute ``asm`` (straight-line, or with labels, predicated branches and stores) as one thread
-    whose special registers (``%tid.x`` ...) and symbol addresses are ``special``; stores land in
-    ``shared`` (byte address -> 32-bit word)."""
-    lines = [line.strip().rstrip(";") for line in asm.splitlines()]
-    lines = [line for line in lines if line and line not in "{}" and not line.startswith((".reg", ".shared"))]
-    labels = {line[:-1]: i for i, line in enumerate(lines) if line.endswith(":")}
-    regs = dict(inputs)
-
-    def value(token: str) -> int:
-        token = token.strip()
-        if token in special:
-            return special[token]
-        return int(token, 0) & MASK if token[0].isdigit() else regs[token]
-
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        i += 1
-        if line.endswith(":") or line.startswith("bar.sync"):
-            continue
-        predicate = None
-        if line.startswith("@"):
-            predicate, line = line.split(None, 1)
-            if not regs[predicate[1:]]:
-                continue
-        if line == "trap":
-            raise _Trapped
-        op, operands = line.split(None, 1)
-        if op == "bra":
-            i = labels[operands.strip()]
-            continue
-        if op.startswith("st.shared"):
-            address, data = re.fullmatch(r"\[(\S+)\], \{?([^}]*)\}?", operands).groups()
-            base = value(address)
-            for offset, word in enumerate(data.split(",")):
-                shared[base + 4 * offset] = value(word)
-            continue
-        if op.startswith("ld.shared"):
-            dest, address = re.fullmatch(r"(\S+), \[(\S+)\]", operands).groups()
-            regs[dest] = shared[value(address)]
-            continue
-        unpack = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)", operands)
-        if op == "mov.b32" and unpack:  # mov.b32 {lo, hi}, pair
-            low, high, pair = unpack.groups()
-            regs[low], regs[high] = value(pair) & 0xFFFF, value(pair) >> 16
-            continue
-        dest, *args = (part.strip() for part in operands.split(","))
-        args = [value(arg) for arg in args]
-        if op in ("mov.u32", "mov.b32"):
-            regs[dest] = args[0]
-        elif op == "and.b32":
-            regs[dest] = args[0] & args[1]
-        elif op == "or.b32":
-            regs[dest] = args[0] | args[1]
-        elif op == "shr.u32":
-            regs[dest] = args[0] >> args[1]
-        elif op == "shl.b32":
-            regs[dest] = (args[0] << args[1]) & MASK
-        elif op == "add.u32":
-            regs[dest] = (args[0] + args[1]) & MASK
-        elif op == "mul.lo.u32":
-            regs[dest] = (args[0] * args[1]) & MASK
-        elif op == "mad.lo.u32":
-            regs[dest] = (args[0] * args[1] + args[2]) & MASK
-        elif op == "setp.lt.u32":
-            regs[dest] = args[0] < args[1]
-        elif op == "prmt.b32":
-            regs[dest] = _prmt(*args)
-        else:
-            raise AssertionError(f"the emulator does not know {op}")
-    return regs
-
-
 def _filled_table(row_bytes: int, threads: int, planes: list[int], nested: list[int]) -> tuple[int, dict, list]:
     """The table's address, the shared words a program of ``threads`` threads stores by
     ``table_ptx(row_bytes)`` (its static array at 1024, or its dynamic shared memory from 512),
@@ -193,7 +99,7 @@ def _filled_table(row_bytes: int, threads: int, planes: list[int], nested: list[
         inputs = {f"${i + 1}": planes[i] for i in range(8)}
         inputs |= {f"${9 + i}": nested[tid + i * threads] if tid + i * threads < 256 else 0 for i in range(4)}
         special = {"%tid.x": tid, "%ntid.x": threads, "%laneid": tid % 32, **symbols}
-        returned.append(_run_thread(table_ptx(row_bytes, dynamic), inputs, special, shared)["$0"])
+        returned.append(run_thread(table_ptx(row_bytes, dynamic), inputs, special, shared)["$0"])
     return base, shared, returned
 
 
@@ -223,9 +129,9 @@ def test_the_fragment_table_fill_gives_every_lane_every_pair_and_the_nested_code
 def test_a_spread_table_traps_in_too_little_dynamic_shared_memory():
     """The fill stops the program when the launch gave less dynamic shared memory than it needs."""
     special = {"%tid.x": 0, "%ntid.x": 64, "%laneid": 0, "global_smem": 0, "%dynamic_smem_size": 4096}
-    with pytest.raises(_Trapped):
-        _run_thread(table_ptx(SPREAD_ROW_BYTES, 4097), {f"${i}": 0 for i in range(1, 13)}, special, {})
-    _run_thread(table_ptx(SPREAD_ROW_BYTES, 4096), {f"${i}": 0 for i in range(1, 13)}, special, {})
+    with pytest.raises(Trapped):
+        run_thread(table_ptx(SPREAD_ROW_BYTES, 4097), {f"${i}": 0 for i in range(1, 13)}, special, {})
+    run_thread(table_ptx(SPREAD_ROW_BYTES, 4096), {f"${i}": 0 for i in range(1, 13)}, special, {})
 
 
 @pytest.mark.parametrize("row_bytes", [COMPACT_ROW_BYTES, SPREAD_ROW_BYTES])
@@ -242,7 +148,7 @@ def test_a_lanes_lookups_read_its_own_column_of_each_packed_bytes_row(row_bytes)
         inputs = {"$0": returned[lane]} | {f"w{i}": word[i] for i in range(4)}
         # each lane's entries only: another lane's column would give the same codes
         column = {a: v for a, v in shared.items() if (a - base) % row_bytes == 4 * lane}
-        regs = _run_thread(asm, inputs, {"fourbit_code_table": 1024, "global_smem": 512}, column)
+        regs = run_thread(asm, inputs, {"fourbit_code_table": 1024, "global_smem": 512}, column)
         data = [byte for w in word for byte in w.to_bytes(4, "little")]
         looked_up = [regs[f"g{i}"] for i in range(8)] + [regs[f"h{i}"] for i in range(8)]
         assert looked_up == [bits[byte >> 4] | bits[byte & 15] << 16 for byte in data], (lane, word)

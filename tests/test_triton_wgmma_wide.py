@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from ptx_emulator import bits_float, cluster_address, float_bits, run_thread, split_at
 from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
 
 from fourbit import layout
@@ -243,3 +244,37 @@ def test_the_partial_sums_of_a_cluster_fit_the_ring_they_replace(rows):
         text = wgmma_ptx.cluster_sum_ptx(rows // 2, cluster)
         offsets = [int(offset) for offset in re.findall(r"st\.shared\.f32 \[base\+(\d+)\]", text)]
         assert offsets == [i * wgmma_ptx.PARTIAL_STRIDE for i in range(rows // 2)]
+
+
+@pytest.mark.parametrize(("rows", "cluster"), [(64, 2), (96, 2), (64, 4), (256, 4)])
+def test_each_program_of_a_cluster_adds_its_share_of_every_programs_sums_in_rank_order(rows, cluster):
+    """``cluster_sum_ptx``, emulated for a few threads of every program of a cluster (the text
+    up to the first cluster barrier for all of them, then the rest): program r returns, for each
+    of its threads, accumulators ``r * share ..`` of that thread summed over the cluster's
+    programs in rank order with float32 rounding; each program writes only its own slots."""
+    count, threads, ring = rows // 2, 3, 4096
+    share = count // cluster
+    generator = torch.Generator().manual_seed(rows + cluster)
+    values = torch.randn(cluster, threads, count, generator=generator).mul(1e3).tolist()  # rounding shows
+    stores, sums = split_at(wgmma_ptx.cluster_sum_ptx(count, cluster), "barrier.cluster.wait")[:2]
+    shared: dict[int, int] = {}
+    stored = {}
+    for rank in range(cluster):
+        for tid in range(threads):
+            inputs = {f"${share + i}": float_bits(values[rank][tid][i]) for i in range(count)}
+            inputs |= {f"${share + count}": cluster_address(ring, rank), f"${share + count + 1}": rank}
+            stored[rank, tid] = run_thread(stores, inputs, {"%tid.x": tid}, shared)
+    assert sorted(shared) == sorted(
+        cluster_address(ring + i * wgmma_ptx.PARTIAL_STRIDE + 4 * tid, rank)
+        for rank in range(cluster) for tid in range(threads) for i in range(count)
+    )  # fmt: skip
+    for rank in range(cluster):
+        for tid in range(threads):
+            regs = run_thread(sums, stored[rank, tid], {"%tid.x": tid}, shared)
+            for j in range(share):
+                expected = bits_float(float_bits(values[0][tid][rank * share + j]))
+                for other in range(1, cluster):
+                    expected = bits_float(
+                        float_bits(expected + bits_float(float_bits(values[other][tid][rank * share + j])))
+                    )
+                assert regs[f"${j}"] == float_bits(expected), (rank, tid, j)

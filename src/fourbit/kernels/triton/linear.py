@@ -260,8 +260,9 @@ class PreparedWeight:
         self, x: torch.Tensor, bias: torch.Tensor | None, config: Sequence | str, deterministic: bool = False
     ) -> ProductLaunch | None:
         """The launch of ``config`` for inputs like ``x`` (None for the chunked path). With
-        ``deterministic``, automatic K splits stay within a program (the same sums in the same
-        order on every call): none across programs, whose partial sums meet by atomics."""
+        ``deterministic``, automatic K splits stay within a program or a thread block cluster
+        (the same sums in the same order on every call): none across programs whose partial
+        sums meet by atomics."""
         if isinstance(config, tuple) and config[0] == "fragments":
             processors = dispatch.processors(x.device)
             return fragments.fragment_launch(self, x, bias is not None, config[1:], processors, deterministic)
