@@ -179,19 +179,26 @@ class _Compiled:
         self.runs.append(arguments)
 
 
-def _launch_with_extra_shared(monkeypatch, packed: tuple, head_shared: int = 0) -> tuple:
+def _launch_with_extra_shared(monkeypatch, packed: tuple, head_shared: int = 0, cluster: int = 1) -> tuple:
     """A ``KernelLaunch`` asking 4096 bytes of its own (past ``head_shared`` left to Triton) over
-    a fake compiled kernel that takes 40 of its own, a profiler listening; the kernel and the
-    driver calls it made."""
+    a fake compiled kernel that takes 40 of its own, a profiler listening, in clusters of
+    ``cluster``; the kernel and the driver calls it made."""
     compiled, allowed = _Compiled(packed), []
     monkeypatch.setattr(launch, "DIRECT", True)
+    monkeypatch.setattr(launch, "CLUSTER_LAUNCH", True)
     monkeypatch.setattr(launch, "_hooked", lambda: True)
     monkeypatch.setattr(launch, "_allow_dynamic_shared", lambda function, size: allowed.append((function, size)))
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 77, raising=False)
     kernel = SimpleNamespace(warmup=lambda *arguments, grid, **options: compiled, __name__="_kernel")
     return (
         launch.KernelLaunch(
-            kernel, (3, 2), {"num_warps": 4}, torch.device("cuda", 0), extra_shared=4096, head_shared=head_shared
+            kernel,
+            (3, 2),
+            {"num_warps": 4},
+            torch.device("cuda", 0),
+            extra_shared=4096,
+            head_shared=head_shared,
+            cluster=cluster,
         ),
         compiled,
         allowed,
@@ -223,6 +230,23 @@ def test_a_launch_with_shared_memory_of_its_own_refuses_metadata_it_cannot_read_
     monkeypatch.setattr(launch, "DIRECT", False)
     with pytest.raises(RuntimeError, match=r"Triton 3\.3 or newer"):
         launch.KernelLaunch(SimpleNamespace(), (1,), {}, torch.device("cuda", 0), extra_shared=64)
+
+
+def test_a_launch_in_clusters_packs_the_cluster_where_tritons_launch_reads_it(monkeypatch):
+    """In clusters of two the launch hands Triton's launch metadata with two CTAs a cluster (which
+    Triton's launch multiplies the grid's first dimension by) and the grid of clusters; metadata
+    that already asks for clusters is not Triton's order; a Triton whose launch was not checked
+    refuses clusters before anything compiles."""
+    kernel_launch, compiled, allowed = _launch_with_extra_shared(monkeypatch, (4, 1, 40, 1, 1, 1), cluster=2)
+    kernel_launch(torch.zeros(4), 5)
+    assert [run[:9] for run in compiled.runs] == [(3, 2, 1, 77, 1234, (4, 2, 4224, 1, 1, 1), None, None, None)]
+    kernel_launch, compiled, allowed = _launch_with_extra_shared(monkeypatch, (4, 2, 40, 1, 1, 1), cluster=2)
+    with pytest.raises(RuntimeError, match="unknown order"):
+        kernel_launch(torch.zeros(4), 5)
+    assert compiled.runs == [] and allowed == []
+    monkeypatch.setattr(launch, "CLUSTER_LAUNCH", False)
+    with pytest.raises(RuntimeError, match=r"clusters need Triton 3\.6 or 3\.9, not"):
+        launch.KernelLaunch(SimpleNamespace(), (1,), {}, torch.device("cuda", 0), extra_shared=64, cluster=2)
 
 
 @pytest.mark.parametrize("head_shared", [32, 40, 1024])
