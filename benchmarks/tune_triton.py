@@ -10,7 +10,8 @@ every candidate's median time (CUDA graph replays, so launch overhead does not h
 and the best one, next to bf16 cuBLAS.
 The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
 ``fragments``, ``gemv``, ``fused`` and ``wide`` entries, and the ``wgmma`` / ``wgmma_wide``
-rules of a Hopper's; "chunked": decode + cuBLAS; ``--kinds`` adds "wgmma" and "wgmma_wide"); the tables
+rules of a Hopper's, ``wgmma_wide`` in thread block clusters of 1, 2 and 4 for its ``cluster_fill``;
+"chunked": decode + cuBLAS; ``--kinds`` adds "wgmma" and "wgmma_wide"); the tables
 this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
 warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.
 With ``--dequantize``: the decode's (packed words per program, warps) against the copy rate, for
