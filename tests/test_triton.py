@@ -243,6 +243,7 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: True)
     monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
     monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
 
     def chosen(rows: int, n: int, captured: bool) -> tuple:
@@ -276,6 +277,7 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
     monkeypatch.setattr(dispatch, "processors", lambda device: 132)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
 
     def chosen(rows: int, n: int, captured: bool = False) -> tuple | str:
         return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
@@ -298,6 +300,9 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: no halves of whole ones
     assert dispatch.choose_config(odd_k, 8192, 4352, 64)[0] != "wgmma_wide"
     assert dispatch.choose_config(torch.zeros(128, 4608, dtype=torch.bfloat16), 8192, 4608, 64) == ("wgmma_wide", 2)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", False)  # a Triton whose cluster launch is not checked
+    assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 28672) == ("wgmma_wide",)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
     assert chosen(128, 28672) != ("wgmma_wide",)
     assert chosen(128, 8192)[0] != "wgmma_wide"  # tables without clusters

@@ -11,7 +11,7 @@ import triton
 
 from . import fragment_arguments, fragment_grid, tuning, wgmma, wgmma_wide
 from .common import INTERPRETED
-from .launch import DIRECT
+from .launch import CLUSTER_LAUNCH, DIRECT
 
 
 def choose_config(
@@ -69,11 +69,16 @@ def wide_cluster(rule: tuning.WgmmaRule, programs: int, k: int, processors: int)
     """Programs a cluster of the wide ``wgmma`` kernel holds for a weight of ``programs`` programs
     and K ``k`` on ``processors`` multiprocessors (``rule``: ``tables.wgmma_wide``): 1 from
     ``min_waves`` of programs, 2 where two a cluster fill ``cluster_fill`` of one wave and no
-    more (``WgmmaRule``), else 0 (another kernel)."""
+    more (``WgmmaRule``) and this Triton launches clusters, else 0 (another kernel)."""
     if programs >= rule.min_waves * processors:
         return 1
     fill = 2 * programs
-    if rule.cluster_fill and rule.cluster_fill * processors <= fill <= processors and wgmma_wide.cluster_fits(k, 2):
+    if (
+        CLUSTER_LAUNCH
+        and rule.cluster_fill
+        and rule.cluster_fill * processors <= fill <= processors
+        and wgmma_wide.cluster_fits(k, 2)
+    ):
         return 2
     return 0
 
