@@ -10,7 +10,8 @@ every candidate's median time (CUDA graph replays, so launch overhead does not h
 and the best one, next to bf16 cuBLAS.
 The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
 ``fragments``, ``gemv``, ``fused`` and ``wide`` entries, and the ``wgmma`` / ``wgmma_wide``
-rules of a Hopper's, ``wgmma_wide`` in thread block clusters of 1, 2 and 4 for its ``cluster_fill``;
+rules of a Hopper's, ``wgmma_wide`` in thread block clusters of 1, 2 and 4 of 128- and 64-row
+programs for its ``cluster_fill`` and ``narrow_min_rows``;
 "chunked": decode + cuBLAS; ``--kinds`` adds "wgmma" and "wgmma_wide"); the tables
 this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
 warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.
@@ -202,7 +203,9 @@ def main() -> None:
                 "fused": [c for c in FUSED_CANDIDATES if c[2] <= max(16, 2 * rows) and c[2] >= min(rows, 128) // 2],
                 "wide": WIDE_CANDIDATES if rows > 16 else [],
                 "wgmma": [("wgmma", 1), ("wgmma", 2)] if 17 <= rows <= 64 else [],  # compute capability 9.0
-                "wgmma_wide": [("wgmma_wide", c) for c in wgmma_wide.CLUSTERS] if 33 <= rows <= 256 else [],
+                "wgmma_wide": [("wgmma_wide", c, p) for p in wgmma_wide.PROGRAM_ROWS for c in wgmma_wide.CLUSTERS]
+                if 33 <= rows <= 256
+                else [],
             }
             candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []

@@ -255,7 +255,7 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     one_wave = 64 * 132
     assert [chosen(rows, one_wave, True)[0] for rows in (17, 32)] == ["wgmma", "wgmma"]
     assert [chosen(rows, one_wave, False)[0] for rows in (17, 32)] == ["fused", "fused"]
-    assert chosen(64, one_wave, True) == chosen(64, one_wave, False) == ("wgmma_wide", 2)  # a wave in clusters
+    assert chosen(64, one_wave, True) == chosen(64, one_wave, False) == ("wgmma_wide", 2, 128)  # a wave in clusters
     assert chosen(32, one_wave - 64, True)[0] == "fused"
     assert chosen(32, 2 * one_wave, False)[0] == "wgmma"
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
@@ -265,9 +265,10 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
 def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
     """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
     its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
-    twice the programs fill 0.6-1.0 of them (K a multiple of 512); other weights (at 33-64 rows:
-    ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables (not measured
-    there) keep the earlier paths. (Support and the multiprocessor count are forced, so this runs
+    twice the programs fill 0.6-1.0 of them (K a multiple of 512), and from 65 rows in clusters
+    of two of 64-row programs where those fill it; other weights (at 33-64 rows: ``wgmma`` where
+    its own rule holds), fewer or more rows, or the Hopper tables (not measured there) keep the
+    earlier paths. (Support and the multiprocessor count are forced, so this runs
     without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
@@ -284,28 +285,37 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
 
     fills = 128 * 80  # 80 programs: 0.61 of 132
     for captured in (False, True):
-        assert [chosen(rows, 28672, captured) for rows in (33, 64, 65, 96, 128, 200, 256)] == [("wgmma_wide",)] * 7
+        whole = ("wgmma_wide", 1, 128)
+        assert [chosen(rows, 28672, captured) for rows in (33, 64, 65, 96, 128, 200, 256)] == [whole] * 7
         assert chosen(32, 28672, captured)[0] == "wgmma"
-        assert chosen(257, 28672, captured) != ("wgmma_wide",)
-        assert chosen(128, fills, captured) == ("wgmma_wide",)
-        assert chosen(128, fills - 128, captured) != ("wgmma_wide",)
+        assert chosen(257, 28672, captured) != whole
+        assert chosen(128, fills, captured) == whole
+        assert chosen(128, fills - 128, captured) != whole
     assert chosen(64, fills - 128, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
     # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows)
     for captured in (False, True):
         clustered = [chosen(rows, n, captured) for rows in (33, 128, 256) for n in (8192, 6144, 5120)]
-        assert clustered == [("wgmma_wide", 2)] * 9
-        assert chosen(128, 128 * 39, captured)[0] != "wgmma_wide"  # 78 of 132: under 0.6
+        assert clustered == [("wgmma_wide", 2, 128)] * 9
         assert chosen(128, 128 * 67, captured)[0] != "wgmma_wide"  # 134: more than a wave, 0.51 unsplit
-        assert chosen(128, 4096, captured)[0] != "wgmma_wide"
+        assert chosen(128, 128 * 39, captured)[0] != "wgmma_wide"  # 78 of 132 (156 in 64-row programs)
+        # too few 128-row programs: from 65 rows 64-row ones in clusters of two (4096, 3072, 2560 rows)
+        narrow = [chosen(rows, n, captured) for rows in (65, 128, 256) for n in (4096, 3072, 2560)]
+        assert narrow == [("wgmma_wide", 2, 64)] * 9
+        assert chosen(64, 4096, captured)[0] != "wgmma_wide"
+        assert chosen(128, 64 * 39, captured)[0] != "wgmma_wide"  # 78 of 132: under 0.6
+        assert chosen(128, 2048, captured)[0] != "wgmma_wide"
     odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: no halves of whole ones
     assert dispatch.choose_config(odd_k, 8192, 4352, 64)[0] != "wgmma_wide"
-    assert dispatch.choose_config(torch.zeros(128, 4608, dtype=torch.bfloat16), 8192, 4608, 64) == ("wgmma_wide", 2)
+    assert dispatch.choose_config(odd_k, 4096, 4352, 64)[0] != "wgmma_wide"
+    even_k = torch.zeros(128, 4608, dtype=torch.bfloat16)
+    assert dispatch.choose_config(even_k, 8192, 4608, 64) == ("wgmma_wide", 2, 128)
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", False)  # a Triton whose cluster launch is not checked
-    assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 28672) == ("wgmma_wide",)
+    assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 28672) == ("wgmma_wide", 1, 128)
+    assert chosen(128, 4096)[0] != "wgmma_wide"
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
-    assert chosen(128, 28672) != ("wgmma_wide",)
-    assert chosen(128, 8192)[0] != "wgmma_wide"  # tables without clusters
+    assert chosen(128, 28672) != ("wgmma_wide", 1, 128)
+    assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 4096)[0] != "wgmma_wide"  # tables without clusters
 
 
 def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():

@@ -93,6 +93,29 @@ def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nest
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize(("dtype", "nested"), [(torch.bfloat16, True), (torch.float16, False)])
+def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, nested):
+    """Programs of 64 weight rows (one warpgroup, twice the programs), unsplit and in clusters of
+    two: the same bits as programs of 128 (which the float64 tests check), each warpgroup's
+    products being the same; on weight rows that fill no program of either size, partial row
+    tiles, a part of K inside one absmax block, both layouts, strided inputs and a bias."""
+    cases = [((300, 1024, 64), 65, 1), ((208, 1024, 64), 256, 2), ((130, 4096, 4096), 150, 2)]
+    for quant_type, ((n, k, blocksize), rows, cluster) in zip(itertools.cycle(["nf4", "fp4"]), cases):
+        code = code_table(quant_type)
+        packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
+        absmax, extra = nested_statistics(absmax, nested)
+        tiled = layout.can_tile((n, k))
+        weight = layout.tile(packed, (n, k)) if tiled else packed
+        x = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)[:, -k:]
+        arguments = (x, weight, absmax, code, blocksize, (n, k), torch.randn(n, device=DEVICE).to(dtype))
+        one = kernels.linear_4bit(*arguments, **extra, tiled=tiled, config=("wgmma_wide", cluster, 64))
+        two = kernels.linear_4bit(*arguments, **extra, tiled=tiled, config=("wgmma_wide", cluster, 128))
+        assert one.shape == (rows, n) and one.abs().sum() > 0
+        assert torch.equal(one, two), (n, k, blocksize, rows, cluster)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_wide_kernel_products_do_not_depend_on_the_rows_beside_them():
     """Each input row's products are the same whichever row tile carries it: 65 rows (tile 96)
     against the same rows among 256 (tile 256) and alone in pieces of 100 (tile 128)."""
@@ -122,6 +145,8 @@ def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, cluster=4)
     with pytest.raises(ValueError, match="not 3"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, cluster=3)
+    with pytest.raises(ValueError, match=r"programs take \(128, 64\) weight rows, not 96"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, program_rows=96)
     assert wgmma_wide.cluster_fits(1536, 2) and not wgmma_wide.cluster_fits(1536, 4)
 
 
@@ -162,14 +187,17 @@ def test_only_96_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_1
     launches allowed.)"""
     monkeypatch.setattr(launch, "DIRECT", True)
 
-    def options(rows: int, programs: int) -> dict:
+    def options(rows: int, programs: int, program_rows: int = 128) -> dict:
         weight = SimpleNamespace(
-            k=1024, n_out=wgmma_wide.PROGRAM_ROWS * programs, blocksize=64, nested=False, nested_blocksize=256,
+            k=1024, n_out=program_rows * programs, blocksize=64, nested=False, nested_blocksize=256,
             tiled=True, absmax=torch.zeros(4), bytes=torch.zeros(8, dtype=torch.uint8), code=torch.zeros(16),
             statistics=(),
         )  # fmt: skip
-        product = wgmma_wide.wgmma_wide_launch(weight, torch.empty(rows, 1024, dtype=torch.bfloat16), False, 132)
+        x = torch.empty(rows, 1024, dtype=torch.bfloat16)
+        product = wgmma_wide.wgmma_wide_launch(weight, x, False, 132, program_rows=program_rows)
         assert product.launch.grid[0] == programs
+        assert product.launch.options["num_warps"] == program_rows // 16  # a warpgroup a 64 weight rows
+        assert product.after[-1] == program_rows
         return product.launch.options
 
     assert options(96, 224)["maxnreg"] == 128  # 28672 weight rows
@@ -178,6 +206,7 @@ def test_only_96_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_1
     assert "maxnreg" not in options(80, 112)  # 14336 weight rows: one wave either way
     assert "maxnreg" not in options(128, 224) and "maxnreg" not in options(256, 224)
     assert "maxnreg" not in options(64, 224)  # no spills, two programs a multiprocessor as it is
+    assert "maxnreg" not in options(96, 224, program_rows=64)  # one warpgroup: not the tile measured
 
 
 def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
@@ -185,11 +214,12 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
     of a program arrives on; the refill waits on the empty barrier before it copies, and the
     wait for a step's inputs holds no barrier of the whole program."""
     slots, empty = wgmma_wide.SLOTS, 8 * wgmma_wide.SLOTS
-    ring = wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(128), slots, wgmma_wide.THREADS)
-    counts = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[b\+(\d+)\], (\d+);", ring)
-    assert counts == [(str(8 * i), "1") for i in range(slots)] + [
-        (str(8 * i), str(wgmma_wide.THREADS)) for i in range(slots, 2 * slots)
-    ]
+    for program_rows, threads in ((128, 256), (64, 128)):
+        ring = wgmma_wide.tile_assembly(128, float16=False, program_rows=program_rows)[5]
+        counts = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[b\+(\d+)\], (\d+);", ring)
+        assert counts == [(str(8 * i), "1") for i in range(slots)] + [
+            (str(8 * i), str(threads)) for i in range(slots, 2 * slots)
+        ]
     assert f"sub.u32 b, b, {16 * slots};" in ring
     issue = wgmma_ptx.wide_issue_ptx(128 * 128, empty)
     assert f"add.u32 e, $4, {empty};" in issue
@@ -201,7 +231,7 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
     assert assembly == (
         ptx.table_ptx(), ptx.nested_code_ptx(), wgmma_ptx.wide_step_ptx(96, "bf16"), wgmma_ptx.wide_constraints(96),
         wgmma_ptx.wide_drain_constraints(96),
-        wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, wgmma_wide.THREADS),
+        wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, 256),
         wgmma_ptx.wide_issue_ptx(96 * 128, empty), 1, "", "",
     )  # fmt: skip
     assert wgmma_wide.tile_assembly(96, float16=False, cluster=2)[7:] == (

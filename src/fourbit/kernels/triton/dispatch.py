@@ -26,9 +26,10 @@ def choose_config(
     """The kernel and tile configuration for input rows ``x`` (2-d) against an ``n_out x k``
     weight (packed in ``packed``, when given), from the device's ``tuning.KernelTables`` (their
     ``captured`` tables for a product recorded into a CUDA graph): a ``fragments``, ``fused`` or
-    ``gemv`` entry, the ``wide`` configuration, or ``"chunked"``. With ``deterministic`` the
-    batch-wide tiles never split K (``linear.PreparedWeight._prepare`` keeps the other kernels'
-    automatic splits within their programs)."""
+    ``gemv`` entry, a ``wgmma``, ``wgmma_wide`` (its cluster and program rows) or ``wide``
+    configuration, or ``"chunked"``. With ``deterministic`` the batch-wide tiles never split K
+    (``linear.PreparedWeight._prepare`` keeps the other kernels' automatic splits within their
+    programs)."""
     rows = x.shape[0]
     tables = tuning.for_device(x.device)
     if captured and tables.captured is not None:
@@ -44,9 +45,9 @@ def choose_config(
         and rule.min_rows <= rows <= rule.max_rows
         and wgmma_supported(x, k, blocksize, packed, wgmma_wide.ROW_TILES[-1])
     ):
-        wide = wide_cluster(rule, triton.cdiv(n_out, wgmma_wide.PROGRAM_ROWS), k, processors(x.device))
+        wide = wide_programs(rule, rows, n_out, k, processors(x.device))
         if wide:
-            return ("wgmma_wide",) if wide == 1 else ("wgmma_wide", wide)
+            return ("wgmma_wide", *wide)
     rule = tables.wgmma
     if (
         rule
@@ -65,22 +66,22 @@ def choose_config(
     return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
 
 
-def wide_cluster(rule: tuning.WgmmaRule, programs: int, k: int, processors: int) -> int:
-    """Programs a cluster of the wide ``wgmma`` kernel holds for a weight of ``programs`` programs
-    and K ``k`` on ``processors`` multiprocessors (``rule``: ``tables.wgmma_wide``): 1 from
-    ``min_waves`` of programs, 2 where two a cluster fill ``cluster_fill`` of one wave and no
-    more (``WgmmaRule``) and this Triton launches clusters, else 0 (another kernel)."""
-    if programs >= rule.min_waves * processors:
-        return 1
-    fill = 2 * programs
-    if (
-        CLUSTER_LAUNCH
-        and rule.cluster_fill
-        and rule.cluster_fill * processors <= fill <= processors
-        and wgmma_wide.cluster_fits(k, 2)
-    ):
-        return 2
-    return 0
+def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:
+    """The wide ``wgmma`` kernel's programs for ``rows`` input rows against an ``n_out x k``
+    weight on ``processors`` multiprocessors (``rule``: ``tables.wgmma_wide``), as (programs a
+    cluster, weight rows a program), or None (another kernel): unsplit 128-row programs from
+    ``min_waves`` of them; else, where this Triton launches clusters, clusters of two that split
+    K whose programs fill ``cluster_fill`` of one wave and no more, of 128 weight rows, or of 64
+    (one warpgroup) from ``narrow_min_rows`` input rows (``WgmmaRule``)."""
+    wide, narrow = wgmma_wide.PROGRAM_ROWS
+    if triton.cdiv(n_out, wide) >= rule.min_waves * processors:
+        return (1, wide)
+    if not (CLUSTER_LAUNCH and rule.cluster_fill and wgmma_wide.cluster_fits(k, 2)):
+        return None
+    for program_rows in (wide, narrow) if rule.narrow_min_rows and rows >= rule.narrow_min_rows else (wide,):
+        if rule.cluster_fill * processors <= 2 * triton.cdiv(n_out, program_rows) <= processors:
+            return (2, program_rows)
+    return None
 
 
 def wide_config(

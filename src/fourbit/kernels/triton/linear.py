@@ -269,8 +269,10 @@ class PreparedWeight:
         if isinstance(config, tuple) and config[0] == "wgmma":
             return wgmma.wgmma_launch(self, x, bias is not None, 1 if deterministic else (*config[1:], 1)[0])
         if isinstance(config, tuple) and config[0] == "wgmma_wide":
-            cluster = (*config[1:], 1)[0]  # programs a cluster splits K across: deterministic sums
-            return wgmma_wide.wgmma_wide_launch(self, x, bias is not None, dispatch.processors(x.device), cluster)
+            cluster = config[1] if len(config) > 1 else 1  # programs that split K: deterministic sums
+            program_rows = config[2] if len(config) > 2 else wgmma_wide.PROGRAM_ROWS[0]
+            processors = dispatch.processors(x.device)
+            return wgmma_wide.wgmma_wide_launch(self, x, bias is not None, processors, cluster, program_rows)
         if isinstance(config, tuple) and config[0] == "fused":
             if deterministic:
                 return self._fused(x, bias is not None, (*config[1:4], 1, *config[5:]), cover=False)

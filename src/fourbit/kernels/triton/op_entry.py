@@ -99,14 +99,16 @@ def linear_4bit(
 
     A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
     (``dispatch.fragments_supported`` inputs only), ``("wgmma"[, SPLIT_K])`` Hopper's ``wgmma``
-    kernel (``dispatch.wgmma_supported`` inputs only), ``("wgmma_wide"[, CLUSTER])`` the wide
-    ``wgmma`` kernel (the same of at most 256 rows; K split across clusters of CLUSTER programs,
-    default 1), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K,
-    num_warps, num_stages, SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU
-    only), a ``("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K])`` tuple the
-    same kernel with weights scaled before the dot and SPLIT_K K splits (default 1; fewer where a
-    split would keep under 8 K tiles; ``tuning.WideConfig``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, lookup)``
-    tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the decode + cuBLAS path.
+    kernel (``dispatch.wgmma_supported`` inputs only), ``("wgmma_wide"[, CLUSTER[,
+    PROGRAM_ROWS]])`` the wide ``wgmma`` kernel (the same of at most 256 rows; K split across
+    clusters of CLUSTER programs, default 1, of PROGRAM_ROWS weight rows, 128 or 64, default
+    128), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, num_stages,
+    SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU only), a ``("wide",
+    BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K])`` tuple the same kernel with
+    weights scaled before the dot and SPLIT_K K splits (default 1; fewer where a split would
+    keep under 8 K tiles; ``tuning.WideConfig``), a ``(ROWS, BLOCK_N, BLOCK_K, SPLIT_K,
+    num_warps, lookup)`` tuple the CUDA-core multiply-accumulate kernel, ``"chunked"`` the
+    decode + cuBLAS path.
     """
     tensors = (packed, absmax, code, nested_absmax, nested_code, nested_offset)
     if config is None:

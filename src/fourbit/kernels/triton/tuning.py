@@ -104,12 +104,14 @@ class WgmmaRule(NamedTuple):
     tensor-core kernel or decode + cuBLAS. Rows both rules take go to the wide kernel where its
     rule holds. ``cluster_fill`` (the wide kernel's; 0: never) lets weights of fewer programs run
     in clusters of two that split K, when twice their programs fill at least that share of one
-    wave and no more than the wave."""
+    wave and no more than the wave; from ``narrow_min_rows`` input rows (0: never) programs of 64
+    weight rows (one warpgroup) may fill it where those of 128 are too few."""
 
     min_rows: int
     max_rows: int
     min_waves: float
     cluster_fill: float = 0.0
+    narrow_min_rows: int = 0
 
 
 class QuantizeConfig(NamedTuple):
@@ -217,11 +219,17 @@ HOPPER = KernelTables(
 #: against 63.0 / 91.1 at 128 / 256 rows, 4096x4096 32.2 against 28.4 at 256); clusters of four
 #: lost wherever a program holds a multiprocessor (4096x14336 at 256 rows 104.4 us): 30 such
 #: clusters fit an H200 at once (its four multiprocessors in one GPC), not 32.
+#: Programs of 64 weight rows (one warpgroup) in clusters of two fill a wave with 4096-row
+#: weights: 4096x14336 at 128 / 256 rows 50.0 / 76.1 us against 62.2 / 90.5 on the batch-wide
+#: tiles (cuBLAS 38.0 / 54.6), 4096x4096 16.6 / 22.1 against 25.7 / 28.3 (decode + cuBLAS;
+#: cuBLAS 13.0 / 15.4); at 64 rows 4096x14336 lost (48.6 against the tensor-core kernel's 40.0).
+#: Where 128-row programs fill a wave in clusters they stayed faster (8192x8192 at 256 rows 62.9
+#: against 86.8 us), and 2048-row weights (half a wave even so) lost (2048x8192: 37.3 against 34.8).
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
-    wgmma_wide=WgmmaRule(33, 256, 0.6, cluster_fill=0.6),
+    wgmma_wide=WgmmaRule(33, 256, 0.6, cluster_fill=0.6, narrow_min_rows=65),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0

@@ -9,9 +9,10 @@ accumulates across steps.
 A step's ``wgmma`` runs while the next step is decoded: each step waits only for the one before
 it (``wgmma_ptx.wide_step_ptx``; the accumulators stay in the same registers, tied in and out of each
 step's inline PTX). A program is two warpgroups (128 weight rows) sharing one ring of staged
-input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead; the warpgroups do
-not wait for each other: every thread releases a slot on its "empty" barrier once the slot's
-products are done, and thread 0 refills it once all have.
+input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead, or one warpgroup
+(64 weight rows: twice the programs) for weights of few rows; the warpgroups do not wait for
+each other: every thread releases a slot on its "empty" barrier once the slot's products are
+done, and thread 0 refills it once all have.
 
 K is split only within a thread block cluster: the programs of a cluster of two or four take
 parts of K of the same 128 weight rows and add their partial sums through distributed shared
@@ -22,7 +23,7 @@ memory lost on an H200: by atomics 28672x8192 at 256 rows ran 1.7x slower; 4096-
 four ways with ordered slices of partial sums still lost to the batch-wide tiles at 256 rows;
 a stream-K form (persistent programs over K iterations, partial row groups added by a second
 kernel) ran no faster. Weights of too few rows even in clusters keep the other paths
-(``tuning``, ``dispatch.wide_cluster``).
+(``tuning``, ``dispatch.wide_programs``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,9 @@ __all__ = ["CLUSTERS", "PROGRAM_ROWS", "ROW_TILES", "SLOTS", "cluster_fits", "ri
 ROW_TILES = (64, 96, 128, 192, 256)
 #: Slots of the ring of staged steps; a step's copy is issued two steps ahead.
 SLOTS = 4
-#: Weight rows of a program: two warpgroups of 64.
-PROGRAM_ROWS = 128
-#: Threads of a program, each of which releases every ring slot it read.
-THREADS = 256
+#: Weight rows a program may take: two warpgroups of 64 sharing one ring (the default), or one
+#: warpgroup, whose programs are twice as many: for weights of too few rows to fill the GPU.
+PROGRAM_ROWS = (128, 64)
 #: Registers a thread may use, by row tile, where the programs outnumber the multiprocessors:
 #: two programs a multiprocessor then run in one wave. The 96-row tile takes 140-155 on its own
 #: (Triton 3.6's ptxas); capped, 28672x8192 at 65-96 rows took 118-120 us against 162 on an
@@ -85,6 +85,12 @@ def cluster_fits(k: int, cluster: int) -> bool:
     return cluster in CLUSTERS and k % (256 * cluster) == 0
 
 
+def threads(program_rows: int) -> int:
+    """Threads of a program of ``program_rows`` weight rows (a warpgroup a 64), each of which
+    releases every ring slot it read."""
+    return 2 * program_rows
+
+
 def ring_bytes(rows: int) -> int:
     """Dynamic shared memory the ring of ``rows`` (a ``ROW_TILES`` entry) takes: the slots and
     their two barriers each. In clusters the slots then hold the partial sums: ``rows / 2``
@@ -105,11 +111,11 @@ def table_row_bytes(rows: int) -> int:
     return SPREAD_ROW_BYTES if rows in SPREAD_TABLE_TILES else COMPACT_ROW_BYTES
 
 
-def tile_assembly(rows: int, float16: bool, cluster: int = 1) -> tuple:
+def tile_assembly(rows: int, float16: bool, cluster: int = 1, program_rows: int = PROGRAM_ROWS[0]) -> tuple:
     """The kernel's inline PTX for a row tile (its constexpr arguments): the table's fill and
-    nested-code read, the step, the step's and the drain's constraints, the ring's set-up and a
-    step's copy; then the cluster's size and (in clusters) the sums across it and their
-    constraints."""
+    nested-code read, the step, the step's and the drain's constraints, the ring's set-up (for
+    programs of ``program_rows`` weight rows) and a step's copy; then the cluster's size and (in
+    clusters) the sums across it and their constraints."""
     element = "f16" if float16 else "bf16"
     row_bytes = table_row_bytes(rows)
     summed = cluster > 1
@@ -119,7 +125,7 @@ def tile_assembly(rows: int, float16: bool, cluster: int = 1) -> tuple:
         wide_step_ptx(rows, element, row_bytes),
         wide_constraints(rows),
         wide_drain_constraints(rows),
-        wgmma_ring_ptx(ring_bytes(rows), SLOTS, THREADS),
+        wgmma_ring_ptx(ring_bytes(rows), SLOTS, threads(program_rows)),
         wide_issue_ptx(rows * 128, 8 * SLOTS),
         cluster,
         cluster_sum_ptx(rows // 2, cluster) if summed else "",
@@ -173,20 +179,22 @@ def _wide_kernel(
     HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, TABLE_ASM: tl.constexpr,
     NESTED_CODE_ASM: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr, RING_ASM: tl.constexpr, ISSUE_ASM: tl.constexpr,
-    CLUSTER: tl.constexpr, SUM_ASM: tl.constexpr, SUM_CONSTRAINTS: tl.constexpr,
+    CLUSTER: tl.constexpr, SUM_ASM: tl.constexpr, SUM_CONSTRAINTS: tl.constexpr, PROGRAM_ROWS: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
-    ``x_ptr``; two warpgroups a program, 128 weight rows (``wgmma._wgmma_kernel`` for the
-    weight's layouts and statistics). Packed words are loaded two steps ahead, absmax one
-    iteration ahead, the inputs two steps ahead into the ring. With ``CLUSTER`` > 1 the programs
-    of a thread block cluster share 128 weight rows, each taking a part of K (K a multiple of
-    256 parts), and add their partial sums through distributed shared memory (``SUM_ASM``:
-    ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows' outputs."""
-    thread = _thread_index(tl.arange(0, 256))
+    ``x_ptr``; a warpgroup for each 64 of the program's ``PROGRAM_ROWS`` weight rows
+    (``wgmma._wgmma_kernel`` for the weight's layouts and statistics). Packed words are loaded
+    two steps ahead, absmax one iteration ahead, the inputs two steps ahead into the ring. With
+    ``CLUSTER`` > 1 the programs of a thread block cluster share their weight rows, each taking
+    a part of K (K a multiple of 256 parts), and add their partial sums through distributed
+    shared memory (``SUM_ASM``: ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows'
+    outputs."""
+    threads: tl.constexpr = 2 * PROGRAM_ROWS
+    thread = _thread_index(tl.arange(0, threads))
     lane = thread % 32
     quad = lane % 4
     rank = tl.program_id(0) % CLUSTER
-    first_row = (tl.program_id(0) // CLUSTER) * 128 + (thread // 32) * 16 + lane // 4
+    first_row = (tl.program_id(0) // CLUSTER) * PROGRAM_ROWS + (thread // 32) * 16 + lane // 4
     k_start = rank * (K // CLUSTER)
     k_stop = k_start + K // CLUSTER
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
@@ -196,7 +204,7 @@ def _wide_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, 256, TABLE_ASM)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, threads, TABLE_ASM)
     ring = _ring(thread, lane, RING_ASM)
     full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
@@ -204,7 +212,7 @@ def _wide_kernel(
     first_step = none + k_start // 64
     _issue(x_address, first_step, ring, k_start < k_stop, full, none, none, ROWS, ISSUE_ASM)
     _issue(x_address, first_step + 1, ring + ROWS * 128, k_start + 64 < k_stop, full + 8, none, none, ROWS, ISSUE_ASM)
-    zero = tl.zeros((256,), dtype=tl.float32)
+    zero = tl.zeros((threads,), dtype=tl.float32)
     acc = (zero,) * (ROWS // 2)
     for k in range(k_start, k_stop, 64 * 4):
         scales = _group_scales(
@@ -267,31 +275,37 @@ def _store_tile(
         tl.store(here + stride_om + 8, (acc[4 * chunk + 3] + bias_h).to(kind), mask=live_h & (batch + 1 < M))
 
 
-def wgmma_wide_launch(weight, x: torch.Tensor, has_bias: bool, processors: int, cluster: int = 1) -> ProductLaunch:
+def wgmma_wide_launch(
+    weight, x: torch.Tensor, has_bias: bool, processors: int, cluster: int = 1, program_rows: int = PROGRAM_ROWS[0]
+) -> ProductLaunch:
     """The launch of the wide ``wgmma`` kernel for ``weight`` (a ``linear.PreparedWeight``) and
     inputs like the 2-d ``x`` (``dispatch.wgmma_supported`` inputs of at most 256 rows) on a GPU
-    of ``processors`` multiprocessors, in thread block clusters of ``cluster`` programs
-    (``cluster_fits``) that split K."""
+    of ``processors`` multiprocessors, in programs of ``program_rows`` weight rows (a
+    ``PROGRAM_ROWS`` entry) and thread block clusters of ``cluster`` programs (``cluster_fits``)
+    that split K."""
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)")
     if not cluster_fits(k, cluster):
         raise ValueError(f"the wide wgmma kernel splits K ({k}) across clusters of {CLUSTERS}, in parts of whole "
                          f"256-column iterations, not {cluster}")  # fmt: skip
+    if program_rows not in PROGRAM_ROWS:
+        raise ValueError(f"the wide wgmma kernel's programs take {PROGRAM_ROWS} weight rows, not {program_rows}")
     m = x.shape[0]
     rows = next((tile for tile in ROW_TILES if m <= tile), None)
     if rows is None:
         raise ValueError(f"the wide wgmma kernel takes at most {ROW_TILES[-1]} input rows, got {m}")
-    programs = triton.cdiv(n_out, PROGRAM_ROWS)
-    options = {"num_warps": 8}
-    if rows in TWO_PROGRAM_REGISTERS and programs * cluster > processors:
+    programs = triton.cdiv(n_out, program_rows)
+    options = {"num_warps": program_rows // 16}
+    if rows in TWO_PROGRAM_REGISTERS and program_rows == PROGRAM_ROWS[0] and programs * cluster > processors:
         options["maxnreg"] = TWO_PROGRAM_REGISTERS[rows]
     absmax = weight.absmax
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    float16 = x.dtype == torch.float16
     return ProductLaunch(
         _wide_kernel, (programs,), options, weight, weight_tensors,
-        (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, x.dtype == torch.float16,
-         has_bias, words, weight.tiled, *tile_assembly(rows, x.dtype == torch.float16, cluster)),
+        (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, float16, has_bias, words,
+         weight.tiled, *tile_assembly(rows, float16, cluster, program_rows), program_rows),
         m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=dynamic_bytes(rows),
         head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0, cluster=cluster,
     )  # fmt: skip
