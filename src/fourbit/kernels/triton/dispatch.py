@@ -78,7 +78,8 @@ def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, process
         return (1, wide)
     if not (CLUSTER_LAUNCH and rule.cluster_fill and wgmma_wide.cluster_fits(k, 2)):
         return None
-    for program_rows in (wide, narrow) if rule.narrow_min_rows and rows >= rule.narrow_min_rows else (wide,):
+    narrow_too = rule.narrow_min_rows and rows >= rule.narrow_min_rows
+    for program_rows in (wide, narrow) if narrow_too else (wide,):
         if rule.cluster_fill * processors <= 2 * triton.cdiv(n_out, program_rows) <= processors:
             return (2, program_rows)
     return None
