@@ -265,7 +265,7 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
 def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
     """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
     its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
-    twice the programs fill 0.6-1.0 of them (K a multiple of 512), and from 65 rows in clusters
+    twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from 65 rows in clusters
     of two of 64-row programs where those fill it; other weights (at 33-64 rows: ``wgmma`` where
     its own rule holds), fewer or more rows, or the Hopper tables (not measured there) keep the
     earlier paths. (Support and the multiprocessor count are forced, so this runs
@@ -304,9 +304,11 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(64, 4096, captured)[0] != "wgmma_wide"
         assert chosen(128, 64 * 39, captured)[0] != "wgmma_wide"  # 78 of 132: under 0.6
         assert chosen(128, 2048, captured)[0] != "wgmma_wide"
-    odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: no halves of whole ones
-    assert dispatch.choose_config(odd_k, 8192, 4352, 64)[0] != "wgmma_wide"
-    assert dispatch.choose_config(odd_k, 4096, 4352, 64)[0] != "wgmma_wide"
+    odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: parts of 8 and 9
+    assert dispatch.choose_config(odd_k, 8192, 4352, 64) == ("wgmma_wide", 2, 128)
+    assert dispatch.choose_config(odd_k, 4096, 4352, 64) == ("wgmma_wide", 2, 64)
+    one_iteration = torch.zeros(128, 256, dtype=torch.bfloat16)  # nothing to split
+    assert dispatch.choose_config(one_iteration, 8192, 256, 64)[0] != "wgmma_wide"
     even_k = torch.zeros(128, 4608, dtype=torch.bfloat16)
     assert dispatch.choose_config(even_k, 8192, 4608, 64) == ("wgmma_wide", 2, 128)
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", False)  # a Triton whose cluster launch is not checked

@@ -64,10 +64,11 @@ def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
 def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nested):
     """The wide kernel with K split across the programs of a cluster: as close to a float64
     reference as the unsplit kernel, on weight rows that fill no program, parts of K inside one
-    absmax block (blocksize 4096) and of one iteration, partial row tiles, strided inputs and a
-    bias; the same bits on every call (the parts are added in rank order)."""
+    absmax block (blocksize 4096), of one iteration and of unequal lengths (17 iterations),
+    partial row tiles, strided inputs and a bias; the same bits on every call (the parts are
+    added in rank order)."""
     cluster = config[1]
-    shapes = [(300, 256 * cluster, 64), (100, 4096, 128), (130, 4096, 4096)]
+    shapes = [(300, 256 * cluster, 64), (100, 4352, 128), (130, 4096, 4096)]
     row_counts = [(33, 256), (65, 192), (150,)]
     for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
         code = code_table(quant_type)
@@ -140,14 +141,17 @@ def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
     weight.k = 1000
     with pytest.raises(ValueError, match="multiple of 256"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1000, dtype=torch.bfloat16), False, 132)
-    weight.k = 1536  # six iterations: two clusters' parts of three, not four of one and a half
-    with pytest.raises(ValueError, match=r"clusters of \(1, 2, 4\), in parts of whole 256-column iterations, not 4"):
-        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, cluster=4)
+    weight.k = 768  # three iterations: no part for a fourth program
+    with pytest.raises(
+        ValueError, match=r"clusters of \(1, 2, 4\), in parts of one or more whole 256-column iterations, not 4"
+    ):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 768, dtype=torch.bfloat16), False, 132, cluster=4)
     with pytest.raises(ValueError, match="not 3"):
-        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, cluster=3)
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 768, dtype=torch.bfloat16), False, 132, cluster=3)
+    assert wgmma_wide.cluster_fits(768, 2) and not wgmma_wide.cluster_fits(768, 4)
+    assert wgmma_wide.cluster_fits(4352, 2) and not wgmma_wide.cluster_fits(4352 + 64, 2)  # 17 iterations: 8 and 9
     with pytest.raises(ValueError, match=r"programs take \(128, 64\) weight rows, not 96"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, program_rows=96)
-    assert wgmma_wide.cluster_fits(1536, 2) and not wgmma_wide.cluster_fits(1536, 4)
 
 
 @pytest.mark.parametrize("rows", wgmma_wide.ROW_TILES)

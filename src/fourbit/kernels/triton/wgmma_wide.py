@@ -80,9 +80,10 @@ CLUSTERS = (1, 2, 4)
 
 
 def cluster_fits(k: int, cluster: int) -> bool:
-    """Whether programs in clusters of ``cluster`` take a K of ``k``: every part whole steps of
-    four (``k`` a multiple of ``256 * cluster``)."""
-    return cluster in CLUSTERS and k % (256 * cluster) == 0
+    """Whether programs in clusters of ``cluster`` take a K of ``k``: every part one or more
+    whole iterations of four steps (``k`` a multiple of 256, at least ``256 * cluster``; parts
+    of an uneven count differ by one iteration)."""
+    return cluster in CLUSTERS and k % 256 == 0 and k >= 256 * cluster
 
 
 def threads(program_rows: int) -> int:
@@ -186,7 +187,7 @@ def _wide_kernel(
     (``wgmma._wgmma_kernel`` for the weight's layouts and statistics). Packed words are loaded
     two steps ahead, absmax one iteration ahead, the inputs two steps ahead into the ring. With
     ``CLUSTER`` > 1 the programs of a thread block cluster share their weight rows, each taking
-    a part of K (K a multiple of 256 parts), and add their partial sums through distributed
+    a part of K (whole iterations), and add their partial sums through distributed
     shared memory (``SUM_ASM``: ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows'
     outputs."""
     threads: tl.constexpr = 2 * PROGRAM_ROWS
@@ -195,8 +196,9 @@ def _wide_kernel(
     quad = lane % 4
     rank = tl.program_id(0) % CLUSTER
     first_row = (tl.program_id(0) // CLUSTER) * PROGRAM_ROWS + (thread // 32) * 16 + lane // 4
-    k_start = rank * (K // CLUSTER)
-    k_stop = k_start + K // CLUSTER
+    iterations = K // 256  # each program's part: whole iterations, the parts differing by one at most
+    k_start = (iterations * rank // CLUSTER) * 256
+    k_stop = (iterations * (rank + 1) // CLUSTER) * 256
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
@@ -287,8 +289,8 @@ def wgmma_wide_launch(
     if blocksize < STEP or not aligned(k, blocksize):
         raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)")
     if not cluster_fits(k, cluster):
-        raise ValueError(f"the wide wgmma kernel splits K ({k}) across clusters of {CLUSTERS}, in parts of whole "
-                         f"256-column iterations, not {cluster}")  # fmt: skip
+        raise ValueError(f"the wide wgmma kernel splits K ({k}) across clusters of {CLUSTERS}, in parts of one "
+                         f"or more whole 256-column iterations, not {cluster}")  # fmt: skip
     if program_rows not in PROGRAM_ROWS:
         raise ValueError(f"the wide wgmma kernel's programs take {PROGRAM_ROWS} weight rows, not {program_rows}")
     m = x.shape[0]
