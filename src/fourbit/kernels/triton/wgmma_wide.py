@@ -196,9 +196,12 @@ def _wide_kernel(
     quad = lane % 4
     rank = tl.program_id(0) % CLUSTER
     first_row = (tl.program_id(0) // CLUSTER) * PROGRAM_ROWS + (thread // 32) * 16 + lane // 4
-    iterations = K // 256  # each program's part: whole iterations, the parts differing by one at most
-    k_start = (iterations * rank // CLUSTER) * 256
-    k_stop = (iterations * (rank + 1) // CLUSTER) * 256
+    k_start = rank * K
+    k_stop = k_start + K
+    if CLUSTER > 1:  # each program's part: whole iterations, the parts differing by one at most
+        iterations = K // 256
+        k_start = (iterations * rank // CLUSTER) * 256
+        k_stop = (iterations * (rank + 1) // CLUSTER) * 256
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
