@@ -11,7 +11,7 @@ and the best one, next to bf16 cuBLAS.
 The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
 ``fragments``, ``gemv``, ``fused`` and ``wide`` entries, and the ``wgmma`` / ``wgmma_wide``
 rules of a Hopper's, ``wgmma_wide`` in thread block clusters of 1, 2 and 4 of 128- and 64-row
-programs for its ``cluster_fill`` and ``narrow_min_rows``;
+programs for its ``cluster_fill``, ``narrow_min_rows`` and ``narrow_small_waves``;
 "chunked": decode + cuBLAS; ``--kinds`` adds "wgmma" and "wgmma_wide"); the tables
 this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
 warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.

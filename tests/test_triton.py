@@ -265,11 +265,12 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
 def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
     """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
     its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
-    twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from 65 rows in clusters
-    of two of 64-row programs where those fill it; other weights (at 33-64 rows: ``wgmma`` where
-    its own rule holds), fewer or more rows, or the Hopper tables (not measured there) keep the
-    earlier paths. (Support and the multiprocessor count are forced, so this runs
-    without a GPU.)"""
+    twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
+    65 rows in clusters of two of 64-row programs where those fill it; up to 64 rows, first,
+    64-row programs in clusters of two where they fill 0.68-1.0 of three waves; other weights (at
+    33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
+    (not measured there) keep the earlier paths. (Support and the multiprocessor count are
+    forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
     monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
     monkeypatch.setattr(
@@ -291,7 +292,7 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(257, 28672, captured) != whole
         assert chosen(128, fills, captured) == whole
         assert chosen(128, fills - 128, captured) != whole
-    assert chosen(64, fills - 128, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
+    assert chosen(64, 64 * 134, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
     # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows)
     for captured in (False, True):
         clustered = [chosen(rows, n, captured) for rows in (33, 128, 256) for n in (8192, 6144, 5120)]
@@ -304,6 +305,17 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(64, 4096, captured)[0] != "wgmma_wide"
         assert chosen(128, 64 * 39, captured)[0] != "wgmma_wide"  # 78 of 132: under 0.6
         assert chosen(128, 2048, captured)[0] != "wgmma_wide"
+    # up to 64 rows, 64-row programs in clusters of two that fill 0.68-1.0 of three waves (396)
+    for captured in (False, True):
+        small = [chosen(rows, n, captured) for rows in (33, 48, 64) for n in (64 * 135, 11008, 64 * 198)]
+        assert small == [("wgmma_wide", 2, 64)] * 9
+        assert chosen(65, 11008, captured) == ("wgmma_wide", 1, 128)
+        assert chosen(64, 64 * 199, captured) == ("wgmma_wide", 1, 128)  # 398 programs: past three waves
+        assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
+        assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
+        assert chosen(64, 8192, captured) == ("wgmma_wide", 2, 128)
+    one_iteration_few_rows = torch.zeros(64, 256, dtype=torch.bfloat16)
+    assert dispatch.choose_config(one_iteration_few_rows, 11008, 256, 64) == ("wgmma_wide", 1, 128)
     odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: parts of 8 and 9
     assert dispatch.choose_config(odd_k, 8192, 4352, 64) == ("wgmma_wide", 2, 128)
     assert dispatch.choose_config(odd_k, 4096, 4352, 64) == ("wgmma_wide", 2, 64)
@@ -313,11 +325,12 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     assert dispatch.choose_config(even_k, 8192, 4608, 64) == ("wgmma_wide", 2, 128)
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", False)  # a Triton whose cluster launch is not checked
     assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 28672) == ("wgmma_wide", 1, 128)
-    assert chosen(128, 4096)[0] != "wgmma_wide"
+    assert chosen(128, 4096)[0] != "wgmma_wide" and chosen(64, 11008) == ("wgmma_wide", 1, 128)
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
     assert chosen(128, 28672) != ("wgmma_wide", 1, 128)
     assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 4096)[0] != "wgmma_wide"  # tables without clusters
+    assert chosen(64, 11008)[0] != "wgmma_wide"
 
 
 def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():

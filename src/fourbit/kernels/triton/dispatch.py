@@ -72,11 +72,18 @@ def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, process
     cluster, weight rows a program), or None (another kernel): unsplit 128-row programs from
     ``min_waves`` of them; else, where this Triton launches clusters, clusters of two that split
     K whose programs fill ``cluster_fill`` of one wave and no more, of 128 weight rows, or of 64
-    (one warpgroup) from ``narrow_min_rows`` input rows (``WgmmaRule``)."""
+    (one warpgroup) from ``narrow_min_rows`` input rows; before all of these, up to the smallest
+    row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
+    ``narrow_small_waves`` waves and no more (``WgmmaRule``)."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
+    clusters = CLUSTER_LAUNCH and wgmma_wide.cluster_fits(k, 2)
+    if clusters and rule.narrow_small_waves and rows <= wgmma_wide.ROW_TILES[0]:
+        waves = rule.narrow_small_waves * processors
+        if rule.narrow_small_fill * waves <= 2 * triton.cdiv(n_out, narrow) <= waves:
+            return (2, narrow)
     if triton.cdiv(n_out, wide) >= rule.min_waves * processors:
         return (1, wide)
-    if not (CLUSTER_LAUNCH and rule.cluster_fill and wgmma_wide.cluster_fits(k, 2)):
+    if not (clusters and rule.cluster_fill):
         return None
     narrow_too = rule.narrow_min_rows and rows >= rule.narrow_min_rows
     for program_rows in (wide, narrow) if narrow_too else (wide,):

@@ -105,13 +105,18 @@ class WgmmaRule(NamedTuple):
     rule holds. ``cluster_fill`` (the wide kernel's; 0: never) lets weights of fewer programs run
     in clusters of two that split K, when twice their programs fill at least that share of one
     wave and no more than the wave; from ``narrow_min_rows`` input rows (0: never) programs of 64
-    weight rows (one warpgroup) may fill it where those of 128 are too few."""
+    weight rows (one warpgroup) may fill it where those of 128 are too few. Up to 64 input rows
+    (the smallest row tile, whose one-warpgroup programs are small enough for several a
+    multiprocessor) 64-row programs in clusters of two go first where they fill
+    ``narrow_small_fill`` to all of ``narrow_small_waves`` waves (0: never)."""
 
     min_rows: int
     max_rows: int
     min_waves: float
     cluster_fill: float = 0.0
     narrow_min_rows: int = 0
+    narrow_small_waves: int = 0
+    narrow_small_fill: float = 1.0
 
 
 class QuantizeConfig(NamedTuple):
@@ -225,11 +230,20 @@ HOPPER = KernelTables(
 #: cuBLAS 13.0 / 15.4); at 64 rows 4096x14336 lost (48.6 against the tensor-core kernel's 40.0).
 #: Where 128-row programs fill a wave in clusters they stayed faster (8192x8192 at 256 rows 62.9
 #: against 86.8 us), and 2048-row weights (half a wave even so) lost (2048x8192: 37.3 against 34.8).
+#: At 33-64 input rows the 64-row tile's one-warpgroup programs take 67 KB of shared memory, so
+#: three share a multiprocessor: in clusters of two, where they fill 0.68-1.0 of three waves,
+#: they beat the unsplit 128-row programs and ``wgmma``: 10240x4096 / 11008x4096 / 12288x4096 at
+#: 33-64 rows 24.0-24.4 us against 28.8-29.8 (cuBLAS 23.0-24.2 / 24.4-26.0 / 28.5-29.0), 8704x4096
+#: / 9216x4096 / 9728x4096 at 64 rows 24.1-24.2 against 29.5-29.8 (``wgmma``); past three waves
+#: they lost (14336x4096 38.6 against 29.7, 28672x8192 118.7 against 100.8); 8192x4096 (0.65 of
+#: them) keeps 128-row programs in clusters of two, within 2% of them.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
-    wgmma_wide=WgmmaRule(33, 256, 0.6, cluster_fill=0.6, narrow_min_rows=65),
+    wgmma_wide=WgmmaRule(
+        33, 256, 0.6, cluster_fill=0.6, narrow_min_rows=65, narrow_small_waves=3, narrow_small_fill=0.68
+    ),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
 #: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0
