@@ -4,6 +4,7 @@ Triton runs)."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from types import SimpleNamespace
@@ -235,7 +236,7 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
     assert assembly == (
         ptx.table_ptx(), ptx.nested_code_ptx(), wgmma_ptx.wide_step_ptx(96, "bf16"), wgmma_ptx.wide_constraints(96),
         wgmma_ptx.wide_drain_constraints(96),
-        wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, 256),
+        wgmma_ptx.wgmma_ring_ptx(wgmma_wide.ring_bytes(96), slots, 256, sync=False),
         wgmma_ptx.wide_issue_ptx(96 * 128, empty), 1, "", "",
     )  # fmt: skip
     assert wgmma_wide.tile_assembly(96, float16=False, cluster=2)[7:] == (
@@ -243,6 +244,23 @@ def test_the_ring_releases_each_slot_once_every_thread_is_done_with_it():
         wgmma_ptx.cluster_sum_ptx(48, 2),
         wgmma_ptx.cluster_sum_constraints(48, 2),
     )
+
+
+def test_the_first_copies_leave_before_the_table_is_filled_and_its_barrier_publishes_the_ring():
+    """The wide kernel's thread 0 sets up the ring's barriers and copies the first two steps
+    before the shared table is filled; the ring's set-up then holds no barrier of the whole
+    program, and the fill's closing ``bar.sync`` comes before any thread waits on the ring."""
+    ring = wgmma_wide.tile_assembly(128, float16=False)[5]
+    assert "fence.mbarrier_init" in ring and "bar.sync" not in ring
+    assert "bar.sync" in wgmma_ptx.wgmma_ring_ptx(128, 2)  # the few-row kernel keeps its own
+    for rows in wgmma_wide.ROW_TILES:
+        assert wgmma_wide.tile_assembly(rows, float16=False)[0].rstrip("}\n").rstrip().endswith("bar.sync 0;")
+    source = inspect.getsource(wgmma_wide._wide_kernel.fn)
+    ring, first_copy, fill, loop = (
+        source.index("_ring(thread"), source.index("_issue(x_address, first_step,"),
+        source.index("_fill_table("), source.index("for k in range("),
+    )  # fmt: skip
+    assert ring < first_copy < fill < loop
 
 
 def test_the_ring_and_table_of_each_row_tile_fit_a_hopper_program():

@@ -86,12 +86,15 @@ def wgmma_constraints(rows: int) -> str:
     return ",".join(["=l"] * pairs + ["l", "l", "f", "f", "r", "r"] + ["l"] * pairs)
 
 
-def wgmma_ring_ptx(ring_bytes: int, slots: int, consumers: int = 0) -> str:
+def wgmma_ring_ptx(ring_bytes: int, slots: int, consumers: int = 0, sync: bool = True) -> str:
     """PTX that returns ($0) the shared address of the ``wgmma`` kernels' ring: the last
     ``ring_bytes`` of the dynamic shared memory, whose last ``8 * slots`` bytes (``16 * slots``
     with ``consumers``) are the slots' barriers, which thread 0 sets up: one "full" barrier a
     slot, then (with ``consumers``) one "empty" barrier a slot that ``consumers`` threads arrive
-    on. Traps when the launch gave less dynamic shared memory."""
+    on. Traps when the launch gave less dynamic shared memory. With ``sync`` the program's
+    threads then wait for one another, so that the set-up is visible to all; without, thread 0
+    may use the barriers at once (its first copies) and the program's next ``bar.sync`` (the
+    shared table's fill) must come before any other thread waits on them."""
     barrier_bytes = 8 * slots * (2 if consumers else 1)
     counts = [1] * slots + [consumers] * (slots if consumers else 0)
     lines = [
@@ -103,7 +106,7 @@ def wgmma_ring_ptx(ring_bytes: int, slots: int, consumers: int = 0) -> str:
         "mov.u32 t, %tid.x;\nsetp.eq.u32 lead, t, 0;",
         *(f"@lead mbarrier.init.shared::cta.b64 [b+{8 * i}], {count};" for i, count in enumerate(counts)),
         "@lead fence.mbarrier_init.release.cluster;",
-        "bar.sync 0;",
+        *(["bar.sync 0;"] if sync else []),
         "}",
     ]
     return "\n".join(lines)

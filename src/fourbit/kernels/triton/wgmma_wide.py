@@ -126,7 +126,7 @@ def tile_assembly(rows: int, float16: bool, cluster: int = 1, program_rows: int 
         wide_step_ptx(rows, element, row_bytes),
         wide_constraints(rows),
         wide_drain_constraints(rows),
-        wgmma_ring_ptx(ring_bytes(rows), SLOTS, threads(program_rows)),
+        wgmma_ring_ptx(ring_bytes(rows), SLOTS, threads(program_rows), sync=False),
         wide_issue_ptx(rows * 128, 8 * SLOTS),
         cluster,
         cluster_sum_ptx(rows // 2, cluster) if summed else "",
@@ -209,7 +209,8 @@ def _wide_kernel(
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
-    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, threads, TABLE_ASM)
+    # thread 0 sets up the ring's barriers and copies the first two steps at once; the table's
+    # fill ends in the barrier that publishes the set-up to the other threads
     ring = _ring(thread, lane, RING_ASM)
     full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
@@ -217,6 +218,7 @@ def _wide_kernel(
     first_step = none + k_start // 64
     _issue(x_address, first_step, ring, k_start < k_stop, full, none, none, ROWS, ISSUE_ASM)
     _issue(x_address, first_step + 1, ring + ROWS * 128, k_start + 64 < k_stop, full + 8, none, none, ROWS, ISSUE_ASM)
+    table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, threads, TABLE_ASM)
     zero = tl.zeros((threads,), dtype=tl.float32)
     acc = (zero,) * (ROWS // 2)
     for k in range(k_start, k_stop, 64 * 4):
