@@ -263,6 +263,20 @@ def test_the_first_copies_leave_before_the_table_is_filled_and_its_barrier_publi
     assert ring < first_copy < fill < loop
 
 
+def test_the_wide_kernel_reads_each_iterations_nested_absmax_one_iteration_ahead():
+    """The loop scales an iteration's steps with statistics read before it (stored codes and
+    nested absmax alike) and reads the next iteration's, so no scale waits for a load of its own."""
+    source = inspect.getsource(wgmma_wide._wide_kernel.fn)
+    loop = source.index("for k in range(")
+    assert source.index("_nested_group(nested_absmax_ptr, rows, k_start,") < loop
+    body = source[loop:]
+    scales, stored, nested = (
+        body.index("_scales_of(stored, nested,"), body.index("_stored_group(absmax_ptr, rows, k + 256,"),
+        body.index("_nested_group(nested_absmax_ptr, rows, k + 256,"),
+    )  # fmt: skip
+    assert scales < stored < nested < body.index("for step in")
+
+
 def test_the_ring_and_table_of_each_row_tile_fit_a_hopper_program():
     """The ring, the shared table and Triton's own scratch (at most ``SPREAD_TABLE_OFFSET``) fit
     the 227 KiB a Hopper program may use, for every row tile; two programs of the tiles that run

@@ -43,7 +43,7 @@ def input_layout(x: torch.Tensor, k: int, permuted: bool) -> tuple[int, int, obj
     8-row tiles, the conversion of the caller's rows into the kernel's ``x``, None when the
     kernel reads them where they are)."""
     # rows start on 128 bytes, so that Triton can prove the input loads 16-byte aligned and keeps
-    # them in one thread each (see fragments._stored_row)
+    # them in one thread each (see fragment_statistics._stored_row)
     rows_aligned = x.stride(0) % 64 == 0 and x.data_ptr() % 16 == 0
     tiles = triton.cdiv(x.shape[0], TILE_ROWS)
     prepare = InputPermute(tiles, k, x.device) if permuted else None if rows_aligned else _aligned_rows
@@ -51,7 +51,7 @@ def input_layout(x: torch.Tensor, k: int, permuted: bool) -> tuple[int, int, obj
 
 
 def reads_words(weight) -> bool:
-    """Whether the kernel reads ``weight``'s 8-bit absmax codes four at a time (``fragments._stored_row``)."""
+    """Whether the kernel reads ``weight``'s 8-bit absmax codes four at a time (``fragment_statistics._stored_row``)."""
     k, blocksize = weight.k, weight.blocksize
     return weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and weight.absmax.data_ptr() % 4 == 0
 

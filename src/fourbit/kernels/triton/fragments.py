@@ -23,9 +23,9 @@ says why that is kept for tuning only).
 Each program works on 1-d tiles of ``32 * num_warps`` elements, one per thread (Triton's layout
 for such a tile); lane and row indices come from the thread index the hardware reports. Every
 load must keep that layout: a 2-d load that Triton spreads across threads makes it recompute the
-index arithmetic in a replicated layout, which gives wrong products (``_stored_row``). The PTX
-runs only on NVIDIA GPUs (compute capability 8.0 and newer); under the interpreter, callers use
-other kernels.
+index arithmetic in a replicated layout, which gives wrong products
+(``fragment_statistics._stored_row``). The PTX runs only on NVIDIA GPUs (compute capability 8.0
+and newer); under the interpreter, callers use other kernels.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .common import finish_split, last_of_split, store_output
 from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
 from .fragment_inputs import permuted_inputs, row_inputs
+from .fragment_statistics import _group_scales, _stored_group
 from .launch import ProductLaunch, dependent_launches
 from .ptx import nested_code_ptx, step_constraints, step_ptx, table_ptx
 
@@ -114,82 +115,6 @@ def _word_loads(w_ptr, rows, quad, k, k_stop, TILED: tl.constexpr):
         tl.load(w_ptr + words_g + step + quad, mask=mask_g & live, other=0),
         tl.load(w_ptr + words_h + step + quad, mask=mask_h & live, other=0),
     )
-
-
-@triton.jit
-def _stored_row(absmax_ptr, block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
-    """The stored absmax (float32 or 8-bit code) of one row's four steps from column ``k``, whose
-    block is ``block``: four values, one per step (nothing read for steps from ``k_stop`` on).
-    With WORDS (8-bit codes, rows of a multiple of 4 blocks) the four codes are one int32 load.
-    Only 1-d tensors: a 2-d load could be laid out across threads, which the lane arithmetic
-    does not allow."""
-    if BLOCKSIZE == 64:  # one block per step
-        if WORDS:
-            words = absmax_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            word = tl.load(words + block // 4, mask=mask & (k < k_stop), other=0)
-            s0, s1, s2, s3 = word & 255, (word >> 8) & 255, (word >> 16) & 255, (word >> 24) & 255
-        else:
-            s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
-            s1 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 64 < k_stop), other=0)
-            s2 = tl.load(absmax_ptr + block + 2, mask=mask & (k + 128 < k_stop), other=0)
-            s3 = tl.load(absmax_ptr + block + 3, mask=mask & (k + 192 < k_stop), other=0)
-    elif BLOCKSIZE == 128:  # two steps per block
-        s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
-        s2 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 128 < k_stop), other=0)
-        s1, s3 = s0, s2
-    else:  # the four steps share a block
-        s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
-        s1, s2, s3 = s0, s0, s0
-    return s0, s1, s2, s3
-
-
-@triton.jit
-def _stored_group(absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
-    """The stored absmax of a row group's four steps from column ``k``: four per row."""
-    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
-    g0, g1, g2, g3 = _stored_row(absmax_ptr, blocks_g + k // BLOCKSIZE, mask_g, k, k_stop, BLOCKSIZE, WORDS)
-    h0, h1, h2, h3 = _stored_row(absmax_ptr, blocks_h + k // BLOCKSIZE, mask_h, k, k_stop, BLOCKSIZE, WORDS)
-    return g0, g1, g2, g3, h0, h1, h2, h3
-
-
-@triton.jit
-def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
-    """A float32 absmax from what is stored: itself, or (nested) ``code[q] * scale + offset``,
-    the code read from the shared table by ``NESTED_CODE_ASM`` (``ptx.nested_code_ptx``)."""
-    if NESTED:
-        code = tl.inline_asm_elementwise(NESTED_CODE_ASM, "=f,r,r", [stored.to(tl.int32), table], tl.float32, True, 1)
-        return code * nested_scale + offset
-    else:
-        return stored
-
-
-@triton.jit
-def _group_scales(
-    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, NESTED_CODE_ASM: tl.constexpr,
-):  # fmt: skip
-    """The absmax of a row group's four steps from column ``k``: four for row g, four for g + 8.
-    The blocks of the four steps lie in one block of nested statistics (``aligned``); none is read
-    from ``k_stop`` on (a warp whose part of K is empty would read past the last row's)."""
-    g0, g1, g2, g3, h0, h1, h2, h3 = stored
-    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
-    nested_g = 0.0
-    nested_h = 0.0
-    if NESTED:
-        live = k < k_stop
-        nested_g = tl.load(
-            nested_absmax_ptr + (blocks_g + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_g & live, other=0.0
-        )
-        nested_h = tl.load(
-            nested_absmax_ptr + (blocks_h + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_h & live, other=0.0
-        )
-    asm: tl.constexpr = NESTED_CODE_ASM
-    return (
-        _scale(g0, nested_g, offset, table, NESTED, asm), _scale(g1, nested_g, offset, table, NESTED, asm),
-        _scale(g2, nested_g, offset, table, NESTED, asm), _scale(g3, nested_g, offset, table, NESTED, asm),
-        _scale(h0, nested_h, offset, table, NESTED, asm), _scale(h1, nested_h, offset, table, NESTED, asm),
-        _scale(h2, nested_h, offset, table, NESTED, asm), _scale(h3, nested_h, offset, table, NESTED, asm),
-    )  # fmt: skip
 
 
 @triton.jit
@@ -400,10 +325,11 @@ def _fragment_mma_kernel(
 
     ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
-    says that the 8-bit absmax codes can be read four at a time (``_stored_row``). Each
-    iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
-    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
-    launched as a programmatic dependent (``launch.dependent_launches``).
+    says that the 8-bit absmax codes can be read four at a time
+    (``fragment_statistics._stored_row``). Each iteration takes four steps; words are loaded two
+    steps ahead, absmax one iteration ahead. Indices are int32 (``dispatch.fragments_supported``
+    bounds the weight's size). ``DEPENDENT``: launched as a programmatic dependent
+    (``launch.dependent_launches``).
     """
     fragment_product(
         x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,

@@ -28,16 +28,8 @@ import triton.language as tl
 
 from .common import finish_split, last_of_split, store_output
 from .fragment_grid import STEP, aligned
-from .fragments import (
-    _NESTED_CODE,
-    _TABLE,
-    _fill_table,
-    _group_scales,
-    _rows,
-    _stored_group,
-    _thread_index,
-    _word_loads,
-)
+from .fragment_statistics import _group_scales, _stored_group
+from .fragments import _NESTED_CODE, _TABLE, _fill_table, _rows, _thread_index, _word_loads
 from .launch import KernelLaunch, ProductLaunch
 from .wgmma_ptx import wgmma_constraints, wgmma_issue_ptx, wgmma_ring_ptx, wgmma_step_ptx, wgmma_wait_ptx
 

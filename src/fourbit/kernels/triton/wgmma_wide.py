@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .fragment_grid import STEP, aligned
-from .fragments import _fill_table, _group_scales, _rows, _stored_group, _thread_index, _word_loads
+from .fragment_statistics import _nested_group, _scales_of, _stored_group
+from .fragments import _fill_table, _rows, _thread_index, _word_loads
 from .launch import ProductLaunch
 from .ptx import COMPACT_ROW_BYTES, SPREAD_ROW_BYTES, SPREAD_TABLE_OFFSET, nested_code_ptx, table_bytes, table_ptx
 from .wgmma import WgmmaInputs, weight_tensors
@@ -185,10 +186,10 @@ def _wide_kernel(
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
     ``x_ptr``; a warpgroup for each 64 of the program's ``PROGRAM_ROWS`` weight rows
     (``wgmma._wgmma_kernel`` for the weight's layouts and statistics). Packed words are loaded
-    two steps ahead, absmax one iteration ahead, the inputs two steps ahead into the ring. With
-    ``CLUSTER`` > 1 the programs of a thread block cluster share their weight rows, each taking
-    a part of K (whole iterations), and add their partial sums through distributed
-    shared memory (``SUM_ASM``: ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows'
+    two steps ahead, absmax and nested absmax one iteration ahead, the inputs two steps ahead
+    into the ring. With ``CLUSTER`` > 1 the programs of a thread block cluster share their
+    weight rows, each taking a part of K (whole iterations), and add their partial sums through
+    distributed shared memory (``SUM_ASM``: ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows'
     outputs."""
     threads: tl.constexpr = 2 * PROGRAM_ROWS
     thread = _thread_index(tl.arange(0, threads))
@@ -206,6 +207,7 @@ def _wide_kernel(
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
     stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    nested = _nested_group(nested_absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
@@ -222,11 +224,9 @@ def _wide_kernel(
     zero = tl.zeros((threads,), dtype=tl.float32)
     acc = (zero,) * (ROWS // 2)
     for k in range(k_start, k_stop, 64 * 4):
-        scales = _group_scales(
-            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-            NESTED_CODE_ASM,
-        )  # fmt: skip
+        scales = _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        nested = _nested_group(nested_absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
         use = (k - k_start) // 256  # each slot's uses so far: one an iteration
         for step in tl.static_range(4):
             column = k + 64 * step

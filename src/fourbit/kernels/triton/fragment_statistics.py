@@ -1,0 +1,103 @@
+"""The absmax of the fragment kernels' row groups: the stored values (float32, or 8-bit codes
+four a load), the nested statistics' absmax, and the float32 scales decoded from both through
+the shared table (``ptx.nested_code_ptx``). Each returns one value per thread, in the 1-d layout
+the fragment kernels keep (``fragments``)."""
+
+import triton
+import triton.language as tl
+
+__all__: list[str] = []
+
+
+@triton.jit
+def _stored_row(absmax_ptr, block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
+    """The stored absmax (float32 or 8-bit code) of one row's four steps from column ``k``, whose
+    block is ``block``: four values, one per step (nothing read for steps from ``k_stop`` on).
+    With WORDS (8-bit codes, rows of a multiple of 4 blocks) the four codes are one int32 load.
+    Only 1-d tensors: a 2-d load could be laid out across threads, which the lane arithmetic
+    does not allow."""
+    if BLOCKSIZE == 64:  # one block per step
+        if WORDS:
+            words = absmax_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            word = tl.load(words + block // 4, mask=mask & (k < k_stop), other=0)
+            s0, s1, s2, s3 = word & 255, (word >> 8) & 255, (word >> 16) & 255, (word >> 24) & 255
+        else:
+            s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
+            s1 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 64 < k_stop), other=0)
+            s2 = tl.load(absmax_ptr + block + 2, mask=mask & (k + 128 < k_stop), other=0)
+            s3 = tl.load(absmax_ptr + block + 3, mask=mask & (k + 192 < k_stop), other=0)
+    elif BLOCKSIZE == 128:  # two steps per block
+        s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
+        s2 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 128 < k_stop), other=0)
+        s1, s3 = s0, s2
+    else:  # the four steps share a block
+        s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
+        s1, s2, s3 = s0, s0, s0
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _stored_group(absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
+    """The stored absmax of a row group's four steps from column ``k``: four per row."""
+    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
+    g0, g1, g2, g3 = _stored_row(absmax_ptr, blocks_g + k // BLOCKSIZE, mask_g, k, k_stop, BLOCKSIZE, WORDS)
+    h0, h1, h2, h3 = _stored_row(absmax_ptr, blocks_h + k // BLOCKSIZE, mask_h, k, k_stop, BLOCKSIZE, WORDS)
+    return g0, g1, g2, g3, h0, h1, h2, h3
+
+
+@triton.jit
+def _scale(stored, nested_scale, offset, table, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
+    """A float32 absmax from what is stored: itself, or (nested) ``code[q] * scale + offset``,
+    the code read from the shared table by ``NESTED_CODE_ASM`` (``ptx.nested_code_ptx``)."""
+    if NESTED:
+        code = tl.inline_asm_elementwise(NESTED_CODE_ASM, "=f,r,r", [stored.to(tl.int32), table], tl.float32, True, 1)
+        return code * nested_scale + offset
+    else:
+        return stored
+
+
+@triton.jit
+def _nested_group(
+    nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr
+):
+    """The nested absmax of a row group's four steps from column ``k`` (0.0 when not NESTED): one
+    for row g, one for g + 8, as the four steps' blocks lie in one block of nested statistics
+    (``aligned``). None is read from ``k_stop`` on (a warp whose part of K is empty would read
+    past the last row's)."""
+    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
+    nested_g = 0.0
+    nested_h = 0.0
+    if NESTED:
+        live = k < k_stop
+        nested_g = tl.load(
+            nested_absmax_ptr + (blocks_g + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_g & live, other=0.0
+        )
+        nested_h = tl.load(
+            nested_absmax_ptr + (blocks_h + k // BLOCKSIZE) // NESTED_BLOCKSIZE, mask=mask_h & live, other=0.0
+        )
+    return nested_g, nested_h
+
+
+@triton.jit
+def _scales_of(stored, nested, table, offset, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
+    """The absmax of a row group's four steps from their stored values and nested absmax
+    (``_stored_group``, ``_nested_group``): four for row g, four for g + 8."""
+    g0, g1, g2, g3, h0, h1, h2, h3 = stored
+    nested_g, nested_h = nested
+    asm: tl.constexpr = NESTED_CODE_ASM
+    return (
+        _scale(g0, nested_g, offset, table, NESTED, asm), _scale(g1, nested_g, offset, table, NESTED, asm),
+        _scale(g2, nested_g, offset, table, NESTED, asm), _scale(g3, nested_g, offset, table, NESTED, asm),
+        _scale(h0, nested_h, offset, table, NESTED, asm), _scale(h1, nested_h, offset, table, NESTED, asm),
+        _scale(h2, nested_h, offset, table, NESTED, asm), _scale(h3, nested_h, offset, table, NESTED, asm),
+    )  # fmt: skip
+
+
+@triton.jit
+def _group_scales(
+    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, NESTED_CODE_ASM: tl.constexpr,
+):  # fmt: skip
+    """The absmax of a row group's four steps from column ``k``, the nested absmax read here."""
+    nested = _nested_group(nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+    return _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
