@@ -181,6 +181,7 @@ class _Counting(GroupedProducts):
         type(self).made += group_products(graph, self.devices, self.max_rows)
 
 
+@pytest.mark.cpu_only  # inductor's C++ code: a minute and more on a GPU machine's shared cores, no CUDA in it
 @needs_graph_passes
 def test_a_compiled_model_with_the_options_groups_and_gives_the_same_outputs():
     torch.manual_seed(2)

@@ -240,6 +240,7 @@ def test_float64_inputs_multiply_the_decoded_weight_widened(device, compute_dtyp
     assert torch.autograd.gradcheck(lambda x: bnb.matmul_4bit(x, weight.t(), state), (x,))
 
 
+@pytest.mark.cpu_only  # inductor's C++ code: a minute and more on a GPU machine's shared cores, no CUDA in it
 @needs_fullgraph
 def test_float64_inputs_compile_without_a_graph_break():
     _, layer = _quantized_layer()

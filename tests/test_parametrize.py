@@ -450,6 +450,7 @@ def test_concurrent_forwards_of_different_modules_do_not_interfere(dequantize_ca
     assert torch.equal(outputs["second"], 2 * second.expert_weights.sum() + 1)
 
 
+@pytest.mark.cpu_only  # inductor's C++ code: a minute and more on a GPU machine's shared cores, no CUDA in it
 def test_compiled_module_matches_eager():
     module = _quantized_experts(compress_statistics=True)
     x = torch.randn(5, 32)
