@@ -61,13 +61,13 @@ def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide", 2), ("wgmma_wide", 4)]))
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide", 2), ("wgmma_wide", 3), ("wgmma_wide", 4)]))
 def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nested):
     """The wide kernel with K split across the programs of a cluster: as close to a float64
     reference as the unsplit kernel, on weight rows that fill no program, parts of K inside one
     absmax block (blocksize 4096), of one iteration and of unequal lengths (17 iterations),
-    partial row tiles, strided inputs and a bias; the same bits on every call (the parts are
-    added in rank order)."""
+    partial row tiles (in clusters of three, output shares of unequal lengths), strided inputs
+    and a bias; the same bits on every call (the parts are added in rank order)."""
     cluster = config[1]
     shapes = [(300, 256 * cluster, 64), (100, 4352, 128), (130, 4096, 4096)]
     row_counts = [(33, 256), (65, 192), (150,)]
@@ -98,10 +98,10 @@ def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nest
 @pytest.mark.parametrize(("dtype", "nested"), [(torch.bfloat16, True), (torch.float16, False)])
 def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, nested):
     """Programs of 64 weight rows (one warpgroup, twice the programs), unsplit and in clusters of
-    two: the same bits as programs of 128 (which the float64 tests check), each warpgroup's
+    two and three: the same bits as programs of 128 (which the float64 tests check), each warpgroup's
     products being the same; on weight rows that fill no program of either size, partial row
     tiles, a part of K inside one absmax block, both layouts, strided inputs and a bias."""
-    cases = [((300, 1024, 64), 65, 1), ((208, 1024, 64), 256, 2), ((130, 4096, 4096), 150, 2)]
+    cases = [((300, 1024, 64), 65, 1), ((208, 1024, 64), 256, 2), ((130, 4096, 4096), 150, 2), ((150, 4352, 128), 256, 3)]
     for quant_type, ((n, k, blocksize), rows, cluster) in zip(itertools.cycle(["nf4", "fp4"]), cases):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
@@ -144,12 +144,12 @@ def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1000, dtype=torch.bfloat16), False, 132)
     weight.k = 768  # three iterations: no part for a fourth program
     with pytest.raises(
-        ValueError, match=r"clusters of \(1, 2, 4\), in parts of one or more whole 256-column iterations, not 4"
+        ValueError, match=r"clusters of \(1, 2, 3, 4\), in parts of one or more whole 256-column iterations, not 4"
     ):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 768, dtype=torch.bfloat16), False, 132, cluster=4)
-    with pytest.raises(ValueError, match="not 3"):
-        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 768, dtype=torch.bfloat16), False, 132, cluster=3)
-    assert wgmma_wide.cluster_fits(768, 2) and not wgmma_wide.cluster_fits(768, 4)
+    with pytest.raises(ValueError, match="not 5"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 2048, dtype=torch.bfloat16), False, 132, cluster=5)
+    assert wgmma_wide.cluster_fits(768, 3) and not wgmma_wide.cluster_fits(768, 4)
     assert wgmma_wide.cluster_fits(4352, 2) and not wgmma_wide.cluster_fits(4352 + 64, 2)  # 17 iterations: 8 and 9
     with pytest.raises(ValueError, match=r"programs take \(128, 64\) weight rows, not 96"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, program_rows=96)
@@ -312,14 +312,16 @@ def test_the_partial_sums_of_a_cluster_fit_the_ring_they_replace(rows):
         assert offsets == [i * wgmma_ptx.PARTIAL_STRIDE for i in range(rows // 2)]
 
 
-@pytest.mark.parametrize(("rows", "cluster"), [(64, 2), (96, 2), (64, 4), (256, 4)])
+@pytest.mark.parametrize(("rows", "cluster"), [(64, 2), (96, 2), (64, 3), (256, 3), (64, 4), (256, 4)])
 def test_each_program_of_a_cluster_adds_its_share_of_every_programs_sums_in_rank_order(rows, cluster):
     """``cluster_sum_ptx``, emulated for a few threads of every program of a cluster (the text
     up to the first cluster barrier for all of them, then the rest): program r returns, for each
     of its threads, accumulators ``r * share ..`` of that thread summed over the cluster's
-    programs in rank order with float32 rounding; each program writes only its own slots."""
+    programs in rank order with float32 rounding, and zeros past the accumulators where the last
+    program's share is short; each program writes only its own slots."""
     count, threads, ring = rows // 2, 3, 4096
-    share = count // cluster
+    share = wgmma_ptx.cluster_share(count, cluster)
+    assert share % 4 == 0 and (cluster - 1) * share < count <= cluster * share
     generator = torch.Generator().manual_seed(rows + cluster)
     values = torch.randn(cluster, threads, count, generator=generator).mul(1e3).tolist()  # rounding shows
     stores, sums = split_at(wgmma_ptx.cluster_sum_ptx(count, cluster), "barrier.cluster.wait")[:2]
@@ -338,6 +340,9 @@ def test_each_program_of_a_cluster_adds_its_share_of_every_programs_sums_in_rank
         for tid in range(threads):
             regs = run_thread(sums, stored[rank, tid], {"%tid.x": tid}, shared)
             for j in range(share):
+                if rank * share + j >= count:
+                    assert regs[f"${j}"] == 0, (rank, tid, j)
+                    continue
                 expected = bits_float(float_bits(values[0][tid][rank * share + j]))
                 for other in range(1, cluster):
                     expected = bits_float(

@@ -234,36 +234,50 @@ def wide_drain_constraints(rows: int) -> str:
 PARTIAL_STRIDE = 256 * 4
 
 
+def cluster_share(count: int, cluster: int) -> int:
+    """Accumulators of ``count`` (four an 8-row chunk of outputs) each program of a cluster of
+    ``cluster`` adds and writes: whole chunks, the last program's share short where ``cluster``
+    does not divide them."""
+    chunks = count // 4
+    return 4 * -(-chunks // cluster)
+
+
 def cluster_sum_ptx(count: int, cluster: int) -> str:
-    """PTX that adds a thread's ``count`` accumulators ($S .. $S+count-1; S = count / cluster)
+    """PTX that adds a thread's ``count`` accumulators ($S .. $S+count-1; S = ``cluster_share``)
     across the ``cluster`` programs of a thread block cluster, each of which took a part of K.
     Every program stores its partial sums at shared address $S+count (thread-major: value i of
     thread t at ``i * PARTIAL_STRIDE + 4t``, no bank shared within a warp); after a cluster
-    barrier, program $S+count+1 (its rank) reads values ``rank * S ..`` of its thread from every
-    program of the cluster in rank order, so the sums do not depend on which program finishes
-    first, and returns them ($0 .. $S-1). A last cluster barrier keeps every program's shared
-    memory until all have read it. The program's threads must be done with that memory (the
-    first ``bar.sync``)."""
-    share = count // cluster
+    barrier, program $S+count+1 (its rank) reads values ``rank * S ..`` (below ``count``; zeros
+    past it in the last program's share) of its thread from every program of the cluster in
+    rank order, so the sums do not depend on which program finishes first, and returns them
+    ($0 .. $S-1). A last cluster barrier keeps every program's shared memory until all have
+    read it. The program's threads must be done with that memory (the first ``bar.sync``)."""
+    share = cluster_share(count, cluster)
     partials, rank = f"${share + count}", f"${share + count + 1}"
     lines = [
         "{",
-        f".reg .b32 base, mine, r<{cluster}>;\n.reg .f32 v;",
+        f".reg .b32 base, mine, r<{cluster}>;\n.reg .f32 v;\n.reg .pred inside;",
         "bar.sync 0;",
         f"mov.u32 base, %tid.x;\nshl.b32 base, base, 2;\nadd.u32 base, base, {partials};",
         *(f"st.shared.f32 [base+{i * PARTIAL_STRIDE}], ${share + i};" for i in range(count)),
         "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;",
         f"mad.lo.u32 mine, {rank}, {share * PARTIAL_STRIDE}, base;",
+        f"setp.lt.u32 inside, {rank}, {cluster - 1};",
         *(f"mapa.shared::cluster.u32 r{r}, mine, {r};" for r in range(cluster)),
     ]
     for j in range(share):
-        lines.append(f"ld.shared::cluster.f32 ${j}, [r0+{j * PARTIAL_STRIDE}];")
+        guard = ""
+        if (cluster - 1) * share + j >= count:  # past the accumulators in the last program's share
+            lines.append(f"mov.b32 ${j}, 0;")
+            guard = "@inside "
+        lines.append(f"{guard}ld.shared::cluster.f32 ${j}, [r0+{j * PARTIAL_STRIDE}];")
         for r in range(1, cluster):
-            lines.append(f"ld.shared::cluster.f32 v, [r{r}+{j * PARTIAL_STRIDE}];\nadd.rn.f32 ${j}, ${j}, v;")
+            lines.append(f"{guard}ld.shared::cluster.f32 v, [r{r}+{j * PARTIAL_STRIDE}];")
+            lines.append(f"{guard}add.rn.f32 ${j}, ${j}, v;")
     lines += ["barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;", "}"]
     return "\n".join(lines)
 
 
 def cluster_sum_constraints(count: int, cluster: int) -> str:
     """Inline-asm constraints of ``cluster_sum_ptx(count, cluster)``."""
-    return ",".join(["=f"] * (count // cluster) + ["f"] * count + ["r", "r"])
+    return ",".join(["=f"] * cluster_share(count, cluster) + ["f"] * count + ["r", "r"])

@@ -77,7 +77,7 @@ SPREAD_TABLE_TILES = frozenset({128, 192, 256})
 #: Programs a thread block cluster may hold, each taking a part of K of the same 128 weight rows
 #: (their partial sums meet in distributed shared memory, ``wgmma_ptx.cluster_sum_ptx``): for
 #: weights of too few rows to fill the GPU with programs.
-CLUSTERS = (1, 2, 4)
+CLUSTERS = (1, 2, 3, 4)
 
 
 def cluster_fits(k: int, cluster: int) -> bool:
@@ -250,11 +250,12 @@ def _wide_kernel(
                 _RELEASE, "=r,r,r", [full + 8 * behind, (column > k_start).to(tl.int32) + none], tl.int32, False, 1
             )
     acc = _drain(acc, ROWS, DRAIN_CONSTRAINTS)
-    if CLUSTER > 1:  # the ring's slots hold the partial sums (``cluster_bytes``)
+    # a program's share of the output chunks (``wgmma_ptx.cluster_share``): the last one's short,
+    # its outputs past the tile masked by M
+    chunks: tl.constexpr = (ROWS // 8 + CLUSTER - 1) // CLUSTER
+    if CLUSTER > 1:  # the ring's slots hold the partial sums
         operands = acc + (ring, rank + none)  # noqa: RUF005 (Triton takes no starred tuples)
-        acc = tl.inline_asm_elementwise(SUM_ASM, SUM_CONSTRAINTS, operands, (tl.float32,) * (ROWS // 2 // CLUSTER),
-                                        False, 1)  # fmt: skip
-    chunks: tl.constexpr = ROWS // 8 // CLUSTER
+        acc = tl.inline_asm_elementwise(SUM_ASM, SUM_CONSTRAINTS, operands, (tl.float32,) * (4 * chunks), False, 1)
     _store_tile(out_ptr, bias_ptr, acc, first_row, quad, rank * chunks, M, N, stride_om, chunks, HAS_BIAS)
 
 
