@@ -61,7 +61,7 @@ def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide", 2), ("wgmma_wide", 3), ("wgmma_wide", 4)]))
+@pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide", c) for c in (2, 3, 4)]))
 def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nested):
     """The wide kernel with K split across the programs of a cluster: as close to a float64
     reference as the unsplit kernel, on weight rows that fill no program, parts of K inside one
@@ -101,7 +101,12 @@ def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, neste
     two and three: the same bits as programs of 128 (which the float64 tests check), each warpgroup's
     products being the same; on weight rows that fill no program of either size, partial row
     tiles, a part of K inside one absmax block, both layouts, strided inputs and a bias."""
-    cases = [((300, 1024, 64), 65, 1), ((208, 1024, 64), 256, 2), ((130, 4096, 4096), 150, 2), ((150, 4352, 128), 256, 3)]
+    cases = [
+        ((300, 1024, 64), 65, 1),
+        ((208, 1024, 64), 256, 2),
+        ((130, 4096, 4096), 150, 2),
+        ((150, 4352, 128), 256, 3),
+    ]
     for quant_type, ((n, k, blocksize), rows, cluster) in zip(itertools.cycle(["nf4", "fp4"]), cases):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
