@@ -323,6 +323,15 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     assert dispatch.choose_config(one_iteration, 8192, 256, 64)[0] != "wgmma_wide"
     even_k = torch.zeros(128, 4608, dtype=torch.bfloat16)
     assert dispatch.choose_config(even_k, 8192, 4608, 64) == ("wgmma_wide", 2, 128)
+    # clusters of three where two fill too little and each part keeps 8 iterations (from 65 rows)
+    for rows in (65, 128, 256):
+        x = torch.zeros(rows, 14336, dtype=torch.bfloat16)
+        assert dispatch.choose_config(x, 4096, 14336, 64) == ("wgmma_wide", 3, 128)  # 96 of 132
+        assert dispatch.choose_config(x[:, :8192], 2048, 8192, 64) == ("wgmma_wide", 3, 64)
+        assert dispatch.choose_config(x[:, :6144], 4096, 6144, 64) == ("wgmma_wide", 3, 128)  # 8 iterations a part
+        assert dispatch.choose_config(x[:, :5888], 4096, 5888, 64) == ("wgmma_wide", 2, 64)  # 7.7
+        assert dispatch.choose_config(x[:, :14336], 6144, 14336, 64) == ("wgmma_wide", 2, 128)  # two fill 96
+    assert dispatch.choose_config(torch.zeros(64, 8192, dtype=torch.bfloat16), 2048, 8192, 64)[0] != "wgmma_wide"
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", False)  # a Triton whose cluster launch is not checked
     assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 28672) == ("wgmma_wide", 1, 128)
     assert chosen(128, 4096)[0] != "wgmma_wide" and chosen(64, 11008) == ("wgmma_wide", 1, 128)

@@ -72,7 +72,8 @@ def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, process
     cluster, weight rows a program), or None (another kernel): unsplit 128-row programs from
     ``min_waves`` of them; else, where this Triton launches clusters, clusters of two that split
     K whose programs fill ``cluster_fill`` of one wave and no more, of 128 weight rows, or of 64
-    (one warpgroup) from ``narrow_min_rows`` input rows; before all of these, up to the smallest
+    (one warpgroup) from ``narrow_min_rows`` input rows, each size also in clusters of three
+    where K is long enough (``third_min_iterations``); before all of these, up to the smallest
     row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
     ``narrow_small_waves`` waves and no more (``WgmmaRule``)."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
@@ -86,9 +87,11 @@ def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, process
     if not (clusters and rule.cluster_fill):
         return None
     narrow_too = rule.narrow_min_rows and rows >= rule.narrow_min_rows
+    thirds = narrow_too and rule.third_min_iterations and k // 256 >= 3 * rule.third_min_iterations
     for program_rows in (wide, narrow) if narrow_too else (wide,):
-        if rule.cluster_fill * processors <= 2 * triton.cdiv(n_out, program_rows) <= processors:
-            return (2, program_rows)
+        for cluster in (2, 3) if thirds else (2,):
+            if rule.cluster_fill * processors <= cluster * triton.cdiv(n_out, program_rows) <= processors:
+                return (cluster, program_rows)
     return None
 
 

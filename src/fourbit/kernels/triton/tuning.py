@@ -108,7 +108,10 @@ class WgmmaRule(NamedTuple):
     weight rows (one warpgroup) may fill it where those of 128 are too few. Up to 64 input rows
     (the smallest row tile, whose one-warpgroup programs are small enough for several a
     multiprocessor) 64-row programs in clusters of two go first where they fill
-    ``narrow_small_fill`` to all of ``narrow_small_waves`` waves (0: never)."""
+    ``narrow_small_fill`` to all of ``narrow_small_waves`` waves (0: never). From
+    ``narrow_min_rows``, where clusters of two of a program size fill too little, clusters of
+    three may, when each program's part of K keeps at least ``third_min_iterations`` 256-column
+    iterations (0: never)."""
 
     min_rows: int
     max_rows: int
@@ -117,6 +120,7 @@ class WgmmaRule(NamedTuple):
     narrow_min_rows: int = 0
     narrow_small_waves: int = 0
     narrow_small_fill: float = 1.0
+    third_min_iterations: int = 0
 
 
 class QuantizeConfig(NamedTuple):
@@ -237,12 +241,24 @@ HOPPER = KernelTables(
 #: / 9216x4096 / 9728x4096 at 64 rows 24.1-24.2 against 29.5-29.8 (``wgmma``); past three waves
 #: they lost (14336x4096 38.6 against 29.7, 28672x8192 118.7 against 100.8); 8192x8192 (0.65 of
 #: them) keeps 128-row programs in clusters of two (35.3 against 35.8 us).
+#: Clusters of three (graph replays, us at 128 / 256 rows, against clusters of two of 64-row
+#: programs): 4096x14336 in 128-row programs 48.5 / 67.4 against 49.3 / 72.7 (cuBLAS 38.6 /
+#: 56.7); 2048x8192 in 64-row programs 22.8 / 29.5 against 27.0 / 36.6 and the batch-wide tiles'
+#: 30.6 / 35.0 (cuBLAS 17.2 / 22.2); with five iterations a part they lost (4096x4096 in 128-row
+#: programs 20.8 / 28.0 against 16.1 / 21.8), and at 64 rows 2048x8192 (20.4 against 17.4).
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     wgmma=WgmmaRule(17, 64, 2.0),
     wgmma_wide=WgmmaRule(
-        33, 256, 0.6, cluster_fill=0.6, narrow_min_rows=65, narrow_small_waves=3, narrow_small_fill=0.68
+        33,
+        256,
+        0.6,
+        cluster_fill=0.6,
+        narrow_min_rows=65,
+        narrow_small_waves=3,
+        narrow_small_fill=0.68,
+        third_min_iterations=8,
     ),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):

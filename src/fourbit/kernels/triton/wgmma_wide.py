@@ -14,10 +14,11 @@ input steps (``wgmma.WgmmaInputs``), four slots, each copied two steps ahead, or
 each other: every thread releases a slot on its "empty" barrier once the slot's products are
 done, and thread 0 refills it once all have.
 
-K is split only within a thread block cluster: the programs of a cluster of two or four take
-parts of K of the same 128 weight rows and add their partial sums through distributed shared
+K is split only within a thread block cluster: the programs of a cluster of two to four take
+parts of K of the same weight rows and add their partial sums through distributed shared
 memory, in rank order (deterministic, no workspace, no atomics, no second kernel;
-``wgmma_ptx.cluster_sum_ptx``), each program writing a part of the outputs. That fills the GPU
+``wgmma_ptx.cluster_sum_ptx``), each program writing a part of the outputs (in clusters of
+three the last program's part is the shorter). That fills the GPU
 for weights of too few rows for a wave of programs. Splits across programs that meet in global
 memory lost on an H200: by atomics 28672x8192 at 256 rows ran 1.7x slower; 4096-row weights split
 four ways with ordered slices of partial sums still lost to the batch-wide tiles at 256 rows;
@@ -74,7 +75,7 @@ TWO_PROGRAM_REGISTERS: dict[int, int] = {96: 128}
 #: programs a multiprocessor gained 2% on 28672x8192 and lost 6% on 14336x4096 (not profiled);
 #: two 96-row ones do not fit.
 SPREAD_TABLE_TILES = frozenset({128, 192, 256})
-#: Programs a thread block cluster may hold, each taking a part of K of the same 128 weight rows
+#: Programs a thread block cluster may hold, each taking a part of K of the same weight rows
 #: (their partial sums meet in distributed shared memory, ``wgmma_ptx.cluster_sum_ptx``): for
 #: weights of too few rows to fill the GPU with programs.
 CLUSTERS = (1, 2, 3, 4)
