@@ -267,8 +267,10 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
     twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
     65 rows in clusters of two of 64-row programs where those fill it; up to 64 rows, first,
-    64-row programs in clusters of two where they fill 0.68-1.0 of three waves; other weights (at
-    33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
+    64-row programs in clusters of two where they fill 0.68-1.0 of three waves, then in clusters
+    of four where they fill 1.4-2.5 of a wave and each part keeps 4-5 iterations (eager: only in
+    place of the wide kernel's other configurations); other weights
+    (at 33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
     (not measured there) keep the earlier paths. (Support and the multiprocessor count are
     forced, so this runs without a GPU.)"""
     monkeypatch.setattr(dispatch, "INTERPRETED", False)
@@ -296,13 +298,13 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows)
     for captured in (False, True):
         clustered = [chosen(rows, n, captured) for rows in (33, 128, 256) for n in (8192, 6144, 5120)]
-        assert clustered == [("wgmma_wide", 2, 128)] * 9
+        assert clustered == [("wgmma_wide", 2, 128)] * 2 + [("wgmma_wide", 4, 64)] + [("wgmma_wide", 2, 128)] * 6
         assert chosen(128, 128 * 67, captured)[0] != "wgmma_wide"  # 134: more than a wave, 0.51 unsplit
         assert chosen(128, 128 * 39, captured)[0] != "wgmma_wide"  # 78 of 132 (156 in 64-row programs)
         # too few 128-row programs: from 65 rows 64-row ones in clusters of two (4096, 3072, 2560 rows)
         narrow = [chosen(rows, n, captured) for rows in (65, 128, 256) for n in (4096, 3072, 2560)]
         assert narrow == [("wgmma_wide", 2, 64)] * 9
-        assert chosen(64, 4096, captured)[0] != "wgmma_wide"
+        assert chosen(64, 4096, captured) == (("wgmma_wide", 4, 64) if captured else chosen(64, 4096))  # below
         assert chosen(128, 64 * 39, captured)[0] != "wgmma_wide"  # 78 of 132: under 0.6
         assert chosen(128, 2048, captured)[0] != "wgmma_wide"
     # up to 64 rows, 64-row programs in clusters of two that fill 0.68-1.0 of three waves (396)
@@ -314,6 +316,25 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
         assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
         assert chosen(64, 8192, captured) == ("wgmma_wide", 2, 128)
+    # then 64-row programs in clusters of four that fill 1.4-2.5 of a wave, 4-5 iterations a part:
+    # under capture in place of any kernel, eager calls only in place of the wide kernel's others
+    for rows in (33, 48, 64):
+        for n in (64 * 47, 4096, 64 * 80):
+            assert chosen(rows, n, captured=True) == ("wgmma_wide", 4, 64)
+            assert chosen(rows, n)[0] != "wgmma_wide" or n == 64 * 80
+        assert chosen(rows, 5120) == ("wgmma_wide", 4, 64)  # for clusters of two of 128-row programs
+    assert chosen(65, 4096, captured=True) == ("wgmma_wide", 2, 64)
+    assert chosen(64, 64 * 46, captured=True)[0] != "wgmma_wide"  # 184 programs: under 1.4 of 132
+    assert chosen(64, 64 * 83, captured=True) == ("wgmma_wide", 2, 128)  # 332: past 2.5
+    assert chosen(64, 2048, captured=True)[0] != "wgmma_wide"
+
+    def iterations(k: int, n: int = 4096) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(64, k, dtype=torch.bfloat16), n, k, 64, captured=True)
+
+    assert iterations(5120) == iterations(4352) == iterations(5120, 5120) == ("wgmma_wide", 4, 64)
+    assert iterations(3840)[0] != "wgmma_wide"  # 15 iterations: under 4 a part
+    assert iterations(6144)[0] != "wgmma_wide" and iterations(14336)[0] != "wgmma_wide"  # 6 and 14 a part
+    assert iterations(6144, 5120) == ("wgmma_wide", 2, 128)
     one_iteration_few_rows = torch.zeros(64, 256, dtype=torch.bfloat16)
     assert dispatch.choose_config(one_iteration_few_rows, 11008, 256, 64) == ("wgmma_wide", 1, 128)
     odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: parts of 8 and 9

@@ -67,6 +67,24 @@ def choose_config(
 
 
 def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:
+    """The wide ``wgmma`` kernel's programs (as ``split_programs``), or, up to the smallest row
+    tile, 64-row programs in clusters of four in place of those (or of any other kernel, with
+    ``quarter_alone``) where each part keeps ``quarter_iterations`` iterations and they fill
+    ``quarter_fill`` of the multiprocessors (``WgmmaRule``)."""
+    found = split_programs(rule, rows, n_out, k, processors)
+    narrow = wgmma_wide.PROGRAM_ROWS[-1]
+    if rows > wgmma_wide.ROW_TILES[0] or found == (2, narrow) or not (found or rule.quarter_alone):
+        return found
+    low, high = rule.quarter_fill
+    fewest, most = rule.quarter_iterations
+    iterations = k // 1024  # a part's, of four
+    fills = low * processors <= 4 * triton.cdiv(n_out, narrow) <= high * processors
+    if CLUSTER_LAUNCH and wgmma_wide.cluster_fits(k, 4) and fewest and fewest <= iterations <= most and fills:
+        return (4, narrow)
+    return found
+
+
+def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:
     """The wide ``wgmma`` kernel's programs for ``rows`` input rows against an ``n_out x k``
     weight on ``processors`` multiprocessors (``rule``: ``tables.wgmma_wide``), as (programs a
     cluster, weight rows a program), or None (another kernel): unsplit 128-row programs from

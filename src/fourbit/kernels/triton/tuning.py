@@ -111,7 +111,10 @@ class WgmmaRule(NamedTuple):
     ``narrow_small_fill`` to all of ``narrow_small_waves`` waves (0: never). From
     ``narrow_min_rows``, where clusters of two of a program size fill too little, clusters of
     three may, when each program's part of K keeps at least ``third_min_iterations`` 256-column
-    iterations (0: never)."""
+    iterations (0: never). Up to the smallest row tile, 64-row programs in clusters of four go
+    before all but those of ``narrow_small_waves`` when each part keeps ``quarter_iterations``
+    iterations (a range; 0: never) and they fill ``quarter_fill`` (a range, in multiprocessors):
+    in place of another of the wide kernel's configurations, or (``quarter_alone``) of any."""
 
     min_rows: int
     max_rows: int
@@ -121,6 +124,9 @@ class WgmmaRule(NamedTuple):
     narrow_small_waves: int = 0
     narrow_small_fill: float = 1.0
     third_min_iterations: int = 0
+    quarter_iterations: tuple[int, int] = (0, 0)
+    quarter_fill: tuple[float, float] = (0.0, 0.0)
+    quarter_alone: bool = False
 
 
 class QuantizeConfig(NamedTuple):
@@ -259,6 +265,8 @@ H200 = HOPPER._replace(
         narrow_small_waves=3,
         narrow_small_fill=0.68,
         third_min_iterations=8,
+        quarter_iterations=(4, 5),
+        quarter_fill=(1.4, 2.5),
     ),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
@@ -272,6 +280,7 @@ H200 = H200._replace(
     captured=H200._replace(
         fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27), PermuteRule(13, 1 << 25)),
         wgmma=WgmmaRule(17, 64, 1.0),
+        wgmma_wide=H200.wgmma_wide._replace(quarter_alone=True),
     )
 )
 
