@@ -219,8 +219,37 @@ def test_bench_cold_takes_turns_over_copies_of_each_weight(monkeypatch, capsys):
     assert "weight copies" not in capsys.readouterr().out
     assert [len(fns) for fns in timed] == [1] * 8
     for device, cold in [("cuda", "2"), ("cpu", "-1")]:
-        with pytest.raises(SystemExit, match="only the CPU"):
+        with pytest.raises(SystemExit, match="on the CPU or with --cuda-graphs"):
             bench.main(["--device", device, "--cold", cold])
+
+
+def test_bench_cold_graph_replays_run_every_copy_and_time_one(monkeypatch):
+    """With --cuda-graphs each replay runs every copy in turn (weights from memory, not L2), and the
+    time of a call is the replay's divided by the copies; eager CUDA calls time the first alone."""
+    import triton.testing
+
+    from fourbit.tools import bench
+
+    calls: list[int] = []
+    replays: list = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: replays.append(fn) or fn() or 6.0)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn() or 5.0)
+    copies = [lambda i=i: calls.append(i) for i in range(3)]
+    monkeypatch.setattr(bench, "CUDA_GRAPHS", True)
+    assert bench._median_ms(copies, torch.device("cuda"), 0.1) == 2.0
+    assert calls == [0, 1, 2] and len(replays) == 1
+    monkeypatch.setattr(bench, "CUDA_GRAPHS", False)
+    calls.clear()
+    assert bench._median_ms(copies, torch.device("cuda"), 0.1) == 5.0 and calls == [0]
+    ran: list = []
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: ran.append(bench.COLD_BYTES) or [])
+    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: None)
+    monkeypatch.setattr(bench, "describe_device", lambda device: "a GPU")
+    try:
+        bench.main(["--device", "cuda", "--cold", "256", "--cuda-graphs", "--no-bnb"])
+    finally:
+        bench.CUDA_GRAPHS, bench.COLD_BYTES = False, 0
+    assert ran == [256 << 20]
 
 
 def test_copy_bandwidth_is_measured():
@@ -230,19 +259,23 @@ def test_copy_bandwidth_is_measured():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [False, True])
-def test_bench_runs_on_cuda(graphs, capsys):
-    """The CUDA table, eager or replayed as CUDA graphs, with the copy bandwidth it reports."""
+@pytest.mark.parametrize(("graphs", "cold"), [(False, 0), (True, 0), (True, 2)])
+def test_bench_runs_on_cuda(graphs, cold, capsys):
+    """The CUDA table, eager or replayed as CUDA graphs (over copies of each weight with --cold),
+    with the copy bandwidth it reports."""
     from fourbit.tools import bench
 
     arguments = ["--device", "cuda", "--shapes", "256x512", "--dtypes", "bfloat16", "--batches", "1", "64"]
+    options = [*(["--cuda-graphs"] if graphs else []), *(["--cold", str(cold)] if cold else [])]
     try:
-        bench.main([*arguments, "--min-time", "0.01", "--no-bnb", *(["--cuda-graphs"] if graphs else [])])
+        bench.main([*arguments, "--min-time", "0.01", "--no-bnb", *options])
     finally:
-        bench.CUDA_GRAPHS = False
+        bench.CUDA_GRAPHS, bench.COLD_BYTES = False, 0
     out = capsys.readouterr().out
     assert "256x512" in out and "measured copy bandwidth" in out
     assert ("CUDA graph replays" in out) == graphs
+    assert ("2 MiB of weight copies" in out) == bool(cold)
+    assert out.count("| Linear4bit |") == 2
 
 
 # --------------------------------------------------------------------------- bad input
