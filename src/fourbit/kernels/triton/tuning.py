@@ -252,6 +252,16 @@ HOPPER = KernelTables(
 #: 56.7); 2048x8192 in 64-row programs 22.8 / 29.5 against 27.0 / 36.6 and the batch-wide tiles'
 #: 30.6 / 35.0 (cuBLAS 17.2 / 22.2); with five iterations a part they lost (4096x4096 in 128-row
 #: programs 20.8 / 28.0 against 16.1 / 21.8), and at 64 rows 2048x8192 (20.4 against 17.4).
+#: Clusters of four of 64-row programs at 33-64 rows (three a multiprocessor), graph replays over
+#: copies of each weight that pass L2 (as ``bench --cold`` runs them), us at 33 / 64 rows:
+#: 4096x4096 15.6 / 15.9 against the tensor-core kernel's 15.9 / 18.3, 3072x4096 13.9 / 14.1
+#: against 15.8 / 16.8, 5120x5120 18.5 / 18.9 and 5120x4096 16.2 / 16.5 against 128-row programs
+#: in clusters of two, 25.0 / 25.4 and 21.1 / 21.4. With 11-14 iterations a part they lost
+#: (4096x14336 39.7 / 40.1 against 36.3 / 39.4, 4096x11008 32.0 / 32.7 against 30.0 / 32.1), though
+#: they won on replays that keep the weight in L2; 6144x4096 (384 programs) and 2048x8192 (128)
+#: lost. Eager ``Linear4bit`` (L2 cleared): 5120x5120 24-25 us against 31-32, 5120x4096 21-22
+#: against 27-28, but 4096x4096 at 33 rows 21 against 18 (the input staging's launch): eager calls
+#: take them only in place of the wide kernel's other configurations.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
