@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas stalls" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench cold eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas stalls" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -85,6 +85,11 @@ for stage in $STAGES; do
         --batches 1 16 256 2048 --memory ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_eager.md"
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 28672x8192 --dtypes bfloat16 \
         --batches 1 16 256 2048 --cuda-graphs ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_graphs.md" ;;
+    cold)  # the GPU-limit rows as graph replays over weight copies past L2: weights read from memory,
+      # as a model's layers read them (an NF4 4096x14336 weight otherwise stays in an H200's L2)
+      "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 14336x4096 28672x8192 \
+        --dtypes bfloat16 --ops Linear4bit --batches 1 16 64 256 2048 --cuda-graphs --cold 256 --min-time 0.2 \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cold.md" ;;
     eager)  # the eager per-call table and host time, back to back and inside decode steps
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 64 256 --min-time 0.2 2>&1 | tee "$OUT/bench_eager_rows.md"
