@@ -73,6 +73,7 @@ def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, process
     ``quarter_fill`` of the multiprocessors (``WgmmaRule``)."""
     found = split_programs(rule, rows, n_out, k, processors)
     narrow = wgmma_wide.PROGRAM_ROWS[-1]
+    # up to the smallest row tile, 64-row programs in clusters of two are ``narrow_small_waves``' choice
     if rows > wgmma_wide.ROW_TILES[0] or found == (2, narrow) or not (found or rule.quarter_alone):
         return found
     low, high = rule.quarter_fill
