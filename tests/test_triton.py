@@ -268,7 +268,7 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
     65 rows in clusters of two of 64-row programs where those fill it; up to 64 rows, first,
     64-row programs in clusters of two where they fill 0.68-1.0 of three waves, then in clusters
-    of four where they fill 1.4-2.5 of a wave and each part keeps 4-5 iterations (eager: only in
+    of four where they fill 0.45-2.5 of a wave and each part keeps 1-5 iterations (eager: only in
     place of the wide kernel's other configurations); other weights
     (at 33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
     (not measured there) keep the earlier paths. (Support and the multiprocessor count are
@@ -316,7 +316,7 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
         assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
         assert chosen(64, 8192, captured) == ("wgmma_wide", 2, 128)
-    # then 64-row programs in clusters of four that fill 1.4-2.5 of a wave, 4-5 iterations a part:
+    # then 64-row programs in clusters of four that fill 0.45-2.5 of a wave, 1-5 iterations a part:
     # under capture in place of any kernel, eager calls only in place of the wide kernel's others
     for rows in (33, 48, 64):
         for n in (64 * 47, 4096, 64 * 80):
@@ -324,15 +324,18 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
             assert chosen(rows, n)[0] != "wgmma_wide" or n == 64 * 80
         assert chosen(rows, 5120) == ("wgmma_wide", 4, 64)  # for clusters of two of 128-row programs
     assert chosen(65, 4096, captured=True) == ("wgmma_wide", 2, 64)
-    assert chosen(64, 64 * 46, captured=True)[0] != "wgmma_wide"  # 184 programs: under 1.4 of 132
+    assert chosen(64, 64 * 46, captured=True) == chosen(64, 1024, captured=True) == ("wgmma_wide", 4, 64)
+    assert chosen(64, 64 * 14, captured=True)[0] != "wgmma_wide"  # 56 programs: under 0.45 of 132
     assert chosen(64, 64 * 83, captured=True) == ("wgmma_wide", 2, 128)  # 332: past 2.5
-    assert chosen(64, 2048, captured=True)[0] != "wgmma_wide"
+    assert chosen(64, 2048)[0] != "wgmma_wide"  # eager: the fused kernel's one launch
 
     def iterations(k: int, n: int = 4096) -> tuple | str:
         return dispatch.choose_config(torch.zeros(64, k, dtype=torch.bfloat16), n, k, 64, captured=True)
 
     assert iterations(5120) == iterations(4352) == iterations(5120, 5120) == ("wgmma_wide", 4, 64)
-    assert iterations(3840)[0] != "wgmma_wide"  # 15 iterations: under 4 a part
+    assert iterations(1024) == iterations(2048, 2048) == iterations(3072, 3072) == ("wgmma_wide", 4, 64)
+    assert iterations(768)[0] != "wgmma_wide"  # 3 iterations: under one a part
+    assert iterations(2048, 6144) == ("wgmma_wide", 2, 128)  # 384 programs: past 2.5 of 132
     assert iterations(6144)[0] != "wgmma_wide" and iterations(14336)[0] != "wgmma_wide"  # 6 and 14 a part
     assert iterations(6144, 5120) == ("wgmma_wide", 2, 128)
     one_iteration_few_rows = torch.zeros(64, 256, dtype=torch.bfloat16)

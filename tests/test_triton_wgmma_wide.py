@@ -100,14 +100,15 @@ def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, neste
     """Programs of 64 weight rows (one warpgroup, twice the programs), unsplit and in clusters of
     two, three and four: the same bits as programs of 128 (which the float64 tests check), each
     warpgroup's products being the same; on weight rows that fill no program of either size,
-    partial row tiles, a part of K inside one absmax block, both layouts, strided inputs and a
-    bias."""
+    partial row tiles, a part of K inside one absmax block or of one iteration, both layouts,
+    strided inputs and a bias."""
     cases = [
         ((300, 1024, 64), 65, 1),
         ((208, 1024, 64), 256, 2),
         ((130, 4096, 4096), 150, 2),
         ((150, 4352, 128), 256, 3),
         ((200, 4352, 64), 33, 4),
+        ((120, 1024, 64), 64, 4),
     ]
     for quant_type, ((n, k, blocksize), rows, cluster) in zip(itertools.cycle(["nf4", "fp4"]), cases):
         code = code_table(quant_type)
