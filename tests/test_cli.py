@@ -164,6 +164,35 @@ def test_bench_times_only_the_operations_asked_for(monkeypatch, capsys):
         bench.run([(64, 128)], [torch.float32], [1], torch.device("cpu"), with_bnb=False, ops=["gemm"])
 
 
+def test_bench_prints_each_shapes_lines_before_timing_the_next(monkeypatch, capsys):
+    """The table comes out shape by shape, so that a run stopped part way keeps what it timed;
+    an operation that cannot be timed is reported on stderr, outside the table."""
+    from fourbit.tools import bench
+
+    printed_before: list[str] = []
+    shape_rows = bench._shape_rows
+
+    def rows_of(n, k, *args):
+        printed_before.append(capsys.readouterr().out)
+        return shape_rows(n, k, *args)
+
+    def median_ms(fns, device, min_time):
+        if getattr(fns[0], "func", None) is torch.matmul:
+            raise RuntimeError("cannot be captured\nmore")
+        return 1.0
+
+    monkeypatch.setattr(bench, "_shape_rows", rows_of)
+    monkeypatch.setattr(bench, "_median_ms", median_ms)
+    bench.main(["--device", "cpu", "--shapes", "64x128", "32x256", "--dtypes", "float32", "--batches", "1",
+                "--no-bnb", "--ops", "matmul_4bit"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "| op | shape |" in printed_before[0] and "64x128" not in printed_before[0]
+    assert "| matmul_4bit | 64x128 | float32 | 1 | 1.000 | - |" in printed_before[1]
+    assert "32x256" not in printed_before[1] and "| matmul_4bit | 32x256 |" in captured.out
+    assert "not timed" not in "".join(printed_before) + captured.out
+    assert captured.err.count("not timed: <built-in method matmul") == 1 and "cannot be captured" in captured.err
+
+
 def test_bench_takes_a_thread_count_and_refuses_a_bad_one(capsys):
     from fourbit.tools import bench
 

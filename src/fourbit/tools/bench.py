@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def _shape_rows(
         try:
             return _median_ms(fns, device, min_time)
         except RuntimeError as error:  # e.g. a library call that cannot be captured in a CUDA graph
-            print(f"not timed: {getattr(fns[0], 'func', fns[0])}: {str(error).splitlines()[0][:100]}")
+            message = str(error).splitlines()[0][:100]
+            print(f"not timed: {getattr(fns[0], 'func', fns[0])}: {message}", file=sys.stderr, flush=True)
             return None
 
     dense_bytes = weight.numel() * weight.element_size()
@@ -213,9 +215,10 @@ def run(
     min_time: float = 0.5,
     with_bnb: bool = True,
     ops: Sequence[str] = OPS,
+    on_rows: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
     """Time ``ops`` (quantize, dequantize, matmul_4bit, Linear4bit: ``OPS``) for each shape (N, K),
-    dtype and batch."""
+    dtype and batch; ``on_rows`` gets each shape's and dtype's rows as soon as they are timed."""
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         raise ValueError(f"unknown operations {unknown}: the benchmark times {', '.join(OPS)}")
@@ -224,7 +227,10 @@ def run(
     rows: list[Row] = []
     for n, k in shapes:
         for dtype in dtypes:
-            rows += _shape_rows(n, k, dtype, batches, device, options, bnb_modules, min_time, ops)
+            timed = _shape_rows(n, k, dtype, batches, device, options, bnb_modules, min_time, ops)
+            if on_rows is not None:
+                on_rows(timed)
+            rows += timed
     return rows
 
 
@@ -235,25 +241,32 @@ def _ratio(a: float | None, b: float | None) -> str:
 def format_table(rows: Sequence[Row], copy_gbps: float | None = None) -> str:
     """A Markdown table of the rows, with fourbit/torch and fourbit/bitsandbytes ratios, and
     fourbit's bandwidth (its fewest bytes over its time) against the measured copy bandwidth."""
+    return "\n".join([table_header(copy_gbps), *(table_line(row, copy_gbps) for row in rows)])
+
+
+def table_header(copy_gbps: float | None = None) -> str:
+    """The first two lines of ``format_table``'s table."""
     header = (
         "| op | shape | dtype | batch | fourbit ms | torch ms | bnb ms | fourbit/torch | fourbit/bnb | fourbit GB/s |"
     )
     header += " % of copy |" if copy_gbps else ""
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for row in rows:
-        bnb_ms = f"{row.bnb_ms:.3f}" if row.bnb_ms is not None else "-"
-        torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
-        gbps = row.fourbit_bytes / row.fourbit_ms / 1e6 if row.fourbit_bytes and row.fourbit_ms else 0.0
-        fourbit_ms = f"{row.fourbit_ms:.3f}" if row.fourbit_ms is not None else "-"
-        line = (
-            f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {fourbit_ms} | {torch_ms} | "
-            f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} | "
-        )
-        line += f"{gbps:.0f} |" if gbps else "- |"
-        if copy_gbps:
-            line += f" {gbps / copy_gbps:.0%} |" if gbps else " - |"
-        lines.append(line)
-    return "\n".join(lines)
+    return header + "\n|" + "---|" * (header.count("|") - 1)
+
+
+def table_line(row: Row, copy_gbps: float | None = None) -> str:
+    """One row of ``format_table``'s table."""
+    bnb_ms = f"{row.bnb_ms:.3f}" if row.bnb_ms is not None else "-"
+    torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
+    gbps = row.fourbit_bytes / row.fourbit_ms / 1e6 if row.fourbit_bytes and row.fourbit_ms else 0.0
+    fourbit_ms = f"{row.fourbit_ms:.3f}" if row.fourbit_ms is not None else "-"
+    line = (
+        f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {fourbit_ms} | {torch_ms} | "
+        f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} | "
+    )
+    line += f"{gbps:.0f} |" if gbps else "- |"
+    if copy_gbps:
+        line += f" {gbps / copy_gbps:.0%} |" if gbps else " - |"
+    return line
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -370,18 +383,6 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes = args.shapes
-    rows = run(
-        shapes,
-        [getattr(torch, name) for name in args.dtypes],
-        args.batches,
-        device,
-        quant_type=args.quant_type,
-        blocksize=args.blocksize,
-        nested=not args.no_nested,
-        min_time=args.min_time,
-        with_bnb=not args.no_bnb,
-        ops=args.ops,
-    )
     settings = f"{args.quant_type}, blocksize {args.blocksize}, nested={not args.no_nested}"
     if args.float32_matmul_precision:
         settings += f", float32 matmul precision {args.float32_matmul_precision!r}"
@@ -394,7 +395,21 @@ def run_from_args(args: argparse.Namespace) -> None:
     print(f"# fourbit kernel benchmark: {describe_device(device)}; {settings}; {timing}\n")
     if copy_gbps:
         print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s (read + write)\n")
-    print(format_table(rows, copy_gbps))
+    # each shape's lines as soon as they are timed, so that a run cut short keeps them
+    print(table_header(copy_gbps), flush=True)
+    run(
+        shapes,
+        [getattr(torch, name) for name in args.dtypes],
+        args.batches,
+        device,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        nested=not args.no_nested,
+        min_time=args.min_time,
+        with_bnb=not args.no_bnb,
+        ops=args.ops,
+        on_rows=lambda rows: print("\n".join(table_line(row, copy_gbps) for row in rows), flush=True),
+    )
     if args.memory and device.type == "cuda":
         n, k = shapes[-1]
         options = dict(blocksize=args.blocksize, quant_type=args.quant_type, compress_statistics=not args.no_nested)
