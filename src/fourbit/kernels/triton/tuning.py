@@ -261,15 +261,18 @@ HOPPER = KernelTables(
 #: they won on replays that keep the weight in L2; 6144x4096 (384 programs) and 2048x8192 (128)
 #: lost. Eager ``Linear4bit`` (L2 cleared): 5120x5120 24-25 us against 31-32, 5120x4096 21-22
 #: against 27-28, but 4096x4096 at 33 rows 21 against 18 (the input staging's launch): eager calls
-#: take them only in place of the wide kernel's other configurations. Weights of K 1024-3072 and
-#: 1024-4096 rows (0.48-1.94 of a wave of such programs), read from memory, us at 33 / 64 rows
-#: against the fused kernel: 1024x2048 8.6 / 8.7 against 12.9 / 13.6, 2048x2048 9.5 / 9.7 against
-#: 12.7 / 13.6, 3072x2048 10.0 / 10.3 against 12.8 / 13.9, 4096x2048 11.2 / 11.4 against 13.2 /
-#: 14.7, 2048x1024 7.6 / 7.7 against 12.7 / 13.5, 4096x1024 8.9 / 9.1 against 12.6 / 13.6,
-#: 3072x3072 12.0 / 12.2 against 15.7 / 17.3, 2048x3072 11.5 / 11.7 against 12.7 / 13.7,
-#: 1024x4096 12.0 / 12.2 against 12.7 / 13.6, 2048x4096 13.4 / 13.6 against 13.2 / 14.4; past
-#: 2.5 waves they lost (6144x2048 16.4 / 16.7 against clusters of two of 128-row programs' 13.7
-#: / 13.9, 8192x1024 14.4 / 14.5 against 9.8 / 10.0).
+#: take them only in place of the wide kernel's other configurations. Weights of 1024-5120 rows and
+#: K 1024-5120 (0.48-2.42 of a wave of such programs), read from memory, us at 33 / 64 rows against
+#: the kernel chosen before (5120 rows: 128-row programs in clusters of two, 5120x1024 9.4 / 9.6
+#: against 9.8 / 10.0, 5120x2048 11.7 / 11.8 against 13.8 / 13.9, 5120x3072 13.9 / 14.2 against 17.6
+#: / 17.8; the others the fused kernel): 1024x2048 8.6 / 8.7 against 12.9 / 13.6, 2048x2048 9.5 /
+#: 9.7 against 12.7 / 13.6, 3072x2048 10.0 / 10.3 against 12.8 / 13.9, 4096x2048 11.2 / 11.4 against
+#: 13.2 / 14.7, 2048x1024 7.6 / 7.7 against 12.7 / 13.5, 4096x1024 8.9 / 9.1 against 12.6 / 13.6,
+#: 3072x3072 12.0 / 12.2 against 15.7 / 17.3, 2048x3072 11.5 / 11.7 against 12.7 / 13.7, 1024x4096
+#: 12.0 / 12.2 against 12.7 / 13.6, 2048x4096 13.4 / 13.6 against 13.2 / 14.4, 2048x5120 15.6 / 15.8
+#: against 15.5 / 16.7; 512x2048 (0.24 of a wave, left out) 8.4 / 8.6 against 13.2 / 14.0; past 2.5
+#: waves they lost (6144x2048 16.4 / 16.7 against clusters of two of 128-row programs' 13.7 / 13.9,
+#: 8192x1024 14.4 / 14.5 against 9.8 / 10.0).
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
