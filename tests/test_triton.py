@@ -268,8 +268,8 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
     65 rows in clusters of two of 64-row programs where those fill it; up to 64 rows, first,
     64-row programs in clusters of two where they fill 0.68-1.0 of three waves, then in clusters
-    of four where they fill 0.45-2.5 of a wave and each part keeps 1-5 iterations (eager: only in
-    place of the wide kernel's other configurations); other weights
+    of four where they fill up to 2.5 waves, from one wave when each part keeps 3-5 iterations
+    rather than 1-2 (eager: only in place of the wide kernel's other configurations); other weights
     (at 33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
     (not measured there) keep the earlier paths. (Support and the multiprocessor count are
     forced, so this runs without a GPU.)"""
@@ -316,7 +316,7 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
         assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
         assert chosen(64, 8192, captured) == ("wgmma_wide", 2, 128)
-    # then 64-row programs in clusters of four that fill 0.45-2.5 of a wave, 1-5 iterations a part:
+    # then 64-row programs in clusters of four that fill up to 2.5 waves (from 1.0 at 3-5 iterations a part):
     # under capture in place of any kernel, eager calls only in place of the wide kernel's others
     for rows in (33, 48, 64):
         for n in (64 * 47, 4096, 64 * 80):
@@ -324,8 +324,8 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
             assert chosen(rows, n)[0] != "wgmma_wide" or n == 64 * 80
         assert chosen(rows, 5120) == ("wgmma_wide", 4, 64)  # for clusters of two of 128-row programs
     assert chosen(65, 4096, captured=True) == ("wgmma_wide", 2, 64)
-    assert chosen(64, 64 * 46, captured=True) == chosen(64, 1024, captured=True) == ("wgmma_wide", 4, 64)
-    assert chosen(64, 64 * 14, captured=True)[0] != "wgmma_wide"  # 56 programs: under 0.45 of 132
+    assert chosen(64, 64 * 46, captured=True) == chosen(64, 64 * 33, captured=True) == ("wgmma_wide", 4, 64)
+    assert chosen(64, 64 * 32, captured=True)[0] == "fused"  # 128 programs: under one wave of 132
     assert chosen(64, 64 * 83, captured=True) == ("wgmma_wide", 2, 128)  # 332: past 2.5
     assert chosen(64, 2048)[0] != "wgmma_wide"  # eager: the fused kernel's one launch
 
@@ -334,6 +334,8 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
 
     assert iterations(5120) == iterations(4352) == iterations(5120, 5120) == ("wgmma_wide", 4, 64)
     assert iterations(1024) == iterations(2048, 2048) == iterations(3072, 3072) == ("wgmma_wide", 4, 64)
+    assert iterations(2048, 256) == iterations(1024, 64) == ("wgmma_wide", 4, 64)  # 1-2 a part: from 4 programs
+    assert iterations(3072, 2048)[0] == "fused"  # 3 a part: 128 programs, under one wave
     assert iterations(768)[0] != "wgmma_wide"  # 3 iterations: under one a part
     assert iterations(2048, 6144) == ("wgmma_wide", 2, 128)  # 384 programs: past 2.5 of 132
     assert iterations(6144)[0] != "wgmma_wide" and iterations(14336)[0] != "wgmma_wide"  # 6 and 14 a part
@@ -364,6 +366,36 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     assert chosen(128, 28672) != ("wgmma_wide", 1, 128)
     assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 4096)[0] != "wgmma_wide"  # tables without clusters
     assert chosen(64, 11008)[0] != "wgmma_wide"
+
+
+def test_the_h200_tables_give_the_fused_kernel_64_row_programs_where_128_row_ones_are_too_few(monkeypatch):
+    """The H200's tables (eager and captured) run the tensor-core kernel in programs of 64 weight
+    rows where its 128-row programs, K split as far as allowed (8 tiles of 64 a split), fill
+    under 1.25 waves (165 of 132 multiprocessors); the Hopper tables (not measured) keep 128.
+    (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: False)
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+
+    def block_n(rows: int, n: int, k: int, tables: tuning.KernelTables = tuning.H200, captured: bool = False) -> int:
+        monkeypatch.setattr(tuning, "for_device", lambda device: tables)
+        x = torch.zeros(rows, k, dtype=torch.bfloat16)
+        config = dispatch.choose_config(x, n, k, 64, captured=captured)
+        assert config[0] == "fused"
+        return config[1]
+
+    for rows, captured in itertools.product((17, 32, 33, 64), (False, True)):
+        assert block_n(rows, 2560, 4096, captured=captured) == 64  # 20 programs x 8 splits
+        assert block_n(rows, 2688, 4096, captured=captured) == 128  # 21 x 8: 168
+        assert block_n(rows, 2048, 5120, captured=captured) == 64  # 16 x 10
+        assert block_n(rows, 2048, 8192, captured=captured) == 128  # 16 x 16
+        assert block_n(rows, 512, 2048, captured=captured) == 64
+        assert block_n(rows, 4096, 14336, captured=captured) == 128
+        assert block_n(rows, 512, 2048, tuning.HOPPER, captured) == 128
+    assert block_n(17, 4096, 2048) == 64  # 32 x 4
+    assert block_n(17, 4096, 4096) == 128  # 32 x 8
 
 
 def test_the_input_copy_in_fragment_order_puts_every_word_where_the_kernel_reads_it():

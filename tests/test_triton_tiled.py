@@ -41,6 +41,7 @@ GPU_CONFIGS = [
     ("fragments", 4, 1, 2, 1),
     ("fused", 128, 16, 64, 1, 4, 4, False),
     ("fused", 128, 64, 64, 2, 4, 4, True),
+    ("fused", 64, 64, 64, 1, 4, 4, False),  # the H200's programs for weights of few rows
     tuning.HOPPER.wide,
     tuning.HOPPER.wide._replace(split_k=4),  # batch-wide tiles with K split (long K, few weight rows)
     (4, 16, 512, 0, 4, "half"),

@@ -13,6 +13,10 @@ from . import fragment_arguments, fragment_grid, tuning, wgmma, wgmma_wide
 from .common import INTERPRETED
 from .launch import CLUSTER_LAUNCH, DIRECT
 
+#: Weight rows a program of the tensor-core kernel where the tables' programs are too few
+#: (``KernelTables.fused_narrow_fill``).
+NARROW_FUSED_ROWS = 64
+
 
 def choose_config(
     x: torch.Tensor,
@@ -59,7 +63,7 @@ def choose_config(
     if fused_supported(x, k, blocksize):
         entry = next((entry for entry in tables.fused if rows <= entry[0]), None)
         if entry:
-            return ("fused", *entry[1:])
+            return ("fused", *fused_entry(tables, entry, rows, n_out, k, x.device)[1:])
         if rows <= tables.wide_rows:
             return wide_config(tables, rows, n_out, k, processors(x.device), deterministic)
         return "chunked"
@@ -69,20 +73,18 @@ def choose_config(
 def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:
     """The wide ``wgmma`` kernel's programs (as ``split_programs``), or, up to the smallest row
     tile, 64-row programs in clusters of four in place of those (or of any other kernel, with
-    ``quarter_alone``) where each part keeps ``quarter_iterations`` iterations and they fill
-    ``quarter_fill`` of the multiprocessors (``WgmmaRule``)."""
+    ``quarter_alone``) where they fill the share of the multiprocessors that ``quarter_fill``
+    gives for their parts' iterations (``WgmmaRule``)."""
     found = split_programs(rule, rows, n_out, k, processors)
     narrow = wgmma_wide.PROGRAM_ROWS[-1]
     # up to the smallest row tile, 64-row programs in clusters of two are ``narrow_small_waves``' choice
     if rows > wgmma_wide.ROW_TILES[0] or found == (2, narrow) or not (found or rule.quarter_alone):
         return found
-    low, high = rule.quarter_fill
-    fewest, most = rule.quarter_iterations
     iterations = k // 1024  # a part's, of four
-    fills = low * processors <= 4 * triton.cdiv(n_out, narrow) <= high * processors
-    if CLUSTER_LAUNCH and wgmma_wide.cluster_fits(k, 4) and fewest and fewest <= iterations <= most and fills:
-        return (4, narrow)
-    return found
+    if not (CLUSTER_LAUNCH and 1 <= iterations <= len(rule.quarter_fill) and wgmma_wide.cluster_fits(k, 4)):
+        return found
+    low, high = rule.quarter_fill[iterations - 1]
+    return (4, narrow) if low * processors <= 4 * triton.cdiv(n_out, narrow) <= high * processors else found
 
 
 def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:
@@ -158,6 +160,41 @@ def split_k(n_out: int, k: int, block_n: int, block_k: int, device: torch.device
     """K splits so that the programs cover the multiprocessors at least twice."""
     programs = triton.cdiv(n_out, block_n)
     return max(1, min(triton.cdiv(2 * processors(device), programs), triton.cdiv(k, block_k)))
+
+
+def fused_entry(
+    tables: tuning.KernelTables,
+    entry: tuning.FusedConfig,
+    rows: int,
+    n_out: int,
+    k: int,
+    device: torch.device,
+) -> tuning.FusedConfig:
+    """``entry``, or it with programs of ``NARROW_FUSED_ROWS`` weight rows where its own, K split
+    as far as they may be, fill less than ``tables.fused_narrow_fill`` waves (judged on the
+    automatic splits, also for deterministic products, which keep one)."""
+    if not tables.fused_narrow_fill or entry.block_n <= NARROW_FUSED_ROWS:
+        return entry
+    tiles = (entry.block_n, entry.block_m, entry.block_k, entry.split_k)
+    grid, _ = fused_grid(rows, n_out, k, tiles, device)
+    if grid[0] * grid[1] * grid[2] >= tables.fused_narrow_fill * processors(device):
+        return entry
+    return entry._replace(block_n=NARROW_FUSED_ROWS)
+
+
+def fused_grid(
+    rows: int, n_out: int, k: int, tiles: Sequence[int], device: torch.device, cover: bool = True
+) -> tuple[tuple[int, int, int], int]:
+    """The tensor-core kernel's grid (weight-row programs, input-row programs, K splits) and input
+    rows a program, for ``tiles`` (block_n, block_m, block_k as K allows it, split_k). With
+    ``cover``, K splits are added (``covering_splits``) beyond the configured ones until the
+    programs cover the multiprocessors twice; a split keeps at least 8 K tiles."""
+    block_n, block_m, block_k, split_k = tiles
+    block_m = max(16, min(block_m, triton.next_power_of_2(rows)))
+    grid_n, grid_m = triton.cdiv(n_out, block_n), triton.cdiv(rows, block_m)
+    if cover:
+        split_k = max(split_k, covering_splits(grid_n * grid_m, device))
+    return (grid_n, grid_m, max(1, min(split_k, k // (8 * block_k)))), block_m
 
 
 def covering_splits(programs: int, device: torch.device) -> int:

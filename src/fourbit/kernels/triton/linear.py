@@ -312,12 +312,8 @@ class PreparedWeight:
         block_n, block_m, block_k, split_k, num_warps, num_stages, scale_weights = config
         m, n_out, k = x.shape[0], self.n_out, self.k
         block_k = 64 if self.tiled else min(block_k, k & -k)  # a power of two dividing K (tiled: 64)
-        block_m = max(16, min(block_m, triton.next_power_of_2(m)))
-        programs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
-        if cover:
-            split_k = max(split_k, dispatch.covering_splits(programs, x.device))
-        split_k = max(1, min(split_k, k // (8 * block_k)))  # at least 8 K tiles per split
-        grid = (triton.cdiv(n_out, block_n), triton.cdiv(m, block_m), split_k)
+        grid, block_m = dispatch.fused_grid(m, n_out, k, (block_n, block_m, block_k, split_k), x.device, cover)
+        split_k, programs = grid[2], grid[0] * grid[1]
         return ProductLaunch(
             decode_dot_kernel, grid, {"num_warps": num_warps, "num_stages": num_stages}, self, _word_tensors,
             (m, n_out, k, x.stride(0), n_out, block_n, block_m, block_k, split_k, self.blocksize,

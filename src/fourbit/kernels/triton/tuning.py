@@ -112,9 +112,9 @@ class WgmmaRule(NamedTuple):
     ``narrow_min_rows``, where clusters of two of a program size fill too little, clusters of
     three may, when each program's part of K keeps at least ``third_min_iterations`` 256-column
     iterations (0: never). Up to the smallest row tile, 64-row programs in clusters of four go
-    before all but those of ``narrow_small_waves`` when each part keeps ``quarter_iterations``
-    iterations (a range; 0: never) and they fill ``quarter_fill`` (a range, in multiprocessors):
-    in place of another of the wide kernel's configurations, or (``quarter_alone``) of any."""
+    before all but those of ``narrow_small_waves`` where they fill ``quarter_fill[i - 1]`` (a
+    range, in multiprocessors) for parts of ``i`` iterations (none beyond the table): in place of
+    another of the wide kernel's configurations, or (``quarter_alone``) of any."""
 
     min_rows: int
     max_rows: int
@@ -124,8 +124,7 @@ class WgmmaRule(NamedTuple):
     narrow_small_waves: int = 0
     narrow_small_fill: float = 1.0
     third_min_iterations: int = 0
-    quarter_iterations: tuple[int, int] = (0, 0)
-    quarter_fill: tuple[float, float] = (0.0, 0.0)
+    quarter_fill: tuple[tuple[float, float], ...] = ()
     quarter_alone: bool = False
 
 
@@ -175,6 +174,9 @@ class KernelTables(NamedTuple):
     #: Products of 33-256 rows on the wide ``wgmma`` kernel (``wgmma_wide``), its programs
     #: counted in 128 weight rows.
     wgmma_wide: WgmmaRule | None = None
+    #: The ``fused`` entries run programs of 64 weight rows (``dispatch.NARROW_FUSED_ROWS``) where
+    #: their own, K split as far as allowed, fill less than this many waves (0: never).
+    fused_narrow_fill: float = 0.0
     #: (an H100 sweep of 256-2048 words with 4 warps: 512 reached 96% of the copy bandwidth)
     dequantize: DequantizeConfig = DequantizeConfig(words_per_program=512, num_warps=4)
     #: The tables for products recorded into a CUDA graph, whose launches cost host time once:
@@ -272,10 +274,25 @@ HOPPER = KernelTables(
 #: 12.0 / 12.2 against 12.7 / 13.6, 2048x4096 13.4 / 13.6 against 13.2 / 14.4, 2048x5120 15.6 / 15.8
 #: against 15.5 / 16.7; 512x2048 (0.24 of a wave, left out) 8.4 / 8.6 against 13.2 / 14.0; past 2.5
 #: waves they lost (6144x2048 16.4 / 16.7 against clusters of two of 128-row programs' 13.7 / 13.9,
-#: 8192x1024 14.4 / 14.5 against 9.8 / 10.0).
+#: 8192x1024 14.4 / 14.5 against 9.8 / 10.0). Below 0.45 of a wave they won too (256x2048 8.4 / 8.5
+#: against the fused kernel's 12.5 / 13.2, 64x2048 8.1 / 8.2 against 12.5, 512x1024 6.6 / 6.8 against
+#: 12.3 / 12.8), but from three iterations a part the fused kernel's 64-row programs
+#: (``fused_narrow_fill``) beat them below one wave: 1024x4096 9.5 / 10.0 against 12.0 / 12.2,
+#: 2048x4096 11.2 / 11.8 against 13.3 / 13.5, 2048x5120 12.5 / 13.1 against 15.4 / 15.7, 1024x3072
+#: 9.4 / 9.7 against 10.3 / 10.5 (2048x3072 even, 11.1 / 11.6 against 11.4 / 11.6).
+#: The fused kernel's programs of 64 weight rows in place of 128 (graph replays, weights from
+#: memory, us at 17 / 33 / 64 rows) where those of 128, K split as far as allowed, fill under 1.25
+#: waves: 512x4096 9.1 / 9.5 / 9.6 against 10.9 / 13.3 / 13.9, 2048x2048 9.1 / - / 10.0 against 10.9 /
+#: - / 13.7, 2048x1024 - / 9.4 / 9.8 against 12.7 / 13.6, 2048x5120 11.2 / 12.5 / 13.1 against 12.9
+#: / 15.5 / 16.7, 4096x2048 10.0 at 17 against 11.1; eager ``Linear4bit`` 512x2048 11 against 15-16
+#: us, 1024x4096 12-13 against 15-16. Above that they lost or drew: 4096x4096 at 17 / 32 rows 14.8 /
+#: 15.0 against 13.5 / 14.0, 2048x8192 14.8 / 15.1 against 13.8 / 14.2 (64 rows 17.3 against 17.8),
+#: 1024x14336 even (64 rows 15.6 against 17.3), 4096x14336 38.5 / 39.0 / 43.4 against 31.5 / 31.9 /
+#: 39.5 (eager 45-46 against 40-42).
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
+    fused_narrow_fill=1.25,
     wgmma=WgmmaRule(17, 64, 2.0),
     wgmma_wide=WgmmaRule(
         33,
@@ -286,8 +303,7 @@ H200 = HOPPER._replace(
         narrow_small_waves=3,
         narrow_small_fill=0.68,
         third_min_iterations=8,
-        quarter_iterations=(1, 5),
-        quarter_fill=(0.45, 2.5),
+        quarter_fill=((0.0, 2.5), (0.0, 2.5), (1.0, 2.5), (1.0, 2.5), (1.0, 2.5)),
     ),
 )
 #: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
