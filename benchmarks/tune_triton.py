@@ -16,7 +16,7 @@ programs for its ``cluster_fill``, ``narrow_min_rows`` and ``narrow_small_waves`
 this GPU uses now are printed first. With ``--quantize``: the quantizer's (elements per tile,
 warps, programs per multiprocessor) next to a copy of the input, for the tables' ``quantize``.
 With ``--dequantize``: the decode's (packed words per program, warps) against the copy rate, for
-the tables' ``dequantize``.
+the tables' ``dequantize``. The measurements behind a changed rule go into docs/tuning.md.
 """
 
 from __future__ import annotations

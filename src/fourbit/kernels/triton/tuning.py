@@ -1,7 +1,8 @@
 """Tile configurations of the Triton kernels: one ``KernelTables`` per GPU they were tuned on.
 
 Measured with ``benchmarks/tune_triton.py`` on an H100 and kept on the H200, where the same
-entries measured best or within noise (history: docs/performance.md). ``for_device`` picks a
+entries measured best or within noise and the rules that choose among kernels changed (the
+measurements behind them: docs/tuning.md; history: docs/performance.md). ``for_device`` picks a
 device's tables by its name; a GPU without tables of its own gets the Hopper tables when it is a
 Hopper, else ``GENERIC``, whose tiles fit the shared memory of every supported GPU.
 ``tune_triton.py`` prints rows in these types, ready to paste into a new GPU's tables.
@@ -206,89 +207,15 @@ HOPPER = KernelTables(
     quantize=QuantizeConfig(tile_elements=4096, warps=8, programs_per_sm=4),
 )
 
-#: The H200 measured the Hopper entries best or within noise (docs/performance.md). Eager calls
-#: read their inputs in place: the copy into fragment order is a second launch, 22 us more host
-#: time a call on the H200's host (28672x8192 at 16 rows: 51.7 us against 29.9, where
-#: ``F.linear`` took 21.7), more than the 8 us of GPU time it saves there.
-#: The decode with one packed word a thread (256 words, 8 warps) measured 1.1-1.4x faster there
-#: than the Hopper entry, outputs identical: 28672x8192 in bf16 174 us against 239.
-#: ``wgmma`` at 17-64 rows, CUDA graph replays, NF4 bf16 nested, against the tensor-core kernel:
-#: 28672x8192 at 32 / 64 rows 81 / 109 us against 109 / 161, 14336x4096 25 / 31 against 37 /
-#: 46; with 64 programs (4096 weight rows) it lost, 20 against 17 us at 4096x4096. Eager calls
-#: pay the staging kernel's launch: 14336x4096 took 42 / 52 us a call against 40 / 48, so the
-#: rule asks for two waves of programs (28672x8192 eager: 90 / 113 us against 112 / 162).
-#: The wide ``wgmma`` kernel at 65-256 rows, graph replays against the batch-wide tiles and
-#: decode + cuBLAS: 28672x8192 at 65 / 96 / 128 / 192 / 256 rows 120 / 121 / 151 / 194 / 217 us
-#: against 224 / 225 / 248 / 328 / 311 (cuBLAS bf16 119 / 121 / 130 / 149 / 182); 14336x4096
-#: (0.85 waves of programs) 35 / 35 / 40 / 49 / 63 against 60 / 58 / 57 / 72 / 71; with 32
-#: programs (4096-row weights) it lost, 131 against 63 us at 4096x14336 and 128 rows. Its 64-row
-#: tile, the weights scaled by two bf16 parts, beat ``wgmma`` at 64 rows: 28672x8192 98.4 us
-#: against 106.0, 14336x4096 30.1 against 36.6 (cuBLAS bf16 118.3 / 34.2); at 32 rows it lost
-#: (86.0 against 82.3): ``wgmma`` keeps 17-32 rows, and 33-64 of weights too few rows for it.
-#: From 0.6 of a wave it beat the batch-wide tiles too: 10240x4096 (80 programs) at 128 / 256
-#: rows 35.7 / 50.1 us against 56.3 / 69.2 (33-64 rows: even with ``wgmma``, 29-30 us).
-#: In clusters of two (K split, partial sums added in distributed shared memory), graph replays
-#: against the tables' choice before: 8192x8192 at 64 / 128 / 256 rows 36.6 / 41.7 / 62.6 us
-#: against 46.8 / 72.3 / 107.6 (cuBLAS 37.1 / 38.5 / 56.0), 6144x4096 20.2 / 22.8 / 33.7
-#: against 26.4 / 35.9 / 41.9, 5120x5120 (80 programs in clusters) 23.9 / 26.5 / 38.3 against
-#: 30.0 / 39.9 / 44.9, 8448x4096 at 33 / 64 rows 19.9 / 20.3 against ``wgmma``'s 25.0 / 25.5;
-#: with 32 programs (half a wave in clusters) it was even or lost (4096x14336 66.7 / 92.6
-#: against 63.0 / 91.1 at 128 / 256 rows, 4096x4096 32.2 against 28.4 at 256); clusters of four
-#: lost wherever a program holds a multiprocessor (4096x14336 at 256 rows 104.4 us): 30 such
-#: clusters fit an H200 at once (its four multiprocessors in one GPC), not 32.
-#: Programs of 64 weight rows (one warpgroup) in clusters of two fill a wave with 4096-row
-#: weights: 4096x14336 at 128 / 256 rows 50.0 / 76.1 us against 62.2 / 90.5 on the batch-wide
-#: tiles (cuBLAS 38.0 / 54.6), 4096x4096 16.6 / 22.1 against 25.7 / 28.3 (decode + cuBLAS;
-#: cuBLAS 13.0 / 15.4); at 64 rows 4096x14336 lost (48.6 against the tensor-core kernel's 40.0).
-#: Where 128-row programs fill a wave in clusters they stayed faster (8192x8192 at 256 rows 62.9
-#: against 86.8 us), and 2048-row weights (half a wave even so) lost (2048x8192: 37.3 against 34.8).
-#: At 33-64 input rows the 64-row tile's one-warpgroup programs take 67 KB of shared memory, so
-#: three share a multiprocessor: in clusters of two, where they fill 0.68-1.0 of three waves,
-#: they beat the unsplit 128-row programs and ``wgmma``: 10240x4096 / 11008x4096 / 12288x4096 at
-#: 33-64 rows 24.0-24.4 us against 28.8-29.8 (cuBLAS 23.0-24.2 / 24.4-26.0 / 28.5-29.0), 8704x4096
-#: / 9216x4096 / 9728x4096 at 64 rows 24.1-24.2 against 29.5-29.8 (``wgmma``); past three waves
-#: they lost (14336x4096 38.6 against 29.7, 28672x8192 118.7 against 100.8); 8192x8192 (0.65 of
-#: them) keeps 128-row programs in clusters of two (35.3 against 35.8 us).
-#: Clusters of three (graph replays, us at 128 / 256 rows, against clusters of two of 64-row
-#: programs): 4096x14336 in 128-row programs 48.5 / 67.4 against 49.3 / 72.7 (cuBLAS 38.6 /
-#: 56.7); 2048x8192 in 64-row programs 22.8 / 29.5 against 27.0 / 36.6 and the batch-wide tiles'
-#: 30.6 / 35.0 (cuBLAS 17.2 / 22.2); with five iterations a part they lost (4096x4096 in 128-row
-#: programs 20.8 / 28.0 against 16.1 / 21.8), and at 64 rows 2048x8192 (20.4 against 17.4).
-#: Clusters of four of 64-row programs at 33-64 rows (three a multiprocessor), graph replays over
-#: copies of each weight that pass L2 (as ``bench --cold`` runs them), us at 33 / 64 rows:
-#: 4096x4096 15.6 / 15.9 against the tensor-core kernel's 15.9 / 18.3, 3072x4096 13.9 / 14.1
-#: against 15.8 / 16.8, 5120x5120 18.5 / 18.9 and 5120x4096 16.2 / 16.5 against 128-row programs
-#: in clusters of two, 25.0 / 25.4 and 21.1 / 21.4. With 11-14 iterations a part they lost
-#: (4096x14336 39.7 / 40.1 against 36.3 / 39.4, 4096x11008 32.0 / 32.7 against 30.0 / 32.1), though
-#: they won on replays that keep the weight in L2; 6144x4096 (384 programs) and 2048x8192 (128)
-#: lost. Eager ``Linear4bit`` (L2 cleared): 5120x5120 24-25 us against 31-32, 5120x4096 21-22
-#: against 27-28, but 4096x4096 at 33 rows 21 against 18 (the input staging's launch): eager calls
-#: take them only in place of the wide kernel's other configurations. Weights of 1024-5120 rows and
-#: K 1024-5120 (0.48-2.42 of a wave of such programs), read from memory, us at 33 / 64 rows against
-#: the kernel chosen before (5120 rows: 128-row programs in clusters of two, 5120x1024 9.4 / 9.6
-#: against 9.8 / 10.0, 5120x2048 11.7 / 11.8 against 13.8 / 13.9, 5120x3072 13.9 / 14.2 against 17.6
-#: / 17.8; the others the fused kernel): 1024x2048 8.6 / 8.7 against 12.9 / 13.6, 2048x2048 9.5 /
-#: 9.7 against 12.7 / 13.6, 3072x2048 10.0 / 10.3 against 12.8 / 13.9, 4096x2048 11.2 / 11.4 against
-#: 13.2 / 14.7, 2048x1024 7.6 / 7.7 against 12.7 / 13.5, 4096x1024 8.9 / 9.1 against 12.6 / 13.6,
-#: 3072x3072 12.0 / 12.2 against 15.7 / 17.3, 2048x3072 11.5 / 11.7 against 12.7 / 13.7, 1024x4096
-#: 12.0 / 12.2 against 12.7 / 13.6, 2048x4096 13.4 / 13.6 against 13.2 / 14.4, 2048x5120 15.6 / 15.8
-#: against 15.5 / 16.7; 512x2048 (0.24 of a wave, left out) 8.4 / 8.6 against 13.2 / 14.0; past 2.5
-#: waves they lost (6144x2048 16.4 / 16.7 against clusters of two of 128-row programs' 13.7 / 13.9,
-#: 8192x1024 14.4 / 14.5 against 9.8 / 10.0). Below 0.45 of a wave they won too (256x2048 8.4 / 8.5
-#: against the fused kernel's 12.5 / 13.2, 64x2048 8.1 / 8.2 against 12.5, 512x1024 6.6 / 6.8 against
-#: 12.3 / 12.8), but from three iterations a part the fused kernel's 64-row programs
-#: (``fused_narrow_fill``) beat them below one wave: 1024x4096 9.5 / 10.0 against 12.0 / 12.2,
-#: 2048x4096 11.2 / 11.8 against 13.3 / 13.5, 2048x5120 12.5 / 13.1 against 15.4 / 15.7, 1024x3072
-#: 9.4 / 9.7 against 10.3 / 10.5 (2048x3072 even, 11.1 / 11.6 against 11.4 / 11.6).
-#: The fused kernel's programs of 64 weight rows in place of 128 (graph replays, weights from
-#: memory, us at 17 / 33 / 64 rows) where those of 128, K split as far as allowed, fill under 1.25
-#: waves: 512x4096 9.1 / 9.5 / 9.6 against 10.9 / 13.3 / 13.9, 2048x2048 9.1 / - / 10.0 against 10.9 /
-#: - / 13.7, 2048x1024 - / 9.4 / 9.8 against 12.7 / 13.6, 2048x5120 11.2 / 12.5 / 13.1 against 12.9
-#: / 15.5 / 16.7, 4096x2048 10.0 at 17 against 11.1; eager ``Linear4bit`` 512x2048 11 against 15-16
-#: us, 1024x4096 12-13 against 15-16. Above that they lost or drew: 4096x4096 at 17 / 32 rows 14.8 /
-#: 15.0 against 13.5 / 14.0, 2048x8192 14.8 / 15.1 against 13.8 / 14.2 (64 rows 17.3 against 17.8),
-#: 1024x14336 even (64 rows 15.6 against 17.3), 4096x14336 38.5 / 39.0 / 43.4 against 31.5 / 31.9 /
-#: 39.5 (eager 45-46 against 40-42).
+#: The H200 keeps the Hopper entries (measured best or within noise there) and changes these
+#: rules, each measured on one (the numbers: docs/tuning.md): eager calls read their inputs in
+#: place (the copy into fragment order costs more host time than the GPU time it saves); the
+#: dequantizer takes one packed word a thread; ``wgmma`` runs 17-64 rows from two waves of its
+#: programs; the wide ``wgmma`` kernel runs 33-256 rows from 0.6 of a wave of 128-row programs,
+#: with fewer in clusters of two or three that split K, from 65 rows also in 64-row programs, and
+#: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
+#: range by their parts' iterations); the tensor-core kernel runs 64-row programs where its
+#: 128-row ones fill under 1.25 waves.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
@@ -306,13 +233,9 @@ H200 = HOPPER._replace(
         quarter_fill=((0.0, 2.5), (0.0, 2.5), (1.0, 2.5), (1.0, 2.5), (1.0, 2.5)),
     ),
 )
-#: Under capture, on graph replays (NF4 bf16 nested, us, against the eager tables' choice):
-#: ``wgmma`` from one wave of programs: 14336x4096 at 17 / 32 / 64 rows 24.6 / 25.0 / 33.0
-#: against 36.1 / 37.1 / 46.1; 6144x4096 (0.7 waves) even, 4096-row weights 1.4-2.2x slower.
-#: Inputs in fragment order: 28672x8192 at 16 rows 62.4 us against 70.3, 28672x4096 33.3
-#: against 37.1, 128256x4096 at 8 rows 110.8 against 122.0; from 13 rows of 2^25 weights too,
-#: 14336x4096 and 4096x14336 at 16 rows 19.1 / 18.2 against 21.4 / 20.0 (at 12 rows even,
-#: 0.97-0.99x; 6144x4096 even at 16); 4096x4096 at 16 rows 8.9 against 8.3, slower below 5 rows.
+#: Under capture (docs/tuning.md): ``wgmma`` from one wave of programs, inputs copied into
+#: fragment order for the rows and weight sizes of ``fragment_permute``, and clusters of four in
+#: place of any kernel.
 H200 = H200._replace(
     captured=H200._replace(
         fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27), PermuteRule(13, 1 << 25)),
