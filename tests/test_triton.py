@@ -426,6 +426,20 @@ def test_covering_splits_are_powers_of_two_that_cover_the_gpu_at_most_twice(monk
     assert (splits[32], splits[112], splits[224], splits[448]) == (8, 2, 2, 1)
 
 
+def test_the_tensor_core_kernels_grid_covers_the_gpu_but_keeps_8_k_tiles_a_split(monkeypatch):
+    """``fused_grid``: (weight-row programs, input-row programs, K splits) and the input rows a
+    program (16 to the configured rows, a power of two covering the input); covering splits are
+    added to the configured ones unless ``cover`` is off, and no split keeps under 8 K tiles."""
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert dispatch.fused_grid(64, 2048, 4096, (128, 64, 64, 1), cpu) == ((16, 1, 8), 64)  # 16 covering, 8 allowed
+    assert dispatch.fused_grid(64, 2048, 2048, (128, 64, 64, 1), cpu) == ((16, 1, 4), 64)
+    assert dispatch.fused_grid(17, 28672, 8192, (128, 32, 64, 4), cpu) == ((224, 1, 4), 32)  # 4 configured
+    assert dispatch.fused_grid(3, 8192, 8192, (128, 16, 64, 1), cpu) == ((64, 1, 4), 16)
+    assert dispatch.fused_grid(100, 4096, 512, (128, 64, 64, 4), cpu) == ((32, 2, 1), 64)  # 8 tiles: one split
+    assert dispatch.fused_grid(64, 2048, 4096, (128, 64, 64, 2), cpu, cover=False) == ((16, 1, 2), 64)
+
+
 @pytest.mark.parametrize(
     "name, capability, expected",
     [
