@@ -287,6 +287,23 @@ def test_copy_bandwidth_is_measured():
     assert bench.copy_bandwidth_gbps(torch.device("cpu"), nbytes=1 << 20) > 0
 
 
+def test_the_copy_bandwidth_is_timed_eagerly_under_cuda_graphs(monkeypatch):
+    """A graph-replay table's "% of copy" divides by the eager copy rate, not a replayed copy's."""
+    from fourbit.tools import bench
+
+    timed: list = []
+
+    def median_ms(fns, device, min_time, graphs=None):
+        fns[0]()
+        timed.append(graphs if graphs is not None else bench.CUDA_GRAPHS)
+        return 2.0
+
+    monkeypatch.setattr(bench, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(bench, "_median_ms", median_ms)
+    assert bench.copy_bandwidth_gbps(torch.device("cpu"), nbytes=1 << 20) == pytest.approx(2 * (1 << 20) / 2.0 / 1e6)
+    assert timed == [False]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("graphs", "cold"), [(False, 0), (True, 0), (True, 2)])
 def test_bench_runs_on_cuda(graphs, cold, capsys):
