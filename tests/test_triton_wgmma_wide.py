@@ -32,12 +32,12 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="wgmma needs a GPU of compu
 @needs_hopper
 @pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide",)]))
 def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
-    """The wide kernel, forced, over 33 to 256 input rows (every row tile, partial ones), weight
+    """The wide kernel, forced, over 17 to 256 input rows (every row tile, partial ones), weight
     rows that fill no program, blocksizes from 64 to 4096, K of one to 16 iterations, rows and
     tiles, strided inputs and a bias: as close to a float64 reference as the decode + cuBLAS
     path, which rounds the decoded weights alike."""
     shapes = [(300, 256, 64), (100, 4096, 128), (130, 4096, 4096), (208, 768, 64)]
-    row_counts = [(33, 65, 256), (64, 128, 150), (96, 200), (256, 70)]  # each row tile, full and partial
+    row_counts = [(17, 33, 65, 256), (64, 128, 150), (96, 200), (256, 70)]  # each row tile, full and partial
     for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
@@ -70,7 +70,7 @@ def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nest
     and a bias; the same bits on every call (the parts are added in rank order)."""
     cluster = config[1]
     shapes = [(300, 256 * cluster, 64), (100, 4352, 128), (130, 4096, 4096)]
-    row_counts = [(33, 256), (65, 192), (150,)]
+    row_counts = [(17, 33, 256), (65, 192), (150,)]
     for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
@@ -109,6 +109,7 @@ def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, neste
         ((150, 4352, 128), 256, 3),
         ((200, 4352, 64), 33, 4),
         ((120, 1024, 64), 64, 4),
+        ((100, 1024, 64), 17, 4),
     ]
     for quant_type, ((n, k, blocksize), rows, cluster) in zip(itertools.cycle(["nf4", "fp4"]), cases):
         code = code_table(quant_type)

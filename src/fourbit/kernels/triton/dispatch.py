@@ -46,7 +46,7 @@ def choose_config(
     rule = tables.wgmma_wide
     if (
         rule
-        and rule.min_rows <= rows <= rule.max_rows
+        and wide_min_rows(rule, k) <= rows <= rule.max_rows
         and wgmma_supported(x, k, blocksize, packed, wgmma_wide.ROW_TILES[-1])
     ):
         wide = wide_programs(rule, rows, n_out, k, processors(x.device))
@@ -70,12 +70,20 @@ def choose_config(
     return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
 
 
+def wide_min_rows(rule: tuning.WgmmaRule, k: int) -> int:
+    """The fewest input rows the wide ``wgmma`` kernel may take against a K of ``k``:
+    ``min_rows``, or ``quarter_min_rows`` for clusters of four of one-iteration parts."""
+    if rule.quarter_min_rows and k // 1024 == 1:
+        return min(rule.min_rows, rule.quarter_min_rows)
+    return rule.min_rows
+
+
 def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:
     """The wide ``wgmma`` kernel's programs (as ``split_programs``), or, up to the smallest row
     tile, 64-row programs in clusters of four in place of those (or of any other kernel, with
     ``quarter_alone``) where they fill the share of the multiprocessors that ``quarter_fill``
-    gives for their parts' iterations (``WgmmaRule``)."""
-    found = split_programs(rule, rows, n_out, k, processors)
+    gives for their parts' iterations (``WgmmaRule``); below ``min_rows``, only those."""
+    found = split_programs(rule, rows, n_out, k, processors) if rows >= rule.min_rows else None
     narrow = wgmma_wide.PROGRAM_ROWS[-1]
     # up to the smallest row tile, 64-row programs in clusters of two are ``narrow_small_waves``' choice
     if rows > wgmma_wide.ROW_TILES[0] or found == (2, narrow) or not (found or rule.quarter_alone):

@@ -115,7 +115,9 @@ class WgmmaRule(NamedTuple):
     iterations (0: never). Up to the smallest row tile, 64-row programs in clusters of four go
     before all but those of ``narrow_small_waves`` where they fill ``quarter_fill[i - 1]`` (a
     range, in multiprocessors) for parts of ``i`` iterations (none beyond the table): in place of
-    another of the wide kernel's configurations, or (``quarter_alone``) of any."""
+    another of the wide kernel's configurations, or (``quarter_alone``) of any. Those of parts of
+    one iteration (K of 1024-2047) start from ``quarter_min_rows`` input rows (0: ``min_rows``),
+    where nothing else of the wide kernel does."""
 
     min_rows: int
     max_rows: int
@@ -127,6 +129,7 @@ class WgmmaRule(NamedTuple):
     third_min_iterations: int = 0
     quarter_fill: tuple[tuple[float, float], ...] = ()
     quarter_alone: bool = False
+    quarter_min_rows: int = 0
 
 
 class QuantizeConfig(NamedTuple):
@@ -235,12 +238,12 @@ H200 = HOPPER._replace(
 )
 #: Under capture (docs/tuning.md): ``wgmma`` from one wave of programs, inputs copied into
 #: fragment order for the rows and weight sizes of ``fragment_permute``, and clusters of four in
-#: place of any kernel.
+#: place of any kernel, from 17 rows where K is 1024-2047.
 H200 = H200._replace(
     captured=H200._replace(
         fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27), PermuteRule(13, 1 << 25)),
         wgmma=WgmmaRule(17, 64, 1.0),
-        wgmma_wide=H200.wgmma_wide._replace(quarter_alone=True),
+        wgmma_wide=H200.wgmma_wide._replace(quarter_alone=True, quarter_min_rows=17),
     )
 )
 

@@ -1,0 +1,328 @@
+"""The choice of kernel, tile and grid from each GPU's tables (``dispatch``, ``tuning``). The
+kernels' support and the multiprocessor count are forced, so these run without a GPU."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton_cases import DEVICE, NEEDS_TRITON
+
+from fourbit.kernels.triton import dispatch, tuning
+
+pytestmark = NEEDS_TRITON
+
+
+@pytest.mark.parametrize("processors", [66, 132])
+def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
+    """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles: split K as
+    many times as one wave holds when that fills ``wide_split_fill`` of it with splits of
+    ``wide_split_columns`` columns or more, else unsplit when the programs cover
+    ``wide_min_coverage`` of the multiprocessors; otherwise decode + cuBLAS, as always for more
+    rows. (The kernel's support is forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: processors)
+    tables = tuning.for_device(torch.device(DEVICE))
+    most_fused = tables.fused[-1].max_rows
+    wide, columns = tables.wide, tables.wide_split_columns
+    covering = math.ceil(tables.wide_min_coverage * processors)  # programs that fill it unsplit
+    for rows in (most_fused + 1, tables.wide_rows):
+        x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
+
+        def choose(programs: int, k: int, x: torch.Tensor = x) -> tuple | str:
+            return dispatch.choose_config(x, programs * wide.block_n, k, 64)
+
+        assert choose(covering, 4096) == wide
+        assert choose(8 * covering, 64 * columns) == wide  # more than a wave: never split
+        assert choose(covering - 1, 64 * columns) == "chunked"  # two splits would fill 80% of the wave
+        assert choose(16, columns) == "chunked"  # its splits would be too narrow
+        for programs in (4, 32):
+            split = choose(programs, 64 * columns)
+            assert split == wide._replace(split_k=processors // programs), (programs, split)
+            assert tables.wide_split_fill * processors <= programs * split.split_k <= processors
+    assert (
+        dispatch.choose_config(torch.zeros(tables.wide_rows + 1, 4096), 8 * covering * wide.block_n, 4096, 64)
+        == "chunked"
+    )
+    assert dispatch.choose_config(torch.zeros(most_fused, 4096), 8 * covering * wide.block_n, 4096, 64)[0] == "fused"
+
+
+def test_large_weights_read_many_input_rows_in_fragment_order_under_capture(monkeypatch):
+    """On an H200, products recorded into a CUDA graph copy their inputs into fragment order from
+    the captured tables' row counts on, for weights of their sizes; small weights and few rows
+    read the rows in place, and eager calls always do, as the copy's launch costs them more host
+    time than it saves on the GPU (``tuning.PermuteRule``). (The kernel's support is forced, so
+    this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: True)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+    def permuted(rows: int, n: int, k: int, captured: bool = True) -> int:
+        x = torch.zeros(rows, k, dtype=torch.bfloat16)
+        config = dispatch.choose_config(x, n, k, 64, captured=captured)
+        assert config[:4] == ("fragments", 4, 0, 0)
+        return config[4]
+
+    assert [permuted(rows, 28672, 8192) for rows in (1, 4, 5, 8, 9, 16)] == [0, 0, 1, 1, 1, 1]
+    assert [permuted(rows, 28672, 4096) for rows in (8, 9, 16)] == [0, 1, 1]
+    assert [permuted(rows, 14336, 4096) for rows in (8, 12, 13, 16)] == [0, 0, 1, 1]
+    assert [permuted(rows, 4096, 4096) for rows in (1, 8, 16)] == [0, 0, 0]
+    assert [permuted(rows, 28672, 8192, captured=False) for rows in (1, 5, 9, 16)] == [0, 0, 0, 0]
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)  # not measured there
+    assert permuted(16, 28672, 8192) == 0
+
+
+def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatch):
+    """Under capture a second kernel a call costs no host time at replay: the H200's captured
+    tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-32 rows of a weight
+    with one wave of 64-row programs to ``wgmma`` (two waves when eager; from 33 rows such a
+    weight runs the wide kernel in clusters); the Hopper tables have none. (Support and the
+    multiprocessor count are forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: True)
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+    def chosen(rows: int, n: int, captured: bool) -> tuple:
+        return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
+
+    assert [chosen(rows, 14336, True)[4] for rows in (8, 12, 13, 16)] == [0, 0, 1, 1]
+    assert [chosen(rows, 14336, False)[4] for rows in (8, 12, 13, 16)] == [0, 0, 0, 0]
+    assert chosen(16, 6144, True)[4] == 0
+    one_wave = 64 * 132
+    assert [chosen(rows, one_wave, True)[0] for rows in (17, 32)] == ["wgmma", "wgmma"]
+    assert [chosen(rows, one_wave, False)[0] for rows in (17, 32)] == ["fused", "fused"]
+    assert chosen(64, one_wave, True) == chosen(64, one_wave, False) == ("wgmma_wide", 2, 128)  # a wave in clusters
+    assert chosen(32, one_wave - 64, True)[0] == "fused"
+    assert chosen(32, 2 * one_wave, False)[0] == "wgmma"
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
+    assert chosen(16, 14336, True)[4] == 0 and chosen(32, 2 * one_wave, True)[0] == "fused"
+
+
+def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
+    """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
+    its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
+    twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
+    65 rows in clusters of two of 64-row programs where those fill it; up to 64 rows, first,
+    64-row programs in clusters of two where they fill 0.68-1.0 of three waves, then in clusters
+    of four where they fill up to 2.5 waves, from one wave when each part keeps 3-5 iterations
+    rather than 1-2 (eager: only in place of the wide kernel's other configurations); other weights
+    (at 33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
+    (not measured there) keep the earlier paths. (Support and the multiprocessor count are
+    forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(
+        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
+    )
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
+
+    def chosen(rows: int, n: int, captured: bool = False) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
+
+    fills = 128 * 80  # 80 programs: 0.61 of 132
+    for captured in (False, True):
+        whole = ("wgmma_wide", 1, 128)
+        assert [chosen(rows, 28672, captured) for rows in (33, 64, 65, 96, 128, 200, 256)] == [whole] * 7
+        assert chosen(32, 28672, captured)[0] == "wgmma"
+        assert chosen(257, 28672, captured) != whole
+        assert chosen(128, fills, captured) == whole
+        assert chosen(128, fills - 128, captured) != whole
+    assert chosen(64, 64 * 134, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
+    # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows)
+    for captured in (False, True):
+        clustered = [chosen(rows, n, captured) for rows in (33, 128, 256) for n in (8192, 6144, 5120)]
+        assert clustered == [("wgmma_wide", 2, 128)] * 2 + [("wgmma_wide", 4, 64)] + [("wgmma_wide", 2, 128)] * 6
+        assert chosen(128, 128 * 67, captured)[0] != "wgmma_wide"  # 134: more than a wave, 0.51 unsplit
+        assert chosen(128, 128 * 39, captured)[0] != "wgmma_wide"  # 78 of 132 (156 in 64-row programs)
+        # too few 128-row programs: from 65 rows 64-row ones in clusters of two (4096, 3072, 2560 rows)
+        narrow = [chosen(rows, n, captured) for rows in (65, 128, 256) for n in (4096, 3072, 2560)]
+        assert narrow == [("wgmma_wide", 2, 64)] * 9
+        assert chosen(64, 4096, captured) == (("wgmma_wide", 4, 64) if captured else chosen(64, 4096))  # below
+        assert chosen(128, 64 * 39, captured)[0] != "wgmma_wide"  # 78 of 132: under 0.6
+        assert chosen(128, 2048, captured)[0] != "wgmma_wide"
+    # up to 64 rows, 64-row programs in clusters of two that fill 0.68-1.0 of three waves (396)
+    for captured in (False, True):
+        small = [chosen(rows, n, captured) for rows in (33, 48, 64) for n in (64 * 135, 11008, 64 * 198)]
+        assert small == [("wgmma_wide", 2, 64)] * 9
+        assert chosen(65, 11008, captured) == ("wgmma_wide", 1, 128)
+        assert chosen(64, 64 * 199, captured) == ("wgmma_wide", 1, 128)  # 398 programs: past three waves
+        assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
+        assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
+        assert chosen(64, 8192, captured) == ("wgmma_wide", 2, 128)
+    # then 64-row programs in clusters of four that fill up to 2.5 waves (from 1.0 at 3-5 iterations a part):
+    # under capture in place of any kernel, eager calls only in place of the wide kernel's others
+    for rows in (33, 48, 64):
+        for n in (64 * 47, 4096, 64 * 80):
+            assert chosen(rows, n, captured=True) == ("wgmma_wide", 4, 64)
+            assert chosen(rows, n)[0] != "wgmma_wide" or n == 64 * 80
+        assert chosen(rows, 5120) == ("wgmma_wide", 4, 64)  # for clusters of two of 128-row programs
+    assert chosen(65, 4096, captured=True) == ("wgmma_wide", 2, 64)
+    assert chosen(64, 64 * 46, captured=True) == chosen(64, 64 * 33, captured=True) == ("wgmma_wide", 4, 64)
+    assert chosen(64, 64 * 32, captured=True)[0] == "fused"  # 128 programs: under one wave of 132
+    assert chosen(64, 64 * 83, captured=True) == ("wgmma_wide", 2, 128)  # 332: past 2.5
+    assert chosen(64, 2048)[0] != "wgmma_wide"  # eager: the fused kernel's one launch
+
+    def iterations(k: int, n: int = 4096) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(64, k, dtype=torch.bfloat16), n, k, 64, captured=True)
+
+    assert iterations(5120) == iterations(4352) == iterations(5120, 5120) == ("wgmma_wide", 4, 64)
+    assert iterations(1024) == iterations(2048, 2048) == iterations(3072, 3072) == ("wgmma_wide", 4, 64)
+    assert iterations(2048, 256) == iterations(1024, 64) == ("wgmma_wide", 4, 64)  # 1-2 a part: from 4 programs
+    assert iterations(3072, 2048)[0] == "fused"  # 3 a part: 128 programs, under one wave
+    assert iterations(768)[0] != "wgmma_wide"  # 3 iterations: under one a part
+    assert iterations(2048, 6144) == ("wgmma_wide", 2, 128)  # 384 programs: past 2.5 of 132
+    assert iterations(6144)[0] != "wgmma_wide" and iterations(14336)[0] != "wgmma_wide"  # 6 and 14 a part
+    assert iterations(6144, 5120) == ("wgmma_wide", 2, 128)
+    one_iteration_few_rows = torch.zeros(64, 256, dtype=torch.bfloat16)
+    assert dispatch.choose_config(one_iteration_few_rows, 11008, 256, 64) == ("wgmma_wide", 1, 128)
+    odd_k = torch.zeros(128, 4352, dtype=torch.bfloat16)  # 17 iterations: parts of 8 and 9
+    assert dispatch.choose_config(odd_k, 8192, 4352, 64) == ("wgmma_wide", 2, 128)
+    assert dispatch.choose_config(odd_k, 4096, 4352, 64) == ("wgmma_wide", 2, 64)
+    one_iteration = torch.zeros(128, 256, dtype=torch.bfloat16)  # nothing to split
+    assert dispatch.choose_config(one_iteration, 8192, 256, 64)[0] != "wgmma_wide"
+    even_k = torch.zeros(128, 4608, dtype=torch.bfloat16)
+    assert dispatch.choose_config(even_k, 8192, 4608, 64) == ("wgmma_wide", 2, 128)
+    # clusters of three where two fill too little and each part keeps 8 iterations (from 65 rows)
+    for rows in (65, 128, 256):
+        x = torch.zeros(rows, 14336, dtype=torch.bfloat16)
+        assert dispatch.choose_config(x, 4096, 14336, 64) == ("wgmma_wide", 3, 128)  # 96 of 132
+        assert dispatch.choose_config(x[:, :8192], 2048, 8192, 64) == ("wgmma_wide", 3, 64)
+        assert dispatch.choose_config(x[:, :6144], 4096, 6144, 64) == ("wgmma_wide", 3, 128)  # 8 iterations a part
+        assert dispatch.choose_config(x[:, :5888], 4096, 5888, 64) == ("wgmma_wide", 2, 64)  # 7.7
+        assert dispatch.choose_config(x[:, :14336], 6144, 14336, 64) == ("wgmma_wide", 2, 128)  # two fill 96
+    assert dispatch.choose_config(torch.zeros(64, 8192, dtype=torch.bfloat16), 2048, 8192, 64)[0] != "wgmma_wide"
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", False)  # a Triton whose cluster launch is not checked
+    assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 28672) == ("wgmma_wide", 1, 128)
+    assert chosen(128, 4096)[0] != "wgmma_wide" and chosen(64, 11008) == ("wgmma_wide", 1, 128)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
+    assert chosen(128, 28672) != ("wgmma_wide", 1, 128)
+    assert chosen(128, 8192)[0] != "wgmma_wide" and chosen(128, 4096)[0] != "wgmma_wide"  # tables without clusters
+    assert chosen(64, 11008)[0] != "wgmma_wide"
+
+
+def test_under_capture_the_h200_tables_run_17_to_32_rows_of_short_k_in_clusters_of_four(monkeypatch):
+    """Recorded into a CUDA graph, 17-32 rows against a K of 1024-2047 (parts of one iteration)
+    run 64-row programs in clusters of four where they fill up to 2.5 waves, as from 33 rows
+    (on an H200 1024x1024 took 6.6 us against 9.0); a longer K (even at 2048, lost at 4096),
+    more programs, eager calls and the Hopper tables keep the tensor-core kernel."""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(
+        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
+    )
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
+
+    def chosen(rows: int, n: int, k: int, captured: bool = True) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
+
+    quarter = ("wgmma_wide", 4, 64)
+    for rows in (17, 24, 32):
+        for n, k in [(1024, 1024), (2048, 1024), (4096, 1024), (64 * 82, 1024), (1024, 1792)]:
+            assert chosen(rows, n, k) == quarter, (rows, n, k)
+            assert chosen(rows, n, k, captured=False)[0] == "fused"
+        assert chosen(rows, 64 * 83, 1024)[0] == "fused"  # 332 programs: past 2.5 waves of 132
+        assert chosen(rows, 1024, 2048)[0] == chosen(rows, 2048, 4096)[0] == "fused"
+    assert chosen(16, 1024, 1024)[0] == "fragments"
+    assert chosen(33, 1024, 2048) == quarter  # from 33 rows the rule takes longer K too
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
+    assert chosen(17, 1024, 1024)[0] == "fused"
+
+
+def test_the_h200_tables_give_the_fused_kernel_64_row_programs_where_128_row_ones_are_too_few(monkeypatch):
+    """The H200's tables (eager and captured) run the tensor-core kernel in programs of 64 weight
+    rows where its 128-row programs, K split as far as allowed (8 tiles of 64 a split), fill
+    under 1.25 waves (165 of 132 multiprocessors); the Hopper tables (not measured) keep 128.
+    (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: False)
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+
+    def block_n(rows: int, n: int, k: int, tables: tuning.KernelTables = tuning.H200, captured: bool = False) -> int:
+        monkeypatch.setattr(tuning, "for_device", lambda device: tables)
+        x = torch.zeros(rows, k, dtype=torch.bfloat16)
+        config = dispatch.choose_config(x, n, k, 64, captured=captured)
+        assert config[0] == "fused"
+        return config[1]
+
+    for rows, captured in itertools.product((17, 32, 33, 64), (False, True)):
+        assert block_n(rows, 2560, 4096, captured=captured) == 64  # 20 programs x 8 splits
+        assert block_n(rows, 2688, 4096, captured=captured) == 128  # 21 x 8: 168
+        assert block_n(rows, 2048, 5120, captured=captured) == 64  # 16 x 10
+        assert block_n(rows, 2048, 8192, captured=captured) == 128  # 16 x 16
+        assert block_n(rows, 512, 2048, captured=captured) == 64
+        assert block_n(rows, 4096, 14336, captured=captured) == 128
+        assert block_n(rows, 512, 2048, tuning.HOPPER, captured) == 128
+    assert block_n(17, 4096, 2048) == 64  # 32 x 4
+    assert block_n(17, 4096, 4096) == 128  # 32 x 8
+
+
+def test_covering_splits_are_powers_of_two_that_cover_the_gpu_at_most_twice(monkeypatch):
+    """Automatic K splits: the power of two at or below what gives every multiprocessor two programs."""
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    splits = {programs: dispatch.covering_splits(programs, torch.device("cpu")) for programs in range(1, 600)}
+    for programs, split in splits.items():
+        assert split & (split - 1) == 0, (programs, split)
+        assert split <= max(1, -(-264 // programs)) < 2 * split, (programs, split)
+    assert (splits[32], splits[112], splits[224], splits[448]) == (8, 2, 2, 1)
+
+
+def test_the_tensor_core_kernels_grid_covers_the_gpu_but_keeps_8_k_tiles_a_split(monkeypatch):
+    """``fused_grid``: (weight-row programs, input-row programs, K splits) and the input rows a
+    program (16 to the configured rows, a power of two covering the input); covering splits are
+    added to the configured ones unless ``cover`` is off, and no split keeps under 8 K tiles."""
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert dispatch.fused_grid(64, 2048, 4096, (128, 64, 64, 1), cpu) == ((16, 1, 8), 64)  # 16 covering, 8 allowed
+    assert dispatch.fused_grid(64, 2048, 2048, (128, 64, 64, 1), cpu) == ((16, 1, 4), 64)
+    assert dispatch.fused_grid(17, 28672, 8192, (128, 32, 64, 4), cpu) == ((224, 1, 4), 32)  # 4 configured
+    assert dispatch.fused_grid(3, 8192, 8192, (128, 16, 64, 1), cpu) == ((64, 1, 4), 16)
+    assert dispatch.fused_grid(100, 4096, 512, (128, 64, 64, 4), cpu) == ((32, 2, 1), 64)  # 8 tiles: one split
+    assert dispatch.fused_grid(64, 2048, 4096, (128, 64, 64, 2), cpu, cover=False) == ((16, 1, 2), 64)
+
+
+@pytest.mark.parametrize(
+    "name, capability, expected",
+    [
+        ("NVIDIA H200", (9, 0), "H200"),
+        ("NVIDIA H200 NVL", (9, 0), "H200"),
+        ("NVIDIA H100 80GB HBM3", (9, 0), "HOPPER"),
+        ("NVIDIA H100 PCIe", (9, 0), "HOPPER"),
+        ("NVIDIA GH200 480GB", (9, 0), "HOPPER"),  # a Hopper without tables of its own
+        ("NVIDIA A100-SXM4-80GB", (8, 0), "GENERIC"),
+        ("NVIDIA GeForce RTX 4090", (8, 9), "GENERIC"),
+        ("NVIDIA B200", (10, 0), "GENERIC"),
+    ],
+)
+def test_each_gpu_gets_its_own_tables_or_the_nearest_safe_ones(name, capability, expected):
+    tables = tuning.tables_for(name, capability)
+    assert tables is getattr(tuning, expected)
+    assert tables.tuned_on
+
+
+def test_the_generic_tables_keep_the_batch_wide_tiles_small():
+    """The one difference from the Hopper tables: batch-wide tiles that fit any GPU's shared memory."""
+    generic, hopper = tuning.GENERIC, tuning.HOPPER
+    assert generic._replace(wide=hopper.wide, tuned_on=hopper.tuned_on) == hopper
+    assert generic.wide.block_m * generic.wide.num_stages < hopper.wide.block_m * hopper.wide.num_stages
+
+
+def test_a_cpu_device_reads_the_hopper_tables():
+    assert tuning.for_device(torch.device("cpu")) is tuning.HOPPER
