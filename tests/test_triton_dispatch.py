@@ -18,6 +18,21 @@ from fourbit.kernels.triton import dispatch, tuning
 pytestmark = NEEDS_TRITON
 
 
+@pytest.fixture
+def h200_without_a_gpu(monkeypatch):
+    """The H200's tables on 132 multiprocessors, every kernel supported as on the GPU (the fragment
+    kernel to 16 rows, ``wgmma`` to its rows, clusters launched), so choices run without one."""
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(
+        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
+    )
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+
 @pytest.mark.parametrize("processors", [66, 132])
 def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
     """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles: split K as
@@ -77,19 +92,11 @@ def test_large_weights_read_many_input_rows_in_fragment_order_under_capture(monk
     assert permuted(16, 28672, 8192) == 0
 
 
-def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatch):
+def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatch, h200_without_a_gpu):
     """Under capture a second kernel a call costs no host time at replay: the H200's captured
     tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-32 rows of a weight
     with one wave of 64-row programs to ``wgmma`` (two waves when eager; from 33 rows such a
-    weight runs the wide kernel in clusters); the Hopper tables have none. (Support and the
-    multiprocessor count are forced, so this runs without a GPU.)"""
-    monkeypatch.setattr(dispatch, "INTERPRETED", False)
-    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
-    monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: True)
-    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
-    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
-    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
-    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+    weight runs the wide kernel in clusters); the Hopper tables have none."""
 
     def chosen(rows: int, n: int, captured: bool) -> tuple:
         return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
@@ -107,7 +114,9 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     assert chosen(16, 14336, True)[4] == 0 and chosen(32, 2 * one_wave, True)[0] == "fused"
 
 
-def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(monkeypatch):
+def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(
+    monkeypatch, h200_without_a_gpu
+):
     """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
     its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
     twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
@@ -118,15 +127,6 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     (at 33-64 rows: ``wgmma`` where its own rule holds), fewer or more rows, or the Hopper tables
     (not measured there) keep the earlier paths. (Support and the multiprocessor count are
     forced, so this runs without a GPU.)"""
-    monkeypatch.setattr(dispatch, "INTERPRETED", False)
-    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
-    monkeypatch.setattr(
-        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
-    )
-    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
-    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
-    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
-    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
 
     def chosen(rows: int, n: int, captured: bool = False) -> tuple | str:
         return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
@@ -213,20 +213,13 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
     assert chosen(64, 11008)[0] != "wgmma_wide"
 
 
-def test_under_capture_the_h200_tables_run_17_to_32_rows_of_short_k_in_clusters_of_four(monkeypatch):
+def test_under_capture_the_h200_tables_run_17_to_32_rows_of_short_k_in_clusters_of_four(
+    monkeypatch, h200_without_a_gpu
+):
     """Recorded into a CUDA graph, 17-32 rows against a K of 1024-2047 (parts of one iteration)
     run 64-row programs in clusters of four where they fill up to 2.5 waves, as from 33 rows
     (on an H200 1024x1024 took 6.6 us against 9.0); a longer K (even at 2048, lost at 4096),
     more programs, eager calls and the Hopper tables keep the tensor-core kernel."""
-    monkeypatch.setattr(dispatch, "INTERPRETED", False)
-    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
-    monkeypatch.setattr(
-        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
-    )
-    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
-    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
-    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
-    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
 
     def chosen(rows: int, n: int, k: int, captured: bool = True) -> tuple | str:
         return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
@@ -244,16 +237,14 @@ def test_under_capture_the_h200_tables_run_17_to_32_rows_of_short_k_in_clusters_
     assert chosen(17, 1024, 1024)[0] == "fused"
 
 
-def test_the_h200_tables_give_the_fused_kernel_64_row_programs_where_128_row_ones_are_too_few(monkeypatch):
+def test_the_h200_tables_give_the_fused_kernel_64_row_programs_where_128_row_ones_are_too_few(
+    monkeypatch, h200_without_a_gpu
+):
     """The H200's tables (eager and captured) run the tensor-core kernel in programs of 64 weight
     rows where its 128-row programs, K split as far as allowed (8 tiles of 64 a split), fill
     under 1.25 waves (165 of 132 multiprocessors); the Hopper tables (not measured) keep 128.
     (Support and the multiprocessor count are forced, so this runs without a GPU.)"""
-    monkeypatch.setattr(dispatch, "INTERPRETED", False)
-    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
     monkeypatch.setattr(dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: False)
-    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
-    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
 
     def block_n(rows: int, n: int, k: int, tables: tuning.KernelTables = tuning.H200, captured: bool = False) -> int:
         monkeypatch.setattr(tuning, "for_device", lambda device: tables)
