@@ -273,8 +273,8 @@ def table_line(row: Row, copy_gbps: float | None = None) -> str:
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth into a preallocated buffer, bytes read plus bytes written,
-    always timed eagerly: replayed in a CUDA graph, a 1 GiB copy read 2.77 TB/s on an H200
-    against 4.25 eagerly, which would overstate every "% of copy" of a graph-replay table."""
+    always timed eagerly: a 1 GiB clone replayed in a CUDA graph read 2.77 TB/s on an H200 against
+    4.22-4.25 eagerly, which would overstate every "% of copy" of a graph-replay table."""
     source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     target = torch.empty_like(source)
     milliseconds = _median_ms([lambda: target.copy_(source)], device, 0.5, graphs=False)
