@@ -189,3 +189,14 @@ def test_profile_prefill_prints_its_profile_and_table():
     calls = re.search(r"linear_4bit, (\d+) calls a prefill, host us a call \(median\): backend kernel ([\d.]+)", out)
     assert calls and int(calls[1]) == 7 and float(calls[2]) > 0, out[-2000:]
     assert re.search(r"back to back: [\d.]+ a call", out)
+
+
+def test_profile_compiled_call_times_the_compiled_step_with_and_without_guards():
+    out = _run("profile_compiled_call.py", "--device", "cpu", "--layers", "1", "--calls", "3", "--rounds", "1")
+    bf16, fourbit = _row(out, "1 | bf16"), _row(out, "1 | fourbit")
+    for cells in (bf16, fourbit):
+        guarded, bare, check = (float(cell) for cell in cells[2:5])
+        assert guarded > 0 and bare > 0 and check == pytest.approx(guarded - bare, abs=0.11), cells
+        assert int(cells[6]) > 0, cells  # the guard tree was read
+    # each 4-bit projection adds its statistics buffer to the graph's inputs (7 in a Llama layer)
+    assert int(fourbit[5]) == int(bf16[5]) + 7, (bf16, fourbit)
