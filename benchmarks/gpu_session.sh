@@ -33,8 +33,8 @@ for stage in $STAGES; do
         # otherwise each take all of them, JOBS times over
         jobs=${JOBS:-16}
         export THREADS=$(( ($(nproc) + jobs - 1) / jobs ))
-        # the slow files first, so that none starts last
-        files=${FILES:-$(ls tests/test_triton_tensor_core.py tests/test_triton_wgmma.py tests/test_triton_wgmma_wide.py tests/test_compiled_groups.py \
+        # the slow files first, so that none starts last (in this order: ``ls`` would sort them)
+        files=${FILES:-$(printf '%s\n' tests/test_triton_tensor_core.py tests/test_triton_wgmma.py tests/test_triton_wgmma_wide.py tests/test_compiled_groups.py \
           tests/test_cli.py tests/test_triton_tiled.py tests/test_triton.py \
           tests/test_triton_quantize.py tests/test_bnb_compat.py tests/test_parametrize.py tests/test_integration_transformers.py \
           tests/test_cpu_kernels.py tests/test_linear4bit.py tests/test_*.py)}

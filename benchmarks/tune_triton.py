@@ -204,7 +204,7 @@ def main() -> None:
                 "wide": WIDE_CANDIDATES if rows > 16 else [],
                 "wgmma": [("wgmma", 1), ("wgmma", 2)] if 17 <= rows <= 64 else [],  # compute capability 9.0
                 "wgmma_wide": [("wgmma_wide", c, p) for p in wgmma_wide.PROGRAM_ROWS for c in wgmma_wide.CLUSTERS]
-                if 33 <= rows <= 256
+                if rows >= 33
                 else [],
             }
             candidates = [config for kind in args.kinds for config in kinds[kind]]

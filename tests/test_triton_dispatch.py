@@ -114,11 +114,12 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     assert chosen(16, 14336, True)[4] == 0 and chosen(32, 2 * one_wave, True)[0] == "fused"
 
 
-def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(
+def test_the_h200_tables_send_33_to_512_rows_of_weights_with_a_wave_of_programs_to_the_wide_wgmma(
     monkeypatch, h200_without_a_gpu
 ):
-    """The H200's tables (eager and captured) run 33-256 rows on the wide ``wgmma`` kernel when
-    its 128-row programs fill at least 0.6 of the multiprocessors, or in clusters of two when
+    """The H200's tables (eager and captured) run 33-512 rows on the wide ``wgmma`` kernel when
+    its 128-row programs (those of every block of 256 input rows) fill at least 0.6 of the
+    multiprocessors, or in clusters of two when
     twice the programs fill 0.6-1.0 of them (K of two or more 256-column iterations), and from
     65 rows in clusters of two of 64-row programs where those fill it; up to 64 rows, first,
     64-row programs in clusters of two where they fill 0.68-1.0 of three waves, then in clusters
@@ -136,9 +137,14 @@ def test_the_h200_tables_send_33_to_256_rows_of_weights_with_a_wave_of_programs_
         whole = ("wgmma_wide", 1, 128)
         assert [chosen(rows, 28672, captured) for rows in (33, 64, 65, 96, 128, 200, 256)] == [whole] * 7
         assert chosen(32, 28672, captured)[0] == "wgmma"
-        assert chosen(257, 28672, captured) != whole
+        assert [chosen(rows, 28672, captured) for rows in (257, 300, 384, 512)] == [whole] * 4
+        assert chosen(513, 28672, captured) == "chunked"
         assert chosen(128, fills, captured) == whole
         assert chosen(128, fills - 128, captured) != whole
+        assert chosen(257, fills // 2, captured) == whole  # 40 programs in each of two blocks
+        assert chosen(256, fills // 2, captured) != whole
+        # 32 programs of a 4096-row weight: two blocks fill a wave in clusters of two
+        assert [chosen(rows, 4096, captured) for rows in (257, 512)] == [("wgmma_wide", 2, 128)] * 2
     assert chosen(64, 64 * 134, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
     # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows)
     for captured in (False, True):

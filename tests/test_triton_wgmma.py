@@ -150,6 +150,19 @@ def test_staged_inputs_lay_each_step_out_as_the_instruction_reads_it(rows):
     assert torch.equal(staged, expected)
 
 
+def test_inputs_past_a_tile_are_staged_as_blocks_of_it_one_after_another():
+    """Inputs of more rows than the tile: block i holds rows ``i * rows`` on, laid out as a tile's
+    own staged inputs (the last block padded with zeros)."""
+    rows, k, m = 64, 256, 150
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    staged = wgmma.WgmmaInputs(rows, k, torch.device(DEVICE), blocks=3)(x).view(torch.bfloat16)
+    assert staged.numel() == 3 * rows * k
+    for block, start in enumerate(range(0, m, rows)):
+        alone = wgmma.WgmmaInputs(rows, k, torch.device(DEVICE))(x[start : start + rows]).view(torch.bfloat16)
+        assert torch.equal(staged[block * rows * k : (block + 1) * rows * k], alone), block
+    assert staged[-rows * k :].abs().sum() > 0
+
+
 @pytest.mark.parametrize("rows", wgmma.ROW_TILES)
 def test_wgmma_step_ptx_names_every_operand_its_constraints_declare(rows):
     """The step's PTX refers to exactly the operands its constraints declare, multiplies with four

@@ -32,12 +32,13 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="wgmma needs a GPU of compu
 @needs_hopper
 @pytest.mark.parametrize(("config", "dtype", "nested"), pairwise_cases([("wgmma_wide",)]))
 def test_wide_kernel_against_a_float64_reference(config, dtype, nested):
-    """The wide kernel, forced, over 17 to 256 input rows (every row tile, partial ones), weight
-    rows that fill no program, blocksizes from 64 to 4096, K of one to 16 iterations, rows and
-    tiles, strided inputs and a bias: as close to a float64 reference as the decode + cuBLAS
-    path, which rounds the decoded weights alike."""
+    """The wide kernel, forced, over 17 to 256 input rows (every row tile, partial ones) and past
+    them (blocks of 256 rows, the last partial), weight rows that fill no program, blocksizes
+    from 64 to 4096, K of one to 16 iterations, rows and tiles, strided inputs and a bias: as
+    close to a float64 reference as the decode + cuBLAS path, which rounds the decoded weights
+    alike."""
     shapes = [(300, 256, 64), (100, 4096, 128), (130, 4096, 4096), (208, 768, 64)]
-    row_counts = [(17, 33, 65, 256), (64, 128, 150), (96, 200), (256, 70)]  # each row tile, full and partial
+    row_counts = [(17, 33, 65, 256, 600), (64, 128, 150, 300), (96, 200, 513), (256, 70)]  # each row tile, blocks
     for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
@@ -70,7 +71,7 @@ def test_wide_kernel_in_clusters_against_a_float64_reference(config, dtype, nest
     and a bias; the same bits on every call (the parts are added in rank order)."""
     cluster = config[1]
     shapes = [(300, 256 * cluster, 64), (100, 4352, 128), (130, 4096, 4096)]
-    row_counts = [(17, 33, 256), (65, 192), (150,)]
+    row_counts = [(17, 33, 256), (65, 192), (150, 400)]
     for quant_type, (n, k, blocksize), rows_of_shape in zip(itertools.cycle(["nf4", "fp4"]), shapes, row_counts):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
@@ -128,26 +129,31 @@ def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, neste
 @pytest.mark.gpu
 @needs_hopper
 def test_wide_kernel_products_do_not_depend_on_the_rows_beside_them():
-    """Each input row's products are the same whichever row tile carries it: 65 rows (tile 96)
-    against the same rows among 256 (tile 256) and alone in pieces of 100 (tile 128)."""
+    """Each input row's products are the same whichever row tile or block carries it: 65 rows
+    (tile 96) against the same rows among 256 (tile 256), alone in pieces of 100 (tile 128) and
+    among 700 (blocks of 256)."""
     n, k = 640, 1024
     code = code_table("nf4")
     packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, 64, torch.uint8)
-    x = torch.randn(256, k, device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(700, k, device=DEVICE).to(torch.bfloat16)
     arguments = (packed, absmax, code, 64, (n, k))
-    whole = kernels.linear_4bit(x, *arguments, config=("wgmma_wide",))
+    whole = kernels.linear_4bit(x[:256], *arguments, config=("wgmma_wide",))
     first = kernels.linear_4bit(x[:65], *arguments, config=("wgmma_wide",))
-    pieces = torch.cat([kernels.linear_4bit(x[i : i + 100], *arguments, config=("wgmma_wide",))
+    pieces = torch.cat([kernels.linear_4bit(x[i : min(i + 100, 256)], *arguments, config=("wgmma_wide",))
                         for i in range(0, 256, 100)])  # fmt: skip
+    blocks = kernels.linear_4bit(x, *arguments, config=("wgmma_wide",))
     assert torch.equal(first, whole[:65])
     assert torch.equal(pieces, whole)
+    alone = torch.cat([kernels.linear_4bit(x[i : i + 256], *arguments, config=("wgmma_wide",))
+                       for i in range(0, 700, 256)])  # fmt: skip
+    assert torch.equal(blocks, alone) and torch.equal(blocks[:256], whole)
 
 
-def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
+def test_wide_kernel_refuses_more_inputs_than_it_stages_and_unaligned_k():
     """Clear errors for inputs the kernel cannot take, before anything launches."""
     weight = type("Weight", (), {"k": 1024, "n_out": 128, "blocksize": 64})()
-    with pytest.raises(ValueError, match="at most 256 input rows, got 257"):
-        wgmma_wide.wgmma_wide_launch(weight, torch.empty(257, 1024, dtype=torch.bfloat16), False, 132)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 words of input, not 4194304 rows of 1024"):
+        wgmma_wide.wgmma_wide_launch(weight, torch.empty(2**22, 1024, dtype=torch.bfloat16, device="meta"), False, 132)
     weight.k = 1000
     with pytest.raises(ValueError, match="multiple of 256"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1000, dtype=torch.bfloat16), False, 132)
@@ -162,6 +168,20 @@ def test_wide_kernel_refuses_more_rows_than_a_tile_takes_and_unaligned_k():
     assert wgmma_wide.cluster_fits(4352, 2) and not wgmma_wide.cluster_fits(4352 + 64, 2)  # 17 iterations: 8 and 9
     with pytest.raises(ValueError, match=r"programs take \(128, 64\) weight rows, not 96"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, program_rows=96)
+
+
+def test_rows_past_the_largest_tile_split_into_equal_blocks_of_the_smallest_tile_that_holds_them():
+    """Up to the largest row tile one block of the smallest tile that holds the rows; past it, as
+    few blocks as the largest tile allows, each of the smallest tile that holds an equal share."""
+    largest = wgmma_wide.ROW_TILES[-1]
+    for rows in range(1, 4 * largest + 2):
+        tile, count = wgmma_wide.row_tile(rows), wgmma_wide.blocks(rows)
+        assert count == -(-rows // largest) and tile * count >= rows, rows
+        smaller = [t for t in wgmma_wide.ROW_TILES if t < tile]
+        assert not smaller or smaller[-1] * count < rows, rows
+    assert [(wgmma_wide.row_tile(rows), wgmma_wide.blocks(rows)) for rows in (256, 257, 384, 385, 513)] == [
+        (256, 1), (192, 2), (192, 2), (256, 2), (192, 3)
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", wgmma_wide.ROW_TILES)

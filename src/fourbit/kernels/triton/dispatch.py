@@ -47,7 +47,7 @@ def choose_config(
     if (
         rule
         and wide_min_rows(rule, k) <= rows <= rule.max_rows
-        and wgmma_supported(x, k, blocksize, packed, wgmma_wide.ROW_TILES[-1])
+        and wgmma_supported(x, k, blocksize, packed, rule.max_rows)
     ):
         wide = wide_programs(rule, rows, n_out, k, processors(x.device))
         if wide:
@@ -104,14 +104,17 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
     (one warpgroup) from ``narrow_min_rows`` input rows, each size also in clusters of three
     where K is long enough (``third_min_iterations``); before all of these, up to the smallest
     row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
-    ``narrow_small_waves`` waves and no more (``WgmmaRule``)."""
+    ``narrow_small_waves`` waves and no more (``WgmmaRule``). Past the largest row tile every
+    program runs once for each block of its rows (``wgmma_wide.blocks``): the counts are the
+    programs of all blocks."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
+    blocks = wgmma_wide.blocks(rows)
     clusters = CLUSTER_LAUNCH and wgmma_wide.cluster_fits(k, 2)
     if clusters and rule.narrow_small_waves and rows <= wgmma_wide.ROW_TILES[0]:
         waves = rule.narrow_small_waves * processors
         if rule.narrow_small_fill * waves <= 2 * triton.cdiv(n_out, narrow) <= waves:
             return (2, narrow)
-    if triton.cdiv(n_out, wide) >= rule.min_waves * processors:
+    if blocks * triton.cdiv(n_out, wide) >= rule.min_waves * processors:
         return (1, wide)
     if not (clusters and rule.cluster_fill):
         return None
@@ -119,7 +122,7 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
     thirds = narrow_too and rule.third_min_iterations and k // 256 >= 3 * rule.third_min_iterations
     for program_rows in (wide, narrow) if narrow_too else (wide,):
         for cluster in (2, 3) if thirds else (2,):
-            if rule.cluster_fill * processors <= cluster * triton.cdiv(n_out, program_rows) <= processors:
+            if rule.cluster_fill * processors <= blocks * cluster * triton.cdiv(n_out, program_rows) <= processors:
                 return (cluster, program_rows)
     return None
 
@@ -233,7 +236,7 @@ def wgmma_supported(
     x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None, max_rows: int = wgmma.ROW_TILES[-1]
 ) -> bool:
     """Whether the ``wgmma`` kernels take this product: at most ``max_rows`` rows (the few-row
-    kernel's; ``wgmma_wide.ROW_TILES[-1]`` for the wide one) of 16-bit input on a GPU of compute
+    kernel's; the wide one's rule's ``max_rows`` for it) of 16-bit input on a GPU of compute
     capability 9.0 (``wgmma`` is ``sm_90a``'s), what the fragment kernel asks of the weight
     (``fragments_supported``), and Triton 3.3 or newer, whose direct launch carries the kernel's
     own shared memory."""

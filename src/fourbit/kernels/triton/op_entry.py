@@ -100,7 +100,7 @@ def linear_4bit(
     A ``("fragments", num_warps, SPLIT_K)`` tuple forces the register-fragment kernel
     (``dispatch.fragments_supported`` inputs only), ``("wgmma"[, SPLIT_K])`` Hopper's ``wgmma``
     kernel (``dispatch.wgmma_supported`` inputs only), ``("wgmma_wide"[, CLUSTER[,
-    PROGRAM_ROWS]])`` the wide ``wgmma`` kernel (the same of at most 256 rows; K split across
+    PROGRAM_ROWS]])`` the wide ``wgmma`` kernel (the same inputs of any count of rows; K split across
     clusters of CLUSTER programs, default 1, of PROGRAM_ROWS weight rows, 128 or 64, default
     128), a ``("fused", BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, num_stages,
     SCALE_WEIGHTS)`` tuple the tensor-core kernel (16-bit inputs on a GPU only), a ``("wide",

@@ -175,8 +175,8 @@ class KernelTables(NamedTuple):
     quantize: QuantizeConfig
     fragment_permute: tuple[PermuteRule, ...] = ()
     wgmma: WgmmaRule | None = None
-    #: Products of 33-256 rows on the wide ``wgmma`` kernel (``wgmma_wide``), its programs
-    #: counted in 128 weight rows.
+    #: Products of ``min_rows`` to ``max_rows`` rows on the wide ``wgmma`` kernel (``wgmma_wide``;
+    #: past 256 rows in equal blocks), its programs counted in 128 weight rows (those of every block).
     wgmma_wide: WgmmaRule | None = None
     #: The ``fused`` entries run programs of 64 weight rows (``dispatch.NARROW_FUSED_ROWS``) where
     #: their own, K split as far as allowed, fill less than this many waves (0: never).
@@ -214,7 +214,7 @@ HOPPER = KernelTables(
 #: rules, each measured on one (the numbers: docs/tuning.md): eager calls read their inputs in
 #: place (the copy into fragment order costs more host time than the GPU time it saves); the
 #: dequantizer takes one packed word a thread; ``wgmma`` runs 17-64 rows from two waves of its
-#: programs; the wide ``wgmma`` kernel runs 33-256 rows from 0.6 of a wave of 128-row programs,
+#: programs; the wide ``wgmma`` kernel runs 33-512 rows from 0.6 of a wave of 128-row programs,
 #: with fewer in clusters of two or three that split K, from 65 rows also in 64-row programs, and
 #: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
 #: range by their parts' iterations); the tensor-core kernel runs 64-row programs where its
@@ -226,7 +226,7 @@ H200 = HOPPER._replace(
     wgmma=WgmmaRule(17, 64, 2.0),
     wgmma_wide=WgmmaRule(
         33,
-        256,
+        512,
         0.6,
         cluster_fill=0.6,
         narrow_min_rows=65,

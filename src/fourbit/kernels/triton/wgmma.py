@@ -210,19 +210,21 @@ def _wgmma_kernel(
 
 
 @triton.jit
-def _stage_kernel(x_ptr, out_ptr, M, stride_xm, total, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _stage_kernel(x_ptr, out_ptr, M, stride_xm, total, steps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """The inputs (int32 words of two 16-bit values) staged for ``_wgmma_kernel``: per 64-column
     step ``s``, instruction ``j`` (16 columns), core matrix ``b`` (8 rows), half ``h`` of the
     instruction's columns, row ``r`` and lane quad ``t``, word ``32 s + 8 t + 2 j + h`` of row
-    ``8 b + r`` (the columns a lane's weight word holds, ``fragments``); zeros from row M on."""
+    ``8 b + r`` (the columns a lane's weight word holds, ``fragments``); zeros from row M on.
+    Inputs of more than ``ROWS`` rows are staged as blocks of ``ROWS`` rows, one after another,
+    each of ``steps`` steps."""
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     quad = index % 4
     row = (index // 4) % 8
     half = (index // 32) % 2
     matrix = (index // 64) % (ROWS // 8)
     instruction = (index // (8 * ROWS)) % 4
-    step = index // (32 * ROWS)
-    source_row = matrix * 8 + row
+    step = (index // (32 * ROWS)) % steps
+    source_row = (index // (32 * ROWS * steps)) * ROWS + matrix * 8 + row
     column = step * 32 + quad * 8 + instruction * 2 + half
     live = (index < total) & (source_row < M)
     value = tl.load(x_ptr + source_row.to(tl.int64) * stride_xm + column, mask=live, other=0)
@@ -234,14 +236,16 @@ _STAGE_BLOCK = 1024
 
 
 class WgmmaInputs:
-    """``_wgmma_kernel``'s ``prepare_input``: 2-d 16-bit inputs of at most ``rows`` rows (a
-    ``ROW_TILES`` entry) and ``k`` columns (a multiple of 64) staged by one direct launch."""
+    """``_wgmma_kernel``'s ``prepare_input``: 2-d 16-bit inputs of at most ``blocks`` times
+    ``rows`` rows (a ``ROW_TILES`` entry) and ``k`` columns (a multiple of 64) staged by one
+    direct launch, in ``blocks`` blocks of ``rows`` rows."""
 
-    __slots__ = ("launch", "rows", "total")
+    __slots__ = ("launch", "rows", "steps", "total")
 
-    def __init__(self, rows: int, k: int, device: torch.device) -> None:
+    def __init__(self, rows: int, k: int, device: torch.device, blocks: int = 1) -> None:
         self.rows = rows
-        self.total = (k // 64) * rows * 32
+        self.steps = k // 64
+        self.total = blocks * self.steps * rows * 32
         grid = (triton.cdiv(self.total, _STAGE_BLOCK),)
         self.launch = KernelLaunch(_stage_kernel, grid, {"num_warps": 4}, device)
 
@@ -249,7 +253,7 @@ class WgmmaInputs:
         if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # int32 words of whole rows
             x = x.contiguous()
         out = torch.empty(self.total, dtype=torch.int32, device=x.device)
-        arguments = (x.shape[0], x.stride(0) // 2, self.total, self.rows, _STAGE_BLOCK)  # in int32 words
+        arguments = (x.shape[0], x.stride(0) // 2, self.total, self.steps, self.rows, _STAGE_BLOCK)  # int32 words
         if self.launch.direct():  # the pointer: no int32 view to make
             self.launch.run(x.data_ptr(), out.data_ptr(), *arguments)
         else:

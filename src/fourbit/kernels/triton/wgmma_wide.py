@@ -1,5 +1,7 @@
-"""33-256 rows ``A @ W.T`` in one kernel on Hopper's ``wgmma``: the 4-bit weight decoded and
-scaled straight into the instruction's register operand, 64 to 256 input rows a program.
+"""33 and more rows ``A @ W.T`` in one kernel on Hopper's ``wgmma``: the 4-bit weight decoded and
+scaled straight into the instruction's register operand, 64 to 256 input rows a program (more
+rows in equal blocks of at most 256, a second grid dimension, each block's programs decoding their
+weight rows again: ``row_tile``).
 
 The few-row ``wgmma`` kernel (``wgmma``) scales each step's products by the rows' absmax, which
 needs a second accumulator and a wait for every step's products; here the decoded weights are
@@ -51,7 +53,17 @@ from .wgmma_ptx import (
     wide_step_ptx,
 )
 
-__all__ = ["CLUSTERS", "PROGRAM_ROWS", "ROW_TILES", "SLOTS", "cluster_fits", "ring_bytes", "wgmma_wide_launch"]
+__all__ = [
+    "CLUSTERS",
+    "PROGRAM_ROWS",
+    "ROW_TILES",
+    "SLOTS",
+    "blocks",
+    "cluster_fits",
+    "ring_bytes",
+    "row_tile",
+    "wgmma_wide_launch",
+]
 
 #: The input rows of a program (the instruction's n) a launch may take: the fewest that hold the rows.
 #: Smaller tiles lost to the few-row kernels on an H200: 28672x8192 at 16 / 32 rows 81.6 / 86.0
@@ -86,6 +98,19 @@ def cluster_fits(k: int, cluster: int) -> bool:
     whole iterations of four steps (``k`` a multiple of 256, at least ``256 * cluster``; parts
     of an uneven count differ by one iteration)."""
     return cluster in CLUSTERS and k % 256 == 0 and k >= 256 * cluster
+
+
+def blocks(rows: int) -> int:
+    """Blocks that ``rows`` input rows take, each of at most the largest row tile's rows (one for a
+    row tile's rows): the launch's second grid dimension."""
+    return max(1, triton.cdiv(rows, ROW_TILES[-1]))
+
+
+def row_tile(rows: int) -> int:
+    """The row tile of each of the ``blocks(rows)`` blocks: the smallest that holds an equal share
+    of the rows (300 rows: two of 192, not of 256), so that the last block is not mostly padding."""
+    share = triton.cdiv(rows, blocks(rows))
+    return next(tile for tile in ROW_TILES if share <= tile)
 
 
 def threads(program_rows: int) -> int:
@@ -193,6 +218,11 @@ def _wide_kernel(
     distributed shared memory (``SUM_ASM``: ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows'
     outputs."""
     threads: tl.constexpr = 2 * PROGRAM_ROWS
+    # the second grid dimension: blocks of ``ROWS`` input rows, staged one after another; a
+    # block's rows end at the next block (the last program of a cluster of three holds chunks past it)
+    block = tl.program_id(1)
+    out_ptr += block.to(tl.int64) * ROWS * stride_om
+    M = tl.minimum(M - block * ROWS, ROWS)
     thread = _thread_index(tl.arange(0, threads))
     lane = thread % 32
     quad = lane % 4
@@ -216,7 +246,7 @@ def _wide_kernel(
     # fill ends in the barrier that publishes the set-up to the other threads
     ring = _ring(thread, lane, RING_ASM)
     full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
-    x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
+    x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True) + block.to(tl.int64) * K * (ROWS * 2)  # its block
     none = thread * 0
     first_step = none + k_start // 64
     _issue(x_address, first_step, ring, k_start < k_stop, full, none, none, ROWS, ISSUE_ASM)
@@ -288,7 +318,7 @@ def wgmma_wide_launch(
     weight, x: torch.Tensor, has_bias: bool, processors: int, cluster: int = 1, program_rows: int = PROGRAM_ROWS[0]
 ) -> ProductLaunch:
     """The launch of the wide ``wgmma`` kernel for ``weight`` (a ``linear.PreparedWeight``) and
-    inputs like the 2-d ``x`` (``dispatch.wgmma_supported`` inputs of at most 256 rows) on a GPU
+    inputs like the 2-d ``x`` (``dispatch.wgmma_supported`` inputs) on a GPU
     of ``processors`` multiprocessors, in programs of ``program_rows`` weight rows (a
     ``PROGRAM_ROWS`` entry) and thread block clusters of ``cluster`` programs (``cluster_fits``)
     that split K."""
@@ -301,9 +331,10 @@ def wgmma_wide_launch(
     if program_rows not in PROGRAM_ROWS:
         raise ValueError(f"the wide wgmma kernel's programs take {PROGRAM_ROWS} weight rows, not {program_rows}")
     m = x.shape[0]
-    rows = next((tile for tile in ROW_TILES if m <= tile), None)
-    if rows is None:
-        raise ValueError(f"the wide wgmma kernel takes at most {ROW_TILES[-1]} input rows, got {m}")
+    rows = row_tile(m)
+    count = blocks(m)
+    if count * rows * k // 2 >= 2**31:
+        raise ValueError(f"the wide wgmma kernel stages fewer than 2**31 words of input, not {m} rows of {k}")
     programs = triton.cdiv(n_out, program_rows)
     options = {"num_warps": program_rows // 16}
     if rows in TWO_PROGRAM_REGISTERS and program_rows == PROGRAM_ROWS[0] and programs * cluster > processors:
@@ -312,9 +343,9 @@ def wgmma_wide_launch(
     words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
     float16 = x.dtype == torch.float16
     return ProductLaunch(
-        _wide_kernel, (programs,), options, weight, weight_tensors,
+        _wide_kernel, (programs, count), options, weight, weight_tensors,
         (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, float16, has_bias, words,
          weight.tiled, *tile_assembly(rows, float16, cluster, program_rows), program_rows),
-        m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device), extra_shared=dynamic_bytes(rows),
+        m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device, count), extra_shared=dynamic_bytes(rows),
         head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0, cluster=cluster,
     )  # fmt: skip
