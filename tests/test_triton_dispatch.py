@@ -33,6 +33,30 @@ def h200_without_a_gpu(monkeypatch):
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
 
 
+def test_the_h200_tables_take_weights_of_2_27_elements_and_more_to_1024_rows_on_the_wide_wgmma(h200_without_a_gpu):
+    """Past 512 input rows only the largest weights keep the wide ``wgmma`` kernel (in blocks of
+    rows): those of at least 2**27 elements (28672x8192 and 8192x28672, measured) up to 1024 rows;
+    smaller weights (8192x8192, 28672x4096) and longer inputs go to decode + cuBLAS, and the
+    Hopper tables (not measured there) keep 512 rows. (Support and the multiprocessor count are
+    forced, so this runs without a GPU.)"""
+
+    def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
+
+    for captured in (False, True):
+        for n, k in ((28672, 8192), (8192, 28672), (16384, 8192)):  # the last: exactly 2**27
+            assert [chosen(rows, n, k, captured)[0] for rows in (513, 768, 1024)] == ["wgmma_wide"] * 3
+            assert chosen(1025, n, k, captured) == "chunked"
+        for n, k in ((8192, 8192), (28672, 4096), (16384, 8192 - 256)):
+            assert chosen(512, n, k, captured)[0] == "wgmma_wide"
+            assert chosen(513, n, k, captured) == "chunked"
+    rule = tuning.H200.wgmma_wide
+    assert dispatch.wide_max_rows(rule, 28672, 8192) == 1024 and dispatch.wide_max_rows(rule, 8192, 8192) == 512
+    assert dispatch.wide_max_rows(rule._replace(large_max_rows=0), 28672, 8192) == 512
+    assert dispatch.wide_max_rows(rule._replace(large_max_rows=256), 28672, 8192) == 512  # never fewer
+    assert tuning.HOPPER.wgmma_wide is None or tuning.HOPPER.wgmma_wide.large_max_rows == 0
+
+
 @pytest.mark.parametrize("processors", [66, 132])
 def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
     """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles: split K as

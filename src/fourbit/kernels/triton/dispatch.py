@@ -46,8 +46,8 @@ def choose_config(
     rule = tables.wgmma_wide
     if (
         rule
-        and wide_min_rows(rule, k) <= rows <= rule.max_rows
-        and wgmma_supported(x, k, blocksize, packed, rule.max_rows)
+        and wide_min_rows(rule, k) <= rows <= (most := wide_max_rows(rule, n_out, k))
+        and wgmma_supported(x, k, blocksize, packed, most)
     ):
         wide = wide_programs(rule, rows, n_out, k, processors(x.device))
         if wide:
@@ -76,6 +76,15 @@ def wide_min_rows(rule: tuning.WgmmaRule, k: int) -> int:
     if rule.quarter_min_rows and k // 1024 == 1:
         return min(rule.min_rows, rule.quarter_min_rows)
     return rule.min_rows
+
+
+def wide_max_rows(rule: tuning.WgmmaRule, n_out: int, k: int) -> int:
+    """The most input rows the wide ``wgmma`` kernel may take against an ``n_out x k`` weight:
+    ``max_rows``, or for weights of at least ``large_min_elements`` elements ``large_max_rows``
+    (their many programs keep the kernel ahead of decode + cuBLAS longer)."""
+    if rule.large_max_rows and n_out * k >= rule.large_min_elements:
+        return max(rule.max_rows, rule.large_max_rows)
+    return rule.max_rows
 
 
 def wide_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, processors: int) -> tuple[int, int] | None:

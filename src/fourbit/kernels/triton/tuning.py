@@ -117,7 +117,8 @@ class WgmmaRule(NamedTuple):
     range, in multiprocessors) for parts of ``i`` iterations (none beyond the table): in place of
     another of the wide kernel's configurations, or (``quarter_alone``) of any. Those of parts of
     one iteration (K of 1024-2047) start from ``quarter_min_rows`` input rows (0: ``min_rows``),
-    where nothing else of the wide kernel does."""
+    where nothing else of the wide kernel does. Weights of at least ``large_min_elements``
+    elements (out_features x in_features) take up to ``large_max_rows`` input rows (0: never)."""
 
     min_rows: int
     max_rows: int
@@ -130,6 +131,8 @@ class WgmmaRule(NamedTuple):
     quarter_fill: tuple[tuple[float, float], ...] = ()
     quarter_alone: bool = False
     quarter_min_rows: int = 0
+    large_max_rows: int = 0
+    large_min_elements: int = 0
 
 
 class QuantizeConfig(NamedTuple):
@@ -214,7 +217,8 @@ HOPPER = KernelTables(
 #: rules, each measured on one (the numbers: docs/tuning.md): eager calls read their inputs in
 #: place (the copy into fragment order costs more host time than the GPU time it saves); the
 #: dequantizer takes one packed word a thread; ``wgmma`` runs 17-64 rows from two waves of its
-#: programs; the wide ``wgmma`` kernel runs 33-512 rows from 0.6 of a wave of 128-row programs,
+#: programs; the wide ``wgmma`` kernel runs 33-512 rows (1024 for weights of 2**27 elements and
+#: more) from 0.6 of a wave of 128-row programs,
 #: with fewer in clusters of two or three that split K, from 65 rows also in 64-row programs, and
 #: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
 #: range by their parts' iterations); the tensor-core kernel runs 64-row programs where its
@@ -234,6 +238,8 @@ H200 = HOPPER._replace(
         narrow_small_fill=0.68,
         third_min_iterations=8,
         quarter_fill=((0.0, 2.5), (0.0, 2.5), (1.0, 2.5), (1.0, 2.5), (1.0, 2.5)),
+        large_max_rows=1024,
+        large_min_elements=1 << 27,
     ),
 )
 #: Under capture (docs/tuning.md): ``wgmma`` from one wave of programs, inputs copied into
