@@ -57,6 +57,35 @@ def test_the_h200_tables_take_weights_of_2_27_elements_and_more_to_1024_rows_on_
     assert tuning.HOPPER.wgmma_wide is None or tuning.HOPPER.wgmma_wide.large_max_rows == 0
 
 
+def test_eager_calls_of_33_to_64_rows_and_k_4096_to_5119_take_one_launch_not_clusters(h200_without_a_gpu):
+    """Eagerly, up to 64 input rows, the H200's tables run weights of K 4096-5119 on the
+    tensor-core kernel's one launch where they would run the wide ``wgmma`` kernel in clusters
+    that split K (two launches: measured 0.68-0.92x the time back to back on 5120-8192 x 4096);
+    K 5120 and more keep the clusters (5120x5120 was faster in clusters of four; at K 8192 the
+    winner changed with the host's speed), as do 65 rows and more, captured calls, unsplit
+    programs and the 64-row programs in clusters of two that fill three waves. (Support and the
+    multiprocessor count are forced, so this runs without a GPU.)"""
+
+    def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
+
+    for n in (5120, 6144, 8192, 8448):
+        for k in (4096, 4352, 5120 - 256):
+            assert [chosen(rows, n, k)[0] for rows in (33, 48, 64)] == ["fused"] * 3
+            assert [chosen(rows, n, k, True)[0] for rows in (33, 64)] == ["wgmma_wide"] * 2
+            assert chosen(65, n, k)[0] == "wgmma_wide"
+        for k in (5120, 8192):
+            assert [chosen(rows, n, k)[0] for rows in (33, 64)] == ["wgmma_wide"] * 2
+    assert chosen(64, 5120, 5120) == ("wgmma_wide", 4, 64)
+    assert chosen(64, 5120, 3072) == ("wgmma_wide", 4, 64)  # K under 4096: clusters of four, as measured
+    assert chosen(64, 14336, 4096) == ("wgmma_wide", 1, 128)  # unsplit programs
+    assert chosen(64, 11008, 4096) == ("wgmma_wide", 2, 64)  # three waves of 64-row programs
+    rule = tuning.H200.wgmma_wide
+    assert rule.one_launch_k == (4096, 5120) and tuning.H200.captured.wgmma_wide.one_launch_k == (0, 0)
+    assert dispatch.split_programs(rule, 64, 6144, 4096, 132) is None
+    assert dispatch.split_programs(rule._replace(one_launch_k=(0, 0)), 64, 6144, 4096, 132) == (2, 128)
+
+
 @pytest.mark.parametrize("processors", [66, 132])
 def test_many_rows_take_wide_tiles_only_on_weights_that_fill_the_gpu(processors, monkeypatch):
     """Beyond the tensor-core table, up to ``wide_rows`` rows run the batch-wide tiles: split K as
@@ -120,7 +149,8 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     """Under capture a second kernel a call costs no host time at replay: the H200's captured
     tables copy 13-16 input rows of 14336x4096 into fragment order and send 17-32 rows of a weight
     with one wave of 64-row programs to ``wgmma`` (two waves when eager; from 33 rows such a
-    weight runs the wide kernel in clusters); the Hopper tables have none."""
+    weight runs the wide kernel in clusters, eagerly only from 65 rows at this K); the Hopper
+    tables have none."""
 
     def chosen(rows: int, n: int, captured: bool) -> tuple:
         return dispatch.choose_config(torch.zeros(rows, 4096, dtype=torch.bfloat16), n, 4096, 64, captured=captured)
@@ -131,7 +161,8 @@ def test_products_recorded_into_a_cuda_graph_take_the_captured_tables(monkeypatc
     one_wave = 64 * 132
     assert [chosen(rows, one_wave, True)[0] for rows in (17, 32)] == ["wgmma", "wgmma"]
     assert [chosen(rows, one_wave, False)[0] for rows in (17, 32)] == ["fused", "fused"]
-    assert chosen(64, one_wave, True) == chosen(64, one_wave, False) == ("wgmma_wide", 2, 128)  # a wave in clusters
+    assert chosen(64, one_wave, True) == chosen(65, one_wave, False) == ("wgmma_wide", 2, 128)  # a wave in clusters
+    assert chosen(64, one_wave, False)[0] == "fused"  # eager: one launch
     assert chosen(32, one_wave - 64, True)[0] == "fused"
     assert chosen(32, 2 * one_wave, False)[0] == "wgmma"
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.HOPPER)
@@ -170,10 +201,13 @@ def test_the_h200_tables_send_33_to_512_rows_of_weights_with_a_wave_of_programs_
         # 32 programs of a 4096-row weight: two blocks fill a wave in clusters of two
         assert [chosen(rows, 4096, captured) for rows in (257, 512)] == [("wgmma_wide", 2, 128)] * 2
     assert chosen(64, 64 * 134, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
-    # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows)
+    # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows);
+    # at 33-64 rows of this K only under capture (``test_eager_calls_of_33_to_64_rows_and_k_4096_to_5119...``)
     for captured in (False, True):
-        clustered = [chosen(rows, n, captured) for rows in (33, 128, 256) for n in (8192, 6144, 5120)]
-        assert clustered == [("wgmma_wide", 2, 128)] * 2 + [("wgmma_wide", 4, 64)] + [("wgmma_wide", 2, 128)] * 6
+        clustered = [chosen(rows, n, captured) for rows in (65, 128, 256) for n in (8192, 6144, 5120)]
+        assert clustered == [("wgmma_wide", 2, 128)] * 9
+        few = [chosen(33, n, True) for n in (8192, 6144, 5120)]
+        assert few == [("wgmma_wide", 2, 128)] * 2 + [("wgmma_wide", 4, 64)]
         assert chosen(128, 128 * 67, captured)[0] != "wgmma_wide"  # 134: more than a wave, 0.51 unsplit
         assert chosen(128, 128 * 39, captured)[0] != "wgmma_wide"  # 78 of 132 (156 in 64-row programs)
         # too few 128-row programs: from 65 rows 64-row ones in clusters of two (4096, 3072, 2560 rows)
@@ -190,14 +224,14 @@ def test_the_h200_tables_send_33_to_512_rows_of_weights_with_a_wave_of_programs_
         assert chosen(64, 64 * 199, captured) == ("wgmma_wide", 1, 128)  # 398 programs: past three waves
         assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
         assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
-        assert chosen(64, 8192, captured) == ("wgmma_wide", 2, 128)
+        assert chosen(64, 8192, captured) == (("wgmma_wide", 2, 128) if captured else chosen(64, 8192))
     # then 64-row programs in clusters of four that fill up to 2.5 waves (from 1.0 at 3-5 iterations a part):
     # under capture in place of any kernel, eager calls only in place of the wide kernel's others
     for rows in (33, 48, 64):
         for n in (64 * 47, 4096, 64 * 80):
             assert chosen(rows, n, captured=True) == ("wgmma_wide", 4, 64)
             assert chosen(rows, n)[0] != "wgmma_wide" or n == 64 * 80
-        assert chosen(rows, 5120) == ("wgmma_wide", 4, 64)  # for clusters of two of 128-row programs
+        assert chosen(rows, 5120)[0] == "fused"  # eager at K 4096: one launch, not clusters of any size
     assert chosen(65, 4096, captured=True) == ("wgmma_wide", 2, 64)
     assert chosen(64, 64 * 46, captured=True) == chosen(64, 64 * 33, captured=True) == ("wgmma_wide", 4, 64)
     assert chosen(64, 64 * 32, captured=True)[0] == "fused"  # 128 programs: under one wave of 132

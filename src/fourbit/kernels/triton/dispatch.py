@@ -113,7 +113,8 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
     (one warpgroup) from ``narrow_min_rows`` input rows, each size also in clusters of three
     where K is long enough (``third_min_iterations``); before all of these, up to the smallest
     row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
-    ``narrow_small_waves`` waves and no more (``WgmmaRule``). Past the largest row tile every
+    ``narrow_small_waves`` waves and no more, and no other clusters where K is in ``one_launch_k``
+    (``WgmmaRule``). Past the largest row tile every
     program runs once for each block of its rows (``wgmma_wide.blocks``): the counts are the
     programs of all blocks."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
@@ -125,7 +126,8 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
             return (2, narrow)
     if blocks * triton.cdiv(n_out, wide) >= rule.min_waves * processors:
         return (1, wide)
-    if not (clusters and rule.cluster_fill):
+    low_k, high_k = rule.one_launch_k
+    if not (clusters and rule.cluster_fill) or (rows <= wgmma_wide.ROW_TILES[0] and low_k <= k < high_k):
         return None
     narrow_too = rule.narrow_min_rows and rows >= rule.narrow_min_rows
     thirds = narrow_too and rule.third_min_iterations and k // 256 >= 3 * rule.third_min_iterations

@@ -118,7 +118,10 @@ class WgmmaRule(NamedTuple):
     another of the wide kernel's configurations, or (``quarter_alone``) of any. Those of parts of
     one iteration (K of 1024-2047) start from ``quarter_min_rows`` input rows (0: ``min_rows``),
     where nothing else of the wide kernel does. Weights of at least ``large_min_elements``
-    elements (out_features x in_features) take up to ``large_max_rows`` input rows (0: never)."""
+    elements (out_features x in_features) take up to ``large_max_rows`` input rows (0: never).
+    Up to the smallest row tile, weights whose K lies in ``one_launch_k`` (from, below) run in no
+    clusters that split K: there the tensor-core kernel's one launch costs an eager call less than
+    the wide kernel's two ((0, 0): none)."""
 
     min_rows: int
     max_rows: int
@@ -133,6 +136,7 @@ class WgmmaRule(NamedTuple):
     quarter_min_rows: int = 0
     large_max_rows: int = 0
     large_min_elements: int = 0
+    one_launch_k: tuple[int, int] = (0, 0)
 
 
 class QuantizeConfig(NamedTuple):
@@ -221,8 +225,8 @@ HOPPER = KernelTables(
 #: more) from 0.6 of a wave of 128-row programs,
 #: with fewer in clusters of two or three that split K, from 65 rows also in 64-row programs, and
 #: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
-#: range by their parts' iterations); the tensor-core kernel runs 64-row programs where its
-#: 128-row ones fill under 1.25 waves.
+#: range by their parts' iterations), except K of 4096-5119 up to 64 rows (one launch there); the
+#: tensor-core kernel runs 64-row programs where its 128-row ones fill under 1.25 waves.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
@@ -240,6 +244,7 @@ H200 = HOPPER._replace(
         quarter_fill=((0.0, 2.5), (0.0, 2.5), (1.0, 2.5), (1.0, 2.5), (1.0, 2.5)),
         large_max_rows=1024,
         large_min_elements=1 << 27,
+        one_launch_k=(4096, 5120),
     ),
 )
 #: Under capture (docs/tuning.md): ``wgmma`` from one wave of programs, inputs copied into
@@ -249,7 +254,7 @@ H200 = H200._replace(
     captured=H200._replace(
         fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27), PermuteRule(13, 1 << 25)),
         wgmma=WgmmaRule(17, 64, 1.0),
-        wgmma_wide=H200.wgmma_wide._replace(quarter_alone=True, quarter_min_rows=17),
+        wgmma_wide=H200.wgmma_wide._replace(quarter_alone=True, quarter_min_rows=17, one_launch_k=(0, 0)),
     )
 )
 
