@@ -113,10 +113,9 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
     (one warpgroup) from ``narrow_min_rows`` input rows, each size also in clusters of three
     where K is long enough (``third_min_iterations``); before all of these, up to the smallest
     row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
-    ``narrow_small_waves`` waves and no more, and no other clusters where K is in ``one_launch_k``
-    (``WgmmaRule``). Past the largest row tile every
-    program runs once for each block of its rows (``wgmma_wide.blocks``): the counts are the
-    programs of all blocks."""
+    ``narrow_small_waves`` waves and no more, and no other clusters where K is in
+    ``one_launch_k`` (``WgmmaRule``). Past the largest row tile every program runs once for each
+    block of its rows (``wgmma_wide.blocks``): the counts are the programs of all blocks."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
     blocks = wgmma_wide.blocks(rows)
     clusters = CLUSTER_LAUNCH and wgmma_wide.cluster_fits(k, 2)
