@@ -57,33 +57,60 @@ def test_the_h200_tables_take_weights_of_2_27_elements_and_more_to_1024_rows_on_
     assert tuning.HOPPER.wgmma_wide is None or tuning.HOPPER.wgmma_wide.large_max_rows == 0
 
 
-def test_eager_calls_of_33_to_64_rows_and_k_4096_to_5119_take_one_launch_not_clusters(h200_without_a_gpu):
-    """Eagerly, up to 64 input rows, the H200's tables run weights of K 4096-5119 on the
+def test_eager_calls_of_33_to_64_rows_and_k_4096_to_6143_take_one_launch_not_clusters(h200_without_a_gpu):
+    """Eagerly, up to 64 input rows, the H200's tables run weights of K 4096-6143 on the
     tensor-core kernel's one launch where they would run the wide ``wgmma`` kernel in clusters
-    that split K (two launches: measured 0.68-0.92x the time back to back on 5120-8192 x 4096);
-    K 5120 and more keep the clusters (5120x5120 was faster in clusters of four; at K 8192 the
-    winner changed with the host's speed), as do 65 rows and more, captured calls, unsplit
-    programs and the 64-row programs in clusters of two that fill three waves. (Support and the
-    multiprocessor count are forced, so this runs without a GPU.)"""
+    that split K (two launches: measured 0.68-0.92x the time back to back on 5120-8192 x 4096,
+    0.76-0.83x on 5120x5120); K 6144 and more keep the clusters (there the winner changed with the
+    host's speed), as do 65 rows and more, captured calls, unsplit programs and the 64-row
+    programs in clusters of two that fill three waves. (Support and the multiprocessor count are
+    forced, so this runs without a GPU.)"""
 
     def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
         return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
 
     for n in (5120, 6144, 8192, 8448):
-        for k in (4096, 4352, 5120 - 256):
+        for k in (4096, 4352, 5120, 6144 - 256):
             assert [chosen(rows, n, k)[0] for rows in (33, 48, 64)] == ["fused"] * 3
             assert [chosen(rows, n, k, True)[0] for rows in (33, 64)] == ["wgmma_wide"] * 2
             assert chosen(65, n, k)[0] == "wgmma_wide"
-        for k in (5120, 8192):
+        for k in (6144, 8192):
             assert [chosen(rows, n, k)[0] for rows in (33, 64)] == ["wgmma_wide"] * 2
-    assert chosen(64, 5120, 5120) == ("wgmma_wide", 4, 64)
+    assert chosen(64, 5120, 5120, True) == ("wgmma_wide", 4, 64)
     assert chosen(64, 5120, 3072) == ("wgmma_wide", 4, 64)  # K under 4096: clusters of four, as measured
-    assert chosen(64, 14336, 4096) == ("wgmma_wide", 1, 128)  # unsplit programs
     assert chosen(64, 11008, 4096) == ("wgmma_wide", 2, 64)  # three waves of 64-row programs
     rule = tuning.H200.wgmma_wide
-    assert rule.one_launch_k == (4096, 5120) and tuning.H200.captured.wgmma_wide.one_launch_k == (0, 0)
+    assert rule.one_launch_k == (4096, 6144) and tuning.H200.captured.wgmma_wide.one_launch_k == (0, 0)
     assert dispatch.split_programs(rule, 64, 6144, 4096, 132) is None
     assert dispatch.split_programs(rule._replace(one_launch_k=(0, 0)), 64, 6144, 4096, 132) == (2, 128)
+
+
+def test_up_to_64_rows_a_wave_or_two_of_128_row_programs_run_in_pairs_or_in_64_row_programs(h200_without_a_gpu):
+    """Up to 64 input rows, where the H200's tables would run unsplit 128-row programs, up to one
+    wave of them run in clusters of two that split K (14336x4096 at 64 rows measured 30.8 against
+    35.8 us in graph replays), and 1-1.5 waves of them as unsplit 64-row programs, up to three a
+    multiprocessor (20480x4096: 43.6 against 50.4); more stay unsplit (27648x5120: 62.0 against
+    85.7 in 64-row programs), as do 65 rows and more, eager or captured. (Support and the
+    multiprocessor count are forced, so this runs without a GPU.)"""
+
+    def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
+
+    for captured in (False, True):
+        for n, k in ((12800, 4096), (14336, 4096), (13824, 5120), (16896, 8192)):  # 100-132 programs
+            assert [chosen(rows, n, k, captured) for rows in (33, 64)] == [("wgmma_wide", 2, 128)] * 2, (n, k)
+            assert chosen(65, n, k, captured) == ("wgmma_wide", 1, 128)
+        for n, k in ((16897, 4096), (17408, 5120), (18944, 3584), (25344, 8192)):  # 133-198 programs
+            assert [chosen(rows, n, k, captured) for rows in (33, 64)] == [("wgmma_wide", 1, 64)] * 2, (n, k)
+            assert chosen(65, n, k, captured) == ("wgmma_wide", 1, 128)
+        for n, k in ((25345, 4096), (28672, 8192)):
+            assert [chosen(rows, n, k, captured) for rows in (33, 64)] == [("wgmma_wide", 1, 128)] * 2
+    assert chosen(64, 14336, 4096 + 128) == ("wgmma_wide", 1, 128)  # K of no whole iterations: no clusters
+    rule = tuning.H200.wgmma_wide
+    assert dispatch.split_programs(rule._replace(small_pairs_waves=0.0), 64, 14336, 4096, 132) == (1, 64)
+    off = rule._replace(small_pairs_waves=0.0, small_narrow_waves=0.0)
+    assert dispatch.split_programs(off, 64, 14336, 4096, 132) == (1, 128)
+    assert tuning.HOPPER.wgmma_wide is None or tuning.HOPPER.wgmma_wide.small_narrow_waves == 0
 
 
 @pytest.mark.parametrize("processors", [66, 132])
@@ -202,7 +229,7 @@ def test_the_h200_tables_send_33_to_512_rows_of_weights_with_a_wave_of_programs_
         assert [chosen(rows, 4096, captured) for rows in (257, 512)] == [("wgmma_wide", 2, 128)] * 2
     assert chosen(64, 64 * 134, captured=True)[0] == "wgmma"  # one wave of its 64-row programs
     # weights of 0.3-0.5 of a wave of programs: clusters of two split K (8192, 6144 and 5120 rows);
-    # at 33-64 rows of this K only under capture (``test_eager_calls_of_33_to_64_rows_and_k_4096_to_5119...``)
+    # at 33-64 rows of this K only under capture (``test_eager_calls_of_33_to_64_rows_and_k_4096_to_6143...``)
     for captured in (False, True):
         clustered = [chosen(rows, n, captured) for rows in (65, 128, 256) for n in (8192, 6144, 5120)]
         assert clustered == [("wgmma_wide", 2, 128)] * 9
@@ -221,8 +248,8 @@ def test_the_h200_tables_send_33_to_512_rows_of_weights_with_a_wave_of_programs_
         small = [chosen(rows, n, captured) for rows in (33, 48, 64) for n in (64 * 135, 11008, 64 * 198)]
         assert small == [("wgmma_wide", 2, 64)] * 9
         assert chosen(65, 11008, captured) == ("wgmma_wide", 1, 128)
-        assert chosen(64, 64 * 199, captured) == ("wgmma_wide", 1, 128)  # 398 programs: past three waves
-        assert chosen(64, 14336, captured) == ("wgmma_wide", 1, 128)
+        # 398 programs: past three waves, so 100 of 128 rows in clusters of two (the next test)
+        assert chosen(64, 64 * 199, captured) == chosen(64, 14336, captured) == ("wgmma_wide", 2, 128)
         assert chosen(64, 64 * 134, captured)[0] != "wgmma_wide"  # 268: under 0.68 of them
         assert chosen(64, 8192, captured) == (("wgmma_wide", 2, 128) if captured else chosen(64, 8192))
     # then 64-row programs in clusters of four that fill up to 2.5 waves (from 1.0 at 3-5 iterations a part):

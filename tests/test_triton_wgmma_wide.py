@@ -105,6 +105,7 @@ def test_programs_of_one_warpgroup_give_the_bits_of_programs_of_two(dtype, neste
     strided inputs and a bias."""
     cases = [
         ((300, 1024, 64), 65, 1),
+        ((260, 1024, 64), 48, 1),
         ((208, 1024, 64), 256, 2),
         ((130, 4096, 4096), 150, 2),
         ((150, 4352, 128), 256, 3),

@@ -114,8 +114,10 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
     where K is long enough (``third_min_iterations``); before all of these, up to the smallest
     row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
     ``narrow_small_waves`` waves and no more, and no other clusters where K is in
-    ``one_launch_k`` (``WgmmaRule``). Past the largest row tile every program runs once for each
-    block of its rows (``wgmma_wide.blocks``): the counts are the programs of all blocks."""
+    ``one_launch_k``; there too, in place of unsplit 128-row programs, clusters of two of them
+    or unsplit 64-row programs (``small_pairs_waves``, ``small_narrow_waves``: ``WgmmaRule``).
+    Past the largest row tile every program runs once for each block of its rows
+    (``wgmma_wide.blocks``): the counts are the programs of all blocks."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
     blocks = wgmma_wide.blocks(rows)
     clusters = CLUSTER_LAUNCH and wgmma_wide.cluster_fits(k, 2)
@@ -123,7 +125,13 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
         waves = rule.narrow_small_waves * processors
         if rule.narrow_small_fill * waves <= 2 * triton.cdiv(n_out, narrow) <= waves:
             return (2, narrow)
-    if blocks * triton.cdiv(n_out, wide) >= rule.min_waves * processors:
+    programs = triton.cdiv(n_out, wide)
+    if blocks * programs >= rule.min_waves * processors:
+        if rows <= wgmma_wide.ROW_TILES[0]:
+            if programs <= rule.small_pairs_waves * processors:
+                return (2 if clusters else 1, wide)
+            if programs <= rule.small_narrow_waves * processors:
+                return (1, narrow)
         return (1, wide)
     low_k, high_k = rule.one_launch_k
     if not (clusters and rule.cluster_fill) or (rows <= wgmma_wide.ROW_TILES[0] and low_k <= k < high_k):

@@ -121,7 +121,11 @@ class WgmmaRule(NamedTuple):
     elements (out_features x in_features) take up to ``large_max_rows`` input rows (0: never).
     Up to the smallest row tile, weights whose K lies in ``one_launch_k`` (from, below) run in no
     clusters that split K: there the tensor-core kernel's one launch costs an eager call less than
-    the wide kernel's two ((0, 0): none)."""
+    the wide kernel's two ((0, 0): none). Up to the smallest row tile, weights of enough 128-row
+    programs to run unsplit run them in clusters of two where they number at most
+    ``small_pairs_waves`` waves (and K splits), or else in 64-row programs, unsplit, up to
+    ``small_narrow_waves`` waves of 128-row ones (0: never; three 64-row programs fit a
+    multiprocessor)."""
 
     min_rows: int
     max_rows: int
@@ -137,6 +141,8 @@ class WgmmaRule(NamedTuple):
     large_max_rows: int = 0
     large_min_elements: int = 0
     one_launch_k: tuple[int, int] = (0, 0)
+    small_pairs_waves: float = 0.0
+    small_narrow_waves: float = 0.0
 
 
 class QuantizeConfig(NamedTuple):
@@ -225,8 +231,10 @@ HOPPER = KernelTables(
 #: more) from 0.6 of a wave of 128-row programs,
 #: with fewer in clusters of two or three that split K, from 65 rows also in 64-row programs, and
 #: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
-#: range by their parts' iterations), except K of 4096-5119 up to 64 rows (one launch there); the
-#: tensor-core kernel runs 64-row programs where its 128-row ones fill under 1.25 waves.
+#: range by their parts' iterations), except K of 4096-6143 up to 64 rows (one launch there), and
+#: up to 64 rows 0.6-1.0 waves of 128-row programs in clusters of two, 1.0-1.5 waves of them as
+#: 64-row programs; the tensor-core kernel runs 64-row programs where its 128-row ones fill under
+#: 1.25 waves.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
@@ -244,7 +252,9 @@ H200 = HOPPER._replace(
         quarter_fill=((0.0, 2.5), (0.0, 2.5), (1.0, 2.5), (1.0, 2.5), (1.0, 2.5)),
         large_max_rows=1024,
         large_min_elements=1 << 27,
-        one_launch_k=(4096, 5120),
+        one_launch_k=(4096, 6144),
+        small_pairs_waves=1.0,
+        small_narrow_waves=1.5,
     ),
 )
 #: Under capture (docs/tuning.md): ``wgmma`` from one wave of programs, inputs copied into
