@@ -90,7 +90,7 @@ def test_up_to_64_rows_a_wave_or_two_of_128_row_programs_run_in_pairs_or_in_64_r
     wave of them run in clusters of two that split K (14336x4096 at 64 rows measured 30.8 against
     35.8 us in graph replays), and 1-1.5 waves of them as unsplit 64-row programs, up to three a
     multiprocessor (20480x4096: 43.6 against 50.4); more stay unsplit (27648x5120: 62.0 against
-    85.7 in 64-row programs), as do 65 rows and more, eager or captured. (Support and the
+    85.7 in 64-row programs), eager or captured; from 65 rows, the next test. (Support and the
     multiprocessor count are forced, so this runs without a GPU.)"""
 
     def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
@@ -102,7 +102,7 @@ def test_up_to_64_rows_a_wave_or_two_of_128_row_programs_run_in_pairs_or_in_64_r
             assert chosen(65, n, k, captured) == ("wgmma_wide", 1, 128)
         for n, k in ((16897, 4096), (17408, 5120), (18944, 3584), (25344, 8192)):  # 133-198 programs
             assert [chosen(rows, n, k, captured) for rows in (33, 64)] == [("wgmma_wide", 1, 64)] * 2, (n, k)
-            assert chosen(65, n, k, captured) == ("wgmma_wide", 1, 128)
+            assert chosen(65, n, k, captured) == ("wgmma_wide", 2, 128)  # the next test
         for n, k in ((25345, 4096), (28672, 8192)):
             assert [chosen(rows, n, k, captured) for rows in (33, 64)] == [("wgmma_wide", 1, 128)] * 2
     assert chosen(64, 14336, 4096 + 128) == ("wgmma_wide", 1, 128)  # K of no whole iterations: no clusters
@@ -111,6 +111,31 @@ def test_up_to_64_rows_a_wave_or_two_of_128_row_programs_run_in_pairs_or_in_64_r
     off = rule._replace(small_pairs_waves=0.0, small_narrow_waves=0.0)
     assert dispatch.split_programs(off, 64, 14336, 4096, 132) == (1, 128)
     assert tuning.HOPPER.wgmma_wide is None or tuning.HOPPER.wgmma_wide.small_narrow_waves == 0
+
+
+def test_65_to_128_rows_of_a_wave_or_more_of_128_row_programs_run_them_in_pairs(h200_without_a_gpu):
+    """From 65 to 128 input rows, weights of more than one wave of 128-row programs and up to 1.5
+    waves run them in clusters of two that split K (graph replays: 17408x5120 at 128 rows 80.2
+    against 95.1 us unsplit, 18944x3584 at 80 rows 50.1 against 51.6); a wave or less (14336x4096
+    at 128 rows: 40.7 unsplit against 45.7 in pairs), more than 1.5 waves and more than 128 rows
+    stay unsplit, eager or captured. (Support and the multiprocessor count are forced, so this
+    runs without a GPU.)"""
+
+    def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
+        return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
+
+    pairs, unsplit = ("wgmma_wide", 2, 128), ("wgmma_wide", 1, 128)
+    for captured in (False, True):
+        for n, k in ((16897, 4096), (17408, 5120), (18944, 3584), (25344, 8192)):  # 133-198 programs
+            assert [chosen(rows, n, k, captured) for rows in (65, 96, 97, 128)] == [pairs] * 4, (n, k)
+            assert chosen(129, n, k, captured) == unsplit
+        for n, k in ((16896, 4096), (14336, 4096), (25345, 4096), (28672, 8192)):
+            assert [chosen(rows, n, k, captured) for rows in (65, 128)] == [unsplit] * 2, (n, k)
+    assert chosen(128, 17408, 5120 + 128) == unsplit  # K of no whole iterations: no clusters
+    rule = tuning.H200.wgmma_wide
+    assert rule.pairs_past_a_wave == (128, 1.5)
+    assert dispatch.split_programs(rule._replace(pairs_past_a_wave=(0, 0.0)), 128, 17408, 5120, 132) == unsplit[1:]
+    assert tuning.HOPPER.wgmma_wide is None or tuning.HOPPER.wgmma_wide.pairs_past_a_wave == (0, 0.0)
 
 
 @pytest.mark.parametrize("processors", [66, 132])

@@ -115,7 +115,8 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
     row tile, 64-row programs in clusters of two that fill ``narrow_small_fill`` of
     ``narrow_small_waves`` waves and no more, and no other clusters where K is in
     ``one_launch_k``; there too, in place of unsplit 128-row programs, clusters of two of them
-    or unsplit 64-row programs (``small_pairs_waves``, ``small_narrow_waves``: ``WgmmaRule``).
+    or unsplit 64-row programs (``small_pairs_waves``, ``small_narrow_waves``), and past it
+    clusters of two of them for a wave or more (``pairs_past_a_wave``: ``WgmmaRule``).
     Past the largest row tile every program runs once for each block of its rows
     (``wgmma_wide.blocks``): the counts are the programs of all blocks."""
     wide, narrow = wgmma_wide.PROGRAM_ROWS
@@ -132,6 +133,9 @@ def split_programs(rule: tuning.WgmmaRule, rows: int, n_out: int, k: int, proces
                 return (2 if clusters else 1, wide)
             if programs <= rule.small_narrow_waves * processors:
                 return (1, narrow)
+        most_rows, waves = rule.pairs_past_a_wave
+        if clusters and rows <= most_rows and processors < programs <= waves * processors:
+            return (2, wide)
         return (1, wide)
     low_k, high_k = rule.one_launch_k
     if not (clusters and rule.cluster_fill) or (rows <= wgmma_wide.ROW_TILES[0] and low_k <= k < high_k):

@@ -125,7 +125,9 @@ class WgmmaRule(NamedTuple):
     programs to run unsplit run them in clusters of two where they number at most
     ``small_pairs_waves`` waves (and K splits), or else in 64-row programs, unsplit, up to
     ``small_narrow_waves`` waves of 128-row ones (0: never; three 64-row programs fit a
-    multiprocessor)."""
+    multiprocessor). From there up to ``pairs_past_a_wave[0]`` input rows, weights of more than
+    one wave of 128-row programs and at most ``pairs_past_a_wave[1]`` waves run them in clusters
+    of two ((0, 0.0): never)."""
 
     min_rows: int
     max_rows: int
@@ -143,6 +145,7 @@ class WgmmaRule(NamedTuple):
     one_launch_k: tuple[int, int] = (0, 0)
     small_pairs_waves: float = 0.0
     small_narrow_waves: float = 0.0
+    pairs_past_a_wave: tuple[int, float] = (0, 0.0)
 
 
 class QuantizeConfig(NamedTuple):
@@ -233,8 +236,8 @@ HOPPER = KernelTables(
 #: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
 #: range by their parts' iterations), except K of 4096-6143 up to 64 rows (one launch there), and
 #: up to 64 rows 0.6-1.0 waves of 128-row programs in clusters of two, 1.0-1.5 waves of them as
-#: 64-row programs; the tensor-core kernel runs 64-row programs where its 128-row ones fill under
-#: 1.25 waves.
+#: 64-row programs (at 65-128 rows in clusters of two); the tensor-core kernel runs 64-row
+#: programs where its 128-row ones fill under 1.25 waves.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
@@ -255,6 +258,7 @@ H200 = HOPPER._replace(
         one_launch_k=(4096, 6144),
         small_pairs_waves=1.0,
         small_narrow_waves=1.5,
+        pairs_past_a_wave=(128, 1.5),
     ),
 )
 #: Under capture (docs/tuning.md): ``wgmma`` from one wave of programs, inputs copied into
