@@ -155,15 +155,16 @@ def test_an_unknown_lookup_is_refused_by_name():
 
 
 def test_kernel_choice_follows_rows_dtype_and_device():
-    """16-bit inputs with K a multiple of the blocksize go to the tensor-core kernel on a GPU (up
-    to the table's rows); float32, other K and the interpreter take the CUDA-core kernels."""
+    """16-bit inputs with K a multiple of the blocksize go to the fragment kernel on a GPU (up to
+    16 rows, blocks of 64 columns and more), else the tensor-core kernel (up to the table's rows);
+    float32, other K and the interpreter take the CUDA-core kernels."""
     choose = dispatch.choose_config
     bf16 = torch.zeros(8, 256, dtype=torch.bfloat16, device=DEVICE)
     if ON_GPU:
         assert choose(bf16, 512, 256, 64)[0] == "fragments"
         assert choose(bf16, 512, 256, 32)[0] == "fused"  # blocks shorter than the kernel's 64-column step
         assert choose(torch.zeros(17, 256, dtype=torch.bfloat16, device=DEVICE), 512, 256, 64)[0] == "fused"
-        assert choose(torch.zeros(8, 320, dtype=torch.bfloat16, device=DEVICE), 512, 320, 64)[0] == "fused"  # K % 256
+        assert choose(torch.zeros(8, 320, dtype=torch.bfloat16, device=DEVICE), 512, 320, 64)[0] == "fragments"
         assert choose(torch.zeros(65, 256, dtype=torch.bfloat16, device=DEVICE), 512, 256, 64) == "chunked"
     else:
         assert not dispatch.fused_supported(bf16, 256, 64)  # PTX does not run in the interpreter

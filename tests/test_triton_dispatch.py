@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from triton_cases import DEVICE, NEEDS_TRITON
 
-from fourbit.kernels.triton import dispatch, tuning
+from fourbit.kernels.triton import dispatch, fragment_grid, tuning
 
 pytestmark = NEEDS_TRITON
 
@@ -31,6 +31,21 @@ def h200_without_a_gpu(monkeypatch):
     monkeypatch.setattr(dispatch, "processors", lambda device: 132)
     monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
     monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
+
+
+def test_the_fragment_kernel_and_tiles_take_k_of_part_of_an_iteration_the_wgmma_kernels_whole_ones(monkeypatch):
+    """Qwen2.5-72B's down_proj (K 29568: 115.5 iterations of 256 columns) is the fragment kernel's
+    and kept in tiles on a GPU; the ``wgmma`` kernels take whole iterations only. K of part of a
+    block, or blocks shorter than a step, stay with the other kernels."""
+    assert fragment_grid.fragments_take(29568, 64) and fragment_grid.fragments_take(29568, 128)
+    assert not fragment_grid.aligned(29568, 64) and fragment_grid.aligned(28672, 64)
+    assert not fragment_grid.fragments_take(29568, 256) and not fragment_grid.fragments_take(256, 32)
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda = torch.device("cuda", 0)
+    assert dispatch.prefers_tiles(cuda, (8192, 29568), 64) and dispatch.prefers_tiles(cuda, (896, 896), 64)
+    assert not dispatch.prefers_tiles(cuda, (8192, 29568), 256) and not dispatch.prefers_tiles(cuda, (64, 256), 32)
 
 
 def test_the_h200_tables_take_weights_of_2_27_elements_and_more_to_1024_rows_on_the_wide_wgmma(h200_without_a_gpu):

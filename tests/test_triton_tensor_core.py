@@ -157,13 +157,13 @@ def test_the_fragment_kernel_compiles_once_for_every_row_count_of_a_tile_past_on
 
 
 def test_register_fragment_kernel_refuses_unaligned_k():
-    """Forced onto a K it cannot take (not a multiple of 256, or blocks shorter than 64 columns),
-    the register-fragment kernel says so instead of reading the wrong absmax."""
+    """Forced onto a K it cannot take (blocks shorter than a 64-column step, or a K of part of a
+    block), the register-fragment kernel says so instead of reading the wrong absmax."""
     from fourbit.kernels.triton import fragments
 
     x = torch.zeros(1, 320, dtype=torch.bfloat16)
-    for k, blocksize in [(320, 64), (256, 32)]:
-        with pytest.raises(ValueError, match="multiple of 256"):
+    for k, blocksize in [(256, 32), (320, 128)]:
+        with pytest.raises(ValueError, match="multiple of the blocksize"):
             weight = kernels.linear.PreparedWeight(
                 torch.zeros(k // 2, dtype=torch.uint8),
                 torch.zeros(k // blocksize),

@@ -240,14 +240,13 @@ def covering_splits(programs: int, device: torch.device) -> int:
 def fragments_supported(x: torch.Tensor, k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
     """Whether the fragment kernel takes this product: at most ``8 * MAX_TILES`` rows of 16-bit
     input on an NVIDIA GPU of compute capability 8.0 or newer, blocksizes of 64 and more, K a
-    multiple of the blocksize and of 256 (``fragment_grid.aligned``), and packed data (when given) that starts
-    on 16 bytes and holds fewer than 2**35 weights (int32 indices)."""
+    multiple of the blocksize (``fragment_grid.fragments_take``), and packed data (when given) that
+    starts on 16 bytes and holds fewer than 2**35 weights (int32 indices)."""
     return (
         x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cuda"
         and x.shape[0] <= fragment_arguments.TILE_ROWS * fragment_arguments.MAX_TILES
-        and blocksize >= fragment_grid.STEP
-        and fragment_grid.aligned(k, blocksize)
+        and fragment_grid.fragments_take(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
         and torch.version.hip is None
         and _capability(x.device) >= (8, 0)
@@ -260,8 +259,8 @@ def wgmma_supported(
     """Whether the ``wgmma`` kernels take this product: at most ``max_rows`` rows (the few-row
     kernel's; the wide one's rule's ``max_rows`` for it) of 16-bit input on a GPU of compute
     capability 9.0 (``wgmma`` is ``sm_90a``'s), what the fragment kernel asks of the weight
-    (``fragments_supported``), and Triton 3.3 or newer, whose direct launch carries the kernel's
-    own shared memory."""
+    (``fragments_supported``) with K of whole 256-column iterations (``fragment_grid.aligned``),
+    and Triton 3.3 or newer, whose direct launch carries the kernel's own shared memory."""
     return (
         DIRECT
         and x.dtype in (torch.bfloat16, torch.float16)
@@ -284,8 +283,7 @@ def prefers_tiles(device: torch.device, shape: Sequence[int], blocksize: int) ->
     return (
         device.type == "cuda"
         and not INTERPRETED
-        and blocksize >= fragment_grid.STEP
-        and fragment_grid.aligned(k, blocksize)
+        and fragment_grid.fragments_take(k, blocksize)
         and n * k // 2 < 2**34
         and torch.version.hip is None
         and _capability(device) >= (8, 0)

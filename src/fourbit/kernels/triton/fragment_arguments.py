@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .fragment_grid import STEP, aligned
+from .fragment_grid import STEP, fragments_take
 from .fragment_inputs import InputPermute
 
 __all__ = ["INPUT_DTYPE", "MAX_TILES", "TILE_ROWS", "checked_config", "fragment_tensors", "input_layout", "reads_words"]
@@ -26,10 +26,8 @@ def checked_config(config: tuple[int, ...], k: int, blocksize: int) -> tuple[int
         raise ValueError(f"the fragment kernel's K warps ({k_warps}) must divide its warps ({warps})")
     if warps < 2:  # each thread stores four of the 256 nested codes into the table
         raise ValueError(f"the fragment kernel needs at least 2 warps a program, got {warps}")
-    if blocksize < STEP or not aligned(k, blocksize):
-        raise ValueError(
-            f"the fragment kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)"
-        )
+    if not fragments_take(k, blocksize):
+        raise ValueError(f"the fragment kernel needs K ({k}) a multiple of the blocksize ({blocksize} >= 64)")
     return warps, split_k, k_warps, permuted
 
 

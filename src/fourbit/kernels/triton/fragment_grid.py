@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import triton
 
-__all__ = ["GROUP_STEPS", "REGISTERS", "RESIDENT_PROGRAMS", "STEP", "aligned", "fragment_parts", "fragment_splits"]
+__all__ = [
+    "GROUP_STEPS",
+    "REGISTERS",
+    "RESIDENT_PROGRAMS",
+    "STEP",
+    "aligned",
+    "fragment_parts",
+    "fragment_splits",
+    "fragments_take",
+]
 
 #: Columns of K one step of the kernel covers (four lanes of 16 columns), and steps per loop
 #: iteration (the absmax of an iteration's steps is read at once).
@@ -16,8 +25,15 @@ GROUP_STEPS = 4
 def aligned(k: int, blocksize: int) -> bool:
     """Whether K is a multiple of the blocksize and of an iteration's 256 columns. Then every
     iteration's absmax blocks lie in one block of nested statistics (whose size is a multiple of
-    4), which the kernel reads once per iteration."""
+    4), which the kernels read once per iteration; the ``wgmma`` kernels take only such K."""
     return k % max(blocksize, GROUP_STEPS * STEP) == 0
+
+
+def fragments_take(k: int, blocksize: int) -> bool:
+    """Whether the fragment kernel takes K: a multiple of the blocksize (64 or more) and so of a
+    step's 64 columns. Its last iteration may end early (its steps past K are masked), and where
+    K is not ``aligned`` its iterations read a nested absmax a step (Qwen2.5-72B's MLP, K 29568)."""
+    return blocksize >= STEP and k % blocksize == 0
 
 
 #: Registers a thread of the fragment kernel is allowed. ptxas from CUDA 12 takes 124-128 on its

@@ -21,7 +21,7 @@ import triton.language as tl
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from . import dispatch
 from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
-from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
+from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
 from .fragments import fragment_product
 from .launch import ProductLaunch, dependent_launches
 from .linear import PreparedWeight
@@ -59,7 +59,7 @@ def _fragment_group_kernel(
     WEIGHTS: tl.constexpr, TILES: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
     HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
-    PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr,
+    PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr, STRADDLING: tl.constexpr,
 ):  # fmt: skip
     """``fragments._fragment_mma_kernel`` over up to three weights: the first weight's tensors and
     ``N`` rows, and for the second and third the first program, rows, output column, and each
@@ -80,7 +80,7 @@ def _fragment_group_kernel(
         nested_code_ptr + nested_code, nested_offset_ptr + nested_offset, bias_ptr + bias, out_ptr + column,
         workspace_ptr + column, counter_ptr, local.to(tl.int32), M, n.to(tl.int32), K, stride_xm, stride_om, TILES,
         WARPS, SPLIT_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, WORDS, TILED, K_WARPS, PERMUTED,
-        DEPENDENT,
+        DEPENDENT, STRADDLING,
     )  # fmt: skip
 
 
@@ -144,7 +144,7 @@ def group_launch(
         first, fragment_tensors,
         (m, first.n_out, k, stride_xm, columns, *members, len(weights), tiles, warps, split_k, first.blocksize,
          first.nested, first.nested_blocksize, x.dtype == torch.float16, bias is not None, reads_words(first),
-         first.tiled, k_warps, permuted, dependent),
+         first.tiled, k_warps, permuted, dependent, not aligned(k, first.blocksize)),
         m, columns, x.dtype, x.device, sum(counts) if split_k > 1 else 0, prepare_input, registers=REGISTERS,
         input_dtype=INPUT_DTYPE,
     )  # fmt: skip

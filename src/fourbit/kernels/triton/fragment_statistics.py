@@ -94,10 +94,57 @@ def _scales_of(stored, nested, table, offset, NESTED: tl.constexpr, NESTED_CODE_
 
 
 @triton.jit
-def _group_scales(
-    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+def _nested_steps(
+    nested_absmax_ptr, row_block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr
+):
+    """The nested absmax of one row's four steps from column ``k`` (``row_block``: the row's first
+    absmax block) where they may lie in two blocks of nested statistics (K not a multiple of 256,
+    ``fragment_grid.aligned``): that of the first step's block and that of the last live step's,
+    each step taking the one its block lies in."""
+    first_block = row_block + k // BLOCKSIZE
+    last_block = row_block + tl.minimum(k + 255, k_stop - 1) // BLOCKSIZE
+    first_index = first_block // NESTED_BLOCKSIZE
+    live = mask & (k < k_stop)
+    first = tl.load(nested_absmax_ptr + first_index, mask=live, other=0.0)
+    last = tl.load(nested_absmax_ptr + last_block // NESTED_BLOCKSIZE, mask=live, other=0.0)
+    n1 = tl.where((first_block + 64 // BLOCKSIZE) // NESTED_BLOCKSIZE == first_index, first, last)
+    n2 = tl.where((first_block + 128 // BLOCKSIZE) // NESTED_BLOCKSIZE == first_index, first, last)
+    n3 = tl.where((first_block + 192 // BLOCKSIZE) // NESTED_BLOCKSIZE == first_index, first, last)
+    return first, n1, n2, n3
+
+
+@triton.jit
+def _straddling_scales(
+    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, NESTED_CODE_ASM: tl.constexpr,
 ):  # fmt: skip
-    """The absmax of a row group's four steps from column ``k``, the nested absmax read here."""
-    nested = _nested_group(nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
-    return _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
+    """``_group_scales`` of nested statistics where a row's four steps may take two nested absmax
+    (``_nested_steps``)."""
+    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
+    g0, g1, g2, g3, h0, h1, h2, h3 = stored
+    n0, n1, n2, n3 = _nested_steps(nested_absmax_ptr, blocks_g, mask_g, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
+    m0, m1, m2, m3 = _nested_steps(nested_absmax_ptr, blocks_h, mask_h, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
+    asm: tl.constexpr = NESTED_CODE_ASM
+    return (
+        _scale(g0, n0, offset, table, True, asm), _scale(g1, n1, offset, table, True, asm),
+        _scale(g2, n2, offset, table, True, asm), _scale(g3, n3, offset, table, True, asm),
+        _scale(h0, m0, offset, table, True, asm), _scale(h1, m1, offset, table, True, asm),
+        _scale(h2, m2, offset, table, True, asm), _scale(h3, m3, offset, table, True, asm),
+    )  # fmt: skip
+
+
+@triton.jit
+def _group_scales(
+    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, NESTED_CODE_ASM: tl.constexpr, STRADDLING: tl.constexpr,
+):  # fmt: skip
+    """The absmax of a row group's four steps from column ``k``, the nested absmax read here;
+    ``STRADDLING``: the steps' blocks may lie in two blocks of nested statistics."""
+    if NESTED and STRADDLING:
+        scales = _straddling_scales(
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED_CODE_ASM
+        )
+    else:
+        nested = _nested_group(nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+        scales = _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
+    return scales

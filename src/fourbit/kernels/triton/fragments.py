@@ -37,7 +37,7 @@ import triton.language as tl
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
 from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
-from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, fragment_parts
+from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
 from .fragment_inputs import permuted_inputs, row_inputs
 from .fragment_statistics import _group_scales, _stored_group
 from .launch import ProductLaunch, dependent_launches
@@ -220,7 +220,7 @@ def fragment_product(
     workspace_ptr, counter_ptr, program, M, N, K, stride_xm, stride_om, TILES: tl.constexpr, WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     FLOAT16: tl.constexpr, HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
-    PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr,
+    PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr, STRADDLING: tl.constexpr,
 ):  # fmt: skip
     """What ``_fragment_mma_kernel`` computes, for its weight rows from ``16 * program`` row
     groups on (``program``: the program's index among those of this weight; split programs
@@ -261,8 +261,9 @@ def fragment_product(
     for k_offset in range(0, k_count, 64 * 4):
         k = k_start + k_offset
         scales = _group_scales(
-            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, _NESTED_CODE
-        )
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+            _NESTED_CODE, STRADDLING,
+        )  # fmt: skip
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
             column = k + 64 * step
@@ -317,6 +318,7 @@ def _fragment_mma_kernel(
     K_WARPS: tl.constexpr,
     PERMUTED: tl.constexpr,
     DEPENDENT: tl.constexpr,
+    STRADDLING: tl.constexpr,
 ):
     """``out = x @ W.T + bias`` for up to ``8 * TILES`` rows of x; each warp takes 16 weight rows
     (in rows, or ``TILED`` in ``fourbit.layout``'s tiles, which a warp reads as one run), and
@@ -324,17 +326,18 @@ def _fragment_mma_kernel(
     is ``fragment_inputs.InputPermute``'s copy, not the rows.
 
     ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
-    element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize; WORDS
-    says that the 8-bit absmax codes can be read four at a time
-    (``fragment_statistics._stored_row``). Each iteration takes four steps; words are loaded two
-    steps ahead, absmax one iteration ahead. Indices are int32 (``dispatch.fragments_supported``
-    bounds the weight's size). ``DEPENDENT``: launched as a programmatic dependent
-    (``launch.dependent_launches``).
+    element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize (the
+    last iteration's steps past it are masked); WORDS says that the 8-bit absmax codes can be read
+    four at a time (``fragment_statistics._stored_row``); STRADDLING, that an iteration's absmax
+    blocks may lie in two blocks of nested statistics (K not ``fragment_grid.aligned``). Each
+    iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
+    Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
+    launched as a programmatic dependent (``launch.dependent_launches``).
     """
     fragment_product(
         x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
         workspace_ptr, counter_ptr, tl.program_id(0), M, N, K, stride_xm, stride_om, TILES, WARPS, SPLIT_K, BLOCKSIZE,
-        NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, WORDS, TILED, K_WARPS, PERMUTED, DEPENDENT,
+        NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, WORDS, TILED, K_WARPS, PERMUTED, DEPENDENT, STRADDLING,
     )  # fmt: skip
 
 
@@ -370,7 +373,8 @@ def fragment_launch(
         {"num_warps": warps, "launch_pdl": dependent},
         weight, fragment_tensors,
         (m, n_out, k, stride_xm, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent),
+         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent,
+         not aligned(k, blocksize)),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, prepare_input, registers=REGISTERS,
         input_dtype=INPUT_DTYPE,
     )  # fmt: skip

@@ -179,8 +179,9 @@ def _wgmma_kernel(
     acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
     for k in range(k_start, k_stop, 64 * 4):
         scales = _group_scales(
-            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, _NESTED_CODE
-        )
+            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+            _NESTED_CODE, False,
+        )  # fmt: skip
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
             column = k + 64 * step
