@@ -1,6 +1,6 @@
 """Triton ``A @ W.T + bias`` for a packed 4-bit weight W.
 
-Up to 16 rows of 16-bit input (blocksizes of 64 and more, K a multiple of 256) run
+Up to 16 rows of 16-bit input (blocksizes of 64 and more, K a multiple of the blocksize) run
 ``fragments``: ``mma.sync`` with each lane's operand fragment decoded through a shared-memory
 table of code pairs. Up to 64 rows otherwise run a tensor-core kernel that decodes each packed
 word in registers with byte permutes (``byte_permute``), and up to 256 rows run it with
