@@ -79,18 +79,26 @@ def _nested_group(
 
 
 @triton.jit
-def _scales_of(stored, nested, table, offset, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
-    """The absmax of a row group's four steps from their stored values and nested absmax
-    (``_stored_group``, ``_nested_group``): four for row g, four for g + 8."""
+def _step_scales(stored, nested, table, offset, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
+    """The absmax of a row group's four steps from their stored values and a nested absmax for
+    each (``_stored_group``; eight of each: four for row g, four for g + 8)."""
     g0, g1, g2, g3, h0, h1, h2, h3 = stored
-    nested_g, nested_h = nested
+    n0, n1, n2, n3, m0, m1, m2, m3 = nested
     asm: tl.constexpr = NESTED_CODE_ASM
     return (
-        _scale(g0, nested_g, offset, table, NESTED, asm), _scale(g1, nested_g, offset, table, NESTED, asm),
-        _scale(g2, nested_g, offset, table, NESTED, asm), _scale(g3, nested_g, offset, table, NESTED, asm),
-        _scale(h0, nested_h, offset, table, NESTED, asm), _scale(h1, nested_h, offset, table, NESTED, asm),
-        _scale(h2, nested_h, offset, table, NESTED, asm), _scale(h3, nested_h, offset, table, NESTED, asm),
+        _scale(g0, n0, offset, table, NESTED, asm), _scale(g1, n1, offset, table, NESTED, asm),
+        _scale(g2, n2, offset, table, NESTED, asm), _scale(g3, n3, offset, table, NESTED, asm),
+        _scale(h0, m0, offset, table, NESTED, asm), _scale(h1, m1, offset, table, NESTED, asm),
+        _scale(h2, m2, offset, table, NESTED, asm), _scale(h3, m3, offset, table, NESTED, asm),
     )  # fmt: skip
+
+
+@triton.jit
+def _scales_of(stored, nested, table, offset, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr):
+    """The absmax of a row group's four steps from their stored values and ``_nested_group``'s
+    nested absmax (one for row g, one for g + 8)."""
+    g, h = nested
+    return _step_scales(stored, (g, g, g, g, h, h, h, h), table, offset, NESTED, NESTED_CODE_ASM)
 
 
 @triton.jit
@@ -121,16 +129,9 @@ def _straddling_scales(
     """``_group_scales`` of nested statistics where a row's four steps may take two nested absmax
     (``_nested_steps``)."""
     _, _, blocks_g, blocks_h, mask_g, mask_h = rows
-    g0, g1, g2, g3, h0, h1, h2, h3 = stored
     n0, n1, n2, n3 = _nested_steps(nested_absmax_ptr, blocks_g, mask_g, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
     m0, m1, m2, m3 = _nested_steps(nested_absmax_ptr, blocks_h, mask_h, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
-    asm: tl.constexpr = NESTED_CODE_ASM
-    return (
-        _scale(g0, n0, offset, table, True, asm), _scale(g1, n1, offset, table, True, asm),
-        _scale(g2, n2, offset, table, True, asm), _scale(g3, n3, offset, table, True, asm),
-        _scale(h0, m0, offset, table, True, asm), _scale(h1, m1, offset, table, True, asm),
-        _scale(h2, m2, offset, table, True, asm), _scale(h3, m3, offset, table, True, asm),
-    )  # fmt: skip
+    return _step_scales(stored, (n0, n1, n2, n3, m0, m1, m2, m3), table, offset, True, NESTED_CODE_ASM)
 
 
 @triton.jit
