@@ -86,8 +86,9 @@ for stage in $STAGES; do
       "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 28672x8192 --dtypes bfloat16 \
         --batches 1 16 256 2048 --cuda-graphs ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_graphs.md" ;;
     cold)  # the GPU-limit rows as graph replays over weight copies past L2: weights read from memory,
-      # as a model's layers read them (an NF4 4096x14336 weight otherwise stays in an H200's L2)
-      "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 14336x4096 28672x8192 \
+      # as a model's layers read them (an NF4 4096x14336 weight otherwise stays in an H200's L2);
+      # 8192x29568 (Qwen2.5-72B's down_proj): a K of part of a 256-column iteration
+      "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x4096 4096x14336 14336x4096 28672x8192 8192x29568 \
         --dtypes bfloat16 --ops Linear4bit --batches 1 16 64 256 2048 --cuda-graphs --cold 256 --min-time 0.2 \
         ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cold.md" ;;
     eager)  # the eager per-call table and host time, back to back and inside decode steps
