@@ -93,11 +93,14 @@ def _layers(quant_type="nf4", nested=True, bias=True, storage=torch.uint8, shape
 @pytest.mark.parametrize("storage", STORAGES, ids=describe_dtype)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_a_tiled_layer_computes_what_a_layer_in_rows_does_and_saves_bitsandbytes_bytes(storage, quant_type, nested):
-    rows, tiled = _layers(quant_type, nested, storage=storage)
+@pytest.mark.parametrize("shape", [(48, 256), (48, 448)], ids=str)  # 448: K of part of a 256-column iteration
+def test_a_tiled_layer_computes_what_a_layer_in_rows_does_and_saves_bitsandbytes_bytes(
+    storage, quant_type, nested, shape
+):
+    rows, tiled = _layers(quant_type, nested, storage=storage, shape=shape)
     assert tiled.weight.quant_state.tiled and not rows.weight.quant_state.tiled
     assert not torch.equal(tiled.weight.data.view(torch.uint8), rows.weight.data.view(torch.uint8))
-    x = torch.randn(5, 256)
+    x = torch.randn(5, shape[1])
     torch.testing.assert_close(tiled(x), rows(x), rtol=0, atol=0)
     state = tiled.weight.quant_state
     assert torch.equal(
