@@ -12,12 +12,14 @@ import torch
 pytest.importorskip("triton")
 
 import triton
+import triton.language as tl
 from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics
 
 from fourbit import layout
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
 from fourbit.kernels.triton import launch
+from fourbit.kernels.triton.fragment_statistics import _nested_steps
 
 pytestmark = NEEDS_TRITON
 
@@ -213,3 +215,48 @@ def test_k_not_a_multiple_of_256_is_right_at_every_row_count(tiled):
         x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
         out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, tiled=tiled)
         _assert_close_to(out, x, dense, rows)
+
+
+@triton.jit
+def _nested_steps_kernel(
+    nested_ptr, row_blocks_ptr, starts_ptr, stops_ptr, out_ptr, COUNT: tl.constexpr, BLOCKSIZE: tl.constexpr
+):
+    """``_nested_steps`` for ``COUNT`` (row, iteration) cases: four nested absmax each."""
+    case = tl.arange(0, COUNT)
+    row_block = tl.load(row_blocks_ptr + case)
+    k = tl.load(starts_ptr + case)
+    k_stop = tl.load(stops_ptr + case)
+    n0, n1, n2, n3 = _nested_steps(nested_ptr, row_block, case < COUNT, k, k_stop, BLOCKSIZE, 256)
+    tl.store(out_ptr + 4 * case, n0)
+    tl.store(out_ptr + 4 * case + 1, n1)
+    tl.store(out_ptr + 4 * case + 2, n2)
+    tl.store(out_ptr + 4 * case + 3, n3)
+
+
+@pytest.mark.parametrize(("k", "blocksize"), [(1472, 64), (192, 64), (1408, 128), (29568, 64)])
+def test_each_step_of_an_iteration_takes_the_nested_absmax_of_its_own_block(k, blocksize):
+    """``_nested_steps`` (the kernels' statistics where K is not a multiple of 256): every live
+    step of every iteration of every row, to the row's end and to a warp's part ending mid-row,
+    takes the nested absmax of the block of nested statistics its absmax block lies in, also
+    where the iteration's blocks span two of them."""
+    rows = 64
+    blocks_a_row = k // blocksize
+    nested = torch.arange(rows * blocks_a_row // 256 + 1, dtype=torch.float32, device=DEVICE) + 1
+    cases = [(row, start, stop) for row in range(rows) for stop in (k, min(k, 512))
+             for start in range(0, stop, 256)]  # fmt: skip
+    cases += [cases[-1]] * (triton.next_power_of_2(len(cases)) - len(cases))
+    row_blocks, starts, stops = (
+        torch.tensor(column, dtype=torch.int32, device=DEVICE) for column in zip(*cases, strict=True)
+    )
+    out = torch.zeros(len(cases), 4, device=DEVICE)
+    _nested_steps_kernel[(1,)](nested, row_blocks * blocks_a_row, starts, stops, out, len(cases), blocksize)
+    straddling = 0
+    for (row, start, stop), got in zip(cases, out.cpu().tolist(), strict=True):
+        blocks = [row * blocks_a_row + (start + 64 * step) // blocksize for step in range(4)]
+        live = [start + 64 * step < stop for step in range(4)]
+        expected = [nested[block // 256].item() for block in blocks]
+        assert [g for g, alive in zip(got, live, strict=True) if alive] == [
+            e for e, alive in zip(expected, live, strict=True) if alive
+        ], (row, start, stop)
+        straddling += len({block // 256 for block, alive in zip(blocks, live, strict=True) if alive}) > 1
+    assert straddling or k == 192, "no case crossed a block of nested statistics"
