@@ -13,9 +13,17 @@ pytest.importorskip("triton")
 
 import triton
 import triton.language as tl
-from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics
+from triton_cases import (
+    DEVICE,
+    NEEDS_TRITON,
+    ON_GPU,
+    assert_within_rounding,
+    code_table,
+    graded_weight,
+    nested_statistics,
+    one_step_rows,
+)
 
-from fourbit import layout
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
 from fourbit.kernels.triton import launch
@@ -132,34 +140,6 @@ def _nested(extra: dict):
     return NestedStatistics(extra["nested_absmax"], extra["nested_code"], extra["nested_offset"], 256)
 
 
-def _graded_weight(n: int, k: int, blocksize: int, nested: bool, tiled: bool) -> tuple:
-    """An NF4 weight whose absmax grows 2x from one block of nested statistics to the next (so
-    that a step scaled by its neighbour's nested absmax is off by 2x or more): packed bytes
-    (tiled or in rows), absmax, statistics keyword arguments, float64 dense."""
-    code = code_table("nf4")
-    nested_block = torch.arange(n * k, device=DEVICE).reshape(n, k) // (blocksize * 256)
-    weight = torch.randn(n, k, device=DEVICE) * 2.0 ** (nested_block % 3).float()
-    packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
-    absmax, extra = nested_statistics(absmax, nested)
-    dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
-    return (layout.tile(packed, (n, k)) if tiled else packed), absmax, extra, dense
-
-
-def _one_step_rows(k: int, first: int, rows: int) -> torch.Tensor:
-    """``rows`` bf16 input rows, row i nonzero only on 64-column step ``first + i`` (modulo K's
-    steps): each output then holds one step's products, scaled as that step alone is."""
-    step = torch.arange(k, device=DEVICE) // 64
-    keep = step[None, :] == (first + torch.arange(rows, device=DEVICE))[:, None] % (k // 64)
-    return (torch.randn(rows, k, device=DEVICE) * keep).to(torch.bfloat16)
-
-
-def _assert_close_to(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, message: object) -> None:
-    """Every output within 16-bit rounding of float64: 2**-7 of the sum of its products' sizes."""
-    out = out.double()
-    error = (out - x.double() @ dense.t()).abs()
-    assert (error <= 2**-7 * (x.double().abs() @ dense.abs().t()) + 1e-6).all(), message
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
 @pytest.mark.parametrize(("k", "blocksize"), [(64, 64), (192, 64), (1472, 64), (384, 128), (1408, 128)])
@@ -171,14 +151,14 @@ def test_k_not_a_multiple_of_256_gives_every_step_its_own_scale(k, blocksize, ne
     assert ON_GPU
     torch.manual_seed(k + blocksize)
     n = 272  # 17 row groups: rows cross blocks of nested statistics at many offsets
-    packed, absmax, extra, dense = _graded_weight(n, k, blocksize, nested, True)
+    packed, absmax, extra, dense = graded_weight(n, k, blocksize, nested, True)
     code = code_table("nf4")
     for dtype in (torch.bfloat16, torch.float16):
         for first in range(0, k // 64, 16):
-            x = _one_step_rows(k, first, 16).to(dtype)
+            x = one_step_rows(k, first, 16).to(dtype)
             out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, tiled=True,
                                       config=("fragments", 4, 1))  # fmt: skip
-            _assert_close_to(out, x, dense, (dtype, first))
+            assert_within_rounding(out, x, dense, (dtype, first))
 
 
 @pytest.mark.gpu
@@ -190,15 +170,15 @@ def test_k_not_a_multiple_of_256_is_right_in_every_fragment_configuration(tiled)
     assert ON_GPU
     torch.manual_seed(1)
     n, k, blocksize = 272, 1472, 64
-    packed, absmax, extra, dense = _graded_weight(n, k, blocksize, True, tiled)
+    packed, absmax, extra, dense = graded_weight(n, k, blocksize, True, tiled)
     code = code_table("nf4")
     configs = [("fragments", 4, 1), ("fragments", 4, 0), ("fragments", 4, 1, 2), ("fragments", 8, 1, 8),
                ("fragments", 4, 3), ("fragments", 4, 1, 0, 1)]  # fmt: skip
     for config in configs if tiled else configs[:1]:
         for rows in (1, 5, 16):
-            x = _one_step_rows(k, rows, 16) if rows == 16 else torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
+            x = one_step_rows(k, rows, 16) if rows == 16 else torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
             out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, tiled=tiled, config=config)
-            _assert_close_to(out, x, dense, (config, rows))
+            assert_within_rounding(out, x, dense, (config, rows))
 
 
 @pytest.mark.gpu
@@ -209,12 +189,12 @@ def test_k_not_a_multiple_of_256_is_right_at_every_row_count(tiled):
     assert ON_GPU
     torch.manual_seed(0)
     n, k, blocksize = 272, 1472, 64
-    packed, absmax, extra, dense = _graded_weight(n, k, blocksize, True, tiled)
+    packed, absmax, extra, dense = graded_weight(n, k, blocksize, True, tiled)
     code = code_table("nf4")
     for rows in (1, 16, 17, 64, 100, 256, 300):
         x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
         out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, tiled=tiled)
-        _assert_close_to(out, x, dense, rows)
+        assert_within_rounding(out, x, dense, rows)
 
 
 @triton.jit

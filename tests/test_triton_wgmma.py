@@ -125,13 +125,13 @@ def test_a_product_recorded_into_a_cuda_graph_takes_the_captured_tables():
     assert torch.equal(weight.linear(x), eager)  # the eager launch is still the eager one
 
 
-def test_wgmma_kernel_refuses_more_rows_than_an_instruction_takes_and_unaligned_k():
+def test_wgmma_kernel_refuses_more_rows_than_an_instruction_takes_and_k_of_part_of_a_block():
     """Clear errors for inputs the kernel cannot take, before anything launches."""
     weight = type("Weight", (), {"k": 1024, "n_out": 128, "blocksize": 64})()
     with pytest.raises(ValueError, match="at most 64 input rows, got 65"):
         wgmma.wgmma_launch(weight, torch.empty(65, 1024, dtype=torch.bfloat16), False)
     weight.k = 1000
-    with pytest.raises(ValueError, match="multiple of 256"):
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
         wgmma.wgmma_launch(weight, torch.empty(32, 1000, dtype=torch.bfloat16), False)
 
 
@@ -148,6 +148,19 @@ def test_staged_inputs_lay_each_step_out_as_the_instruction_reads_it(rows):
     # column 64s + 16t + 4j + 2h + e of row 8b + r goes to [s, j, b, h, r, t, e]
     expected = padded.view(rows // 8, 8, k // 64, 4, 4, 2, 2).permute(2, 4, 0, 5, 1, 3, 6).reshape(-1)
     assert torch.equal(staged, expected)
+
+
+def test_inputs_of_part_of_an_iteration_are_staged_to_whole_iterations_with_zeros():
+    """K of 5.75 iterations (1472 columns) is staged as 6 (``staged_columns``): its own columns
+    as a K of whole iterations would stage them, then zeros (the kernels copy every step)."""
+    rows, k = 32, 1472
+    x = torch.randn(rows - 3, k, device=DEVICE).to(torch.bfloat16)
+    staged = wgmma.WgmmaInputs(rows, k, torch.device(DEVICE))(x).view(torch.bfloat16)
+    assert wgmma.staged_columns(k) == 1536 and staged.numel() == rows * 1536
+    whole = torch.zeros(rows - 3, 1536, device=DEVICE, dtype=torch.bfloat16)
+    whole[:, :k] = x
+    assert torch.equal(staged, wgmma.WgmmaInputs(rows, 1536, torch.device(DEVICE))(whole).view(torch.bfloat16))
+    assert staged[rows * k :].abs().sum() == 0 and staged[: rows * k].abs().sum() > 0
 
 
 def test_inputs_past_a_tile_are_staged_as_blocks_of_it_one_after_another():

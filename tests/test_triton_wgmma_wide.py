@@ -15,7 +15,17 @@ import torch
 pytest.importorskip("triton")
 
 from ptx_emulator import bits_float, cluster_address, float_bits, run_thread, split_at
-from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
+from triton_cases import (
+    DEVICE,
+    NEEDS_TRITON,
+    ON_GPU,
+    assert_within_rounding,
+    code_table,
+    graded_weight,
+    nested_statistics,
+    one_step_rows,
+    pairwise_cases,
+)
 
 from fourbit import layout
 from fourbit.kernels import reference
@@ -150,23 +160,54 @@ def test_wide_kernel_products_do_not_depend_on_the_rows_beside_them():
     assert torch.equal(blocks, alone) and torch.equal(blocks[:256], whole)
 
 
-def test_wide_kernel_refuses_more_inputs_than_it_stages_and_unaligned_k():
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+@pytest.mark.parametrize(("k", "blocksize"), [(192, 64), (1472, 64), (1408, 128)])
+def test_k_not_a_multiple_of_256_on_both_wgmma_kernels(k, blocksize, nested):
+    """K of part of an iteration (Qwen2.5-72B's MLP: 115.5): the inputs are staged to whole
+    iterations with zeros, the last one's steps past K multiply them by masked weights, and steps
+    whose blocks cross into the next block of nested statistics take its absmax. Rows of one step
+    each check every step's scale; the few-row kernel at both row tiles and split, the wide one
+    unsplit and in clusters of two to four (the last part's last iteration short), in programs
+    of 128 and 64 weight rows, over blocks of rows."""
+    assert ON_GPU
+    torch.manual_seed(k)
+    n = 272
+    packed, absmax, extra, dense = graded_weight(n, k, blocksize, nested, True)
+    code = code_table("nf4")
+    configs = [(("wgmma", 1), (17, 64)), (("wgmma", 2), (64,))]
+    configs += [(("wgmma_wide", c, p), (64, 96, 300)) for c in (1, 2, 3, 4) for p in (128, 64)
+                if wgmma_wide.cluster_fits(k, c)]  # fmt: skip
+    for config, row_counts in configs:
+        for rows in row_counts:
+            x = one_step_rows(k, rows, rows)
+            out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, tiled=True, config=config)
+            assert_within_rounding(out, x, dense, (config, rows))
+    x = one_step_rows(k, 0, 96).half()
+    out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, tiled=True, config=("wgmma_wide",))
+    assert_within_rounding(out, x, dense, "float16")
+
+
+def test_wide_kernel_refuses_more_inputs_than_it_stages_and_k_of_part_of_a_block():
     """Clear errors for inputs the kernel cannot take, before anything launches."""
     weight = type("Weight", (), {"k": 1024, "n_out": 128, "blocksize": 64})()
     with pytest.raises(ValueError, match=r"fewer than 2\*\*31 words of input, not 4194304 rows of 1024"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(2**22, 1024, dtype=torch.bfloat16, device="meta"), False, 132)
     weight.k = 1000
-    with pytest.raises(ValueError, match="multiple of 256"):
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1000, dtype=torch.bfloat16), False, 132)
     weight.k = 768  # three iterations: no part for a fourth program
     with pytest.raises(
-        ValueError, match=r"clusters of \(1, 2, 3, 4\), in parts of one or more whole 256-column iterations, not 4"
+        ValueError, match=r"clusters of \(1, 2, 3, 4\), in parts of one or more 256-column iterations, not 4"
     ):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 768, dtype=torch.bfloat16), False, 132, cluster=4)
     with pytest.raises(ValueError, match="not 5"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 2048, dtype=torch.bfloat16), False, 132, cluster=5)
     assert wgmma_wide.cluster_fits(768, 3) and not wgmma_wide.cluster_fits(768, 4)
-    assert wgmma_wide.cluster_fits(4352, 2) and not wgmma_wide.cluster_fits(4352 + 64, 2)  # 17 iterations: 8 and 9
+    assert wgmma_wide.cluster_fits(4352, 2)  # 17 iterations: 8 and 9
+    assert wgmma_wide.cluster_fits(704, 3) and not wgmma_wide.cluster_fits(704, 4)  # 2.75 iterations: the last short
+    assert not wgmma_wide.cluster_fits(4352 + 32, 2)  # part of a step
     with pytest.raises(ValueError, match=r"programs take \(128, 64\) weight rows, not 96"):
         wgmma_wide.wgmma_wide_launch(weight, torch.empty(96, 1536, dtype=torch.bfloat16), False, 132, program_rows=96)
 
@@ -232,7 +273,7 @@ def test_only_96_row_tiles_of_more_programs_than_multiprocessors_are_capped_to_1
         product = wgmma_wide.wgmma_wide_launch(weight, x, False, 132, program_rows=program_rows)
         assert product.launch.grid[0] == programs
         assert product.launch.options["num_warps"] == program_rows // 16  # a warpgroup a 64 weight rows
-        assert product.after[-1] == program_rows
+        assert product.after[-2:] == (program_rows, False)  # K of whole iterations: not SHORT
         return product.launch.options
 
     assert options(96, 224)["maxnreg"] == 128  # 28672 weight rows
@@ -298,11 +339,11 @@ def test_the_wide_kernel_reads_each_iterations_nested_absmax_one_iteration_ahead
     nested absmax alike) and reads the next iteration's, so no scale waits for a load of its own."""
     source = inspect.getsource(wgmma_wide._wide_kernel.fn)
     loop = source.index("for k in range(")
-    assert source.index("_nested_group(nested_absmax_ptr, rows, k_start,") < loop
+    assert source.index("_nested_of(nested_absmax_ptr, rows, k_start,") < loop
     body = source[loop:]
     scales, stored, nested = (
-        body.index("_scales_of(stored, nested,"), body.index("_stored_group(absmax_ptr, rows, k + 256,"),
-        body.index("_nested_group(nested_absmax_ptr, rows, k + 256,"),
+        body.index("_scales_from(stored, nested,"), body.index("_stored_group(absmax_ptr, rows, k + 256,"),
+        body.index("_nested_of(nested_absmax_ptr, rows, k + 256,"),
     )  # fmt: skip
     assert scales < stored < nested < body.index("for step in")
 

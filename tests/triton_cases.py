@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import assert_same_bits, describe_dtype
 
-from fourbit import ops
+from fourbit import layout, ops
 from fourbit.formats import create_dynamic_map, get_4bit_type
 from fourbit.kernels import reference
 
@@ -81,3 +81,31 @@ def pairwise_cases(configs) -> list:
             name = f"{config}-{describe_dtype(dtype)}-{'nested' if nested else 'plain'}"
             cases.append(pytest.param(config, dtype, nested, id=name))
     return cases
+
+
+def graded_weight(n: int, k: int, blocksize: int, nested: bool, tiled: bool) -> tuple:
+    """An NF4 weight whose absmax grows 2x from one block of nested statistics to the next (so
+    that a step scaled by its neighbour's nested absmax is off by 2x or more): packed bytes
+    (tiled or in rows), absmax, statistics keyword arguments, float64 dense."""
+    code = code_table("nf4")
+    nested_block = torch.arange(n * k, device=DEVICE).reshape(n, k) // (blocksize * 256)
+    weight = torch.randn(n, k, device=DEVICE) * 2.0 ** (nested_block % 3).float()
+    packed, absmax = reference.quantize_4bit(weight, code, blocksize, torch.uint8)
+    absmax, extra = nested_statistics(absmax, nested)
+    dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
+    return (layout.tile(packed, (n, k)) if tiled else packed), absmax, extra, dense
+
+
+def one_step_rows(k: int, first: int, rows: int) -> torch.Tensor:
+    """``rows`` bf16 input rows, row i nonzero only on 64-column step ``first + i`` (modulo K's
+    steps): each output then holds one step's products, scaled as that step alone is."""
+    step = torch.arange(k, device=DEVICE) // 64
+    keep = step[None, :] == (first + torch.arange(rows, device=DEVICE))[:, None] % (k // 64)
+    return (torch.randn(rows, k, device=DEVICE) * keep).to(torch.bfloat16)
+
+
+def assert_within_rounding(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, message: object) -> None:
+    """Every output within 16-bit rounding of float64: 2**-7 of the sum of its products' sizes."""
+    out = out.double()
+    error = (out - x.double() @ dense.t()).abs()
+    assert (error <= 2**-7 * (x.double().abs() @ dense.abs().t()) + 1e-6).all(), message

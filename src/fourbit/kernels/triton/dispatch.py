@@ -72,7 +72,10 @@ def choose_config(
 
 def wide_min_rows(rule: tuning.WgmmaRule, k: int) -> int:
     """The fewest input rows the wide ``wgmma`` kernel may take against a K of ``k``:
-    ``min_rows``, or ``quarter_min_rows`` for clusters of four of one-iteration parts."""
+    ``min_rows``, ``short_min_rows`` for K of part of an iteration, or ``quarter_min_rows`` for
+    clusters of four of one-iteration parts."""
+    if rule.short_min_rows and k % (fragment_grid.STEP * fragment_grid.GROUP_STEPS):
+        return max(rule.min_rows, rule.short_min_rows)
     if rule.quarter_min_rows and k // 1024 == 1:
         return min(rule.min_rows, rule.quarter_min_rows)
     return rule.min_rows
@@ -259,15 +262,14 @@ def wgmma_supported(
     """Whether the ``wgmma`` kernels take this product: at most ``max_rows`` rows (the few-row
     kernel's; the wide one's rule's ``max_rows`` for it) of 16-bit input on a GPU of compute
     capability 9.0 (``wgmma`` is ``sm_90a``'s), what the fragment kernel asks of the weight
-    (``fragments_supported``) with K of whole 256-column iterations (``fragment_grid.aligned``),
-    and Triton 3.3 or newer, whose direct launch carries the kernel's own shared memory."""
+    (``fragments_supported``), and Triton 3.3 or newer, whose direct launch carries the kernel's
+    own shared memory."""
     return (
         DIRECT
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cuda"
         and 0 < x.shape[0] <= max_rows
-        and blocksize >= fragment_grid.STEP
-        and fragment_grid.aligned(k, blocksize)
+        and fragment_grid.fragments_take(k, blocksize)
         and (packed is None or (packed.data_ptr() % 16 == 0 and packed.nbytes < 2**34))
         and torch.version.hip is None
         and _capability(x.device) == (9, 0)

@@ -25,7 +25,7 @@ GROUP_STEPS = 4
 def aligned(k: int, blocksize: int) -> bool:
     """Whether K is a multiple of the blocksize and of an iteration's 256 columns. Then every
     iteration's absmax blocks lie in one block of nested statistics (whose size is a multiple of
-    4), which the kernels read once per iteration; the ``wgmma`` kernels take only such K."""
+    4), which the kernels read once per iteration; other K read a nested absmax a step."""
     return k % max(blocksize, GROUP_STEPS * STEP) == 0
 
 

@@ -122,16 +122,34 @@ def _nested_steps(
 
 
 @triton.jit
-def _straddling_scales(
-    stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, NESTED_CODE_ASM: tl.constexpr,
+def _nested_of(
+    nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, STRADDLING: tl.constexpr,
 ):  # fmt: skip
-    """``_group_scales`` of nested statistics where a row's four steps may take two nested absmax
-    (``_nested_steps``)."""
-    _, _, blocks_g, blocks_h, mask_g, mask_h = rows
-    n0, n1, n2, n3 = _nested_steps(nested_absmax_ptr, blocks_g, mask_g, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
-    m0, m1, m2, m3 = _nested_steps(nested_absmax_ptr, blocks_h, mask_h, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
-    return _step_scales(stored, (n0, n1, n2, n3, m0, m1, m2, m3), table, offset, True, NESTED_CODE_ASM)
+    """The nested absmax of a row group's four steps from column ``k``: ``_nested_group``'s two,
+    or with ``STRADDLING`` (the steps' blocks may lie in two blocks of nested statistics) and
+    NESTED, eight (``_nested_steps``: four for row g, four for g + 8)."""
+    if NESTED and STRADDLING:
+        _, _, blocks_g, blocks_h, mask_g, mask_h = rows
+        n0, n1, n2, n3 = _nested_steps(nested_absmax_ptr, blocks_g, mask_g, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
+        m0, m1, m2, m3 = _nested_steps(nested_absmax_ptr, blocks_h, mask_h, k, k_stop, BLOCKSIZE, NESTED_BLOCKSIZE)
+        nested = (n0, n1, n2, n3, m0, m1, m2, m3)
+    else:
+        nested = _nested_group(nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+    return nested
+
+
+@triton.jit
+def _scales_from(
+    stored, nested, table, offset, NESTED: tl.constexpr, NESTED_CODE_ASM: tl.constexpr, STRADDLING: tl.constexpr
+):
+    """The absmax of a row group's four steps from their stored values and ``_nested_of``'s
+    nested absmax (its eight with ``STRADDLING``: ``_step_scales``; else ``_scales_of``)."""
+    if NESTED and STRADDLING:
+        scales = _step_scales(stored, nested, table, offset, True, NESTED_CODE_ASM)
+    else:
+        scales = _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
+    return scales
 
 
 @triton.jit
@@ -141,11 +159,5 @@ def _group_scales(
 ):  # fmt: skip
     """The absmax of a row group's four steps from column ``k``, the nested absmax read here;
     ``STRADDLING``: the steps' blocks may lie in two blocks of nested statistics."""
-    if NESTED and STRADDLING:
-        scales = _straddling_scales(
-            stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED_CODE_ASM
-        )
-    else:
-        nested = _nested_group(nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
-        scales = _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
-    return scales
+    nested = _nested_of(nested_absmax_ptr, rows, k, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, STRADDLING)
+    return _scales_from(stored, nested, table, offset, NESTED, NESTED_CODE_ASM, STRADDLING)

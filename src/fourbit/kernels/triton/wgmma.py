@@ -27,13 +27,14 @@ import triton
 import triton.language as tl
 
 from .common import finish_split, last_of_split, store_output
-from .fragment_grid import STEP, aligned
+from .fragment_arguments import reads_words
+from .fragment_grid import aligned, fragments_take
 from .fragment_statistics import _group_scales, _stored_group
 from .fragments import _NESTED_CODE, _TABLE, _fill_table, _rows, _thread_index, _word_loads
 from .launch import KernelLaunch, ProductLaunch
 from .wgmma_ptx import wgmma_constraints, wgmma_issue_ptx, wgmma_ring_ptx, wgmma_step_ptx, wgmma_wait_ptx
 
-__all__ = ["ROW_TILES", "SLOTS", "WgmmaInputs", "wgmma_launch"]
+__all__ = ["ROW_TILES", "SLOTS", "WgmmaInputs", "staged_columns", "wgmma_launch"]
 
 #: The input row counts of the instruction (its n) a launch may take: the fewest that hold the rows.
 ROW_TILES = (32, 64)
@@ -56,6 +57,12 @@ _ISSUE_64 = tl.constexpr(wgmma_issue_ptx(64 * 128))
 _WAIT = tl.constexpr(wgmma_wait_ptx())
 _PAIR = tl.constexpr("mov.b64 {$0, $1}, $2;")
 _RING_SLOTS = tl.constexpr(SLOTS)
+
+
+def staged_columns(k: int) -> int:
+    """Columns of a staged input row: K completed to whole 256-column iterations, which the
+    kernels' rings copy step by step."""
+    return triton.cdiv(k, 256) * 256
 
 
 def ring_bytes(rows: int) -> int:
@@ -149,13 +156,15 @@ def _wgmma_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
     workspace_ptr, counter_ptr, M, N, K, stride_om, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, SHORT: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows, staged by ``WgmmaInputs`` at ``x_ptr``;
     one warpgroup a program, 64 weight rows (``fragments._fragment_mma_kernel`` for the weight's
-    layouts and statistics; K a multiple of 256 and of the blocksize). Each iteration takes four
-    steps; packed words are loaded two steps ahead, absmax one iteration ahead, the inputs one
-    step ahead into the ring."""
+    layouts and statistics; K a multiple of the blocksize). Each iteration takes four steps;
+    packed words are loaded two steps ahead, absmax one iteration ahead, the inputs one step
+    ahead into the ring. ``SHORT``: K is not a multiple of 256, so the last iteration's steps
+    past it multiply the staging's zeros (every step's copy is waited for) by masked weights, and
+    an iteration's steps may take two nested absmax (``fragment_statistics._nested_of``)."""
     thread = _thread_index(tl.arange(0, 128))
     lane = thread % 32
     quad = lane % 4
@@ -164,6 +173,9 @@ def _wgmma_kernel(
     k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), 256) * 256
     k_start = tl.program_id(1) * k_chunk
     k_stop = tl.minimum(K, k_start + k_chunk)
+    x_stop = k_stop  # the staged inputs' steps: whole iterations
+    if SHORT:
+        x_stop = tl.minimum(tl.cdiv(K, 256) * 256, k_start + k_chunk)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
     stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
@@ -174,13 +186,13 @@ def _wgmma_kernel(
     ring = _ring(thread, lane, ROWS)
     barriers = ring + _RING_SLOTS * ROWS * 128
     x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True)
-    _issue(x_address, k_start // 64 + thread * 0, ring, k_start < k_stop, barriers, ROWS)
+    _issue(x_address, k_start // 64 + thread * 0, ring, k_start < x_stop, barriers, ROWS)
     zero = tl.zeros((128,), dtype=tl.int64)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
     for k in range(k_start, k_stop, 64 * 4):
         scales = _group_scales(
             stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-            _NESTED_CODE, False,
+            _NESTED_CODE, SHORT,
         )  # fmt: skip
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
         for step in tl.static_range(4):
@@ -193,7 +205,7 @@ def _wgmma_kernel(
                 _WAIT, "=r,r,r,r", [barriers + 8 * current, phase, ring + current * ROWS * 128], tl.int32, False, 1
             )
             _issue(
-                x_address, column // 64 + 1 + thread * 0, ring + following * ROWS * 128, column + 64 < k_stop,
+                x_address, column // 64 + 1 + thread * 0, ring + following * ROWS * 128, column + 64 < x_stop,
                 barriers + 8 * following, ROWS,
             )  # fmt: skip
             words = first
@@ -211,11 +223,12 @@ def _wgmma_kernel(
 
 
 @triton.jit
-def _stage_kernel(x_ptr, out_ptr, M, stride_xm, total, steps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _stage_kernel(x_ptr, out_ptr, M, stride_xm, row_words, total, steps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """The inputs (int32 words of two 16-bit values) staged for ``_wgmma_kernel``: per 64-column
     step ``s``, instruction ``j`` (16 columns), core matrix ``b`` (8 rows), half ``h`` of the
     instruction's columns, row ``r`` and lane quad ``t``, word ``32 s + 8 t + 2 j + h`` of row
-    ``8 b + r`` (the columns a lane's weight word holds, ``fragments``); zeros from row M on.
+    ``8 b + r`` (the columns a lane's weight word holds, ``fragments``); zeros from row M and
+    from word ``row_words`` of a row on (the steps that complete K's last iteration).
     Inputs of more than ``ROWS`` rows are staged as blocks of ``ROWS`` rows, one after another,
     each of ``steps`` steps."""
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -227,7 +240,7 @@ def _stage_kernel(x_ptr, out_ptr, M, stride_xm, total, steps, ROWS: tl.constexpr
     step = (index // (32 * ROWS)) % steps
     source_row = (index // (32 * ROWS * steps)) * ROWS + matrix * 8 + row
     column = step * 32 + quad * 8 + instruction * 2 + half
-    live = (index < total) & (source_row < M)
+    live = (index < total) & (source_row < M) & (column < row_words)
     value = tl.load(x_ptr + source_row.to(tl.int64) * stride_xm + column, mask=live, other=0)
     tl.store(out_ptr + index, value, mask=index < total)
 
@@ -239,13 +252,15 @@ _STAGE_BLOCK = 1024
 class WgmmaInputs:
     """``_wgmma_kernel``'s ``prepare_input``: 2-d 16-bit inputs of at most ``blocks`` times
     ``rows`` rows (a ``ROW_TILES`` entry) and ``k`` columns (a multiple of 64) staged by one
-    direct launch, in ``blocks`` blocks of ``rows`` rows."""
+    direct launch, in ``blocks`` blocks of ``rows`` rows, each of whole 256-column iterations
+    (``staged_columns``; zeros past ``k``)."""
 
-    __slots__ = ("launch", "rows", "steps", "total")
+    __slots__ = ("k", "launch", "rows", "steps", "total")
 
     def __init__(self, rows: int, k: int, device: torch.device, blocks: int = 1) -> None:
         self.rows = rows
-        self.steps = k // 64
+        self.k = k
+        self.steps = staged_columns(k) // 64
         self.total = blocks * self.steps * rows * 32
         grid = (triton.cdiv(self.total, _STAGE_BLOCK),)
         self.launch = KernelLaunch(_stage_kernel, grid, {"num_warps": 4}, device)
@@ -254,7 +269,7 @@ class WgmmaInputs:
         if x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:  # int32 words of whole rows
             x = x.contiguous()
         out = torch.empty(self.total, dtype=torch.int32, device=x.device)
-        arguments = (x.shape[0], x.stride(0) // 2, self.total, self.steps, self.rows, _STAGE_BLOCK)  # int32 words
+        arguments = (x.shape[0], x.stride(0) // 2, self.k // 2, self.total, self.steps, self.rows, _STAGE_BLOCK)
         if self.launch.direct():  # the pointer: no int32 view to make
             self.launch.run(x.data_ptr(), out.data_ptr(), *arguments)
         else:
@@ -266,20 +281,19 @@ def wgmma_launch(weight, x: torch.Tensor, has_bias: bool, split_k: int = 1) -> P
     """The launch of the ``wgmma`` kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
     like the 2-d ``x`` (``dispatch.wgmma_supported``), K split ``split_k`` times across programs."""
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
-    if blocksize < STEP or not aligned(k, blocksize):
-        raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)")
+    if not fragments_take(k, blocksize):
+        raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of the blocksize ({blocksize} >= 64)")
     m = x.shape[0]
     rows = next((tile for tile in ROW_TILES if m <= tile), None)
     if rows is None:
         raise ValueError(f"the wgmma kernel takes at most {ROW_TILES[-1]} input rows, got {m}")
-    split_k = max(1, min(split_k, k // 256))
+    split_k = max(1, min(split_k, triton.cdiv(k, 256)))
     programs = triton.cdiv(n_out, 64)
-    absmax = weight.absmax
-    words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    words = reads_words(weight)
     return ProductLaunch(
         _wgmma_kernel, (programs, split_k), {"num_warps": 4, "maxnreg": REGISTERS}, weight, weight_tensors,
         (m, n_out, k, n_out, rows, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled),
+         x.dtype == torch.float16, has_bias, words, weight.tiled, not aligned(k, blocksize)),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, WgmmaInputs(rows, k, x.device),
         extra_shared=ring_bytes(rows),
     )  # fmt: skip

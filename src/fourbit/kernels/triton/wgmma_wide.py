@@ -35,12 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .fragment_grid import STEP, aligned
-from .fragment_statistics import _nested_group, _scales_of, _stored_group
+from .fragment_arguments import reads_words
+from .fragment_grid import aligned, fragments_take
+from .fragment_statistics import _nested_of, _scales_from, _stored_group
 from .fragments import _fill_table, _rows, _thread_index, _word_loads
 from .launch import ProductLaunch
 from .ptx import COMPACT_ROW_BYTES, SPREAD_ROW_BYTES, SPREAD_TABLE_OFFSET, nested_code_ptx, table_bytes, table_ptx
-from .wgmma import WgmmaInputs, weight_tensors
+from .wgmma import WgmmaInputs, staged_columns, weight_tensors
 from .wgmma_ptx import (
     cluster_sum_constraints,
     cluster_sum_ptx,
@@ -94,10 +95,10 @@ CLUSTERS = (1, 2, 3, 4)
 
 
 def cluster_fits(k: int, cluster: int) -> bool:
-    """Whether programs in clusters of ``cluster`` take a K of ``k``: every part one or more
-    whole iterations of four steps (``k`` a multiple of 256, at least ``256 * cluster``; parts
-    of an uneven count differ by one iteration)."""
-    return cluster in CLUSTERS and k % 256 == 0 and k >= 256 * cluster
+    """Whether programs in clusters of ``cluster`` take a K of ``k`` (a multiple of 64): every
+    part one or more iterations of four steps (the last part's last one short where ``k`` is not
+    a multiple of 256; parts of an uneven count differ by one iteration)."""
+    return cluster in CLUSTERS and k % 64 == 0 and staged_columns(k) >= 256 * cluster
 
 
 def blocks(rows: int) -> int:
@@ -208,6 +209,7 @@ def _wide_kernel(
     NESTED_CODE_ASM: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr, RING_ASM: tl.constexpr, ISSUE_ASM: tl.constexpr,
     CLUSTER: tl.constexpr, SUM_ASM: tl.constexpr, SUM_CONSTRAINTS: tl.constexpr, PROGRAM_ROWS: tl.constexpr,
+    SHORT: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows staged by ``WgmmaInputs`` at
     ``x_ptr``; a warpgroup for each 64 of the program's ``PROGRAM_ROWS`` weight rows
@@ -216,7 +218,9 @@ def _wide_kernel(
     into the ring. With ``CLUSTER`` > 1 the programs of a thread block cluster share their
     weight rows, each taking a part of K (whole iterations), and add their partial sums through
     distributed shared memory (``SUM_ASM``: ``wgmma_ptx.cluster_sum_ptx``), each writing a part of the rows'
-    outputs."""
+    outputs. ``SHORT``: K is not a multiple of 256; the inputs are staged in whole iterations
+    (zeros past K, ``wgmma.staged_columns``), the last part's last iteration multiplies those
+    zeros by masked weights, and an iteration's steps may take two nested absmax."""
     threads: tl.constexpr = 2 * PROGRAM_ROWS
     # the second grid dimension: blocks of ``ROWS`` input rows, staged one after another; a
     # block's rows end at the next block (the last program of a cluster of three holds chunks past it)
@@ -228,17 +232,23 @@ def _wide_kernel(
     quad = lane % 4
     rank = tl.program_id(0) % CLUSTER
     first_row = (tl.program_id(0) // CLUSTER) * PROGRAM_ROWS + (thread // 32) * 16 + lane // 4
+    staged = K  # columns of a staged input row: whole iterations
+    if SHORT:
+        staged = tl.cdiv(K, 256) * 256
     k_start = rank * K
-    k_stop = k_start + K
+    x_stop = k_start + staged  # the part's staged steps, the last iteration whole
     if CLUSTER > 1:  # each program's part: whole iterations, the parts differing by one at most
-        iterations = K // 256
+        iterations = staged // 256
         k_start = (iterations * rank // CLUSTER) * 256
-        k_stop = (iterations * (rank + 1) // CLUSTER) * 256
+        x_stop = (iterations * (rank + 1) // CLUSTER) * 256
+    k_stop = x_stop  # the part's weight columns
+    if SHORT:
+        k_stop = tl.minimum(x_stop, K)
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
     stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
-    nested = _nested_group(nested_absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+    nested = _nested_of(nested_absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SHORT)
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
@@ -246,18 +256,18 @@ def _wide_kernel(
     # fill ends in the barrier that publishes the set-up to the other threads
     ring = _ring(thread, lane, RING_ASM)
     full = ring + _RING_SLOTS * ROWS * 128  # a barrier a slot (its step arrived), then the "empty" ones
-    x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True) + block.to(tl.int64) * K * (ROWS * 2)  # its block
+    x_address = (x_ptr + thread * 0).to(tl.int64, bitcast=True) + block.to(tl.int64) * staged * (ROWS * 2)
     none = thread * 0
     first_step = none + k_start // 64
-    _issue(x_address, first_step, ring, k_start < k_stop, full, none, none, ROWS, ISSUE_ASM)
-    _issue(x_address, first_step + 1, ring + ROWS * 128, k_start + 64 < k_stop, full + 8, none, none, ROWS, ISSUE_ASM)
+    _issue(x_address, first_step, ring, k_start < x_stop, full, none, none, ROWS, ISSUE_ASM)
+    _issue(x_address, first_step + 1, ring + ROWS * 128, k_start + 64 < x_stop, full + 8, none, none, ROWS, ISSUE_ASM)
     table = _fill_table(code_ptr, nested_code_ptr, thread, FLOAT16, NESTED, threads, TABLE_ASM)
     zero = tl.zeros((threads,), dtype=tl.float32)
     acc = (zero,) * (ROWS // 2)
-    for k in range(k_start, k_stop, 64 * 4):
-        scales = _scales_of(stored, nested, table, offset, NESTED, NESTED_CODE_ASM)
+    for k in range(k_start, x_stop, 64 * 4):
+        scales = _scales_from(stored, nested, table, offset, NESTED, NESTED_CODE_ASM, SHORT)
         stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
-        nested = _nested_group(nested_absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+        nested = _nested_of(nested_absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SHORT)
         use = (k - k_start) // 256  # each slot's uses so far: one an iteration
         for step in tl.static_range(4):
             column = k + 64 * step
@@ -268,7 +278,7 @@ def _wide_kernel(
             ahead = (step + 2) % _RING_SLOTS
             refill = use + (step + 2) // _RING_SLOTS
             _issue(
-                x_address, column // 64 + 2 + none, ring + ahead * ROWS * 128, column + 128 < k_stop,
+                x_address, column // 64 + 2 + none, ring + ahead * ROWS * 128, column + 128 < x_stop,
                 full + 8 * ahead, refill > 0, (refill - 1) % 2 + none, ROWS, ISSUE_ASM,
             )  # fmt: skip
             words = first
@@ -323,29 +333,28 @@ def wgmma_wide_launch(
     ``PROGRAM_ROWS`` entry) and thread block clusters of ``cluster`` programs (``cluster_fits``)
     that split K."""
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
-    if blocksize < STEP or not aligned(k, blocksize):
-        raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of 256 and of the blocksize ({blocksize} >= 64)")
+    if not fragments_take(k, blocksize):
+        raise ValueError(f"the wgmma kernel needs K ({k}) a multiple of the blocksize ({blocksize} >= 64)")
     if not cluster_fits(k, cluster):
         raise ValueError(f"the wide wgmma kernel splits K ({k}) across clusters of {CLUSTERS}, in parts of one "
-                         f"or more whole 256-column iterations, not {cluster}")  # fmt: skip
+                         f"or more 256-column iterations, not {cluster}")  # fmt: skip
     if program_rows not in PROGRAM_ROWS:
         raise ValueError(f"the wide wgmma kernel's programs take {PROGRAM_ROWS} weight rows, not {program_rows}")
     m = x.shape[0]
     rows = row_tile(m)
     count = blocks(m)
-    if count * rows * k // 2 >= 2**31:
+    if count * rows * staged_columns(k) // 2 >= 2**31:
         raise ValueError(f"the wide wgmma kernel stages fewer than 2**31 words of input, not {m} rows of {k}")
     programs = triton.cdiv(n_out, program_rows)
     options = {"num_warps": program_rows // 16}
     if rows in TWO_PROGRAM_REGISTERS and program_rows == PROGRAM_ROWS[0] and programs * cluster > processors:
         options["maxnreg"] = TWO_PROGRAM_REGISTERS[rows]
-    absmax = weight.absmax
-    words = weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and absmax.data_ptr() % 4 == 0
+    words = reads_words(weight)
     float16 = x.dtype == torch.float16
     return ProductLaunch(
         _wide_kernel, (programs, count), options, weight, weight_tensors,
         (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, float16, has_bias, words,
-         weight.tiled, *tile_assembly(rows, float16, cluster, program_rows), program_rows),
+         weight.tiled, *tile_assembly(rows, float16, cluster, program_rows), program_rows, not aligned(k, blocksize)),
         m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device, count), extra_shared=dynamic_bytes(rows),
         head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0, cluster=cluster,
     )  # fmt: skip
