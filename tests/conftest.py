@@ -59,3 +59,20 @@ def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
 def _seeded():
     """Every test starts from the same random state, so statistical bounds give the same answer each run."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def h200_without_a_gpu(monkeypatch):
+    """The H200's tables on 132 multiprocessors, every kernel supported as on the GPU (the fragment
+    kernel to 16 rows, ``wgmma`` to its rows, clusters launched), so kernel choices run without one."""
+    from fourbit.kernels.triton import dispatch, tuning
+
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "fragments_supported", lambda x, k, blocksize, packed=None: x.shape[0] <= 16)
+    monkeypatch.setattr(
+        dispatch, "wgmma_supported", lambda x, k, blocksize, packed=None, max_rows=64: x.shape[0] <= max_rows
+    )
+    monkeypatch.setattr(dispatch, "fused_supported", lambda x, k, blocksize: True)
+    monkeypatch.setattr(dispatch, "processors", lambda device: 132)
+    monkeypatch.setattr(dispatch, "CLUSTER_LAUNCH", True)
+    monkeypatch.setattr(tuning, "for_device", lambda device: tuning.H200)
