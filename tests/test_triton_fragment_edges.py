@@ -27,7 +27,8 @@ from triton_cases import (
 from fourbit.kernels import reference
 from fourbit.kernels import triton as kernels
 from fourbit.kernels.triton import launch
-from fourbit.kernels.triton.fragment_statistics import _nested_steps
+from fourbit.kernels.triton.fragment_arguments import codes_a_load
+from fourbit.kernels.triton.fragment_statistics import _nested_steps, _stored_row
 
 pytestmark = NEEDS_TRITON
 
@@ -142,12 +143,15 @@ def _nested(extra: dict):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
-@pytest.mark.parametrize(("k", "blocksize"), [(64, 64), (192, 64), (1472, 64), (384, 128), (1408, 128)])
+@pytest.mark.parametrize(
+    ("k", "blocksize"), [(64, 64), (192, 64), (1472, 64), (1408, 64), (896, 64), (384, 128), (1408, 128)]
+)
 def test_k_not_a_multiple_of_256_gives_every_step_its_own_scale(k, blocksize, nested):
     """K of whole 64-column steps but not whole 256-column iterations (Qwen2.5-72B's MLP, K
     29568): the last iteration stops early, and where a row's blocks cross into another block of
     nested statistics mid-iteration each step takes its own nested absmax. Rows of one step each
-    check every step's scale (a neighbour's is 2x off or more), in bf16 and fp16."""
+    check every step's scale (a neighbour's is 2x off or more), in bf16 and fp16; K 1408 and 896
+    at blocksize 64 read their absmax codes two a load."""
     assert ON_GPU
     torch.manual_seed(k + blocksize)
     n = 272  # 17 row groups: rows cross blocks of nested statistics at many offsets
@@ -182,13 +186,15 @@ def test_k_not_a_multiple_of_256_is_right_in_every_fragment_configuration(tiled)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [1472, 1408])
 @pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiled"])
-def test_k_not_a_multiple_of_256_is_right_at_every_row_count(tiled):
+def test_k_not_a_multiple_of_256_is_right_at_every_row_count(tiled, k):
     """Such a weight is kept in tiles on a GPU (``dispatch.prefers_tiles``): each kernel the tables
-    give it, from the fragment kernel's rows to the batch-wide tiles', matches float64."""
+    give it, from the fragment kernel's rows to the batch-wide tiles', matches float64 (K 1408:
+    absmax codes two a load)."""
     assert ON_GPU
     torch.manual_seed(0)
-    n, k, blocksize = 272, 1472, 64
+    n, blocksize = 272, 64
     packed, absmax, extra, dense = graded_weight(n, k, blocksize, True, tiled)
     code = code_table("nf4")
     for rows in (1, 16, 17, 64, 100, 256, 300):
@@ -240,3 +246,43 @@ def test_each_step_of_an_iteration_takes_the_nested_absmax_of_its_own_block(k, b
         ], (row, start, stop)
         straddling += len({block // 256 for block, alive in zip(blocks, live, strict=True) if alive}) > 1
     assert straddling or k == 192, "no case crossed a block of nested statistics"
+
+
+@triton.jit
+def _stored_row_kernel(
+    absmax_ptr, blocks_ptr, starts_ptr, stops_ptr, out_ptr, COUNT: tl.constexpr, CODES: tl.constexpr
+):
+    """``_stored_row`` (blocksize 64) for ``COUNT`` (row, iteration) cases: four absmax codes each."""
+    case = tl.arange(0, COUNT)
+    block = tl.load(blocks_ptr + case)
+    k = tl.load(starts_ptr + case)
+    k_stop = tl.load(stops_ptr + case)
+    s0, s1, s2, s3 = _stored_row(absmax_ptr, block, case < COUNT, k, k_stop, 64, CODES)
+    tl.store(out_ptr + 4 * case, s0.to(tl.int32))
+    tl.store(out_ptr + 4 * case + 1, s1.to(tl.int32))
+    tl.store(out_ptr + 4 * case + 2, s2.to(tl.int32))
+    tl.store(out_ptr + 4 * case + 3, s3.to(tl.int32))
+
+
+@pytest.mark.parametrize(("k", "codes"), [(1408, 2), (896, 2), (1472, 1), (1024, 4), (1024, 2)])
+def test_absmax_codes_read_several_a_load_are_each_steps_own(k, codes):
+    """``_stored_row`` reading ``codes`` 8-bit absmax codes a load (``codes_a_load``: four where a
+    row's blocks are a multiple of 4, two where they are even, as for K 1408 and 29568) gives each
+    live step of every iteration its own block's code, to the row's end and to a part ending
+    mid-row."""
+    rows, blocks_a_row = 64, k // 64
+    weight = type("Weight", (), {"nested": True, "blocksize": 64, "k": k, "absmax": torch.empty(4, dtype=torch.uint8)})
+    assert codes_a_load(weight) == (4 if blocks_a_row % 4 == 0 else 2 if blocks_a_row % 2 == 0 else 1) >= codes
+    absmax = torch.randint(0, 256, (rows * blocks_a_row,), dtype=torch.uint8, device=DEVICE)
+    cases = [(row, start, stop) for row in range(rows) for stop in (k, min(k, 512))
+             for start in range(0, stop, 256)]  # fmt: skip
+    cases += [cases[-1]] * (triton.next_power_of_2(len(cases)) - len(cases))
+    blocks, starts, stops = (
+        torch.tensor(column, dtype=torch.int32, device=DEVICE) for column in zip(*cases, strict=True)
+    )
+    out = torch.zeros(len(cases), 4, dtype=torch.int32, device=DEVICE)
+    _stored_row_kernel[(1,)](absmax, blocks * blocks_a_row + starts // 64, starts, stops, out, len(cases), codes)
+    for (row, start, stop), got in zip(cases, out.cpu().tolist(), strict=True):
+        for step in range(4):
+            if start + 64 * step < stop:
+                assert got[step] == absmax[row * blocks_a_row + start // 64 + step].item(), (row, start, stop, step)

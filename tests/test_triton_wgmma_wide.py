@@ -163,7 +163,7 @@ def test_wide_kernel_products_do_not_depend_on_the_rows_beside_them():
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
-@pytest.mark.parametrize(("k", "blocksize"), [(192, 64), (1472, 64), (1408, 128)])
+@pytest.mark.parametrize(("k", "blocksize"), [(192, 64), (1472, 64), (1408, 64), (1408, 128)])
 def test_k_not_a_multiple_of_256_on_both_wgmma_kernels(k, blocksize, nested):
     """K of part of an iteration (Qwen2.5-72B's MLP: 115.5): the inputs are staged to whole
     iterations with zeros, the last one's steps past K multiply them by masked weights, and steps

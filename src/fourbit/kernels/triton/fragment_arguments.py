@@ -9,7 +9,15 @@ import triton
 from .fragment_grid import STEP, fragments_take
 from .fragment_inputs import InputPermute
 
-__all__ = ["INPUT_DTYPE", "MAX_TILES", "TILE_ROWS", "checked_config", "fragment_tensors", "input_layout", "reads_words"]
+__all__ = [
+    "INPUT_DTYPE",
+    "MAX_TILES",
+    "TILE_ROWS",
+    "checked_config",
+    "codes_a_load",
+    "fragment_tensors",
+    "input_layout",
+]
 
 #: Input rows of one instruction tile (its ``n`` side); a program takes up to ``MAX_TILES``.
 TILE_ROWS = 8
@@ -48,10 +56,14 @@ def input_layout(x: torch.Tensor, k: int, permuted: bool) -> tuple[int, int, obj
     return (x.stride(0) if rows_aligned else k) // 4, tiles, prepare
 
 
-def reads_words(weight) -> bool:
-    """Whether the kernel reads ``weight``'s 8-bit absmax codes four at a time (``fragment_statistics._stored_row``)."""
-    k, blocksize = weight.k, weight.blocksize
-    return weight.nested and blocksize == STEP and (k // blocksize) % 4 == 0 and weight.absmax.data_ptr() % 4 == 0
+def codes_a_load(weight) -> int:
+    """How many of ``weight``'s 8-bit absmax codes the kernels read in one load
+    (``fragment_statistics._stored_row``): 4 where each row's blocks (blocksize 64) start on 4
+    bytes, 2 where they start on 2 (an even count a row: K 896, 29568), else 1."""
+    if not (weight.nested and weight.blocksize == STEP):
+        return 1
+    blocks, address = weight.k // STEP, weight.absmax.data_ptr()
+    return next(codes for codes in (4, 2, 1) if blocks % codes == 0 and address % codes == 0)
 
 
 def fragment_tensors(weight) -> tuple:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from . import dispatch
-from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
+from .fragment_arguments import INPUT_DTYPE, checked_config, codes_a_load, fragment_tensors, input_layout
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
 from .fragments import fragment_product
 from .launch import ProductLaunch, dependent_launches
@@ -58,7 +58,7 @@ def _fragment_group_kernel(
     nested_absmax_2: tl.int64, nested_code_2: tl.int64, nested_offset_2: tl.int64, bias_2: tl.int64,
     WEIGHTS: tl.constexpr, TILES: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CODES: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
     PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr, STRADDLING: tl.constexpr,
 ):  # fmt: skip
     """``fragments._fragment_mma_kernel`` over up to three weights: the first weight's tensors and
@@ -79,7 +79,7 @@ def _fragment_group_kernel(
         x_ptr, w_ptr + w, absmax_ptr + absmax, code_ptr + code, nested_absmax_ptr + nested_absmax,
         nested_code_ptr + nested_code, nested_offset_ptr + nested_offset, bias_ptr + bias, out_ptr + column,
         workspace_ptr + column, counter_ptr, local.to(tl.int32), M, n.to(tl.int32), K, stride_xm, stride_om, TILES,
-        WARPS, SPLIT_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, WORDS, TILED, K_WARPS, PERMUTED,
+        WARPS, SPLIT_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, CODES, TILED, K_WARPS, PERMUTED,
         DEPENDENT, STRADDLING,
     )  # fmt: skip
 
@@ -143,7 +143,7 @@ def group_launch(
         _fragment_group_kernel, (sum(counts), split_k), {"num_warps": warps, "launch_pdl": dependent},
         first, fragment_tensors,
         (m, first.n_out, k, stride_xm, columns, *members, len(weights), tiles, warps, split_k, first.blocksize,
-         first.nested, first.nested_blocksize, x.dtype == torch.float16, bias is not None, reads_words(first),
+         first.nested, first.nested_blocksize, x.dtype == torch.float16, bias is not None, codes_a_load(first),
          first.tiled, k_warps, permuted, dependent, not aligned(k, first.blocksize)),
         m, columns, x.dtype, x.device, sum(counts) if split_k > 1 else 0, prepare_input, registers=REGISTERS,
         input_dtype=INPUT_DTYPE,
@@ -159,7 +159,7 @@ def _check_alike(weights: Sequence, biases: Sequence[torch.Tensor | None]) -> No
     def specialization(weight) -> tuple:
         tensors = fragment_tensors(weight)
         return (weight.bytes.device, weight.k, weight.blocksize, weight.nested, weight.nested_blocksize, weight.tiled,
-                reads_words(weight), tuple(tensor.dtype for tensor in tensors))  # fmt: skip
+                codes_a_load(weight), tuple(tensor.dtype for tensor in tensors))  # fmt: skip
 
     for weight in weights[1:]:
         if specialization(weight) != specialization(first):

@@ -10,17 +10,23 @@ __all__: list[str] = []
 
 
 @triton.jit
-def _stored_row(absmax_ptr, block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
+def _stored_row(absmax_ptr, block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, CODES: tl.constexpr):
     """The stored absmax (float32 or 8-bit code) of one row's four steps from column ``k``, whose
     block is ``block``: four values, one per step (nothing read for steps from ``k_stop`` on).
-    With WORDS (8-bit codes, rows of a multiple of 4 blocks) the four codes are one int32 load.
-    Only 1-d tensors: a 2-d load could be laid out across threads, which the lane arithmetic
-    does not allow."""
+    CODES 8-bit codes are one load (``fragment_arguments.codes_a_load``): four in an int32, or
+    two in an int16 (rows of an even count of blocks, whose K ends on an even step). Only 1-d
+    tensors: a 2-d load could be laid out across threads, which the lane arithmetic does not
+    allow."""
     if BLOCKSIZE == 64:  # one block per step
-        if WORDS:
+        if CODES == 4:
             words = absmax_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
             word = tl.load(words + block // 4, mask=mask & (k < k_stop), other=0)
             s0, s1, s2, s3 = word & 255, (word >> 8) & 255, (word >> 16) & 255, (word >> 24) & 255
+        elif CODES == 2:
+            halves = absmax_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
+            low = tl.load(halves + block // 2, mask=mask & (k < k_stop), other=0).to(tl.int32)
+            high = tl.load(halves + block // 2 + 1, mask=mask & (k + 128 < k_stop), other=0).to(tl.int32)
+            s0, s1, s2, s3 = low & 255, (low >> 8) & 255, high & 255, (high >> 8) & 255
         else:
             s0 = tl.load(absmax_ptr + block, mask=mask & (k < k_stop), other=0)
             s1 = tl.load(absmax_ptr + block + 1, mask=mask & (k + 64 < k_stop), other=0)
@@ -37,11 +43,11 @@ def _stored_row(absmax_ptr, block, mask, k, k_stop, BLOCKSIZE: tl.constexpr, WOR
 
 
 @triton.jit
-def _stored_group(absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr):
+def _stored_group(absmax_ptr, rows, k, k_stop, BLOCKSIZE: tl.constexpr, CODES: tl.constexpr):
     """The stored absmax of a row group's four steps from column ``k``: four per row."""
     _, _, blocks_g, blocks_h, mask_g, mask_h = rows
-    g0, g1, g2, g3 = _stored_row(absmax_ptr, blocks_g + k // BLOCKSIZE, mask_g, k, k_stop, BLOCKSIZE, WORDS)
-    h0, h1, h2, h3 = _stored_row(absmax_ptr, blocks_h + k // BLOCKSIZE, mask_h, k, k_stop, BLOCKSIZE, WORDS)
+    g0, g1, g2, g3 = _stored_row(absmax_ptr, blocks_g + k // BLOCKSIZE, mask_g, k, k_stop, BLOCKSIZE, CODES)
+    h0, h1, h2, h3 = _stored_row(absmax_ptr, blocks_h + k // BLOCKSIZE, mask_h, k, k_stop, BLOCKSIZE, CODES)
     return g0, g1, g2, g3, h0, h1, h2, h3
 
 
@@ -111,13 +117,13 @@ def _nested_steps(
     each step taking the one its block lies in."""
     first_block = row_block + k // BLOCKSIZE
     last_block = row_block + tl.minimum(k + 255, k_stop - 1) // BLOCKSIZE
-    first_index = first_block // NESTED_BLOCKSIZE
     live = mask & (k < k_stop)
-    first = tl.load(nested_absmax_ptr + first_index, mask=live, other=0.0)
+    first = tl.load(nested_absmax_ptr + first_block // NESTED_BLOCKSIZE, mask=live, other=0.0)
     last = tl.load(nested_absmax_ptr + last_block // NESTED_BLOCKSIZE, mask=live, other=0.0)
-    n1 = tl.where((first_block + 64 // BLOCKSIZE) // NESTED_BLOCKSIZE == first_index, first, last)
-    n2 = tl.where((first_block + 128 // BLOCKSIZE) // NESTED_BLOCKSIZE == first_index, first, last)
-    n3 = tl.where((first_block + 192 // BLOCKSIZE) // NESTED_BLOCKSIZE == first_index, first, last)
+    within = first_block % NESTED_BLOCKSIZE  # a step's block lies in the first's up to NESTED_BLOCKSIZE
+    n1 = tl.where(within < NESTED_BLOCKSIZE - 64 // BLOCKSIZE, first, last)
+    n2 = tl.where(within < NESTED_BLOCKSIZE - 128 // BLOCKSIZE, first, last)
+    n3 = tl.where(within < NESTED_BLOCKSIZE - 192 // BLOCKSIZE, first, last)
     return first, n1, n2, n3
 
 

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
-from .fragment_arguments import INPUT_DTYPE, checked_config, fragment_tensors, input_layout, reads_words
+from .fragment_arguments import INPUT_DTYPE, checked_config, codes_a_load, fragment_tensors, input_layout
 from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
 from .fragment_inputs import permuted_inputs, row_inputs
 from .fragment_statistics import _group_scales, _stored_group
@@ -219,7 +219,7 @@ def fragment_product(
     x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
     workspace_ptr, counter_ptr, program, M, N, K, stride_xm, stride_om, TILES: tl.constexpr, WARPS: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    FLOAT16: tl.constexpr, HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
+    FLOAT16: tl.constexpr, HAS_BIAS: tl.constexpr, CODES: tl.constexpr, TILED: tl.constexpr, K_WARPS: tl.constexpr,
     PERMUTED: tl.constexpr, DEPENDENT: tl.constexpr, STRADDLING: tl.constexpr,
 ):  # fmt: skip
     """What ``_fragment_mma_kernel`` computes, for its weight rows from ``16 * program`` row
@@ -251,7 +251,7 @@ def fragment_product(
     # their memory latency overlaps the fill (whose barrier would otherwise come first)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
-    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, CODES)
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
@@ -264,7 +264,7 @@ def fragment_product(
             stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
             _NESTED_CODE, STRADDLING,
         )  # fmt: skip
-        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, CODES)
         for step in tl.static_range(4):
             column = k + 64 * step
             if PERMUTED:
@@ -313,7 +313,7 @@ def _fragment_mma_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     FLOAT16: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    WORDS: tl.constexpr,
+    CODES: tl.constexpr,
     TILED: tl.constexpr,
     K_WARPS: tl.constexpr,
     PERMUTED: tl.constexpr,
@@ -327,8 +327,8 @@ def _fragment_mma_kernel(
 
     ``x_ptr`` and ``w_ptr`` are int64 views (four 16-bit inputs, sixteen 4-bit weights per
     element; ``stride_xm`` in int64 elements); K is a multiple of 64 and of the blocksize (the
-    last iteration's steps past it are masked); WORDS says that the 8-bit absmax codes can be read
-    four at a time (``fragment_statistics._stored_row``); STRADDLING, that an iteration's absmax
+    last iteration's steps past it are masked); CODES is how many 8-bit absmax codes one load
+    reads (4, 2 or 1: ``fragment_statistics._stored_row``); STRADDLING, that an iteration's absmax
     blocks may lie in two blocks of nested statistics (K not ``fragment_grid.aligned``). Each
     iteration takes four steps; words are loaded two steps ahead, absmax one iteration ahead.
     Indices are int32 (``dispatch.fragments_supported`` bounds the weight's size). ``DEPENDENT``:
@@ -337,7 +337,7 @@ def _fragment_mma_kernel(
     fragment_product(
         x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
         workspace_ptr, counter_ptr, tl.program_id(0), M, N, K, stride_xm, stride_om, TILES, WARPS, SPLIT_K, BLOCKSIZE,
-        NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, WORDS, TILED, K_WARPS, PERMUTED, DEPENDENT, STRADDLING,
+        NESTED, NESTED_BLOCKSIZE, FLOAT16, HAS_BIAS, CODES, TILED, K_WARPS, PERMUTED, DEPENDENT, STRADDLING,
     )  # fmt: skip
 
 
@@ -366,14 +366,14 @@ def fragment_launch(
     k_warps = k_warps or 1
     programs = triton.cdiv(n_out, 16 * (warps // k_warps))
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
-    words = reads_words(weight)
+    codes = codes_a_load(weight)
     dependent = dependent_launches(x.device)
     return ProductLaunch(
         _fragment_mma_kernel if m == 1 else _fragment_mma_kernel_rows, (programs, split_k),
         {"num_warps": warps, "launch_pdl": dependent},
         weight, fragment_tensors,
         (m, n_out, k, stride_xm, n_out, tiles, warps, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, k_warps, permuted, dependent,
+         x.dtype == torch.float16, has_bias, codes, weight.tiled, k_warps, permuted, dependent,
          not aligned(k, blocksize)),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, prepare_input, registers=REGISTERS,
         input_dtype=INPUT_DTYPE,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import finish_split, last_of_split, store_output
-from .fragment_arguments import reads_words
+from .fragment_arguments import codes_a_load
 from .fragment_grid import aligned, fragments_take
 from .fragment_statistics import _group_scales, _stored_group
 from .fragments import _NESTED_CODE, _TABLE, _fill_table, _rows, _thread_index, _word_loads
@@ -156,7 +156,7 @@ def _wgmma_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
     workspace_ptr, counter_ptr, M, N, K, stride_om, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, SHORT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CODES: tl.constexpr, TILED: tl.constexpr, SHORT: tl.constexpr,
 ):  # fmt: skip
     """``out = x @ W.T + bias`` for up to ``ROWS`` input rows, staged by ``WgmmaInputs`` at ``x_ptr``;
     one warpgroup a program, 64 weight rows (``fragments._fragment_mma_kernel`` for the weight's
@@ -178,7 +178,7 @@ def _wgmma_kernel(
         x_stop = tl.minimum(tl.cdiv(K, 256) * 256, k_start + k_chunk)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
-    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, CODES)
     offset = 0.0
     if NESTED:
         offset = tl.load(nested_offset_ptr)
@@ -194,7 +194,7 @@ def _wgmma_kernel(
             stored, rows, k, k_stop, table, nested_absmax_ptr, offset, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
             _NESTED_CODE, SHORT,
         )  # fmt: skip
-        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, CODES)
         for step in tl.static_range(4):
             column = k + 64 * step
             current = step % _RING_SLOTS
@@ -289,11 +289,11 @@ def wgmma_launch(weight, x: torch.Tensor, has_bias: bool, split_k: int = 1) -> P
         raise ValueError(f"the wgmma kernel takes at most {ROW_TILES[-1]} input rows, got {m}")
     split_k = max(1, min(split_k, triton.cdiv(k, 256)))
     programs = triton.cdiv(n_out, 64)
-    words = reads_words(weight)
+    codes = codes_a_load(weight)
     return ProductLaunch(
         _wgmma_kernel, (programs, split_k), {"num_warps": 4, "maxnreg": REGISTERS}, weight, weight_tensors,
         (m, n_out, k, n_out, rows, split_k, blocksize, weight.nested, weight.nested_blocksize,
-         x.dtype == torch.float16, has_bias, words, weight.tiled, not aligned(k, blocksize)),
+         x.dtype == torch.float16, has_bias, codes, weight.tiled, not aligned(k, blocksize)),
         m, n_out, x.dtype, x.device, programs if split_k > 1 else 0, WgmmaInputs(rows, k, x.device),
         extra_shared=ring_bytes(rows),
     )  # fmt: skip

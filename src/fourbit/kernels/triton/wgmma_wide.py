@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fragment_arguments import reads_words
+from .fragment_arguments import codes_a_load
 from .fragment_grid import aligned, fragments_take
 from .fragment_statistics import _nested_of, _scales_from, _stored_group
 from .fragments import _fill_table, _rows, _thread_index, _word_loads
@@ -205,7 +205,7 @@ def _wide_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, bias_ptr, out_ptr,
     workspace_ptr, counter_ptr, M, N, K, stride_om, ROWS: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FLOAT16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WORDS: tl.constexpr, TILED: tl.constexpr, TABLE_ASM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CODES: tl.constexpr, TILED: tl.constexpr, TABLE_ASM: tl.constexpr,
     NESTED_CODE_ASM: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, DRAIN_CONSTRAINTS: tl.constexpr, RING_ASM: tl.constexpr, ISSUE_ASM: tl.constexpr,
     CLUSTER: tl.constexpr, SUM_ASM: tl.constexpr, SUM_CONSTRAINTS: tl.constexpr, PROGRAM_ROWS: tl.constexpr,
@@ -247,7 +247,7 @@ def _wide_kernel(
     rows = _rows(first_row, lane, N, K, BLOCKSIZE, TILED)
     first = _word_loads(w_ptr, rows, quad, k_start, k_stop, TILED)
     second = _word_loads(w_ptr, rows, quad, k_start + 64, k_stop, TILED)
-    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, WORDS)
+    stored = _stored_group(absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, CODES)
     nested = _nested_of(nested_absmax_ptr, rows, k_start, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SHORT)
     offset = 0.0
     if NESTED:
@@ -266,7 +266,7 @@ def _wide_kernel(
     acc = (zero,) * (ROWS // 2)
     for k in range(k_start, x_stop, 64 * 4):
         scales = _scales_from(stored, nested, table, offset, NESTED, NESTED_CODE_ASM, SHORT)
-        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, WORDS)
+        stored = _stored_group(absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, CODES)
         nested = _nested_of(nested_absmax_ptr, rows, k + 256, k_stop, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SHORT)
         use = (k - k_start) // 256  # each slot's uses so far: one an iteration
         for step in tl.static_range(4):
@@ -349,11 +349,11 @@ def wgmma_wide_launch(
     options = {"num_warps": program_rows // 16}
     if rows in TWO_PROGRAM_REGISTERS and program_rows == PROGRAM_ROWS[0] and programs * cluster > processors:
         options["maxnreg"] = TWO_PROGRAM_REGISTERS[rows]
-    words = reads_words(weight)
+    codes = codes_a_load(weight)
     float16 = x.dtype == torch.float16
     return ProductLaunch(
         _wide_kernel, (programs, count), options, weight, weight_tensors,
-        (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, float16, has_bias, words,
+        (m, n_out, k, n_out, rows, blocksize, weight.nested, weight.nested_blocksize, float16, has_bias, codes,
          weight.tiled, *tile_assembly(rows, float16, cluster, program_rows), program_rows, not aligned(k, blocksize)),
         m, n_out, x.dtype, x.device, 0, WgmmaInputs(rows, k, x.device, count), extra_shared=dynamic_bytes(rows),
         head_shared=SPREAD_TABLE_OFFSET if table_row_bytes(rows) == SPREAD_ROW_BYTES else 0, cluster=cluster,
