@@ -204,19 +204,42 @@ def test_k_not_a_multiple_of_256_is_right_at_every_row_count(tiled, k):
 
 
 @triton.jit
-def _nested_steps_kernel(
-    nested_ptr, row_blocks_ptr, starts_ptr, stops_ptr, out_ptr, COUNT: tl.constexpr, BLOCKSIZE: tl.constexpr
-):
-    """``_nested_steps`` for ``COUNT`` (row, iteration) cases: four nested absmax each."""
+def _iteration_statistics_kernel(
+    values_ptr, blocks_ptr, starts_ptr, stops_ptr, out_ptr, COUNT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    CODES: tl.constexpr,
+):  # fmt: skip
+    """Four values, one a step, for ``COUNT`` (block, iteration start, stop) cases: with CODES the
+    stored absmax codes through ``_stored_row`` (the block: the iteration's first), else the
+    nested absmax through ``_nested_steps`` (the block: the row's first)."""
     case = tl.arange(0, COUNT)
-    row_block = tl.load(row_blocks_ptr + case)
+    block = tl.load(blocks_ptr + case)
     k = tl.load(starts_ptr + case)
     k_stop = tl.load(stops_ptr + case)
-    n0, n1, n2, n3 = _nested_steps(nested_ptr, row_block, case < COUNT, k, k_stop, BLOCKSIZE, 256)
-    tl.store(out_ptr + 4 * case, n0)
-    tl.store(out_ptr + 4 * case + 1, n1)
-    tl.store(out_ptr + 4 * case + 2, n2)
-    tl.store(out_ptr + 4 * case + 3, n3)
+    if CODES:
+        v0, v1, v2, v3 = _stored_row(values_ptr, block, case < COUNT, k, k_stop, BLOCKSIZE, CODES)
+    else:
+        v0, v1, v2, v3 = _nested_steps(values_ptr, block, case < COUNT, k, k_stop, BLOCKSIZE, 256)
+    tl.store(out_ptr + 4 * case, v0.to(tl.float32))
+    tl.store(out_ptr + 4 * case + 1, v1.to(tl.float32))
+    tl.store(out_ptr + 4 * case + 2, v2.to(tl.float32))
+    tl.store(out_ptr + 4 * case + 3, v3.to(tl.float32))
+
+
+def _iteration_statistics(values: torch.Tensor, k: int, blocksize: int, codes: int = 0) -> list:
+    """``_iteration_statistics_kernel`` over every iteration of 64 rows of K ``k``, to the row's
+    end and to a part ending at 512 columns (as a warp's part of K may): (row, start, stop, the
+    four values) for each."""
+    blocks_a_row = k // blocksize
+    cases = [(row, start, stop) for row in range(64) for stop in (k, min(k, 512))
+             for start in range(0, stop, 256)]  # fmt: skip
+    padded = cases + [cases[-1]] * (triton.next_power_of_2(len(cases)) - len(cases))
+    rows, starts, stops = (
+        torch.tensor(column, dtype=torch.int32, device=DEVICE) for column in zip(*padded, strict=True)
+    )
+    blocks = rows * blocks_a_row + (starts // blocksize if codes else 0)
+    out = torch.zeros(len(padded), 4, device=DEVICE)
+    _iteration_statistics_kernel[(1,)](values, blocks, starts, stops, out, len(padded), blocksize, codes)
+    return [(*case, got) for case, got in zip(cases, out.cpu().tolist(), strict=False)]  # past the padding
 
 
 @pytest.mark.parametrize(("k", "blocksize"), [(1472, 64), (192, 64), (1408, 128), (29568, 64)])
@@ -225,19 +248,10 @@ def test_each_step_of_an_iteration_takes_the_nested_absmax_of_its_own_block(k, b
     step of every iteration of every row, to the row's end and to a warp's part ending mid-row,
     takes the nested absmax of the block of nested statistics its absmax block lies in, also
     where the iteration's blocks span two of them."""
-    rows = 64
     blocks_a_row = k // blocksize
-    nested = torch.arange(rows * blocks_a_row // 256 + 1, dtype=torch.float32, device=DEVICE) + 1
-    cases = [(row, start, stop) for row in range(rows) for stop in (k, min(k, 512))
-             for start in range(0, stop, 256)]  # fmt: skip
-    cases += [cases[-1]] * (triton.next_power_of_2(len(cases)) - len(cases))
-    row_blocks, starts, stops = (
-        torch.tensor(column, dtype=torch.int32, device=DEVICE) for column in zip(*cases, strict=True)
-    )
-    out = torch.zeros(len(cases), 4, device=DEVICE)
-    _nested_steps_kernel[(1,)](nested, row_blocks * blocks_a_row, starts, stops, out, len(cases), blocksize)
+    nested = torch.arange(64 * blocks_a_row // 256 + 1, dtype=torch.float32, device=DEVICE) + 1
     straddling = 0
-    for (row, start, stop), got in zip(cases, out.cpu().tolist(), strict=True):
+    for row, start, stop, got in _iteration_statistics(nested, k, blocksize):
         blocks = [row * blocks_a_row + (start + 64 * step) // blocksize for step in range(4)]
         live = [start + 64 * step < stop for step in range(4)]
         expected = [nested[block // 256].item() for block in blocks]
@@ -248,41 +262,17 @@ def test_each_step_of_an_iteration_takes_the_nested_absmax_of_its_own_block(k, b
     assert straddling or k == 192, "no case crossed a block of nested statistics"
 
 
-@triton.jit
-def _stored_row_kernel(
-    absmax_ptr, blocks_ptr, starts_ptr, stops_ptr, out_ptr, COUNT: tl.constexpr, CODES: tl.constexpr
-):
-    """``_stored_row`` (blocksize 64) for ``COUNT`` (row, iteration) cases: four absmax codes each."""
-    case = tl.arange(0, COUNT)
-    block = tl.load(blocks_ptr + case)
-    k = tl.load(starts_ptr + case)
-    k_stop = tl.load(stops_ptr + case)
-    s0, s1, s2, s3 = _stored_row(absmax_ptr, block, case < COUNT, k, k_stop, 64, CODES)
-    tl.store(out_ptr + 4 * case, s0.to(tl.int32))
-    tl.store(out_ptr + 4 * case + 1, s1.to(tl.int32))
-    tl.store(out_ptr + 4 * case + 2, s2.to(tl.int32))
-    tl.store(out_ptr + 4 * case + 3, s3.to(tl.int32))
-
-
 @pytest.mark.parametrize(("k", "codes"), [(1408, 2), (896, 2), (1472, 1), (1024, 4), (1024, 2)])
 def test_absmax_codes_read_several_a_load_are_each_steps_own(k, codes):
     """``_stored_row`` reading ``codes`` 8-bit absmax codes a load (``codes_a_load``: four where a
     row's blocks are a multiple of 4, two where they are even, as for K 1408 and 29568) gives each
     live step of every iteration its own block's code, to the row's end and to a part ending
     mid-row."""
-    rows, blocks_a_row = 64, k // 64
+    blocks_a_row = k // 64
     weight = type("Weight", (), {"nested": True, "blocksize": 64, "k": k, "absmax": torch.empty(4, dtype=torch.uint8)})
     assert codes_a_load(weight) == (4 if blocks_a_row % 4 == 0 else 2 if blocks_a_row % 2 == 0 else 1) >= codes
-    absmax = torch.randint(0, 256, (rows * blocks_a_row,), dtype=torch.uint8, device=DEVICE)
-    cases = [(row, start, stop) for row in range(rows) for stop in (k, min(k, 512))
-             for start in range(0, stop, 256)]  # fmt: skip
-    cases += [cases[-1]] * (triton.next_power_of_2(len(cases)) - len(cases))
-    blocks, starts, stops = (
-        torch.tensor(column, dtype=torch.int32, device=DEVICE) for column in zip(*cases, strict=True)
-    )
-    out = torch.zeros(len(cases), 4, dtype=torch.int32, device=DEVICE)
-    _stored_row_kernel[(1,)](absmax, blocks * blocks_a_row + starts // 64, starts, stops, out, len(cases), codes)
-    for (row, start, stop), got in zip(cases, out.cpu().tolist(), strict=True):
+    absmax = torch.randint(0, 256, (64 * blocks_a_row,), dtype=torch.uint8, device=DEVICE)
+    for row, start, stop, got in _iteration_statistics(absmax, k, 64, codes):
         for step in range(4):
             if start + 64 * step < stop:
                 assert got[step] == absmax[row * blocks_a_row + start // 64 + step].item(), (row, start, stop, step)
