@@ -232,14 +232,15 @@ def test_the_h200_tables_send_33_to_512_rows_of_weights_with_a_wave_of_programs_
 
 def test_the_h200_tables_run_k_of_part_of_an_iteration_on_the_wide_wgmma_from_65_rows(h200_without_a_gpu):
     """K not a multiple of 256 (each step its own nested absmax) keeps the tensor-core kernel up
-    to 64 rows, where it measured 5-7% faster on an H200 (8192x29568 at 48 and 64 rows), and
-    takes the wide ``wgmma`` kernel from 65; K of whole iterations takes it from 33."""
+    to 64 rows, where it measured 5-7% faster on an H200 than the wide ``wgmma`` kernel
+    (8192x29568 at 48 and 64 rows), and takes the wide kernel from 65; K of whole iterations
+    takes it from 33. The few-row ``wgmma`` kernel (17-64 rows) takes no such K."""
 
     def chosen(rows: int, n: int, k: int, captured: bool = False) -> tuple | str:
         return dispatch.choose_config(torch.zeros(rows, k, dtype=torch.bfloat16), n, k, 64, captured=captured)
 
-    assert dispatch.wide_min_rows(tuning.H200.wgmma_wide, 29568) == 65
-    assert dispatch.wide_min_rows(tuning.H200.wgmma_wide, 28672) == 33
+    assert dispatch.min_rows(tuning.H200.wgmma_wide, 29568) == 65
+    assert dispatch.min_rows(tuning.H200.wgmma_wide, 28672) == 33
     for captured in (False, True):
         for rows in (33, 48, 64):
             assert chosen(rows, 8192, 29568, captured)[0] == "fused", (rows, captured)
@@ -247,6 +248,10 @@ def test_the_h200_tables_run_k_of_part_of_an_iteration_on_the_wide_wgmma_from_65
         for rows in (65, 128, 256):
             assert chosen(rows, 8192, 29568, captured) == ("wgmma_wide", 2, 128), (rows, captured)
     assert chosen(64, 1024, 1472, captured=True)[0] == "fused"  # no clusters of four below 65 either
+    for captured in (False, True):  # 2 waves of 64-row programs: the few-row kernel's weights
+        assert [chosen(rows, 16896, 4096, captured)[0] for rows in (17, 32)] == ["wgmma", "wgmma"], captured
+        assert [chosen(rows, 16896, 4096 + 64, captured)[0] for rows in (17, 32)] == ["fused", "fused"], captured
+    assert dispatch.min_rows(tuning.H200.wgmma, 4096 + 64) == 65 and dispatch.min_rows(tuning.H200.wgmma, 4096) == 17
 
 
 def test_under_capture_the_h200_tables_run_17_to_32_rows_of_short_k_in_clusters_of_four(

@@ -46,7 +46,7 @@ def choose_config(
     rule = tables.wgmma_wide
     if (
         rule
-        and wide_min_rows(rule, k) <= rows <= (most := wide_max_rows(rule, n_out, k))
+        and min_rows(rule, k) <= rows <= (most := wide_max_rows(rule, n_out, k))
         and wgmma_supported(x, k, blocksize, packed, most)
     ):
         wide = wide_programs(rule, rows, n_out, k, processors(x.device))
@@ -55,7 +55,7 @@ def choose_config(
     rule = tables.wgmma
     if (
         rule
-        and rule.min_rows <= rows <= rule.max_rows
+        and min_rows(rule, k) <= rows <= rule.max_rows
         and wgmma_supported(x, k, blocksize, packed)
         and triton.cdiv(n_out, 64) >= rule.min_waves * processors(x.device)
     ):
@@ -70,10 +70,10 @@ def choose_config(
     return next((entry[1:] for entry in tables.gemv if rows <= entry[0]), "chunked")
 
 
-def wide_min_rows(rule: tuning.WgmmaRule, k: int) -> int:
-    """The fewest input rows the wide ``wgmma`` kernel may take against a K of ``k``:
-    ``min_rows``, ``short_min_rows`` for K of part of an iteration, or ``quarter_min_rows`` for
-    clusters of four of one-iteration parts."""
+def min_rows(rule: tuning.WgmmaRule, k: int) -> int:
+    """The fewest input rows a ``wgmma`` kernel's ``rule`` gives it against a K of ``k``:
+    ``min_rows``, ``short_min_rows`` for K of part of an iteration, or (the wide kernel's)
+    ``quarter_min_rows`` for clusters of four of one-iteration parts."""
     if rule.short_min_rows and k % (fragment_grid.STEP * fragment_grid.GROUP_STEPS):
         return max(rule.min_rows, rule.short_min_rows)
     if rule.quarter_min_rows and k // 1024 == 1:

@@ -239,14 +239,15 @@ HOPPER = KernelTables(
 #: up to 64 rows in 64-row programs in clusters of two (0.68-1.0 of three waves) or four (a fill
 #: range by their parts' iterations), except K of 4096-6143 up to 64 rows (one launch there), and
 #: up to 64 rows 0.6-1.0 waves of 128-row programs in clusters of two, 1.0-1.5 waves of them as
-#: 64-row programs (at 65-128 rows in clusters of two), and K of part of an iteration from 65
-#: rows (the tensor-core kernel is 5-7% faster below); the tensor-core kernel runs 64-row
+#: 64-row programs (at 65-128 rows in clusters of two); K of part of an iteration runs neither
+#: ``wgmma`` kernel below 65 rows (the tensor-core kernel was 5-7% faster than the wide one
+#: there; the few-row one was not measured on it); the tensor-core kernel runs 64-row
 #: programs where its 128-row ones fill under 1.25 waves.
 H200 = HOPPER._replace(
     tuned_on="NVIDIA H200",
     dequantize=DequantizeConfig(words_per_program=256, num_warps=8),
     fused_narrow_fill=1.25,
-    wgmma=WgmmaRule(17, 64, 2.0),
+    wgmma=WgmmaRule(17, 64, 2.0, short_min_rows=65),
     wgmma_wide=WgmmaRule(
         33,
         512,
@@ -272,7 +273,7 @@ H200 = HOPPER._replace(
 H200 = H200._replace(
     captured=H200._replace(
         fragment_permute=(PermuteRule(9, 1 << 26), PermuteRule(5, 1 << 27), PermuteRule(13, 1 << 25)),
-        wgmma=WgmmaRule(17, 64, 1.0),
+        wgmma=H200.wgmma._replace(min_waves=1.0),
         wgmma_wide=H200.wgmma_wide._replace(quarter_alone=True, quarter_min_rows=17, one_launch_k=(0, 0)),
     )
 )
