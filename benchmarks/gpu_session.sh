@@ -41,7 +41,7 @@ for stage in $STAGES; do
         # the long files run as several processes each, every one taking every count-th test
         # (conftest.py: FOURBIT_TEST_SHARD); H200 times of one process: tensor-core 490 s,
         # the others 150-280 s (wgmma 149 s: started last, it set the suite's wall time)
-        shards=${SHARDS:-"test_triton_tensor_core=7 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_parametrize=2 test_triton_wgmma=2 test_triton_wgmma_wide=2"}
+        shards=${SHARDS:-"test_triton_tensor_core=7 test_triton=3 test_triton_tiled=4 test_triton_quantize=3 test_cpu_kernels=4 test_linear4bit=3 test_parametrize=2 test_triton_wgmma=2 test_triton_wgmma_wide=4"}
         # files that exercise no GPU (CI runs them on every push; their compiles of the CPU path
         # take a sixth of the suite's work here): left out unless ALL=1 or FILES names them; the
         # CPU cases of the other files' device parameter and the tests marked cpu_only too

@@ -58,13 +58,18 @@ class Trapped(Exception):
     """The emulated thread ran ``trap``."""
 
 
-def run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared: dict[int, int]) -> dict[str, int]:
+def run_thread(
+    asm: str, inputs: dict[str, int], special: dict[str, int], shared: dict[int, int], events: list | None = None
+) -> dict[str, int]:
     """Execute ``asm`` (straight-line, or with labels, predicated branches and stores) as one thread
     whose special registers (``%tid.x`` ...) and symbol addresses are ``special``; stores land in
     ``shared`` (byte address -> 32-bit word). Barriers pass: a caller that needs every thread past
     one runs the text before it for all threads first (``split_at``). Shared addresses in a
     cluster's window (``mapa``) carry the program's rank above bit 24 (``cluster_address``), so
-    that one ``shared`` holds every program's memory when each program's addresses carry its rank."""
+    that one ``shared`` holds every program's memory when each program's addresses carry its rank.
+    The ring's barrier waits (always done at once), arrivals and bulk copies are appended to
+    ``events``: ``("wait", barrier, parity)``, ``("expect", barrier, bytes)``, ``("copy",
+    destination, source, bytes, barrier)``."""
     lines = [line.strip().rstrip(";") for line in asm.splitlines()]
     lines = [line for line in lines if line and line not in "{}" and not line.startswith((".reg", ".shared"))]
     labels = {line[:-1]: i for i, line in enumerate(lines) if line.endswith(":")}
@@ -88,13 +93,21 @@ def run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared
         predicate = None
         if line.startswith("@"):
             predicate, line = line.split(None, 1)
-            if not regs[predicate[1:]]:
+            if predicate.startswith("@!") == bool(regs[predicate.lstrip("@!")]):
                 continue
         if line == "trap":
             raise Trapped
         op, operands = line.split(None, 1)
         if op == "bra":
             i = labels[operands.strip()]
+            continue
+        if op.startswith(("mbarrier.", "cp.async.bulk")):
+            kind = {"mbarrier.try_wait": "wait", "mbarrier.arrive": "expect", "cp.async.bulk": "copy"}
+            name = next(name for prefix, name in kind.items() if op.startswith(prefix))
+            parts = [part.strip().strip("[]") for part in operands.split(",")]
+            if name == "wait":  # its predicate first
+                regs[parts.pop(0)] = True
+            events.append((name, *(value(part) for part in parts if part != "_")))
             continue
         if op.startswith("st.shared"):
             address, data = re.fullmatch(r"\[(\S+)\], \{?([^}]*)\}?", operands).groups()
@@ -105,6 +118,11 @@ def run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared
         if op.startswith("ld.shared"):
             dest, address = re.fullmatch(r"(\S+), \[(\S+)\]", operands).groups()
             regs[dest] = shared[value(address)]
+            continue
+        pack = re.fullmatch(r"(\S+), \{(\S+), (\S+)\}", operands)
+        if op == "mov.b64" and pack:  # mov.b64 pair, {lo, hi}
+            pair, low, high = pack.groups()
+            regs[pair] = value(low) | value(high) << 32
             continue
         unpack = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)", operands)
         if op == "mov.b32" and unpack:  # mov.b32 {lo, hi}, pair
@@ -131,6 +149,14 @@ def run_thread(asm: str, inputs: dict[str, int], special: dict[str, int], shared
             regs[dest] = (args[0] * args[1] + args[2]) & MASK
         elif op == "setp.lt.u32":
             regs[dest] = args[0] < args[1]
+        elif op == "setp.eq.u32":
+            regs[dest] = args[0] == args[1]
+        elif op == "setp.ne.u32":
+            regs[dest] = args[0] != args[1]
+        elif op == "mul.wide.u32":
+            regs[dest] = args[0] * args[1]
+        elif op == "add.s64":
+            regs[dest] = (args[0] + args[1]) % (1 << 64)
         elif op == "prmt.b32":
             regs[dest] = prmt(*args)
         elif op == "mapa.shared::cluster.u32":

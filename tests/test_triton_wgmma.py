@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from ptx_emulator import run_thread
 from triton_cases import DEVICE, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
 
 from fourbit import layout
@@ -186,6 +187,44 @@ def test_wgmma_step_ptx_names_every_operand_its_constraints_declare(rows):
     assert used == set(range(len(constraints)))
     assert len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{rows}k16\.f32\.bf16\.bf16", text)) == 4
     assert text.index("wgmma.wait_group.sync.aligned 0") < text.index("fma.rn.f32")
+
+
+@pytest.mark.parametrize("empty_offset", [0, 64])
+def test_thread_0_alone_copies_a_live_step_from_its_place_in_the_staged_inputs(empty_offset):
+    """Run as each of a program's threads (the PTX emulator): thread 0 alone copies staged step $5
+    (4096 bytes a step from $1) into the slot $2 on its "full" barrier $4, and only when the step
+    is live ($3); the wide kernel's ring (``empty_offset``) first waits, when told ($6), for
+    phase $7 of the slot's "empty" barrier. The other threads branch past it all."""
+    text = wgmma_ptx.wgmma_issue_ptx(4096, empty_offset)
+    base, step, slot, full = 1 << 40, 37, 2048, 9000
+    for live, wait in ((1, 1), (0, 1), (1, 0)):
+        inputs = {"$1": base, "$2": slot, "$3": live, "$4": full, "$5": step, "$6": wait, "$7": 1}
+        for tid in (0, 1, 31, 32, 255):
+            events = []
+            run_thread(text, inputs, {"%tid.x": tid}, {}, events)
+            expected = []
+            if tid == 0 and empty_offset and wait:
+                expected.append(("wait", full + empty_offset, 1))
+            if tid == 0 and live:
+                expected += [("expect", full, 4096), ("copy", slot, base + step * 4096, 4096, full)]
+            assert events == expected, (live, wait, tid)
+
+
+@pytest.mark.parametrize("rows", [32, 64, 96, 128, 192, 256])
+def test_a_steps_four_descriptors_step_through_the_slot_by_one_instructions_inputs(rows):
+    """The four ``wgmma`` of a step (both kernels' row tiles) read the slot's inputs 16 columns
+    apart: run in the PTX emulator, descriptor j is the slot's address plus ``j * rows * 32``
+    bytes in 16-byte units (bits 0-13), the core matrices' strides along K and the rows above it."""
+    lines = wgmma_ptx._wgmma_lines(rows, "bf16", "$9", "d0", ["1"] * 4)
+    text = "\n".join(lines[: lines.index("wgmma.fence.sync.aligned;")])
+    strides = (wgmma_ptx.WGMMA_K_OFFSET >> 4) << 16 | (wgmma_ptx.WGMMA_ROW_OFFSET >> 4) << 32
+    for slot in (1024, 50176, 200704):  # a ring anywhere in 227 KiB
+        regs = run_thread(text, {"$9": slot}, {}, {})
+        for j in range(4):
+            assert regs[f"desc{j}"] == ((slot + j * rows * 32) >> 4) | strides, (slot, j)
+    issued = "\n".join(lines)
+    for j in range(4):  # each instruction takes its own
+        assert f"{{d0}}, {{g{2 * j}, h{2 * j}, g{2 * j + 1}, h{2 * j + 1}}}, desc{j}, " in issued
 
 
 class _Compiled:

@@ -84,12 +84,11 @@ def _ring(thread, lane, ROWS: tl.constexpr):
 @triton.jit
 def _issue(x_address, step, slot, live, barrier, ROWS: tl.constexpr):
     """Copy staged step ``step`` into the ring slot at ``slot`` when ``live`` (thread 0 issues it)."""
-    source = x_address + step.to(tl.int64) * (ROWS * 128)
     flag = live.to(tl.int32) + barrier * 0
     if ROWS == 32:
-        tl.inline_asm_elementwise(_ISSUE_32, "=r,l,r,r,r", [source, slot, flag, barrier], tl.int32, False, 1)
+        tl.inline_asm_elementwise(_ISSUE_32, "=r,l,r,r,r,r", [x_address, slot, flag, barrier, step], tl.int32, False, 1)
     else:
-        tl.inline_asm_elementwise(_ISSUE_64, "=r,l,r,r,r", [source, slot, flag, barrier], tl.int32, False, 1)
+        tl.inline_asm_elementwise(_ISSUE_64, "=r,l,r,r,r,r", [x_address, slot, flag, barrier, step], tl.int32, False, 1)
 
 
 @triton.jit

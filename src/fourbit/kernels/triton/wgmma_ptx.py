@@ -18,7 +18,6 @@ __all__ = [
     "wgmma_wait_ptx",
     "wide_constraints",
     "wide_drain_constraints",
-    "wide_issue_ptx",
     "wide_release_ptx",
     "wide_step_ptx",
 ]
@@ -34,11 +33,12 @@ def _wgmma_lines(rows: int, element: str, slot: str, accumulators: str, scale_d:
     """PTX that issues one step's four ``wgmma.m64n{rows}k16`` over the staged inputs at shared
     address ``slot`` into ``accumulators``, the lane's decoded pairs g0 .. g7 and h0 .. h7 as the
     register operand (instruction j takes columns 4j .. 4j + 3 of the lane's 16, as in
-    ``step_ptx``); ``scale_d[j]`` says whether instruction j adds to the accumulators."""
-    descriptor = ((WGMMA_K_OFFSET >> 4) << 16) | ((WGMMA_ROW_OFFSET >> 4) << 32)
+    ``step_ptx``); ``scale_d[j]`` says whether instruction j adds to the accumulators. The
+    descriptors differ in their low word only (the start address), added to in 32 bits."""
     lines = [
-        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\ncvt.u64.u32 desc0, a;\nor.b64 desc0, desc0, {descriptor};",
-        *(f"add.s64 desc{j}, desc0, {j * rows * 32 >> 4};" for j in range(1, 4)),
+        f"shr.u32 a, {slot}, 4;\nand.b32 a, a, 0x3FFF;\nor.b32 a, a, {(WGMMA_K_OFFSET >> 4) << 16};",
+        f"mov.b32 t, {WGMMA_ROW_OFFSET >> 4};\nmov.b64 desc0, {{a, t}};",
+        *(f"add.u32 a, a, {rows * 32 >> 4};\nmov.b64 desc{j}, {{a, t}};" for j in range(1, 4)),
         "wgmma.fence.sync.aligned;",
     ]
     for j in range(4):
@@ -112,16 +112,29 @@ def wgmma_ring_ptx(ring_bytes: int, slots: int, consumers: int = 0, sync: bool =
     return "\n".join(lines)
 
 
-def wgmma_issue_ptx(step_bytes: int) -> str:
-    """PTX by which thread 0 copies one step of staged inputs ($1, a global address) into the
-    ring slot at shared address $2 when $3 is non-zero, completing on the slot's barrier $4."""
+def wgmma_issue_ptx(step_bytes: int, empty_offset: int = 0) -> str:
+    """PTX by which thread 0 copies staged step $5 (``step_bytes`` each from global address $1)
+    into the ring slot at shared address $2 when $3 is non-zero, completing on the slot's "full"
+    barrier $4; the other threads branch past it, so that the warps that issue nothing spend
+    three instructions on it. With ``empty_offset`` (the wide kernel's ring), thread 0 first
+    waits, when $6 is non-zero, for phase $7 of the slot's "empty" barrier, ``empty_offset``
+    bytes past the full one: the slot's last readers are done."""
+    wait = [
+        f"setp.eq.u32 p, $6, 0;\n@p bra fourbit_issue_released;\nadd.u32 e, $4, {empty_offset};",
+        "fourbit_issue_release_wait:\nmbarrier.try_wait.parity.shared::cta.b64 done, [e], $7;",
+        "@!done bra fourbit_issue_release_wait;\nfourbit_issue_released:",
+    ]
     return "\n".join(
         [
             "{",
-            ".reg .pred p;\n.reg .b32 t;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;\nsetp.ne.and.b32 p, $3, 0, p;",
-            f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$4], {step_bytes};",
-            f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$2], [$1], {step_bytes}, [$4];",
-            "mov.b32 $0, 0;",
+            ".reg .pred p, done;\n.reg .b32 t, e;\n.reg .b64 source;",
+            "mov.u32 t, %tid.x;\nsetp.ne.u32 p, t, 0;\n@p bra fourbit_issue_done;",
+            *(wait if empty_offset else []),
+            "setp.eq.u32 p, $3, 0;\n@p bra fourbit_issue_done;",
+            f"mul.wide.u32 source, $5, {step_bytes};\nadd.s64 source, source, $1;",
+            f"mbarrier.arrive.expect_tx.shared::cta.b64 _, [$4], {step_bytes};",
+            f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$2], [source], {step_bytes}, [$4];",
+            "fourbit_issue_done:\nmov.b32 $0, 0;",
             "}",
         ]
     )
@@ -137,27 +150,6 @@ def wgmma_wait_ptx(sync: bool = True) -> str:
             ".reg .pred p;" + ("\nbar.sync 0;" if sync else ""),
             "fourbit_wgmma_wait:\nmbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\n@!p bra fourbit_wgmma_wait;",
             "mov.b32 $0, $3;",
-            "}",
-        ]
-    )
-
-
-def wide_issue_ptx(step_bytes: int, empty_offset: int) -> str:
-    """PTX by which thread 0 of the wide kernel refills a ring slot: when $5 is non-zero it first
-    waits for phase $6 of the slot's "empty" barrier (``empty_offset`` bytes past its "full"
-    barrier $4: the slot's last readers are done), then, when $3 is non-zero, copies one step of
-    staged inputs ($1, a global address) into the slot at shared address $2, completing on $4."""
-    return "\n".join(
-        [
-            "{",
-            ".reg .pred p, w, done;\n.reg .b32 t, e;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;",
-            f"setp.ne.and.b32 w, $5, 0, p;\n@!w bra fourbit_wide_released;\nadd.u32 e, $4, {empty_offset};",
-            "fourbit_wide_release_wait:\nmbarrier.try_wait.parity.shared::cta.b64 done, [e], $6;",
-            "@!done bra fourbit_wide_release_wait;",
-            "fourbit_wide_released:\nsetp.ne.and.b32 p, $3, 0, p;",
-            f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$4], {step_bytes};",
-            f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$2], [$1], {step_bytes}, [$4];",
-            "mov.b32 $0, 0;",
             "}",
         ]
     )

@@ -45,11 +45,11 @@ from .wgmma import WgmmaInputs, staged_columns, weight_tensors
 from .wgmma_ptx import (
     cluster_sum_constraints,
     cluster_sum_ptx,
+    wgmma_issue_ptx,
     wgmma_ring_ptx,
     wgmma_wait_ptx,
     wide_constraints,
     wide_drain_constraints,
-    wide_issue_ptx,
     wide_release_ptx,
     wide_step_ptx,
 )
@@ -155,7 +155,7 @@ def tile_assembly(rows: int, float16: bool, cluster: int = 1, program_rows: int 
         wide_constraints(rows),
         wide_drain_constraints(rows),
         wgmma_ring_ptx(ring_bytes(rows), SLOTS, threads(program_rows), sync=False),
-        wide_issue_ptx(rows * 128, 8 * SLOTS),
+        wgmma_issue_ptx(rows * 128, 8 * SLOTS),
         cluster,
         cluster_sum_ptx(rows // 2, cluster) if summed else "",
         cluster_sum_constraints(rows // 2, cluster) if summed else "",
@@ -180,9 +180,8 @@ def _issue(x_address, step, slot, live, full, wait, parity, ROWS: tl.constexpr, 
     """Copy staged step ``step`` into the ring slot at ``slot`` when ``live`` (thread 0 issues it),
     completing on the slot's barrier ``full``; first, when ``wait``, for phase ``parity`` of its
     "empty" barrier (every thread done reading the slot's last step)."""
-    source = x_address + step.to(tl.int64) * (ROWS * 128)
-    operands = [source, slot, live.to(tl.int32) + full * 0, full, wait.to(tl.int32) + full * 0, parity]
-    tl.inline_asm_elementwise(ISSUE_ASM, "=r,l,r,r,r,r,r", operands, tl.int32, False, 1)
+    operands = [x_address, slot, live.to(tl.int32) + full * 0, full, step, wait.to(tl.int32) + full * 0, parity]
+    tl.inline_asm_elementwise(ISSUE_ASM, "=r,l,r,r,r,r,r,r", operands, tl.int32, False, 1)
 
 
 @triton.jit
