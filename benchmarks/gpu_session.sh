@@ -160,6 +160,7 @@ for stage in $STAGES; do
         ncu --kernel-name regex:_wide_kernel --launch-skip 1 --launch-count 1 --set full --import-source yes \
           -f -o "$OUT/wide_$rows" "$PYTHON" benchmarks/profile_linear.py --shape 28672x8192 --rows "$rows" > /dev/null 2>&1
         ncu -i "$OUT/wide_$rows.ncu-rep" --page source --csv --print-source sass > "$OUT/wide_sass_$rows.csv" 2>&1
+        "$PYTHON" benchmarks/ncu_sass_summary.py "$OUT/wide_sass_$rows.csv" | tee "$OUT/wide_summary_$rows.txt"
       done ;;
     *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas, stalls)" >&2; exit 2 ;;
   esac

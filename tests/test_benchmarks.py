@@ -171,6 +171,38 @@ def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(t
     assert cells[1] == "1" and cells[2] == str(counts["instructions"]), cells
 
 
+def test_ncu_sass_summary_reads_the_stalls_and_finds_the_main_loop(tmp_path):
+    """``ncu_sass_summary.py`` on a table laid out as ncu writes it: the reasons' shares, the
+    samples by opcode (predicates and modifiers dropped), and the main loop from its backward
+    branch, not the retry branch placed after the kernel's exit."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_wait",
+              "stall_long_sb", "stall_wait (Not Issued)"]  # fmt: skip
+    code = [
+        ("MOV R1, c[0x0][0x28]", 2, 0),
+        ("LDG.E R2, desc[UR4][R4.64]", 0, 0),
+        ("IMAD R3, R2, 0x2, RZ", 5, 0),
+        ("@!P0 LDG.E.64 R6, desc[UR4][R8.64]", 0, 30),
+        ("HMMA.16816.F32 R8, R4, R6, R8", 10, 0),
+        ("@P1 BRA 0x7f0000000020", 1, 0),
+        ("EXIT", 0, 0),
+        ("@!P2 BRA 0x7f0000000010", 0, 2),
+    ]
+    rows = [["Kernel Name", "_kernel", ""], header]
+    for i, (text, wait, long_sb) in enumerate(code):
+        rows.append([f"0x{0x7F0000000000 + 16 * i:x}", f"      {text}", str(wait + long_sb), "64", str(wait),
+                     str(long_sb), "0"])  # fmt: skip
+    table = tmp_path / "sass.csv"
+    table.write_text("\n".join(",".join(f'"{cell}"' for cell in row) for row in rows) + "\n")
+    out = _run("ncu_sass_summary.py", str(table), "--top", "2")
+    assert "50 warp samples, 8 instructions" in out
+    assert re.search(r"wait\s+18\s+36\.0%", out) and re.search(r"long_sb\s+32\s+64\.0%", out)
+    assert re.search(r"LDG\s+30\s+60\.0%\s+128\b", out) and re.search(r"HMMA\s+10\s+20\.0%", out)
+    assert "main loop: 4 instructions, 92% of the samples" in out  # 0x20 .. 0x50, not 0x10 .. 0x70
+    assert "  IMAD:1 LDG:1 HMMA:1 BRA:1\n" in out
+    most = out.split("most sampled instructions:")[1].splitlines()[1:]
+    assert len(most) == 2 and "LDG.E.64" in most[0] and "long_sb 30" in most[0] and "HMMA" in most[1]
+
+
 def test_profile_prefill_prints_its_profile_and_table():
     out = _run("profile_prefill.py", "--device", "cpu", "--layers", "1", "--batch", "1", "--prompt", "4", "--repeats",
                "2", "--top", "40", "--libraries", "fourbit", "--eager-first", "--python-profile",
