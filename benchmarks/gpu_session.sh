@@ -150,17 +150,20 @@ for stage in $STAGES; do
         -k "budget or same_bits or refuses" 2>&1 | tail -n 5 | tee -a "$OUT/ptxas.log"
       env $export_ptxas "$PYTHON" benchmarks/bench_kernels.py --device cuda --shapes 4096x14336 28672x8192 \
         --dtypes bfloat16 --batches 1 16 --cuda-graphs --no-bnb 2>&1 | tee -a "$OUT/ptxas.log" ;;
-    stalls)  # where the wide wgmma kernel's warps wait (28672x8192, ROWS, default 64 and 256 rows):
-      # ncu's stall reasons per issued instruction, then a full report's per-SASS-instruction table
+    stalls)  # where a kernel's warps wait (KERNEL, a regex, default the wide wgmma kernel; SHAPE,
+      # default 28672x8192; ROWS, default 64 and 256): ncu's stall reasons per issued instruction,
+      # then a full report's per-SASS-instruction table and its summary (ncu_sass_summary.py)
+      kernel=${KERNEL:-_wide_kernel}
       for rows in ${ROWS:-64 256}; do
-        ncu --kernel-name regex:_wide_kernel --launch-skip 1 --launch-count 1 \
+        ncu --kernel-name "regex:$kernel" --launch-skip 1 --launch-count 1 \
           --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-          "$PYTHON" benchmarks/profile_linear.py --shape 28672x8192 --rows "$rows" 2>&1 |
+          "$PYTHON" benchmarks/profile_linear.py --shape "${SHAPE:-28672x8192}" --rows "$rows" 2>&1 |
           grep stalled | tee "$OUT/stalls_$rows.txt"
-        ncu --kernel-name regex:_wide_kernel --launch-skip 1 --launch-count 1 --set full --import-source yes \
-          -f -o "$OUT/wide_$rows" "$PYTHON" benchmarks/profile_linear.py --shape 28672x8192 --rows "$rows" > /dev/null 2>&1
-        ncu -i "$OUT/wide_$rows.ncu-rep" --page source --csv --print-source sass > "$OUT/wide_sass_$rows.csv" 2>&1
-        "$PYTHON" benchmarks/ncu_sass_summary.py "$OUT/wide_sass_$rows.csv" | tee "$OUT/wide_summary_$rows.txt"
+        ncu --kernel-name "regex:$kernel" --launch-skip 1 --launch-count 1 --set full --import-source yes \
+          -f -o "$OUT/kernel_$rows" "$PYTHON" benchmarks/profile_linear.py --shape "${SHAPE:-28672x8192}" \
+          --rows "$rows" > /dev/null 2>&1
+        ncu -i "$OUT/kernel_$rows.ncu-rep" --page source --csv --print-source sass > "$OUT/kernel_sass_$rows.csv" 2>&1
+        "$PYTHON" benchmarks/ncu_sass_summary.py "$OUT/kernel_sass_$rows.csv" | tee "$OUT/kernel_summary_$rows.txt"
       done ;;
     *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas, stalls)" >&2; exit 2 ;;
   esac
