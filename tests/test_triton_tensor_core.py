@@ -16,7 +16,9 @@ pytest.importorskip("triton")
 from triton_cases import (
     DEVICE,
     NEEDS_TRITON,
+    case_turn,
     code_table,
+    in_turn,
     nested_statistics,
     pairwise_cases,
 )
@@ -45,14 +47,16 @@ TENSOR_CORE_CONFIGS = [
 def test_tensor_core_kernel_configurations(config, dtype, nested):
     """The byte-permute + tensor-core kernel, forced, over partial tiles in every dimension, every
     K-tile/absmax-block relation, split K, both scaling modes and batch-wide tiles, against a
-    float64 reference."""
-    for quant_type, (n, k, blocksize) in itertools.product(
-        ["nf4", "fp4"], [(300, 256, 64), (100, 4096, 128), (4096, 64, 32), (17, 512, 256), (130, 4096, 4096)]
-    ):
+    float64 reference. Each weight takes half the row counts, the configuration's other case the
+    other half."""
+    weights = [(300, 256, 64), (100, 4096, 128), (4096, 64, 32), (17, 512, 256), (130, 4096, 4096)]
+    turn = case_turn(TENSOR_CORE_CONFIGS, config, dtype)
+    for quant_type, (index, (n, k, blocksize)) in itertools.product(["nf4", "fp4"], enumerate(weights)):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
         absmax, extra = nested_statistics(absmax, nested)
-        for rows in (70, 200) if config[0] == "wide" else (1, 17, 70):  # the table routes more rows to "wide"
+        # the table routes more rows to "wide"
+        for rows in in_turn((70, 200) if config[0] == "wide" else (1, 17, 70), turn + index):
             x = torch.randn(rows, k, device=DEVICE).to(dtype)
             bias = torch.randn(n, device=DEVICE).to(dtype)
             out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), bias, **extra, config=config)
@@ -83,23 +87,17 @@ def test_register_fragment_kernel_configurations(config, dtype, nested):
     """The register-fragment kernel, forced, over 1 to 16 input rows (one and two tiles, partial
     ones), weight rows that fill no warp, blocksizes from 64 to 4096, K splits that do and do not
     divide K, warps sharing K (some with no columns left), nested statistics whose blocks span
-    rows, and strided inputs, against a float64 reference."""
-    for quant_type, (n, k, blocksize) in itertools.product(
-        ["nf4", "fp4"],
-        [
-            (300, 256, 64),
-            (100, 4096, 128),
-            (17, 512, 256),
-            (130, 4096, 4096),
-            (33, 768, 64),
-            (4096, 11008, 64),
-        ],
-    ):
+    rows, and strided inputs, against a float64 reference. Each weight takes half the row counts,
+    the configuration's other case the other half."""
+    weights = [(300, 256, 64), (100, 4096, 128), (17, 512, 256), (130, 4096, 4096), (33, 768, 64), (4096, 11008, 64)]
+    turn = case_turn(FRAGMENT_CONFIGS, config, dtype)
+    for quant_type, (index, (n, k, blocksize)) in itertools.product(["nf4", "fp4"], enumerate(weights)):
         code = code_table(quant_type)
         packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
         absmax, extra = nested_statistics(absmax, nested)
         dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
-        for rows in (1, 3, 8, 9, 16):
+        # in turn: 1 row (Triton's M == 1 form), 9 and 16 (two tiles, partial and full); 3 and 8 (one)
+        for rows in in_turn((1, 3, 9, 8, 16), turn + index):
             # rows 2k apart; for 3 rows 2k + 8, which the kernel cannot read in place (it copies)
             x = torch.randn(rows, 2 * k + (8 if rows == 3 else 0), device=DEVICE).to(dtype)[:, -k:]
             bias = torch.randn(n, device=DEVICE).to(dtype)

@@ -16,7 +16,17 @@ from helpers import describe_dtype
 
 pytest.importorskip("triton")
 
-from triton_cases import DEVICE, INTERPRETED, NEEDS_TRITON, ON_GPU, code_table, nested_statistics, pairwise_cases
+from triton_cases import (
+    DEVICE,
+    INTERPRETED,
+    NEEDS_TRITON,
+    ON_GPU,
+    case_turn,
+    code_table,
+    in_turn,
+    nested_statistics,
+    pairwise_cases,
+)
 
 from fourbit import layout
 from fourbit.kernels import reference
@@ -84,11 +94,13 @@ TILE_CASES = (
 @pytest.mark.parametrize(("config", "dtype", "nested"), TILE_CASES)
 def test_every_kernel_reads_tiles_as_it_reads_rows(config, dtype, nested):
     """The same products from the tiled bytes as from rows (bit for bit where nothing is summed
-    across programs), and both close to a float64 reference."""
-    for quant_type, (n, k, blocksize) in itertools.product(["nf4", "fp4"], WEIGHTS):
+    across programs), and both close to a float64 reference. On a GPU each weight takes half the
+    row counts, the configuration's other case the other half."""
+    turn = case_turn(GPU_CONFIGS, config, dtype) if ON_GPU else None
+    for quant_type, (index, (n, k, blocksize)) in itertools.product(["nf4", "fp4"], enumerate(WEIGHTS)):
         code, packed, absmax, extra, dense = _weights(quant_type, n, k, blocksize, nested)
         tiled = layout.tile(packed, (n, k))
-        for rows in _rows_for(config):
+        for rows in _rows_for(config) if turn is None else in_turn(_rows_for(config), turn + index):
             input_dtype = torch.float32 if isinstance(config, tuple) and config[-1] == "half" else dtype
             x = torch.randn(rows, k, device=DEVICE).to(input_dtype)
             bias = torch.randn(n, device=DEVICE).to(input_dtype)

@@ -70,6 +70,12 @@ def close_or_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
         assert_same_bits(actual, expected)
 
 
+def case_turn(configs, config, dtype: torch.dtype) -> int:
+    """The turn (``in_turn``) of a ``pairwise_cases`` case: its configuration's index, plus one for
+    float16, so that a configuration's two cases take opposite turns."""
+    return configs.index(config) + (dtype == torch.float16)
+
+
 def pairwise_cases(configs) -> list:
     """(config, dtype, nested) cases for forced-configuration tests: each configuration in both
     16-bit dtypes, plain statistics with one and nested with the other, alternating, so that every
@@ -81,6 +87,12 @@ def pairwise_cases(configs) -> list:
             name = f"{config}-{describe_dtype(dtype)}-{'nested' if nested else 'plain'}"
             cases.append(pytest.param(config, dtype, nested, id=name))
     return cases
+
+
+def in_turn(choices: tuple, turn: int) -> tuple:
+    """Every other one of ``choices`` (row counts), starting at ``turn % 2``: cases that take turns
+    cover all of them, each compiling about half the kernel specializations they need."""
+    return choices[turn % 2 :: 2]
 
 
 def graded_weight(n: int, k: int, blocksize: int, nested: bool, tiled: bool) -> tuple:
