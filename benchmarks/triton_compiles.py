@@ -1,6 +1,7 @@
 """Record the Triton compiles a run of fourbit makes on a GPU, then compile them again with any
 Triton for a GPU that is not there, and compare: how a Triton release changes the kernels' code
-(SASS instructions, barriers, shared and local memory, registers) without a GPU that runs it.
+(SASS instructions, the main loop's, barriers, shared and local memory, registers) without a GPU
+that runs it.
 
   python benchmarks/triton_compiles.py record compiles.json        # on a CUDA machine
   python benchmarks/triton_compiles.py replay compiles.json new.json  # anywhere: the Triton on the path
@@ -11,7 +12,8 @@ Triton for a GPU that is not there, and compare: how a Triton release changes th
 step; a compile is its kernel, signature, specialization and options. ``replay`` compiles each
 for ``--arch`` (default 90, Hopper) with the fragment kernel's register budget applied as the
 library applies it (``launch.needs_register_budget``), and reads the SASS with the cuobjdump that
-Triton bundles.
+Triton bundles. A compile keeps the launch's specializations (pointers and integers divisible by
+16): a signature written by hand without them can compile to other code.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from types import SimpleNamespace
 
 import triton
 import triton.language as tl
+from ncu_sass_summary import Instruction, main_loop
 
 
 def _encoded(value: object) -> object:
@@ -96,9 +99,19 @@ def _cuobjdump() -> str:
     return tool
 
 
+def sass_instructions(sass: str) -> list[Instruction]:
+    """The instructions of cuobjdump's SASS listing of one kernel, in ``ncu_sass_summary``'s form
+    (no samples)."""
+    return [
+        Instruction(int(address, 16), text.strip(), 0, 0, {})
+        for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass)
+    ]
+
+
 def sass_counts(cubin: bytes) -> dict[str, int]:
     """Instructions (no NOPs), barriers, shared loads and stores, global loads, local-memory
-    accesses and registers a thread of one compiled kernel."""
+    accesses and registers a thread of one compiled kernel, and the instructions of its main loop
+    (``ncu_sass_summary.main_loop``: what a change to the loop moves, per iteration)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
@@ -112,7 +125,8 @@ def sass_counts(cubin: bytes) -> dict[str, int]:
 
     return {"instructions": len(ops), "barriers": count("BAR"), "shared_loads": count("LDS"),
             "shared_stores": count("STS"), "global_loads": count("LDG"), "local": count("LDL", "STL"),
-            "registers": int(re.search(r"REG:(\d+)", usage).group(1))}  # fmt: skip
+            "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "loop": len(main_loop(sass_instructions(sass)))}  # fmt: skip
 
 
 def compile_record(entry: dict, arch: int) -> dict:
@@ -163,7 +177,7 @@ def compare(first: str, second: str) -> None:
             replays.append(json.load(file))
     if len(replays[0]["compiles"]) != len(replays[1]["compiles"]):
         raise SystemExit("the two replays come from different records")
-    columns = ["instructions", "barriers", "shared_loads", "shared_stores", "local", "registers"]
+    columns = ["instructions", "loop", "barriers", "shared_loads", "shared_stores", "local", "registers"]
     kernels: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for a, b in zip(replays[0]["compiles"], replays[1]["compiles"], strict=True):
         kernels[a["name"]].append((a, b))
@@ -174,7 +188,7 @@ def compare(first: str, second: str) -> None:
     for name, pairs in kernels.items():
         cells = []
         for column in columns:
-            spans = [_span([pair[side][column] for pair in pairs]) for side in (0, 1)]
+            spans = [_span([pair[side].get(column, 0) for pair in pairs]) for side in (0, 1)]
             cells.append(spans[0] if spans[0] == spans[1] else " / ".join(spans))
         print(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
 

@@ -165,10 +165,34 @@ def test_triton_compiles_replays_a_recorded_compile_for_a_gpu_that_is_not_here(t
     assert replay.returncode == 0, replay.stderr[-3000:]
     (counts,) = json.loads((tmp_path / "replay.json").read_text())["compiles"]
     assert counts["instructions"] > 20 and counts["global_loads"] > 0 and counts["registers"] > 0, counts
-    assert counts["constants"] == {"TILES": 2, "BLOCK": 1024}
+    assert counts["constants"] == {"TILES": 2, "BLOCK": 1024} and counts["loop"] == 0  # no loop in it
     compared = _run("triton_compiles.py", "compare", str(tmp_path / "replay.json"), str(tmp_path / "replay.json"))
     cells = _row(compared, "_permute_kernel")
     assert cells[1] == "1" and cells[2] == str(counts["instructions"]), cells
+
+
+def test_triton_compiles_finds_the_main_loop_of_a_listing(monkeypatch):
+    """The main loop ``triton_compiles.py`` counts in cuobjdump's listing: from the longest
+    backward branch's target to the branch, not a retry placed after the ``EXIT``; encoding
+    comments are no instructions."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    triton_compiles = __import__("triton_compiles")
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+                                                          /* 0x000fe40000000f00 */
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   IMAD R3, R2, 0x2, RZ ;
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0040*/              @!P0 BRA 0x10 ;
+        /*0050*/                   BRA 0x30 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x0 ;
+    """
+    instructions = triton_compiles.sass_instructions(sass)
+    assert [instruction.address for instruction in instructions] == list(range(0, 0x80, 0x10))
+    loop = triton_compiles.main_loop(instructions)
+    assert [instruction.opcode for instruction in loop] == ["LDG", "IMAD", "HMMA", "BRA"]
 
 
 def test_ncu_sass_summary_reads_the_stalls_and_finds_the_main_loop(tmp_path):
