@@ -256,3 +256,35 @@ def test_profile_compiled_call_times_the_compiled_step_with_and_without_guards()
         assert int(cells[6]) > 0, cells  # the guard tree was read
     # each 4-bit projection adds its statistics buffer to the graph's inputs (7 in a Llama layer)
     assert int(fourbit[5]) == int(bf16[5]) + 7, (bf16, fourbit)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
+@pytest.mark.parametrize("compress_statistics", [True, False], ids=["nested", "plain"])
+@pytest.mark.parametrize("rows", [1, 11])
+def test_cuda_fragment_probe_products_match_the_dequantized_weights(tiled, compress_statistics, rows):
+    """The CUDA probe's products (tiled weights and rows, one and two tiles of input rows, nested
+    and plain statistics, K split or not, one pipeline across several row blocks a block) are those
+    of the dequantized weight, as close as the Triton kernel's."""
+    import torch
+
+    import fourbit.functional as F4
+    from fourbit.layout import tile
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import cuda_fragment_probe as probe
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    n, k = 8192, 2048  # more row blocks than an H200 holds blocks: several a block
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    packed, state = F4.quantize_4bit(weight, blocksize=64, compress_statistics=compress_statistics, quant_type="nf4")
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    reference = x.double() @ F4.dequantize_4bit(packed, state).double().t()
+    if tiled:
+        packed = tile(packed, (n, k))
+    for config in [(8, 1, 1, 16), (2, 4, 2, 16), (4, 2, 1, 8)]:
+        out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        probe.probe_call(config, x, packed, state, out, tiled)()
+        torch.cuda.synchronize()
+        assert probe.relative_error(out, reference) < 5e-3, config
