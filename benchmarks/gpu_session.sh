@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench cold eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas stalls" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench cold eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas stalls cuda-probe" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -165,6 +165,15 @@ for stage in $STAGES; do
         ncu -i "$OUT/kernel_$rows.ncu-rep" --page source --csv --print-source sass > "$OUT/kernel_sass_$rows.csv" 2>&1
         "$PYTHON" benchmarks/ncu_sass_summary.py "$OUT/kernel_sass_$rows.csv" | tee "$OUT/kernel_summary_$rows.txt"
       done ;;
-    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas, stalls)" >&2; exit 2 ;;
+    cuda-probe)  # the CUDA C++ form of the fragment kernel (cuda_fragment_probe.py): its GPU test,
+      # then its best configuration on tiles and rows beside fourbit's kernel, on tiles, then on
+      # rows (FOURBIT_TILED_LAYOUT=0), at 1 and 16 rows (SHAPES, default the four GPU-limit weights)
+      "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k cuda_fragment_probe 2>&1 |
+        tail -n 5 | tee "$OUT/cuda_probe.log"
+      shapes=${SHAPES:-28672x8192 14336x4096 4096x14336 4096x4096}
+      "$PYTHON" benchmarks/cuda_fragment_probe.py --shapes $shapes --rows 1 16 2>&1 | tee -a "$OUT/cuda_probe.log"
+      FOURBIT_TILED_LAYOUT=0 "$PYTHON" benchmarks/cuda_fragment_probe.py --shapes $shapes --rows 1 16 --layouts rows \
+        2>&1 | tee -a "$OUT/cuda_probe.log" ;;
+    *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas, stalls, cuda-probe)" >&2; exit 2 ;;
   esac
 done
