@@ -99,35 +99,49 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
   const u8* table_bytes = reinterpret_cast<const u8*>(table);
   const u32 lane4 = 4 * lane;
 
-  auto first_row = [&](int q) { return (((int)blockIdx.x + (q / groups) * (int)gridDim.x) * GROUPS + group) * 16 + g; };
+  // Where the loads of a unit start: row g's words and absmax block. Units are counted by (item,
+  // group) pairs, not divided, and a cursor moves by constants inside a row block.
+  struct Cursor {
+    const Words2* words;
+    size_t block;
+  };
+  // step s of rows g and g + 8: in rows 32 bytes each, this lane's 8 at 8 t; tiled, 512 bytes
+  // (64 words) of which this lane's are words 4 g + t and 32 + 4 g + t
+  constexpr int STEP_WORDS = TILED ? 64 : 4;
+  const size_t row_h_words = TILED ? 32 : (size_t)8 * (K / 16), row_h_blocks = (size_t)8 * blocks_per_row;
+  auto first_row = [&](int item) { return (((int)blockIdx.x + item * (int)gridDim.x) * GROUPS + group) * 16 + g; };
+  auto cursor_at = [&](int item) {
+    const int row_g = first_row(item);
+    const Words2* words = TILED
+        ? reinterpret_cast<const Words2*>(w) + ((size_t)(row_g / 16) * (K / 64) + k0 / 64) * 64 + 4 * g + t
+        : reinterpret_cast<const Words2*>(w + (size_t)row_g * (K / 2) + k0 / 2) + t;
+    return Cursor{words, (size_t)row_g * blocks_per_row + k0 / 64};
+  };
+  auto advance = [&](int& item, int& gi, Cursor* cursor) {
+    if (++gi == groups) {
+      gi = 0;
+      ++item;
+      if (cursor) *cursor = cursor_at(item);
+    } else if (cursor) {
+      cursor->words += 4 * STEP_WORDS;
+      cursor->block += 4;
+    }
+  };
 
   Words2 words[DEPTH][4][2];
   u32 stats_q[DEPTH][2];
   float stats_f[DEPTH][2][4];
   float stats_2[DEPTH][2];
 
-  auto load = [&](int q, Words2 (&wd)[4][2], u32 (&sq)[2], float (&sf)[2][4], float (&s2)[2]) {
-    const int row_g = first_row(q), gi = q % groups;
-    // step s of rows g and g + 8: in rows 32 bytes each, this lane's 8 at 8 t; tiled, 512
-    // bytes (64 words) of which this lane's are words 4 g + t and 32 + 4 g + t
-    constexpr int STEP_WORDS = TILED ? 64 : 4;
-    const Words2* wg;
-    const Words2* wh;
-    if (TILED) {
-      const size_t tile = (size_t)(row_g / 16) * (K / 64) + k0 / 64 + 4 * gi;
-      wg = reinterpret_cast<const Words2*>(w) + tile * 64 + 4 * g + t;
-      wh = wg + 32;
-    } else {
-      wg = reinterpret_cast<const Words2*>(w + (size_t)row_g * (K / 2) + k0 / 2) + t + gi * 16;
-      wh = wg + (size_t)8 * (K / 16);
-    }
+  auto load = [&](const Cursor& at, Words2 (&wd)[4][2], u32 (&sq)[2], float (&sf)[2][4], float (&s2)[2]) {
+    const Words2* wg = at.words;
+    const Words2* wh = wg + row_h_words;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       wd[s][0] = weight_load(wg + s * STEP_WORDS);
       wd[s][1] = weight_load(wh + s * STEP_WORDS);
     }
-    const size_t block_g = (size_t)row_g * blocks_per_row + k0 / 64 + 4 * gi;
-    const size_t block_h = block_g + (size_t)8 * blocks_per_row;
+    const size_t block_g = at.block, block_h = block_g + row_h_blocks;
     if (NESTED) {
       sq[0] = *reinterpret_cast<const u32*>(absmax_codes + block_g);
       sq[1] = *reinterpret_cast<const u32*>(absmax_codes + block_h);
@@ -149,16 +163,21 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[i][c] = 0.0f;
 
+  int load_item = 0, load_gi = 0;  // the unit the next load takes
+  Cursor cursor = cursor_at(0);
+  int item = 0, gi = 0;  // the unit being multiplied
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d)
-    if (d < units) load(d, words[d], stats_q[d], stats_f[d], stats_2[d]);
+    if (d < units) {
+      load(cursor, words[d], stats_q[d], stats_f[d], stats_2[d]);
+      advance(load_item, load_gi, &cursor);
+    }
 
   for (int base = 0; base < units; base += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int q = base + d;
       if (q < units) {
-        const int gi = q % groups;
         float scale[2][4];
 #pragma unroll
         for (int r = 0; r < 2; ++r)
@@ -168,7 +187,10 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
         Words2 cur[4][2];
 #pragma unroll
         for (int s = 0; s < 4; ++s) { cur[s][0] = words[d][s][0]; cur[s][1] = words[d][s][1]; }
-        if (q + DEPTH < units) load(q + DEPTH, words[d], stats_q[d], stats_f[d], stats_2[d]);
+        if (q + DEPTH < units) {
+          load(cursor, words[d], stats_q[d], stats_f[d], stats_2[d]);
+          advance(load_item, load_gi, &cursor);
+        }
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           u32 a[2][8];
@@ -227,7 +249,7 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
             __syncthreads();  // the parts, for the next row block
           }
           if (part == 0) {
-            const int row_g = first_row(q);
+            const int row_g = first_row(item);
 #pragma unroll
             for (int i = 0; i < TILES; ++i)
 #pragma unroll
@@ -242,6 +264,7 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[i][c] = 0.0f;
         }
+        advance(item, gi, nullptr);
       }
     }
   }
