@@ -57,13 +57,45 @@ __device__ __forceinline__ u32 spread_offset(u32 word, u32 lane4, int b) {
   return r;
 }
 
+// The 16 codes' bf16 values as byte planes: byte j of high[i] is the high byte of code 4 i + j,
+// of low[i] its low byte.
+struct Planes {
+  u32 high[4], low[4];
+};
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+  return r;
+}
+
+// The four code pairs of a packed word (byte b: its high nibble's code in the low half) by byte
+// permutes, no shared memory: per half word, each nibble's low three bits pick a byte among codes
+// 0-7 and 8-15, its top bit one of the two, and two permutes interleave high and low bytes.
+__device__ __forceinline__ void decode_word(u32 word, const Planes& p, u32 (&pairs)[4]) {
+  u32 low3 = word & 0x77777777u;
+  u32 top = ((word >> 1) & 0x44444444u) | 0x3210u;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const u32 hi = prmt(prmt(p.high[0], p.high[1], low3), prmt(p.high[2], p.high[3], low3), top);
+    const u32 lo = prmt(prmt(p.low[0], p.low[1], low3), prmt(p.low[2], p.low[3], low3), top);
+    pairs[2 * half] = prmt(lo, hi, 0x4051);
+    pairs[2 * half + 1] = prmt(lo, hi, 0x6273);
+    low3 >>= 16;
+    top = (top >> 16) | 0x3210u;
+  }
+}
+
 // TILES: 8 input rows each (1: M <= 8, 2: M <= 16). KSPLIT warps share a 16-row group's K,
 // GROUPS row groups a block. DEPTH: groups of four steps whose words are in flight. WARPS: the
 // warps a multiprocessor should hold (which caps the registers). SPREAD: table rows of 256 bytes
-// (64 KiB), whose lookup offsets take one byte permute, against 128 (32 KiB). TILED: the packed
+// (64 KiB), whose lookup offsets take one byte permute, against 128 (32 KiB). ALU: how many of a
+// lane's four words a step (row g + 8's last, then its first) are decoded by byte permutes
+// (decode_word) instead of lookups, moving work from the shared-memory pipe to the integer one.
+// TILED: the packed
 // bytes in fourbit.layout's tiles (a row group's 64-column step is 512 contiguous bytes: rows 0-7
 // then 8-15, four 8-byte words a row) instead of bitsandbytes' rows.
-template <int TILES, int KSPLIT, int GROUPS, int DEPTH, int WARPS, bool SPREAD, bool TILED, bool NESTED>
+template <int TILES, int KSPLIT, int GROUPS, int DEPTH, int WARPS, int ALU, bool SPREAD, bool TILED, bool NESTED>
 __global__ void __launch_bounds__(32 * KSPLIT * GROUPS, (WARPS / (KSPLIT * GROUPS)) > 0 ? WARPS / (KSPLIT * GROUPS) : 1)
 fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __restrict__ absmax_codes,
                const float* __restrict__ absmax_plain, const float* __restrict__ code,
@@ -98,6 +130,23 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
   const u32* table_lane = table + lane;
   const u8* table_bytes = reinterpret_cast<const u8*>(table);
   const u32 lane4 = 4 * lane;
+  // the code pair of byte b of word, from the table
+  auto lookup = [&](u32 word, int b) -> u32 {
+    if (SPREAD)  // one byte permute makes the offset: value x 256 + lane x 4
+      return *reinterpret_cast<const u32*>(table_bytes + spread_offset(word, lane4, b));
+    return table_lane[((word >> (8 * b)) & 255) * 32];
+  };
+  Planes planes;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    planes.high[i] = planes.low[i] = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const u32 value = to_bf16(code[4 * i + j]);
+      planes.high[i] |= (value >> 8) << (8 * j);
+      planes.low[i] |= (value & 255) << (8 * j);
+    }
+  }
 
   // Where the loads of a unit start: row g's words and absmax block. Units are counted by (item,
   // group) pairs, not divided, and a cursor moves by constants inside a row block.
@@ -197,15 +246,23 @@ fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const u32 lo = cur[s][r].x, hi = cur[s][r].y;
+            const bool lo_alu = r == 1 && ALU >= 2, hi_alu = r == 1 && ALU >= 1;
+            if (lo_alu) {
+              u32 pairs[4];
+              decode_word(lo, planes, pairs);
+#pragma unroll
+              for (int b = 0; b < 4; ++b) a[r][b] = pairs[b];
+            }
+            if (hi_alu) {
+              u32 pairs[4];
+              decode_word(hi, planes, pairs);
+#pragma unroll
+              for (int b = 0; b < 4; ++b) a[r][4 + b] = pairs[b];
+            }
 #pragma unroll
             for (int b = 0; b < 4; ++b) {
-              if (SPREAD) {  // one byte permute makes the offset: value x 256 + lane x 4
-                a[r][b] = *reinterpret_cast<const u32*>(table_bytes + spread_offset(lo, lane4, b));
-                a[r][4 + b] = *reinterpret_cast<const u32*>(table_bytes + spread_offset(hi, lane4, b));
-              } else {
-                a[r][b] = table_lane[((lo >> (8 * b)) & 255) * 32];
-                a[r][4 + b] = table_lane[((hi >> (8 * b)) & 255) * 32];
-              }
+              if (!lo_alu) a[r][b] = lookup(lo, b);
+              if (!hi_alu) a[r][4 + b] = lookup(hi, b);
             }
           }
 #pragma unroll

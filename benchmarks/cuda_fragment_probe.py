@@ -33,8 +33,10 @@ SOURCE = pathlib.Path(__file__).with_suffix(".cu").read_text()
 _COMPILED: dict[tuple, object] = {}
 #: Extra NVRTC options (``--nvrtc-option``), such as ``-DPLAIN_LOADS`` for plain weight loads.
 NVRTC_OPTIONS: list[str] = []
-#: Only these configurations (``--configs``), if any.
+#: Only these configurations (``--configs``: ksplit, groups, depth, warps), if any.
 ONLY: list[tuple[int, ...]] = []
+#: The words a step decoded by byte permutes that each configuration is tried with (``--alu-words``).
+ALU_WORDS: list[int] = [0]
 #: Whether the kernels use the compact table of code pairs (``--compact-table``): 128-byte rows.
 COMPACT_TABLE = False
 
@@ -44,12 +46,12 @@ def table_bytes() -> int:
     return 256 * (128 if COMPACT_TABLE else 256)
 
 
-def probe_kernel(tiles: int, ksplit: int, groups: int, depth: int, warps: int, tiled: bool, nested: bool):
+def probe_kernel(tiles: int, config: tuple, tiled: bool, nested: bool):
     """The compiled probe kernel of one configuration (compiled once a process)."""
-    key = (tiles, ksplit, groups, depth, warps, tiled, nested)
+    key = (tiles, config, tiled, nested)
     if key not in _COMPILED:
         flags = ", ".join(str(flag).lower() for flag in (not COMPACT_TABLE, tiled, nested))
-        name = f"fragment_probe<{tiles}, {ksplit}, {groups}, {depth}, {warps}, {flags}>"
+        name = f"fragment_probe<{tiles}, {', '.join(map(str, config))}, {flags}>"
         kernel = torch.cuda._compile_kernel(SOURCE, name, nvcc_options=list(NVRTC_OPTIONS))
         kernel.set_shared_memory_config(table_bytes())
         _COMPILED[key] = kernel
@@ -68,14 +70,14 @@ def resident_blocks(kernel, threads: int) -> int:
 
 
 def probe_call(config: tuple, x: torch.Tensor, packed: torch.Tensor, state, out: torch.Tensor, tiled: bool):
-    """A function that runs the probe kernel of ``config`` (ksplit, groups, depth, warps) once;
+    """A function that runs the probe kernel of ``config`` (ksplit, groups, depth, warps, alu) once;
     ``packed`` is in bitsandbytes' rows or (``tiled``) in ``fourbit.layout``'s tiles."""
-    ksplit, groups, depth, warps = config
+    ksplit, groups = config[:2]
     m, k = x.shape
     n = state.shape[0]
     tiles = 1 if m <= 8 else 2
     nested = state.state2 is not None
-    kernel = probe_kernel(tiles, ksplit, groups, depth, warps, tiled, nested)
+    kernel = probe_kernel(tiles, tuple(config), tiled, nested)
     empty = torch.empty(1, dtype=torch.float32, device=x.device)
     if nested:
         offset = torch.as_tensor(state.offset, dtype=torch.float32, device=x.device).reshape(1)
@@ -92,11 +94,12 @@ def probe_call(config: tuple, x: torch.Tensor, packed: torch.Tensor, state, out:
     return partial(kernel, grid=grid, block=block, args=args, shared_mem=table_bytes())
 
 
-def configs_for(n: int, k: int) -> list[tuple[int, int, int, int]]:
-    """The (ksplit, groups, depth, warps) the kernel takes for an n x k weight."""
+def configs_for(n: int, k: int) -> list[tuple[int, int, int, int, int]]:
+    """The (ksplit, groups, depth, warps, alu) the kernel takes for an n x k weight (``ALU_WORDS``:
+    how many of a lane's four words a step are decoded by byte permutes, not table lookups)."""
     return [
-        (ks, gr, d, wa)
-        for ks, gr, d, wa in itertools.product((2, 4, 8), (1, 2, 4), (1, 2), (16,))
+        (ks, gr, d, wa, alu)
+        for ks, gr, d, wa, alu in itertools.product((2, 4, 8), (1, 2, 4), (1, 2), (16,), ALU_WORDS)
         if k % (256 * ks) == 0 and n % (16 * gr) == 0 and 4 <= ks * gr <= 16
     ]
 
@@ -153,7 +156,7 @@ def run_shape(n: int, k: int, rows: list[int], layouts: list[str], cold_mib: int
     dense_copies = max(1, -(-(cold_mib << 20) // (2 * n * k)))
     dense = [weight.clone() for _ in range(dense_copies)]
     reference_weight = F4.dequantize_4bit(packed, state).double()
-    configs = [c for c in configs_for(n, k) if not ONLY or c in ONLY]
+    configs = [c for c in configs_for(n, k) if not ONLY or c[:4] in ONLY]
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         reference = x.double() @ reference_weight.t()
@@ -195,17 +198,26 @@ def main() -> None:
         default=["tiled", "rows"],
         help="the packed weight's layouts the probe reads (fourbit's layer reads its own)",
     )
+    parser.add_argument(
+        "--alu-words",
+        nargs="+",
+        type=int,
+        choices=[0, 1, 2],
+        default=[0],
+        help="words of a lane's four a step decoded by byte permutes (each value tried)",
+    )
     parser.add_argument("--compact-table", action="store_true", help="128-byte table rows (32 KiB) for 256")
     args = parser.parse_args()
     global COMPACT_TABLE
     COMPACT_TABLE = args.compact_table
     NVRTC_OPTIONS.extend(args.nvrtc_option)
+    ALU_WORDS[:] = args.alu_words
     if args.configs:
         ONLY.extend(tuple(int(v) for v in c.split(",")) for c in args.configs)
     if any(not 1 <= m <= 16 for m in args.rows):
         parser.error("--rows takes 1 to 16")
     print(f"{torch.cuda.get_device_name()}: eager 1 GiB copy {copy_bandwidth_gbps(torch.device('cuda')):.0f} GB/s")
-    probes = [f"probe, {layout}: us (ksplit, groups, depth, warps) | / cuBLAS" for layout in args.layouts]
+    probes = [f"probe, {layout}: us (ksplit, groups, depth, warps, alu) | / cuBLAS" for layout in args.layouts]
     errors = [f"probe error, {layout}" for layout in args.layouts]
     print("| " + " | ".join(["shape", "rows", "cuBLAS bf16 us", "fourbit us (layout)", "/ cuBLAS", *probes,
                              "fourbit error", *errors]) + " |")  # fmt: skip

@@ -167,13 +167,16 @@ for stage in $STAGES; do
       done ;;
     cuda-probe)  # the CUDA C++ form of the fragment kernel (cuda_fragment_probe.py): its GPU test,
       # then its best configuration on tiles and rows beside fourbit's kernel, on tiles, then on
-      # rows (FOURBIT_TILED_LAYOUT=0), at 1 and 16 rows (SHAPES, default the four GPU-limit weights)
+      # rows (FOURBIT_TILED_LAYOUT=0), at 1 and 16 rows (SHAPES, default the four GPU-limit
+      # weights), then every configuration on tiles with 0-2 words a step decoded by byte permutes
       "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k cuda_fragment_probe 2>&1 |
         tail -n 5 | tee "$OUT/cuda_probe.log"
       shapes=${SHAPES:-28672x8192 14336x4096 4096x14336 4096x4096}
       "$PYTHON" benchmarks/cuda_fragment_probe.py --shapes $shapes --rows 1 16 2>&1 | tee -a "$OUT/cuda_probe.log"
       FOURBIT_TILED_LAYOUT=0 "$PYTHON" benchmarks/cuda_fragment_probe.py --shapes $shapes --rows 1 16 --layouts rows \
-        2>&1 | tee -a "$OUT/cuda_probe.log" ;;
+        2>&1 | tee -a "$OUT/cuda_probe.log"
+      "$PYTHON" benchmarks/cuda_fragment_probe.py --shapes 28672x8192 4096x4096 --rows 1 16 --layouts tiled \
+        --alu-words 0 1 2 --every-config 2>&1 | tee -a "$OUT/cuda_probe.log" ;;
     *) echo "unknown stage: $stage (tests, tune, bench, eager, generate, layers, grouped, lean-head4, prefill, grouped-compiled, train, ptxas, stalls, cuda-probe)" >&2; exit 2 ;;
   esac
 done

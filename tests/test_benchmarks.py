@@ -264,8 +264,9 @@ def test_profile_compiled_call_times_the_compiled_step_with_and_without_guards()
 @pytest.mark.parametrize("rows", [1, 11])
 def test_cuda_fragment_probe_products_match_the_dequantized_weights(tiled, compress_statistics, rows):
     """The CUDA probe's products (tiled weights and rows, one and two tiles of input rows, nested
-    and plain statistics, K split or not, one pipeline across several row blocks a block) are those
-    of the dequantized weight, as close as the Triton kernel's."""
+    and plain statistics, K split or not, one pipeline across several row blocks a block, none,
+    one or two words a step decoded by byte permutes) are those of the dequantized weight, as
+    close as the Triton kernel's."""
     import torch
 
     import fourbit.functional as F4
@@ -283,7 +284,7 @@ def test_cuda_fragment_probe_products_match_the_dequantized_weights(tiled, compr
     reference = x.double() @ F4.dequantize_4bit(packed, state).double().t()
     if tiled:
         packed = tile(packed, (n, k))
-    for config in [(8, 1, 1, 16), (2, 4, 2, 16), (4, 2, 1, 8)]:
+    for config in [(8, 1, 1, 16, 0), (2, 4, 2, 16, 1), (4, 2, 1, 8, 2)]:
         out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         probe.probe_call(config, x, packed, state, out, tiled)()
         torch.cuda.synchronize()
