@@ -92,9 +92,8 @@ __device__ __forceinline__ void decode_word(u32 word, const Planes& p, u32 (&pai
 // (64 KiB), whose lookup offsets take one byte permute, against 128 (32 KiB). ALU: how many of a
 // lane's four words a step (row g + 8's last, then its first) are decoded by byte permutes
 // (decode_word) instead of lookups, moving work from the shared-memory pipe to the integer one.
-// TILED: the packed
-// bytes in fourbit.layout's tiles (a row group's 64-column step is 512 contiguous bytes: rows 0-7
-// then 8-15, four 8-byte words a row) instead of bitsandbytes' rows.
+// TILED: the packed bytes in fourbit.layout's tiles (a row group's 64-column step is 512
+// contiguous bytes: rows 0-7 then 8-15, four 8-byte words a row) instead of bitsandbytes' rows.
 template <int TILES, int KSPLIT, int GROUPS, int DEPTH, int WARPS, int ALU, bool SPREAD, bool TILED, bool NESTED>
 __global__ void __launch_bounds__(32 * KSPLIT * GROUPS, (WARPS / (KSPLIT * GROUPS)) > 0 ? WARPS / (KSPLIT * GROUPS) : 1)
 fragment_probe(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __restrict__ absmax_codes,
