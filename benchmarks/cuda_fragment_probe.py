@@ -75,6 +75,13 @@ def probe_call(config: tuple, x: torch.Tensor, packed: torch.Tensor, state, out:
     ksplit, groups = config[:2]
     m, k = x.shape
     n = state.shape[0]
+    if k % (256 * ksplit) or n % (16 * groups) or state.blocksize != 64 or not 1 <= m <= 16:
+        raise ValueError(
+            f"the probe takes K a multiple of 256 x ksplit, N of 16 x groups, blocksize 64 and 1-16 rows; "
+            f"got {n}x{k}, blocksize {state.blocksize}, {m} rows, config {config}"
+        )
+    if x.dtype != torch.bfloat16 or not x.is_contiguous() or out.dtype != torch.bfloat16 or out.shape != (m, n):
+        raise ValueError("the probe takes a contiguous bf16 input and a bf16 output of (rows, N)")
     tiles = 1 if m <= 8 else 2
     nested = state.state2 is not None
     kernel = probe_kernel(tiles, tuple(config), tiled, nested)

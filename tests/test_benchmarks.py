@@ -258,6 +258,39 @@ def test_profile_compiled_call_times_the_compiled_step_with_and_without_guards()
     assert int(fourbit[5]) == int(bf16[5]) + 7, (bf16, fourbit)
 
 
+def _fragment_probe():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import cuda_fragment_probe
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return cuda_fragment_probe
+
+
+def test_cuda_fragment_probe_refuses_what_its_kernel_cannot_take():
+    """Shapes off the kernel's multiples, other blocksizes and non-bf16 inputs get a ValueError
+    before anything is compiled or launched."""
+    import torch
+
+    import fourbit.functional as F4
+
+    probe = _fragment_probe()
+    weight = torch.randn(32, 512, dtype=torch.bfloat16)
+    packed, state = F4.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    x, out = torch.randn(1, 512, dtype=torch.bfloat16), torch.empty(1, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 256 x ksplit"):
+        probe.probe_call((4, 1, 1, 16, 0), x, packed, state, out, False)  # K 512 < 256 x 4
+    with pytest.raises(ValueError, match="multiple of 256 x ksplit"):
+        probe.probe_call((2, 4, 1, 16, 0), x, packed, state, out, False)  # N 32 < 16 x 4
+    with pytest.raises(ValueError, match="1-16 rows"):
+        probe.probe_call((2, 1, 1, 16, 0), torch.randn(17, 512, dtype=torch.bfloat16), packed, state, out, False)
+    with pytest.raises(ValueError, match="contiguous bf16 input"):
+        probe.probe_call((2, 1, 1, 16, 0), x.float(), packed, state, out, False)
+    packed_128, state_128 = F4.quantize_4bit(weight, blocksize=128, quant_type="nf4")
+    with pytest.raises(ValueError, match="blocksize 64"):
+        probe.probe_call((2, 1, 1, 16, 0), x, packed_128, state_128, out, False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
 @pytest.mark.parametrize("compress_statistics", [True, False], ids=["nested", "plain"])
@@ -272,11 +305,7 @@ def test_cuda_fragment_probe_products_match_the_dequantized_weights(tiled, compr
     import fourbit.functional as F4
     from fourbit.layout import tile
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import cuda_fragment_probe as probe
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    probe = _fragment_probe()
     n, k = 8192, 2048  # more row blocks than an H200 holds blocks: several a block
     weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
     packed, state = F4.quantize_4bit(weight, blocksize=64, compress_statistics=compress_statistics, quant_type="nf4")
