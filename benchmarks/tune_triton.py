@@ -6,8 +6,9 @@
 
 Prints the bandwidth of a 1 GiB device copy, then, for each weight shape (tiled as a Linear4bit
 on this GPU tiles it, unless ``--layout rows``) and input row count,
-every candidate's median time (CUDA graph replays, so launch overhead does not hide the kernel)
-and the best one, next to bf16 cuBLAS.
+every candidate's median time (CUDA graph replays, so launch overhead does not hide the kernel;
+with ``--cold MIB`` replays of calls in turn over that many MiB of weight copies, as a model's
+layers read their weights from memory) and the best one, next to bf16 cuBLAS.
 The winners go into the GPU's ``KernelTables`` in fourbit/kernels/triton/tuning.py (its
 ``fragments``, ``gemv``, ``fused`` and ``wide`` entries, and the ``wgmma`` / ``wgmma_wide``
 rules of a Hopper's, ``wgmma_wide`` in thread block clusters of 1, 2 and 4 of 128- and 64-row
@@ -75,6 +76,8 @@ FRAGMENT_CANDIDATES = [
     ("fragments", 4, 0), ("fragments", 4, 1), ("fragments", 4, 2), ("fragments", 4, 4), ("fragments", 2, 0),
     ("fragments", 8, 0), ("fragments", 4, 1, 4), ("fragments", 4, 1, 2), ("fragments", 8, 1, 8),
     ("fragments", 8, 1, 4), ("fragments", 4, 2, 4), ("fragments", 4, 4, 4), ("fragments", 2, 1, 2),
+    ("fragments", 16, 1, 8), ("fragments", 16, 1, 16), ("fragments", 16, 1, 4), ("fragments", 8, 1, 2),
+    ("fragments", 16, 0),
 ]  # fmt: skip
 
 QUANTIZE_CANDIDATES = [
@@ -160,6 +163,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--rep", type=int, default=200, help="milliseconds of timing per candidate")
     parser.add_argument("--top", type=int, default=4, help="candidates listed per case")
+    parser.add_argument(
+        "--cold", type=int, default=0, metavar="MIB",
+        help="time calls in turn over weight copies of this many MiB (past L2: weights read from memory)",
+    )  # fmt: skip
     parser.add_argument("--quantize", action="store_true", help="tune the 4-bit quantizer instead")
     parser.add_argument("--dequantize", action="store_true", help="tune the 4-bit decode instead")
     parser.add_argument(
@@ -186,15 +193,19 @@ def main() -> None:
     for text in args.shapes:
         n, k = (int(part) for part in text.split("x"))
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-        packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
-        expected_weight = F4.dequantize_4bit(packed, state).double()
-        if args.layout == "tiles":
-            packed = F4.packed_for_device(packed, state)  # tiled where a Linear4bit would be
-        tensors = {**F4.op_arguments(state, weight.device), "tiled": state.tiled}
-        print(f"{text}: weight {'tiled' if state.tiled else 'in rows'}")
+        copies = []  # (packed, the op's other arguments) of each copy of the quantized weight
+        for _ in range(weight_copies(n * k // 2, args.cold)):
+            packed, state = F4.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+            if not copies:
+                expected_weight = F4.dequantize_4bit(packed, state).double()
+            if args.layout == "tiles":
+                packed = F4.packed_for_device(packed, state)  # tiled where a Linear4bit would be
+            copies.append((packed, {**F4.op_arguments(state, weight.device), "tiled": state.tiled}))
+        dense = [weight.t(), *(weight.clone().t() for _ in range(weight_copies(2 * n * k, args.cold) - 1))]
+        print(f"{text}: weight {'tiled' if state.tiled else 'in rows'}, {len(copies)} copies")
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-            cublas = do_bench_cudagraph(partial(torch.matmul, x, weight.t()), rep=args.rep, return_mode="median")
+            cublas = time_in_turns([partial(torch.matmul, x, copy) for copy in dense], args.rep)
             expected = x.double() @ expected_weight.t()
             kinds = {
                 "gemv": [c for c in GEMV_CANDIDATES if rows <= c[0] <= max(1, 2 * rows)],
@@ -210,10 +221,13 @@ def main() -> None:
             candidates = [config for kind in args.kinds for config in kinds[kind]]
             results = []
             for config in candidates:
-                run = partial(op_entry.linear_4bit, x, packed, blocksize=64, shape=(n, k), config=config, **tensors)
+                runs = [
+                    partial(op_entry.linear_4bit, x, packed, blocksize=64, shape=(n, k), config=config, **tensors)
+                    for packed, tensors in copies
+                ]
                 try:
-                    error = ((run().double() - expected).norm() / expected.norm()).item()
-                    results.append((do_bench_cudagraph(run, rep=args.rep, return_mode="median"), config, error))
+                    error = ((runs[0]().double() - expected).norm() / expected.norm()).item()
+                    results.append((time_in_turns(runs, args.rep), config, error))
                 except Exception as failure:  # a configuration that does not compile or fit is skipped
                     print(f"  {config}: {type(failure).__name__}: {str(failure)[:300]}")
             results.sort(key=lambda item: item[0])
@@ -222,6 +236,22 @@ def main() -> None:
                 ratio = milliseconds / cublas
                 print(f"  {milliseconds * 1e3:8.1f} us  {ratio:5.2f}x cuBLAS  rel.err {error:.1e}  {config}")
     report_registers()
+
+
+def weight_copies(nbytes: int, cold_mib: int) -> int:
+    """Copies of a weight of ``nbytes`` that together pass ``cold_mib`` MiB (at least one)."""
+    return max(1, -(-(cold_mib << 20) // nbytes))
+
+
+def time_in_turns(calls: list, rep: int) -> float:
+    """Median milliseconds of one call: CUDA graph replays of ``calls`` in turn (over weight
+    copies that pass L2, each call reads its weight from memory)."""
+
+    def every() -> None:
+        for call in calls:
+            call()
+
+    return do_bench_cudagraph(every, rep=rep, return_mode="median") / len(calls)
 
 
 def report_registers() -> None:
