@@ -59,6 +59,8 @@ FUSED_CANDIDATES = [
     ("fused", 64, 64, 64, 4, 4, 4, False), ("fused", 64, 64, 64, 2, 4, 3, False),
     ("fused", 64, 64, 64, 2, 4, 6, False), ("fused", 128, 64, 64, 2, 4, 4, False),
     ("fused", 128, 64, 64, 2, 8, 4, False), ("fused", 64, 64, 64, 1, 4, 4, False),
+    ("fused", 128, 32, 64, 0, 8, 4, False), ("fused", 128, 64, 64, 0, 8, 4, False),
+    ("fused", 64, 64, 64, 0, 8, 4, False), ("fused", 64, 32, 64, 0, 8, 4, False),
 ]  # fmt: skip
 
 # ("wide", BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages[, SPLIT_K]): the tensor-core kernel with weights
