@@ -33,13 +33,15 @@ def _weight(n: int, k: int, device: str = "cpu") -> PreparedWeight:
 
 def test_deterministic_plans_split_k_only_within_a_program(monkeypatch):
     """The automatic K splits that cross programs (fragment, tensor-core and CUDA-core kernels,
-    batch-wide tiles) become one split when deterministic; K warps inside a program stay."""
+    batch-wide tiles) become one split when deterministic; K warps inside a program stay. The
+    fragment kernel's few row groups with a long K now take programs of 16 warps sharing it
+    (``fragment_plan``) in both modes, where 4-warp programs would split it across programs."""
     monkeypatch.setattr(dispatch, "processors", lambda device: 132)
     x = torch.zeros(16, 14336, dtype=torch.bfloat16)
     weight = _weight(1024, 14336)
-    for deterministic, splits in [(False, 17), (True, 1)]:
+    for deterministic in (False, True):
         launch = fragments.fragment_launch(weight, x, False, (4, 0), 132, deterministic)
-        assert launch.launch.grid[1] == splits and bool(launch.tiles) == (splits > 1)
+        assert launch.launch.grid == (64, 1, 1) and launch.launch.options["num_warps"] == 16 and not launch.tiles
     assert fragment_grid.fragment_parts(64, 14336, 4, 132) == (1, 17)
     assert fragment_grid.fragment_parts(64, 14336, 4, 132, across_programs=False) == (4, 1)
 

@@ -18,6 +18,7 @@ from fourbit import layout
 from fourbit.formats import NestedStatistics
 from fourbit.kernels import reference
 from fourbit.kernels.triton import PreparedWeight
+from fourbit.kernels.triton.fragment_grid import fragment_plan
 from fourbit.kernels.triton.fragment_groups import group_launch
 
 pytestmark = NEEDS_TRITON
@@ -70,14 +71,17 @@ def test_a_grouped_launch_gives_each_weights_own_products(nested, tiled, biased)
 @pytest.mark.parametrize("count", [2, 3])
 def test_a_grouped_launch_that_splits_k_across_programs_is_within_rounding_of_float64(count):
     """K split across programs (partial sums in a workspace laid out as the output) and the
-    tables' own choice, against a float64 reference."""
+    tables' own choice (at 16 rows, programs of 8 warps sharing each row group's K:
+    ``fragment_plan``), against a float64 reference."""
     assert ON_GPU
     torch.manual_seed(1)
     k = 4096
     members = [_weight(n, k, True) for n in (128, 64, 96)[:count]]
     weights = [weight for weight, _ in members]
     expected_weight = torch.cat([dense for _, dense in members])
-    for rows in (1, 8):
+    row_groups = sum(weight.n_out // 16 for weight in weights)
+    assert fragment_plan(row_groups, k, 2, 4, _processors()) == (8, 8, 1)
+    for rows in (1, 8, 16):
         x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
         expected = x.double() @ expected_weight.t()
         for config in [(4, 4, 1), (4, 2, 2), (4, 0)]:

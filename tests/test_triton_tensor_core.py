@@ -109,6 +109,36 @@ def test_register_fragment_kernel_configurations(config, dtype, nested):
             assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), "an element is off"
 
 
+#: The programs ``fragment_grid.fragment_plan`` gives weights of few row groups: 16 warps sharing
+#: one row group's K or two row groups' (8 each), and 8 warps sharing one.
+WIDE_FRAGMENT_CONFIGS = [("fragments", 16, 1, 16), ("fragments", 16, 1, 8), ("fragments", 8, 1, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", WIDE_FRAGMENT_CONFIGS, ids=lambda config: "x".join(map(str, config[1:])))
+def test_the_fragment_kernels_wide_programs_match_float64(config):
+    """Programs of 8 and 16 warps, forced, over one and two tiles (partial ones), row groups that
+    leave a program's second group empty (272 rows: 17 groups), K that gives some warps a short or
+    no part (K 4160: 16.25 iterations), NF4 / FP4, bf16 / fp16 and plain / nested statistics,
+    against a float64 reference; a weight whose plan takes 16-warp programs, through the tables."""
+    for index, (quant_type, dtype, nested) in enumerate(
+        [("nf4", torch.bfloat16, True), ("fp4", torch.float16, False), ("nf4", torch.float16, False)]
+    ):
+        for n, k in [(272, 4160), (48, 8192)]:
+            code = code_table(quant_type)
+            packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, 64, torch.uint8)
+            absmax, extra = nested_statistics(absmax, nested)
+            dense = reference.dequantize_4bit(packed, absmax, code, 64, (n, k), torch.float64, **extra)
+            for rows in in_turn((1, 5, 9, 16), index):
+                x = torch.randn(rows, k, device=DEVICE).to(dtype)
+                expected = x.double() @ dense.t()
+                for chosen in (config, None):
+                    out = kernels.linear_4bit(x, packed, absmax, code, 64, (n, k), **extra, config=chosen)
+                    error = ((out.double() - expected).norm() / expected.norm()).item()
+                    assert error < 1e-2, (quant_type, n, k, rows, chosen, error)
+                    assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), (rows, chosen)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
 def test_inputs_in_fragment_order_give_the_same_bits(dtype):
@@ -270,6 +300,28 @@ def test_the_fragment_kernel_shares_k_among_a_programs_warps_unless_few_rows_hav
 
     assert fragment_grid.fragment_parts(row_groups, k, 4, 132) == parts
     assert fragment_grid.fragment_parts(row_groups, k, 4, 132, k_warps=1) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "row_groups, k, tiles, plan",
+    [(128, 8192, 1, (16, 16, 1)), (128, 8192, 2, (16, 16, 1)), (64, 14336, 1, (16, 16, 1)),
+     (256, 14336, 1, (16, 8, 1)), (256, 14336, 2, (8, 8, 1)), (256, 4096, 1, (4, 4, 1)), (256, 4096, 2, (8, 8, 1)),
+     (256, 2048, 2, (4, 4, 1)), (128, 2048, 2, (4, 4, 1)), (128, 4096, 1, (4, 4, 1)), (128, 4096, 2, (8, 8, 1)),
+     (320, 5120, 2, (4, 4, 1)), (384, 8192, 1, (4, 4, 1)), (896, 4096, 2, (4, 2, 1)), (1792, 8192, 1, (4, 2, 1))],
+)  # fmt: skip
+def test_few_row_groups_take_programs_of_more_warps_where_they_fill_the_warp_slots(row_groups, k, tiles, plan):
+    """Weights of few row groups (on 132 multiprocessors: 4096 rows and fewer) take programs of
+    8 or 16 warps sharing each row group's K where all of them fit at once and each warp keeps
+    two iterations: at two tiles always, at one where the table's programs would split K across
+    programs or each warp keeps four. Other weights keep ``fragment_parts``; deterministic plans
+    take the same programs (they split K only inside them); given K warps are kept."""
+    from fourbit.kernels.triton import fragment_grid
+
+    assert fragment_grid.fragment_plan(row_groups, k, tiles, 4, 132) == plan
+    assert fragment_grid.fragment_plan(row_groups, k, tiles, 4, 132, across_programs=False)[2] == 1
+    if plan[0] > 4:
+        assert fragment_grid.fragment_plan(row_groups, k, tiles, 4, 132, across_programs=False) == plan
+    assert fragment_grid.fragment_plan(row_groups, k, tiles, 4, 132, k_warps=2) == (4, 2, 1)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ __all__ = [
     "STEP",
     "aligned",
     "fragment_parts",
+    "fragment_plan",
     "fragment_splits",
     "fragments_take",
 ]
@@ -45,6 +46,9 @@ REGISTERS = 128
 #: ``REGISTERS`` registers a thread and 34 KiB of shared memory each (measured with Nsight
 #: Compute on an H200). Capping registers to fit 5 or 6 was slower.
 RESIDENT_PROGRAMS = 4
+
+#: Warps of the fragment kernel one multiprocessor holds at once, and so the most one program takes.
+RESIDENT_WARPS = 4 * RESIDENT_PROGRAMS
 
 
 def fragment_splits(programs: int, processors: int) -> int:
@@ -86,3 +90,38 @@ def fragment_parts(
     if across_programs and triton.cdiv(row_groups * k_warps, warps) < processors and k > k_warps * 4 * iteration:
         return 1, splits
     return k_warps, 1
+
+
+def fragment_plan(
+    row_groups: int, k: int, tiles: int, warps: int, processors: int, k_warps: int = 0, across_programs: bool = True
+) -> tuple[int, int, int]:
+    """(warps, K warps, K splits) of the fragment programs for ``row_groups`` groups of 16 weight
+    rows and ``tiles`` 8-row input tiles: ``fragment_parts`` for programs of ``warps`` warps,
+    unless programs of more warps sharing each row group's K (``wide_k_warps``) fill the warp
+    slots the table's programs leave empty. At 9-16 rows a program of that many warps takes one
+    row group; at 1-8 rows a program of ``RESIDENT_WARPS`` takes as many as it holds, where the
+    table's programs would split K across programs or each warp keeps four iterations (with
+    fewer, a warp's table and sums cost more than the latency they hide). On an H200, weights
+    read from memory: 4096x14336 27.2 -> 21.2 us at 16 rows and 16.3 -> 15.0 at 1, 2048x8192 13.6
+    -> 10.4 and 9.7 -> 7.1, 4096x4096 at 16 rows 10.1 -> 8.9 (docs/performance.md)."""
+    if k_warps:
+        return (warps, *fragment_parts(row_groups, k, warps, processors, k_warps, across_programs))
+    parts = fragment_parts(row_groups, k, warps, processors, 0, across_programs)
+    wide = wide_k_warps(row_groups, k, processors)
+    if wide <= parts[0]:
+        return (warps, *parts)
+    if tiles > 1:
+        return wide, wide, 1
+    split = fragment_parts(row_groups, k, warps, processors)[1] > 1
+    if split or k >= wide * 4 * GROUP_STEPS * STEP:
+        return RESIDENT_WARPS, wide, 1
+    return (warps, *parts)
+
+
+def wide_k_warps(row_groups: int, k: int, processors: int) -> int:
+    """The most warps (16 or 8) that can share each of ``row_groups``' K with every warp resident
+    at once (``RESIDENT_WARPS`` a multiprocessor) and taking two iterations or more; 0 if none."""
+    for wide in (RESIDENT_WARPS, RESIDENT_WARPS // 2):
+        if row_groups * wide <= RESIDENT_WARPS * processors and k >= 2 * wide * GROUP_STEPS * STEP:
+            return wide
+    return 0

@@ -21,7 +21,7 @@ import triton.language as tl
 from ...formats import NESTED_BLOCKSIZE, NestedStatistics
 from . import dispatch
 from .fragment_arguments import INPUT_DTYPE, checked_config, codes_a_load, fragment_tensors, input_layout
-from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
+from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_plan
 from .fragments import fragment_product
 from .launch import ProductLaunch, dependent_launches
 from .linear import PreparedWeight
@@ -124,7 +124,7 @@ def group_launch(
     stride_xm, tiles, prepare_input = input_layout(x, k, permuted)
     row_groups = sum(triton.cdiv(weight.n_out, 16) for weight in weights)
     if not split_k:
-        k_warps, split_k = fragment_parts(row_groups, k, warps, processors, k_warps, not deterministic)
+        warps, k_warps, split_k = fragment_plan(row_groups, k, tiles, warps, processors, k_warps, not deterministic)
     k_warps = k_warps or 1
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
     counts = [triton.cdiv(weight.n_out, 16 * (warps // k_warps)) for weight in weights]

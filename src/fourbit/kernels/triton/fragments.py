@@ -17,8 +17,8 @@ four steps is read at once and nested statistics are decoded through the same sh
 
 A program's warps take 16 weight rows each, or (``K_WARPS``) share row groups, each warp taking a
 part of K; Triton's reduction sums the parts through shared memory before the store. K may also
-be split across programs, whose partial sums meet in a float32 workspace (``fragment_parts``
-says why that is kept for tuning only).
+be split across programs, whose partial sums meet in a float32 workspace. How many warps a
+program has, how many share a row group and whether K is split: ``fragment_grid.fragment_plan``.
 
 Each program works on 1-d tiles of ``32 * num_warps`` elements, one per thread (Triton's layout
 for such a tile); lane and row indices come from the thread index the hardware reports. Every
@@ -37,7 +37,7 @@ import triton.language as tl
 from .byte_permute import plane_words
 from .common import finish_split, last_of_split, store_output
 from .fragment_arguments import INPUT_DTYPE, checked_config, codes_a_load, fragment_tensors, input_layout
-from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_parts
+from .fragment_grid import GROUP_STEPS, REGISTERS, STEP, aligned, fragment_plan
 from .fragment_inputs import permuted_inputs, row_inputs
 from .fragment_statistics import _group_scales, _stored_group
 from .launch import ProductLaunch, dependent_launches
@@ -354,15 +354,17 @@ def fragment_launch(
     """The launch of the fragment kernel for ``weight`` (a ``linear.PreparedWeight``) and inputs
     like the 2-d ``x`` (``dispatch.fragments_supported``); ``config`` is (num_warps, SPLIT_K),
     (num_warps, SPLIT_K, K_WARPS) or (num_warps, SPLIT_K, K_WARPS, PERMUTED). SPLIT_K 0 lets
-    ``fragment_parts`` choose both (and K_WARPS, when non-zero, is kept; with ``deterministic``
-    it splits K only among a program's warps); otherwise K_WARPS defaults to 1. PERMUTED (0 or 1)
+    ``fragment_plan`` choose both and the warps (K_WARPS, when non-zero, is kept; with
+    ``deterministic`` it splits K only among a program's warps); otherwise K_WARPS defaults to 1. PERMUTED (0 or 1)
     reads the inputs from a copy in fragment order (``fragment_inputs``)."""
     warps, split_k, k_warps, permuted = checked_config(config, weight.k, weight.blocksize)
     k, n_out, blocksize = weight.k, weight.n_out, weight.blocksize
     m = x.shape[0]
     stride_xm, tiles, prepare_input = input_layout(x, k, permuted)
     if not split_k:
-        k_warps, split_k = fragment_parts(triton.cdiv(n_out, 16), k, warps, processors, k_warps, not deterministic)
+        warps, k_warps, split_k = fragment_plan(
+            triton.cdiv(n_out, 16), k, tiles, warps, processors, k_warps, not deterministic
+        )
     k_warps = k_warps or 1
     programs = triton.cdiv(n_out, 16 * (warps // k_warps))
     split_k = max(1, min(split_k, k // (GROUP_STEPS * STEP)))
