@@ -143,14 +143,16 @@ def test_the_fragment_kernels_wide_programs_match_float64(config):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
 def test_inputs_in_fragment_order_give_the_same_bits(dtype):
     """The fragment kernel reading its inputs from the copy in fragment order gives the products
-    it gives reading the rows, bit for bit, for every row count it takes and strided inputs."""
+    it gives reading the rows, bit for bit, for every row count it takes and strided inputs, in
+    programs of 2-16 warps."""
     n, k, blocksize = 272, 1024, 64
     code = code_table("nf4")
     packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
     absmax, extra = nested_statistics(absmax, True)
     for rows in range(1, 17):
         x = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)[:, :k]
-        for config in [("fragments", 4, 1, 1), ("fragments", 4, 1, 2), ("fragments", 2, 1, 1)]:
+        narrow = [("fragments", 4, 1, 1), ("fragments", 4, 1, 2), ("fragments", 2, 1, 1)]
+        for config in narrow + WIDE_FRAGMENT_CONFIGS[1:]:
             rows_read = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=config)
             copied = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=(*config, 1))
             assert torch.equal(rows_read, copied), (rows, config)
