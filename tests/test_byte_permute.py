@@ -104,13 +104,13 @@ def _filled_table(row_bytes: int, threads: int, planes: list[int], nested: list[
 
 
 @pytest.mark.parametrize("row_bytes", [COMPACT_ROW_BYTES, SPREAD_ROW_BYTES])
-@pytest.mark.parametrize("threads", [64, 128, 256])
+@pytest.mark.parametrize("threads", [64, 128, 256, 512])
 def test_the_fragment_table_fill_gives_every_lane_every_pair_and_the_nested_codes(threads, row_bytes):
     """Every thread of a program runs the fill: entry ``row_bytes * v + 4 * lane`` of the table
     holds byte value v's two codes (high nibble in the low half) whatever the program's size, each
     lane gets its own column's address (compact) or offset (spread), the nested codes follow the
-    pairs, and nothing is written outside. (Each thread stores four nested codes, so a program
-    needs two warps or more: fragment_launch.)"""
+    pairs, and nothing is written outside, for programs of 2-16 warps (``fragment_plan``'s widest).
+    (Each thread stores four nested codes, so a program needs two warps or more: fragment_launch.)"""
     code = get_4bit_type("nf4")
     planes = _planes(code, torch.bfloat16)
     nested = [((0x3F000000 + i) & MASK) for i in range(256)]  # any 32-bit patterns, one per code
