@@ -118,22 +118,23 @@ WIDE_FRAGMENT_CONFIGS = [("fragments", 16, 1, 16), ("fragments", 16, 1, 8), ("fr
 @pytest.mark.parametrize("config", WIDE_FRAGMENT_CONFIGS, ids=lambda config: "x".join(map(str, config[1:])))
 def test_the_fragment_kernels_wide_programs_match_float64(config):
     """Programs of 8 and 16 warps, forced, over one and two tiles (partial ones), row groups that
-    leave a program's second group empty (272 rows: 17 groups), K that gives some warps a short or
-    no part (K 4160: 16.25 iterations), NF4 / FP4, bf16 / fp16 and plain / nested statistics,
-    against a float64 reference; a weight whose plan takes 16-warp programs, through the tables."""
+    leave a program's second group empty (272 rows: 17 groups) or are partial (40 rows), K that
+    gives some warps a short or no part (K 4160: 16.25 iterations), blocksizes 64 and 4096, NF4 /
+    FP4, bf16 / fp16 and plain / nested statistics, against a float64 reference; the same weights
+    through the tables (40x8192 takes 16-warp programs there)."""
     for index, (quant_type, dtype, nested) in enumerate(
         [("nf4", torch.bfloat16, True), ("fp4", torch.float16, False), ("nf4", torch.float16, False)]
     ):
-        for n, k in [(272, 4160), (48, 8192)]:
+        for n, k, blocksize in [(272, 4160, 64), (40, 8192, 4096)]:
             code = code_table(quant_type)
-            packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, 64, torch.uint8)
+            packed, absmax = reference.quantize_4bit(torch.randn(n, k, device=DEVICE), code, blocksize, torch.uint8)
             absmax, extra = nested_statistics(absmax, nested)
-            dense = reference.dequantize_4bit(packed, absmax, code, 64, (n, k), torch.float64, **extra)
+            dense = reference.dequantize_4bit(packed, absmax, code, blocksize, (n, k), torch.float64, **extra)
             for rows in in_turn((1, 5, 9, 16), index):
                 x = torch.randn(rows, k, device=DEVICE).to(dtype)
                 expected = x.double() @ dense.t()
                 for chosen in (config, None):
-                    out = kernels.linear_4bit(x, packed, absmax, code, 64, (n, k), **extra, config=chosen)
+                    out = kernels.linear_4bit(x, packed, absmax, code, blocksize, (n, k), **extra, config=chosen)
                     error = ((out.double() - expected).norm() / expected.norm()).item()
                     assert error < 1e-2, (quant_type, n, k, rows, chosen, error)
                     assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max(), (rows, chosen)
