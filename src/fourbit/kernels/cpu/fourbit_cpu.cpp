@@ -188,33 +188,30 @@ void fourbit_linear(const Weight* w, int64_t n_out, int64_t k, const void* x, in
   if (whole_blocks) {
     inputs.half = k / 2;
     if (isa >= AVX512_BF16 && (dtype == BF16 || bf16_parts) && w->blocksize % 64 == 0) {
-      inputs.even16.resize(m * inputs.half);
-      inputs.odd16.resize(m * inputs.half);
-      if (bf16_parts) {
-        const float* values = static_cast<const float*>(x);
-        for (int64_t i = 0; i < m * inputs.half; ++i) {
-          inputs.even16[i] = to_bf16(values[2 * i]);
-          inputs.odd16[i] = to_bf16(values[2 * i + 1]);
+      const int64_t stride = inputs.stride = padded_row(inputs.half, sizeof(uint16_t));
+      inputs.even16.resize(m * stride);
+      inputs.odd16.resize(m * stride);
+      const float* parts = static_cast<const float*>(x);
+      const uint16_t* values = static_cast<const uint16_t*>(x);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0, i = r * k; j < inputs.half; ++j, i += 2) {
+          inputs.even16[r * stride + j] = bf16_parts ? to_bf16(parts[i]) : values[i];
+          inputs.odd16[r * stride + j] = bf16_parts ? to_bf16(parts[i + 1]) : values[i + 1];
         }
-      } else {
-        const uint16_t* values = static_cast<const uint16_t*>(x);
-        for (int64_t i = 0; i < m * inputs.half; ++i) {
-          inputs.even16[i] = values[2 * i];
-          inputs.odd16[i] = values[2 * i + 1];
-        }
-      }
     } else if (isa == AVX2 && (dtype == BF16 || dtype == F16)) {
-      inputs.grouped.resize(m * k);
+      const int64_t stride = inputs.stride = padded_row(k, sizeof(float));
+      inputs.grouped.resize(m * stride);
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < k; ++j)
-          inputs.grouped[r * k + j] = load_value(x, r * k + j / 32 * 32 + grouped_position(j % 32, dtype), dtype);
+          inputs.grouped[r * stride + j] = load_value(x, r * k + j / 32 * 32 + grouped_position(j % 32, dtype), dtype);
     } else {
-      inputs.even.resize(m * inputs.half);
-      inputs.odd.resize(m * inputs.half);
+      const int64_t stride = inputs.stride = padded_row(inputs.half, sizeof(float));
+      inputs.even.resize(m * stride);
+      inputs.odd.resize(m * stride);
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < inputs.half; ++j) {
-          inputs.even[r * inputs.half + j] = load_value(x, r * k + 2 * j, dtype);
-          inputs.odd[r * inputs.half + j] = load_value(x, r * k + 2 * j + 1, dtype);
+          inputs.even[r * stride + j] = load_value(x, r * k + 2 * j, dtype);
+          inputs.odd[r * stride + j] = load_value(x, r * k + 2 * j + 1, dtype);
         }
     }
   }

@@ -27,7 +27,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(const Weight& w, int
   __m256 acc[WEIGHTS][ROWS];
   for (int i = 0; i < WEIGHTS; ++i)
     for (int r = 0; r < ROWS; ++r) acc[i][r] = _mm256_setzero_ps();
-  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 16, stride = x.half;
+  const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 16, stride = x.stride;
   const int64_t step = w.blocksize / 2, row_bytes = k / 2;
   const uint8_t* bytes = w.packed + first * step;
   const float* even = x.even.data() + m0 * stride;
@@ -133,7 +133,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2_16(const Weight& w, 
   const int64_t blocks = k / w.blocksize, first = n * blocks, groups = w.blocksize / 32;
   const int64_t step = w.blocksize / 2, row_bytes = k / 2;
   const uint8_t* bytes = w.packed + first * step;
-  const float* inputs = x.grouped.data() + m0 * k;
+  const float* inputs = x.grouped.data() + m0 * x.stride;
   float scales[WEIGHTS * MAX_RUN];  // one call for the pass's rows, which are contiguous
   block_scales_avx2(w, first, WEIGHTS * blocks, scales);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -164,7 +164,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2_16(const Weight& w, 
         }
       }
       for (int r = 0; r < ROWS; ++r) {
-        const float* row = inputs + r * k;
+        const float* row = inputs + r * x.stride;
         const __m256 x0 = _mm256_loadu_ps(row), x1 = _mm256_loadu_ps(row + 8);
         const __m256 x2 = _mm256_loadu_ps(row + 16), x3 = _mm256_loadu_ps(row + 24);
         for (int i = 0; i < WEIGHTS; ++i) {
