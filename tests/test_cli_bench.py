@@ -199,3 +199,15 @@ def test_bench_runs_on_cuda(graphs, cold, capsys):
     assert ("CUDA graph replays" in out) == graphs
     assert ("2 MiB of weight copies" in out) == bool(cold)
     assert out.count("| Linear4bit |") == 2
+
+
+def test_table_times_keep_microseconds():
+    """Times under 0.1 ms keep four decimals, so a few-microsecond product is not rounded to whole
+    microseconds; ratios come from the unrounded times."""
+    from fourbit.tools import bench
+
+    row = bench.Row("matmul_4bit", "4096x4096", "bfloat16", "1", 0.00712, 0.0109, None)
+    cells = [cell.strip() for cell in bench.table_line(row).split("|")]
+    assert cells[5:10] == ["0.0071", "0.0109", "-", "0.65x", "-"]
+    row = bench.Row("matmul_4bit", "28672x8192", "bfloat16", "16", 0.06049, 0.1107, 0.36512)
+    assert [cell.strip() for cell in bench.table_line(row).split("|")][5:8] == ["0.0605", "0.111", "0.365"]

@@ -255,12 +255,18 @@ def table_header(copy_gbps: float | None = None) -> str:
     return header + "\n|" + "---|" * (header.count("|") - 1)
 
 
+def _milliseconds(value: float | None) -> str:
+    """A time for the table: three decimals, four below 0.1 ms (a few-microsecond product would
+    otherwise show as whole microseconds)."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if value < 0.1 else f"{value:.3f}"
+
+
 def table_line(row: Row, copy_gbps: float | None = None) -> str:
     """One row of ``format_table``'s table."""
-    bnb_ms = f"{row.bnb_ms:.3f}" if row.bnb_ms is not None else "-"
-    torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
+    bnb_ms, torch_ms, fourbit_ms = (_milliseconds(value) for value in (row.bnb_ms, row.torch_ms, row.fourbit_ms))
     gbps = row.fourbit_bytes / row.fourbit_ms / 1e6 if row.fourbit_bytes and row.fourbit_ms else 0.0
-    fourbit_ms = f"{row.fourbit_ms:.3f}" if row.fourbit_ms is not None else "-"
     line = (
         f"| {row.op} | {row.shape} | {row.dtype} | {row.batch} | {fourbit_ms} | {torch_ms} | "
         f"{bnb_ms} | {_ratio(row.fourbit_ms, row.torch_ms)} | {_ratio(row.fourbit_ms, row.bnb_ms)} | "
