@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel tuning, and the benchmark tables, logs under $OUT.
-#   STAGES="tests tune bench cold eager generate layers grouped lean-head4 prefill grouped-compiled train ptxas stalls cuda-probe" bash benchmarks/gpu_session.sh
+#   STAGES="tests tune bench cold eager generate layers grouped lean-head4 prefill grouped-compiled train train-compiled ptxas stalls cuda-probe" bash benchmarks/gpu_session.sh
 # (each stage takes a few minutes on an H200; a device call of 10 minutes holds about two)
 # Expects bitsandbytes (its Python files and libbitsandbytes_cuda130.so) in .bnb/ for the comparison.
 # The tests stage runs each test file in a pytest process of its own (the long files in several,
@@ -135,12 +135,17 @@ for stage in $STAGES; do
       # rate moves by 20-30%); about 6 minutes
       "$PYTHON" benchmarks/bench_generate.py --device cuda --layers 8 --modes compiled --warmup 1 --repeats 2 \
         --rounds 3 --libraries bf16 fourbit fourbit-grouped 2>&1 | tee "$OUT/compiled_grouped.md" ;;
-    train)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries, eager and compiled
-      # (eager in three rounds took 4.5 minutes on an H200 and the compiled half more than 4: a
-      # device call of its own)
-      for compile in "" --compile; do
-        "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 $compile 2>&1 | tee -a "$OUT/train.md"
-      done ;;
+    train|train-compiled)  # a QLoRA training step, LoRA on bf16 against both 4-bit libraries, eager
+      # (three rounds took 4.5 minutes on an H200) or compiled (one round took more than 7: each a
+      # device call of its own; fourbit first, so a call cut short still prints its rows); needs
+      # peft, which the GPU machine lacks: a wheel in a carried folder, installed first
+      for wheel in .tx/peft-*.whl; do [ -e "$wheel" ] && "$PYTHON" -m pip install -q --no-deps "$wheel"; done
+      if [ "$stage" = train ]; then
+        "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 --rounds 3 2>&1 | tee -a "$OUT/train.md"
+      else
+        "$PYTHON" benchmarks/bench_train.py --device cuda --layers 8 --batches 1 4 --compile --warmup 1 --repeats 3 \
+          --libraries fourbit bitsandbytes bf16 2>&1 | tee -a "$OUT/train_compiled.md"
+      fi ;;
     ptxas)  # the few-row kernel's tests and timings with another ptxas (PTXAS, default the machine's
       # CUDA one: Triton 3.9 compiles Hopper kernels with a CUDA 13 ptxas), in a Triton cache of its own
       ptxas=${PTXAS:-/usr/local/cuda/bin/ptxas}
